@@ -1,0 +1,116 @@
+"""Regional semantic prior (method.md step 6): one prompt per view, from a captioner or a file.
+
+Backends behind one interface (:class:`Prompter`): ``none`` (regional prompt = global prompt), a JSON file given
+with ``--regional-prompts`` (the format ``cupscale caption --tiles`` prints), and the vision-language captioners
+``vllm`` / ``transformers`` of :mod:`cupscale_dist.vlm`.
+
+File format::
+
+    {"prompt": "global caption",
+     "stages": [{"stage": 0, "size": [W, H], "views": [{"box": [left, top, right, bottom], "prompt": "..."}, ...]}]}
+
+A stage missing from the file uses the global prompt for all its views.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from PIL import Image
+
+from .errors import UserError
+
+
+class Prompter(Protocol):
+    def global_caption(self, image: Image.Image) -> str: ...
+
+    def regional_prompts(self, stage: int, image: Image.Image, boxes: np.ndarray, global_prompt: str) -> list[str]: ...
+
+    def close(self) -> None: ...
+
+
+def pixel_boxes(views: np.ndarray, vae_scale_factor: int) -> np.ndarray:
+    """Latent views (top, left, bottom, right) -> pixel boxes (left, top, right, bottom), PIL's crop order."""
+    return (views[:, [1, 0, 3, 2]] * vae_scale_factor).astype(np.int64)
+
+
+class NoCaptioner:
+    """Regional prompt = global prompt; no global caption (an empty prompt stays empty)."""
+
+    def global_caption(self, image: Image.Image) -> str:
+        return ""
+
+    def regional_prompts(self, stage: int, image: Image.Image, boxes: np.ndarray, global_prompt: str) -> list[str]:
+        return [global_prompt] * len(boxes)
+
+    def close(self) -> None:
+        pass
+
+
+class FilePrompts(NoCaptioner):
+    """Per-view prompts given by hand (``--regional-prompts FILE.json``)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.data = read_prompt_file(self.path)
+
+    def global_caption(self, image: Image.Image) -> str:
+        return self.data.get("prompt", "")
+
+    def regional_prompts(self, stage: int, image: Image.Image, boxes: np.ndarray, global_prompt: str) -> list[str]:
+        entry = next((s for s in self.data.get("stages", []) if s.get("stage") == stage), None)
+        if entry is None:
+            return [global_prompt] * len(boxes)
+        views = entry["views"]
+        if len(views) != len(boxes):
+            raise UserError(f"--regional-prompts {self.path}: stage {stage} lists {len(views)} views but this run has "
+                            f"{len(boxes)}; regenerate it with `cupscale caption --tiles` using the same tile/stride/scale")
+        return [v["prompt"] or global_prompt for v in views]
+
+
+def read_prompt_file(path: Path) -> dict:
+    """Read and check the regional-prompts JSON (see the module docstring for the format)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"--regional-prompts {path}: no such file; check the path") from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--regional-prompts {path}: not valid JSON ({exc}); fix the file") from None
+    ok = isinstance(data, dict) and isinstance(data.get("stages", []), list) and all(
+        isinstance(s, dict) and isinstance(s.get("views"), list)
+        and all(isinstance(v, dict) and isinstance(v.get("prompt"), str) for v in s["views"])
+        for s in data.get("stages", []))
+    if not ok:
+        raise UserError(f"--regional-prompts {path}: expected {{'prompt': str, 'stages': [{{'stage': k, 'views': "
+                        "[{'box': [...], 'prompt': str}]}]}; write it with `cupscale caption --tiles`")
+    return data
+
+
+class VLMPrompter:
+    """A vision-language captioner (vLLM actor pool or transformers) describing each view's crop."""
+
+    def __init__(self, config):
+        from .vlm import VLMCaptioner
+
+        self.captioner = VLMCaptioner(config.captioner, config.captioner_model)
+
+    def global_caption(self, image: Image.Image) -> str:
+        return self.captioner.describe_image(image)
+
+    def regional_prompts(self, stage: int, image: Image.Image, boxes: np.ndarray, global_prompt: str) -> list[str]:
+        return self.captioner.describe_regions(image, [tuple(map(int, b)) for b in boxes], global_prompt)
+
+    def close(self) -> None:
+        self.captioner.close()
+
+
+def make_prompter(config) -> Prompter:
+    """The prompter the config asks for; a prompts file takes precedence over the captioner."""
+    if config.regional_prompts:
+        return FilePrompts(config.regional_prompts)
+    if config.captioner == "none":
+        return NoCaptioner()
+    return VLMPrompter(config)

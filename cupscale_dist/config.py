@@ -1,0 +1,177 @@
+"""One typed config holding every knob of method.md, with its default and the reason for it.
+
+Values marked "guess" in method.md are guesses (no official code exists): each is a named field here with
+the default method.md gives, never a constant buried in the code. Presets live in ``configs/*.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import UserError
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
+
+
+def knob(default: Any, why: str, **limits: Any) -> Any:
+    """A config field with its one-line reason (shown by `cupscale knobs`) and optional bounds."""
+    return field(default=default, metadata={"why": why, **limits})
+
+
+@dataclass
+class UpscaleConfig:
+    """Every knob of method.md. Field metadata: ``why`` (one-line reason), ``min``/``max`` bounds."""
+
+    # --- what to run -------------------------------------------------------------------------------------
+    model: str = knob(DEFAULT_MODEL, "SDXL base is the paper's default backbone; a hub id, a local dir or 'demo'")
+    prompt: str = knob("", "global prompt; empty = captioner's global caption (or unconditional with none)")
+    negative_prompt: str = knob("", "SDXL works well without one; CFG's unconditional branch uses it")
+    seed: int = knob(0, "all noise is drawn from this seed, once per stage for the whole latent")
+    scale: int = knob(4, "total upscale factor, reached in x2 stages (method.md 'Stages')")
+    size: tuple[int, int] | None = knob(None, "exact output (W, H) instead of scale; stages x2 until reached")
+    device: str = knob("auto", "'auto' = cuda if available, else cpu")
+    dtype: str = knob("auto", "'auto' = bfloat16 on cuda (SDXL VAE overflows fp16), float32 on cpu")
+    scheduler: Literal["euler", "ddim"] = knob("euler", "SDXL's default sampler; 'ddim' as the VP alternative")
+    torch_threads: int | None = knob(None, "pin torch CPU threads: CPU matmul bits depend on the thread count", min=1)
+
+    # --- 1. resize ---------------------------------------------------------------------------------------
+    resize: Literal["bicubic", "lanczos"] = knob("bicubic", "method.md step 1: plain bicubic, SR model later")
+    sharpen: float = knob(0.0, "unsharp-mask amount after resizing; 0 = off (method.md step 1)", min=0.0, max=5.0)
+
+    # --- 4. start point ----------------------------------------------------------------------------------
+    steps: int = knob(30, "T, scheduler steps of a full run (method.md step 4)", min=1, max=1000)
+    strength: float = knob(0.6, "s: start at S = round(s*T) remaining steps; more = more new detail", min=0.0, max=1.0)
+    guidance_scale: float = knob(7.5, "CFG scale used by DemoFusion/AccDiffusion at high resolution", min=0.0)
+
+    # --- 3./9c. global structure prior --------------------------------------------------------------------
+    wavelet: str = knob("haar", "Haar: exact 2x2 low band, fast torch path on any device")
+    dwt_levels: int = knob(1, "J: one level keeps layout+colour at half the latent resolution", min=1, max=3)
+    prior_space: Literal["latent", "pixel"] = knob("latent", "latent avoids a VAE round trip per step")
+    prior_target: Literal["x0", "zt"] = knob("x0", "inject into the predicted clean latent (method.md 9c)")
+    prior_fraction: float = knob(0.5, "p: prior active in the first half of the run", min=0.0, max=1.0)
+    prior_schedule: Literal["cosine", "linear", "constant"] = knob("cosine", "w_t from 1 to 0, DemoFusion-like")
+
+    # --- 5. views ----------------------------------------------------------------------------------------
+    tile: int = knob(128, "view size in latent px: 1024 px, SDXL's native size (64 for SD1.5)", min=8)
+    stride: int = knob(64, "half-tile overlap, MultiDiffusion's usual choice", min=1)
+    jitter: int = knob(0, "per-step random view shift in latent px to hide seams; 0 = off", min=0)
+    blend: Literal["uniform", "gaussian"] = knob("uniform", "MultiDiffusion's plain per-pixel average")
+    gaussian_sigma: float = knob(0.3, "gaussian blend window std as a fraction of the tile", min=0.01, max=10.0)
+    view_batch_size: int = knob(4, "views per UNet call (x2 with CFG); tile rate saturates near 4 on H100", min=1)
+
+    # --- 6./7./8. regional priors -------------------------------------------------------------------------
+    captioner: Literal["none", "vllm", "transformers"] = knob("none", "'none': regional prompt = global prompt")
+    captioner_model: str = knob("llava-hf/llava-v1.6-mistral-7b-hf", "LLaVA-NeXT, as in the paper")
+    regional_prompts: str | None = knob(None, "JSON file of per-view prompts (format of `cupscale caption --tiles`)")
+    mask_mode: Literal["view", "pixel", "off"] = knob("view", "'view': one token mask per view (cheapest)")
+    mask_threshold: float = knob(0.3, "c: a token is kept in a view if its map covers >= 30% of it", min=0.0, max=1.0)
+    attn_probe_t: float = knob(0.5, "probe timestep as a fraction of T: layout is formed, details are not", min=0.0, max=1.0)
+    lambda_global: float = knob(0.5, "lambda: equal weight to the screened global and the regional prompt", min=0.0, max=1.0)
+    composer: Literal["mix", "joint"] = knob("mix", "'mix': two softmaxes blended by lambda (method.md step 8)")
+    pooled_prompt: Literal["global", "regional"] = knob("global", "SDXL pooled embedding: global keeps one style across views")
+
+    # --- 2./10. VAE and limits ---------------------------------------------------------------------------
+    vae_tile: int = knob(1024, "VAE tile in image px; SDXL's VAE is trained at 1024", min=64)
+    vae_tile_overlap: float = knob(0.25, "diffusers' default tile overlap; hides VAE seams", min=0.0, max=0.5)
+    max_input_pixels: int = knob(4096 * 4096, "refuse bigger inputs (decompression bombs)", min=1)
+    min_input_side: int = knob(16, "refuse degenerate inputs such as 1x1", min=1)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            setattr(self, f.name, _coerce(f.name, f.type, getattr(self, f.name)))
+            value, lo, hi = getattr(self, f.name), f.metadata.get("min"), f.metadata.get("max")
+            if value is not None and not isinstance(value, (str, tuple)):
+                if (lo is not None and value < lo) or (hi is not None and value > hi):
+                    bounds = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+                    raise UserError(f"config: {f.name}={value} is out of range; use a value in {bounds}")
+        if self.scale not in (2, 4, 8, 16):
+            raise UserError(f"config: scale={self.scale} is not supported; use 2, 4, 8 or 16 (or --size WxH)")
+        if self.size is not None and (len(self.size) != 2 or min(self.size) < 1):
+            raise UserError(f"config: size={self.size} is not a positive (width, height); use e.g. --size 2048x2048")
+        if self.stride > self.tile:
+            raise UserError(f"config: stride={self.stride} > tile={self.tile} leaves gaps; use stride <= tile")
+        if 2 * self.jitter > self.tile - self.stride:
+            raise UserError(
+                f"config: jitter={self.jitter} could uncover pixels; use jitter <= (tile - stride) / 2 = "
+                f"{(self.tile - self.stride) // 2}")
+
+    # ------------------------------------------------------------------------------------------------------
+    def replace(self, **changes: Any) -> UpscaleConfig:
+        """A copy with some fields changed (validated again); None values are ignored, like unset CLI flags."""
+        unknown = sorted(set(changes) - {f.name for f in fields(self)})
+        if unknown:
+            raise UserError(f"config: unknown key(s) {', '.join(unknown)}; see `cupscale knobs` for the list")
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def config_hash(self) -> str:
+        """Stable short hash of every field: checkpoints and manifests refuse another config's state."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, default=list)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @classmethod
+    def load(cls, preset_or_path: str | None = None, **overrides: Any) -> UpscaleConfig:
+        """A preset name (``configs/NAME.yaml``) or a YAML path, then overrides (None = keep)."""
+        base = cls() if preset_or_path is None else cls(**read_yaml(preset_or_path))
+        return base.replace(**overrides)
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def read_yaml(preset_or_path: str) -> dict[str, Any]:
+    """Read a preset or config file into a dict of known keys; every problem is one clear UserError."""
+    path = Path(preset_or_path)
+    if not path.suffix and (PRESET_DIR / f"{preset_or_path}.yaml").exists():
+        path = PRESET_DIR / f"{preset_or_path}.yaml"
+    if not path.is_file():
+        raise UserError(f"config: {preset_or_path!r} is neither a file nor a preset; presets: {', '.join(preset_names())}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UserError(f"config: {path} is not valid YAML ({str(exc).splitlines()[0]}); fix the file") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config: {path} must be a mapping of knob: value, got {type(data).__name__}")
+    known = {f.name for f in fields(UpscaleConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise UserError(f"config: {path} has unknown key(s) {', '.join(map(str, unknown))}; see `cupscale knobs`")
+    return data
+
+
+def _coerce(name: str, annotation: Any, value: Any) -> Any:
+    """Check (and gently convert: int->float, list->tuple) a value against its field annotation."""
+    tp = eval(annotation, vars(typing) | {"Literal": Literal}) if isinstance(annotation, str) else annotation
+    options = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise UserError(f"config: {name} must not be empty")
+    for option in (o for o in options if o is not type(None)):
+        origin = typing.get_origin(option)
+        if origin is Literal:
+            if value in typing.get_args(option):
+                return value
+            raise UserError(f"config: {name}={value!r} is not one of {', '.join(map(repr, typing.get_args(option)))}")
+        if origin is tuple and isinstance(value, (list, tuple)) and all(isinstance(v, int) for v in value):
+            return tuple(value)
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option in (str, bool) and isinstance(value, option):
+            return value
+    raise UserError(f"config: {name}={value!r} has the wrong type; expected {annotation}")

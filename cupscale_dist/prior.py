@@ -1,0 +1,82 @@
+"""Global structure prior (method.md steps 3 and 9c): keep the low band of the input, let the rest be new.
+
+Everything is written for the scheduler's own latent space ``z_t = alpha_t * x0 + sigma_t * eps``:
+``(alpha, sigma) = (1, sigma_t)`` for sigma-parametrised schedulers (Euler) and ``(sqrt(abar), sqrt(1 - abar))``
+for variance-preserving ones (DDIM); :func:`noise_level` reads them from the scheduler itself.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .wavelets import dwt2, idwt2, low_band
+
+SIGMA_SCHEDULERS = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
+                    "LMSDiscreteScheduler", "KDPM2DiscreteScheduler")
+
+
+@dataclass
+class GlobalPrior:
+    """``G = LL_J(z_L)`` and ``LL_J(eps)`` of one stage (the latter for prior_target='zt')."""
+
+    low: torch.Tensor
+    noise_low: torch.Tensor
+    wavelet: str = "haar"
+    levels: int = 1
+
+    @classmethod
+    def from_latent(cls, z_low: torch.Tensor, noise: torch.Tensor, wavelet: str, levels: int) -> GlobalPrior:
+        return cls(low_band(z_low, wavelet, levels), low_band(noise, wavelet, levels), wavelet, levels)
+
+
+def noise_level(scheduler, step_index: int) -> tuple[float, float]:
+    """``(alpha, sigma)`` of the scheduler's latent at ``timesteps[step_index]``; past the end = clean (1, 0)."""
+    if step_index >= len(scheduler.timesteps):
+        return 1.0, 0.0
+    if type(scheduler).__name__ in SIGMA_SCHEDULERS:
+        return 1.0, float(scheduler.sigmas[step_index])
+    alpha_bar = float(scheduler.alphas_cumprod[int(scheduler.timesteps[step_index])])
+    return math.sqrt(alpha_bar), math.sqrt(1.0 - alpha_bar)
+
+
+def prior_weight(step: int, num_steps: int, fraction: float, schedule: str) -> float:
+    """``w_t`` for the ``step``-th of ``num_steps`` denoising steps: active in the first ``fraction`` of them."""
+    active = fraction * num_steps
+    if step >= active:
+        return 0.0
+    if schedule == "constant":
+        return 1.0
+    progress = step / active
+    return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def blend_low_band(x: torch.Tensor, target_low: torch.Tensor, weight: float, wavelet: str, levels: int) -> torch.Tensor:
+    """``IDWT(w * target_low + (1 - w) * LL(x), HF(x))``."""
+    low, highs = dwt2(x, wavelet, levels)
+    return idwt2(weight * target_low + (1.0 - weight) * low, highs, wavelet)
+
+
+def inject_global_prior(eps: torch.Tensor, z_t: torch.Tensor, prior: GlobalPrior, weight: float,
+                        alpha: float, sigma: float, codec=None) -> torch.Tensor:
+    """Prior on the predicted clean latent (prior_target='x0', method.md 9c); returns the adjusted eps.
+
+    ``x0 = (z_t - sigma * eps) / alpha``; ``x0' = IDWT(w G + (1 - w) LL(x0), HF(x0))``; ``eps' = (z_t - alpha x0') / sigma``.
+    With a ``codec`` (prior_space='pixel') the swap happens on decoded pixels, then x0' is encoded back.
+    """
+    x0 = (z_t - sigma * eps) / alpha
+    if codec is None:
+        x0 = blend_low_band(x0, prior.low, weight, prior.wavelet, prior.levels)
+    else:
+        x0 = codec.encode(blend_low_band(codec.decode(x0), prior.low, weight, prior.wavelet, prior.levels))
+    return (z_t - alpha * x0) / sigma
+
+
+def inject_global_prior_zt(z_prev: torch.Tensor, prior: GlobalPrior, weight: float, alpha: float, sigma: float) -> torch.Tensor:
+    """Prior on the next latent (prior_target='zt'): blend toward ``LL(add_noise(z_L, eps, t-1))``.
+
+    The DWT is linear, so that low band is ``alpha * G + sigma * LL(eps)`` with no per-step transform of z_L.
+    """
+    return blend_low_band(z_prev, alpha * prior.low + sigma * prior.noise_low, weight, prior.wavelet, prior.levels)

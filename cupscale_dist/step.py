@@ -1,0 +1,175 @@
+"""The C-Upscale step (method.md step 9): the two functions both execution paths call.
+
+* :func:`predict_views` — CFG noise predictions for a batch of views (9a). Pure: a UNet, latent windows and the
+  stage context in, arrays out. Denoiser actors call exactly this.
+* :func:`reduce_and_step` — MultiDiffusion reduction of the views' predictions (9b), the global prior (9c) and
+  ONE scheduler step on the whole latent. Only the driver holds the scheduler and the full latent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .attention import RegionalAttention
+from .masks import crop_maps
+from .prior import GlobalPrior, inject_global_prior, inject_global_prior_zt, noise_level, prior_weight
+
+
+@dataclass
+class StageContext:
+    """Everything the view predictions of one stage need, sent to each actor once per stage.
+
+    Embeddings are float32 on CPU; a view's regional prompt is ``regional_embeds[view_prompt[view]]`` (unique
+    prompts are encoded once, so 961 views at 16K do not hold 961 copies).
+    """
+
+    negative_embeds: torch.Tensor  # (1, 77, D)
+    global_embeds: torch.Tensor  # (1, 77, D)
+    regional_embeds: torch.Tensor  # (U, 77, D)
+    view_prompt: np.ndarray  # (N,) int index into regional_embeds
+    negative_pooled: torch.Tensor | None  # (1, Dp), SDXL only
+    global_pooled: torch.Tensor | None
+    regional_pooled: torch.Tensor | None  # (U, Dp)
+    token_allowed: np.ndarray | None  # (N, 77) bool, mask_mode='view'
+    token_maps: np.ndarray | None  # (77, h, w) bool at probe resolution, mask_mode='pixel'
+    latent_hw: tuple[int, int]
+    image_hw: tuple[int, int]  # SDXL original_size: the stage size in pixels
+    vae_scale_factor: int
+    guidance_scale: float
+    lambda_global: float
+    composer: str
+    pooled_prompt: str
+
+
+def micro_conditioning(context: StageContext, rects: np.ndarray) -> torch.Tensor:
+    """SDXL add_time_ids per view: original_size = stage size, crop top-left = view offset, target = view size."""
+    f = context.vae_scale_factor
+    rows = [[*context.image_hw, top * f, left * f, (bottom - top) * f, (right - left) * f]
+            for top, left, bottom, right in rects]
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def regional_attention(context: StageContext, view_ids: np.ndarray, rects: np.ndarray) -> RegionalAttention:
+    """The composer's inputs for a CFG batch [uncond views; cond views]; uncond rows screen nothing."""
+    count, tokens = len(view_ids), context.global_embeds.shape[1]
+    token_allowed = pixel_allowed = None
+    if context.token_allowed is not None:
+        cond = torch.from_numpy(context.token_allowed[view_ids])
+        token_allowed = torch.cat([torch.ones(count, tokens, dtype=torch.bool), cond])
+    if context.token_maps is not None:
+        cond = torch.from_numpy(np.stack([crop_maps(context.token_maps, context.latent_hw, r) for r in rects]))
+        pixel_allowed = torch.cat([torch.ones_like(cond), cond])
+    return RegionalAttention(tokens, context.lambda_global, context.composer, token_allowed, pixel_allowed)
+
+
+@torch.no_grad()
+def predict_views(unet, windows: torch.Tensor, timestep, input_scale: float, context: StageContext,
+                  view_ids: Sequence[int], rects: np.ndarray) -> torch.Tensor:
+    """CFG noise predictions of a batch of views (method.md 9a) -> (B, C, h, w) float32 on CPU.
+
+    Args:
+        unet: a UNet2DConditionModel with :class:`RegionalAttnProcessor` installed.
+        windows (tensor (B, C, h, w)): the views' windows of the current latent, in the scheduler's space.
+        timestep: the scheduler timestep of this step.
+        input_scale (float): the scheduler's model-input scaling at this step (1/sqrt(sigma^2+1) for Euler).
+        context (StageContext): the stage's prompts, masks and micro-conditioning inputs.
+        view_ids: indices of these views in the stage's view list; rects (N', 4): their current rectangles.
+    """
+    view_ids = np.asarray(view_ids)
+    count = len(view_ids)
+    device, dtype = unet.device, unet.dtype
+    latents = (windows.to(device, torch.float32) * input_scale).to(dtype)
+    latents = torch.cat([latents, latents])
+
+    prompt_ids = torch.from_numpy(context.view_prompt[view_ids])
+    uncond = torch.cat([context.negative_embeds, context.negative_embeds], dim=1).expand(count, -1, -1)
+    cond = torch.cat([context.global_embeds.expand(count, -1, -1), context.regional_embeds[prompt_ids]], dim=1)
+    encoder_states = torch.cat([uncond, cond]).to(device, dtype)
+
+    added_cond = None
+    if context.negative_pooled is not None:
+        pooled = (context.global_pooled.expand(count, -1) if context.pooled_prompt == "global"
+                  else context.regional_pooled[prompt_ids])
+        time_ids = micro_conditioning(context, rects)
+        added_cond = {"text_embeds": torch.cat([context.negative_pooled.expand(count, -1), pooled]).to(device, dtype),
+                      "time_ids": torch.cat([time_ids, time_ids]).to(device, dtype)}
+
+    regional = regional_attention(context, view_ids, rects)
+    eps = unet(latents, timestep, encoder_hidden_states=encoder_states, added_cond_kwargs=added_cond,
+               cross_attention_kwargs={"regional": regional}).sample.float()
+    eps_uncond, eps_cond = eps.chunk(2)
+    return (eps_uncond + context.guidance_scale * (eps_cond - eps_uncond)).cpu()
+
+
+def window_weights(height: int, width: int, blend: str, sigma_fraction: float) -> torch.Tensor | None:
+    """Per-pixel weight of a view (method.md 9b): None = uniform; 'gaussian' = centred Gaussian window."""
+    if blend == "uniform":
+        return None
+    ys = torch.arange(height, dtype=torch.float32) - (height - 1) / 2
+    xs = torch.arange(width, dtype=torch.float32) - (width - 1) / 2
+    return torch.exp(-(ys[:, None] ** 2 / (2 * (sigma_fraction * height) ** 2) + xs[None] ** 2 / (2 * (sigma_fraction * width) ** 2)))
+
+
+def reduce_predictions(batches: Iterable[tuple[Sequence[int], torch.Tensor]], views: np.ndarray,
+                       latent_shape: Sequence[int], blend: str = "uniform", sigma_fraction: float = 0.3) -> torch.Tensor:
+    """MultiDiffusion (method.md 9b): per-pixel weighted sum of view predictions / per-pixel weight.
+
+    ``batches`` yields ``(view_ids, predictions)`` in view order; accumulation order is fixed by view index, so
+    the result has the same bytes whichever actor produced which batch.
+    """
+    total = torch.zeros(latent_shape, dtype=torch.float32)
+    weight = torch.zeros(latent_shape[-2:], dtype=torch.float32)
+    for view_ids, predictions in batches:
+        for k, view in enumerate(view_ids):
+            top, left, bottom, right = (int(v) for v in views[view])
+            w = window_weights(bottom - top, right - left, blend, sigma_fraction)
+            if w is None:
+                total[..., top:bottom, left:right] += predictions[k]
+                weight[top:bottom, left:right] += 1.0
+            else:
+                total[..., top:bottom, left:right] += predictions[k] * w
+                weight[top:bottom, left:right] += w
+    return total / weight
+
+
+@dataclass
+class StageSchedule:
+    """The driver's one scheduler for a stage plus what the prior needs (method.md steps 4 and 9c)."""
+
+    scheduler: object
+    start_index: int  # index into scheduler.timesteps of the first denoising step (T - S)
+    prior: GlobalPrior
+    prior_target: str
+    prior_fraction: float
+    prior_schedule: str
+    codec: object | None = None  # prior_space='pixel': decode/encode around the low-band swap
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.scheduler.timesteps) - self.start_index
+
+    def timestep(self, step: int):
+        return self.scheduler.timesteps[self.start_index + step]
+
+    def input_scale(self, step: int) -> float:
+        """The scheduler's own model-input scaling (Euler: 1/sqrt(sigma^2+1); DDIM: 1)."""
+        return float(self.scheduler.scale_model_input(torch.ones(1), self.timestep(step)))
+
+
+def reduce_and_step(latents: torch.Tensor, batches: Iterable[tuple[Sequence[int], torch.Tensor]], views: np.ndarray,
+                    schedule: StageSchedule, step: int, blend: str = "uniform", sigma_fraction: float = 0.3) -> torch.Tensor:
+    """One denoising step of the whole latent from its views' predictions (method.md 9b-9c) -> next latent."""
+    eps = reduce_predictions(batches, views, latents.shape, blend, sigma_fraction)
+    weight = prior_weight(step, schedule.num_steps, schedule.prior_fraction, schedule.prior_schedule)
+    if weight > 0 and schedule.prior_target == "x0":
+        alpha, sigma = noise_level(schedule.scheduler, schedule.start_index + step)
+        eps = inject_global_prior(eps, latents, schedule.prior, weight, alpha, sigma, schedule.codec)
+    latents = schedule.scheduler.step(eps, schedule.timestep(step), latents).prev_sample
+    if weight > 0 and schedule.prior_target == "zt":
+        alpha, sigma = noise_level(schedule.scheduler, schedule.start_index + step + 1)
+        latents = inject_global_prior_zt(latents, schedule.prior, weight, alpha, sigma)
+    return latents
