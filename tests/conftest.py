@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny real diffusers pipelines saved to disk, the same config used across tests."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download at test time
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(1)  # CPU matmul bits depend on the thread count: pin it everywhere we compare bytes
+
+
+@pytest.fixture(scope="session")
+def sdxl_dir(tmp_path_factory):
+    from cupscale_dist.testing import build_tiny_sdxl
+
+    return str(build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl")))
+
+
+@pytest.fixture(scope="session")
+def sd15_dir(tmp_path_factory):
+    from cupscale_dist.testing import build_tiny_sd15
+
+    return str(build_tiny_sd15(tmp_path_factory.mktemp("tiny-sd15")))
+
+
+@pytest.fixture(scope="session")
+def sdxl_model(sdxl_dir):
+    from cupscale_dist.models import load_model
+
+    return load_model(sdxl_dir, device="cpu", dtype="float32")
+
+
+@pytest.fixture
+def photo() -> Image.Image:
+    """A small structured RGB image (smooth gradients + a disc), 96x128 so views are not square-only."""
+    ys, xs = np.mgrid[0:96, 0:128]
+    disc = ((ys - 48) ** 2 + (xs - 70) ** 2 < 20**2)[..., None]
+    rgb = np.stack([xs * 2, ys * 2, 255 - xs], axis=-1) * (1 - disc) + disc * np.array([250, 200, 40])
+    return Image.fromarray(rgb.clip(0, 255).astype(np.uint8))
+
+
+def small_config(model: str, **changes):
+    """A fast config on the tiny model: 2 x3 views per step, 3 steps, CPU float32, threads pinned."""
+    from cupscale_dist import UpscaleConfig
+
+    base = dict(model=model, scale=2, tile=16, stride=8, steps=5, strength=0.6, device="cpu", dtype="float32",
+                prompt="a photo of a cat on a house", view_batch_size=4, torch_threads=1)
+    return UpscaleConfig(**{**base, **changes})

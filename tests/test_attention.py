@@ -1,0 +1,108 @@
+"""Attention control (method.md steps 7-8): screened tokens get exactly zero probability; lambda=1 with nothing
+screened is the plain UNet; the composer computes what method.md writes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+from cupscale_dist.attention import RegionalAttention, RegionalAttnProcessor, attention_grid
+from cupscale_dist.masks import content_token_mask, view_token_masks
+
+TOKENS, DIM, CROSS = 77, 32, 24
+
+
+@pytest.fixture
+def layer():
+    torch.manual_seed(0)
+    return Attention(query_dim=DIM, cross_attention_dim=CROSS, heads=4, dim_head=8).eval()
+
+
+def inputs(batch=2, h=4, w=6, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(batch, h * w, DIM, generator=gen)
+    states = torch.randn(batch, 2 * TOKENS, CROSS, generator=gen)
+    return hidden, states
+
+
+def run(layer, hidden, states, regional):
+    return RegionalAttnProcessor()(layer, hidden, states, regional=regional)
+
+
+@pytest.mark.parametrize("composer", ["mix", "joint"])
+@pytest.mark.parametrize("mode", ["view", "pixel"])
+def test_screened_tokens_get_exactly_zero_attention(layer, composer, mode):
+    hidden, states = inputs()
+    allowed = torch.ones(2, TOKENS, dtype=torch.bool)
+    allowed[0, 3:9] = False
+    allowed[1, 20:40] = False
+    if mode == "view":
+        regional = lambda: RegionalAttention(TOKENS, 0.5, composer, token_allowed=allowed)  # noqa: E731
+    else:  # pixel maps at 8x12 (the view's latent), seen by a 4x6 layer
+        maps = allowed[:, :, None, None].expand(-1, -1, 8, 12).clone()
+        maps[0, 50, :4] = False  # token 50 screened in the top half of view 0 only
+        regional = lambda: RegionalAttention(TOKENS, 0.5, composer, pixel_allowed=maps)  # noqa: E731
+    with torch.no_grad():
+        before = run(layer, hidden, states, regional())
+        poked = states.clone()
+        poked[0, 3:9] = 1e4 * torch.randn(6, CROSS)  # a screened token's key/value can be anything...
+        poked[1, 20:40] = -3e4 * torch.rand(20, CROSS)  # its weight is exactly 0, so the output is bit-identical
+        after = run(layer, hidden, poked, regional())
+        assert torch.equal(before, after)
+        visible = states.clone()
+        visible[0, 10] += 1.0  # an allowed token does matter
+        assert not torch.equal(before, run(layer, hidden, visible, regional()))
+        if mode == "pixel":  # token 50 is screened for the top rows of view 0, visible in the bottom rows
+            poked = states.clone()
+            poked[0, 50] += 5.0
+            changed = (run(layer, hidden, poked, regional()) != before)[0].any(dim=-1).view(4, 6)
+            assert not changed[:2].any() and changed[2:].all()
+
+
+def test_lambda_one_and_nothing_screened_is_the_plain_layer(layer):
+    hidden, states = inputs()
+    with torch.no_grad():
+        ours = run(layer, hidden, states, RegionalAttention(TOKENS, 1.0, "mix", torch.ones(2, TOKENS, dtype=torch.bool)))
+        plain = AttnProcessor2_0()(layer, hidden, states[:, :TOKENS].contiguous())
+    assert torch.equal(ours, plain)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.3, 0.5, 0.9])
+def test_mix_composer_is_the_lambda_blend_of_two_attentions(layer, lam):
+    hidden, states = inputs()
+    with torch.no_grad():
+        ours = run(layer, hidden, states, RegionalAttention(TOKENS, lam, "mix"))
+        plain = AttnProcessor2_0()
+        expected = lam * plain(layer, hidden, states[:, :TOKENS]) + (1 - lam) * plain(layer, hidden, states[:, TOKENS:])
+    assert (ours - expected).abs().max() < 1e-5
+
+
+def test_joint_composer_at_half_is_one_softmax_over_both_prompts(layer):
+    hidden, states = inputs()
+    with torch.no_grad():
+        ours = run(layer, hidden, states, RegionalAttention(TOKENS, 0.5, "joint"))
+        expected = AttnProcessor2_0()(layer, hidden, states)
+    assert (ours - expected).abs().max() < 1e-5
+
+
+def test_attention_grid_follows_unet_downsampling():
+    assert attention_grid(16, 16, 64) == (8, 8)
+    assert attention_grid(15, 9, 40) == (8, 5)
+    with pytest.raises(ValueError):
+        attention_grid(16, 16, 50)
+
+
+def test_view_masks_keep_start_end_and_padding_tokens():
+    content = content_token_mask(num_prompt_tokens=6)  # <start> w1 w2 w3 w4 <end>
+    assert content[1:5].all() and not content[0] and not content[5:].any()
+    maps = np.ones((TOKENS, 4, 4), dtype=bool)
+    maps[1] = False  # word 1 appears nowhere
+    maps[2, :, :2] = True
+    maps[2, :, 2:] = False  # word 2 only on the left half
+    views = np.array([[0, 0, 16, 8], [0, 8, 16, 16]])
+    allowed = view_token_masks(maps, (16, 16), views, threshold=0.3)
+    assert allowed[:, 0].all() and allowed[:, 5:].all()
+    assert not allowed[:, 1].any()
+    assert allowed[0, 2] and not allowed[1, 2]
