@@ -73,6 +73,17 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
                        help="any knob (see `cupscale knobs`), repeatable")
 
 
+def add_cluster_options(parser: argparse.ArgumentParser) -> None:
+    """Where the views are denoised (defined once; none of these change the output bytes)."""
+    group = parser.add_argument_group("ray")
+    group.add_argument("--actors", type=int, help="denoiser actors (default: one per GPU, else 1; 0 = no Ray)")
+    group.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+    group.add_argument("--gpus-per-actor", dest="gpus_per_actor", type=float, help="default 1 with GPUs, else 0")
+    group.add_argument("--cpus-per-actor", dest="cpus_per_actor", type=float, default=1.0)
+    group.add_argument("--start-timeout", dest="start_timeout", type=float, default=120.0, metavar="S",
+                       help="seconds to wait for the actors to be placed and load the model")
+
+
 def config_from_args(args: argparse.Namespace) -> UpscaleConfig:
     names = {f.name for f in fields(UpscaleConfig)}
     flags = {k: v for k, v in vars(args).items() if k in names}
@@ -92,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--dry-run", action="store_true", help="print the plan (stages, views, UNet evaluations) and exit")
     up.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     add_run_options(up)
+    add_cluster_options(up)
+    ckpt = up.add_argument_group("checkpoints")
+    ckpt.add_argument("--checkpoint-dir", dest="checkpoint_dir", help="keep a checkpoint of the latent here")
+    ckpt.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=1, metavar="K",
+                      help="write the checkpoint every K steps (default 1)")
+    ckpt.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
     sub.add_parser("knobs", help="list every knob with its default and reason")
     sub.add_parser("presets", help="list the bundled presets")
     return parser
@@ -99,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_upscale(args: argparse.Namespace) -> int:
     from .imageio import check_output_path, load_image
+    from .orchestrator import ClusterOptions
     from .plan import describe_plan
     from .runner import run_upscale
 
@@ -116,7 +134,9 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         from .captioner import read_prompt_file
 
         read_prompt_file(Path(config.regional_prompts))
-    run_upscale(image, config, output, source=args.input, progress=not args.quiet)
+    cluster = ClusterOptions(args.actors, args.address, args.gpus_per_actor, args.cpus_per_actor, args.start_timeout)
+    run_upscale(image, config, output, source=args.input, progress=not args.quiet, cluster=cluster,
+                checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=args.resume)
     print(f"wrote {output} ({plan['output'][0]}x{plan['output'][1]})")
     return 0
 

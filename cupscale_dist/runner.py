@@ -8,8 +8,11 @@ from pathlib import Path
 from PIL import Image
 
 from . import __version__
+from .checkpoint import Checkpointer, image_sha
 from .config import UpscaleConfig
+from .errors import UserError
 from .imageio import save_png
+from .orchestrator import ClusterOptions, make_predictor
 from .pipeline import plan_stages, upscale
 
 log = logging.getLogger(__name__)
@@ -26,9 +29,30 @@ def run_metadata(config: UpscaleConfig, input_size: tuple[int, int], source: str
 
 
 def run_upscale(image: Image.Image, config: UpscaleConfig, output: str | Path, *, source: str | None = None,
-                progress: bool = True, **upscale_kwargs) -> Image.Image:
-    """Upscale and save atomically; the output file appears only when the whole run succeeded."""
+                progress: bool = True, cluster: ClusterOptions | None = None, checkpoint_dir: str | None = None,
+                checkpoint_every: int = 1, resume: bool = False) -> Image.Image:
+    """Upscale and save atomically; the output file appears only when the whole run succeeded.
+
+    ``cluster`` None or ``actors=0``: the single-process reference; otherwise the Ray driver (same functions).
+    ``checkpoint_dir``: keep a checkpoint every ``checkpoint_every`` steps; ``resume`` continues from it.
+    """
+    callback = state = stage_inputs = checkpointer = None
+    if checkpoint_dir:
+        checkpointer = Checkpointer(checkpoint_dir, checkpoint_every, config.config_hash(), image_sha(image))
+        if checkpointer.path.exists() and not resume:
+            raise UserError(f"{checkpointer.path} exists; pass --resume to continue that run, or delete it")
+        loaded = checkpointer.load() if resume else None
+        if loaded:
+            state, stage_inputs = loaded
+            log.info("resuming stage %d at step %d from %s", state.stage, state.step, checkpointer.path)
+        callback = checkpointer
+    elif resume:
+        raise UserError("--resume needs --checkpoint-dir DIR (where the interrupted run kept its checkpoint)")
+    predictor = make_predictor(config, cluster) if cluster is not None else None
     log.info("upscaling %s (%dx%d) with %s", source or "image", *image.size, config.model)
-    result = upscale(image, config, progress=progress, **upscale_kwargs)
+    result = upscale(image, config, predictor=predictor, callback=callback, resume=state, stage_inputs=stage_inputs,
+                     progress=progress)
     save_png(result, output, run_metadata(config, image.size, source))
+    if checkpointer is not None:
+        checkpointer.path.unlink(missing_ok=True)  # the run is complete: nothing left to resume
     return result
