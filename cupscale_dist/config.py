@@ -19,7 +19,7 @@ import yaml
 
 from .errors import UserError
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"  # the `configs` package (presets as data)
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 
 

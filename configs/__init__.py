@@ -1,0 +1,1 @@
+"""Bundled presets (YAML), shipped as package data so `--config NAME` works from any install."""
