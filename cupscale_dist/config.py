@@ -47,6 +47,7 @@ class UpscaleConfig:
     # --- 1. resize ---------------------------------------------------------------------------------------
     resize: Literal["bicubic", "lanczos"] = knob("bicubic", "method.md step 1: plain bicubic, SR model later")
     sharpen: float = knob(0.0, "unsharp-mask amount after resizing; 0 = off (method.md step 1)", min=0.0, max=5.0)
+    sharpen_radius: float = knob(2.0, "unsharp-mask radius in px: about the blur a x2 bicubic resize adds", min=0.1, max=20.0)
 
     # --- 4. start point ----------------------------------------------------------------------------------
     steps: int = knob(30, "T, scheduler steps of a full run (method.md step 4)", min=1, max=1000)

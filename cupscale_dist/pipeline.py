@@ -110,7 +110,7 @@ def resize_input(image: Image.Image, size: tuple[int, int], config: UpscaleConfi
     resample = {"bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}[config.resize]
     out = image.resize(size, resample)
     if config.sharpen > 0:
-        out = out.filter(ImageFilter.UnsharpMask(radius=2, percent=int(config.sharpen * 100), threshold=0))
+        out = out.filter(ImageFilter.UnsharpMask(radius=config.sharpen_radius, percent=int(config.sharpen * 100), threshold=0))
     return out
 
 

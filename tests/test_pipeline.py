@@ -138,3 +138,10 @@ def test_stage_plan_doubles_until_the_target():
     assert plan_stages((1024, 1024), config) == [(2048, 2048), (4096, 4096), (8192, 8192)]
     assert plan_stages((1000, 750), config.replace(scale=2)) == [(1984, 1472)]  # nearest multiples of 64; the result is resized to 2000x1500
     assert plan_stages((1024, 768), config.replace(size=(3000, 2000))) == [(1472, 1024), (3008, 1984)]
+
+
+def test_uncached_hub_id_offline_names_the_fixes(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(UserError, match=r"--model PATH .*--model demo"):
+        load_model("someone/not-cached-sdxl", device="cpu")
