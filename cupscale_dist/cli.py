@@ -17,6 +17,7 @@ import logging
 import sys
 from dataclasses import fields
 from pathlib import Path
+from typing import NoReturn
 
 from .config import UpscaleConfig, preset_names
 from .errors import UserError
@@ -39,14 +40,25 @@ def parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
-def parse_set(text: str) -> tuple[str, object]:
-    """``KEY=VALUE`` with VALUE read as YAML (numbers, true/false, strings)."""
-    import yaml
-
+def parse_set(text: str) -> tuple[str, str]:
+    """``KEY=VALUE``; the value is typed by :func:`set_value` once the knob is known."""
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"--set {text!r} is not KEY=VALUE; use e.g. --set lambda_global=0.7")
     key, value = text.split("=", 1)
-    return key.strip(), yaml.safe_load(value)
+    return key.strip(), value
+
+
+def set_value(name: str, text: str) -> object:
+    """A --set value: verbatim for text knobs (prompts, paths, choices), else YAML (numbers, true/false, [W, H])."""
+    import yaml
+
+    annotation = next((f.type for f in fields(UpscaleConfig) if f.name == name), None)
+    if isinstance(annotation, str) and (annotation in ("str", "str | None") or annotation.startswith("Literal")):
+        return text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise UserError(f"--set {name}={text}: not a number, true/false or [list]; use e.g. --set {name}=0.5") from None
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -87,12 +99,20 @@ def add_cluster_options(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> UpscaleConfig:
     names = {f.name for f in fields(UpscaleConfig)}
     flags = {k: v for k, v in vars(args).items() if k in names}
-    return UpscaleConfig.load(args.config, **flags, **dict(args.overrides))
+    flags.update((key, set_value(key, text)) for key, text in args.overrides)  # --set KNOB wins over --knob
+    return UpscaleConfig.load(args.config, **flags)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on stderr, like every other error (exit code 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"cupscale: error: {message}; see `{self.prog} --help`\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cupscale", description=__doc__.split("\n\n")[0],
-                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="cupscale", description=__doc__.split("\n\n")[0],
+                           epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log what each step is doing")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     up = sub.add_parser("upscale", help="upscale one image", epilog=EXAMPLES,

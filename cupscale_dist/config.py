@@ -36,7 +36,7 @@ class UpscaleConfig:
     model: str = knob(DEFAULT_MODEL, "SDXL base is the paper's default backbone; a hub id, a local dir or 'demo'")
     prompt: str = knob("", "global prompt; empty = captioner's global caption (or unconditional with none)")
     negative_prompt: str = knob("", "SDXL works well without one; CFG's unconditional branch uses it")
-    seed: int = knob(0, "all noise is drawn from this seed, once per stage for the whole latent")
+    seed: int = knob(0, "all noise is drawn from this seed, once per stage for the whole latent", min=0, max=2**32 - 1)
     scale: int = knob(4, "total upscale factor, reached in x2 stages (method.md 'Stages')")
     size: tuple[int, int] | None = knob(None, "exact output (W, H) instead of scale; stages x2 until reached")
     device: str = knob("auto", "'auto' = cuda if available, else cpu")

@@ -6,19 +6,25 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile, PngImagePlugin
+from PIL import Image, ImageFile, ImageOps, PngImagePlugin
 
 from .errors import UserError
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a half-grey image
+_BOMB_LIMIT_LOCK = threading.Lock()  # guards the temporary change of PIL's global pixel limit
 
 
 def load_image(path: str | os.PathLike, max_pixels: int, min_side: int) -> Image.Image:
-    """Open ``path`` as an 8-bit RGB image; alpha, CMYK, palette, greyscale and 16-bit inputs are converted."""
+    """Open ``path`` as an 8-bit RGB image; alpha, CMYK, palette, greyscale and 16-bit inputs are converted.
+
+    ``max_pixels`` is the decompression-bomb limit: it is checked from the header before any pixel is decoded,
+    and it replaces PIL's own global limit for this call (so raising it in the config really raises it).
+    """
     path = Path(path)
     if not path.exists():
         raise UserError(f"input {path}: no such file; check the path")
@@ -26,37 +32,69 @@ def load_image(path: str | os.PathLike, max_pixels: int, min_side: int) -> Image
         raise UserError(f"input {path}: not a file; pass an image file")
     if path.stat().st_size == 0:
         raise UserError(f"input {path}: the file is empty (0 bytes); pass a real image")
+    too_big = (f"input {path}: {{}} is over the {max_pixels}-pixel limit (decompression bomb guard); "
+               "downscale it or raise max_input_pixels in the config")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(path)
+        with _open_with_limit(path, max_pixels) as image:
             width, height = image.size
             if width * height > max_pixels:
-                raise UserError(f"input {path}: {width}x{height} is over the {max_pixels}-pixel limit; "
-                                "downscale it or raise max_input_pixels in the config")
+                raise UserError(too_big.format(f"{width}x{height}"))
             image.load()
     except UserError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise UserError(f"input {path}: too many pixels (decompression bomb guard); downscale it or raise "
-                        "max_input_pixels") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        kind = "truncated or corrupt" if isinstance(exc, OSError) and "truncated" in str(exc) else "not a readable image"
-        raise UserError(f"input {path}: {kind} ({str(exc).splitlines()[0]}); pass a PNG/JPEG/WebP/TIFF image") from None
+        raise UserError(too_big.format("the image")) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        truncated = isinstance(exc, OSError) and "truncated" in str(exc)
+        kind = "truncated or corrupt" if truncated else "not a readable image"
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"input {path}: {kind} ({first}); pass a PNG/JPEG/WebP/TIFF image") from None
     if min(width, height) < min_side:
         raise UserError(f"input {path}: {width}x{height} is too small; the shorter side needs >= {min_side} px")
-    return to_rgb(image)
+    try:
+        image = ImageOps.exif_transpose(image)  # phone photos: the pixels as viewers show them
+    except Exception:  # noqa: BLE001 - a malformed EXIF block is no reason to refuse the pixels
+        pass
+    try:
+        return to_rgb(image)
+    except (ValueError, OSError) as exc:
+        raise UserError(f"input {path}: mode {image.mode} can't be converted to RGB ({exc}); "
+                        "save it as 8-bit RGB") from None
+
+
+def _open_with_limit(path: Path, max_pixels: int) -> Image.Image:
+    """``Image.open`` with PIL's bomb guard set to ``max_pixels``: PIL errors past 2x its limit, warns past 1x."""
+    with _BOMB_LIMIT_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own check below is the limit
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = max(max_pixels, saved or 0)
+        try:
+            return Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """8-bit RGB: transparency composited on white, 16/32-bit scaled down, CMYK/palette/greyscale converted."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
+        peak = float(array.max()) if array.size else 0.0
+        if image.mode.startswith("I;16") or peak > 255:
+            top = 65535.0  # 16-bit data (a 32-bit "I" image past 8-bit range is 16-bit data in practice)
+        elif image.mode == "F" and peak <= 1.0:
+            top = 1.0  # floating-point images are conventionally 0..1
+        else:
+            top = 255.0
+        grey = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+        key = image.info.get("transparency")  # 16-bit PNG tRNS: one grey value is transparent
+        if isinstance(key, int) and not isinstance(key, bool):
+            grey.putalpha(Image.fromarray(np.where(array == key, 0, 255).astype(np.uint8), "L"))
+        image = grey
+    if image.mode in ("P", "L", "RGB", "1") and "transparency" in image.info:
+        image = image.convert("RGBA")  # palette / colour-key transparency (PNG tRNS, GIF)
+    if image.mode == "La":  # premultiplied grey+alpha: PIL converts it to RGBA only via LA
+        image = image.convert("LA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
@@ -72,8 +110,11 @@ def check_output_path(path: str | os.PathLike, overwrite: bool) -> Path:
         raise UserError(f"output {path} already exists; pass --overwrite or choose another name")
     if path.is_dir():
         raise UserError(f"output {path} is a directory; give a file name ending in .png")
-    if not path.parent.exists():
-        raise UserError(f"output {path}: directory {path.parent} does not exist; create it first")
+    if not path.parent.is_dir():
+        what = "is not a directory" if path.parent.exists() else "does not exist"
+        raise UserError(f"output {path}: directory {path.parent} {what}; create it first")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise UserError(f"output {path}: directory {path.parent} is not writable; choose another output directory")
     return path
 
 
@@ -83,14 +124,36 @@ def save_png(image: Image.Image, path: str | os.PathLike, metadata: dict[str, ob
     info = PngImagePlugin.PngInfo()
     for key, value in metadata.items():
         info.add_text(f"cupscale:{key}", value if isinstance(value, str) else json.dumps(value, default=list))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise UserError(f"output {path}: can't write to {path.parent} ({exc.strerror or exc}); "
+                        "choose another output directory") from None
     try:
         with os.fdopen(fd, "wb") as handle:
             image.save(handle, format="PNG", pnginfo=info)
+        os.chmod(tmp, _new_file_mode(path))  # mkstemp makes 0600; give the output the mode a new file gets
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _new_file_mode(path: Path) -> int:
+    """An existing output keeps its permissions; a new one gets 0666 minus the umask, like ``open(path, 'w')``."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        pass
+    try:  # Linux exposes the umask without changing it (os.umask would race with other threads)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def read_png_metadata(path: str | os.PathLike) -> dict[str, str]:

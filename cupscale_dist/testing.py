@@ -250,6 +250,19 @@ def _unet_attention(unet_channels: tuple[int, ...]) -> dict:
     return dict(attention_head_dim=heads, norm_num_groups=groups)
 
 
+def _unet(unet_channels: tuple[int, ...], seed: int, **family):
+    """A seeded two-block UNet at the tiny native size; ``family`` holds the SDXL- or SD1.5-specific blocks."""
+    from diffusers import UNet2DConditionModel
+
+    unet_channels = tuple(unet_channels)
+    if len(unet_channels) != 2:
+        raise ValueError(f"unet_channels={unet_channels}: the tiny UNets have 2 blocks, give 2 channel counts")
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(sample_size=UNET_SAMPLE_SIZE, in_channels=4, out_channels=4,
+                                block_out_channels=unet_channels, layers_per_block=2,
+                                **_unet_attention(unet_channels), **family).eval()
+
+
 def _scheduler():
     from diffusers import EulerDiscreteScheduler
 
@@ -266,25 +279,16 @@ def build_tiny_sdxl(directory: str | os.PathLike, seed: int = 0, unet_channels: 
         unet_channels (`tuple[int, ...]`, *optional*, defaults to `(32, 64)`): the UNet's `block_out_channels`
             (multiples of 32); raise them, e.g. (128, 256), to make the UNet heavier for a benchmark.
     """
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionXLPipeline
 
     directory = Path(directory)
-    unet_channels = tuple(unet_channels)
-    if len(unet_channels) != 2:
-        raise ValueError(f"unet_channels={unet_channels}: the tiny SDXL UNet has 2 blocks, give 2 channel counts")
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer = _load_tokenizer(Path(scratch) / "tokenizer", pad_token=EOS_TOKEN)
         tokenizer_2 = _load_tokenizer(Path(scratch) / "tokenizer_2", pad_token="!")  # as SDXL's tokenizer_2
     text_encoder = _text_encoder(tokenizer, seed, with_projection=False)
     text_encoder_2 = _text_encoder(tokenizer_2, seed, with_projection=True)
-
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=UNET_SAMPLE_SIZE,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=unet_channels,
-        layers_per_block=2,
+    unet = _unet(
+        unet_channels, seed,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         transformer_layers_per_block=(1, 2),
@@ -293,8 +297,7 @@ def build_tiny_sdxl(directory: str | os.PathLike, seed: int = 0, unet_channels: 
         addition_embed_type="text_time",
         addition_time_embed_dim=ADDITION_TIME_EMBED_DIM,
         projection_class_embeddings_input_dim=6 * ADDITION_TIME_EMBED_DIM + text_encoder_2.config.projection_dim,
-        **_unet_attention(unet_channels),
-    ).eval()
+    )
 
     pipe = StableDiffusionXLPipeline(
         vae=_vae(seed, scaling_factor=0.13025),
@@ -315,28 +318,18 @@ def build_tiny_sd15(directory: str | os.PathLike, seed: int = 0, unet_channels: 
 
     Args: as `build_tiny_sdxl`.
     """
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline
 
     directory = Path(directory)
-    unet_channels = tuple(unet_channels)
-    if len(unet_channels) != 2:
-        raise ValueError(f"unet_channels={unet_channels}: the tiny SD1.5 UNet has 2 blocks, give 2 channel counts")
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer = _load_tokenizer(Path(scratch) / "tokenizer", pad_token=EOS_TOKEN)
     text_encoder = _text_encoder(tokenizer, seed, with_projection=False)
-
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=UNET_SAMPLE_SIZE,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=unet_channels,
-        layers_per_block=2,
+    unet = _unet(
+        unet_channels, seed,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=text_encoder.config.hidden_size,
-        **_unet_attention(unet_channels),
-    ).eval()
+    )
 
     pipe = StableDiffusionPipeline(
         vae=_vae(seed, scaling_factor=0.18215),
