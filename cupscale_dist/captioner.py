@@ -65,10 +65,14 @@ class FilePrompts(NoCaptioner):
         if entry is None:
             return [global_prompt] * len(boxes)
         views = entry["views"]
-        if len(views) != len(boxes):
-            raise UserError(f"--regional-prompts {self.path}: stage {stage} lists {len(views)} views but this run has "
-                            f"{len(boxes)}; regenerate it with `cupscale caption --tiles` using the same tile/stride/scale")
+        check_view_count(self.path, stage, len(views), len(boxes))
         return [v["prompt"] or global_prompt for v in views]
+
+
+def check_view_count(path, stage: int, listed: int, expected: int) -> None:
+    if listed != expected:
+        raise UserError(f"--regional-prompts {path}: stage {stage} lists {listed} views but this run has {expected}; "
+                        "regenerate it with `cupscale caption --tiles` using the same tile/stride/scale")
 
 
 def read_prompt_file(path: Path) -> dict:

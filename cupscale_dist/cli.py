@@ -151,16 +151,12 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         print(json.dumps(plan, indent=2))
         return 0
     if config.regional_prompts:
-        from .captioner import read_prompt_file
+        from .captioner import check_view_count, read_prompt_file
 
         for entry in read_prompt_file(Path(config.regional_prompts)).get("stages", []):  # fail before any model loads
             stage = entry.get("stage")
             if isinstance(stage, int) and 0 <= stage < len(plan["stages"]):
-                expected = plan["stages"][stage]["views_per_step"]
-                if len(entry["views"]) != expected:
-                    raise UserError(f"--regional-prompts {config.regional_prompts}: stage {stage} lists "
-                                    f"{len(entry['views'])} views but this run has {expected}; regenerate it with "
-                                    "`cupscale caption --tiles` using the same tile/stride/scale")
+                check_view_count(config.regional_prompts, stage, len(entry["views"]), plan["stages"][stage]["views_per_step"])
     cluster = ClusterOptions(args.actors, args.address, args.gpus_per_actor, args.cpus_per_actor, args.start_timeout)
     run_upscale(image, config, output, source=args.input, progress=not args.quiet, cluster=cluster,
                 checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=args.resume)
