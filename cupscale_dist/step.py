@@ -123,10 +123,14 @@ def reduce_predictions(batches: Iterable[tuple[Sequence[int], torch.Tensor]], vi
     """
     total = torch.zeros(latent_shape, dtype=torch.float32)
     weight = torch.zeros(latent_shape[-2:], dtype=torch.float32)
+    windows: dict[tuple[int, int], torch.Tensor | None] = {}  # one window per view size, not per view
     for view_ids, predictions in batches:
         for k, view in enumerate(view_ids):
             top, left, bottom, right = (int(v) for v in views[view])
-            w = window_weights(bottom - top, right - left, blend, sigma_fraction)
+            size = (bottom - top, right - left)
+            if size not in windows:
+                windows[size] = window_weights(*size, blend, sigma_fraction)
+            w = windows[size]
             if w is None:
                 total[..., top:bottom, left:right] += predictions[k]
                 weight[top:bottom, left:right] += 1.0
