@@ -96,10 +96,18 @@ def read_prompt_file(path: Path) -> dict:
 class VLMPrompter:
     """A vision-language captioner (vLLM actor pool or transformers) describing each view's crop."""
 
-    def __init__(self, config):
-        from .vlm import VLMCaptioner
+    def __init__(self, config, count_tokens=None):
+        import torch
 
-        self.captioner = VLMCaptioner(config.captioner, config.captioner_model)
+        from .vlm import VLMCaptioner, count_clip_tokens
+
+        gpus = config.captioner_gpus if config.captioner_gpus is not None else float(torch.cuda.is_available())
+        self.captioner = VLMCaptioner(
+            config.captioner, config.captioner_model, pool_size=config.captioner_actors, gpus_per_actor=gpus,
+            max_new_tokens=config.caption_max_new_tokens, token_budget=config.caption_token_budget,
+            instruction=config.caption_instruction, region_context=config.caption_region_context,
+            timeout_s=config.caption_timeout_s, dtype=config.captioner_dtype,
+            count_tokens=count_tokens or count_clip_tokens)
 
     def global_caption(self, image: Image.Image) -> str:
         return self.captioner.describe_image(image)
@@ -111,10 +119,13 @@ class VLMPrompter:
         self.captioner.close()
 
 
-def make_prompter(config) -> Prompter:
-    """The prompter the config asks for; a prompts file takes precedence over the captioner."""
+def make_prompter(config, count_tokens=None) -> Prompter:
+    """The prompter the config asks for; a prompts file takes precedence over the captioner.
+
+    ``count_tokens`` (text -> content tokens of the diffusion model's text encoder) fits captions to 77 tokens.
+    """
     if config.regional_prompts:
         return FilePrompts(config.regional_prompts)
     if config.captioner == "none":
         return NoCaptioner()
-    return VLMPrompter(config)
+    return VLMPrompter(config, count_tokens)

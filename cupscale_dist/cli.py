@@ -129,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     ckpt.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=1, metavar="K",
                       help="write the checkpoint every K steps (default 1)")
     ckpt.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
+    cap = sub.add_parser("caption", help="print the global caption (and, with --tiles, one prompt per view) as JSON")
+    cap.add_argument("input", help="input image")
+    cap.add_argument("--tiles", action="store_true", help="caption every view of every stage (the --regional-prompts format)")
+    add_run_options(cap)
     sub.add_parser("knobs", help="list every knob with its default and reason")
     sub.add_parser("presets", help="list the bundled presets")
     return parser
@@ -164,6 +168,16 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_caption(args: argparse.Namespace) -> int:
+    from .caption import caption_views
+    from .imageio import load_image
+
+    config = config_from_args(args)
+    image = load_image(args.input, config.max_input_pixels, config.min_input_side)
+    print(json.dumps(caption_views(image, config, args.tiles), indent=2))
+    return 0
+
+
 def cmd_knobs(_: argparse.Namespace) -> int:
     for f in fields(UpscaleConfig):
         print(f"{f.name:18} {f.default!r:40} {f.metadata.get('why', '')}")
@@ -175,7 +189,7 @@ def cmd_presets(_: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"upscale": cmd_upscale, "knobs": cmd_knobs, "presets": cmd_presets}
+COMMANDS = {"upscale": cmd_upscale, "caption": cmd_caption, "knobs": cmd_knobs, "presets": cmd_presets}
 
 
 def main(argv: list[str] | None = None) -> int:

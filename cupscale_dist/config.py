@@ -74,6 +74,17 @@ class UpscaleConfig:
     captioner: Literal["none", "vllm", "transformers"] = knob("none", "'none': regional prompt = global prompt")
     captioner_model: str = knob("llava-hf/llava-v1.6-mistral-7b-hf", "LLaVA-NeXT, as in the paper")
     regional_prompts: str | None = knob(None, "JSON file of per-view prompts (format of `cupscale caption --tiles`)")
+    captioner_actors: int = knob(1, "captioner engines in the Ray pool; crops are split across them in order", min=1)
+    captioner_gpus: float | None = knob(None, "GPU share per captioner actor; None = 1 with a GPU, else 0", min=0.0)
+    captioner_dtype: str = knob("auto", "captioner weights dtype; 'auto' = the model's own (float32 on CPU tests)")
+    caption_max_new_tokens: int = knob(48, "generation cap: words past the 77-token text encoder are wasted", min=1)
+    caption_token_budget: int = knob(75, "CLIP tokens a caption may use (77 minus start/end), cut at a word", min=1, max=75)
+    caption_instruction: str = knob("Describe this photo in one detailed sentence.", "user turn for the global caption")
+    caption_region_context: str = knob(
+        "This is the {position} part of a photo of {global_prompt}. Describe what this part shows in one detailed "
+        "sentence.", "user turn per crop: where it sits and what the whole shows, so fur is 'the cat's back'")
+    caption_timeout_s: float = knob(600.0, "per-call limit; past it those views fall back to the global prompt", min=1.0)
+    keep_captioner: bool = knob(False, "keep the captioner pool between stages (else its GPU memory goes back to the UNet)")
     mask_mode: Literal["view", "pixel", "off"] = knob("view", "'view': one token mask per view (cheapest)")
     mask_threshold: float = knob(0.3, "c: a token is kept in a view if its map covers >= 30% of it", min=0.0, max=1.0)
     attn_probe_t: float = knob(0.5, "probe timestep as a fraction of T: layout is formed, details are not", min=0.0, max=1.0)

@@ -133,6 +133,10 @@ class DiffusionModel:
         tokenizer = self.pipe.tokenizer
         return len(tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids)
 
+    def content_tokens(self, text: str) -> int:
+        """Untruncated word-piece count of ``text`` (what a caption must fit into 75)."""
+        return len(self.pipe.tokenizer.tokenize(text))
+
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(embeds (U, 77, D), pooled (U, Dp) or None for SD1.5), float32 on CPU: cut to 77 tokens."""

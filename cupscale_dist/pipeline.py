@@ -177,6 +177,8 @@ def run_stage(model: DiffusionModel, config: UpscaleConfig, image: Image.Image, 
     views = make_views(*latent_hw, config.tile, config.stride)
     # 6. Regional prompts, encoded once per unique prompt.
     prompts = prompter.regional_prompts(stage, image, pixel_boxes(views, model.vae_scale_factor), global_prompt)
+    if not config.keep_captioner:
+        prompter.close()  # the captioner pool's GPU memory goes back to the UNet; its cache stays
     unique = sorted(set(prompts))
     view_prompt = np.array([unique.index(p) for p in prompts], dtype=np.int64)
     regional_embeds, regional_pooled = model.encode_prompts(unique)
@@ -229,7 +231,7 @@ def upscale(image: Image.Image, config: UpscaleConfig, *, model: DiffusionModel 
         torch.set_num_threads(config.torch_threads)
     model = model or load_model(config.model, config.device, config.dtype)
     predictor = predictor or LocalPredictor(model.unet, config.view_batch_size)
-    prompter = make_prompter(config)
+    prompter = make_prompter(config, count_tokens=model.content_tokens)
     input_size = image.size
     try:
         global_prompt = config.prompt or prompter.global_caption(image)
