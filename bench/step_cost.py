@@ -1,0 +1,569 @@
+"""Where a denoising step's time goes, and what attention control costs over the plain UNet: prints one JSON object.
+
+    python bench/step_cost.py [--threads 1] [--runs 3] [--input-size 256] [--unet-channels 32,64]
+    python bench/step_cost.py --full-size --device cuda --dtype bfloat16 [--tiles 4,8] [--latent 128]
+    python bench/step_cost.py --full-size --tiles 1 --latent 16 --repeats 2     # CPU smoke test (not a GPU figure)
+
+Default mode (demo model): runs the real single-process pipeline (``cupscale_dist.upscale`` with the
+``LocalPredictor``) on the tiny random SDXL-architecture model and splits every step, by instrumenting the very
+functions the pipeline calls (no re-implementation), into: UNet (``predict_views`` over all views), cutting the
+windows, MultiDiffusion reduce (``reduce_predictions``), prior injection (``inject_global_prior``), the scheduler
+step, and the rest; per stage: VAE encode (including the attention probe's native-size encode), attention probe,
+prompt encoding, VAE decode. Seconds and fractions; median over ``--runs`` after one warm-up run.
+
+``--full-size``: an SDXL-architecture UNet (SDXL base's UNet config, random weights, built from the config, nothing
+downloaded). Side by side, round-robin, after warm-up, median of ``--repeats``:
+  * ``bare``: one batched UNet call with diffusers' plain ``AttnProcessor2_0`` (CFG batch of 2 x tiles, inputs
+    already on the device) -- the reference;
+  * ``predict_views_plain``: the pipeline's ``predict_views`` for the same tiles with lambda=1 and no masks (what
+    the pipeline adds around the UNet: host->device inputs, CFG, micro-conditioning, result to host). Target: rate
+    >= 0.98 of bare;
+  * attention control through ``predict_views``: view masks (additive bias), pixel masks, lambda-mix composer
+    (with and without view masks), joint composer. Targets (architecture.md): masks <= +2 %, lambda-mix <= +4 %
+    over the plain UNet.
+On CPU these are smoke-test figures only; the targets are GPU (H100, bf16) targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout (or the GPU box) without installing
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def log(*args) -> None:
+    print(*args, file=sys.stderr, flush=True)
+
+
+def rounded(value, digits: int = 5):
+    if isinstance(value, dict):
+        return {k: rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [rounded(v, digits) for v in value]
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    return value
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Demo mode: instrument the real pipeline
+# ---------------------------------------------------------------------------------------------------------------
+class Timer:
+    """Exclusive time per region name: a region nested in another is subtracted from its parent."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = defaultdict(float)
+        self.stack: list[list] = []
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        self.stack.append([name, 0.0])
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - start
+            _, children = self.stack.pop()
+            self.totals[name] += elapsed - children
+            if self.stack:
+                self.stack[-1][1] += elapsed
+
+    def snapshot(self) -> dict[str, float]:
+        return dict(self.totals)
+
+
+def timed(timer: Timer, name: str, fn):
+    def wrapper(*args, **kwargs):
+        with timer(name):
+            return fn(*args, **kwargs)
+
+    wrapper.__wrapped__ = fn
+    return wrapper
+
+
+STEP_PARTS = ("unet", "cut_windows", "reduce", "prior", "scheduler_step")
+STAGE_PARTS = ("vae_encode", "attention_probe", "prompt_encode", "vae_decode")
+
+
+def demo_breakdown(args) -> dict:
+    from PIL import Image
+
+    from cupscale_dist import UpscaleConfig, upscale
+    from cupscale_dist import pipeline as pipeline_mod
+    from cupscale_dist import step as step_mod
+    from cupscale_dist.models import load_model
+    from cupscale_dist.testing import build_tiny_sdxl
+    from cupscale_dist.views import view_batches
+
+    timer = Timer()
+    steps: list[dict] = []  # per step: exclusive seconds per part + inclusive total
+    stages: list[dict] = []
+
+    class TimedLocalPredictor(pipeline_mod.LocalPredictor):
+        """LocalPredictor.predict with the window cut and the predict_views call timed apart."""
+
+        def predict(self, latents, views, timestep, input_scale, step):
+            for batch in view_batches(len(views), self.batch_size):
+                with timer("cut_windows"):
+                    rects = views[batch.start : batch.stop]
+                    windows = torch.stack([latents[0, :, t:b, l:r] for t, l, b, r in rects])
+                with timer("unet"):
+                    out = step_mod.predict_views(self.unet, windows, timestep, input_scale, self.context, batch, rects)
+                yield batch, out
+
+    def reduce_and_step(*a, **k):
+        before = timer.snapshot()
+        start = time.perf_counter()
+        with timer("step_other"):
+            out = original["reduce_and_step"](*a, **k)
+        record = {name: timer.totals[name] - before.get(name, 0.0) for name in (*STEP_PARTS, "step_other")}
+        record["total"] = time.perf_counter() - start
+        steps.append(record)
+        return out
+
+    def run_stage(*a, **k):
+        before, first_step = timer.snapshot(), len(steps)
+        start = time.perf_counter()
+        with timer("stage_other"):
+            out = original["run_stage"](*a, **k)
+        record = {name: timer.totals[name] - before.get(name, 0.0) for name in (*STAGE_PARTS, "stage_other")}
+        record["total"] = time.perf_counter() - start
+        record["steps"] = sum(s["total"] for s in steps[first_step:])  # all steps of the stage, inclusive
+        stages.append(record)
+        return out
+
+    original = {"reduce_and_step": pipeline_mod.reduce_and_step, "run_stage": pipeline_mod.run_stage}
+    patches = [
+        (pipeline_mod, "reduce_and_step", reduce_and_step),
+        (pipeline_mod, "run_stage", run_stage),
+        (pipeline_mod, "encode_pixels", timed(timer, "vae_encode", pipeline_mod.encode_pixels)),
+        (pipeline_mod, "decode_latents", timed(timer, "vae_decode", pipeline_mod.decode_latents)),
+        (pipeline_mod, "attention_token_masks", timed(timer, "attention_probe", pipeline_mod.attention_token_masks)),
+        (step_mod, "reduce_predictions", timed(timer, "reduce", step_mod.reduce_predictions)),
+        (step_mod, "inject_global_prior", timed(timer, "prior", step_mod.inject_global_prior)),
+        (step_mod, "inject_global_prior_zt", timed(timer, "prior", step_mod.inject_global_prior_zt)),
+    ]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        log(f"building the tiny SDXL (unet_channels={args.unet_channels}) ...")
+        model_dir = str(build_tiny_sdxl(Path(tmp) / "model", seed=0, unet_channels=args.unet_channels))
+        model = load_model(model_dir, device="cpu", dtype="float32")
+        # Instance-level wraps: prompt encoding and every scheduler the pipeline creates.
+        model.encode_prompts = timed(timer, "prompt_encode", model.encode_prompts)
+        model.encode_negative = timed(timer, "prompt_encode", model.encode_negative)
+        new_scheduler = model.new_scheduler
+
+        def timed_scheduler(kind):
+            scheduler = new_scheduler(kind)
+            scheduler.step = timed(timer, "scheduler_step", scheduler.step)
+            return scheduler
+
+        model.new_scheduler = timed_scheduler
+
+        config = UpscaleConfig.load("cpu-demo", model=model_dir, torch_threads=args.threads)
+        if args.steps:
+            config = config.replace(steps=args.steps)
+        image = Image.open(ROOT / "examples" / "astronaut.png").convert("RGB")
+        image = image.resize((args.input_size, args.input_size), Image.Resampling.BICUBIC)
+        saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
+        for module, name, fn in patches:
+            setattr(module, name, fn)
+        runs = []
+        try:
+            for run in range(args.runs + 1):
+                steps.clear()
+                stages.clear()
+                start = time.perf_counter()
+                predictor = TimedLocalPredictor(model.unet, config.view_batch_size)
+                upscale(image, config, model=model, predictor=predictor, progress=False)
+                wall = time.perf_counter() - start
+                log(f"run {run}{' (warm-up)' if run == 0 else ''}: {wall:.2f} s, {len(steps)} steps")
+                if run > 0:
+                    runs.append({"wall": wall, "steps": [dict(s) for s in steps], "stages": [dict(s) for s in stages]})
+        finally:
+            for module, name, fn in saved:
+                setattr(module, name, fn)
+
+    from cupscale_dist.pipeline import plan_stages
+    from cupscale_dist.views import make_views
+
+    sizes = plan_stages(image.size, config)
+    latent = [(h // 8, w // 8) for w, h in sizes]
+    views = [len(make_views(h, w, config.tile, config.stride)) for h, w in latent]
+
+    def per_step(run: dict) -> dict:
+        means = {part: statistics.fmean(s[part] for s in run["steps"]) for part in (*STEP_PARTS, "step_other", "total")}
+        active = [s["prior"] for s in run["steps"] if s["prior"] > 0]
+        means["prior_when_active"] = statistics.fmean(active) if active else 0.0
+        return means
+
+    per_run = [per_step(r) for r in runs]
+    seconds = {k: statistics.median(r[k] for r in per_run) for k in per_run[0]}
+    fractions = {k: seconds[k] / seconds["total"] for k in (*STEP_PARTS, "step_other")}
+    stage_rows = []
+    for i in range(len(sizes)):
+        row = {k: statistics.median(r["stages"][i][k] for r in runs)
+               for k in (*STAGE_PARTS, "stage_other", "steps", "total")}
+        fraction = {k: row[k] / row["total"] for k in row if k != "total"}
+        stage_rows.append({"size_wh": list(sizes[i]), "latent_hw": list(latent[i]), "views": views[i],
+                           "seconds": row, "fraction_of_stage": fraction})
+    unet_per_view = seconds["unet"] / views[-1] if len(set(views)) == 1 else None
+    return {
+        "mode": "demo",
+        "what": "real single-process pipeline (upscale + LocalPredictor), every step split by instrumenting the "
+                "functions it calls; medians over runs of the per-step mean",
+        "model": f"tiny SDXL-architecture, random weights, unet_channels={list(args.unet_channels)}",
+        "config": {k: getattr(config, k) for k in ("scale", "tile", "stride", "steps", "strength", "view_batch_size",
+                                                     "composer", "mask_mode", "prior_space", "prior_target",
+                                                     "prior_fraction", "scheduler")},
+        "input_size": [args.input_size, args.input_size],
+        "runs": args.runs, "warmup_runs": 1,
+        "steps_per_stage": int(round(config.strength * config.steps)),
+        "per_step_seconds": seconds,
+        "per_step_fraction": fractions,
+        "per_step_notes": "unet = predict_views for all views of the step (CFG included); prior is active in the "
+                          "first prior_fraction of the steps (prior_when_active = its mean over those steps); "
+                          "step_other = reduce_and_step's own code (prior weight, noise level) + generator glue",
+        "unet_seconds_per_view": unet_per_view,
+        "per_stage": stage_rows,
+        "wall_seconds_per_run": statistics.median(r["wall"] for r in runs),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Full size: SDXL-architecture UNet, our predict_views vs the bare batched call; attention control variants
+# ---------------------------------------------------------------------------------------------------------------
+# stabilityai/stable-diffusion-xl-base-1.0, unet/config.json (diffusers 0.19 era): the architecture only.
+SDXL_UNET_CONFIG = dict(
+    sample_size=128, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    mid_block_type="UNetMidBlock2DCrossAttn",
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    only_cross_attention=False, block_out_channels=(320, 640, 1280), layers_per_block=2, downsample_padding=1,
+    mid_block_scale_factor=1, act_fn="silu", norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=2048,
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+    upcast_attention=False, resnet_time_scale_shift="default", addition_embed_type="text_time",
+    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, conv_in_kernel=3, conv_out_kernel=3,
+)
+POOLED_DIM = 1280  # text_encoder_2 projection; 2816 = 6 * 256 + 1280
+TOKENS = 77
+
+# name -> (lambda_global, composer, view masks, pixel masks)
+VARIANTS = {
+    "predict_views_plain": (1.0, "mix", False, False),
+    "view_masks": (1.0, "mix", True, False),
+    "pixel_masks": (1.0, "mix", False, True),
+    "mix": (0.5, "mix", False, False),
+    "mix_view_masks": (0.5, "mix", True, False),
+    "joint_view_masks": (0.5, "joint", True, False),
+}
+
+
+def build_sdxl_unet(device: torch.device, dtype: torch.dtype, seed: int):
+    """SDXL base's UNet architecture with seeded random weights, built directly on the device in the target dtype."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype if dtype.is_floating_point else torch.float32)
+    try:
+        with torch.device(device):
+            unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
+    finally:
+        torch.set_default_dtype(previous)
+    return unet.to(device, dtype).eval().requires_grad_(False)
+
+
+def full_context(tiles: int, latent: int, seed: int):
+    """A StageContext for ``tiles`` side-by-side views of ``latent``^2, distinct regional prompts, random masks."""
+    from cupscale_dist.step import StageContext
+
+    g = torch.Generator().manual_seed(seed)
+    dim = SDXL_UNET_CONFIG["cross_attention_dim"]
+    content = np.zeros(TOKENS, dtype=bool)
+    content[1:13] = True  # a 13-token prompt: <start>, 11 words, <end>; the rest is padding (always allowed)
+    rng = np.random.default_rng(seed)
+    token_allowed = np.ones((tiles, TOKENS), dtype=bool)
+    token_allowed[:, content] = rng.random((tiles, int(content.sum()))) < 0.5
+    probe = 32  # SDXL's lowest attention resolution at the 1024 px probe
+    maps = np.ones((TOKENS, probe, probe), dtype=bool)
+    ys, xs = np.mgrid[0:probe, 0:probe]
+    for j in np.flatnonzero(content):  # one disc per content token: a plausible binarised attention map
+        cy, cx, r = rng.integers(0, probe, 2).tolist() + [int(rng.integers(4, 12))]
+        maps[j] = (ys - cy) ** 2 + (xs - cx) ** 2 < r * r
+    return StageContext(
+        negative_embeds=torch.zeros(1, TOKENS, dim), global_embeds=torch.randn(1, TOKENS, dim, generator=g),
+        regional_embeds=torch.randn(tiles, TOKENS, dim, generator=g), view_prompt=np.arange(tiles),
+        negative_pooled=torch.zeros(1, POOLED_DIM), global_pooled=torch.randn(1, POOLED_DIM, generator=g),
+        regional_pooled=torch.randn(tiles, POOLED_DIM, generator=g), token_allowed=token_allowed, token_maps=maps,
+        latent_hw=(latent, latent * tiles), image_hw=(latent * 8, latent * tiles * 8), vae_scale_factor=8,
+        guidance_scale=7.5, lambda_global=0.5, composer="mix", pooled_prompt="global")
+
+
+def variant_context(base, lambda_global: float, composer: str, view_masks: bool, pixel_masks: bool):
+    import dataclasses
+
+    return dataclasses.replace(base, lambda_global=lambda_global, composer=composer,
+                               token_allowed=base.token_allowed if view_masks else None,
+                               token_maps=base.token_maps if pixel_masks else None)
+
+
+# architecture.md, H100 bf16 SDXL UNet with CFG: bare batched tiles/s at 1 / 2 / 4 / 8 / 16 tiles per batch.
+H100_BARE_TILES_PER_S = {1: 14.6, 2: 25.6, 4: 26.9, 8: 28.1, 16: 28.4}
+
+
+class StubUNet:
+    """Stands in for the UNet and returns zeros: isolates what predict_views costs around the UNet call.
+
+    Like the real UNet's first cross-attention layer at each resolution, it asks the call's RegionalAttention for
+    its additive bias at SDXL's two attention resolutions (latent/2, latent/4), so building the masks' biases
+    (once per resolution and call) is counted too; the attention itself is not.
+    """
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype = device, dtype
+
+    def __call__(self, sample, timestep, encoder_hidden_states=None, added_cond_kwargs=None,
+                 cross_attention_kwargs=None):
+        from types import SimpleNamespace
+
+        regional = (cross_attention_kwargs or {}).get("regional")
+        if regional is not None:
+            height, width = sample.shape[-2:]
+            for level in (1, 2):
+                h, w = height, width
+                for _ in range(level):
+                    h, w = -(-h // 2), -(-w // 2)
+                regional.global_bias(h * w, self.dtype, self.device)
+        return SimpleNamespace(sample=torch.zeros_like(sample))
+
+
+def predict_views_overhead(args, device, dtype, sync) -> list[dict]:
+    """predict_views around a zero-cost UNet: its host-side preparation (embeddings, CFG batch, micro-conditioning,
+    masks, host<->device copies) per call, as a fraction of the H100 bare call time of the same batch."""
+    from cupscale_dist.step import predict_views
+
+    stub, rows = StubUNet(device, dtype), []
+    for tiles in args.tiles:
+        base = full_context(tiles, args.latent, args.seed)
+        rects = np.array([[0, i * args.latent, args.latent, (i + 1) * args.latent] for i in range(tiles)])
+        windows = torch.randn(tiles, 4, args.latent, args.latent, generator=torch.Generator().manual_seed(args.seed))
+        medians = {}
+        for name in ("predict_views_plain", "mix_view_masks", "pixel_masks"):
+            context = variant_context(base, *VARIANTS[name])
+            times = []
+            for r in range(args.warmup + args.repeats):
+                sync()
+                t0 = time.perf_counter()
+                predict_views(stub, windows, 500, 0.5, context, np.arange(tiles), rects)
+                sync()
+                if r >= args.warmup:
+                    times.append(time.perf_counter() - t0)
+            medians[name] = statistics.median(times)
+        anchor = tiles / H100_BARE_TILES_PER_S[tiles] if tiles in H100_BARE_TILES_PER_S else None
+        rows.append({"tiles_per_batch": tiles, "latent": args.latent, "median_seconds": medians,
+                     "h100_bare_call_seconds_modelled": anchor,
+                     "fraction_of_h100_bare_call": {k: v / anchor for k, v in medians.items()} if anchor else None})
+    return rows
+
+
+def full_size(args) -> dict:
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from cupscale_dist.attention import install_regional_processors
+    from cupscale_dist.step import micro_conditioning, predict_views
+
+    device = torch.device(args.device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    overhead = predict_views_overhead(args, device, dtype, sync)
+    log("predict_views around a zero-cost UNet: " + json.dumps(rounded(overhead, 3)))
+    common = {
+        "mode": "full-size", "device": str(device), "dtype": args.dtype,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "predict_views_overhead": overhead,
+        "predict_views_overhead_note": "predict_views with a UNet stand-in that returns zeros but builds the masks' "
+            "additive biases at both attention resolutions as the real processors do (no UNet or attention work): "
+            "the pipeline's own per-call cost, vs the H100 bare call time of architecture.md (modelled)",
+    }
+    if args.stub_only:
+        return common
+    start = time.perf_counter()
+    unet = build_sdxl_unet(device, dtype, args.seed)
+    build_s = time.perf_counter() - start
+    params = sum(p.numel() for p in unet.parameters())
+    log(f"SDXL-architecture UNet: {params / 1e9:.3f} B params on {device} as {dtype}, built in {build_s:.1f} s")
+
+    results = []
+    for tiles in args.tiles:
+        latent = args.latent
+        base = full_context(tiles, latent, args.seed)
+        rects = np.array([[0, i * latent, latent, (i + 1) * latent] for i in range(tiles)])
+        view_ids = np.arange(tiles)
+        windows = torch.randn(tiles, 4, latent, latent, generator=torch.Generator().manual_seed(args.seed))
+        timestep, input_scale = 500, 0.5
+        contexts = {name: variant_context(base, *spec) for name, spec in VARIANTS.items()}
+
+        # The bare reference: inputs prepared on the device once, one plain batched call per repeat.
+        time_ids = micro_conditioning(base, rects)
+        bare_inputs = dict(
+            sample=torch.cat([windows * input_scale] * 2).to(device, dtype),
+            timestep=timestep,
+            encoder_hidden_states=torch.cat([base.negative_embeds.expand(tiles, -1, -1),
+                                             base.global_embeds.expand(tiles, -1, -1)]).to(device, dtype),
+            added_cond_kwargs={"text_embeds": torch.cat([base.negative_pooled.expand(tiles, -1),
+                                                         base.global_pooled.expand(tiles, -1)]).to(device, dtype),
+                               "time_ids": torch.cat([time_ids, time_ids]).to(device, dtype)},
+        )
+
+        def bare():
+            with torch.no_grad():
+                out = unet(**bare_inputs).sample
+            sync()
+            return out
+
+        def ours(name):
+            def call():
+                out = predict_views(unet, windows, timestep, input_scale, contexts[name], view_ids, rects)
+                sync()
+                return out
+            return call
+
+        calls = {"bare": bare, **{name: ours(name) for name in VARIANTS}}
+        plain = AttnProcessor2_0()
+
+        def install(name):
+            if name == "bare":
+                unet.set_attn_processor(plain)
+            else:
+                install_regional_processors(unet)
+
+        finite = {}
+        for name, call in calls.items():  # warm-up (kernels, autotuning, allocator) per variant
+            install(name)
+            for _ in range(args.warmup):
+                out = call()
+            finite[name] = bool(torch.isfinite(out).all())
+        times = defaultdict(list)
+        for r in range(args.repeats):  # round-robin so drift (clocks, other load) hits every variant alike
+            order = list(calls) if r % 2 == 0 else list(reversed(calls))
+            for name in order:
+                install(name)
+                sync()
+                t0 = time.perf_counter()
+                calls[name]()
+                times[name].append(time.perf_counter() - t0)
+            log(f"tiles={tiles} repeat {r + 1}/{args.repeats}: " +
+                ", ".join(f"{n} {times[n][-1] * 1e3:.1f} ms" for n in calls))
+        install("ours")
+        median = {name: statistics.median(v) for name, v in times.items()}
+        spread = {name: (max(v) - min(v)) / statistics.median(v) for name, v in times.items()}
+        bare_s = median["bare"]
+        results.append({
+            "tiles_per_batch": tiles, "cfg_batch": 2 * tiles, "latent": latent,
+            "median_seconds": median,
+            "relative_spread": spread,
+            "tiles_per_s": {name: tiles / s for name, s in median.items()},
+            "predict_views_rate_vs_bare": bare_s / median["predict_views_plain"],
+            "overhead_vs_bare": {name: median[name] / bare_s - 1 for name in VARIANTS},
+            "overhead_vs_predict_views_plain": {name: median[name] / median["predict_views_plain"] - 1
+                                                for name in VARIANTS if name != "predict_views_plain"},
+            "outputs_finite": finite,
+        })
+
+    on_gpu = device.type == "cuda"
+    targets = {"predict_views_rate_vs_bare": ">= 0.98", "view_masks / pixel_masks overhead_vs_bare": "<= 0.02",
+               "mix / mix_view_masks overhead_vs_bare": "<= 0.04"}
+    checks = []
+    for row in results:
+        o = row["overhead_vs_bare"]
+        checks.append({"tiles_per_batch": row["tiles_per_batch"],
+                       "predict_views_rate_vs_bare": row["predict_views_rate_vs_bare"] >= 0.98,
+                       "view_masks": o["view_masks"] <= 0.02, "pixel_masks": o["pixel_masks"] <= 0.02,
+                       "mix": o["mix"] <= 0.04, "mix_view_masks": o["mix_view_masks"] <= 0.04})
+    return {
+        **common,
+        "what": "SDXL-architecture UNet (SDXL base config, random weights): bare batched UNet call with plain "
+                "AttnProcessor2_0 vs the pipeline's predict_views, plain and with attention control; round-robin, "
+                "median of repeats after warm-up",
+        "params": params, "build_seconds": build_s,
+        "repeats": args.repeats, "warmup": args.warmup,
+        "variants": {name: {"lambda_global": s[0], "composer": s[1], "view_masks": s[2], "pixel_masks": s[3]}
+                     for name, s in VARIANTS.items()},
+        "results": results,
+        "targets": targets,
+        "meets_targets": checks if on_gpu else None,
+        "cpu_only_note": None if on_gpu else
+            "CPU smoke-test figures at a tiny latent: NOT comparable to the GPU targets (H100, bf16, latent 128)",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--full-size", action="store_true", help="SDXL-architecture UNet comparison (GPU run)")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (pinned, reported)")
+    parser.add_argument("--seed", type=int, default=0)
+    demo = parser.add_argument_group("demo mode")
+    demo.add_argument("--runs", type=int, default=3, help="timed pipeline runs (after one warm-up run)")
+    demo.add_argument("--input-size", type=int, default=256, help="square input side in px (x2 by the cpu-demo preset)")
+    demo.add_argument("--steps", type=int, default=None, help="override the preset's scheduler steps")
+    demo.add_argument("--unet-channels", default="32,64", help="tiny UNet block_out_channels (32,64 = the demo model)")
+    full = parser.add_argument_group("--full-size")
+    full.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    full.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                      help="default: bfloat16 on cuda, float32 on cpu")
+    full.add_argument("--tiles", default="4", help="views per UNet call (CFG doubles it); comma list, e.g. 4,8")
+    full.add_argument("--latent", type=int, default=128, help="view side in latent px (128 = a 1024 px SDXL tile)")
+    full.add_argument("--repeats", type=int, default=10)
+    full.add_argument("--warmup", type=int, default=3)
+    full.add_argument("--stub-only", action="store_true",
+                      help="only predict_views' own cost around a zero-cost UNet (no 2.6 B-param model is built)")
+    args = parser.parse_args()
+    args.unet_channels = tuple(int(c) for c in args.unet_channels.split(","))
+    args.tiles = [int(t) for t in str(args.tiles).split(",")]
+    if args.dtype is None:
+        args.dtype = "bfloat16" if str(args.device).startswith("cuda") else "float32"
+
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    load_before = load_average()
+    start = time.perf_counter()
+    body = full_size(args) if args.full_size else demo_breakdown(args)
+    import diffusers
+
+    out = {
+        "bench": "step_cost",
+        "command": " ".join(["python", "bench/step_cost.py", *sys.argv[1:]]),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version(),
+        "cpu_count": os.cpu_count(), "load_average_before": load_before, "load_average_after": load_average(),
+        "bench_seconds": time.perf_counter() - start,
+        **body,
+    }
+    print(json.dumps(rounded(out), indent=1))
+
+
+if __name__ == "__main__":
+    main()
