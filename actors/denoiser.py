@@ -39,7 +39,8 @@ class TileDenoiser:
         from cupscale_dist.step import predict_views
 
         if self.context_ref != context_ref[0]:
-            self.context, self.context_ref = ray.get(context_ref[0]), context_ref[0]
+            context = ray.get(context_ref[0])  # once per stage (and again after a restart)
+            self.context, self.context_ref = context.to(self.unet.device, self.unet.dtype), context_ref[0]
         # Ray hands numpy arguments over read-only (zero copy); predict_views only reads them.
         eps = predict_views(self.unet, torch.from_numpy(np.array(windows)), timestep, input_scale, self.context,
                             view_ids, rects)

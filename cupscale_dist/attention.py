@@ -58,8 +58,10 @@ class RegionalAttention:
         if self.pixel_allowed is not None:
             maps = self.pixel_allowed
             height, width = attention_grid(maps.shape[-2], maps.shape[-1], query_len)
-            maps = F.interpolate(maps.float(), size=(height, width), mode="nearest") > 0.5
-            return maps.flatten(2).transpose(1, 2)
+            # Nearest downsampling by index gathering on the bool maps (no float copy of (B, 77, h, w)).
+            rows = torch.arange(height, device=maps.device) * maps.shape[-2] // height
+            cols = torch.arange(width, device=maps.device) * maps.shape[-1] // width
+            return maps[:, :, rows][:, :, :, cols].flatten(2).transpose(1, 2)
         if self.token_allowed is not None:
             return self.token_allowed.unsqueeze(1)
         return None
@@ -121,7 +123,11 @@ class RegionalAttnProcessor:
         if attn.norm_q is not None:
             query, key_g, key_r = attn.norm_q(query), attn.norm_k(key_g), attn.norm_k(key_r)
 
-        if regional.composer == "mix":
+        if regional.composer == "mix" and regional.lambda_global in (0.0, 1.0):
+            # One prompt has weight 0: skip its attention entirely (masks-only runs cost one SDPA, not two).
+            key, value = (key_g, value_g) if regional.lambda_global == 1.0 else (key_r, value_r)
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias if regional.lambda_global else None)
+        elif regional.composer == "mix":
             out = mix_attention(query, key_g, value_g, key_r, value_r, bias, regional.lambda_global)
         else:
             out = joint_attention(query, key_g, value_g, key_r, value_r, bias, regional.lambda_global)

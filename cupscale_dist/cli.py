@@ -2,6 +2,9 @@
 
 Usage:
     cupscale upscale IN.png -o OUT.png [--scale 2|4|8|16 | --size WxH] [--config PRESET|FILE] [options]
+    cupscale batch --input DIR|GLOB|FILE.parquet --output DIR [--workers N] [--tile-parallel] [options]
+    cupscale submit [--address URL] [--wait] -- upscale|batch ARGS...     run it as a Ray Job on a cluster
+    cupscale jobs list|status ID|logs ID|stop ID [--address URL]
     cupscale knobs                      list every config knob with its default and reason
     cupscale presets                    list the bundled presets
 
@@ -133,9 +136,78 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("input", help="input image")
     cap.add_argument("--tiles", action="store_true", help="caption every view of every stage (the --regional-prompts format)")
     add_run_options(cap)
+    add_batch_parser(sub)
+    add_jobs_parsers(sub)
     sub.add_parser("knobs", help="list every knob with its default and reason")
     sub.add_parser("presets", help="list the bundled presets")
     return parser
+
+
+BATCH_EXAMPLES = """examples:
+  cupscale batch --input photos/ --output up/ --config cpu-demo --gpus-per-actor 0 --cpus-per-actor 0.5 --workers 2
+  cupscale batch --input 'photos/**/*.jpg' --output /data/up --config sdxl-4k          # one GPU per worker
+  cupscale batch --input list.parquet --output /data/up --config sdxl-4k  # columns: path [, prompt, seed, ...]
+  cupscale batch --input big/ --output /data/16k --config sdxl-16k --tile-parallel --actors 8
+A rerun skips inputs already in DIR/manifest.parquet with the same config; bad inputs become error rows.
+"""
+
+SUBMIT_EXAMPLES = """examples:
+  cluster/start-local-head.sh /tmp/ray-head                      # a local head; prints the addresses
+  cupscale submit --wait -- upscale /data/in.png -o /data/out.png --config cpu-demo
+  cupscale submit --address http://head:8265 --working-dir . --entrypoint-num-gpus 1 -- upscale ...
+  cupscale submit -- batch --input /data/in --output /data/out --config sdxl-4k
+  cupscale jobs list; cupscale jobs logs raysubmit_XYZ --follow; cupscale jobs stop raysubmit_XYZ
+Token auth: the token comes from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token.
+"""
+
+
+def add_batch_parser(sub) -> None:
+    batch = sub.add_parser("batch", help="upscale a folder, glob or parquet of images with Ray Data",
+                           epilog=BATCH_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    batch.add_argument("--input", required=True, metavar="DIR|GLOB|FILE.parquet",
+                       help="a folder (recursive), a glob, or a parquet with a 'path' column (+ prompt, seed, ...)")
+    batch.add_argument("--output", required=True, metavar="DIR", help="output folder; also holds manifest.parquet")
+    batch.add_argument("--workers", type=int, help="images in parallel, one actor each (default: one per GPU, else 1)")
+    batch.add_argument("--tile-parallel", dest="tile_parallel", action="store_true",
+                       help="one image at a time, its views spread over --actors denoisers (for 8K/16K)")
+    batch.add_argument("--retry-errors", dest="retry_errors", action="store_true",
+                       help="also redo inputs the manifest records as bad (failed runs are always redone)")
+    batch.add_argument("--dry-run", action="store_true", help="print what would be done (names, skips) and exit")
+    batch.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_run_options(batch)
+    add_cluster_options(batch)
+
+
+def add_jobs_parsers(sub) -> None:
+    job_server = argparse.ArgumentParser(add_help=False)  # shared by submit and jobs (defined once)
+    job_server.add_argument("--address", help="job server, e.g. http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS, "
+                                              "else http://127.0.0.1:8265)")
+    submit = sub.add_parser("submit", help="run `upscale` or `batch` as a Ray Job on a cluster", parents=[job_server],
+                            epilog=SUBMIT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    submit.add_argument("--wait", action="store_true", help="follow the job's log until it ends; exit 1 if it failed")
+    submit.add_argument("--timeout", type=float, metavar="S", help="with --wait: give up waiting after S seconds")
+    submit.add_argument("--working-dir", dest="working_dir", metavar="DIR", help="folder shipped to the job (its cwd)")
+    submit.add_argument("--pip", action="append", default=[], metavar="SPEC", help="pip package for the job, repeatable")
+    submit.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment variable, repeatable")
+    submit.add_argument("--entrypoint-num-cpus", dest="entrypoint_num_cpus", type=float, metavar="N",
+                        help="CPUs reserved for the job's driver")
+    submit.add_argument("--entrypoint-num-gpus", dest="entrypoint_num_gpus", type=float, metavar="N",
+                        help="GPUs reserved for the job's driver (upscale's driver runs the VAE)")
+    submit.add_argument("--entrypoint-memory", dest="entrypoint_memory", type=int, metavar="BYTES",
+                        help="memory reserved for the job's driver")
+    submit.add_argument("--dry-run", action="store_true", help="print the submission (entrypoint, runtime_env) and exit")
+    submit.add_argument("-q", "--quiet", action="store_true", help="with --wait: don't echo the job's log")
+    submit.add_argument("job", nargs=argparse.REMAINDER, metavar="-- upscale|batch ARGS",
+                        help="the cupscale command the job runs")
+    jobs = sub.add_parser("jobs", help="list, inspect, follow or stop Ray Jobs", epilog=SUBMIT_EXAMPLES,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    actions = jobs.add_subparsers(dest="jobs_command", metavar="ACTION", required=True)
+    actions.add_parser("list", help="every job on the cluster", parents=[job_server])
+    for name, text in (("status", "a job's status and message"), ("logs", "a job's log"), ("stop", "stop a job")):
+        action = actions.add_parser(name, help=text, parents=[job_server])
+        action.add_argument("job_id", metavar="ID", help="the submission id (raysubmit_...)")
+        if name == "logs":
+            action.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
 
 
 def cmd_upscale(args: argparse.Namespace) -> int:
@@ -178,6 +250,77 @@ def cmd_caption(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    from .batch import run_batch, summarize_errors
+    from .orchestrator import ClusterOptions
+
+    config = config_from_args(args)
+    cluster = ClusterOptions(args.actors, args.address, args.gpus_per_actor, args.cpus_per_actor, args.start_timeout)
+    summary = run_batch(args.input, args.output, config, cluster=cluster, workers=args.workers,
+                        tile_parallel=args.tile_parallel, retry_errors=args.retry_errors, progress=not args.quiet,
+                        dry_run=args.dry_run)
+    if args.dry_run:
+        print(json.dumps(summary.planned, indent=2))
+    for line in summarize_errors(summary.rows):
+        print(line, file=sys.stderr)
+    print(summary.line())
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from . import jobs
+
+    argv = args.job[1:] if args.job[:1] == ["--"] else args.job
+    env_vars = {}
+    for pair in args.env:
+        if "=" not in pair:
+            raise UserError(f"--env {pair!r} is not KEY=VALUE; use e.g. --env HF_HUB_OFFLINE=1")
+        key, value = pair.split("=", 1)
+        env_vars[key] = value
+    spec = jobs.JobSpec(argv, args.working_dir, args.pip, env_vars, args.entrypoint_num_cpus,
+                        args.entrypoint_num_gpus, args.entrypoint_memory)
+    build_parser().parse_args(argv)  # the job's own flags are checked here, before anything is sent
+    if args.dry_run:
+        print(json.dumps({"address": jobs.job_server_address(args.address), **spec.request()}, indent=2))
+        return 0
+    job_id, address = jobs.submit(spec, args.address)
+    print(f"submitted {job_id} to {address}", flush=True)
+    if not args.wait:
+        print(f"follow it with `cupscale jobs logs {job_id} --follow`")
+        return 0
+    try:
+        info = jobs.follow(job_id, address, echo=not args.quiet, timeout_s=args.timeout)
+    except KeyboardInterrupt:
+        print(f"cupscale: stopped waiting; {job_id} keeps running (`cupscale jobs stop {job_id}` stops it)",
+              file=sys.stderr)
+        return 130
+    if str(info.status) != "SUCCEEDED":
+        raise UserError(f"job {job_id} {info.status}: {info.message}; see `cupscale jobs logs {job_id}`")
+    print(f"job {job_id} SUCCEEDED")
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from . import jobs
+
+    if args.jobs_command == "list":
+        for job in jobs.list_jobs(args.address):
+            print(jobs.format_job(job))
+    elif args.jobs_command == "status":
+        info = jobs.job_info(args.job_id, args.address)
+        print(f"{args.job_id} {info.status}: {info.message or ''}".rstrip(": "))
+    elif args.jobs_command == "logs" and args.follow:
+        info = jobs.follow(args.job_id, args.address)
+        print(f"job {args.job_id} {info.status}")
+    elif args.jobs_command == "logs":
+        print(jobs.job_logs(args.job_id, args.address), end="")
+    else:
+        stopped = jobs.stop_job(args.job_id, args.address)
+        status = jobs.job_info(args.job_id, args.address).status
+        print(f"stop requested for {args.job_id} ({status})" if stopped else f"{args.job_id} had already ended ({status})")
+    return 0
+
+
 def cmd_knobs(_: argparse.Namespace) -> int:
     for f in fields(UpscaleConfig):
         print(f"{f.name:18} {f.default!r:40} {f.metadata.get('why', '')}")
@@ -189,7 +332,8 @@ def cmd_presets(_: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"upscale": cmd_upscale, "caption": cmd_caption, "knobs": cmd_knobs, "presets": cmd_presets}
+COMMANDS = {"upscale": cmd_upscale, "caption": cmd_caption, "batch": cmd_batch, "submit": cmd_submit,
+            "jobs": cmd_jobs, "knobs": cmd_knobs, "presets": cmd_presets}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -67,7 +67,7 @@ class LocalPredictor:
         self.unet, self.batch_size, self.context = unet, batch_size, None
 
     def start_stage(self, context: StageContext) -> None:
-        self.context = context
+        self.context = context.to(self.unet.device, self.unet.dtype)
 
     def predict(self, latents: torch.Tensor, views: np.ndarray, timestep, input_scale: float,
                 step: int) -> Iterable[tuple[Sequence[int], torch.Tensor]]:

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +44,13 @@ class StageContext:
     lambda_global: float
     composer: str
     pooled_prompt: str
+
+    def to(self, device, dtype) -> StageContext:
+        """The context with its embeddings on the UNet's device and dtype: moved once per stage, not per call."""
+        move = lambda t: None if t is None else t.to(device, dtype)  # noqa: E731
+        names = ("negative_embeds", "global_embeds", "regional_embeds", "negative_pooled", "global_pooled",
+                 "regional_pooled")
+        return dataclasses.replace(self, **{name: move(getattr(self, name)) for name in names})
 
 
 def micro_conditioning(context: StageContext, rects: np.ndarray) -> torch.Tensor:
@@ -85,7 +93,7 @@ def predict_views(unet, windows: torch.Tensor, timestep, input_scale: float, con
     latents = (windows.to(device, torch.float32) * input_scale).to(dtype)
     latents = torch.cat([latents, latents])
 
-    prompt_ids = torch.from_numpy(context.view_prompt[view_ids])
+    prompt_ids = torch.from_numpy(context.view_prompt[view_ids]).to(context.regional_embeds.device)
     uncond = torch.cat([context.negative_embeds, context.negative_embeds], dim=1).expand(count, -1, -1)
     cond = torch.cat([context.global_embeds.expand(count, -1, -1), context.regional_embeds[prompt_ids]], dim=1)
     encoder_states = torch.cat([uncond, cond]).to(device, dtype)
@@ -94,7 +102,7 @@ def predict_views(unet, windows: torch.Tensor, timestep, input_scale: float, con
     if context.negative_pooled is not None:
         pooled = (context.global_pooled.expand(count, -1) if context.pooled_prompt == "global"
                   else context.regional_pooled[prompt_ids])
-        time_ids = micro_conditioning(context, rects)
+        time_ids = micro_conditioning(context, rects).to(device)
         added_cond = {"text_embeds": torch.cat([context.negative_pooled.expand(count, -1), pooled]).to(device, dtype),
                       "time_ids": torch.cat([time_ids, time_ids]).to(device, dtype)}
 
