@@ -26,14 +26,18 @@ class RegionalAttention:
         lambda_global (float): lambda of method.md step 8; 1 = global prompt only.
         composer ('mix' | 'joint'): two softmaxes blended by lambda, or one softmax over both key sets.
         token_allowed (bool tensor (B, G), *optional*): view mode; False = token screened out of this view.
-        pixel_allowed (bool tensor (B, G, h, w), *optional*): pixel mode, at the view's latent resolution.
+        token_maps (bool tensor (G, hp, wp), *optional*): pixel mode: the stage's binary token maps at probe
+            resolution; with ``rects`` (V, 4) the views' latent rectangles and ``latent_hw`` the stage latent
+            size. The batch is CFG's [V unconditional; V conditional] rows; only the conditional half is screened.
     """
 
     num_global_tokens: int
     lambda_global: float = 0.5
     composer: Literal["mix", "joint"] = "mix"
     token_allowed: torch.Tensor | None = None
-    pixel_allowed: torch.Tensor | None = None
+    token_maps: torch.Tensor | None = None
+    rects: torch.Tensor | None = None
+    latent_hw: tuple[int, int] | None = None
     _bias_cache: dict = field(default_factory=dict, repr=False)
 
     def global_bias(self, query_len: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
@@ -55,16 +59,29 @@ class RegionalAttention:
 
     def _allowed_at(self, query_len: int) -> torch.Tensor | None:
         """Boolean (B, Lq or 1, G) allowed-token table for a layer with ``query_len`` query pixels."""
-        if self.pixel_allowed is not None:
-            maps = self.pixel_allowed
-            height, width = attention_grid(maps.shape[-2], maps.shape[-1], query_len)
-            # Nearest downsampling by index gathering on the bool maps (no float copy of (B, 77, h, w)).
-            rows = torch.arange(height, device=maps.device) * maps.shape[-2] // height
-            cols = torch.arange(width, device=maps.device) * maps.shape[-1] // width
-            return maps[:, :, rows][:, :, :, cols].flatten(2).transpose(1, 2)
+        if self.token_maps is not None:
+            return self._pixel_allowed_at(query_len)
         if self.token_allowed is not None:
             return self.token_allowed.unsqueeze(1)
         return None
+
+
+    def _pixel_allowed_at(self, query_len: int) -> torch.Tensor:
+        """(B, Lq, G): each attention pixel of each view looks up its token maps by index arithmetic.
+
+        Attention pixel i of a view maps to latent row ``top + i * view_h // h`` and that to probe row
+        ``latent_row * hp // H`` (nearest at both steps); no full-resolution map is ever built.
+        """
+        maps, rects = self.token_maps, self.rects
+        top, left, bottom, right = rects.T
+        view_h, view_w = int(bottom[0] - top[0]), int(right[0] - left[0])  # a stage's views share one size
+        height, width = attention_grid(view_h, view_w, query_len)
+        (latent_h, latent_w), (probe_h, probe_w) = self.latent_hw, maps.shape[1:]
+        rows = (top[:, None] + torch.arange(height) * view_h // height) * probe_h // latent_h  # (V, h)
+        cols = (left[:, None] + torch.arange(width) * view_w // width) * probe_w // latent_w  # (V, w)
+        cond = maps[:, rows[:, :, None], cols[:, None, :]]  # (G, V, h, w)
+        cond = cond.permute(1, 2, 3, 0).reshape(len(rects), height * width, maps.shape[0])
+        return torch.cat([torch.ones_like(cond), cond])  # CFG layout: [unconditional views; conditional views]
 
 
 def attention_grid(height: int, width: int, query_len: int) -> tuple[int, int]:

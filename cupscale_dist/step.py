@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from .attention import RegionalAttention
-from .masks import crop_maps
 from .prior import GlobalPrior, inject_global_prior, inject_global_prior_zt, noise_level, prior_weight
 
 
@@ -64,14 +63,14 @@ def micro_conditioning(context: StageContext, rects: np.ndarray) -> torch.Tensor
 def regional_attention(context: StageContext, view_ids: np.ndarray, rects: np.ndarray) -> RegionalAttention:
     """The composer's inputs for a CFG batch [uncond views; cond views]; uncond rows screen nothing."""
     count, tokens = len(view_ids), context.global_embeds.shape[1]
-    token_allowed = pixel_allowed = None
+    token_allowed = token_maps = None
     if context.token_allowed is not None:
         cond = torch.from_numpy(context.token_allowed[view_ids])
         token_allowed = torch.cat([torch.ones(count, tokens, dtype=torch.bool), cond])
     if context.token_maps is not None:
-        cond = torch.from_numpy(np.stack([crop_maps(context.token_maps, context.latent_hw, r) for r in rects]))
-        pixel_allowed = torch.cat([torch.ones_like(cond), cond])
-    return RegionalAttention(tokens, context.lambda_global, context.composer, token_allowed, pixel_allowed)
+        token_maps = torch.from_numpy(context.token_maps)
+    return RegionalAttention(tokens, context.lambda_global, context.composer, token_allowed, token_maps,
+                             torch.from_numpy(np.asarray(rects)), context.latent_hw)
 
 
 @torch.no_grad()

@@ -40,24 +40,31 @@ def test_screened_tokens_get_exactly_zero_attention(layer, composer, mode):
     allowed[1, 20:40] = False
     if mode == "view":
         regional = lambda: RegionalAttention(TOKENS, 0.5, composer, token_allowed=allowed)  # noqa: E731
-    else:  # pixel maps at 8x12 (the view's latent), seen by a 4x6 layer
-        maps = allowed[:, :, None, None].expand(-1, -1, 8, 12).clone()
-        maps[0, 50, :4] = False  # token 50 screened in the top half of view 0 only
-        regional = lambda: RegionalAttention(TOKENS, 0.5, composer, pixel_allowed=maps)  # noqa: E731
+    else:  # CFG layout: row 0 unconditional (screens nothing), row 1 one 8x12 view seen by a 4x6 layer
+        maps = torch.ones(TOKENS, 4, 6, dtype=torch.bool)  # probe-resolution maps of a 16x24 stage latent
+        maps[3:9] = maps[20:40] = False
+        maps[50, 2] = False  # the view covers probe rows 2-3: token 50 only in its bottom half
+        rects = torch.tensor([[8, 12, 16, 24]])
+        regional = lambda: RegionalAttention(TOKENS, 0.5, composer, token_maps=maps, rects=rects,  # noqa: E731
+                                             latent_hw=(16, 24))
     with torch.no_grad():
         before = run(layer, hidden, states, regional())
+        row = 0 if mode == "view" else 1  # pixel mode screens the conditional row only
         poked = states.clone()
-        poked[0, 3:9] = 1e4 * torch.randn(6, CROSS)  # a screened token's key/value can be anything...
+        poked[row, 3:9] = 1e4 * torch.randn(6, CROSS)  # a screened token's key/value can be anything...
         poked[1, 20:40] = -3e4 * torch.rand(20, CROSS)  # its weight is exactly 0, so the output is bit-identical
         after = run(layer, hidden, poked, regional())
         assert torch.equal(before, after)
         visible = states.clone()
-        visible[0, 10] += 1.0  # an allowed token does matter
+        visible[row, 10] += 1.0  # an allowed token does matter
         assert not torch.equal(before, run(layer, hidden, visible, regional()))
-        if mode == "pixel":  # token 50 is screened for the top rows of view 0, visible in the bottom rows
+        if mode == "pixel":
             poked = states.clone()
-            poked[0, 50] += 5.0
-            changed = (run(layer, hidden, poked, regional()) != before)[0].any(dim=-1).view(4, 6)
+            poked[0, 3:9] += 5.0  # the unconditional row attends to every token
+            assert not torch.equal(before[0], run(layer, hidden, poked, regional())[0])
+            poked = states.clone()
+            poked[1, 50] += 5.0  # token 50 is screened for the top rows of the view, visible in the bottom rows
+            changed = (run(layer, hidden, poked, regional()) != before)[1].any(dim=-1).view(4, 6)
             assert not changed[:2].any() and changed[2:].all()
 
 
