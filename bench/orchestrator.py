@@ -40,30 +40,10 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing; actors 
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from common import load_average, log, rounded  # noqa: E402  (bench/common.py)
 
 H100_TILES_PER_S = 28.0  # architecture.md: bare batched SDXL UNet + CFG, 8-16 tiles per batch, one H100, bf16
 HOST_TILE, HOST_STRIDE = 128, 64
-
-
-def log(*args) -> None:
-    print(*args, file=sys.stderr, flush=True)
-
-
-def rounded(value, digits: int = 5):
-    if isinstance(value, dict):
-        return {k: rounded(v, digits) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [rounded(v, digits) for v in value]
-    if isinstance(value, float):
-        return float(f"{value:.{digits}g}")
-    return value
-
-
-def load_average() -> list[float] | None:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
 
 
 def cpu_times() -> tuple[int, int]:

@@ -43,27 +43,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout (or the GPU box) without in
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
-
-def log(*args) -> None:
-    print(*args, file=sys.stderr, flush=True)
-
-
-def rounded(value, digits: int = 5):
-    if isinstance(value, dict):
-        return {k: rounded(v, digits) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [rounded(v, digits) for v in value]
-    if isinstance(value, float):
-        return float(f"{value:.{digits}g}")
-    return value
-
-
-def load_average() -> list[float] | None:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
+from common import load_average, log, rounded  # noqa: E402  (bench/common.py)
 
 
 # ---------------------------------------------------------------------------------------------------------------
