@@ -115,10 +115,11 @@ def list_inputs(spec: str, output_dir: Path, produced: Iterable[str] = ()) -> li
         files, root = [path], path.parent
     else:
         raise UserError(f"--input {spec}: no such directory, file or matching glob; check the path")
-    out, root = output_dir.resolve(), root.resolve()
-    nested = out != root and _inside(out, root)
+    out, root = output_dir.resolve(), _absolute(root)
+    nested = out != root.resolve() and _inside(out, root.resolve())
     produced = set(produced)
-    files = sorted(p for p in {p.resolve() for p in files} if not (nested and _inside(p, out)) and str(p) not in produced)
+    files = sorted(p for p in {_absolute(p) for p in files}
+                   if not (nested and _inside(p.resolve(), out)) and str(p.resolve()) not in produced)
     if not files:
         raise UserError(f"--input {spec}: no images found (looked for {', '.join(IMAGE_SUFFIXES)}); "
                         "check the path or pass a glob such as 'photos/**/*.jpg'")
@@ -140,13 +141,15 @@ def _parquet_inputs(path: Path) -> list[Item]:
     for number, row in enumerate(rows):
         raw = row[column]
         overrides = {k: row[k] for k in PARQUET_ROW_FIELDS if row.get(k) is not None}
+        if isinstance(overrides.get("seed"), float) and overrides["seed"].is_integer():
+            overrides["seed"] = int(overrides["seed"])  # pandas writes an int column with nulls as float64
         if overrides.get("regional_prompts"):
             overrides["regional_prompts"] = str(base / Path(overrides["regional_prompts"]).expanduser())
         if not isinstance(raw, str) or not raw.strip():
             items.append(Item(f"{path}#row{number}", "", overrides,
                               error=f"--input {path} row {number}: empty {column!r}; give an image path"))
             continue
-        resolved = (base / Path(raw).expanduser()).resolve()
+        resolved = _absolute(base / Path(raw).expanduser())
         if str(resolved) in seen:
             items.append(Item(f"{resolved}#row{number}", "", overrides,
                               error=f"--input {path} row {number}: {raw} is listed again (first at row "
@@ -163,6 +166,11 @@ def _parquet_inputs(path: Path) -> list[Item]:
         if item.error is None:
             item.rel = _relative(Path(item.input_path), root)
     return items
+
+
+def _absolute(path: Path) -> Path:
+    """Absolute and normalised ('..' folded) without resolving symlinks: names follow what the user listed."""
+    return Path(os.path.abspath(path))
 
 
 def _glob_root(spec: str) -> Path:
@@ -221,7 +229,7 @@ def assign_outputs(items: list[Item], output_dir: Path, previous: dict[str, dict
     case-insensitively (macOS/Windows filesystems) and always resolve inside ``output_dir``.
     """
     root = output_dir.resolve()
-    inputs = {i.input_path for i in items}
+    inputs = {str(Path(i.input_path).resolve()) for i in items if i.error is None}
     taken: dict[str, str] = {}  # lower-cased relative name -> input path that owns it
 
     def usable(rel: PurePosixPath, owner: str) -> bool:
@@ -609,8 +617,9 @@ def _run_pool(todo: list[Item], config: UpscaleConfig, output_dir: Path, cluster
             on_row(dict(row))
             bar.update(1)
     except ray.exceptions.RayError as exc:
-        raise UserError(f"batch workers failed ({root_cause(exc)}); finished images are in the manifest, "
-                        "rerun the same command to resume") from None
+        cause = root_cause(exc).removeprefix(f"{UserError.__module__}.{UserError.__name__}: ")
+        raise UserError(f"batch workers failed: {cause}; finished images are in the manifest, rerun the same "
+                        "command to resume") from None
     finally:
         bar.close()
     AttemptLedger(output_dir).clear()

@@ -16,6 +16,7 @@ Paths in ARGS are read by the job on the cluster: give paths the cluster sees (s
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shlex
 import socket
@@ -32,6 +33,7 @@ DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 SUBMITTABLE = ("upscale", "batch")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 POLL_S = 1.0  # how often --wait / --follow ask the job server for news
+AGENT_WAIT_S = 60.0  # a head answers before its job agent has registered: submit retries "no available agent"
 CONNECT_TIMEOUT_S = 3.0  # the reachability probe: requests would otherwise wait on a silent host for minutes
 # Never shipped with --working-dir (Ray also honours .gitignore / .rayignore there): VCS, caches, built wheels.
 WORKING_DIR_EXCLUDES = [".git", "__pycache__", "*.egg-info", ".pytest_cache", ".whl", ".venv", "venv"]
@@ -193,13 +195,23 @@ class JobSpec:
 
 def submit(spec: JobSpec, address: str | None = None) -> tuple[str, str]:
     """Submit the job; returns (submission id, job server address)."""
+    if not logging.getLogger(__name__).isEnabledFor(logging.INFO):  # Ray logs every file it packs at INFO
+        for name in ("ray._private.runtime_env", "ray.dashboard.modules.dashboard_sdk"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     address = job_server_address(address)
     client = connect(address)
+    deadline = time.monotonic() + AGENT_WAIT_S
     with _requests_as_user_errors(address):
-        try:
-            return client.submit_job(**spec.request()), address
-        except (ValueError, TypeError) as exc:  # runtime_env checks (e.g. a bad pip spec or working_dir)
-            raise UserError(f"submit: the runtime_env was refused ({_first_line(exc)}); check --working-dir/--pip") from None
+        while True:
+            try:
+                return client.submit_job(**spec.request()), address
+            except (ValueError, TypeError) as exc:  # runtime_env checks (e.g. a bad pip spec or working_dir)
+                raise UserError(f"submit: the runtime_env was refused ({_first_line(exc)}); "
+                                "check --working-dir/--pip") from None
+            except RuntimeError as exc:
+                if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(POLL_S)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,160 @@
+"""`cupscale submit` / `cupscale jobs` against a real Ray head started here (token auth on), and their errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+START_HEAD = REPO / "cluster" / "start-local-head.sh"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def base_env(**changes: str) -> dict[str, str]:
+    """This interpreter's bin first on PATH (the `ray` CLI), no inherited cluster address or auth settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_API_SERVER", "RAY_AUTH"))}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", HF_HUB_OFFLINE="1",
+               RAY_DISABLE_USAGE_STATS="1", PYTHONUNBUFFERED="1")
+    env.update(changes)
+    return env
+
+
+def cupscale(*args, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cupscale_dist.cli", *map(str, args)], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """A real head: `ray start --head` on 127.0.0.1 (token auth, its own temp dir, dashboard = job server)."""
+    root = tmp_path_factory.mktemp("head")
+    token_file = root / "token"
+    token_file.write_text(secrets.token_hex(16))
+    env = base_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))  # never touches ~/.ray
+    dashboard = free_port()
+    temp_dir = root / "ray"
+    started = subprocess.run(["bash", str(START_HEAD), str(temp_dir)], capture_output=True, text=True, timeout=180,
+                             env={**env, "RAY_PORT": str(free_port()), "DASHBOARD_PORT": str(dashboard),
+                                  "NUM_CPUS": "2"})
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        address = f"http://127.0.0.1:{dashboard}"
+        deadline = time.time() + 60  # the job agent registers a moment after `ray start` returns
+        while cupscale("jobs", "list", "--address", address, env=env).returncode != 0 and time.time() < deadline:
+            time.sleep(1)
+        yield address, env
+    finally:  # only this head's process group: `ray stop` would end every Ray cluster on the machine
+        stopped = subprocess.run(["bash", str(START_HEAD), "--stop", str(temp_dir)], capture_output=True, text=True,
+                                 timeout=60, env=env)
+        assert stopped.returncode == 0, stopped.stderr
+        deadline = time.time() + 15
+        while (left := subprocess.run(["pgrep", "-f", str(temp_dir)], capture_output=True, text=True).stdout.split()):
+            assert time.time() < deadline, f"head processes left: {left}"
+            time.sleep(0.5)
+
+
+def submitted_id(stdout: str) -> str:
+    return re.search(r"submitted (raysubmit_\w+)", stdout).group(1)
+
+
+def test_submit_wait_upscales_on_a_real_head_then_jobs_commands(head, sdxl_dir, photo, tmp_path):
+    address, env = head
+    photo.save(tmp_path / "in.png")
+    out = tmp_path / "out.png"
+    done = cupscale("submit", "--address", address, "--wait", "--working-dir", REPO, "--env", "HF_HUB_OFFLINE=1",
+                    "--entrypoint-num-cpus", "0.5", "--",
+                    "upscale", tmp_path / "in.png", "-o", out, "--model", sdxl_dir, "--device", "cpu", "--dtype",
+                    "float32", "--scale", "2", "--tile", "16", "--stride", "8", "--steps", "5", "--set",
+                    "torch_threads=1", "--cpus-per-actor", "0.5", "-q", env=env, timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    job_id = submitted_id(done.stdout)
+    assert f"wrote {out} (256x192)" in done.stdout and f"job {job_id} SUCCEEDED" in done.stdout  # its log, echoed
+    with Image.open(out) as image:
+        assert image.size == (256, 192)
+
+    listed = cupscale("jobs", "list", "--address", address, env=env)
+    assert listed.returncode == 0 and job_id in listed.stdout and "SUCCEEDED" in listed.stdout
+    status = cupscale("jobs", "status", job_id, "--address", address, env=env)
+    assert status.returncode == 0 and status.stdout.startswith(f"{job_id} SUCCEEDED")
+    logs = cupscale("jobs", "logs", job_id, "--address", address, env=env)
+    assert logs.returncode == 0 and f"wrote {out}" in logs.stdout
+    unknown = cupscale("jobs", "status", "raysubmit_nosuchjob", "--address", address, env=env)
+    assert unknown.returncode == 2 and "no such job" in unknown.stderr
+
+
+def test_stop_a_running_job(head, sdxl_dir, photo, tmp_path):
+    address, env = head
+    photo.save(tmp_path / "in.png")
+    sent = cupscale("submit", "--address", address, "--", "upscale", tmp_path / "in.png", "-o", tmp_path / "o.png",
+                    "--model", sdxl_dir, "--device", "cpu", "--scale", "2", "--tile", "16", "--stride", "8",
+                    "--steps", "1000", "--strength", "1.0", "--cpus-per-actor", "0.5", "-q", env=env)
+    assert sent.returncode == 0, sent.stderr
+    job_id = submitted_id(sent.stdout)
+    stopped = cupscale("jobs", "stop", job_id, "--address", address, env=env)
+    assert stopped.returncode == 0 and f"stop requested for {job_id}" in stopped.stdout, stopped.stderr
+    deadline = time.time() + 60
+    while "STOPPED" not in (s := cupscale("jobs", "status", job_id, "--address", address, env=env)).stdout:
+        assert time.time() < deadline, s.stdout + s.stderr
+        time.sleep(1)
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_a_wrong_token_is_one_clear_line(head):
+    address, env = head
+    wrong = cupscale("jobs", "list", "--address", address, env={**env, "RAY_AUTH_TOKEN": "0" * 32})
+    assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1
+    assert wrong.stderr.startswith(f"cupscale: error: --address {address}: the token was rejected")
+
+
+def test_no_token_is_one_clear_line(head, tmp_path):
+    address, env = head
+    env = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
+    missing = cupscale("jobs", "list", "--address", address, env={**env, "HOME": str(tmp_path)})
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1
+    assert "requires a token and none was found" in missing.stderr and "~/.ray/auth_token" in missing.stderr
+
+
+# --- without a cluster --------------------------------------------------------------------------------------------
+def test_unreachable_address_fails_fast_in_one_line():
+    start = time.time()
+    result = cupscale("jobs", "list", "--address", f"127.0.0.1:{free_port()}", env=base_env())
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "no Ray job server answers there" in result.stderr and time.time() - start < 20
+
+
+def test_submit_dry_run_shows_runtime_env_and_entrypoint_resources(tmp_path):
+    result = cupscale("submit", "--dry-run", "--address", "http://head:8265", "--working-dir", REPO,
+                      "--pip", "pywavelets", "--env", "HF_HUB_OFFLINE=1", "--entrypoint-num-gpus", "1", "--",
+                      "batch", "--input", "/data/in", "--output", "/data/out", "--config", "sdxl-4k", env=base_env())
+    assert result.returncode == 0, result.stderr
+    request = json.loads(result.stdout)
+    assert request["address"] == "http://head:8265"
+    assert request["entrypoint"] == ("python -m cupscale_dist.cli batch --input /data/in --output /data/out "
+                                     "--config sdxl-4k")
+    assert request["runtime_env"]["working_dir"] == str(REPO) and request["runtime_env"]["pip"] == ["pywavelets"]
+    assert request["runtime_env"]["env_vars"] == {"HF_HUB_OFFLINE": "1"} and request["entrypoint_num_gpus"] == 1
+
+
+@pytest.mark.parametrize("job, message", [
+    (["caption", "x.png"], "the job must be `upscale ...` or `batch ...`, got 'caption'"),
+    ([], "the job must be `upscale ...` or `batch ...`, got 'nothing'"),
+    (["upscale", "x.png"], "the following arguments are required: -o/--output"),
+])
+def test_submit_checks_the_job_before_sending(job, message):
+    result = cupscale("submit", "--address", "http://127.0.0.1:1", "--", *job, env=base_env())
+    assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1
