@@ -54,18 +54,23 @@ def prior_weight(step: int, num_steps: int, fraction: float, schedule: str) -> f
     return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def haar_low_band_change(x: torch.Tensor, target_low: torch.Tensor, weight: float, levels: int) -> torch.Tensor:
+    """What Haar's ``IDWT(w * target + (1 - w) * LL(x), HF(x)) - x`` adds: ``w (target - LL(x)) / 2^J`` per block.
+
+    ``LL_J`` is ``2^J`` times the mean of each ``2^J`` block, so no high band is ever materialised.
+    """
+    f = 2**levels
+    change = weight * (target_low - F.avg_pool2d(x, f) * f) / f
+    return F.interpolate(change, scale_factor=f, mode="nearest")
+
+
 def blend_low_band(x: torch.Tensor, target_low: torch.Tensor, weight: float, wavelet: str, levels: int) -> torch.Tensor:
     """``IDWT(w * target_low + (1 - w) * LL(x), HF(x))``.
 
-    Haar, in closed form: ``LL_J`` is ``2^J`` times the mean of each ``2^J`` block and the inverse of a low-band-only
-    change adds ``change / 2^J`` to every pixel of its block, so no high band is ever materialised (2.6x faster
-    at 16K than the full transform, same result to 1e-6).
+    Haar in closed form (:func:`haar_low_band_change`): same result to 1e-6, a third of the full transform's time.
     """
     if wavelet == "haar":
-        f = 2**levels
-        low = F.avg_pool2d(x, f) * f
-        change = weight * (target_low - low) / f
-        return x + change.repeat_interleave(f, dim=-2).repeat_interleave(f, dim=-1)
+        return x + haar_low_band_change(x, target_low, weight, levels)
     low, highs = dwt2(x, wavelet, levels)
     return idwt2(weight * target_low + (1.0 - weight) * low, highs, wavelet)
 
@@ -77,6 +82,10 @@ def inject_global_prior(eps: torch.Tensor, z_t: torch.Tensor, prior: GlobalPrior
     ``x0 = (z_t - sigma * eps) / alpha``; ``x0' = IDWT(w G + (1 - w) LL(x0), HF(x0))``; ``eps' = (z_t - alpha x0') / sigma``.
     With a ``codec`` (prior_space='pixel') the swap happens on decoded pixels, then x0' is encoded back.
     """
+    if codec is None and prior.wavelet == "haar":
+        # eps' = eps - (alpha / sigma) (x0' - x0): three full-size passes, no x0 or x0' kept (16K latents).
+        x0 = (z_t - sigma * eps) / alpha
+        return eps - (alpha / sigma) * haar_low_band_change(x0, prior.low, weight, prior.levels)
     x0 = (z_t - sigma * eps) / alpha
     if codec is None:
         x0 = blend_low_band(x0, prior.low, weight, prior.wavelet, prior.levels)
