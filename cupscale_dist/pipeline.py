@@ -23,7 +23,7 @@ from .masks import binarize_maps, content_token_mask, probe_attention_maps, view
 from .models import DiffusionModel, load_model
 from .prior import GlobalPrior
 from .step import StageContext, StageSchedule, predict_views, reduce_and_step
-from .vae import configure_tiling, decode_latents, encode_pixels, image_to_tensor, tensor_to_image
+from .vae import configure_tiling, decode_image, decode_latents, encode_image, encode_pixels, image_to_tensor
 from .views import jitter_views, make_views, view_batches
 from .wavelets import low_band
 
@@ -150,10 +150,8 @@ def run_stage(model: DiffusionModel, config: UpscaleConfig, image: Image.Image, 
     """One x2 stage of method.md (steps 1-10); returns the stage output image."""
     # 1. Resize (+ sharpen) the stage input.
     image = resize_input(image, size, config)
-    # 2. Encode with the tiled VAE.
-    configure_tiling(model.vae, config.vae_tile, config.vae_tile_overlap)
-    pixels = image_to_tensor(image)
-    z_low = encode_pixels(model.vae, pixels).cpu()
+    # 2. Encode with the tiled VAE (tile by tile from the 8-bit image).
+    z_low = encode_image(model.vae, image, config.vae_tile, config.vae_tile_overlap)
     latent_hw = tuple(z_low.shape[-2:])
     # 4. Start point: S = round(s T) remaining steps, z_S = add_noise(z_L, eps, t_S); noise drawn once per stage.
     scheduler = model.new_scheduler(config.scheduler)
@@ -163,8 +161,9 @@ def run_stage(model: DiffusionModel, config: UpscaleConfig, image: Image.Image, 
     # 3. Global structure prior G = LL(z_L) (or of the pixels, prior_space='pixel').
     if config.prior_space == "latent":
         prior, codec = GlobalPrior.from_latent(z_low, noise, config.wavelet, config.dwt_levels), None
-    else:
-        low = low_band(pixels, config.wavelet, config.dwt_levels)
+    else:  # the pixel-space prior needs full float pixels (and a VAE round trip per step)
+        low = low_band(image_to_tensor(image), config.wavelet, config.dwt_levels)
+        configure_tiling(model.vae, config.vae_tile, config.vae_tile_overlap)
         prior, codec = GlobalPrior(low, torch.zeros_like(low), config.wavelet, config.dwt_levels), PixelCodec(model.vae)
     schedule = StageSchedule(scheduler, start, prior, config.prior_target, config.prior_fraction,
                              config.prior_schedule, codec)
@@ -206,8 +205,8 @@ def run_stage(model: DiffusionModel, config: UpscaleConfig, image: Image.Image, 
             callback({"stage": stage, "step": step + 1, "num_steps": schedule.num_steps, "latents": latents,
                       "timestep": schedule.timestep(step)})
     bar.close()
-    # 10. Decode with the tiled VAE.
-    return tensor_to_image(decode_latents(model.vae, latents))
+    # 10. Decode with the tiled VAE (band by band into 8 bits).
+    return decode_image(model.vae, latents, config.vae_tile, config.vae_tile_overlap)
 
 
 # ---------------------------------------------------------------------------------------------------------------
