@@ -84,6 +84,8 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--captioner", choices=["none", "vllm", "transformers"])
     group.add_argument("--captioner-model", dest="captioner_model")
     group.add_argument("--regional-prompts", dest="regional_prompts", help="JSON of per-view prompts")
+    group.add_argument("--keep-captioner", dest="keep_captioner", action="store_const", const=True,
+                       help="keep the captioner pool between stages (default: release its GPU memory)")
     group.add_argument("--set", dest="overrides", type=parse_set, action="append", default=[], metavar="KEY=VALUE",
                        help="any knob (see `cupscale knobs`), repeatable")
 
