@@ -51,3 +51,13 @@ def small_config(model: str, **changes):
     base = dict(model=model, scale=2, tile=16, stride=8, steps=5, strength=0.6, device="cpu", dtype="float32",
                 prompt="a photo of a cat on a house", view_batch_size=4, torch_threads=1)
     return UpscaleConfig(**{**base, **changes})
+
+
+@pytest.fixture(scope="module")
+def local_ray(tmp_path_factory):
+    """A real local Ray cluster on 127.0.0.1 for one test module (token auth as Ray sets it)."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
+             _temp_dir=str(tmp_path_factory.mktemp("ray")))
+    yield ray
+    ray.shutdown()

@@ -24,14 +24,6 @@ ray = pytest.importorskip("ray")
 CPU_WORKERS = ClusterOptions(gpus_per_actor=0, cpus_per_actor=0.5)  # fractional CPUs: never starve the pool
 
 
-@pytest.fixture(scope="module")
-def local_ray(tmp_path_factory):
-    ray.init(num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
-             _temp_dir=str(tmp_path_factory.mktemp("ray")))
-    yield ray
-    ray.shutdown()
-
-
 def picture(width: int, height: int, seed: int = 0) -> Image.Image:
     """Smooth colours + a little noise: a cheap stand-in for a photo."""
     ys, xs = np.mgrid[0:height, 0:width]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import tempfile
 
 from cupscale_dist.cli import main
 
@@ -35,27 +34,17 @@ def test_caption_without_tiles_prints_only_the_global_prompt(sdxl_dir, photo, tm
     assert json.loads(capsys.readouterr().out) == {"prompt": "a dog", "stages": []}
 
 
-def test_vlm_captions_reach_the_composer_per_view(sdxl_model, photo, tmp_path):
+def test_vlm_captions_reach_the_composer_per_view(local_ray, sdxl_model, photo, tmp_path):
     """A real (tiny) VLM captions every view's crop in the Ray pool; those captions become the views' prompts."""
-    ray = __import__("pytest").importorskip("ray")
+    from conftest import small_config
     from cupscale_dist import upscale
     from cupscale_dist.vlm_testing import build_tiny_vlm
     from test_pipeline import RecordingPredictor
 
-    from conftest import small_config
-
-    started = not ray.is_initialized()
-    if started:
-        # a short temp dir: Ray's socket paths must stay under the Unix limit of 107 bytes
-        ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray-vlm-"))
-    try:
-        config = small_config(sdxl_model.name, captioner="transformers", captioner_model=str(build_tiny_vlm(tmp_path / "vlm")),
-                              captioner_dtype="float32", captioner_gpus=0.0, steps=2)
-        predictor = RecordingPredictor(sdxl_model.unet, 4)
-        upscale(photo, config, model=sdxl_model, predictor=predictor, progress=False)
-    finally:
-        if started:
-            ray.shutdown()
+    config = small_config(sdxl_model.name, captioner="transformers", captioner_model=str(build_tiny_vlm(tmp_path / "vlm")),
+                          captioner_dtype="float32", captioner_gpus=0.0, steps=2)
+    predictor = RecordingPredictor(sdxl_model.unet, 4)
+    upscale(photo, config, model=sdxl_model, predictor=predictor, progress=False)
     context = predictor.contexts[0]
     assert len(set(context.view_prompt.tolist())) > 1  # different crops, different captions, different embeddings
     per_view = context.regional_embeds[context.view_prompt]

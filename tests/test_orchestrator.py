@@ -19,14 +19,6 @@ from cupscale_dist.orchestrator import ClusterOptions, DenoiserPool, RayPredicto
 ray = pytest.importorskip("ray")
 
 
-@pytest.fixture(scope="module")
-def local_ray(tmp_path_factory):
-    ray.init(num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
-             _temp_dir=str(tmp_path_factory.mktemp("ray")))
-    yield ray
-    ray.shutdown()
-
-
 def as_bytes(image) -> bytes:
     return np.asarray(image).tobytes()
 
