@@ -137,8 +137,8 @@ def demo_breakdown(args) -> dict:
     patches = [
         (pipeline_mod, "reduce_and_step", reduce_and_step),
         (pipeline_mod, "run_stage", run_stage),
-        (pipeline_mod, "encode_pixels", timed(timer, "vae_encode", pipeline_mod.encode_pixels)),
-        (pipeline_mod, "decode_latents", timed(timer, "vae_decode", pipeline_mod.decode_latents)),
+        (pipeline_mod, "encode_image", timed(timer, "vae_encode", pipeline_mod.encode_image)),  # tiled, step 2
+        (pipeline_mod, "decode_image", timed(timer, "vae_decode", pipeline_mod.decode_image)),  # tiled, step 10
         (pipeline_mod, "attention_token_masks", timed(timer, "attention_probe", pipeline_mod.attention_token_masks)),
         (step_mod, "reduce_predictions", timed(timer, "reduce", step_mod.reduce_predictions)),
         (step_mod, "inject_global_prior", timed(timer, "prior", step_mod.inject_global_prior)),
