@@ -112,6 +112,15 @@ class UpscaleConfig:
             raise UserError(f"config: size={self.size} is not a positive (width, height); use e.g. --size 2048x2048")
         if self.stride > self.tile:
             raise UserError(f"config: stride={self.stride} > tile={self.tile} leaves gaps; use stride <= tile")
+        if self.prior_space == "pixel" and self.prior_target == "zt":
+            raise UserError("config: prior_target='zt' works in latent space only; use prior_space='latent' or "
+                            "prior_target='x0'")
+        if self.wavelet != "haar":
+            import pywt
+
+            if self.wavelet not in pywt.wavelist(kind="discrete"):
+                raise UserError(f"config: wavelet={self.wavelet!r} is not a discrete pywavelets wavelet; use 'haar', "
+                                "'db2', 'sym4', ... (pywt.wavelist(kind='discrete'))")
         if 2 * self.jitter > self.tile - self.stride:
             raise UserError(
                 f"config: jitter={self.jitter} could uncover pixels; use jitter <= (tile - stride) / 2 = "

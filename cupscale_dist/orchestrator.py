@@ -89,7 +89,10 @@ class DenoiserPool:
             num_gpus=self.num_gpus, num_cpus=options.cpus_per_actor,
             max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)
         device = config.device if config.device != "auto" else ("cuda" if self.num_gpus else "cpu")
-        self.load_args = (config.model, device, config.dtype, config.torch_threads)
+        device = "cuda" if device.startswith("cuda") else device  # Ray shows each actor only its own GPU(s)
+        # CPU bits depend on the thread count: actors use the driver's, so --actors N gives the reference's bytes.
+        threads = config.torch_threads or (torch.get_num_threads() if device == "cpu" else None)
+        self.load_args = (config.model, device, config.dtype, threads)
         self.timeout = options.start_timeout_s
         self.actors = [self.remote_cls.remote(*self.load_args, i) for i in range(self.count)]  # live actors
         self.in_flight = [0] * self.count  # tasks submitted and not yet collected, per actor
@@ -119,13 +122,13 @@ class DenoiserPool:
         return index if self.in_flight[index] < MAX_TASKS_IN_FLIGHT_PER_ACTOR else None
 
     def replace(self, index: int, dead, reason: str) -> None:
-        """A denoiser died for good (restarts used up): start a fresh one in its place, once per death."""
+        """A denoiser died for good (restarts used up): start a fresh one in its place, once per death.
+
+        Its other pending batches stay counted in ``in_flight`` until they are collected (and resubmitted).
+        """
         if self.actors[index] is dead:
             log.warning("denoiser %d lost (%s); starting a replacement", index, reason)
             self.actors[index] = self.remote_cls.remote(*self.load_args, index)
-            self.in_flight[index] = 0
-        else:  # another of its batches already triggered the replacement
-            self.in_flight[index] = max(0, self.in_flight[index] - 1)
 
     def shutdown(self) -> None:
         import ray
@@ -164,14 +167,22 @@ class RayPredictor:
 
         host = latents[0].numpy()
         batches = view_batches(len(views), self.batch_size)
-        submitted: dict[int, tuple] = {}  # batch number -> (object ref, actor index)
+        submitted: dict[int, tuple] = {}  # batch number -> (object ref, actor index, actor)
         next_submit = 0
-        for current in range(len(batches)):
-            while next_submit < len(batches) and (slot := self.pool.pick()) is not None:
-                submitted[next_submit] = self._submit(batches[next_submit], host, views, timestep, input_scale, slot)
-                next_submit += 1
-            result = self._collect(submitted.pop(current), batches[current], host, views, timestep, input_scale)
-            yield batches[current], torch.from_numpy(result.copy())  # Ray's arrays are read-only views
+        try:
+            for current in range(len(batches)):
+                while next_submit < len(batches) and (slot := self.pool.pick()) is not None:
+                    submitted[next_submit] = self._submit(batches[next_submit], host, views, timestep, input_scale, slot)
+                    next_submit += 1
+                result = self._collect(submitted.pop(current), batches[current], host, views, timestep, input_scale)
+                yield batches[current], torch.from_numpy(result.copy())  # Ray's arrays are read-only views
+        finally:  # a failed or interrupted step must not leave the pool's slots taken for the next image
+            for ref, slot, _ in submitted.values():
+                try:
+                    ray.cancel(ref)
+                except Exception:  # already finished or its actor is gone: nothing left to cancel
+                    pass
+                self.pool.in_flight[slot] -= 1
 
     def _submit(self, batch: range, host: np.ndarray, views: np.ndarray, timestep, input_scale: float, slot: int):
         rects = views[batch.start : batch.stop]
@@ -193,8 +204,12 @@ class RayPredictor:
                 self.pool.in_flight[slot] -= 1
                 return result
             except ray.exceptions.RayActorError as exc:
+                self.pool.in_flight[slot] -= 1
                 self.pool.replace(slot, actor, root_cause(exc))
                 ref, slot, actor = self._submit(batch, host, views, timestep, input_scale, slot)
+            except ray.exceptions.RayTaskError as exc:  # the model itself failed (e.g. out of memory)
+                self.pool.in_flight[slot] -= 1
+                raise UserError(f"denoiser failed on views {batch.start}-{batch.stop - 1}: {root_cause(exc)}") from None
         raise UserError(f"views {batch.start}-{batch.stop - 1} failed on {ACTOR_RESTARTS + 1} denoisers; see the Ray logs")
 
     def close(self) -> None:

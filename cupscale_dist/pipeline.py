@@ -228,11 +228,12 @@ def upscale(image: Image.Image, config: UpscaleConfig, *, model: DiffusionModel 
     """
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
-    model = model or load_model(config.model, config.device, config.dtype)
-    predictor = predictor or LocalPredictor(model.unet, config.view_batch_size)
-    prompter = make_prompter(config, count_tokens=model.content_tokens)
+    prompter = None
     input_size = image.size
-    try:
+    try:  # whatever fails, the predictor (a Ray actor pool) and the captioner pool are released
+        model = model or load_model(config.model, config.device, config.dtype)
+        predictor = predictor or LocalPredictor(model.unet, config.view_batch_size)
+        prompter = make_prompter(config, count_tokens=model.content_tokens)
         global_prompt = config.prompt or prompter.global_caption(image)
         sizes = plan_stages(image.size, config)
         first = resume.stage if resume else 0
@@ -244,7 +245,9 @@ def upscale(image: Image.Image, config: UpscaleConfig, *, model: DiffusionModel 
             image = run_stage(model, config, image, stage, sizes[stage], prompter, global_prompt, predictor,
                               callback, resume if resume and resume.stage == stage else None, progress)
     finally:
-        prompter.close()
-        predictor.close()
+        if prompter is not None:
+            prompter.close()
+        if predictor is not None:
+            predictor.close()
     final = target_size(input_size, config)
     return image if image.size == final else image.resize(final, Image.Resampling.LANCZOS)

@@ -134,3 +134,29 @@ def test_bad_cluster_address_fails_fast_and_writes_nothing(sdxl_dir, photo, tmp_
     err = proc.stderr.read().strip().splitlines()
     assert err[-1].startswith("cupscale: error: --address 127.0.0.1:1: no Ray cluster answers there")
     assert time.time() - start < 30 and not (tmp_path / "out.png").exists()
+
+
+class KeepPoolPredictor(RayPredictor):
+    """As `cupscale batch --tile-parallel` uses it: the pool outlives one image."""
+
+    def close(self) -> None:
+        self.context_ref = None
+
+
+def test_a_failed_step_leaves_the_pool_free_for_the_next_image(local_ray, sdxl_model, photo):
+    config = small_config(sdxl_model.name, view_batch_size=1)
+    pool = DenoiserPool(config, ClusterOptions(actors=1, cpus_per_actor=0.5))
+    try:
+        def fail_at_step_one(state):
+            if state.get("step") == 1:
+                raise RuntimeError("disk full")
+
+        with pytest.raises(RuntimeError, match="disk full"):
+            upscale(photo, config, model=sdxl_model, predictor=KeepPoolPredictor(pool, 1), callback=fail_at_step_one,
+                    progress=False)
+        assert pool.in_flight == [0]
+        expected = as_bytes(upscale(photo, config, model=sdxl_model, progress=False))
+        assert as_bytes(upscale(photo, config, model=sdxl_model, predictor=KeepPoolPredictor(pool, 1),
+                                progress=False)) == expected
+    finally:
+        pool.shutdown()

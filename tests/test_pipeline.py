@@ -145,3 +145,26 @@ def test_uncached_hub_id_offline_names_the_fixes(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     with pytest.raises(UserError, match=r"--model PATH .*--model demo"):
         load_model("someone/not-cached-sdxl", device="cpu")
+
+
+def test_config_rejects_impossible_prior_settings_before_any_work():
+    with pytest.raises(UserError, match="prior_target='zt' works in latent space only"):
+        UpscaleConfig(prior_space="pixel", prior_target="zt")
+    with pytest.raises(UserError, match="wavelet='foo' is not a discrete pywavelets wavelet"):
+        UpscaleConfig(wavelet="foo")
+    assert UpscaleConfig(wavelet="sym4").wavelet == "sym4"
+
+
+def test_predictor_is_released_when_setup_fails(sdxl_model, photo):
+    class Tracking(LocalPredictor):
+        closed = False
+
+        def close(self):
+            super().close()
+            self.closed = True
+
+    predictor = Tracking(sdxl_model.unet, 4)
+    with pytest.raises(UserError, match="no such file"):
+        upscale(photo, small_config(sdxl_model.name, regional_prompts="/nonexistent/prompts.json"), model=sdxl_model,
+                predictor=predictor, progress=False)
+    assert predictor.closed
