@@ -12,9 +12,7 @@ from PIL import Image
 from .captioner import make_prompter, pixel_boxes
 from .config import UpscaleConfig
 from .pipeline import plan_stages, resize_input
-from .views import make_views
-
-VAE_SCALE = 8  # SDXL and SD1.5 latents are 1/8 of the image; captioning does not load the diffusion model
+from .plan import VAE_SCALE, stage_views
 
 
 def caption_views(image: Image.Image, config: UpscaleConfig, tiles: bool) -> dict:
@@ -24,8 +22,7 @@ def caption_views(image: Image.Image, config: UpscaleConfig, tiles: bool) -> dic
         global_prompt = config.prompt or prompter.global_caption(image)
         result: dict = {"prompt": global_prompt, "stages": []}
         for stage, size in enumerate(plan_stages(image.size, config) if tiles else []):
-            views = make_views(size[1] // VAE_SCALE, size[0] // VAE_SCALE, config.tile, config.stride)
-            boxes = pixel_boxes(views, VAE_SCALE)
+            boxes = pixel_boxes(stage_views(size, config), VAE_SCALE)  # no diffusion model is loaded here
             prompts = prompter.regional_prompts(stage, resize_input(image, size, config), boxes, global_prompt)
             result["stages"].append({"stage": stage, "size": list(size),
                                      "views": [{"box": b.tolist(), "prompt": p} for b, p in zip(boxes, prompts)]})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from .config import UpscaleConfig
 from .pipeline import denoising_steps, plan_stages, target_size
 from .views import make_views
@@ -12,13 +14,18 @@ LATENT_CHANNELS = 4
 LATENT_BUFFERS = 6
 
 
+def stage_views(size: tuple[int, int], config: UpscaleConfig) -> np.ndarray:
+    """The views of a stage of ``size`` (W, H) px, as the upscale will make them (latent = size / 8)."""
+    return make_views(size[1] // VAE_SCALE, size[0] // VAE_SCALE, config.tile, config.stride)
+
+
 def describe_plan(input_size: tuple[int, int], config: UpscaleConfig) -> dict:
     """What a run will do, without loading anything."""
     steps = denoising_steps(config)
     stages = []
     for index, (width, height) in enumerate(plan_stages(input_size, config)):
         latent = (height // VAE_SCALE, width // VAE_SCALE)
-        views = len(make_views(*latent, config.tile, config.stride))
+        views = len(stage_views((width, height), config))
         latent_bytes = LATENT_CHANNELS * latent[0] * latent[1] * 4
         stages.append({
             "stage": index, "size": [width, height], "latent": list(latent), "views_per_step": views,

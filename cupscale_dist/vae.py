@@ -60,7 +60,7 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     return pixels.float().cpu()
 
 
-def latent_tiles(height: int, width: int, tile_px: int, overlap: float, factor: int) -> tuple[int, int]:
+def latent_tiles(tile_px: int, overlap: float, factor: int) -> tuple[int, int]:
     """(tile, stride) in latent pixels for the VAE's tiles."""
     tile = max(1, tile_px // factor)
     return tile, max(1, tile - int(tile * overlap))
@@ -71,7 +71,7 @@ def encode_image(vae, image: Image.Image, tile_px: int, overlap: float) -> torch
     """8-bit image -> scaled latent, one pixel tile at a time (step 2)."""
     f = scale_factor(vae)
     height, width = image.height // f, image.width // f
-    tile, stride = latent_tiles(height, width, tile_px, overlap, f)
+    tile, stride = latent_tiles(tile_px, overlap, f)
     if max(height, width) <= tile:
         return encode_pixels(vae, image_to_tensor(image))
     views = make_views(height, width, tile, stride)
@@ -86,7 +86,7 @@ def decode_image(vae, latents: torch.Tensor, tile_px: int, overlap: float) -> Im
     """Scaled latent -> 8-bit image, finished one band of tile rows at a time (step 10)."""
     f = scale_factor(vae)
     height, width = latents.shape[-2:]
-    tile, stride = latent_tiles(height, width, tile_px, overlap, f)
+    tile, stride = latent_tiles(tile_px, overlap, f)
     if max(height, width) <= tile:
         return tensor_to_image(decode_latents(vae, latents))
     tops, lefts = window_starts(height, tile, stride), window_starts(width, tile, stride)
