@@ -65,7 +65,7 @@ def plain_loop(folder: Path, out: Path, config) -> tuple[float, list[float]]:
 
 def ray_data(folder: Path, out: Path, config, workers: int, cpus: float) -> tuple[float, dict]:
     from cupscale_dist.batch import run_batch
-    from cupscale_dist.orchestrator import ClusterOptions
+    from cupscale_dist.raycluster import ClusterOptions
 
     start = time.perf_counter()
     summary = run_batch(str(folder), out, config, cluster=ClusterOptions(gpus_per_actor=0, cpus_per_actor=cpus),

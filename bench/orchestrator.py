@@ -96,7 +96,8 @@ def _actors_bench(args, tmp: str) -> dict:
 
     from cupscale_dist import UpscaleConfig
     from cupscale_dist.models import load_model
-    from cupscale_dist.orchestrator import ClusterOptions, DenoiserPool, RayPredictor
+    from cupscale_dist.orchestrator import DenoiserPool, RayPredictor
+    from cupscale_dist.raycluster import ClusterOptions
     from cupscale_dist.pipeline import LocalPredictor
     from cupscale_dist.step import predict_views, reduce_predictions
     from cupscale_dist.testing import build_tiny_sdxl

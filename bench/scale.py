@@ -111,7 +111,8 @@ def main() -> None:
 
     from cupscale_dist import UpscaleConfig, upscale
     from cupscale_dist.models import load_model
-    from cupscale_dist.orchestrator import ClusterOptions, make_predictor
+    from cupscale_dist.orchestrator import make_predictor
+    from cupscale_dist.raycluster import ClusterOptions
     from cupscale_dist.plan import describe_plan
     from cupscale_dist.testing import demo_model_dir
 

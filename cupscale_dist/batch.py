@@ -491,7 +491,7 @@ def run_batch(input_spec: str, output_dir: str | os.PathLike, config: UpscaleCon
         retry_errors (bool): redo inputs recorded as bad (``error`` rows); ``failed`` rows are always redone.
         dry_run (bool): plan only (names, what would be skipped); nothing runs or is written.
     """
-    from .orchestrator import ClusterOptions
+    from .raycluster import ClusterOptions
 
     cluster = cluster or ClusterOptions()
     # 1. Check inputs.
@@ -580,7 +580,7 @@ def _progress(total: int, enabled: bool):
 def _run_pool(todo: list[Item], config: UpscaleConfig, output_dir: Path, cluster, workers: int | None,
               on_row: Callable[[dict], None], progress: bool) -> None:
     """Ray Data: paths -> UpscaleWorker actor pool (one image per call) -> manifest rows, as they finish."""
-    from .orchestrator import connect, root_cause
+    from .raycluster import connect, root_cause
 
     ray = connect(cluster)
     from ray.data import ActorPoolStrategy, DataContext

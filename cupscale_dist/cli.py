@@ -214,7 +214,7 @@ def add_jobs_parsers(sub) -> None:
 
 def cmd_upscale(args: argparse.Namespace) -> int:
     from .imageio import check_output_path, load_image
-    from .orchestrator import ClusterOptions
+    from .raycluster import ClusterOptions
     from .plan import describe_plan
     from .runner import run_upscale
 
@@ -254,7 +254,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 def cmd_batch(args: argparse.Namespace) -> int:
     from .batch import run_batch, summarize_errors
-    from .orchestrator import ClusterOptions
+    from .raycluster import ClusterOptions
 
     config = config_from_args(args)
     cluster = ClusterOptions(args.actors, args.address, args.gpus_per_actor, args.cpus_per_actor, args.start_timeout)

@@ -12,7 +12,8 @@ from .checkpoint import Checkpointer, image_sha
 from .config import UpscaleConfig
 from .errors import UserError
 from .imageio import save_png
-from .orchestrator import ClusterOptions, make_predictor
+from .orchestrator import make_predictor
+from .raycluster import ClusterOptions
 from .pipeline import plan_stages, upscale
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from PIL import Image  # noqa: E402
 
 from cupscale_dist import UpscaleConfig  # noqa: E402
 from cupscale_dist.batch import run_batch  # noqa: E402
-from cupscale_dist.orchestrator import ClusterOptions  # noqa: E402
+from cupscale_dist.raycluster import ClusterOptions  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 

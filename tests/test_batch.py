@@ -17,7 +17,7 @@ from cupscale_dist import UserError
 from cupscale_dist.batch import (MANIFEST_NAME, MAX_ATTEMPTS, AttemptLedger, Item, UpscaleWorker, assign_outputs,
                                  list_inputs, output_name, run_batch, safe_component)
 from cupscale_dist.cli import main
-from cupscale_dist.orchestrator import ClusterOptions
+from cupscale_dist.raycluster import ClusterOptions
 
 ray = pytest.importorskip("ray")
 

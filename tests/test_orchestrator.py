@@ -14,7 +14,8 @@ import pytest
 
 from conftest import small_config
 from cupscale_dist import UserError, upscale
-from cupscale_dist.orchestrator import ClusterOptions, DenoiserPool, RayPredictor, make_predictor
+from cupscale_dist.orchestrator import DenoiserPool, RayPredictor, make_predictor
+from cupscale_dist.raycluster import ClusterOptions
 
 ray = pytest.importorskip("ray")
 
