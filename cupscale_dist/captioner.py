@@ -96,14 +96,12 @@ def read_prompt_file(path: Path) -> dict:
 class VLMPrompter:
     """A vision-language captioner (vLLM actor pool or transformers) describing each view's crop."""
 
-    def __init__(self, config, count_tokens=None):
-        import torch
-
+    def __init__(self, config, count_tokens=None, beside_workers: bool = True, start_timeout_s: float | None = None):
         from .vlm import VLMCaptioner, count_clip_tokens
 
-        gpus = config.captioner_gpus if config.captioner_gpus is not None else float(torch.cuda.is_available())
         self.captioner = VLMCaptioner(
-            config.captioner, config.captioner_model, pool_size=config.captioner_actors, gpus_per_actor=gpus,
+            config.captioner, config.captioner_model, pool_size=config.captioner_actors,
+            gpus_per_actor=config.captioner_gpus, beside_workers=beside_workers, placement_timeout_s=start_timeout_s,
             max_new_tokens=config.caption_max_new_tokens, token_budget=config.caption_token_budget,
             instruction=config.caption_instruction, region_context=config.caption_region_context,
             timeout_s=config.caption_timeout_s, dtype=config.captioner_dtype,
@@ -119,13 +117,15 @@ class VLMPrompter:
         self.captioner.close()
 
 
-def make_prompter(config, count_tokens=None) -> Prompter:
+def make_prompter(config, count_tokens=None, beside_workers: bool = True, start_timeout_s: float | None = None) -> Prompter:
     """The prompter the config asks for; a prompts file takes precedence over the captioner.
 
     ``count_tokens`` (text -> content tokens of the diffusion model's text encoder) fits captions to 77 tokens.
+    ``beside_workers``: model workers share the GPUs (the captioner takes a part of a GPU, not a whole one);
+    ``start_timeout_s``: how long the captioner pool may wait to be placed.
     """
     if config.regional_prompts:
         return FilePrompts(config.regional_prompts)
     if config.captioner == "none":
         return NoCaptioner()
-    return VLMPrompter(config, count_tokens)
+    return VLMPrompter(config, count_tokens, beside_workers, start_timeout_s)

@@ -39,6 +39,8 @@ class UpscaleConfig:
     seed: int = knob(0, "all noise is drawn from this seed, once per stage for the whole latent", min=0, max=2**32 - 1)
     scale: int = knob(4, "total upscale factor, reached in x2 stages (method.md 'Stages')")
     size: tuple[int, int] | None = knob(None, "exact output (W, H) instead of scale; stages x2 until reached")
+    variant: str | None = knob("fp16", "weights file variant fetched and loaded where a component has it ('fp16' is "
+                               "what most SDXL caches hold); None = full precision files")
     device: str = knob("auto", "'auto' = cuda if available, else cpu")
     dtype: str = knob("auto", "'auto' = bfloat16 on cuda (SDXL VAE overflows fp16), float32 on cpu")
     scheduler: Literal["euler", "ddim"] = knob("euler", "SDXL's default sampler; 'ddim' as the VP alternative")
@@ -99,6 +101,8 @@ class UpscaleConfig:
     min_input_side: int = knob(16, "refuse degenerate inputs such as 1x1", min=1)
 
     def __post_init__(self) -> None:
+        if isinstance(self.variant, str) and self.variant.lower() in ("", "none", "null"):
+            self.variant = None  # `--set variant=none`: the full-precision files
         for f in fields(self):
             setattr(self, f.name, _coerce(f.name, f.type, getattr(self, f.name)))
             value, lo, hi = getattr(self, f.name), f.metadata.get("min"), f.metadata.get("max")

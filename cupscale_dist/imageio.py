@@ -132,11 +132,16 @@ def save_png(image: Image.Image, path: str | os.PathLike, metadata: dict[str, ob
     try:
         with os.fdopen(fd, "wb") as handle:
             image.save(handle, format="PNG", pnginfo=info)
-        os.chmod(tmp, _new_file_mode(path))  # mkstemp makes 0600; give the output the mode a new file gets
-        os.replace(tmp, path)
+        place_output(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def place_output(tmp: str | os.PathLike, path: Path) -> None:
+    """Put a finished temp file at ``path`` atomically, with the mode a new file gets (mkstemp makes 0600)."""
+    os.chmod(tmp, _new_file_mode(path))
+    os.replace(tmp, path)
 
 
 def _new_file_mode(path: Path) -> int:

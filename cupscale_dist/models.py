@@ -1,12 +1,14 @@
-"""Model loading and the one calling contract the method uses (SDXL and SD1.5 families).
+"""The SDXL and SD1.5 families: what the driver knows of a model (configs, no weights) and how workers load it.
 
-``--model`` is a hub id, a local diffusers directory, or ``demo`` (the embedded tiny SDXL built by
-:mod:`cupscale_dist.testing`). Everything loads through diffusers ``from_pretrained``; the family is told apart
-from ``model_index.json``. Actors load only the UNet (:func:`load_unet`); the driver loads the pipeline.
+``--model`` is a hub id, a local diffusers directory, or ``demo`` (:mod:`cupscale_dist.hub` turns it into a local
+path once, on the driver). The driver reads only configs and the tokenizer (:class:`ModelSpec`): in Ray mode it
+holds no weights, so a CPU-only head scales. Workers (:mod:`cupscale_dist.worker`) load the modules with
+:func:`load_pipeline`, each component in the chosen ``variant`` where its files exist.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -15,13 +17,17 @@ from pathlib import Path
 
 import torch
 
-from .attention import install_regional_processors
 from .errors import UserError
+from .hub import component_variant, pipeline_components, resolve_model
 
 log = logging.getLogger(__name__)
 
 FAMILIES = {"StableDiffusionXLPipeline": "sdxl", "StableDiffusionXLImg2ImgPipeline": "sdxl",
             "StableDiffusionPipeline": "sd15", "StableDiffusionImg2ImgPipeline": "sd15"}
+# What each family's method code calls; other components of a repository (safety checker, image encoder) are
+# neither loaded nor fetched.
+FAMILY_COMPONENTS = {"sdxl": ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler"),
+                     "sd15": ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -45,84 +51,71 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return table[dtype]
 
 
-def resolve_model(model: str) -> str:
-    """'demo' -> the embedded model dir; a local dir -> checked; a hub id -> the cached snapshot dir."""
-    if model == "demo":
-        from .testing import demo_model_dir
-
-        return str(demo_model_dir())
-    path = Path(model).expanduser()
-    if path.exists() or model.startswith((".", "/", "~")):
-        if not (path / "model_index.json").is_file():
-            raise UserError(f"--model {model}: not a diffusers model directory (no model_index.json); "
-                            "point --model at a saved pipeline, or use --model demo")
-        return str(path)
+def read_json(model_dir: str | Path, name: str) -> dict:
     try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(model, allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"],
-                                 ignore_patterns=["*.fp16.safetensors", "*.bin"])
-    except Exception as exc:  # offline, unknown id, gated: one clear line either way
-        reason = type(exc).__name__
-        raise UserError(f"--model {model}: not available offline and could not be downloaded ({reason}); "
-                        "use --model PATH for a local diffusers directory, or --model demo") from None
+        return json.loads((Path(model_dir) / name).read_text())
+    except (OSError, ValueError):
+        raise UserError(f"--model {model_dir}: {name} is missing or unreadable; re-save the pipeline") from None
 
 
-def model_family(model_dir: str) -> str:
-    """'sdxl' or 'sd15', from model_index.json's pipeline class."""
-    try:
-        class_name = json.loads((Path(model_dir) / "model_index.json").read_text())["_class_name"]
-    except (OSError, ValueError, KeyError):
-        raise UserError(f"--model {model_dir}: model_index.json is unreadable; re-save the pipeline") from None
+def model_family(model_dir: str | Path) -> str:
+    """'sdxl' or 'sd15', from model_index.json's pipeline class; an SDXL refiner is refused (it has no first text
+    encoder and wants aesthetic-score conditioning: it refines a base model's output, it does not upscale)."""
+    index = read_json(model_dir, "model_index.json")
+    class_name = index.get("_class_name")
     if class_name not in FAMILIES:
         raise UserError(f"--model {model_dir}: {class_name} is not supported; use an SDXL or SD1.5 pipeline")
-    return FAMILIES[class_name]
-
-
-def load_unet(model: str, device: str = "auto", dtype: str = "auto"):
-    """Only the UNet, with the regional attention processors installed (what a denoiser actor needs)."""
-    from diffusers import UNet2DConditionModel
-
-    dev = resolve_device(device)
-    unet = UNet2DConditionModel.from_pretrained(resolve_model(model), subfolder="unet",
-                                                dtype=resolve_dtype(dtype, dev))
-    install_regional_processors(unet)
-    return unet.to(dev).eval().requires_grad_(False)
+    family = FAMILIES[class_name]
+    missing = ", ".join(c for c in FAMILY_COMPONENTS[family] if c not in pipeline_components(index))
+    if missing and index.get("requires_aesthetics_score"):
+        raise UserError(f"--model {model_dir}: an SDXL refiner (no {missing}) refines a base model's output; use a "
+                        "base model such as stabilityai/stable-diffusion-xl-base-1.0")
+    if missing:
+        raise UserError(f"--model {model_dir}: model_index.json lists no {missing}; re-save the whole pipeline "
+                        "with save_pretrained, or use --model demo")
+    return family
 
 
 @dataclass
-class DiffusionModel:
-    """The driver's view of a pipeline: components plus the few model-specific calls the method makes."""
+class ModelSpec:
+    """The driver's view of a model: its configs and tokenizer, no weights (a CPU-only head can hold it)."""
 
-    pipe: object
-    family: str
-    name: str
-    device: torch.device
-    dtype: torch.dtype
+    name: str  # what the user passed to --model
+    path: str  # the local directory every worker on a node sharing it loads from
+    family: str  # 'sdxl' | 'sd15'
+    vae_scale_factor: int  # pixels per latent pixel (8)
+    latent_channels: int
+    native_size: int  # the training resolution in pixels (1024 for SDXL, 512 for SD1.5)
+    scheduler_config: dict
+    force_zeros_for_empty_prompt: bool  # SDXL zeroes an empty negative prompt's embeddings
+    tokenizer: object  # the first CLIP tokenizer: token counts for masks and caption budgets
 
-    @property
-    def unet(self):
-        return self.pipe.unet
+    @classmethod
+    def load(cls, model: str, variant: str | None = None) -> ModelSpec:
+        """Resolve ``model`` (fetch a hub id once) and read its configs."""
+        return cls.read(resolve_model(model, variant), name=model)
 
-    @property
-    def vae(self):
-        return self.pipe.vae
+    @classmethod
+    def read(cls, model_dir: str, name: str | None = None) -> ModelSpec:
+        from transformers import CLIPTokenizer
 
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def native_size(self) -> int:
-        """The training resolution in pixels (1024 for SDXL, 512 for SD1.5)."""
-        return self.unet.config.sample_size * self.vae_scale_factor
+        family = model_family(model_dir)
+        vae = read_json(model_dir, "vae/config.json")
+        unet = read_json(model_dir, "unet/config.json")
+        factor = 2 ** (len(vae["block_out_channels"]) - 1)
+        index = read_json(model_dir, "model_index.json")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        return cls(name or model_dir, str(model_dir), family, factor, vae.get("latent_channels", 4),
+                   unet["sample_size"] * factor, read_json(model_dir, "scheduler/scheduler_config.json"),
+                   bool(index.get("force_zeros_for_empty_prompt", family == "sdxl")),
+                   CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer"))
 
     def new_scheduler(self, kind: str):
         """A fresh scheduler of the chosen kind, configured from the model's own scheduler config."""
         from diffusers import DDIMScheduler, EulerDiscreteScheduler
 
         cls = {"euler": EulerDiscreteScheduler, "ddim": DDIMScheduler}[kind]
-        scheduler = cls.from_config(self.pipe.scheduler.config)
+        scheduler = cls.from_config(self.scheduler_config)
         if scheduler.config.prediction_type != "epsilon":
             raise UserError(f"--model {self.name}: prediction_type {scheduler.config.prediction_type!r} is not "
                             "supported; use an epsilon-prediction model (SDXL base, SD1.5)")
@@ -130,55 +123,44 @@ class DiffusionModel:
 
     def token_count(self, prompt: str) -> int:
         """Tokens of ``prompt`` including <start> and <end>, as the text encoder sees them (<= 77)."""
-        tokenizer = self.pipe.tokenizer
-        return len(tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids)
+        return len(self.tokenizer(prompt, truncation=True, max_length=self.tokenizer.model_max_length).input_ids)
 
     def content_tokens(self, text: str) -> int:
         """Untruncated word-piece count of ``text`` (what a caption must fit into 75)."""
-        return len(self.pipe.tokenizer.tokenize(text))
-
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(embeds (U, 77, D), pooled (U, Dp) or None for SD1.5), float32 on CPU: cut to 77 tokens."""
-        if self.family == "sdxl":
-            embeds, _, pooled, _ = self.pipe.encode_prompt(prompts, device=self.device, do_classifier_free_guidance=False)
-            return embeds.float().cpu(), pooled.float().cpu()
-        embeds, _ = self.pipe.encode_prompt(prompts, self.device, 1, False)
-        return embeds.float().cpu(), None
-
-    @torch.no_grad()
-    def encode_negative(self, negative_prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """CFG's unconditional embeddings; SDXL zeroes an empty negative prompt, as its pipeline does."""
-        if self.family == "sdxl" and not negative_prompt and self.pipe.config.force_zeros_for_empty_prompt:
-            embeds, pooled = self.encode_prompts([""])
-            return torch.zeros_like(embeds), torch.zeros_like(pooled)
-        return self.encode_prompts([negative_prompt])
+        return len(self.tokenizer.tokenize(text))
 
 
-def load_model(model: str, device: str = "auto", dtype: str = "auto") -> DiffusionModel:
-    """Load a pipeline for the driver (text encoders, VAE, UNet with regional processors)."""
+def load_component(model_dir: str, name: str, dtype: torch.dtype, variant: str | None):
+    """One component as model_index.json names its class, in ``variant`` where that component has its files."""
+    library, class_name = read_json(model_dir, "model_index.json")[name]
+    cls = getattr(importlib.import_module(library), class_name)
+    if name.startswith(("tokenizer", "scheduler")):
+        return cls.from_pretrained(model_dir, subfolder=name)
+    return cls.from_pretrained(model_dir, subfolder=name, dtype=dtype,
+                               variant=component_variant(model_dir, name, variant))
+
+
+def load_pipeline(model_dir: str, device: torch.device, dtype: torch.dtype, variant: str | None = None):
+    """The family's diffusers pipeline built from its components (what a worker holds), on ``device``."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import logging as diffusers_logging
 
-    model_dir = resolve_model(model)
     family = model_family(model_dir)
-    dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
     diffusers_logging.disable_progress_bar()
     try:
-        if family == "sdxl":
-            pipe = StableDiffusionXLPipeline.from_pretrained(model_dir, dtype=torch_dtype)
-        else:
-            pipe = StableDiffusionPipeline.from_pretrained(model_dir, dtype=torch_dtype, safety_checker=None,
-                                                           requires_safety_checker=False)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"--model {model}: could not be loaded ({str(exc).splitlines()[0]}); "
+        parts = {name: load_component(model_dir, name, dtype, variant) for name in FAMILY_COMPONENTS[family]}
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"--model {model_dir}: could not be loaded ({str(exc).splitlines()[0]}); "
                         "check the directory or use --model demo") from None
+    if family == "sdxl":
+        zeros = bool(read_json(model_dir, "model_index.json").get("force_zeros_for_empty_prompt", True))
+        pipe = StableDiffusionXLPipeline(**parts, force_zeros_for_empty_prompt=zeros, add_watermarker=False)
+    else:
+        pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    pipe.to(dev)
-    if torch_dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False):
+    pipe.to(device)
+    if dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False):
         pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16, as diffusers' own pipeline knows
-    install_regional_processors(pipe.unet)
-    log.info("loaded %s (%s) on %s as %s", model, family, dev, torch_dtype)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return DiffusionModel(pipe, family, model, dev, torch_dtype)
+    log.info("loaded %s (%s) on %s as %s", model_dir, family, device, dtype)
+    return pipe

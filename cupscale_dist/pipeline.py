@@ -1,15 +1,16 @@
 """The C-Upscale pipeline, stage by stage, as method.md numbers it.
 
-``upscale(image, config)`` is the single-process reference. The Ray driver calls the same function with its
-own ``predictor`` (which fans the views out to actors); everything else — stages, scheduler, prior, reduction —
-is this code in both paths.
+``upscale(image, config)`` is the single-process reference. The Ray driver calls the same function with its own
+*executor* (:class:`cupscale_dist.orchestrator.RayExecutor`), which runs every forward pass — UNet views, VAE tiles,
+text encoders, the attention probe — on actors; everything else (stages, scheduler, prior, reduction, blending) is
+this code in both paths, and it holds no model weights: only latents, prompts and 8-bit image bands.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,18 +20,20 @@ from tqdm.auto import tqdm
 
 from .captioner import Prompter, make_prompter, pixel_boxes
 from .config import UpscaleConfig
-from .masks import binarize_maps, content_token_mask, probe_attention_maps, view_token_masks
-from .models import DiffusionModel, load_model
+from .masks import binarize_maps, content_token_mask, view_token_masks
+from .models import ModelSpec
 from .prior import GlobalPrior
-from .step import StageContext, StageSchedule, predict_views, reduce_and_step
-from .vae import configure_tiling, decode_image, decode_latents, encode_image, encode_pixels, image_to_tensor
+from .step import StageContext, StageSchedule, reduce_and_step
+from .vae import PixelCodec, decode_bands, encode_image, image_to_tensor
 from .views import jitter_views, make_views, view_batches
 from .wavelets import low_band
+from .worker import LocalExecutor, ModelWorker, encode_prompts
 
 log = logging.getLogger(__name__)
 SIZE_MULTIPLE = 64  # stage sizes in px: latent divisible by 2**3, the deepest DWT allowed (dwt_levels <= 3)
 
 StepCallback = Callable[[dict], None]
+BandSink = Callable[[Iterator[np.ndarray]], object]  # consumes a stage output's uint8 bands, top to bottom
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -58,29 +61,6 @@ def denoising_steps(config: UpscaleConfig) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Predictors: how a step's views become predictions. The reference runs them here; the Ray driver fans out.
-# ---------------------------------------------------------------------------------------------------------------
-class LocalPredictor:
-    """Runs :func:`predict_views` in-process over fixed view batches, yielding them in view order."""
-
-    def __init__(self, unet, batch_size: int):
-        self.unet, self.batch_size, self.context = unet, batch_size, None
-
-    def start_stage(self, context: StageContext) -> None:
-        self.context = context.to(self.unet.device, self.unet.dtype)
-
-    def predict(self, latents: torch.Tensor, views: np.ndarray, timestep, input_scale: float,
-                step: int) -> Iterable[tuple[Sequence[int], torch.Tensor]]:
-        for batch in view_batches(len(views), self.batch_size):
-            rects = views[batch.start : batch.stop]
-            windows = torch.stack([latents[0, :, t:b, l:r] for t, l, b, r in rects])
-            yield batch, predict_views(self.unet, windows, timestep, input_scale, self.context, batch, rects)
-
-    def close(self) -> None:
-        self.context = None
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # One stage
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass
@@ -90,19 +70,6 @@ class StageState:
     stage: int
     step: int
     latents: torch.Tensor
-
-
-class PixelCodec:
-    """prior_space='pixel': the VAE round trip around the low-band swap (costly: one decode+encode per step)."""
-
-    def __init__(self, vae):
-        self.vae = vae
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return decode_latents(self.vae, latents)
-
-    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        return encode_pixels(self.vae, pixels)
 
 
 def resize_input(image: Image.Image, size: tuple[int, int], config: UpscaleConfig) -> Image.Image:
@@ -119,42 +86,61 @@ def stage_generator(seed: int, stage: int, purpose: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + stage * 101 + purpose)
 
 
-@torch.no_grad()
-def attention_token_masks(model: DiffusionModel, config: UpscaleConfig, image: Image.Image, stage: int,
-                          global_prompt: str, global_embeds, global_pooled, latent_hw, views):
-    """Step 7: probe at native size -> binary per-token maps -> per-view masks (view) or the maps (pixel)."""
-    content = content_token_mask(model.token_count(global_prompt), global_embeds.shape[1])
+def attention_token_masks(executor, config: UpscaleConfig, image: Image.Image, stage: int, global_prompt: str,
+                          global_embeds: torch.Tensor, global_pooled: torch.Tensor | None, latent_hw, views):
+    """Step 7: probe at native size (on a worker) -> binary per-token maps -> per-view masks (view) or the maps
+    (pixel). The driver draws the probe's noise from the seed and binarises; the worker runs VAE + UNet."""
+    spec = executor.spec
+    content = content_token_mask(spec.token_count(global_prompt), global_embeds.shape[1])
     if config.mask_mode == "off" or not content.any():
         return None, None
-    native = model.native_size
-    probe_latent = encode_pixels(model.vae, image_to_tensor(image.resize((native, native), Image.Resampling.BICUBIC)))
-    scheduler = model.new_scheduler(config.scheduler)
+    native = spec.native_size
+    pixels = np.asarray(image.resize((native, native), Image.Resampling.BICUBIC))
+    scheduler = spec.new_scheduler(config.scheduler)
     timestep = int(config.attn_probe_t * (scheduler.config.num_train_timesteps - 1))
     alpha_bar = float(scheduler.alphas_cumprod[timestep])
-    noise = torch.randn(probe_latent.shape, generator=stage_generator(config.seed, stage, purpose=1))
-    noisy = math.sqrt(alpha_bar) * probe_latent + math.sqrt(1 - alpha_bar) * noise  # the UNet's input space
-    added = None
-    if global_pooled is not None:
-        time_ids = torch.tensor([[native, native, 0, 0, native, native]], dtype=torch.float32)
-        added = {"text_embeds": global_pooled.to(model.device, model.dtype), "time_ids": time_ids.to(model.device, model.dtype)}
-    attention = probe_attention_maps(model.unet, noisy.to(model.device), timestep, global_embeds.to(model.device), added)
+    latent_shape = (1, spec.latent_channels, native // spec.vae_scale_factor, native // spec.vae_scale_factor)
+    noise = torch.randn(latent_shape, generator=stage_generator(config.seed, stage, purpose=1)).numpy()
+    pooled = None if global_pooled is None else global_pooled.numpy()
+    call = (pixels, noise, timestep, alpha_bar, global_embeds.numpy(), pooled)
+    (attention,) = executor.map("probe", [call])
+    attention = torch.from_numpy(np.array(attention))  # a copy: Ray's arrays are read-only
     maps = binarize_maps(attention, content)
     if config.mask_mode == "pixel":
         return None, maps
     return view_token_masks(maps, latent_hw, views, config.mask_threshold), None
 
 
-def run_stage(model: DiffusionModel, config: UpscaleConfig, image: Image.Image, stage: int, size: tuple[int, int],
-              prompter: Prompter, global_prompt: str, predictor, callback: StepCallback | None = None,
-              resume: StageState | None = None, progress: bool = True) -> Image.Image:
-    """One x2 stage of method.md (steps 1-10); returns the stage output image."""
+def predict_step(executor, context, latents: torch.Tensor, views: np.ndarray, timestep,
+                 input_scale: float) -> Iterator[tuple[range, torch.Tensor]]:
+    """9a: every view's prediction, in fixed batches of ``executor.batch_size`` views, yielded in view order.
+
+    Only each batch's windows leave the driver; ``context`` is the stage context as ``executor.share`` made it.
+    """
+    host = latents[0].numpy()
+    batches = view_batches(len(views), executor.batch_size)
+    calls = ((context, np.stack([host[:, t:b, l:r] for t, l, b, r in views[batch.start : batch.stop]]),
+              float(timestep), input_scale, np.arange(batch.start, batch.stop), views[batch.start : batch.stop])
+             for batch in batches)
+    for batch, eps in zip(batches, executor.map("predict", calls)):
+        yield batch, torch.from_numpy(np.array(eps))  # a copy: Ray's arrays are read-only views
+
+
+def run_stage(executor, config: UpscaleConfig, image: Image.Image, stage: int, size: tuple[int, int],
+              prompter: Prompter, global_prompt: str, callback: StepCallback | None = None,
+              resume: StageState | None = None, progress: bool = True, sink: BandSink | None = None):
+    """One x2 stage of method.md (steps 1-10); returns the stage output image, or what ``sink`` returns when it
+    consumes the output's bands (a file writer: the output is never held whole)."""
+    spec: ModelSpec = executor.spec
+    f, tile_map = spec.vae_scale_factor, executor.map
+    sink = sink or collect_image
     # 1. Resize (+ sharpen) the stage input.
     image = resize_input(image, size, config)
-    # 2. Encode with the tiled VAE (tile by tile from the 8-bit image).
-    z_low = encode_image(model.vae, image, config.vae_tile, config.vae_tile_overlap)
+    # 2. Encode with the tiled VAE (tile by tile from the 8-bit image, on the workers).
+    z_low = encode_image(tile_map, image, f, spec.latent_channels, config.vae_tile, config.vae_tile_overlap)
     latent_hw = tuple(z_low.shape[-2:])
     # 4. Start point: S = round(s T) remaining steps, z_S = add_noise(z_L, eps, t_S); noise drawn once per stage.
-    scheduler = model.new_scheduler(config.scheduler)
+    scheduler = spec.new_scheduler(config.scheduler)
     scheduler.set_timesteps(config.steps, device="cpu")
     start = config.steps - denoising_steps(config)
     noise = torch.randn(z_low.shape, generator=stage_generator(config.seed, stage))
@@ -163,91 +149,119 @@ def run_stage(model: DiffusionModel, config: UpscaleConfig, image: Image.Image, 
         prior, codec = GlobalPrior.from_latent(z_low, noise, config.wavelet, config.dwt_levels), None
     else:  # the pixel-space prior needs full float pixels (and a VAE round trip per step)
         low = low_band(image_to_tensor(image), config.wavelet, config.dwt_levels)
-        configure_tiling(model.vae, config.vae_tile, config.vae_tile_overlap)
-        prior, codec = GlobalPrior(low, torch.zeros_like(low), config.wavelet, config.dwt_levels), PixelCodec(model.vae)
+        prior = GlobalPrior(low, torch.zeros_like(low), config.wavelet, config.dwt_levels)
+        codec = PixelCodec(tile_map, f, spec.latent_channels, config.vae_tile, config.vae_tile_overlap)
     schedule = StageSchedule(scheduler, start, prior, config.prior_target, config.prior_fraction,
                              config.prior_schedule, codec)
     if schedule.num_steps == 0:
-        return image
+        return sink(iter([np.asarray(image)]))
     if hasattr(scheduler, "set_begin_index"):  # stateful (Euler) schedulers count steps from here
         scheduler.set_begin_index(start + (resume.step if resume else 0))
     latents = resume.latents.clone() if resume else scheduler.add_noise(z_low, noise, scheduler.timesteps[start : start + 1])
     # 5. Views.
     views = make_views(*latent_hw, config.tile, config.stride)
-    # 6. Regional prompts, encoded once per unique prompt.
-    prompts = prompter.regional_prompts(stage, image, pixel_boxes(views, model.vae_scale_factor), global_prompt)
+    # 6. Regional prompts, encoded once per unique prompt (in bounded chunks, on the workers).
+    prompts = prompter.regional_prompts(stage, image, pixel_boxes(views, f), global_prompt)
     if not config.keep_captioner:
         prompter.close()  # the captioner pool's GPU memory goes back to the UNet; its cache stays
     unique = sorted(set(prompts))
     view_prompt = np.array([unique.index(p) for p in prompts], dtype=np.int64)
-    regional_embeds, regional_pooled = model.encode_prompts(unique)
-    global_embeds, global_pooled = model.encode_prompts([global_prompt])
-    negative_embeds, negative_pooled = model.encode_negative(config.negative_prompt)
+    regional_embeds, regional_pooled = encode_prompts(executor, unique)
+    global_embeds, global_pooled = encode_prompts(executor, [global_prompt])
+    negative_embeds, negative_pooled = encode_negative(executor, config.negative_prompt)
     # 7. Regional attention masks from the attention probe.
-    token_allowed, token_maps = attention_token_masks(model, config, image, stage, global_prompt, global_embeds,
+    token_allowed, token_maps = attention_token_masks(executor, config, image, stage, global_prompt, global_embeds,
                                                       global_pooled, latent_hw, views)
+    image = None  # the stage input is not needed past here: a 16K stage's input is as big as its output
     # 8. The composer's inputs travel in the stage context (used inside every cross-attention layer).
     context = StageContext(negative_embeds, global_embeds, regional_embeds, view_prompt, negative_pooled,
                            global_pooled, regional_pooled, token_allowed, token_maps, latent_hw,
-                           (size[1], size[0]), model.vae_scale_factor, config.guidance_scale,
+                           (size[1], size[0]), f, config.guidance_scale,
                            config.lambda_global, config.composer, config.pooled_prompt)
-    predictor.start_stage(context)
+    shared = executor.share(context)  # sent once per stage; each call carries only its windows
     # 9. Denoising loop: predict every view, reduce + prior, one scheduler step on the whole latent.
     first = resume.step if resume else 0
     bar = tqdm(total=schedule.num_steps, initial=first, disable=not progress, unit="step",
                desc=f"stage {stage + 1} {size[0]}x{size[1]} ({len(views)} views)")
     for step in range(first, schedule.num_steps):
         step_views = jitter_views(views, *latent_hw, config.jitter, np.random.default_rng([config.seed, stage, step]))
-        batches = predictor.predict(latents, step_views, schedule.timestep(step), schedule.input_scale(step), step)
+        batches = predict_step(executor, shared, latents, step_views, schedule.timestep(step), schedule.input_scale(step))
         latents = reduce_and_step(latents, batches, step_views, schedule, step, config.blend, config.gaussian_sigma)
         bar.update(1)
         if callback is not None:
             callback({"stage": stage, "step": step + 1, "num_steps": schedule.num_steps, "latents": latents,
                       "timestep": schedule.timestep(step)})
     bar.close()
-    # 10. Decode with the tiled VAE (band by band into 8 bits).
-    return decode_image(model.vae, latents, config.vae_tile, config.vae_tile_overlap)
+    # 10. Decode with the tiled VAE (on the workers), band by band into 8 bits.
+    return sink(decode_bands(tile_map, latents, f, config.vae_tile, config.vae_tile_overlap))
+
+
+def encode_negative(executor, negative_prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """CFG's unconditional embeddings; SDXL zeroes an empty negative prompt, as its pipeline does."""
+    embeds, pooled = encode_prompts(executor, [negative_prompt])
+    if executor.spec.family == "sdxl" and not negative_prompt and executor.spec.force_zeros_for_empty_prompt:
+        return torch.zeros_like(embeds), torch.zeros_like(pooled)
+    return embeds, pooled
+
+
+def collect_image(bands: Iterator[np.ndarray]) -> Image.Image:
+    """The default sink: the stage output as one 8-bit image."""
+    return Image.fromarray(np.concatenate(list(bands)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # All stages
 # ---------------------------------------------------------------------------------------------------------------
-def upscale(image: Image.Image, config: UpscaleConfig, *, model: DiffusionModel | None = None, predictor=None,
+def upscale(image: Image.Image, config: UpscaleConfig, *, model: ModelWorker | None = None, executor=None,
             callback: StepCallback | None = None, resume: StageState | None = None, stage_inputs: dict | None = None,
-            progress: bool = True) -> Image.Image:
+            progress: bool = True, sink: BandSink | None = None):
     """Upscale ``image`` by ``config.scale`` (or to ``config.size``) in x2 stages (method.md 'Stages').
 
     Args:
         image (PIL.Image): RGB input.
         config (UpscaleConfig): every knob of the method.
-        model (DiffusionModel, *optional*): a loaded model; loaded from ``config.model`` if omitted.
-        predictor (*optional*): fans out view predictions (``LocalPredictor`` if omitted; the Ray driver passes its own).
+        model (ModelWorker, *optional*): an already loaded in-process worker for the reference (else loaded from
+            ``config.model``); ignored when ``executor`` is given.
+        executor (*optional*): runs the forward passes (``LocalExecutor`` if omitted; the Ray driver passes a
+            ``RayExecutor``, which holds the actors; it is closed at the end).
         callback (*optional*): called after every step with ``{"stage", "step", "num_steps", "latents", "timestep"}``.
         resume (StageState, *optional*): continue a stage from a checkpointed latent;
         stage_inputs (dict, *optional*): ``{stage: input image}`` of finished stages, needed with ``resume``.
+        sink (*optional*): consumes the final image's uint8 bands (a streaming file writer) when the last stage's
+            size is the target size; ``upscale`` then returns what ``sink`` returns instead of the image.
+
+    Returns:
+        PIL.Image: the upscaled image (or the sink's result, see ``sink``).
     """
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     prompter = None
     input_size = image.size
-    try:  # whatever fails, the predictor (a Ray actor pool) and the captioner pool are released
-        model = model or load_model(config.model, config.device, config.dtype)
-        predictor = predictor or LocalPredictor(model.unet, config.view_batch_size)
-        prompter = make_prompter(config, count_tokens=model.content_tokens)
+    try:  # whatever fails, the executor (a Ray actor pool) and the captioner pool are released
+        if executor is None:
+            model = model or ModelWorker.load(config.model, config.device, config.dtype, config.variant)
+            executor = LocalExecutor(model, config.view_batch_size)
+        prompter = make_prompter(config, count_tokens=executor.spec.content_tokens,
+                                 start_timeout_s=executor.start_timeout_s)
         global_prompt = config.prompt or prompter.global_caption(image)
         sizes = plan_stages(image.size, config)
+        final = target_size(input_size, config)
+        streams = sink is not None and sizes[-1] == final  # the last stage writes straight into the sink
         first = resume.stage if resume else 0
         if resume is not None:
             image = stage_inputs[first]
         for stage in range(first, len(sizes)):
             if callback is not None:
                 callback({"stage": stage, "step": 0, "stage_input": image})
-            image = run_stage(model, config, image, stage, sizes[stage], prompter, global_prompt, predictor,
-                              callback, resume if resume and resume.stage == stage else None, progress)
+            image = run_stage(executor, config, image, stage, sizes[stage], prompter, global_prompt, callback,
+                              resume if resume and resume.stage == stage else None, progress,
+                              sink if streams and stage == len(sizes) - 1 else None)
     finally:
         if prompter is not None:
             prompter.close()
-        if predictor is not None:
-            predictor.close()
-    final = target_size(input_size, config)
-    return image if image.size == final else image.resize(final, Image.Resampling.LANCZOS)
+        if executor is not None:
+            executor.close()
+    if streams or image.size == final:
+        return image
+    resized = image.resize(final, Image.Resampling.LANCZOS)  # stage sizes are multiples of 64 px
+    return sink(iter([np.asarray(resized)])) if sink is not None else resized

@@ -11,10 +11,11 @@ from . import __version__
 from .checkpoint import Checkpointer, image_sha
 from .config import UpscaleConfig
 from .errors import UserError
-from .imageio import save_png
-from .orchestrator import make_predictor
+from .imageio import place_output
+from .orchestrator import make_executor
+from .pipeline import plan_stages, target_size, upscale
 from .raycluster import ClusterOptions
-from .pipeline import plan_stages, upscale
+from .writers import write_streamed
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,9 @@ def run_metadata(config: UpscaleConfig, input_size: tuple[int, int], source: str
 
 def run_upscale(image: Image.Image, config: UpscaleConfig, output: str | Path, *, source: str | None = None,
                 progress: bool = True, cluster: ClusterOptions | None = None, checkpoint_dir: str | None = None,
-                checkpoint_every: int = 1, resume: bool = False) -> Image.Image:
-    """Upscale and save atomically; the output file appears only when the whole run succeeded.
+                checkpoint_every: int = 1, resume: bool = False) -> Path:
+    """Upscale and write ``output`` (.png or .tif) band by band as the last stage decodes (a 16K result is never
+    held whole), atomically: the file appears only when the whole run succeeded. Returns the output path.
 
     ``cluster`` None or ``actors=0``: the single-process reference; otherwise the Ray driver (same functions).
     ``checkpoint_dir``: keep a checkpoint every ``checkpoint_every`` steps; ``resume`` continues from it.
@@ -49,11 +51,12 @@ def run_upscale(image: Image.Image, config: UpscaleConfig, output: str | Path, *
         callback = checkpointer
     elif resume:
         raise UserError("--resume needs --checkpoint-dir DIR (where the interrupted run kept its checkpoint)")
-    predictor = make_predictor(config, cluster) if cluster is not None else None
+    executor = make_executor(config, cluster) if cluster is not None else None
     log.info("upscaling %s (%dx%d) with %s", source or "image", *image.size, config.model)
-    result = upscale(image, config, predictor=predictor, callback=callback, resume=state, stage_inputs=stage_inputs,
-                     progress=progress)
-    save_png(result, output, run_metadata(config, image.size, source))
+    metadata = run_metadata(config, image.size, source)
+    size = target_size(image.size, config)
+    written = upscale(image, config, executor=executor, callback=callback, resume=state, stage_inputs=stage_inputs,
+                      progress=progress, sink=lambda bands: write_streamed(output, bands, size, metadata, place_output))
     if checkpointer is not None:
         checkpointer.path.unlink(missing_ok=True)  # the run is complete: nothing left to resume
-    return result
+    return written

@@ -1,12 +1,17 @@
 """Tiled VAE encode/decode (method.md steps 2 and 10) that never holds a full-resolution float image.
 
 Tiles are the views of :mod:`cupscale_dist.views` in latent pixels (``vae_tile`` / 8 wide, overlapping by
-``vae_tile_overlap``), blended with Gaussian window weights. Encoding converts one pixel tile at a time from the
-8-bit image; decoding finishes the output row band by row band into an 8-bit array, so a 16K stage holds its
-uint8 image plus one band of floats (a float32 RGB copy of a 16K image alone would be 3.2 GB).
+``vae_tile_overlap``), blended with Gaussian window weights. The forward passes run wherever the executor puts
+them (``encode_tile`` / ``decode_tile`` of :class:`cupscale_dist.worker.ModelWorker`, one tile per call, results in
+tile order); the driver only cuts tiles and blends. Encoding cuts one pixel tile at a time from the 8-bit image;
+decoding finishes the output row band by row band (:func:`decode_bands`), so a 16K stage holds its uint8 image
+plus one band of floats (a float32 RGB copy of a 16K image alone would be 3.2 GB) — or, streamed into a file
+writer, not even the uint8 image.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -17,33 +22,26 @@ from .views import make_views, window_starts
 
 BLEND_SIGMA = 0.3  # Gaussian tile window std as a fraction of the tile: smooth seams, borders still weighted
 
-
-def scale_factor(vae) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
-def configure_tiling(vae, tile_px: int, overlap: float) -> None:
-    """diffusers' own tiling, for the full-float round trip of prior_space='pixel'."""
-    vae.enable_tiling()
-    vae.tile_sample_min_size = tile_px
-    vae.tile_latent_min_size = tile_px // scale_factor(vae)
-    vae.tile_overlap_factor = overlap
+TileMap = Callable[[str, Iterable[tuple]], Iterator]  # an executor's ``map``: (method, calls) -> results in order
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> (1, 3, H, W) float32 in [-1, 1]."""
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)
+    return tile_to_tensor(np.asarray(image.convert("RGB")))
+
+
+def tile_to_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """A pixel tile as a worker receives it -> (1, 3, H, W) float32 in [-1, 1]: uint8 (H, W, 3) is converted
+    (a quarter of the bytes on the wire), float32 (3, H, W) already in [-1, 1] is taken as it is."""
+    if pixels.dtype == np.uint8:
+        array = np.asarray(pixels, dtype=np.float32) / 127.5 - 1.0
+        return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)
+    return torch.from_numpy(np.array(pixels, dtype=np.float32)).unsqueeze(0)
 
 
 def to_uint8(pixels: torch.Tensor) -> np.ndarray:
     """(3, H, W) float in [-1, 1] -> (H, W, 3) uint8, rounded."""
     return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-
-
-def tensor_to_image(x: torch.Tensor) -> Image.Image:
-    """(1, 3, H, W) in [-1, 1] -> RGB PIL image."""
-    return Image.fromarray(to_uint8(x[0]))
 
 
 @torch.no_grad()
@@ -66,49 +64,88 @@ def latent_tiles(tile_px: int, overlap: float, factor: int) -> tuple[int, int]:
     return tile, max(1, tile - int(tile * overlap))
 
 
-@torch.no_grad()
-def encode_image(vae, image: Image.Image, tile_px: int, overlap: float) -> torch.Tensor:
-    """8-bit image -> scaled latent, one pixel tile at a time (step 2)."""
-    f = scale_factor(vae)
-    height, width = image.height // f, image.width // f
-    tile, stride = latent_tiles(tile_px, overlap, f)
+def encode_tiled(tile_map: TileMap, cut: Callable[[int, int, int, int], np.ndarray], height: int, width: int,
+                 channels: int, tile: int, stride: int) -> torch.Tensor:
+    """Latent (1, C, height, width) from pixel tiles: ``cut(top, left, bottom, right)`` (latent px) gives what the
+    worker encodes; the tiles' latents are blended in tile order."""
     if max(height, width) <= tile:
-        return encode_pixels(vae, image_to_tensor(image))
+        (latent,) = tile_map("encode_tile", [(cut(0, 0, height, width),)])
+        return torch.from_numpy(np.array(latent))[None]  # a copy: Ray's arrays are read-only
     views = make_views(height, width, tile, stride)
-    tiles = ((range(i, i + 1), encode_pixels(vae, image_to_tensor(image.crop((l * f, t * f, r * f, b * f)))))
-             for i, (t, l, b, r) in enumerate(views))
-    channels = vae.config.latent_channels
+    latents = tile_map("encode_tile", ((cut(*view),) for view in views))
+    tiles = ((range(i, i + 1), torch.from_numpy(np.array(latent))[None]) for i, latent in enumerate(latents))  # Ray: read-only
     return reduce_predictions(tiles, views, (1, channels, height, width), "gaussian", BLEND_SIGMA)
 
 
-@torch.no_grad()
-def decode_image(vae, latents: torch.Tensor, tile_px: int, overlap: float) -> Image.Image:
-    """Scaled latent -> 8-bit image, finished one band of tile rows at a time (step 10)."""
-    f = scale_factor(vae)
+def encode_image(tile_map: TileMap, image: Image.Image, factor: int, channels: int, tile_px: int,
+                 overlap: float) -> torch.Tensor:
+    """8-bit image -> scaled latent, one uint8 pixel tile at a time (step 2)."""
+    pixels = np.asarray(image.convert("RGB"))
+    cut = lambda t, l, b, r: np.ascontiguousarray(pixels[t * factor : b * factor, l * factor : r * factor])  # noqa: E731
+    return encode_tiled(tile_map, cut, image.height // factor, image.width // factor, channels,
+                        *latent_tiles(tile_px, overlap, factor))
+
+
+def decode_float_bands(tile_map: TileMap, latents: torch.Tensor, factor: int, tile_px: int,
+                       overlap: float) -> Iterator[torch.Tensor]:
+    """Scaled latent -> float pixel bands (3, rows, W) in [-1, 1], top to bottom; each band is final when yielded."""
     height, width = latents.shape[-2:]
-    tile, stride = latent_tiles(tile_px, overlap, f)
+    tile, stride = latent_tiles(tile_px, overlap, factor)
     if max(height, width) <= tile:
-        return tensor_to_image(decode_latents(vae, latents))
+        (pixels,) = tile_map("decode_tile", [(latents[0].numpy(),)])
+        yield torch.from_numpy(np.array(pixels))
+        return
     tops, lefts = window_starts(height, tile, stride), window_starts(width, tile, stride)
-    out = np.empty((height * f, width * f, 3), dtype=np.uint8)
-    acc = torch.zeros(3, 0, width * f)  # weighted pixel sums of rows [done, band bottom), float32
-    weight = torch.zeros(0, width * f)
-    done = 0  # rows before this are final and live in `out` only
+    rects = [(top, left, min(top + tile, height), min(left + tile, width)) for top in tops for left in lefts]
+    decoded = tile_map("decode_tile", ((np.ascontiguousarray(latents[0, :, t:b, l:r].numpy()),) for t, l, b, r in rects))
+    acc = torch.zeros(3, 0, width * factor)  # weighted pixel sums of rows [done, band bottom), float32
+    weight = torch.zeros(0, width * factor)
+    done = 0  # rows before this are final and were yielded
     windows: dict = {}
     for i, top in enumerate(tops):
         bottom = min(top + tile, height)
-        grow = bottom * f - done - acc.shape[1]
-        acc, weight = torch.cat([acc, torch.zeros(3, grow, width * f)], 1), torch.cat([weight, torch.zeros(grow, width * f)])
+        grow = bottom * factor - done - acc.shape[1]
+        acc = torch.cat([acc, torch.zeros(3, grow, width * factor)], 1)
+        weight = torch.cat([weight, torch.zeros(grow, width * factor)])
         for left in lefts:
             right = min(left + tile, width)
-            pixels = decode_latents(vae, latents[..., top:bottom, left:right])[0]
+            pixels = torch.from_numpy(np.array(next(decoded)))  # a copy: Ray's arrays are read-only
             size = tuple(pixels.shape[-2:])
             if size not in windows:
                 windows[size] = window_weights(*size, "gaussian", BLEND_SIGMA)
-            rows, cols = slice(top * f - done, bottom * f - done), slice(left * f, right * f)
+            rows, cols = slice(top * factor - done, bottom * factor - done), slice(left * factor, right * factor)
             acc[:, rows, cols] += pixels * windows[size]
             weight[rows, cols] += windows[size]
-        final = (tops[i + 1] if i + 1 < len(tops) else height) * f  # later bands never reach above this row
-        out[done:final] = to_uint8(acc[:, : final - done] / weight[: final - done])
+        final = (tops[i + 1] if i + 1 < len(tops) else height) * factor  # later bands never reach above this row
+        yield acc[:, : final - done] / weight[: final - done]
         acc, weight, done = acc[:, final - done :], weight[final - done :], final
-    return Image.fromarray(out)
+
+
+def decode_bands(tile_map: TileMap, latents: torch.Tensor, factor: int, tile_px: int,
+                 overlap: float) -> Iterator[np.ndarray]:
+    """Scaled latent -> uint8 bands (rows, W, 3), top to bottom (step 10): what a file writer streams."""
+    return (to_uint8(band) for band in decode_float_bands(tile_map, latents, factor, tile_px, overlap))
+
+
+def decode_image(tile_map: TileMap, latents: torch.Tensor, factor: int, tile_px: int, overlap: float) -> Image.Image:
+    """Scaled latent -> 8-bit image, finished one band of tile rows at a time (step 10)."""
+    return Image.fromarray(np.concatenate(list(decode_bands(tile_map, latents, factor, tile_px, overlap))))
+
+
+class PixelCodec:
+    """prior_space='pixel': the tiled VAE round trip around the low-band swap (one decode + encode per step,
+    on the workers; the full float image is what a pixel-space prior needs by nature)."""
+
+    def __init__(self, tile_map: TileMap, factor: int, channels: int, tile_px: int, overlap: float):
+        self.tile_map, self.factor, self.channels = tile_map, factor, channels
+        self.tile_px, self.overlap = tile_px, overlap
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        bands = decode_float_bands(self.tile_map, latents, self.factor, self.tile_px, self.overlap)
+        return torch.cat(list(bands), dim=1)[None]
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        f = self.factor
+        cut = lambda t, l, b, r: pixels[0, :, t * f : b * f, l * f : r * f].contiguous().numpy()  # noqa: E731
+        return encode_tiled(self.tile_map, cut, pixels.shape[-2] // f, pixels.shape[-1] // f, self.channels,
+                            *latent_tiles(self.tile_px, self.overlap, f))

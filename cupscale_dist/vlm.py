@@ -262,8 +262,11 @@ class VLMCaptioner:
         model (`str`): hub id or local dir of an image-text-to-text model; the paper uses LLaVA-NeXT
             (`DEFAULT_MODEL`). Checked before any actor starts.
         pool_size (`int`, *optional*, defaults to 1): engine actors; crops are split across them in order.
-        gpus_per_actor (`float`, *optional*, defaults to 1.0): GPU share per actor (0 where the cluster has none);
-            vLLM's `gpu_memory_utilization` follows it so actors sharing a GPU fit.
+        gpus_per_actor (`float`, *optional*): GPU share per actor (0 where the cluster has none); None = chosen by
+            `placement.captioner_share` (a part of a GPU `beside_workers`, else a whole one). vLLM's
+            `gpu_memory_utilization` follows it so actors sharing a GPU fit.
+        beside_workers (`bool`, *optional*, defaults to True): model workers share the GPUs with this pool.
+        placement_timeout_s (`float`, *optional*): how long the pool may wait to be placed (None: the pool's default).
         cpus_per_actor (`float`, *optional*, defaults to 1.0): fractional, so caption actors don't starve the
             other pools (architecture.md, Ray facts).
         max_new_tokens (`int`, *optional*, defaults to 48): generation cap; a caption past the text encoder's
@@ -281,14 +284,16 @@ class VLMCaptioner:
     """
 
     def __init__(self, backend: str, model: str = DEFAULT_MODEL, *, pool_size: int = 1,
-                 gpus_per_actor: float = 1.0, cpus_per_actor: float = 1.0, max_new_tokens: int = 48,
+                 gpus_per_actor: float | None = None, cpus_per_actor: float = 1.0, max_new_tokens: int = 48,
                  token_budget: int = CLIP_CONTENT_TOKENS, instruction: str = DEFAULT_INSTRUCTION,
                  region_context: str = DEFAULT_REGION_CONTEXT, timeout_s: float = 600.0, dtype: str = "auto",
-                 use_ray: bool = True, count_tokens: Callable[[str], int] = count_clip_tokens):
+                 use_ray: bool = True, count_tokens: Callable[[str], int] = count_clip_tokens,
+                 beside_workers: bool = True, placement_timeout_s: float | None = None):
         self.check_inputs(backend, model, pool_size, max_new_tokens, token_budget, region_context, timeout_s)
         self.backend, self.model = backend, model
         self.engine_options = {"max_new_tokens": max_new_tokens, "dtype": dtype}
         self.pool_size, self.gpus_per_actor, self.cpus_per_actor = pool_size, gpus_per_actor, cpus_per_actor
+        self.beside_workers, self.placement_timeout_s = beside_workers, placement_timeout_s
         self.token_budget, self.count_tokens = token_budget, count_tokens
         self.instruction, self.region_context = instruction, region_context
         self.timeout_s, self.use_ray = timeout_s, use_ray
@@ -368,7 +373,8 @@ class VLMCaptioner:
 
             return CaptionerPool(self.backend, self.model, pool_size=self.pool_size,
                                  gpus_per_actor=self.gpus_per_actor, cpus_per_actor=self.cpus_per_actor,
-                                 engine_options=self.engine_options)
+                                 engine_options=self.engine_options, beside_workers=self.beside_workers,
+                                 placement_timeout_s=self.placement_timeout_s)
         return InProcessRunner(load_engine(self.backend, self.model, **self.engine_options))
 
 

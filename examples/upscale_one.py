@@ -16,6 +16,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo model is built locally; nothing is downloaded
 
+from PIL import Image  # noqa: E402
+
 from cupscale_dist import UpscaleConfig  # noqa: E402
 from cupscale_dist.imageio import load_image  # noqa: E402
 from cupscale_dist.raycluster import ClusterOptions  # noqa: E402
@@ -34,8 +36,9 @@ def main() -> None:
     config = UpscaleConfig.load("cpu-demo")  # configs/cpu-demo.yaml: model=demo, device=cpu, scale=2
     image = load_image(args.input, config.max_input_pixels, config.min_input_side)
     cluster = ClusterOptions(actors=args.actors, gpus_per_actor=0, cpus_per_actor=0.5)
-    result = run_upscale(image, config, args.output, source=args.input, cluster=cluster)
-    print(f"wrote {args.output}: {image.size[0]}x{image.size[1]} -> {result.size[0]}x{result.size[1]}")
+    written = run_upscale(image, config, args.output, source=args.input, cluster=cluster)
+    with Image.open(written) as result:
+        print(f"wrote {written}: {image.size[0]}x{image.size[1]} -> {result.size[0]}x{result.size[1]}")
 
 
 if __name__ == "__main__":

@@ -30,9 +30,9 @@ def sd15_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def sdxl_model(sdxl_dir):
-    from cupscale_dist.models import load_model
+    from cupscale_dist.worker import ModelWorker
 
-    return load_model(sdxl_dir, device="cpu", dtype="float32")
+    return ModelWorker(sdxl_dir, device="cpu", dtype="float32")
 
 
 @pytest.fixture

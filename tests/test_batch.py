@@ -157,7 +157,7 @@ def test_workers_that_cannot_load_the_model_fail_in_one_clear_line(local_ray, tm
     broken = tmp_path / "model"
     broken.mkdir()
     (broken / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
-    with pytest.raises(UserError, match=f"batch workers failed: --model {broken}: could not be loaded"):
+    with pytest.raises(UserError, match=f"batch workers failed: --model {broken}: model_index.json lists no vae"):
         run_batch(str(tmp_path / "in"), tmp_path / "out", small_config(str(broken)), cluster=CPU_WORKERS,
                   progress=False)
     assert (tmp_path / "out" / MANIFEST_NAME).exists()  # what finished (nothing) is recorded; a rerun resumes

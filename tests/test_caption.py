@@ -39,13 +39,13 @@ def test_vlm_captions_reach_the_composer_per_view(local_ray, sdxl_model, photo, 
     from conftest import small_config
     from cupscale_dist import upscale
     from cupscale_dist.vlm_testing import build_tiny_vlm
-    from test_pipeline import RecordingPredictor
+    from test_pipeline import RecordingExecutor
 
     config = small_config(sdxl_model.name, captioner="transformers", captioner_model=str(build_tiny_vlm(tmp_path / "vlm")),
                           captioner_dtype="float32", captioner_gpus=0.0, steps=2)
-    predictor = RecordingPredictor(sdxl_model.unet, 4)
-    upscale(photo, config, model=sdxl_model, predictor=predictor, progress=False)
-    context = predictor.contexts[0]
+    executor = RecordingExecutor(sdxl_model, 4)
+    upscale(photo, config, executor=executor, progress=False)
+    context = executor.contexts[0]
     assert len(set(context.view_prompt.tolist())) > 1  # different crops, different captions, different embeddings
     per_view = context.regional_embeds[context.view_prompt]
     assert not all(per_view[0].equal(per_view[i]) for i in range(1, len(per_view)))

@@ -1,5 +1,6 @@
-"""The Ray driver on a real local cluster: same bytes as the reference for any actor count, survives a killed
-actor and a killed driver, and fails clearly on bad clusters."""
+"""The Ray driver on a real local cluster: every forward pass on the actors, the same bytes as the reference for
+any actor count, survives a killed actor (in any kind of call) and a killed driver, and fails clearly on bad
+clusters."""
 
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ import pytest
 
 from conftest import small_config
 from cupscale_dist import UserError, upscale
-from cupscale_dist.orchestrator import DenoiserPool, RayPredictor, make_predictor
+from cupscale_dist.models import ModelSpec
+from cupscale_dist.orchestrator import RayExecutor, WorkerPool
+from cupscale_dist.vae import latent_tiles
+from cupscale_dist.views import make_views
 from cupscale_dist.raycluster import ClusterOptions
 
 ray = pytest.importorskip("ray")
@@ -24,30 +28,60 @@ def as_bytes(image) -> bytes:
     return np.asarray(image).tobytes()
 
 
-def run(model, photo, actors, predictor=None, **changes):
-    config = small_config(model.name, **changes)
-    predictor = predictor or make_predictor(config, ClusterOptions(actors=actors, cpus_per_actor=0.5))
-    return upscale(photo, config, model=model, predictor=predictor, progress=False)
+class CountingPool(WorkerPool):
+    """A real pool that counts the calls each kind of forward pass sent to the actors."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.calls: dict[str, int] = {}
+
+    def _submit(self, method, args, slot):
+        self.calls[method] = self.calls.get(method, 0) + 1
+        return super()._submit(method, args, slot)
 
 
-def test_output_bytes_identical_for_0_1_2_3_actors(local_ray, sdxl_model, photo):
-    results = {n: as_bytes(run(sdxl_model, photo, n, view_batch_size=2)) for n in (0, 1, 2, 3)}
+def ray_executor(config, actors, pool_class=CountingPool, **pool_kwargs):
+    spec = ModelSpec.load(config.model)
+    return RayExecutor(pool_class(config, ClusterOptions(actors=actors, cpus_per_actor=0.5), spec, **pool_kwargs),
+                       spec, config.view_batch_size)
+
+
+def forbid_models_in_the_driver(monkeypatch):
+    """From here on this process (the driver) cannot load a model: every forward pass must run on the actors."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the driver loaded a model")
+
+    monkeypatch.setattr("cupscale_dist.worker.load_pipeline", refuse)
+    monkeypatch.setattr("cupscale_dist.models.load_pipeline", refuse)
+
+
+def test_output_bytes_identical_for_0_1_2_3_actors_with_every_forward_pass_on_them(local_ray, sdxl_model, photo,
+                                                                                  monkeypatch):
+    config = small_config(sdxl_model.name, view_batch_size=2, vae_tile=64)  # 128 px stage tiles: several VAE tiles
+    results = {0: as_bytes(upscale(photo, config, model=sdxl_model, progress=False))}
+    forbid_models_in_the_driver(monkeypatch)
+    for actors in (1, 2, 3):
+        executor = ray_executor(config, actors)
+        results[actors] = as_bytes(upscale(photo, config, executor=executor, progress=False))
+        calls = executor.pool.calls  # the driver ran none of them itself
+        vae_tiles = len(make_views(24, 32, *latent_tiles(64, 0.25, 8)))  # the 256x192 stage's latent
+        assert calls["encode_tile"] == vae_tiles and calls["decode_tile"] == vae_tiles and calls["probe"] == 1
+        assert calls["predict"] == 3 * 3 and calls["encode_prompts"] == 3  # 3 steps x 3 batches; regional, global, negative
     assert results[1] == results[0] and results[2] == results[0] and results[3] == results[0]
 
 
-class KillingPredictor(RayPredictor):
-    """Kills actor 0 right after the ``kill_at``-th batch was submitted to it (mid-step, batch in flight)."""
+class KillingPool(CountingPool):
+    """Kills the actor that just received the ``kill_at``-th call of ``method`` (the call in flight)."""
 
-    def __init__(self, pool, batch_size, kill_at, hard):
-        super().__init__(pool, batch_size)
-        self.kill_at, self.hard, self.submitted, self.killed = kill_at, hard, 0, False
+    def __init__(self, *args, method, kill_at, hard):
+        super().__init__(*args)
+        self.method, self.kill_at, self.hard, self.killed = method, kill_at, hard, False
 
-    def _submit(self, batch, host, views, timestep, input_scale, slot):
-        submitted = super()._submit(batch, host, views, timestep, input_scale, slot)
-        self.submitted += 1
-        if self.submitted == self.kill_at and not self.killed:
-            actor = submitted[2]
-            if self.hard:  # SIGKILL the worker process: Ray restarts the actor and retries the batch
+    def _submit(self, method, args, slot):
+        submitted = super()._submit(method, args, slot)
+        if method == self.method and self.calls[method] == self.kill_at and not self.killed:
+            actor = submitted[3]
+            if self.hard:  # SIGKILL the worker process: Ray restarts the actor and retries the call
                 os.kill(ray.get(actor.where.remote())["pid"], signal.SIGKILL)
             else:  # gone for good: the driver must start a replacement and resubmit
                 ray.kill(actor, no_restart=True)
@@ -55,27 +89,37 @@ class KillingPredictor(RayPredictor):
         return submitted
 
 
+@pytest.mark.parametrize("method,kill_at", [("predict", 5), ("encode_tile", 3), ("decode_tile", 4), ("probe", 1)])
 @pytest.mark.parametrize("hard", [True, False], ids=["sigkill-restart", "killed-for-good"])
-def test_killed_actor_mid_step_gives_identical_output(local_ray, sdxl_model, photo, hard):
-    config = small_config(sdxl_model.name, view_batch_size=2)
+def test_killed_actor_mid_call_gives_identical_output(local_ray, sdxl_model, photo, hard, method, kill_at):
+    config = small_config(sdxl_model.name, view_batch_size=2, vae_tile=64)
     expected = as_bytes(upscale(photo, config, model=sdxl_model, progress=False))
-    pool = DenoiserPool(config, ClusterOptions(actors=2, cpus_per_actor=0.5))
-    predictor = KillingPredictor(pool, config.view_batch_size, kill_at=5, hard=hard)
-    result = upscale(photo, config, model=sdxl_model, predictor=predictor, progress=False)
-    assert predictor.killed
+    executor = ray_executor(config, 2, KillingPool, method=method, kill_at=kill_at, hard=hard)
+    result = upscale(photo, config, executor=executor, progress=False)
+    assert executor.pool.killed
     assert as_bytes(result) == expected
 
 
-def test_no_resources_for_the_actors_is_a_clear_error(local_ray, sdxl_dir):
+def test_no_resources_for_the_actors_is_a_clear_error_within_the_start_timeout(local_ray, sdxl_dir):
     config = small_config(sdxl_dir)
-    with pytest.raises(UserError, match="only 0 of 1 denoisers started"):
-        DenoiserPool(config, ClusterOptions(actors=1, gpus_per_actor=1, start_timeout_s=3))
+    start = time.monotonic()
+    with pytest.raises(UserError, match=r"model workers: 1 x \(1 CPU, 1 GPU\) could not be placed within 3 s; the "
+                                        r"cluster has \{.*'CPU': .*\} free"):
+        WorkerPool(config, ClusterOptions(actors=1, cpus_per_actor=1, gpus_per_actor=1, start_timeout_s=3),
+                   ModelSpec.load(sdxl_dir))
+    assert time.monotonic() - start < 30
 
 
-def test_actor_that_cannot_load_the_model_is_a_clear_error(local_ray, tmp_path):
-    (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
+def test_actor_that_cannot_load_the_model_is_a_clear_error(local_ray, sdxl_dir, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(sdxl_dir, broken)
+    for weights in broken.glob("unet/*.safetensors"):
+        weights.write_bytes(b"not safetensors")
     with pytest.raises(UserError, match="failed to load the model"):
-        DenoiserPool(small_config(str(tmp_path)), ClusterOptions(actors=1, cpus_per_actor=0.5, start_timeout_s=60))
+        WorkerPool(small_config(str(broken)), ClusterOptions(actors=1, cpus_per_actor=0.5, start_timeout_s=60),
+                   ModelSpec.load(str(broken)))
 
 
 # --- the CLI driver as a real process ---------------------------------------------------------------------------
@@ -137,27 +181,19 @@ def test_bad_cluster_address_fails_fast_and_writes_nothing(sdxl_dir, photo, tmp_
     assert time.time() - start < 30 and not (tmp_path / "out.png").exists()
 
 
-class KeepPoolPredictor(RayPredictor):
-    """As `cupscale batch --tile-parallel` uses it: the pool outlives one image."""
-
-    def close(self) -> None:
-        self.context_ref = None
-
-
 def test_a_failed_step_leaves_the_pool_free_for_the_next_image(local_ray, sdxl_model, photo):
     config = small_config(sdxl_model.name, view_batch_size=1)
-    pool = DenoiserPool(config, ClusterOptions(actors=1, cpus_per_actor=0.5))
+    executor = ray_executor(config, 1)
+    executor.keep_pool = True  # as `cupscale batch --tile-parallel` uses it: the pool outlives one image
     try:
         def fail_at_step_one(state):
             if state.get("step") == 1:
                 raise RuntimeError("disk full")
 
         with pytest.raises(RuntimeError, match="disk full"):
-            upscale(photo, config, model=sdxl_model, predictor=KeepPoolPredictor(pool, 1), callback=fail_at_step_one,
-                    progress=False)
-        assert pool.in_flight == [0]
+            upscale(photo, config, executor=executor, callback=fail_at_step_one, progress=False)
+        assert executor.pool.in_flight == [0]
         expected = as_bytes(upscale(photo, config, model=sdxl_model, progress=False))
-        assert as_bytes(upscale(photo, config, model=sdxl_model, predictor=KeepPoolPredictor(pool, 1),
-                                progress=False)) == expected
+        assert as_bytes(upscale(photo, config, executor=executor, progress=False)) == expected
     finally:
-        pool.shutdown()
+        executor.pool.shutdown()

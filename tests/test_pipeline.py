@@ -11,21 +11,22 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 
 from conftest import small_config
 from cupscale_dist import UpscaleConfig, UserError, upscale
-from cupscale_dist.models import load_model, model_family
-from cupscale_dist.pipeline import LocalPredictor, plan_stages
+from cupscale_dist.models import model_family
+from cupscale_dist.pipeline import plan_stages
 from cupscale_dist.step import StageContext, predict_views
+from cupscale_dist.worker import LocalExecutor, ModelWorker
 
 
-class RecordingPredictor(LocalPredictor):
-    """The reference predictor, keeping each stage's context for inspection."""
+class RecordingExecutor(LocalExecutor):
+    """The reference executor, keeping each stage's context for inspection."""
 
-    def __init__(self, unet, batch_size):
-        super().__init__(unet, batch_size)
+    def __init__(self, worker, batch_size):
+        super().__init__(worker, batch_size)
         self.contexts: list[StageContext] = []
 
-    def start_stage(self, context):
-        super().start_stage(context)
-        self.contexts.append(context)
+    def share(self, value):
+        self.contexts.append(value)
+        return super().share(value)
 
 
 def as_bytes(image) -> bytes:
@@ -64,9 +65,9 @@ def test_every_option_runs_and_gives_a_valid_image(sdxl_model, photo, changes):
 
 def test_lambda_one_without_masks_is_the_plain_unet(sdxl_model, photo):
     """predict_views with lambda=1 and all-true masks gives the same bytes as a bare CFG call of the plain UNet."""
-    predictor = RecordingPredictor(sdxl_model.unet, 4)
-    upscale(photo, small_config(sdxl_model.name, steps=2), model=sdxl_model, predictor=predictor, progress=False)
-    context = predictor.contexts[0]
+    executor = RecordingExecutor(sdxl_model, 4)
+    upscale(photo, small_config(sdxl_model.name, steps=2), model=sdxl_model, executor=executor, progress=False)
+    context = executor.contexts[0]
     context.lambda_global = 1.0
     context.token_allowed = np.ones_like(context.token_allowed)
     unet, views = sdxl_model.unet, np.array([[0, 0, 16, 16], [8, 16, 24, 32]])
@@ -92,11 +93,11 @@ def test_lambda_one_without_masks_is_the_plain_unet(sdxl_model, photo):
 
 
 def test_attention_probe_screens_tokens_per_view(sdxl_model, photo):
-    predictor = RecordingPredictor(sdxl_model.unet, 4)
+    executor = RecordingExecutor(sdxl_model, 4)
     config = small_config(sdxl_model.name, steps=2, mask_threshold=0.5)
-    upscale(photo, config, model=sdxl_model, predictor=predictor, progress=False)
-    allowed = predictor.contexts[0].token_allowed
-    n_tokens = sdxl_model.token_count(config.prompt)
+    upscale(photo, config, model=sdxl_model, executor=executor, progress=False)
+    allowed = executor.contexts[0].token_allowed
+    n_tokens = sdxl_model.spec.token_count(config.prompt)
     assert allowed.shape == (6, 77)
     assert allowed[:, 0].all() and allowed[:, n_tokens - 1:].all()  # <start>, <end>, padding
     assert not allowed[:, 1 : n_tokens - 1].all()  # some word is screened out of some view
@@ -106,11 +107,11 @@ def test_regional_prompts_reach_the_composer(sdxl_model, photo, tmp_path):
     prompts = ["a red roof", "blue sky", "green tree", "a cat", "a dog", "a house"]
     file = tmp_path / "prompts.json"
     file.write_text(json.dumps({"prompt": "x", "stages": [{"stage": 0, "views": [{"prompt": p} for p in prompts]}]}))
-    recorded = RecordingPredictor(sdxl_model.unet, 4)
-    plain = RecordingPredictor(sdxl_model.unet, 4)
+    recorded = RecordingExecutor(sdxl_model, 4)
+    plain = RecordingExecutor(sdxl_model, 4)
     with_file = upscale(photo, small_config(sdxl_model.name, regional_prompts=str(file)), model=sdxl_model,
-                        predictor=recorded, progress=False)
-    without = upscale(photo, small_config(sdxl_model.name), model=sdxl_model, predictor=plain, progress=False)
+                        executor=recorded, progress=False)
+    without = upscale(photo, small_config(sdxl_model.name), model=sdxl_model, executor=plain, progress=False)
     context = recorded.contexts[0]
     per_view = context.regional_embeds[torch.from_numpy(context.view_prompt)]
     assert len(set(context.view_prompt.tolist())) == 6
@@ -128,7 +129,7 @@ def test_regional_prompt_file_with_wrong_view_count_is_refused(sdxl_model, photo
 
 def test_sd15_model_dir_loads_and_upscales(sd15_dir, photo):
     assert model_family(sd15_dir) == "sd15"
-    model = load_model(sd15_dir, device="cpu", dtype="float32")
+    model = ModelWorker.load(sd15_dir, device="cpu", dtype="float32")
     out = upscale(photo, small_config(sd15_dir, steps=3), model=model, progress=False)
     assert out.size == (256, 192)
 
@@ -144,7 +145,7 @@ def test_uncached_hub_id_offline_names_the_fixes(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     with pytest.raises(UserError, match=r"--model PATH .*--model demo"):
-        load_model("someone/not-cached-sdxl", device="cpu")
+        ModelWorker.load("someone/not-cached-sdxl", device="cpu")
 
 
 def test_config_rejects_impossible_prior_settings_before_any_work():
@@ -155,16 +156,16 @@ def test_config_rejects_impossible_prior_settings_before_any_work():
     assert UpscaleConfig(wavelet="sym4").wavelet == "sym4"
 
 
-def test_predictor_is_released_when_setup_fails(sdxl_model, photo):
-    class Tracking(LocalPredictor):
+def test_executor_is_released_when_setup_fails(sdxl_model, photo):
+    class Tracking(LocalExecutor):
         closed = False
 
         def close(self):
             super().close()
             self.closed = True
 
-    predictor = Tracking(sdxl_model.unet, 4)
+    executor = Tracking(sdxl_model, 4)
     with pytest.raises(UserError, match="no such file"):
-        upscale(photo, small_config(sdxl_model.name, regional_prompts="/nonexistent/prompts.json"), model=sdxl_model,
-                predictor=predictor, progress=False)
-    assert predictor.closed
+        upscale(photo, small_config(sdxl_model.name, regional_prompts="/nonexistent/prompts.json"),
+                executor=executor, progress=False)
+    assert executor.closed

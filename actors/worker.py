@@ -1,0 +1,56 @@
+"""PipelineWorker: a thin Ray actor around :class:`cupscale_dist.worker.ModelWorker` (no algorithm here).
+
+It loads the whole pipeline once (UNet, VAE, text encoders) on its GPU share and answers ``call(method, args)``
+with ``ModelWorker.method(*args)``: view predictions, VAE tiles, prompt chunks, the attention probe. A per-stage
+value arrives wrapped in :class:`cupscale_dist.orchestrator.Shared` (an object reference Ray does not resolve on
+every call) and is fetched once per stage, and again after a restart.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import ray
+import torch
+
+
+class PipelineWorker:
+    def __init__(self, model_dir: str, model: str, device: str, dtype: str, variant: str | None,
+                 torch_threads: int | None, memory_fraction: float | None, index: int):
+        from cupscale_dist.hub import resolve_model
+        from cupscale_dist.worker import ModelWorker
+
+        if torch_threads:  # same thread count as the reference => same CPU bits (architecture.md)
+            torch.set_num_threads(torch_threads)
+        if memory_fraction and device == "cuda":  # a GPU shared with a captioner: stay inside this actor's share
+            torch.cuda.set_per_process_memory_fraction(memory_fraction)
+        self.index = index
+        # The driver resolved the model once; on a node that does not share its path, resolve (fetch) it here.
+        path = model_dir if Path(model_dir, "model_index.json").is_file() else resolve_model(model, variant)
+        self.worker = ModelWorker(path, device, dtype, variant)
+        self.shared: tuple[object, object] = (None, None)  # (object ref, the value) of the current stage
+
+    def __repr__(self) -> str:
+        return f"PipelineWorker(index={self.index}, pid={os.getpid()})"
+
+    def where(self) -> dict:
+        """Placement, for the driver's log."""
+        context = ray.get_runtime_context()
+        return {"index": self.index, "pid": os.getpid(), "node": context.get_node_id()[:12],
+                "gpus": [str(g) for g in ray.get_gpu_ids()], "device": str(self.worker.device)}
+
+    def call(self, method: str, args: tuple):
+        from cupscale_dist.orchestrator import Shared
+
+        args = [self._fetch(a.ref) if isinstance(a, Shared) else a for a in args]
+        return getattr(self.worker, method)(*args)
+
+    def _fetch(self, ref):
+        if self.shared[0] != ref:
+            self.shared = (ref, ray.get(ref))
+        return self.shared[1]
+
+    def usage(self) -> dict:
+        return {"index": self.index, "pid": os.getpid(), "cpu_s": time.process_time()}

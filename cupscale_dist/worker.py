@@ -1,0 +1,135 @@
+"""Every forward pass of the method, on one device: :class:`ModelWorker`, and :class:`LocalExecutor` to run it here.
+
+A ``ModelWorker`` holds the whole pipeline (UNet, VAE, text encoders) and offers one method per kind of call the
+method makes: ``predict`` (9a), ``encode_tile`` (2), ``decode_tile`` (10), ``encode_prompts`` (6) and ``probe`` (7).
+Each only calls a core function (:mod:`step`, :mod:`vae`, :mod:`masks`) and returns numpy arrays. The driver never
+calls a module directly: it asks an *executor* to ``map`` a method over calls, in order. ``LocalExecutor`` (the
+single-process reference) runs them here; ``orchestrator.RayExecutor`` fans them out to actors that each hold a
+``ModelWorker``. Same functions, same calls, same order: the same bytes.
+
+Why every forward pass sits on the workers, the VAE too: a CPU-only head decodes one 1024 px SDXL tile in about
+2 minutes and a 16K stage has 441 of them (architecture.md); on a GPU worker it is 90 ms.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from .attention import install_regional_processors
+from .masks import probe_token_attention
+from .models import ModelSpec, load_pipeline, resolve_device, resolve_dtype
+from .step import StageContext, predict_views
+from .vae import decode_latents, encode_pixels, tile_to_tensor
+
+log = logging.getLogger(__name__)
+
+# Prompts per text-encoder call: every hidden state of a call is kept until it returns, so 961 unique regional
+# prompts in one call would hold several GB of transient GPU memory; 16 keep it to tens of MB.
+PROMPT_CHUNK = 16
+
+
+class ModelWorker:
+    """The loaded pipeline on one device, one method per kind of forward pass (numpy in, numpy out)."""
+
+    def __init__(self, model_dir: str, device: str = "auto", dtype: str = "auto", variant: str | None = None):
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.spec = ModelSpec.read(model_dir)
+        self.pipe = load_pipeline(model_dir, self.device, self.dtype, variant)
+        install_regional_processors(self.pipe.unet)
+        self._context: tuple[StageContext, StageContext] | None = None  # (as received, on the device)
+
+    @classmethod
+    def load(cls, model: str, device: str = "auto", dtype: str = "auto", variant: str | None = None) -> ModelWorker:
+        """Resolve ``model`` (demo, a local dir, a hub id) and load it: the single-process reference's worker."""
+        spec = ModelSpec.load(model, variant)
+        worker = cls(spec.path, device, dtype, variant)
+        worker.spec = spec  # keep the user's name for logs and errors
+        return worker
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def unet(self):
+        return self.pipe.unet
+
+    @property
+    def vae(self):
+        return self.pipe.vae
+
+    def __repr__(self) -> str:
+        return f"ModelWorker({self.spec.name}, {self.device}, {self.dtype})"
+
+    # -- the calls ---------------------------------------------------------------------------------------------
+    def predict(self, context: StageContext, windows: np.ndarray, timestep: float, input_scale: float,
+                view_ids: np.ndarray, rects: np.ndarray) -> np.ndarray:
+        """9a: CFG noise predictions of a batch of view windows, (B, C, h, w) float32."""
+        if self._context is None or self._context[0] is not context:  # once per stage, not per call
+            self._context = (context, context.to(self.unet.device, self.unet.dtype))
+        windows = torch.from_numpy(np.array(windows))  # Ray hands arrays over read-only
+        return predict_views(self.unet, windows, timestep, input_scale, self._context[1], view_ids, rects).numpy()
+
+    def encode_tile(self, pixels: np.ndarray) -> np.ndarray:
+        """2: one pixel tile (uint8 HxWx3, or float32 3xHxW in [-1, 1]) -> its scaled latent (C, h, w) float32."""
+        return encode_pixels(self.vae, tile_to_tensor(pixels))[0].numpy()
+
+    def decode_tile(self, latents: np.ndarray) -> np.ndarray:
+        """10: one latent tile (C, h, w) -> pixels (3, H, W) float32 in [-1, 1]."""
+        return decode_latents(self.vae, torch.from_numpy(np.array(latents))[None])[0].numpy()
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+        """6: (embeds (U, 77, D), pooled (U, Dp) or None for SD1.5), float32, cut to 77 tokens."""
+        if self.spec.family == "sdxl":
+            embeds, _, pooled, _ = self.pipe.encode_prompt(prompts, device=self.device, do_classifier_free_guidance=False)
+            return embeds.float().cpu().numpy(), pooled.float().cpu().numpy()
+        embeds, _ = self.pipe.encode_prompt(prompts, self.device, 1, False)
+        return embeds.float().cpu().numpy(), None
+
+    def probe(self, pixels: np.ndarray, noise: np.ndarray, timestep: int, alpha_bar: float, embeds: np.ndarray,
+              pooled: np.ndarray | None) -> np.ndarray:
+        """7: cross-attention maps (tokens, h, w) of the global prompt over the native-size stage input."""
+        return probe_token_attention(self.unet, self.vae, pixels, torch.from_numpy(np.array(noise)), timestep,
+                                     alpha_bar, torch.from_numpy(np.array(embeds)),
+                                     None if pooled is None else torch.from_numpy(np.array(pooled))).numpy()
+
+
+class LocalExecutor:
+    """The single-process reference: every call runs here, in order, on one :class:`ModelWorker`."""
+
+    start_timeout_s = None  # nothing to place here (a captioner pool uses its own default)
+
+    def __init__(self, worker: ModelWorker, batch_size: int):
+        self.worker, self.batch_size = worker, batch_size
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.worker.spec
+
+    def share(self, value):
+        """What a call receives for a per-stage value (the stage context): here the value itself."""
+        return value
+
+    def map(self, method: str, calls: Iterable[tuple]) -> Iterator:
+        """``worker.method(*args)`` for each call, results in call order."""
+        run = getattr(self.worker, method)
+        for args in calls:
+            yield run(*args)
+
+    def close(self) -> None:
+        pass
+
+
+def encode_prompts(executor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Text embeddings of ``prompts`` in :data:`PROMPT_CHUNK`-sized calls (fanned out, gathered in order)."""
+    chunks = [(prompts[i : i + PROMPT_CHUNK],) for i in range(0, len(prompts), PROMPT_CHUNK)]
+    parts = list(executor.map("encode_prompts", chunks))
+    embeds = torch.from_numpy(np.concatenate([e for e, _ in parts]))
+    pooled = None if parts[0][1] is None else torch.from_numpy(np.concatenate([p for _, p in parts]))
+    return embeds, pooled

@@ -1,0 +1,126 @@
+"""Output files written band by band as the tiled decode finishes rows: a 16K result is never held whole.
+
+``.png``: a PNG stream of our own (IHDR, one text chunk per parameter, IDAT fed from a zlib stream of Sub-filtered
+rows, IEND), readable by any PNG reader; ``.tif``/``.tiff``: a tiled BigTIFF through tifffile with the parameters
+as JSON in the ImageDescription tag. Either way the file appears only when complete (written to a temp file in
+the output's folder, then put in place), and it carries the run's parameters as :func:`imageio.save_png` does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+import zlib
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_COMPRESSION = 6  # zlib level: PIL's default for PNG, so streamed and in-memory outputs compress alike
+IDAT_BYTES = 1 << 20  # compressed bytes per IDAT chunk (any size up to 2^31 is valid; 1 MiB keeps memory flat)
+TIFF_TILE = 256  # tile side in px (a multiple of 16, as TIFF requires); viewers page 256 px tiles well
+STREAMED_SUFFIXES = (".png", ".tif", ".tiff")
+
+
+def text_value(value: object) -> str:
+    return value if isinstance(value, str) else json.dumps(value, default=list)
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def png_text_chunk(key: str, text: str) -> bytes:
+    """tEXt when the text is Latin-1 (what PNG's tEXt holds), else iTXt (UTF-8), as PIL writes them."""
+    keyword = key.encode("latin-1")[:79]
+    try:
+        return png_chunk(b"tEXt", keyword + b"\0" + text.encode("latin-1"))
+    except UnicodeEncodeError:
+        return png_chunk(b"iTXt", keyword + b"\0\0\0\0\0" + text.encode("utf-8"))
+
+
+def sub_filtered(band: np.ndarray) -> bytes:
+    """PNG filter type 1 (Sub) on every row of an (rows, W, 3) uint8 band: each byte minus the pixel to its left."""
+    rows = band.reshape(band.shape[0], -1)
+    out = np.empty((rows.shape[0], rows.shape[1] + 1), dtype=np.uint8)
+    out[:, 0] = 1
+    out[:, 1:4] = rows[:, :3]
+    np.subtract(rows[:, 3:], rows[:, :-3], out=out[:, 4:])  # uint8 arithmetic wraps modulo 256, as PNG wants
+    return out.tobytes()
+
+
+def write_png(handle, bands: Iterable[np.ndarray], width: int, height: int, metadata: dict[str, object]) -> None:
+    """An RGB PNG from uint8 bands (rows, width, 3), top to bottom, with one text chunk per metadata key."""
+    handle.write(PNG_SIGNATURE + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)))
+    for key, value in metadata.items():
+        handle.write(png_text_chunk(f"cupscale:{key}", text_value(value)))
+    stream, pending, rows = zlib.compressobj(PNG_COMPRESSION), b"", 0
+    for band in bands:
+        if band.shape[1:] != (width, 3):
+            raise ValueError(f"band of shape {band.shape} in a {width} px wide RGB image")
+        rows += band.shape[0]
+        pending += stream.compress(sub_filtered(band))
+        while len(pending) >= IDAT_BYTES:
+            handle.write(png_chunk(b"IDAT", pending[:IDAT_BYTES]))
+            pending = pending[IDAT_BYTES:]
+    if rows != height:
+        raise ValueError(f"{rows} rows written for a {height} px high image")
+    handle.write(png_chunk(b"IDAT", pending + stream.flush()) + png_chunk(b"IEND", b""))
+
+
+def tiff_tiles(bands: Iterable[np.ndarray], width: int) -> Iterator[np.ndarray]:
+    """Re-cut uint8 bands into TIFF_TILE x TIFF_TILE tiles, row of tiles by row, edge tiles zero-padded."""
+    buffer = np.zeros((0, width, 3), dtype=np.uint8)
+
+    def tile_row(block: np.ndarray) -> Iterator[np.ndarray]:
+        for left in range(0, width, TIFF_TILE):
+            tile = np.zeros((TIFF_TILE, TIFF_TILE, 3), dtype=np.uint8)
+            part = block[:, left : left + TIFF_TILE]
+            tile[: part.shape[0], : part.shape[1]] = part
+            yield tile
+
+    for band in bands:
+        buffer = np.concatenate([buffer, band])
+        while buffer.shape[0] >= TIFF_TILE:
+            yield from tile_row(buffer[:TIFF_TILE])
+            buffer = buffer[TIFF_TILE:]
+    if buffer.shape[0]:
+        yield from tile_row(buffer)
+
+
+def write_tiff(handle, bands: Iterable[np.ndarray], width: int, height: int, metadata: dict[str, object]) -> None:
+    """A tiled, zlib-compressed BigTIFF from uint8 bands; the parameters as JSON in ImageDescription."""
+    import tifffile
+
+    description = json.dumps({f"cupscale:{k}": text_value(v) for k, v in metadata.items()})
+    tifffile.imwrite(handle, tiff_tiles(bands, width), shape=(height, width, 3), dtype=np.uint8, tile=(TIFF_TILE, TIFF_TILE),
+                     bigtiff=True, photometric="rgb", compression="zlib", description=description, metadata=None)
+
+
+def write_streamed(path: str | os.PathLike, bands: Iterable[np.ndarray], size: tuple[int, int],
+                   metadata: dict[str, object], place) -> Path:
+    """Write ``bands`` of a ``size`` (W, H) image to a temp file beside ``path``, then ``place(tmp, path)``
+    (atomic: the output appears complete or not at all)."""
+    path = Path(path)
+    write = write_tiff if path.suffix.lower() in (".tif", ".tiff") else write_png
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        with open(tmp, "wb") as handle:  # a named handle: tifffile wants the file's name
+            write(handle, bands, size[0], size[1], metadata)
+        place(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def read_tiff_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The ``cupscale:*`` parameters of a TIFF written by :func:`write_tiff`."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        data = json.loads(tif.pages[0].description)
+    return {k.removeprefix("cupscale:"): v for k, v in data.items() if k.startswith("cupscale:")}
