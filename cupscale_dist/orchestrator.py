@@ -55,7 +55,7 @@ def uses_captioner(config: UpscaleConfig) -> bool:
 class WorkerPool:
     """N model-worker actors; the policy (placement, in-flight caps, ordered fan-out, replacement) lives here."""
 
-    def __init__(self, config: UpscaleConfig, options: ClusterOptions, spec: ModelSpec):
+    def __init__(self, config: UpscaleConfig, options: ClusterOptions, spec: ModelSpec, actor_class=None):
         ray = connect(options)
         from actors.worker import PipelineWorker
 
@@ -74,7 +74,7 @@ class WorkerPool:
         self.load_args = (spec.path, spec.name, device, config.dtype, config.variant, threads, fraction)
         self.group = reserve(self.count, self.num_cpus, self.num_gpus, options.start_timeout_s, "model workers",
                              "use fewer --actors or a smaller --gpus-per-actor/--cpus-per-actor (or captioner_gpus)")
-        self.remote_cls = ray.remote(PipelineWorker)
+        self.remote_cls = ray.remote(actor_class or PipelineWorker)  # benches pass a stand-in subclass
         self.actor_options = dict(num_gpus=self.num_gpus, num_cpus=self.num_cpus, max_restarts=ACTOR_RESTARTS,
                                   max_task_retries=ACTOR_RESTARTS)
         self.actors = [self._start(i) for i in range(self.count)]  # live actors, by slot
