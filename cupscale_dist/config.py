@@ -93,6 +93,9 @@ class UpscaleConfig:
     lambda_global: float = knob(0.5, "lambda: equal weight to the screened global and the regional prompt", min=0.0, max=1.0)
     composer: Literal["mix", "joint"] = knob("mix", "'mix': two softmaxes blended by lambda (method.md step 8)")
     pooled_prompt: Literal["global", "regional"] = knob("global", "SDXL pooled embedding: global keeps one style across views")
+    micro_conditioning: Literal["global", "per_view"] = knob(
+        "global", "SDXL time_ids (H, W, 0, 0, H, W) for all views, as DemoFusion and mixture-of-diffusers SDXL: "
+        "per-view crop offsets reach ~15,000 px at 16K, unseen in training")
 
     # --- 2./10. VAE and limits ---------------------------------------------------------------------------
     vae_tile: int = knob(1024, "VAE tile in image px; SDXL's VAE is trained at 1024", min=64)

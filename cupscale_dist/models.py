@@ -112,10 +112,9 @@ class ModelSpec:
 
     def new_scheduler(self, kind: str):
         """A fresh scheduler of the chosen kind, configured from the model's own scheduler config."""
-        from diffusers import DDIMScheduler, EulerDiscreteScheduler
+        from .schedulers import make_scheduler
 
-        cls = {"euler": EulerDiscreteScheduler, "ddim": DDIMScheduler}[kind]
-        scheduler = cls.from_config(self.scheduler_config)
+        scheduler = make_scheduler(kind, self.scheduler_config)
         if scheduler.config.prediction_type != "epsilon":
             raise UserError(f"--model {self.name}: prediction_type {scheduler.config.prediction_type!r} is not "
                             "supported; use an epsilon-prediction model (SDXL base, SD1.5)")

@@ -177,7 +177,7 @@ def run_stage(executor, config: UpscaleConfig, image: Image.Image, stage: int, s
     context = StageContext(negative_embeds, global_embeds, regional_embeds, view_prompt, negative_pooled,
                            global_pooled, regional_pooled, token_allowed, token_maps, latent_hw,
                            (size[1], size[0]), f, config.guidance_scale,
-                           config.lambda_global, config.composer, config.pooled_prompt)
+                           config.lambda_global, config.composer, config.pooled_prompt, config.micro_conditioning)
     shared = executor.share(context)  # sent once per stage; each call carries only its windows
     # 9. Denoising loop: predict every view, reduce + prior, one scheduler step on the whole latent.
     first = resume.step if resume else 0

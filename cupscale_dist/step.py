@@ -43,6 +43,7 @@ class StageContext:
     lambda_global: float
     composer: str
     pooled_prompt: str
+    micro_conditioning: str = "global"  # SDXL time_ids: 'global' one (H, W, 0, 0, H, W), 'per_view' crop offsets
 
     def to(self, device, dtype) -> StageContext:
         """The context with its embeddings on the UNet's device and dtype: moved once per stage, not per call."""
@@ -53,10 +54,17 @@ class StageContext:
 
 
 def micro_conditioning(context: StageContext, rects: np.ndarray) -> torch.Tensor:
-    """SDXL add_time_ids per view: original_size = stage size, crop top-left = view offset, target = view size."""
+    """SDXL add_time_ids per view (method.md 9a): (original_size, crop top-left, target_size), in px.
+
+    'global': ``(H, W, 0, 0, H, W)`` for every view, (H, W) the stage size (DemoFusion, diffusers' mixture-of-
+    diffusers SDXL); 'per_view': original = stage size, crop top-left = view offset, target = view size.
+    """
     f = context.vae_scale_factor
-    rows = [[*context.image_hw, top * f, left * f, (bottom - top) * f, (right - left) * f]
-            for top, left, bottom, right in rects]
+    if context.micro_conditioning == "global":
+        rows = [[*context.image_hw, 0, 0, *context.image_hw]] * len(rects)
+    else:
+        rows = [[*context.image_hw, top * f, left * f, (bottom - top) * f, (right - left) * f]
+                for top, left, bottom, right in rects]
     return torch.tensor(rows, dtype=torch.float32)
 
 

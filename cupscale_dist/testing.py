@@ -43,7 +43,8 @@ UNET_SAMPLE_SIZE = 16  # latent side; x 8 = the model's native size, 128 px
 UNET_HEAD_DIM = 32  # attention head size in every transformer block (>= 8 for fused SDPA); heads = channels / 32
 
 # SDXL base's scheduler (stabilityai/stable-diffusion-xl-base-1.0, scheduler/scheduler_config.json); SD1.5 uses the
-# same betas (runwayml/stable-diffusion-v1-5 ships PNDM with these values) and gets an Euler scheduler as well.
+# same betas (stable-diffusion-v1-5/stable-diffusion-v1-5 ships PNDM with these values) and gets an Euler scheduler
+# as well.
 SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000,
     beta_start=0.00085,

@@ -1,0 +1,244 @@
+#!/usr/bin/env python
+"""Mutation check of the fidelity tests (issue #9): every mutation below must make its named tests fail.
+
+Usage, from the repository root::
+
+    python tests/mutants/run.py                 # all mutations; table on stderr, JSON on stdout
+    python tests/mutants/run.py --only x0-sign  # some of them
+
+Each mutation is applied to a temporary copy of ``cupscale_dist/``, ``actors/`` and ``configs/`` that goes first on
+PYTHONPATH (and is the working directory) of a pytest subprocess running only the named tests; the working tree
+is never edited. First the named tests run on an unmutated copy: they must pass there and import the copy, or no
+verdict means anything. Exit status 1 if a mutation survives, no longer applies, or the unmutated run fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+COPIED = ("cupscale_dist", "actors", "configs")
+RUN_TIMEOUT_S = 300
+FIDELITY = "tests/test_fidelity.py::"
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    file: str  # relative to the repository root
+    old: str  # exact text; must occur exactly once in the file
+    new: str
+    tests: tuple[str, ...]  # pytest node ids, relative to the repository root, that must catch it
+
+
+def fidelity(*names: str) -> tuple[str, ...]:
+    return tuple(FIDELITY + name for name in names)
+
+
+X0, ZT = "test_x0_prior_holds_for_the_schedulers_own_x0", "test_zt_prior_pulls_the_next_latent_toward_the_noised_input"
+START = "test_stage_starts_at_round_s_t_with_the_schedulers_add_noise"
+MASKS = "test_masks_and_lambda_reach_cross_attention_only"
+
+MUTATIONS = [
+    Mutation("ddim-alpha-sigma-one-step-off", "cupscale_dist/prior.py",
+             "alpha_bar = float(scheduler.alphas_cumprod[int(scheduler.timesteps[step_index])])",
+             "alpha_bar = float(scheduler.alphas_cumprod[int(scheduler.timesteps[min(step_index + 1, "
+             "len(scheduler.timesteps) - 1)])])",
+             fidelity(f"{X0}[ddim-J1-full]", f"{X0}[ddim-J2-partial]", f"{ZT}[ddim-J1-partial]")),
+    Mutation("euler-sigma-one-step-off", "cupscale_dist/prior.py",
+             "return 1.0, float(scheduler.sigmas[step_index])", "return 1.0, float(scheduler.sigmas[step_index + 1])",
+             fidelity(f"{X0}[euler-J1-full]", f"{ZT}[euler-J2-partial]")),
+    Mutation("x0-formula-sign", "cupscale_dist/prior.py",
+             "x0 = (z_t - sigma * eps) / alpha\n        return eps",
+             "x0 = (z_t + sigma * eps) / alpha\n        return eps",
+             fidelity(f"{X0}[euler-J1-partial]", f"{X0}[ddim-J2-partial]")),
+    Mutation("ddim-clips-x0", "cupscale_dist/schedulers.py",
+             "options = {**DDIM_DEFAULTS, **options}", "options = dict(options)",
+             fidelity("test_ddim_from_the_test_models_scheduler_config_keeps_the_prior", f"{X0}[ddim-J1-full]")),
+    Mutation("zt-injection-no-op", "cupscale_dist/step.py",
+             "latents = inject_global_prior_zt(latents,", "inject_global_prior_zt(latents,",
+             fidelity(f"{ZT}[euler-J1-full]", f"{ZT}[ddim-J2-partial]")),
+    Mutation("zt-target-at-current-t", "cupscale_dist/step.py",
+             "noise_level(schedule.scheduler, schedule.start_index + step + 1)",
+             "noise_level(schedule.scheduler, schedule.start_index + step)",
+             fidelity(f"{ZT}[euler-J1-full]", f"{ZT}[ddim-J1-partial]")),
+    Mutation("uniform-blend-uses-gaussian", "cupscale_dist/step.py",
+             'if blend == "uniform":\n        return None', 'if blend == "none":\n        return None',
+             fidelity("test_multidiffusion_through_the_local_executor[view-offset-uniform]",
+                      "test_multidiffusion_through_ray_actors[view-offset-uniform]")),
+    Mutation("micro-conditioning-hw-transposed", "cupscale_dist/step.py",
+             "(bottom - top) * f, (right - left) * f", "(right - left) * f, (bottom - top) * f",
+             fidelity("test_micro_conditioning_values_reach_the_unet[per_view]")),
+    Mutation("micro-conditioning-knob-ignored", "cupscale_dist/step.py",
+             'if context.micro_conditioning == "global":', 'if context.micro_conditioning == "none":',
+             fidelity("test_micro_conditioning_values_reach_the_unet[global]",
+                      "test_pipeline_sends_the_stage_size_as_global_micro_conditioning")),
+    Mutation("stage-size-transposed", "cupscale_dist/pipeline.py",
+             "(size[1], size[0]), f, config.guidance_scale", "(size[0], size[1]), f, config.guidance_scale",
+             fidelity("test_pipeline_sends_the_stage_size_as_global_micro_conditioning")),
+    Mutation("ray-results-out-of-call-order", "cupscale_dist/orchestrator.py",
+             "yield self._collect(method, *pending.popleft())", "yield self._collect(method, *pending.pop())",
+             fidelity("test_multidiffusion_through_ray_actors[pointwise-uniform]")),
+    Mutation("start-index-off-by-one", "cupscale_dist/pipeline.py",
+             "start = config.steps - denoising_steps(config)", "start = config.steps - denoising_steps(config) + 1",
+             fidelity(f"{START}[0.6-4-euler]", f"{START}[0.7-4-ddim]")),
+    Mutation("strength-floored", "cupscale_dist/pipeline.py",
+             "return int(round(config.strength * config.steps))", "return int(config.strength * config.steps)",
+             fidelity(f"{START}[0.7-4-ddim]", f"{START}[0.7-4-euler]")),
+    Mutation("add-noise-one-step-late", "cupscale_dist/pipeline.py",
+             "scheduler.timesteps[start : start + 1])", "scheduler.timesteps[start + 1 : start + 2])",
+             fidelity(f"{START}[0.6-5-ddim]", f"{START}[0.7-4-ddim]")),  # Euler reads t_S from its begin index
+    Mutation("lambda-reaches-self-attention", "cupscale_dist/attention.py",
+             "        if encoder_hidden_states is None or regional is None:\n"
+             "            return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb)\n",
+             "        if regional is None:\n"
+             "            return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb)\n"
+             "        if encoder_hidden_states is None:\n"
+             "            out = self.plain(attn, hidden_states, None, attention_mask, temb)\n"
+             "            return regional.lambda_global * out + (1 - regional.lambda_global) * hidden_states\n",
+             fidelity(f"{MASKS}[lambda]")),
+    Mutation("regional-kwargs-dropped", "cupscale_dist/step.py",
+             'cross_attention_kwargs={"regional": regional}', "cross_attention_kwargs=None",
+             fidelity(f"{MASKS}[lambda]", f"{MASKS}[masks]")),
+    Mutation("lambda-swapped", "cupscale_dist/attention.py",
+             "return lambda_global * both[:batch] + (1 - lambda_global) * both[batch:]",
+             "return (1 - lambda_global) * both[:batch] + lambda_global * both[batch:]",
+             ("tests/test_attention.py::test_mix_composer_is_the_lambda_blend_of_two_attentions[0.3]",
+              *fidelity(f"{MASKS}[lambda]"))),
+    Mutation("mask-screens-regional-prompt", "cupscale_dist/attention.py",
+             "bias = torch.cat([bias, torch.zeros_like(bias)])", "bias = torch.cat([bias, bias])",
+             fidelity(f"{MASKS}[lambda+masks]")),
+    Mutation("mask-screens-cfg-unconditional", "cupscale_dist/step.py",
+             "token_allowed = torch.cat([torch.ones(count, tokens, dtype=torch.bool), cond])",
+             "token_allowed = torch.cat([cond, cond])",
+             fidelity(f"{MASKS}[masks]")),
+]
+
+
+def copy_tree(dest: Path) -> None:
+    for part in COPIED:
+        shutil.copytree(ROOT / part, dest / part, ignore=shutil.ignore_patterns("__pycache__"))
+
+
+def apply(mutation: Mutation, tree: Path) -> str | None:
+    """Edit the copy; the reason when the mutation no longer applies (its text is gone or ambiguous)."""
+    path = tree / mutation.file
+    text = path.read_text()
+    count = text.count(mutation.old)
+    if count != 1:
+        return f"old text found {count} times in {mutation.file}"
+    path.write_text(text.replace(mutation.old, mutation.new))
+    return None
+
+
+def environment(tree: Path) -> dict:
+    """The caller's environment with the copy first on PYTHONPATH (Ray workers inherit it), offline, no .pyc."""
+    path = os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+def run_pytest(tree: Path, tests: tuple[str, ...]) -> dict:
+    """Run ``tests`` against the copy in ``tree``: which of them failed, and pytest's exit status."""
+    report = tree / "report.xml"
+    command = [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--rootdir={ROOT}",
+               f"--junitxml={report}", *(str(ROOT / t) for t in tests)]
+    started = time.monotonic()
+    try:
+        proc = subprocess.run(command, cwd=tree, env=environment(tree), capture_output=True, text=True,
+                              timeout=RUN_TIMEOUT_S)
+        returncode, output = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired:
+        returncode, output = None, f"timed out after {RUN_TIMEOUT_S} s"
+    failed, ran = [], 0
+    if report.exists():
+        for case in ET.parse(report).iter("testcase"):
+            ran += 1
+            if case.find("failure") is not None or case.find("error") is not None:
+                failed.append(f"{case.get('classname', '').rsplit('.', 1)[-1]}::{case.get('name')}")
+        report.unlink()
+    seconds = round(time.monotonic() - started, 1)
+    return {"returncode": returncode, "ran": ran, "failed": failed, "seconds": seconds, "tail": output[-2000:]}
+
+
+def imported_from(tree: Path) -> str:
+    """Where a subprocess set up like the test runs imports the package and the actors from."""
+    code = "import cupscale_dist, actors; print(cupscale_dist.__file__, actors.__file__)"
+    return subprocess.run([sys.executable, "-P", "-c", code], cwd=tree, env=environment(tree), capture_output=True,
+                          text=True).stdout
+
+
+def verdict(mutation: Mutation, base: Path) -> dict:
+    with tempfile.TemporaryDirectory(prefix="cupscale-mutant-", dir=base) as tmp:
+        tree = Path(tmp)
+        copy_tree(tree)
+        stale = apply(mutation, tree)
+        if stale:
+            return {"mutation": mutation.name, "status": "stale", "detail": stale}
+        result = run_pytest(tree, mutation.tests)
+    if result["returncode"] == 1 and result["failed"]:
+        status = "caught"
+    elif result["returncode"] == 0:
+        status = "survived"
+    else:  # collection error, no tests collected, timeout: a broken mutation or stale test ids
+        status = "error"
+    return {"mutation": mutation.name, "status": status, "file": mutation.file, **result,
+            "tail": result["tail"] if status == "error" else ""}
+
+
+def baseline(mutations: list[Mutation], base: Path) -> dict:
+    """All named tests on the unmutated copy: they must pass, and the copy must be what gets imported."""
+    tests = tuple(dict.fromkeys(t for m in mutations for t in m.tests))
+    with tempfile.TemporaryDirectory(prefix="cupscale-mutant-", dir=base) as tmp:
+        tree = Path(tmp)
+        copy_tree(tree)
+        where = imported_from(tree)
+        result = run_pytest(tree, tests)
+    ok = result["returncode"] == 0 and where.count(str(tree)) == 2
+    return {"mutation": "(none)", "status": "passes" if ok else "baseline-broken", "imports": where.strip(), **result,
+            "tail": "" if ok else result["tail"]}
+
+
+TABLE_HEADER = f"{'mutation':34} {'status':16} {'failed/ran':>10} {'s':>6}\n" + "-" * 70
+
+
+def table_row(row: dict) -> str:
+    counts = f"{len(row.get('failed', []))}/{row.get('ran', 0)}"
+    return f"{row['mutation']:34} {row['status']:16} {counts:>10} {row.get('seconds', 0):>6}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these mutations")
+    args = parser.parse_args()
+    unknown = sorted(set(args.only or ()) - {m.name for m in MUTATIONS})
+    if unknown:
+        parser.error(f"unknown mutation(s) {', '.join(unknown)}; known: {', '.join(m.name for m in MUTATIONS)}")
+    mutations = [m for m in MUTATIONS if not args.only or m.name in args.only]
+    started = time.monotonic()
+    print(TABLE_HEADER, file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(prefix="cupscale-mutants-") as base:
+        rows = [baseline(mutations, Path(base))]
+        print(table_row(rows[0]), file=sys.stderr, flush=True)
+        if rows[0]["status"] == "passes":
+            for mutation in mutations:
+                rows.append(verdict(mutation, Path(base)))
+                print(table_row(rows[-1]), file=sys.stderr, flush=True)
+    seconds = round(time.monotonic() - started, 1)
+    print(f"total {seconds} s", file=sys.stderr)
+    ok = rows[0]["status"] == "passes" and all(row["status"] == "caught" for row in rows[1:])
+    print(json.dumps({"ok": ok, "seconds": seconds, "results": rows}, indent=1))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
