@@ -77,7 +77,8 @@ class UpscaleConfig:
     captioner_model: str = knob("llava-hf/llava-v1.6-mistral-7b-hf", "LLaVA-NeXT, as in the paper")
     regional_prompts: str | None = knob(None, "JSON file of per-view prompts (format of `cupscale caption --tiles`)")
     captioner_actors: int = knob(1, "captioner engines in the Ray pool; crops are split across them in order", min=1)
-    captioner_gpus: float | None = knob(None, "GPU share per captioner actor; None = 1 with a GPU, else 0", min=0.0)
+    captioner_gpus: float | None = knob(None, "GPU share per captioner actor; None = 0.4 beside the model workers "
+                                        "(a 7B VLM + KV cache in 0.4 of an 80 GB card), 1 alone, 0 without GPUs", min=0.0)
     captioner_dtype: str = knob("auto", "captioner weights dtype; 'auto' = the model's own (float32 on CPU tests)")
     caption_max_new_tokens: int = knob(48, "generation cap: words past the 77-token text encoder are wasted", min=1)
     caption_token_budget: int = knob(75, "CLIP tokens a caption may use (77 minus start/end), cut at a word", min=1, max=75)
