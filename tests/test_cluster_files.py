@@ -75,6 +75,21 @@ def test_every_ray_pod_mounts_the_shared_volume_and_runs_our_image():
             assert volumes[mounts["/data"]]["persistentVolumeClaim"]["claimName"] == claim
 
 
+def test_one_model_cache_on_the_shared_volume_and_a_head_without_gpu():
+    """The driver fetches a hub model once into HF_HOME; every pod must see that same path. The head runs drivers
+    only (no forward pass): it asks for no GPU and takes no actors."""
+    spec = load("kuberay/raycluster.yaml")["spec"]
+    head = spec["headGroupSpec"]
+    pods = [head["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
+    caches = {e["value"] for pod in pods for c in pod["containers"] for e in c["env"] if e["name"] == "HF_HOME"}
+    assert len(caches) == 1 and next(iter(caches)).startswith("/data/")  # one cache, on the shared volume
+    assert all("nvidia.com/gpu" not in c["resources"]["limits"] for c in head["template"]["spec"]["containers"])
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    launcher = load("aws-gpu.yaml")
+    assert launcher["available_node_types"][launcher["head_node_type"]]["resources"] == {"CPU": 0}
+    assert "--env HF_HOME=/data/hf-cache" in launcher["docker"]["run_options"]
+
+
 def test_dockerfile_copies_real_paths_and_every_package():
     lines = [line.split() for line in (CLUSTER / "Dockerfile").read_text().splitlines() if line.strip()]
     assert lines[[l[0] for l in lines].index("FROM")][1] == f"rayproject/ray:{RAY_VERSION}-py311-gpu"
