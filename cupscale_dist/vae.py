@@ -11,6 +11,7 @@ writer, not even the uint8 image.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
@@ -39,9 +40,19 @@ def tile_to_tensor(pixels: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(pixels, dtype=np.float32)).unsqueeze(0)
 
 
+def read_only_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor sharing an array's memory that is only ever read: Ray hands results over read-only, and copying
+    every decoded 1024 px tile (12 MB) would cost the driver for nothing."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
+
+
 def to_uint8(pixels: torch.Tensor) -> np.ndarray:
-    """(3, H, W) float in [-1, 1] -> (H, W, 3) uint8, rounded."""
-    return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    """(3, H, W) float in [-1, 1] -> (H, W, 3) uint8, rounded. Works in place on a float32 ``pixels`` (a 16K band
+    is 200 MB of floats: no temporaries), so pass a tensor you no longer need."""
+    pixels = pixels.float().clamp_(-1, 1).add_(1).mul_(127.5).round_()
+    return pixels.to(torch.uint8).permute(1, 2, 0).contiguous().cpu().numpy()
 
 
 @torch.no_grad()
@@ -79,9 +90,8 @@ def encode_tiled(tile_map: TileMap, cut: Callable[[int, int, int, int], np.ndarr
 
 def encode_image(tile_map: TileMap, image: Image.Image, factor: int, channels: int, tile_px: int,
                  overlap: float) -> torch.Tensor:
-    """8-bit image -> scaled latent, one uint8 pixel tile at a time (step 2)."""
-    pixels = np.asarray(image.convert("RGB"))
-    cut = lambda t, l, b, r: np.ascontiguousarray(pixels[t * factor : b * factor, l * factor : r * factor])  # noqa: E731
+    """8-bit RGB image -> scaled latent, one uint8 pixel tile at a time (step 2): no full-size array is made."""
+    cut = lambda t, l, b, r: np.asarray(image.crop((l * factor, t * factor, r * factor, b * factor)))  # noqa: E731
     return encode_tiled(tile_map, cut, image.height // factor, image.width // factor, channels,
                         *latent_tiles(tile_px, overlap, factor))
 
@@ -98,27 +108,28 @@ def decode_float_bands(tile_map: TileMap, latents: torch.Tensor, factor: int, ti
     tops, lefts = window_starts(height, tile, stride), window_starts(width, tile, stride)
     rects = [(top, left, min(top + tile, height), min(left + tile, width)) for top in tops for left in lefts]
     decoded = tile_map("decode_tile", ((np.ascontiguousarray(latents[0, :, t:b, l:r].numpy()),) for t, l, b, r in rects))
-    acc = torch.zeros(3, 0, width * factor)  # weighted pixel sums of rows [done, band bottom), float32
-    weight = torch.zeros(0, width * factor)
-    done = 0  # rows before this are final and were yielded
+    rows_held = min(tile, height) * factor  # a band of tiles spans at most one tile of rows
+    acc = torch.zeros(3, rows_held, width * factor)  # weighted pixel sums of rows [done, done + rows_held)
+    weight = torch.zeros(rows_held, width * factor)
+    done = 0  # rows before this are final and were yielded; the band of tiles at tops[i] starts here
     windows: dict = {}
     for i, top in enumerate(tops):
         bottom = min(top + tile, height)
-        grow = bottom * factor - done - acc.shape[1]
-        acc = torch.cat([acc, torch.zeros(3, grow, width * factor)], 1)
-        weight = torch.cat([weight, torch.zeros(grow, width * factor)])
         for left in lefts:
             right = min(left + tile, width)
-            pixels = torch.from_numpy(np.array(next(decoded)))  # a copy: Ray's arrays are read-only
+            pixels = read_only_tensor(next(decoded))
             size = tuple(pixels.shape[-2:])
             if size not in windows:
                 windows[size] = window_weights(*size, "gaussian", BLEND_SIGMA)
             rows, cols = slice(top * factor - done, bottom * factor - done), slice(left * factor, right * factor)
-            acc[:, rows, cols] += pixels * windows[size]
+            acc[:, rows, cols].addcmul_(pixels, windows[size])
             weight[rows, cols] += windows[size]
         final = (tops[i + 1] if i + 1 < len(tops) else height) * factor  # later bands never reach above this row
-        yield acc[:, : final - done] / weight[: final - done]
-        acc, weight, done = acc[:, final - done :], weight[final - done :], final
+        ready, kept = final - done, bottom * factor - final  # finished rows; rows already summed below them
+        yield acc[:, :ready] / weight[:ready]
+        acc[:, :kept], weight[:kept] = acc[:, ready : ready + kept].clone(), weight[ready : ready + kept].clone()
+        acc[:, kept:], weight[kept:] = 0, 0
+        done = final
 
 
 def decode_bands(tile_map: TileMap, latents: torch.Tensor, factor: int, tile_px: int,
