@@ -46,13 +46,13 @@ def make_images(folder: Path, count: int, size: int) -> None:
 
 def plain_loop(folder: Path, out: Path, config) -> tuple[float, list[float]]:
     from cupscale_dist.imageio import load_image, save_png
-    from cupscale_dist.models import load_model
     from cupscale_dist.pipeline import upscale
     from cupscale_dist.runner import run_metadata
+    from cupscale_dist.worker import ModelWorker
 
     out.mkdir()
     start = time.perf_counter()
-    model = load_model(config.model, config.device, config.dtype)
+    model = ModelWorker.load(config.model, config.device, config.dtype, config.variant)
     per_image = []
     for path in sorted(folder.iterdir()):
         begin = time.perf_counter()

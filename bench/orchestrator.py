@@ -1,25 +1,37 @@
-"""The Ray driver's cost: overhead of one actor, scaling to two, and the host side at 8K / 16K: prints one JSON object.
+"""The Ray driver's cost: overhead of one actor, scaling to two, the host side at 8K / 16K, and the driver's VAE
+work: prints one JSON object.
 
     python bench/orchestrator.py [--threads 1] [--repeats 5] [--tile 32 --batch 1 --latent 96] [--skip-actors]
                                  [--host-sizes 1024,2048] [--host-batch 4] [--host-repeats 3] [--skip-host]
+                                 [--vae-latent 1024] [--vae-repeats 3] [--skip-vae]
 
 (a) overhead and (b) scaling, side by side in one local Ray cluster, round-robin per repeat, after a warm-up step:
-one denoising step's worth of views (``reduce_predictions`` consuming the predictor, as ``reduce_and_step`` does)
-through the in-process ``LocalPredictor`` (the reference), through ``RayPredictor`` over a ``DenoiserPool`` of 1
-``TileDenoiser`` actor, and of 2. The tiny SDXL-architecture UNet's size (``--unet-channels``, ``--tile``,
+one denoising step's worth of views (``predict_step`` consumed by ``reduce_predictions``, as ``reduce_and_step``
+does) through the in-process ``LocalExecutor`` (the reference), through ``RayExecutor`` over a ``WorkerPool`` of 1
+real ``PipelineWorker`` actor, and of 2. The tiny SDXL-architecture UNet's size (``--unet-channels``, ``--tile``,
 ``--batch``) is picked so one view batch costs near 50 ms on one thread; the measured cost is reported. Every
 actor and the reference pin ``--threads`` torch threads (1), so their predictions must agree bit for bit (checked).
 Targets: 1 actor >= 0.90 of the reference rate; 2 actors >= 1.7x one (only meaningful on 2 otherwise idle cores:
 the host load is reported).
 
-(c) host side at 8K and 16K (1024^2 and 2048^2 latent, tile 128, stride 64: 225 / 961 views per step), with a
-synthetic instant denoiser, so only the driver's own work is timed:
-  * in process, part by part: cutting the windows (as RayPredictor does), ``reduce_predictions``,
+(c) host side at 8K and 16K (1024^2 and 2048^2 latent, tile 128, stride 64: 225 / 961 views per step), with
+instant stand-in actors, so only the driver's own work is timed:
+  * in process, part by part: ``predict_step``'s window cut and its result copies, ``reduce_predictions``,
     ``inject_global_prior`` (Haar, prior active), the Euler ``scheduler.step``, and the real ``reduce_and_step``;
-  * end to end through Ray: ``RayPredictor`` over 2 synthetic actors that return ``0.5 * windows`` (a pointwise
-    stand-in for the UNet), reduced and stepped with ``reduce_and_step`` -- serialisation, object store, copies.
+  * end to end through Ray: ``predict_step`` on a ``RayExecutor`` over 2 ``InstantWorker`` actors (a
+    ``PipelineWorker`` whose "predict" returns ``0.5 * windows``), reduced and stepped with ``reduce_and_step`` --
+    serialisation, object store, copies.
 Bytes moved per step (windows out + predictions back, float32) and each time as a fraction of the modelled GPU
 step time of architecture.md (one H100 ~ 28 tiles/s bare => views / 28 s). Target: host side <= 3 %.
+
+(d) the driver's VAE work in Ray mode for one 8K stage (1024^2 latent, vae_tile 1024 px, overlap 0.25: 121 tiles):
+``vae.encode_image`` (cut uint8 pixel tiles, blend their latents) and ``vae.decode_bands`` (cut latent tiles,
+blend the decoded pixel tiles, finish uint8 bands), with instant VAE stand-ins returning tiles of the right shapes,
+so only the driver's work and the transfers are timed. Side by side, round-robin: ``in_process`` (a
+``LocalExecutor`` over the stand-in) and ``ray`` (a ``RayExecutor`` over ``InstantWorker`` actors); wall seconds
+and the driver process's CPU seconds, as fractions of the modelled GPU VAE time of the stage (architecture.md:
+SDXL VAE 1024^2 tile decode 90 ms, encode 50 ms on one H100). Tiles are blended as they arrive, so this overlaps
+with the GPUs while the driver keeps up: ``h100s_one_driver_can_feed`` says for how many.
 """
 
 from __future__ import annotations
@@ -36,14 +48,18 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing; actors import `actors.denoiser` from here
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing (Ray workers get it via PYTHONPATH below)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from actors.worker import PipelineWorker  # noqa: E402
 from common import load_average, log, rounded  # noqa: E402  (bench/common.py)
 
 H100_TILES_PER_S = 28.0  # architecture.md: bare batched SDXL UNet + CFG, 8-16 tiles per batch, one H100, bf16
+H100_VAE_DECODE_S, H100_VAE_ENCODE_S = 0.090, 0.050  # architecture.md: SDXL VAE, one 1024^2 tile, one H100
 HOST_TILE, HOST_STRIDE = 128, 64
+SDXL_VAE_FACTOR, SDXL_LATENT_CHANNELS = 8, 4
 
 
 def cpu_times() -> tuple[int, int]:
@@ -61,22 +77,91 @@ def busy_cores(before: tuple[int, int], after: tuple[int, int]) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# (a) + (b): real TileDenoiser actors vs the in-process reference
+# Instant stand-ins for every forward pass: what is left is the driver's own work
 # ---------------------------------------------------------------------------------------------------------------
-def stage_context(model, views: np.ndarray, latent_hw, config, seed: int):
+class InstantModel:
+    """ModelWorker's calling contract with instant stand-ins: "predict" returns ``0.5 * windows``; the VAE calls
+    return tiles of the right shapes (SDXL: factor 8, 4 channels), made once per shape, values irrelevant."""
+
+    device = "cpu (instant stand-in)"
+
+    def __init__(self, spec=None):
+        self.spec = spec  # LocalExecutor.spec; unused by the calls
+        self.tiles: dict[tuple, np.ndarray] = {}  # one output per shape: the stand-in costs ~nothing
+
+    def _tile(self, shape: tuple, value: float) -> np.ndarray:
+        if shape not in self.tiles:
+            self.tiles[shape] = np.full(shape, value, dtype=np.float32)
+        return self.tiles[shape]
+
+    def predict(self, context, windows: np.ndarray, timestep: float, input_scale: float, view_ids: np.ndarray,
+                rects: np.ndarray) -> np.ndarray:
+        return np.asarray(windows, dtype=np.float32) * np.float32(0.5)
+
+    def encode_tile(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 (H, W, 3) -> latent (C, H/8, W/8) float32."""
+        height, width = pixels.shape[:2]
+        return self._tile((SDXL_LATENT_CHANNELS, height // SDXL_VAE_FACTOR, width // SDXL_VAE_FACTOR), 0.1)
+
+    def decode_tile(self, latents: np.ndarray) -> np.ndarray:
+        """latent (C, h, w) -> pixels (3, 8h, 8w) float32 in [-1, 1]."""
+        height, width = latents.shape[-2:]
+        return self._tile((3, height * SDXL_VAE_FACTOR, width * SDXL_VAE_FACTOR), 0.25)
+
+
+class InstantWorker(PipelineWorker):
+    """The real actor shell (``call``, ``where``, ``usage``, the per-stage ``Shared`` fetch) around InstantModel:
+    loads no model."""
+
+    def __init__(self, *load_args):
+        self.index = load_args[-1]
+        self.worker = InstantModel()
+        self.shared = (None, None)
+
+
+def instant_executor(args, count: int, batch_size: int):
+    """A RayExecutor over a real WorkerPool (placement, in-flight caps, ordered fan-out) of ``count`` InstantWorkers."""
+    from cupscale_dist import UpscaleConfig
+    from cupscale_dist.models import ModelSpec
+    from cupscale_dist.orchestrator import RayExecutor, WorkerPool
+    from cupscale_dist.raycluster import ClusterOptions
+
+    spec = ModelSpec.load("demo")  # configs and tokenizer only: the pool needs a model name; no weights are loaded
+    config = UpscaleConfig.load("cpu-demo", view_batch_size=batch_size, torch_threads=args.threads)
+    options = ClusterOptions(actors=count, gpus_per_actor=0, cpus_per_actor=0.5, start_timeout_s=120)
+    return RayExecutor(WorkerPool(config, options, spec, actor_class=InstantWorker), spec, batch_size)
+
+
+def median_time(fn, repeats: int, warmup: int = 1) -> float:
+    times = []
+    for r in range(warmup + repeats):
+        t0 = time.perf_counter()
+        fn()
+        if r >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (a) + (b): real PipelineWorker actors vs the in-process reference
+# ---------------------------------------------------------------------------------------------------------------
+def stage_context(executor, views: np.ndarray, latent_hw, config, seed: int):
     """A StageContext as run_stage builds it: real prompt encodings, distinct regional prompts, view token masks."""
     from cupscale_dist.masks import content_token_mask
+    from cupscale_dist.pipeline import encode_negative
     from cupscale_dist.step import StageContext
+    from cupscale_dist.worker import encode_prompts
 
+    spec = executor.spec
     prompts = [f"a photo of a cat, detail {i}" for i in range(len(views))]
-    regional_embeds, regional_pooled = model.encode_prompts(prompts)
-    global_embeds, global_pooled = model.encode_prompts([config.prompt])
-    negative_embeds, negative_pooled = model.encode_negative(config.negative_prompt)
-    content = content_token_mask(model.token_count(config.prompt), global_embeds.shape[1])
+    regional_embeds, regional_pooled = encode_prompts(executor, prompts)
+    global_embeds, global_pooled = encode_prompts(executor, [config.prompt])
+    negative_embeds, negative_pooled = encode_negative(executor, config.negative_prompt)
+    content = content_token_mask(spec.token_count(config.prompt), global_embeds.shape[1])
     rng = np.random.default_rng(seed)
     token_allowed = np.ones((len(views), global_embeds.shape[1]), dtype=bool)
     token_allowed[:, content] = rng.random((len(views), int(content.sum()))) < 0.5
-    f = model.vae_scale_factor
+    f = spec.vae_scale_factor
     return StageContext(negative_embeds, global_embeds, regional_embeds, np.arange(len(views)), negative_pooled,
                         global_pooled, regional_pooled, token_allowed, None, tuple(latent_hw),
                         (latent_hw[0] * f, latent_hw[1] * f), f, config.guidance_scale, config.lambda_global,
@@ -92,72 +177,70 @@ def actors_bench(args) -> dict:
 
 
 def _actors_bench(args, tmp: str) -> dict:
-    import ray
-
     from cupscale_dist import UpscaleConfig
-    from cupscale_dist.models import load_model
-    from cupscale_dist.orchestrator import DenoiserPool, RayPredictor
+    from cupscale_dist.orchestrator import RayExecutor, WorkerPool
+    from cupscale_dist.pipeline import predict_step
     from cupscale_dist.raycluster import ClusterOptions
-    from cupscale_dist.pipeline import LocalPredictor
-    from cupscale_dist.step import predict_views, reduce_predictions
+    from cupscale_dist.step import reduce_predictions
     from cupscale_dist.testing import build_tiny_sdxl
     from cupscale_dist.views import make_views
+    from cupscale_dist.worker import LocalExecutor, ModelWorker
 
     log(f"building the tiny SDXL (unet_channels={args.unet_channels}) ...")
     model_dir = str(build_tiny_sdxl(Path(tmp) / "model", seed=0, unet_channels=args.unet_channels))
     config = UpscaleConfig(model=model_dir, device="cpu", dtype="float32", torch_threads=args.threads,
                            tile=args.tile, stride=args.tile // 2, view_batch_size=args.batch,
                            prompt="a photo of a cat on a house")
-    model = load_model(model_dir, device="cpu", dtype="float32")
+    worker = ModelWorker(model_dir, device="cpu", dtype="float32")
+    local = LocalExecutor(worker, args.batch)
     latent_hw = (args.latent, args.latent)
     views = make_views(*latent_hw, config.tile, config.stride)
-    context = stage_context(model, views, latent_hw, config, args.seed)
+    context = stage_context(local, views, latent_hw, config, args.seed)
     latents = torch.randn(1, 4, *latent_hw, generator=torch.Generator().manual_seed(args.seed))
     timestep, input_scale = 500.0, 0.5
 
-    # Calibration: one view batch through predict_views in process (what one actor task computes).
+    # Calibration: one view batch through ModelWorker.predict in process (what one actor call computes).
     rects = views[: args.batch]
-    windows = torch.stack([latents[0, :, t:b, l:r] for t, l, b, r in rects])
+    windows = np.stack([latents[0, :, t:b, l:r].numpy() for t, l, b, r in rects])
     batch_times = []
     for r in range(3 + 5):
         t0 = time.perf_counter()
-        predict_views(model.unet, windows, timestep, input_scale, context, range(args.batch), rects)
+        worker.predict(context, windows, timestep, input_scale, np.arange(args.batch), rects)
         if r >= 3:
             batch_times.append(time.perf_counter() - t0)
     batch_s = statistics.median(batch_times)
     log(f"one batch of {args.batch} view(s) at {args.tile}^2 latent: {batch_s * 1e3:.1f} ms; "
         f"{len(views)} views per step")
 
-    log("starting 1 + 2 TileDenoiser actors ...")
-    options = dict(cpus_per_actor=1.0, start_timeout_s=300)
-    predictors = {"local": LocalPredictor(model.unet, args.batch),
-                  "ray_1_actor": RayPredictor(DenoiserPool(config, ClusterOptions(actors=1, **options)), args.batch),
-                  "ray_2_actors": RayPredictor(DenoiserPool(config, ClusterOptions(actors=2, **options)), args.batch)}
-    for predictor in predictors.values():
-        predictor.start_stage(context)
+    log("starting 1 + 2 PipelineWorker actors ...")
+    options = dict(gpus_per_actor=0, cpus_per_actor=1.0, start_timeout_s=300)
+    pool = lambda actors: WorkerPool(config, ClusterOptions(actors=actors, **options), worker.spec)  # noqa: E731
+    executors = {"local": local,
+                 "ray_1_actor": RayExecutor(pool(1), worker.spec, args.batch),
+                 "ray_2_actors": RayExecutor(pool(2), worker.spec, args.batch)}
+    shared = {name: executor.share(context) for name, executor in executors.items()}  # once per stage
 
-    def one_step(predictor) -> torch.Tensor:
-        batches = predictor.predict(latents, views, timestep, input_scale, 0)
+    def one_step(name: str) -> torch.Tensor:
+        batches = predict_step(executors[name], shared[name], latents, views, timestep, input_scale)
         return reduce_predictions(batches, views, latents.shape)
 
-    results = {name: one_step(p) for name, p in predictors.items()}  # warm-up: actors fetch the context, JIT paths
+    results = {name: one_step(name) for name in executors}  # warm-up: actors fetch the context, JIT paths
     identical = {name: bool(torch.equal(results[name], results["local"])) for name in results}
     max_diff = {name: float((results[name] - results["local"]).abs().max()) for name in results}
-    times: dict[str, list[float]] = {name: [] for name in predictors}
-    busy: dict[str, list[float]] = {name: [] for name in predictors}
+    times: dict[str, list[float]] = {name: [] for name in executors}
+    busy: dict[str, list[float]] = {name: [] for name in executors}
     for r in range(args.repeats):  # round-robin, alternating order, so drift in the host load hits all alike
-        order = list(predictors) if r % 2 == 0 else list(reversed(predictors))
+        order = list(executors) if r % 2 == 0 else list(reversed(executors))
         for name in order:
             c0, t0 = cpu_times(), time.perf_counter()
-            one_step(predictors[name])
+            one_step(name)
             times[name].append(time.perf_counter() - t0)
             cores = busy_cores(c0, cpu_times())
             if cores is not None:
                 busy[name].append(cores)
-        log(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{n} {times[n][-1]:.2f} s" for n in predictors))
-    for name in ("ray_1_actor", "ray_2_actors"):
-        predictors[name].close()
-    ray.shutdown()
+        log(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{n} {times[n][-1]:.2f} s" for n in executors))
+    for executor in executors.values():
+        executor.close()
 
     median = {name: statistics.median(v) for name, v in times.items()}
     rate = {name: len(views) / s for name, s in median.items()}
@@ -165,6 +248,9 @@ def _actors_bench(args, tmp: str) -> dict:
     two_vs_one = rate["ray_2_actors"] / rate["ray_1_actor"]
     return {
         "model": f"tiny SDXL-architecture, random weights, unet_channels={list(args.unet_channels)}",
+        "executors": {"local": "LocalExecutor(ModelWorker)",
+                      "ray_1_actor": "RayExecutor(WorkerPool of 1 PipelineWorker)",
+                      "ray_2_actors": "RayExecutor(WorkerPool of 2 PipelineWorkers)"},
         "tile": args.tile, "stride": args.tile // 2, "latent_hw": list(latent_hw), "views_per_step": len(views),
         "view_batch_size": args.batch, "batches_per_step": -(-len(views) // args.batch),
         "composer": config.composer, "mask_mode": "view",
@@ -186,35 +272,23 @@ def _actors_bench(args, tmp: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# (c) host side at 8K / 16K with a synthetic instant denoiser
+# (c) host side at 8K / 16K with instant actors
 # ---------------------------------------------------------------------------------------------------------------
-class SyntheticDenoiser:
-    """TileDenoiser's calling contract with a pointwise stand-in for the UNet: returns 0.5 * windows (float32)."""
+class ReplayExecutor:
+    """An in-process executor answering "predict" from results made beforehand, to time predict_step's own parts:
+    ``cut=True`` pulls every call (the windows are cut) and answers a tiny array (its copy costs nothing);
+    ``cut=False`` never pulls a call (nothing is cut) and answers the real-sized predictions (their copies)."""
 
-    def __init__(self, index: int):
-        self.index = index
+    def __init__(self, batch_size: int, results: list[np.ndarray], cut: bool):
+        self.batch_size, self.results, self.cut = batch_size, results, cut
+        self.tiny = np.zeros(1, dtype=np.float32)
 
-    def where(self) -> dict:
-        return {"index": self.index, "pid": os.getpid()}
-
-    def predict(self, context_ref: list, windows: np.ndarray, timestep: float, input_scale: float,
-                view_ids: np.ndarray, rects: np.ndarray) -> np.ndarray:
-        return windows * np.float32(0.5)
-
-
-def synthetic_pool(count: int):
-    """A real DenoiserPool (its pick / in-flight policy) whose actors are SyntheticDenoisers."""
-    import ray
-
-    from cupscale_dist.orchestrator import DenoiserPool
-
-    pool = DenoiserPool.__new__(DenoiserPool)
-    remote = ray.remote(SyntheticDenoiser).options(num_cpus=0.5)
-    pool.actors = [remote.remote(i) for i in range(count)]
-    pool.in_flight = [0] * count
-    pool.count, pool.num_gpus = count, 0
-    ray.get([a.where.remote() for a in pool.actors])
-    return pool
+    def map(self, method: str, calls):
+        if self.cut:
+            for _args in calls:
+                yield self.tiny
+        else:
+            yield from self.results
 
 
 def euler_schedule(latents: torch.Tensor, seed: int):
@@ -234,21 +308,9 @@ def euler_schedule(latents: torch.Tensor, seed: int):
     return StageSchedule(scheduler, start, prior, "x0", 0.5, "cosine"), start
 
 
-def median_time(fn, repeats: int, warmup: int = 1) -> float:
-    times = []
-    for r in range(warmup + repeats):
-        t0 = time.perf_counter()
-        fn()
-        if r >= warmup:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def host_side(args, side: int) -> dict:
     """One latent size: the driver's work per step, part by part in process, then end to end through Ray."""
-    import ray
-
-    from cupscale_dist.orchestrator import RayPredictor
+    from cupscale_dist.pipeline import predict_step
     from cupscale_dist.prior import inject_global_prior, noise_level, prior_weight
     from cupscale_dist.step import reduce_and_step, reduce_predictions
     from cupscale_dist.views import make_views, view_batches
@@ -266,56 +328,53 @@ def host_side(args, side: int) -> dict:
     step = 0  # first step: the prior is active with weight 1 (its most expensive case)
     weight = prior_weight(step, schedule.num_steps, schedule.prior_fraction, schedule.prior_schedule)
     alpha, sigma = noise_level(schedule.scheduler, start + step)
+    timestep, input_scale = schedule.timestep(step), schedule.input_scale(step)
 
-    def cut_windows():  # exactly RayPredictor._submit's cut, for every batch of the step
-        host = latents[0].numpy()
-        for b in batches:
-            np.stack([host[:, t:bo, l:r] for t, l, bo, r in views[b.start : b.stop]])
+    cutter = ReplayExecutor(args.host_batch, [], cut=True)
+    copier = ReplayExecutor(args.host_batch, [p.numpy() for p in predictions], cut=False)
 
-    def result_copies():  # RayPredictor.predict's torch.from_numpy(result.copy()) per batch (Ray arrays are read-only)
-        for p in predictions:
-            torch.from_numpy(p.numpy().copy())
+    def predict_step_parts(executor):  # the real predict_step, every batch of the step
+        for _ in predict_step(executor, None, latents, views, timestep, input_scale):
+            pass
 
     eps = reduce_predictions(zip(batches, predictions), views, latents.shape)
 
-    def scheduler_step():
-        schedule.scheduler._step_index = None  # Euler counts its steps: start from the same index every repeat
-        schedule.scheduler.set_begin_index(start + step)
-        schedule.input_scale(step)  # the pipeline scales the model input before stepping (diffusers checks)
-        schedule.scheduler.step(eps, schedule.timestep(step), latents)
-
-    def full_reduce_and_step():
+    def restart_scheduler():  # Euler counts its steps: start from the same index every repeat
         schedule.scheduler._step_index = None
         schedule.scheduler.set_begin_index(start + step)
         schedule.input_scale(step)  # the pipeline scales the model input before stepping (diffusers checks)
+
+    def scheduler_step():
+        restart_scheduler()
+        schedule.scheduler.step(eps, timestep, latents)
+
+    def full_reduce_and_step():
+        restart_scheduler()
         reduce_and_step(latents, zip(batches, predictions), views, schedule, step)
 
     reps = args.host_repeats
     parts = {
-        "cut_windows": median_time(cut_windows, reps),
-        "result_copies": median_time(result_copies, reps),
+        "cut_windows": median_time(lambda: predict_step_parts(cutter), reps),
+        "result_copies": median_time(lambda: predict_step_parts(copier), reps),
         "reduce": median_time(lambda: reduce_predictions(zip(batches, predictions), views, latents.shape), reps),
         "prior": median_time(lambda: inject_global_prior(eps, latents, schedule.prior, weight, alpha, sigma), reps),
         "scheduler_step": median_time(scheduler_step, reps),
     }
     reduce_and_step_s = median_time(full_reduce_and_step, reps)
 
-    # End to end through Ray: the real RayPredictor over synthetic actors, reduced + stepped by reduce_and_step.
-    pool = synthetic_pool(args.synthetic_actors)
-    predictor = RayPredictor(pool, args.host_batch)
-    predictor.start_stage({"synthetic": True})
+    # End to end through Ray: predict_step on a RayExecutor over instant actors, reduced + stepped by reduce_and_step.
+    executor = instant_executor(args, args.synthetic_actors, args.host_batch)
+    shared = executor.share({"instant": True})  # a stage context's place; the stand-in ignores it
 
     def ray_step():
-        schedule.scheduler._step_index = None
-        schedule.scheduler.set_begin_index(start + step)
-        batches_iter = predictor.predict(latents, views, schedule.timestep(step), schedule.input_scale(step), step)
+        restart_scheduler()
+        batches_iter = predict_step(executor, shared, latents, views, timestep, input_scale)
         reduce_and_step(latents, batches_iter, views, schedule, step)
 
     c0 = cpu_times()
     ray_s = median_time(ray_step, reps)
     ray_busy = busy_cores(c0, cpu_times())
-    for actor in pool.actors:
-        ray.kill(actor, no_restart=True)
+    executor.close()
 
     window_bytes = int(sum((b - t) * (r - l) for t, l, b, r in views)) * channels * 4
     modelled = n / H100_TILES_PER_S
@@ -343,11 +402,93 @@ def host_side(args, side: int) -> dict:
                             "window, so GPUs idle meanwhile; with N GPUs the step is N times shorter and this "
                             "fraction N times larger. The rest (cut, copies, reduce) overlaps with GPU work as long "
                             "as the driver keeps up (driver_tiles_per_s).",
-        "ray_step_note": "the real RayPredictor + reduce_and_step with synthetic actors on the same host cores as the "
-                         "driver: an upper bound of the driver's per-step cost, i.e. the rate it can feed",
+        "ray_step_note": "the real predict_step on a RayExecutor (WorkerPool of InstantWorker actors) + "
+                         "reduce_and_step, the actors on the same host cores as the driver: an upper bound of the "
+                         "driver's per-step cost, i.e. the rate it can feed",
         "driver_tiles_per_s": {"in_process_parts": n / host_total, "ray_synthetic": n / ray_s},
         "h100s_one_driver_can_feed": {"in_process_parts": n / host_total / H100_TILES_PER_S,
                                       "ray_synthetic": n / ray_s / H100_TILES_PER_S},
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (d) the driver's VAE work per stage (cut tiles, blend the encode, blend the decode into uint8 bands)
+# ---------------------------------------------------------------------------------------------------------------
+def vae_driver(args) -> dict:
+    from PIL import Image
+
+    from cupscale_dist import UpscaleConfig
+    from cupscale_dist.vae import decode_bands, encode_image, latent_tiles
+    from cupscale_dist.views import make_views
+    from cupscale_dist.worker import LocalExecutor
+
+    side, f, channels = args.vae_latent, SDXL_VAE_FACTOR, SDXL_LATENT_CHANNELS
+    tile, stride = latent_tiles(args.vae_tile, args.vae_overlap, f)
+    tiles = len(make_views(side, side, tile, stride))
+    pixels = side * f
+    log(f"VAE driver work: {pixels}^2 px stage ({side}^2 latent), {tiles} tiles of {args.vae_tile} px ...")
+    rng = np.random.default_rng(args.seed)
+    image = Image.fromarray(rng.integers(0, 256, (pixels, pixels, 3), dtype=np.uint8))  # the stage input
+    latents = torch.randn(1, channels, side, side, generator=torch.Generator().manual_seed(args.seed))
+    executors = {"in_process": LocalExecutor(InstantModel(), 1),
+                 "ray": instant_executor(args, args.synthetic_actors, 1)}
+
+    def encode(executor):
+        z = encode_image(executor.map, image, f, channels, args.vae_tile, args.vae_overlap)
+        assert tuple(z.shape) == (1, channels, side, side), z.shape
+
+    def decode(executor):  # consumed band by band, as the streaming writer does (writing itself not timed)
+        rows = sum(band.shape[0] for band in decode_bands(executor.map, latents, f, args.vae_tile, args.vae_overlap))
+        assert rows == pixels, rows
+
+    phases = {"encode": encode, "decode": decode}
+    wall = {name: {p: [] for p in phases} for name in executors}
+    cpu = {name: {p: [] for p in phases} for name in executors}
+    for r in range(1 + args.vae_repeats):  # the first round warms up (actors, allocator); round-robin after
+        order = list(executors) if r % 2 == 0 else list(reversed(executors))
+        for name in order:
+            for phase, run in phases.items():
+                c0, t0 = time.process_time(), time.perf_counter()
+                run(executors[name])
+                if r > 0:
+                    wall[name][phase].append(time.perf_counter() - t0)
+                    cpu[name][phase].append(time.process_time() - c0)
+        if r > 0:
+            log(f"VAE repeat {r}/{args.vae_repeats}: " + ", ".join(
+                f"{n} {p} {wall[n][p][-1]:.2f} s" for n in executors for p in phases))
+    executors["ray"].close()
+
+    wall_s, cpu_s = ({n: {p: statistics.median(v) for p, v in ps.items()} for n, ps in t.items()} for t in (wall, cpu))
+    driver_s = {n: sum(cpu_s[n].values()) for n in executors}  # the driver process's CPU, encode + decode
+    modelled = {"encode": tiles * H100_VAE_ENCODE_S, "decode": tiles * H100_VAE_DECODE_S}
+    modelled_total = modelled["encode"] + modelled["decode"]
+    # The whole stage on one H100 with the sdxl-8k preset's views and steps: the denoising steps plus the VAE.
+    preset = UpscaleConfig.load("sdxl-8k")
+    steps = int(round(preset.strength * preset.steps))
+    stage_s = steps * len(make_views(side, side, preset.tile, preset.stride)) / H100_TILES_PER_S + modelled_total
+    return {
+        "what": "driver work of one stage's tiled VAE (vae.encode_image + vae.decode_bands) with instant VAE "
+                "stand-ins: cut tiles, blend latents, blend pixel tiles into uint8 bands (+ Ray transfers for 'ray')",
+        "stage_px": [pixels, pixels], "latent_hw": [side, side], "vae_tile_px": args.vae_tile,
+        "vae_overlap": args.vae_overlap, "vae_tiles": tiles, "tile_latent": tile, "tile_stride_latent": stride,
+        "bytes_per_stage": {"encode_pixels_out_MiB": tiles * (tile * f) ** 2 * 3 / 2**20,
+                            "decode_pixels_back_MiB": tiles * (tile * f) ** 2 * 3 * 4 / 2**20},
+        "repeats": args.vae_repeats, "warmup": 1, "synthetic_actors": args.synthetic_actors,
+        "wall_seconds": wall_s,
+        "driver_cpu_seconds": cpu_s,
+        "driver_cpu_seconds_per_stage": driver_s,
+        "modelled_gpu_vae_seconds_1xH100": {**modelled, "total": modelled_total},
+        "fraction_of_modelled_gpu_vae": {n: driver_s[n] / modelled_total for n in executors},
+        "fraction_of_modelled_gpu_vae_wall": {n: sum(wall_s[n].values()) / modelled_total for n in executors},
+        "h100s_one_driver_can_feed": {n: modelled_total / driver_s[n] for n in executors},
+        "modelled_stage_seconds_1xH100": stage_s,
+        "modelled_stage_note": f"sdxl-8k preset: {steps} steps x views / {H100_TILES_PER_S:g} tiles/s + the VAE",
+        "fraction_of_modelled_stage": {n: driver_s[n] / stage_s for n in executors},
+        "note": "driver_cpu = time.process_time of the driver process (its Ray threads included), so the instant "
+                "actors' own CPU on the shared cores is not counted; wall includes it. Tiles are cut lazily and "
+                "blended in tile order as they arrive, so this work overlaps with the GPUs' VAE passes as long as "
+                "the driver keeps up: with N GPUs the VAE phase is N times shorter, and the driver falls behind "
+                "beyond h100s_one_driver_can_feed.",
     }
 
 
@@ -355,6 +496,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1, help="torch threads: driver, reference and every actor")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--synthetic-actors", type=int, default=2, help="instant actors for (c) and (d)")
     a = parser.add_argument_group("(a) overhead and (b) scaling")
     a.add_argument("--skip-actors", action="store_true")
     a.add_argument("--unet-channels", default="32,64", help="tiny UNet block_out_channels")
@@ -367,7 +509,12 @@ def main() -> None:
     c.add_argument("--host-sizes", default="1024,2048", help="latent sides (1024 = 8K px, 2048 = 16K px)")
     c.add_argument("--host-batch", type=int, default=4, help="views per batch (the config default)")
     c.add_argument("--host-repeats", type=int, default=3)
-    c.add_argument("--synthetic-actors", type=int, default=2)
+    d = parser.add_argument_group("(d) the driver's VAE work")
+    d.add_argument("--skip-vae", action="store_true")
+    d.add_argument("--vae-latent", type=int, default=1024, help="square latent side of the stage (1024 = 8K px)")
+    d.add_argument("--vae-tile", type=int, default=1024, help="VAE tile in px (the config's vae_tile)")
+    d.add_argument("--vae-overlap", type=float, default=0.25, help="the config's vae_tile_overlap")
+    d.add_argument("--vae-repeats", type=int, default=3)
     args = parser.parse_args()
     args.unet_channels = tuple(int(v) for v in args.unet_channels.split(","))
 
@@ -381,26 +528,27 @@ def main() -> None:
     load_before = load_average()
     started = time.perf_counter()
     ray_tmp = tempfile.mkdtemp(prefix="rb-", dir="/tmp")  # short path (Unix socket limit), own session dir
+    # Actors import this checkout's `actors` and `cupscale_dist`, not whichever copy is installed.
+    python_path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     out: dict = {"bench": "orchestrator", "command": " ".join(["python", "bench/orchestrator.py", *sys.argv[1:]]),
                  "torch_threads": args.threads, "torch": torch.__version__, "ray": ray.__version__,
                  "python": platform.python_version(), "cpu_count": os.cpu_count(), "load_average_before": load_before}
+    # 1 + 2 actors live side by side (idle ones cost nothing): 3 logical CPUs at 1 per actor.
+    ray.init(num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
+             _temp_dir=ray_tmp, runtime_env={"env_vars": {"PYTHONPATH": python_path}})
     if not args.skip_actors:
-        # 1 + 2 actors live side by side (idle ones cost nothing): 3 logical CPUs at 1 per actor.
-        ray.init(num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
-                 _temp_dir=ray_tmp)
         out["actors"] = actors_bench(args)
     if not args.skip_host:
-        if not ray.is_initialized():
-            ray.init(num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
-                     _temp_dir=ray_tmp)
         sizes = [int(s) for s in args.host_sizes.split(",")]
         out["host_side"] = {
-            "what": "driver work per step with an instant denoiser; modelled GPU step = views / 28 tiles/s (1 H100)",
+            "what": "driver work per step with instant actors; modelled GPU step = views / 28 tiles/s (1 H100)",
             "driver_threads": args.threads, "tile": HOST_TILE, "stride": HOST_STRIDE, "repeats": args.host_repeats,
             "sizes": [host_side(args, side) for side in sizes],
             "target": "host side <= 0.03 of the modelled step",
         }
-        ray.shutdown()
+    if not args.skip_vae:
+        out["vae_driver"] = vae_driver(args)
+    ray.shutdown()
     shutil.rmtree(ray_tmp, ignore_errors=True)
     out["load_average_after"] = load_average()
     out["bench_seconds"] = time.perf_counter() - started

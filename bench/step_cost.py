@@ -4,12 +4,15 @@
     python bench/step_cost.py --full-size --device cuda --dtype bfloat16 [--tiles 4,8] [--latent 128]
     python bench/step_cost.py --full-size --tiles 1 --latent 16 --repeats 2     # CPU smoke test (not a GPU figure)
 
-Default mode (demo model): runs the real single-process pipeline (``cupscale_dist.upscale`` with the
-``LocalPredictor``) on the tiny random SDXL-architecture model and splits every step, by instrumenting the very
-functions the pipeline calls (no re-implementation), into: UNet (``predict_views`` over all views), cutting the
-windows, MultiDiffusion reduce (``reduce_predictions``), prior injection (``inject_global_prior``), the scheduler
-step, and the rest; per stage: VAE encode (including the attention probe's native-size encode), attention probe,
-prompt encoding, VAE decode. Seconds and fractions; median over ``--runs`` after one warm-up run.
+Default mode (demo model): runs the real single-process pipeline (``cupscale_dist.upscale`` with a
+``LocalExecutor`` over a ``ModelWorker``) on the tiny random SDXL-architecture model and splits every step, by
+instrumenting the very functions the pipeline calls (no re-implementation), into: UNet (``ModelWorker.predict``
+over all views), cutting the windows (``predict_step``), MultiDiffusion reduce (``reduce_predictions``), prior
+injection (``inject_global_prior``), the scheduler step, and the rest; per stage, worker side (a GPU actor in Ray
+mode): the VAE forwards (``ModelWorker.encode_tile`` / ``decode_tile``), the attention probe (``ModelWorker.probe``,
+its native-size encode included), prompt encoding (``ModelWorker.encode_prompts``); driver side: cutting and
+blending the VAE tiles (``vae.encode_image`` / ``vae.decode_bands``) and the masks around the probe. Seconds and
+fractions; median over ``--runs`` after one warm-up run.
 
 ``--full-size``: an SDXL-architecture UNet (SDXL base's UNet config, random weights, built from the config, nothing
 downloaded). Side by side, round-robin, after warm-up, median of ``--repeats``:
@@ -82,8 +85,28 @@ def timed(timer: Timer, name: str, fn):
     return wrapper
 
 
+def timed_bands(timer: Timer, name: str, fn):
+    """Wrap a function returning an iterator (``decode_bands``): time each ``next``, where its work happens."""
+    def wrapper(*args, **kwargs):
+        bands = fn(*args, **kwargs)
+        while True:
+            with timer(name):
+                band = next(bands, None)
+            if band is None:
+                return
+            yield band
+
+    wrapper.__wrapped__ = fn
+    return wrapper
+
+
 STEP_PARTS = ("unet", "cut_windows", "reduce", "prior", "scheduler_step")
-STAGE_PARTS = ("vae_encode", "attention_probe", "prompt_encode", "vae_decode")
+# Exclusive per-stage parts: each VAE direction is split into the forwards (ModelWorker.encode_tile / decode_tile,
+# on a GPU worker in Ray mode) and the driver's cut + blend around them (vae.encode_image / vae.decode_bands).
+STAGE_PARTS = ("vae_encode_forward", "vae_encode_blend", "attention_probe", "attention_masks", "prompt_encode",
+               "vae_decode_forward", "vae_decode_blend")
+STAGE_TOTALS = {"vae_encode": ("vae_encode_forward", "vae_encode_blend"),  # inclusive, as before the split
+                "vae_decode": ("vae_decode_forward", "vae_decode_blend")}
 
 
 def demo_breakdown(args) -> dict:
@@ -92,25 +115,27 @@ def demo_breakdown(args) -> dict:
     from cupscale_dist import UpscaleConfig, upscale
     from cupscale_dist import pipeline as pipeline_mod
     from cupscale_dist import step as step_mod
-    from cupscale_dist.models import load_model
     from cupscale_dist.testing import build_tiny_sdxl
-    from cupscale_dist.views import view_batches
+    from cupscale_dist.worker import LocalExecutor, ModelWorker
 
     timer = Timer()
     steps: list[dict] = []  # per step: exclusive seconds per part + inclusive total
     stages: list[dict] = []
 
-    class TimedLocalPredictor(pipeline_mod.LocalPredictor):
-        """LocalPredictor.predict with the window cut and the predict_views call timed apart."""
+    class TimedLocalExecutor(LocalExecutor):
+        """LocalExecutor.map with predict_step's window cut (its lazily made calls) timed apart from the UNet."""
 
-        def predict(self, latents, views, timestep, input_scale, step):
-            for batch in view_batches(len(views), self.batch_size):
+        def map(self, method, calls):
+            if method != "predict":
+                yield from super().map(method, calls)
+                return
+            calls = iter(calls)
+            while True:
                 with timer("cut_windows"):
-                    rects = views[batch.start : batch.stop]
-                    windows = torch.stack([latents[0, :, t:b, l:r] for t, l, b, r in rects])
-                with timer("unet"):
-                    out = step_mod.predict_views(self.unet, windows, timestep, input_scale, self.context, batch, rects)
-                yield batch, out
+                    args = next(calls, None)
+                if args is None:
+                    return
+                yield from super().map(method, [args])
 
     def reduce_and_step(*a, **k):
         before = timer.snapshot()
@@ -134,12 +159,12 @@ def demo_breakdown(args) -> dict:
         return out
 
     original = {"reduce_and_step": pipeline_mod.reduce_and_step, "run_stage": pipeline_mod.run_stage}
-    patches = [
+    patches = [  # module functions, as the pipeline looks them up
         (pipeline_mod, "reduce_and_step", reduce_and_step),
         (pipeline_mod, "run_stage", run_stage),
-        (pipeline_mod, "encode_image", timed(timer, "vae_encode", pipeline_mod.encode_image)),  # tiled, step 2
-        (pipeline_mod, "decode_image", timed(timer, "vae_decode", pipeline_mod.decode_image)),  # tiled, step 10
-        (pipeline_mod, "attention_token_masks", timed(timer, "attention_probe", pipeline_mod.attention_token_masks)),
+        (pipeline_mod, "encode_image", timed(timer, "vae_encode_blend", pipeline_mod.encode_image)),  # step 2
+        (pipeline_mod, "decode_bands", timed_bands(timer, "vae_decode_blend", pipeline_mod.decode_bands)),  # 10
+        (pipeline_mod, "attention_token_masks", timed(timer, "attention_masks", pipeline_mod.attention_token_masks)),
         (step_mod, "reduce_predictions", timed(timer, "reduce", step_mod.reduce_predictions)),
         (step_mod, "inject_global_prior", timed(timer, "prior", step_mod.inject_global_prior)),
         (step_mod, "inject_global_prior_zt", timed(timer, "prior", step_mod.inject_global_prior_zt)),
@@ -148,18 +173,20 @@ def demo_breakdown(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         log(f"building the tiny SDXL (unet_channels={args.unet_channels}) ...")
         model_dir = str(build_tiny_sdxl(Path(tmp) / "model", seed=0, unet_channels=args.unet_channels))
-        model = load_model(model_dir, device="cpu", dtype="float32")
-        # Instance-level wraps: prompt encoding and every scheduler the pipeline creates.
-        model.encode_prompts = timed(timer, "prompt_encode", model.encode_prompts)
-        model.encode_negative = timed(timer, "prompt_encode", model.encode_negative)
-        new_scheduler = model.new_scheduler
+        worker = ModelWorker(model_dir, device="cpu", dtype="float32")
+        # Instance-level wraps: every forward pass the executor runs, and every scheduler the pipeline creates.
+        for method, name in (("predict", "unet"), ("encode_tile", "vae_encode_forward"),
+                             ("decode_tile", "vae_decode_forward"), ("encode_prompts", "prompt_encode"),
+                             ("probe", "attention_probe")):
+            setattr(worker, method, timed(timer, name, getattr(worker, method)))
+        new_scheduler = worker.spec.new_scheduler
 
         def timed_scheduler(kind):
             scheduler = new_scheduler(kind)
             scheduler.step = timed(timer, "scheduler_step", scheduler.step)
             return scheduler
 
-        model.new_scheduler = timed_scheduler
+        worker.spec.new_scheduler = timed_scheduler
 
         config = UpscaleConfig.load("cpu-demo", model=model_dir, torch_threads=args.threads)
         if args.steps:
@@ -175,8 +202,8 @@ def demo_breakdown(args) -> dict:
                 steps.clear()
                 stages.clear()
                 start = time.perf_counter()
-                predictor = TimedLocalPredictor(model.unet, config.view_batch_size)
-                upscale(image, config, model=model, predictor=predictor, progress=False)
+                executor = TimedLocalExecutor(worker, config.view_batch_size)
+                upscale(image, config, executor=executor, progress=False)
                 wall = time.perf_counter() - start
                 log(f"run {run}{' (warm-up)' if run == 0 else ''}: {wall:.2f} s, {len(steps)} steps")
                 if run > 0:
@@ -206,25 +233,34 @@ def demo_breakdown(args) -> dict:
         row = {k: statistics.median(r["stages"][i][k] for r in runs)
                for k in (*STAGE_PARTS, "stage_other", "steps", "total")}
         fraction = {k: row[k] / row["total"] for k in row if k != "total"}
+        row.update({total: sum(row[k] for k in parts) for total, parts in STAGE_TOTALS.items()})
         stage_rows.append({"size_wh": list(sizes[i]), "latent_hw": list(latent[i]), "views": views[i],
                            "seconds": row, "fraction_of_stage": fraction})
     unet_per_view = seconds["unet"] / views[-1] if len(set(views)) == 1 else None
     return {
         "mode": "demo",
-        "what": "real single-process pipeline (upscale + LocalPredictor), every step split by instrumenting the "
-                "functions it calls; medians over runs of the per-step mean",
+        "what": "real single-process pipeline (upscale + LocalExecutor over a ModelWorker), every step split by "
+                "instrumenting the functions it calls; medians over runs of the per-step mean",
         "model": f"tiny SDXL-architecture, random weights, unet_channels={list(args.unet_channels)}",
         "config": {k: getattr(config, k) for k in ("scale", "tile", "stride", "steps", "strength", "view_batch_size",
                                                      "composer", "mask_mode", "prior_space", "prior_target",
-                                                     "prior_fraction", "scheduler")},
+                                                     "prior_fraction", "scheduler", "vae_tile")},
         "input_size": [args.input_size, args.input_size],
         "runs": args.runs, "warmup_runs": 1,
         "steps_per_stage": int(round(config.strength * config.steps)),
         "per_step_seconds": seconds,
         "per_step_fraction": fractions,
-        "per_step_notes": "unet = predict_views for all views of the step (CFG included); prior is active in the "
+        "per_step_notes": "unet = ModelWorker.predict for all views of the step (predict_views, CFG included); "
+                          "cut_windows = predict_step cutting each batch's windows; prior is active in the "
                           "first prior_fraction of the steps (prior_when_active = its mean over those steps); "
-                          "step_other = reduce_and_step's own code (prior weight, noise level) + generator glue",
+                          "step_other = reduce_and_step's own code (prior weight, noise level) + predict_step's "
+                          "result copies + generator glue",
+        "per_stage_notes": "worker side (a GPU actor in Ray mode): vae_*_forward = ModelWorker.encode_tile / "
+                           "decode_tile, attention_probe = ModelWorker.probe (its native-size VAE encode + UNet "
+                           "pass), prompt_encode = ModelWorker.encode_prompts; driver side: vae_*_blend = cutting "
+                           "tiles + blending in vae.encode_image / vae.decode_bands (uint8 bands), attention_masks "
+                           "= attention_token_masks around the probe (resize, noise, binarise, view masks). "
+                           "vae_encode / vae_decode = forward + blend (inclusive, not in fraction_of_stage)",
         "unet_seconds_per_view": unet_per_view,
         "per_stage": stage_rows,
         "wall_seconds_per_run": statistics.median(r["wall"] for r in runs),
