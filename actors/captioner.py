@@ -16,6 +16,8 @@ from itertools import pairwise
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
+from cupscale_dist.errors import UserError
+from cupscale_dist.raycluster import root_cause
 from cupscale_dist.vlm import load_engine
 
 logger = logging.getLogger(__name__)
@@ -103,8 +105,9 @@ class CaptionerPool:
                                f"{timeout_s:g} s: {cause}") from None
         except RayError as exc:  # an actor's __init__ raised: the engine could not load
             self.close()
-            raise RuntimeError(f"captioner pool for {self.model}: an actor failed to load its engine: "
-                               f"{exc}") from exc
+            cause = root_cause(exc).removeprefix(f"{UserError.__module__}.{UserError.__name__}: ")
+            raise UserError(f"captioner pool for {self.model}: an actor failed to load its engine: {cause}; fix "
+                            "that, or try --captioner transformers") from None
         logger.info("captioner pool up: %s", ", ".join(names))
 
     def caption(self, crops: list, instructions: list[str], timeout_s: float) -> list[str | None]:
