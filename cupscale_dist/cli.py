@@ -213,41 +213,57 @@ def add_jobs_parsers(sub) -> None:
 
 
 def cmd_upscale(args: argparse.Namespace) -> int:
-    from .imageio import check_output_path, load_image
+    from .imageio import check_output_path, load_image, place, temp_beside
     from .raycluster import ClusterOptions
     from .plan import describe_plan
     from .runner import run_upscale
 
     config = config_from_args(args)
-    output = check_output_path(args.output, args.overwrite or args.dry_run)  # a dry run writes nothing
+    output = check_output_path(args.output, args.overwrite or args.dry_run, source=args.input)  # a dry run writes nothing
     image = load_image(args.input, config.max_input_pixels, config.min_input_side)
     try:
         plan = describe_plan(image.size, config)
     except ValueError as exc:
         raise UserError(f"{exc}; ask for a larger --size or a --scale of 2, 4, 8 or 16") from None
+    config.check_output_size(tuple(plan["output"]))
     if args.dry_run:
         print(json.dumps(plan, indent=2))
         return 0
-    if config.regional_prompts:
-        from .captioner import check_view_count, read_prompt_file
-
-        for entry in read_prompt_file(Path(config.regional_prompts)).get("stages", []):  # fail before any model loads
-            stage = entry.get("stage")
-            if isinstance(stage, int) and 0 <= stage < len(plan["stages"]):
-                check_view_count(config.regional_prompts, stage, len(entry["views"]), plan["stages"][stage]["views_per_step"])
+    check_resume_inputs(args, config, image, plan)  # fail before any model loads
     cluster = ClusterOptions(args.actors, args.address, args.gpus_per_actor, args.cpus_per_actor, args.start_timeout)
-    run_upscale(image, config, output, source=args.input, progress=not args.quiet, cluster=cluster,
-                checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=args.resume)
+    partial = temp_beside(output)  # the result goes here first (and the directory proves it takes new files)
+    try:
+        run_upscale(image, config, partial, source=args.input, progress=not args.quiet, cluster=cluster,
+                    checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=args.resume)
+        place(partial, output, overwrite=args.overwrite)  # without --overwrite, of two racing runs one wins
+    finally:
+        partial.unlink(missing_ok=True)
     print(f"wrote {output} ({plan['output'][0]}x{plan['output'][1]})")
     return 0
+
+
+def check_resume_inputs(args: argparse.Namespace, config: UpscaleConfig, image, plan: dict) -> None:
+    """What a run reads besides the image, checked against its plan: the regional-prompts file and, with
+    ``--resume``, every field of the checkpoint (a wrong shape or step would give a traceback or a wrong image)."""
+    if config.regional_prompts:
+        from .captioner import check_prompt_file, read_prompt_file
+
+        check_prompt_file(config.regional_prompts, read_prompt_file(Path(config.regional_prompts)), plan["stages"])
+    if args.resume and args.checkpoint_dir:
+        from .checkpoint import Checkpointer, ResumePlan, image_sha
+
+        Checkpointer(args.checkpoint_dir, args.checkpoint_every, config.config_hash(), image_sha(image),
+                     ResumePlan.from_plan(plan)).load()
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
     from .caption import caption_views
     from .imageio import load_image
+    from .pipeline import target_size
 
     config = config_from_args(args)
     image = load_image(args.input, config.max_input_pixels, config.min_input_side)
+    config.check_output_size(target_size(image.size, config))
     print(json.dumps(caption_views(image, config, args.tiles), indent=2))
     return 0
 
@@ -371,6 +387,9 @@ def quiet_libraries(verbose: bool) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     for name in ("diffusers", "transformers", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # Ray announces each local start and that token auth is on (we keep it on on purpose): noise on every run.
+    logging.getLogger("ray._private.worker").setLevel(logging.WARNING)
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     try:
         from diffusers.utils import logging as dl
         from transformers.utils import logging as tl
