@@ -229,7 +229,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(json.dumps(plan, indent=2))
         return 0
-    check_resume_inputs(args, config, image, plan)  # fail before any model loads
+    check_run_inputs(args, config, image, plan)  # fail before any model loads
     cluster = ClusterOptions(args.actors, args.address, args.gpus_per_actor, args.cpus_per_actor, args.start_timeout)
     partial = temp_beside(output)  # the result goes here first (and the directory proves it takes new files)
     try:
@@ -242,7 +242,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_resume_inputs(args: argparse.Namespace, config: UpscaleConfig, image, plan: dict) -> None:
+def check_run_inputs(args: argparse.Namespace, config: UpscaleConfig, image, plan: dict) -> None:
     """What a run reads besides the image, checked against its plan: the regional-prompts file and, with
     ``--resume``, every field of the checkpoint (a wrong shape or step would give a traceback or a wrong image)."""
     if config.regional_prompts:
