@@ -127,8 +127,8 @@ def list_inputs(spec: str, output_dir: Path, produced: Iterable[str] = ()) -> li
         raise UserError(f"--input {spec}: no images found (looked for {', '.join(IMAGE_SUFFIXES)}); "
                         "check the path or pass a glob such as 'photos/**/*.jpg'")
     items = [Item(str(p), _relative(p, root)) for p in files]
-    for item in items:
-        if path.is_dir() and any(part.startswith(".") for part in PurePosixPath(item.rel).parts):
+    for item in items if path.is_dir() else []:  # a glob names hidden files only on purpose; a folder finds debris too
+        if any(part.startswith(".") for part in PurePosixPath(item.rel).parts):
             item.error = f"input {item.input_path}: {HIDDEN_INPUT}"
     return items
 

@@ -175,7 +175,10 @@ def check_utf8(name: str, text: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        shown = repr(text.encode("utf-8", "surrogateescape"))[:60]
+        try:  # argv's undecodable bytes come back as they were typed; other lone surrogates as escapes
+            shown = repr(text.encode("utf-8", "surrogateescape"))[:60]
+        except UnicodeEncodeError:
+            shown = repr(text.encode("utf-8", "backslashreplace"))[:60]
         raise UserError(f"{name}: {shown} is not valid UTF-8 text; pass UTF-8 (check the terminal's or file's "
                         "encoding)") from None
 

@@ -425,3 +425,12 @@ def test_an_existing_token_file_readable_by_others_is_made_private(tmp_path, mon
     token.chmod(0o644)
     keep_token_private()
     assert stat.S_IMODE(token.stat().st_mode) == 0o600 and token.read_text() == "f" * 64
+
+
+def test_any_lone_surrogate_in_a_text_knob_is_one_user_error():
+    """Not only argv's escaped bytes: a surrogate from an API caller or a JSON escape is refused the same way."""
+    from cupscale_dist import UpscaleConfig
+
+    for text in ("\udcff", "a \ud800 b"):
+        with pytest.raises(UserError, match="is not valid UTF-8"):
+            UpscaleConfig(prompt=text)
