@@ -18,7 +18,9 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError
 from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from cupscale_dist.errors import UserError
 from cupscale_dist.placement import captioner_share, reserve
+from cupscale_dist.raycluster import root_cause
 from cupscale_dist.vlm import load_engine
 
 logger = logging.getLogger(__name__)
@@ -109,12 +111,13 @@ class CaptionerPool:
         except GetTimeoutError:  # placed (reserve() checked that), so the engine itself is slow or stuck
             cause = "the engine is still loading or hung (slow disk, hub download?); see the actors' logs"
             self.close()
-            raise RuntimeError(f"captioner pool for {self.model}: {pool_size} actors not ready after "
-                               f"{timeout_s:g} s: {cause}") from None
+            raise UserError(f"captioner pool for {self.model}: {pool_size} actors placed but not ready after "
+                            f"{timeout_s:g} s: {cause}") from None
         except RayError as exc:  # an actor's __init__ raised: the engine could not load
             self.close()
-            raise RuntimeError(f"captioner pool for {self.model}: an actor failed to load its engine: "
-                               f"{exc}") from exc
+            cause = root_cause(exc).removeprefix(f"{UserError.__module__}.{UserError.__name__}: ")
+            raise UserError(f"captioner pool for {self.model}: an actor failed to load its engine: {cause}; fix "
+                            "that, or try --captioner transformers") from None
         logger.info("captioner pool up: %s", ", ".join(names))
 
     def caption(self, crops: list, instructions: list[str], timeout_s: float) -> list[str | None]:

@@ -111,12 +111,11 @@ def main() -> None:
     import torch
 
     from cupscale_dist import UpscaleConfig, upscale
-    from cupscale_dist.imageio import place_output
+    from cupscale_dist.imageio import write_image
     from cupscale_dist.models import ModelSpec
     from cupscale_dist.orchestrator import RayExecutor, WorkerPool
     from cupscale_dist.plan import describe_plan
     from cupscale_dist.raycluster import ClusterOptions
-    from cupscale_dist.writers import write_streamed
 
     torch.set_num_threads(args.threads)
     config = UpscaleConfig.load("cpu-demo", scale=args.scale, steps=1, strength=1.0, tile=args.tile,
@@ -141,7 +140,7 @@ def main() -> None:
         metadata = {"prompt": config.prompt, "seed": str(config.seed), "bench": "scale"}
         size = tuple(plan["output"])
         upscale(image, config, executor=RayExecutor(pool, spec, config.view_batch_size, keep_pool=True),
-                callback=probe, sink=lambda bands: write_streamed(output, bands, size, metadata, place_output))
+                callback=probe, sink=lambda bands: write_image(output, bands, size, metadata))
         total = time.perf_counter() - start
         probe.close_stage()
         pool.shutdown()

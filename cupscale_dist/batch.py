@@ -48,6 +48,10 @@ MAX_ATTEMPTS = 2  # Ray retries a task whose worker process died forever; an inp
 MAX_BLOCKS = 4096  # one image per block balances the pool (images take seconds to minutes each); past a few
 #                    thousand blocks Ray Data's per-block bookkeeping costs more than the balance gains
 MANIFEST_EVERY_S = 10.0  # rewrite the manifest at most this often while running (and always at the end)
+JOURNAL_DIR = ".cupscale-journal"  # one append-only JSON-lines file per writing process: rows not yet in the parquet
+LOCK_NAME = ".cupscale.lock"  # flock'ed by the batch that owns the output folder
+# Hidden files are usually tool debris (macOS '._x.jpg', '.thumbnails/'): recorded, not upscaled.
+HIDDEN_INPUT = "hidden file (a name in its path starts with '.'), skipped; rename it to upscale it"
 
 STATUS_OK = "ok"  # upscaled and written
 STATUS_ERROR = "error"  # the input itself is bad (unreadable, too small, ...): skipped on a rerun
@@ -105,8 +109,7 @@ def list_inputs(spec: str, output_dir: Path, produced: Iterable[str] = ()) -> li
     if path.suffix.lower() == ".parquet" and path.is_file():
         return _parquet_inputs(path)
     if path.is_dir():
-        files = [p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                 and not any(part.startswith(".") for part in p.relative_to(path).parts)]
+        files = [p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
         root = path
     elif any(ch in spec for ch in "*?["):
         files = [Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if Path(p).is_file()]
@@ -123,7 +126,11 @@ def list_inputs(spec: str, output_dir: Path, produced: Iterable[str] = ()) -> li
     if not files:
         raise UserError(f"--input {spec}: no images found (looked for {', '.join(IMAGE_SUFFIXES)}); "
                         "check the path or pass a glob such as 'photos/**/*.jpg'")
-    return [Item(str(p), _relative(p, root)) for p in files]
+    items = [Item(str(p), _relative(p, root)) for p in files]
+    for item in items if path.is_dir() else []:  # a glob names hidden files only on purpose; a folder finds debris too
+        if any(part.startswith(".") for part in PurePosixPath(item.rel).parts):
+            item.error = f"input {item.input_path}: {HIDDEN_INPUT}"
+    return items
 
 
 def _parquet_inputs(path: Path) -> list[Item]:
@@ -294,18 +301,69 @@ def is_done(item: Item, row: dict | None, output_dir: Path, retry_errors: bool) 
     if (row.get("input_bytes"), row.get("input_mtime_ns")) != (item.input_bytes, item.input_mtime_ns):
         return False
     if row.get("status") == STATUS_OK:
-        return bool(row.get("output_path")) and (output_dir / row["output_path"]).is_file()
+        return bool(row.get("output_path")) and _written_from(output_dir / row["output_path"], item)
     return row.get("status") == STATUS_ERROR and not retry_errors
 
 
-def read_manifest(path: Path) -> dict[str, dict]:
-    """``{input_path: row}`` of an existing manifest (empty if there is none)."""
-    if not path.exists():
-        return {}
+def _written_from(output: Path, item: Item) -> bool:
+    """The output on disk carries this input and config (its PNG text chunks): a manifest row alone is a claim, and
+    a file replaced since (another run, a hand edit) must be redone rather than reported done."""
+    from .imageio import read_png_metadata
+
     try:
-        return {row["input_path"]: row for row in pq.read_table(path).to_pylist()}
-    except (OSError, pa.ArrowException, KeyError) as exc:
-        raise UserError(f"manifest {path} is unreadable ({str(exc).splitlines()[0]}); move it away to start over") from None
+        meta = read_png_metadata(output)
+    except Exception:  # noqa: BLE001 - missing, truncated or not a PNG: not our finished output
+        return False
+    return meta.get("source") == item.input_path and meta.get("config_hash") == item.config_hash
+
+
+def read_manifest(path: Path) -> dict[str, dict]:
+    """``{input_path: row}`` of an existing manifest (empty if there is none), with the rows of its journal
+    (a run that was killed) on top: they are newer than the parquet."""
+    rows = {}
+    if path.exists():
+        try:
+            rows = {row["input_path"]: row for row in pq.read_table(path).to_pylist()}
+        except (OSError, pa.ArrowException, KeyError) as exc:
+            raise UserError(f"manifest {path} is unreadable ({str(exc).splitlines()[0]}); move it away to start "
+                            "over") from None
+    rows.update((row["input_path"], row) for row in Journal(path.parent).rows())
+    return rows
+
+
+class Journal:
+    """Every finished row, durable the moment it is recorded: one JSON line per row, fsynced, in a file per writing
+    process (a worker on any node, or the driver) under ``DIR/.cupscale-journal/``. A killed driver loses no
+    finished image: the next run folds these lines into ``manifest.parquet`` before anything else."""
+
+    def __init__(self, output_dir: Path):
+        self.directory = Path(output_dir) / JOURNAL_DIR
+
+    def append(self, row: dict) -> None:
+        self.directory.mkdir(exist_ok=True)
+        line = json.dumps({name: row.get(name) for name in MANIFEST_SCHEMA.names}) + "\n"
+        with open(self.directory / f"{socket.gethostname()}-{os.getpid()}.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def rows(self) -> list[dict]:
+        """Every complete line, oldest file first (a line cut short by a kill is skipped: that row is redone)."""
+        files = sorted(self.directory.glob("*.jsonl"), key=lambda p: p.stat().st_mtime_ns) if self.directory.is_dir() else []
+        rows = []
+        for path in files:
+            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    continue
+        return [row for row in rows if isinstance(row, dict) and isinstance(row.get("input_path"), str)]
+
+    def clear(self) -> None:
+        """After the rows are in the parquet."""
+        if self.directory.is_dir():
+            for path in self.directory.glob("*.jsonl"):
+                path.unlink(missing_ok=True)
 
 
 class ManifestWriter:
@@ -322,6 +380,10 @@ class ManifestWriter:
             self.write()
 
     def write(self) -> None:
+        """The parquet of every row so far, then the journal is folded in; no rows, no file (a run that failed
+        before any work leaves nothing behind)."""
+        if not self.rows:
+            return
         rows = [{name: row.get(name) for name in MANIFEST_SCHEMA.names} for _, row in sorted(self.rows.items())]
         table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
         fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=self.path.parent)
@@ -333,6 +395,35 @@ class ManifestWriter:
             Path(tmp).unlink(missing_ok=True)
             raise
         self.last_write = time.monotonic()
+
+
+class OutputLock:
+    """An output folder belongs to one batch at a time: ``flock`` on ``DIR/.cupscale.lock``, which the kernel
+    releases when its holder exits or dies (no stale lock after a kill). The file names the holder for the refusal.
+    Two runs into one folder would pair manifest rows with the other run's images."""
+
+    def __init__(self, output_dir: Path):
+        self.path = Path(output_dir) / LOCK_NAME
+        self.fd: int | None = None
+
+    def __enter__(self) -> OutputLock:
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 512).decode(errors="replace").strip() or "a batch that is just starting"
+            os.close(fd)
+            raise UserError(f"--output {self.path.parent} is in use by another batch ({holder}); wait for it to "
+                            "finish or choose another --output") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {_now()}\n".encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)  # closing the descriptor releases the lock; the file stays (unlinking it would race)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -355,7 +446,7 @@ def config_fields(config: UpscaleConfig) -> dict:
 def process_item(item: dict, config: UpscaleConfig, output_dir: Path, model=None, executor=None) -> dict:
     """Load, upscale, save one input; always returns its manifest row (errors become ``error``/``failed`` rows)."""
     from .imageio import load_image, save_png
-    from .pipeline import plan_stages, upscale
+    from .pipeline import upscale
     from .runner import run_metadata
 
     start = time.perf_counter()
@@ -365,10 +456,7 @@ def process_item(item: dict, config: UpscaleConfig, output_dir: Path, model=None
         row.update(config_fields(cfg))
         image = load_image(item["input_path"], cfg.max_input_pixels, cfg.min_input_side)
         row.update(input_width=image.width, input_height=image.height)
-        try:
-            plan_stages(image.size, cfg)
-        except ValueError as exc:
-            raise UserError(f"input {item['input_path']}: {exc}; ask for a larger --size or a --scale") from None
+        check_item_plan(item["input_path"], image.size, cfg)
         loaded = time.perf_counter()
         result = upscale(image, cfg, model=model, executor=executor, progress=False)
         upscaled = time.perf_counter()
@@ -386,6 +474,21 @@ def process_item(item: dict, config: UpscaleConfig, output_dir: Path, model=None
         log.exception("input %s failed", item["input_path"])
     row.update(total_s=time.perf_counter() - start, finished_at=_now())
     return row
+
+
+def check_item_plan(input_path: str, size: tuple[int, int], config: UpscaleConfig) -> None:
+    """What `cupscale upscale` checks before any work, per input: a plan exists, the output is within
+    max_output_pixels, and a regional-prompts file fits this input's stages."""
+    from .captioner import check_prompt_file, read_prompt_file
+    from .plan import describe_plan
+
+    try:
+        plan = describe_plan(size, config)
+    except ValueError as exc:
+        raise UserError(f"input {input_path}: {exc}; ask for a larger --size or a --scale") from None
+    config.check_output_size(tuple(plan["output"]))
+    if config.regional_prompts:
+        check_prompt_file(config.regional_prompts, read_prompt_file(Path(config.regional_prompts)), plan["stages"])
 
 
 def _now() -> str:
@@ -431,6 +534,7 @@ class UpscaleWorker:
         self.config, self.output_dir = config, Path(output_dir)
         self.model = ModelWorker.load(config.model, config.device, config.dtype, config.variant)
         self.ledger = AttemptLedger(self.output_dir)
+        self.journal = Journal(self.output_dir)
 
     def __repr__(self) -> str:
         return f"UpscaleWorker(pid={os.getpid()}, device={self.model.device})"
@@ -444,6 +548,7 @@ class UpscaleWorker:
                                  "see the Ray logs); rerun the batch to retry it", finished_at=_now())
             else:
                 row = process_item(item, self.config, self.output_dir, self.model)
+            self.journal.append(row)  # durable before the driver hears of it: a killed driver loses nothing
             self.ledger.end(item["input_path"])
             rows.append(row)
         return pa.Table.from_pylist([{n: r.get(n) for n in MANIFEST_SCHEMA.names} for r in rows], schema=MANIFEST_SCHEMA)
@@ -463,6 +568,9 @@ class BatchSummary:
     planned: list[dict] = field(default_factory=list)  # per input: input, output, action (for --dry-run)
     rows: list[dict] = field(default_factory=list)  # the manifest rows written by this run
     dry_run: bool = False
+    todo: list[Item] = field(default_factory=list, repr=False)  # inputs to upscale (set by planning)
+    bad: list[Item] = field(default_factory=list, repr=False)  # inputs known bad before any work
+    previous: dict[str, dict] = field(default_factory=dict, repr=False)  # the manifest as it was, by input path
 
     def line(self) -> str:
         if self.dry_run:
@@ -504,6 +612,17 @@ def run_batch(input_spec: str, output_dir: str | os.PathLike, config: UpscaleCon
         raise UserError("--actors sets the denoisers of one image and needs --tile-parallel; "
                         "for images in parallel use --workers N")
     output_dir = _prepare_output_dir(Path(output_dir).expanduser(), create=not dry_run)
+    if dry_run:
+        return _plan_batch(input_spec, output_dir, config, retry_errors, dry_run=True)
+    with OutputLock(output_dir):  # before reading the manifest: what it says must not change under us
+        summary = _plan_batch(input_spec, output_dir, config, retry_errors, dry_run=False)
+        _run_planned(summary, config, output_dir, cluster, workers, tile_parallel, progress)
+    return summary
+
+
+def _plan_batch(input_spec: str, output_dir: Path, config: UpscaleConfig, retry_errors: bool,
+                dry_run: bool) -> BatchSummary:
+    """Steps 1-3: the inputs, their output names and configs, and what is left to do (``summary.todo``)."""
     manifest = output_dir / MANIFEST_NAME
     previous = read_manifest(manifest)
     produced = {str((output_dir / r["output_path"]).resolve()) for r in previous.values() if r.get("output_path")}
@@ -530,8 +649,17 @@ def run_batch(input_spec: str, output_dir: str | os.PathLike, config: UpscaleCon
                         ("upscale" if i.input_path in todo_paths else "skip")} for i in items]
     if dry_run:
         summary.errors, summary.dry_run = len(bad), True
-        return summary
-    writer = ManifestWriter(manifest, previous)
+    summary.todo, summary.bad, summary.previous = todo, bad, previous
+    return summary
+
+
+def _run_planned(summary: BatchSummary, config: UpscaleConfig, output_dir: Path, cluster, workers: int | None,
+                 tile_parallel: bool, progress: bool) -> None:
+    """Steps 4-5: run what is left, recording every row durably as it finishes."""
+    todo, bad = summary.todo, summary.bad
+    writer, journal = ManifestWriter(summary.manifest, summary.previous), Journal(output_dir)
+    writer.write()  # rows a killed run left in the journal go into the parquet first
+    journal.clear()
 
     def on_row(row: dict) -> None:
         writer.add(row)
@@ -542,20 +670,25 @@ def run_batch(input_spec: str, output_dir: str | os.PathLike, config: UpscaleCon
         if row["status"] != STATUS_OK:
             log.info("%s: %s", row["input_path"], row["error"])
 
+    def record(row: dict) -> None:  # a row made here, on the driver: journal it too (workers journal their own)
+        journal.append(row)
+        on_row(row)
+
     for item in bad:
         row = base_row({"input_path": item.input_path, "input_bytes": item.input_bytes,
                         "input_mtime_ns": item.input_mtime_ns})
         row.update(status=STATUS_ERROR, error=item.error, finished_at=_now())
-        on_row(row)
+        record(row)
     # 4. Run: a Ray Data actor pool over images, or the tile orchestrator image by image.
     try:
         if todo and tile_parallel:
-            _run_tile_parallel(todo, config, output_dir, cluster, on_row, progress)
+            _run_tile_parallel(todo, config, output_dir, cluster, record, progress)
         elif todo:
             _run_pool(todo, config, output_dir, cluster, workers, on_row, progress)
     finally:
+        writer.rows.update((row["input_path"], row) for row in journal.rows())  # rows the driver never heard of
         writer.write()  # 5. whatever finished is recorded, also when the run is interrupted
-    return summary
+        journal.clear()
 
 
 def _prepare_output_dir(path: Path, create: bool) -> Path:
@@ -577,16 +710,28 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, disable=not enabled, unit="img", desc="batch")
 
 
+def image_worker_gpus(config: UpscaleConfig, cluster, cluster_gpus: float) -> float:
+    """GPU share of one image worker: the chosen one, else a whole GPU, or, with a captioner, what that image's
+    own captioner pool leaves of it (both then share one GPU, as in `upscale`; placement.py)."""
+    from .orchestrator import uses_captioner
+    from .placement import captioner_share, worker_share
+
+    captioners = config.captioner_actors if uses_captioner(config) else 0
+    shared = captioner_share(cluster_gpus, config.captioner_gpus, beside_workers=True) if captioners else 0.0
+    return worker_share(min(cluster_gpus, 1), cluster.gpus_per_actor, captioners, shared)
+
+
 def _run_pool(todo: list[Item], config: UpscaleConfig, output_dir: Path, cluster, workers: int | None,
               on_row: Callable[[dict], None], progress: bool) -> None:
     """Ray Data: paths -> UpscaleWorker actor pool (one image per call) -> manifest rows, as they finish."""
+    from .placement import worker_count
     from .raycluster import connect, root_cause
 
     ray = connect(cluster)
     from ray.data import ActorPoolStrategy, DataContext
 
     resources = ray.cluster_resources()
-    gpus = cluster.gpus_per_actor if cluster.gpus_per_actor is not None else (1.0 if resources.get("GPU") else 0.0)
+    gpus = image_worker_gpus(config, cluster, resources.get("GPU", 0))
     cpus = cluster.cpus_per_actor
     deadline = time.monotonic() + cluster.start_timeout_s  # an autoscaling cluster may still be adding nodes
     while gpus > resources.get("GPU", 0) or cpus > resources.get("CPU", 0):
@@ -597,7 +742,7 @@ def _run_pool(todo: list[Item], config: UpscaleConfig, output_dir: Path, cluster
                             "(--gpus-per-actor 0 runs on CPU) or raise --start-timeout")
         time.sleep(1.0)
         resources = ray.cluster_resources()
-    count = workers or (max(1, int(resources["GPU"] // gpus)) if gpus else 1)
+    count = worker_count(resources.get("GPU", 0), gpus, workers)
     fits = min(int(resources.get("GPU", 0) // gpus) if gpus else count, int(resources.get("CPU", 0) // cpus) if cpus else count)
     # All workers fit: a fixed pool. Otherwise start what fits and let the pool grow as an autoscaler adds nodes.
     compute = ActorPoolStrategy(size=count) if fits >= count else ActorPoolStrategy(min_size=max(1, fits), max_size=count)

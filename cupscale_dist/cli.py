@@ -194,7 +194,8 @@ def add_jobs_parsers(sub) -> None:
     submit.add_argument("--entrypoint-num-cpus", dest="entrypoint_num_cpus", type=float, metavar="N",
                         help="CPUs reserved for the job's driver")
     submit.add_argument("--entrypoint-num-gpus", dest="entrypoint_num_gpus", type=float, metavar="N",
-                        help="GPUs reserved for the job's driver (upscale's driver runs the VAE)")
+                        help="GPUs reserved for the job's driver (default: 1 for `upscale --actors 0`, whose driver runs the "
+                             "models; else none: drivers in Ray mode run no model)")
     submit.add_argument("--entrypoint-memory", dest="entrypoint_memory", type=int, metavar="BYTES",
                         help="memory reserved for the job's driver")
     submit.add_argument("--dry-run", action="store_true", help="print the submission (entrypoint, runtime_env) and exit")
@@ -213,41 +214,57 @@ def add_jobs_parsers(sub) -> None:
 
 
 def cmd_upscale(args: argparse.Namespace) -> int:
-    from .imageio import check_output_path, load_image
+    from .imageio import check_output_path, load_image, temp_beside
     from .raycluster import ClusterOptions
     from .plan import describe_plan
     from .runner import run_upscale
 
     config = config_from_args(args)
-    output = check_output_path(args.output, args.overwrite or args.dry_run)  # a dry run writes nothing
+    output = check_output_path(args.output, args.overwrite or args.dry_run, source=args.input)  # a dry run writes nothing
     image = load_image(args.input, config.max_input_pixels, config.min_input_side)
     try:
         plan = describe_plan(image.size, config)
     except ValueError as exc:
         raise UserError(f"{exc}; ask for a larger --size or a --scale of 2, 4, 8 or 16") from None
+    config.check_output_size(tuple(plan["output"]))
     if args.dry_run:
         print(json.dumps(plan, indent=2))
         return 0
-    if config.regional_prompts:
-        from .captioner import check_view_count, read_prompt_file
-
-        for entry in read_prompt_file(Path(config.regional_prompts)).get("stages", []):  # fail before any model loads
-            stage = entry.get("stage")
-            if isinstance(stage, int) and 0 <= stage < len(plan["stages"]):
-                check_view_count(config.regional_prompts, stage, len(entry["views"]), plan["stages"][stage]["views_per_step"])
+    check_run_inputs(args, config, image, plan)  # fail before any model loads
     cluster = ClusterOptions(args.actors, args.address, args.gpus_per_actor, args.cpus_per_actor, args.start_timeout)
-    run_upscale(image, config, output, source=args.input, progress=not args.quiet, cluster=cluster,
-                checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=args.resume)
+    partial = temp_beside(output)  # the result goes here first (and the directory proves it takes new files)
+    try:  # without --overwrite the result claims its name exclusively: of two racing runs one wins
+        run_upscale(image, config, output, source=args.input, progress=not args.quiet, cluster=cluster,
+                    checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
+                    overwrite=args.overwrite, temp=partial)
+    finally:
+        partial.unlink(missing_ok=True)
     print(f"wrote {output} ({plan['output'][0]}x{plan['output'][1]})")
     return 0
+
+
+def check_run_inputs(args: argparse.Namespace, config: UpscaleConfig, image, plan: dict) -> None:
+    """What a run reads besides the image, checked against its plan: the regional-prompts file and, with
+    ``--resume``, every field of the checkpoint (a wrong shape or step would give a traceback or a wrong image)."""
+    if config.regional_prompts:
+        from .captioner import check_prompt_file, read_prompt_file
+
+        check_prompt_file(config.regional_prompts, read_prompt_file(Path(config.regional_prompts)), plan["stages"])
+    if args.resume and args.checkpoint_dir:
+        from .checkpoint import Checkpointer, ResumePlan, image_sha
+
+        Checkpointer(args.checkpoint_dir, args.checkpoint_every, config.config_hash(), image_sha(image),
+                     ResumePlan.from_plan(plan)).load()
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
     from .caption import caption_views
     from .imageio import load_image
+    from .pipeline import target_size
 
     config = config_from_args(args)
     image = load_image(args.input, config.max_input_pixels, config.min_input_side)
+    config.check_output_size(target_size(image.size, config))
     print(json.dumps(caption_views(image, config, args.tiles), indent=2))
     return 0
 
@@ -281,7 +298,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
         env_vars[key] = value
     spec = jobs.JobSpec(argv, args.working_dir, args.pip, env_vars, args.entrypoint_num_cpus,
                         args.entrypoint_num_gpus, args.entrypoint_memory)
-    build_parser().parse_args(argv)  # the job's own flags are checked here, before anything is sent
+    job = build_parser().parse_args(argv)  # the job's own flags are checked here, before anything is sent
+    if spec.entrypoint_num_gpus is None and driver_runs_models(job):
+        spec.entrypoint_num_gpus = 1.0
+        print("submit: reserving 1 GPU for the job's driver (`upscale --actors 0` runs every model in the driver); "
+              "--entrypoint-num-gpus 0 runs it on CPU", file=sys.stderr)
     if args.dry_run:
         print(json.dumps({"address": jobs.job_server_address(args.address), **spec.request()}, indent=2))
         return 0
@@ -300,6 +321,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
         raise UserError(f"job {job_id} {info.status}: {info.message}; see `cupscale jobs logs {job_id}`")
     print(f"job {job_id} SUCCEEDED")
     return 0
+
+
+def driver_runs_models(job: argparse.Namespace) -> bool:
+    """The one layout whose driver needs a GPU: the single-process reference (`upscale --actors 0`) on a GPU
+    device. Every other job's driver runs no model (Ray mode, Ray Data workers) and fits a CPU-only head."""
+    if job.command != "upscale" or job.actors != 0:
+        return False
+    return not config_from_args(job).device.startswith("cpu")
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
@@ -371,6 +400,9 @@ def quiet_libraries(verbose: bool) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     for name in ("diffusers", "transformers", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # Ray announces each local start and that token auth is on (we keep it on on purpose): noise on every run.
+    logging.getLogger("ray._private.worker").setLevel(logging.WARNING)
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     try:
         from diffusers.utils import logging as dl
         from transformers.utils import logging as tl

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -103,6 +104,7 @@ class UpscaleConfig:
     vae_tile_overlap: float = knob(0.25, "diffusers' default tile overlap; hides VAE seams", min=0.0, max=0.5)
     max_input_pixels: int = knob(4096 * 4096, "refuse bigger inputs (decompression bombs)", min=1)
     min_input_side: int = knob(16, "refuse degenerate inputs such as 1x1", min=1)
+    max_output_pixels: int = knob(16384 * 16384, "refuse bigger outputs (a typo in --size); the 16K preset's output", min=1)
 
     def __post_init__(self) -> None:
         if isinstance(self.variant, str) and self.variant.lower() in ("", "none", "null"):
@@ -110,14 +112,20 @@ class UpscaleConfig:
         for f in fields(self):
             setattr(self, f.name, _coerce(f.name, f.type, getattr(self, f.name)))
             value, lo, hi = getattr(self, f.name), f.metadata.get("min"), f.metadata.get("max")
+            bounds = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+            if isinstance(value, float):
+                check_finite(f"config: {f.name}", value, f"use a value in {bounds}" if lo is not None else "use a number")
+            if isinstance(value, str):
+                check_utf8(f"config: {f.name}", value)
             if value is not None and not isinstance(value, (str, tuple)):
                 if (lo is not None and value < lo) or (hi is not None and value > hi):
-                    bounds = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
                     raise UserError(f"config: {f.name}={value} is out of range; use a value in {bounds}")
         if self.scale not in (2, 4, 8, 16):
             raise UserError(f"config: scale={self.scale} is not supported; use 2, 4, 8 or 16 (or --size WxH)")
         if self.size is not None and (len(self.size) != 2 or min(self.size) < 1):
             raise UserError(f"config: size={self.size} is not a positive (width, height); use e.g. --size 2048x2048")
+        if self.size is not None:
+            self.check_output_size(self.size)
         if self.stride > self.tile:
             raise UserError(f"config: stride={self.stride} > tile={self.tile} leaves gaps; use stride <= tile")
         if self.prior_space == "pixel" and self.prior_target == "zt":
@@ -133,6 +141,12 @@ class UpscaleConfig:
             raise UserError(
                 f"config: jitter={self.jitter} could uncover pixels; use jitter <= (tile - stride) / 2 = "
                 f"{(self.tile - self.stride) // 2}")
+
+    def check_output_size(self, size: tuple[int, int]) -> None:
+        """Refuse an output over ``max_output_pixels`` before any work (a 10x typo in --size would fill memory)."""
+        if size[0] * size[1] > self.max_output_pixels:
+            raise UserError(f"output {size[0]}x{size[1]} is over the {self.max_output_pixels}-pixel limit "
+                            "(max_output_pixels); ask for a smaller --size/--scale or raise max_output_pixels")
 
     # ------------------------------------------------------------------------------------------------------
     def replace(self, **changes: Any) -> UpscaleConfig:
@@ -157,6 +171,40 @@ class UpscaleConfig:
         return base.replace(**overrides)
 
 
+def check_finite(name: str, value: float, fix: str) -> None:
+    """NaN passes every ``<``/``>`` bound check and inf every lower one: refuse both by name (they give black images)."""
+    if not math.isfinite(value):
+        raise UserError(f"{name}={value} is not a finite number; {fix}")
+
+
+def check_utf8(name: str, text: str) -> None:
+    """Text must be valid UTF-8: undecodable bytes in argv arrive as lone surrogates, which the tokenizer, the PNG
+    text chunks and the manifest (all UTF-8) can't hold."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        try:  # argv's undecodable bytes come back as they were typed; other lone surrogates as escapes
+            shown = repr(text.encode("utf-8", "surrogateescape"))[:60]
+        except UnicodeEncodeError:
+            shown = repr(text.encode("utf-8", "backslashreplace"))[:60]
+        raise UserError(f"{name}: {shown} is not valid UTF-8 text; pass UTF-8 (check the terminal's or file's "
+                        "encoding)") from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's spec forbids duplicate keys, PyYAML keeps the last one silently: a second `strength:` line would win."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = (key_node.tag, key_node.value) if isinstance(key_node, yaml.ScalarNode) else None
+            if key is not None and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key_node.value!r}",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
@@ -169,9 +217,11 @@ def read_yaml(preset_or_path: str) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"config: {preset_or_path!r} is neither a file nor a preset; presets: {', '.join(preset_names())}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}  # noqa: S506 - a SafeLoader subclass
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise UserError(f"config: {path} is not valid YAML ({str(exc).splitlines()[0]}); fix the file") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"config: {path} is not valid YAML ({str(exc).splitlines()[0]}{where}); fix the file") from None
     if not isinstance(data, dict):
         raise UserError(f"config: {path} must be a mapping of knob: value, got {type(data).__name__}")
     known = {f.name for f in fields(UpscaleConfig)}

@@ -1,17 +1,18 @@
-"""Image input and output: every bad input is one clear UserError; outputs are written atomically with their
-parameters in PNG text chunks."""
+"""Image input and output: every bad input is one clear UserError; outputs (.png, .tif) are written atomically,
+band by band, with the run's parameters in them."""
 
 from __future__ import annotations
 
-import json
+import errno
 import os
 import tempfile
 import threading
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, PngImagePlugin
+from PIL import Image, ImageFile, ImageOps
 
 from .errors import UserError
 
@@ -35,7 +36,7 @@ def load_image(path: str | os.PathLike, max_pixels: int, min_side: int) -> Image
     too_big = (f"input {path}: {{}} is over the {max_pixels}-pixel limit (decompression bomb guard); "
                "downscale it or raise max_input_pixels in the config")
     try:
-        with _open_with_limit(path, max_pixels) as image:
+        with open_with_limit(path, max_pixels) as image:
             width, height = image.size
             if width * height > max_pixels:
                 raise UserError(too_big.format(f"{width}x{height}"))
@@ -62,7 +63,7 @@ def load_image(path: str | os.PathLike, max_pixels: int, min_side: int) -> Image
                         "save it as 8-bit RGB") from None
 
 
-def _open_with_limit(path: Path, max_pixels: int) -> Image.Image:
+def open_with_limit(path, max_pixels: int) -> Image.Image:
     """``Image.open`` with PIL's bomb guard set to ``max_pixels``: PIL errors past 2x its limit, warns past 1x."""
     with _BOMB_LIMIT_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own check below is the limit
@@ -101,15 +102,25 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def check_output_path(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Fail before any work if the output can't be written or exists without ``overwrite``."""
+OUTPUT_SUFFIXES = (".png", ".tif", ".tiff")  # PNG text chunks / TIFF ImageDescription carry the parameters
+
+
+def check_output_path(path: str | os.PathLike, overwrite: bool, *, source: str | os.PathLike | None = None) -> Path:
+    """Fail before any work if the output can't be written, exists without ``overwrite``, or is the input itself.
+
+    Permission bits don't prove a directory takes new files (root passes ``os.access`` everywhere, ``/proc`` refuses
+    them all): the run creates its result's temp file (:func:`temp_beside`) before any model loads.
+    """
     path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise UserError(f"output {path}: only .png is written (it carries the run's parameters); use a .png name")
+    if path.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise UserError(f"output {path}: only .png and .tif/.tiff are written (they carry the run's parameters); "
+                        "use one of those names")
+    if source is not None and path.exists() and Path(source).exists() and os.path.samefile(path, source):
+        raise UserError(f"output {path} is the input image; choose another -o (an input is never overwritten)")
     if path.exists() and not overwrite:
         raise UserError(f"output {path} already exists; pass --overwrite or choose another name")
     if path.is_dir():
-        raise UserError(f"output {path} is a directory; give a file name ending in .png")
+        raise UserError(f"output {path} is a directory; give a file name ending in .png or .tif")
     if not path.parent.is_dir():
         what = "is not a directory" if path.parent.exists() else "does not exist"
         raise UserError(f"output {path}: directory {path.parent} {what}; create it first")
@@ -118,30 +129,69 @@ def check_output_path(path: str | os.PathLike, overwrite: bool) -> Path:
     return path
 
 
-def save_png(image: Image.Image, path: str | os.PathLike, metadata: dict[str, object]) -> None:
-    """Write ``image`` as PNG with one tEXt chunk per metadata key, atomically (temp file + rename)."""
-    path = Path(path)
-    info = PngImagePlugin.PngInfo()
-    for key, value in metadata.items():
-        info.add_text(f"cupscale:{key}", value if isinstance(value, str) else json.dumps(value, default=list))
+def _temp_file(path: Path) -> tuple[int, str]:
+    """A new hidden temp file beside ``path`` (same filesystem, so placing it is a rename); one UserError if not."""
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
         raise UserError(f"output {path}: can't write to {path.parent} ({exc.strerror or exc}); "
                         "choose another output directory") from None
+    return fd, tmp
+
+
+def temp_beside(path: str | os.PathLike) -> Path:
+    """An empty private file beside ``path`` for a result to be written to, then :func:`place`\ d under its name."""
+    fd, tmp = _temp_file(Path(path))
+    os.close(fd)
+    return Path(tmp)
+
+
+def write_image(path: str | os.PathLike, bands: Iterable[np.ndarray], size: tuple[int, int],
+                metadata: dict[str, object], *, overwrite: bool = True, temp: str | os.PathLike | None = None) -> Path:
+    """Encode uint8 ``bands`` of a ``size`` (W, H) image (PNG or TIFF, by ``path``'s name) into ``temp`` (default: a
+    new temp file beside ``path``), then :func:`place` it under ``path``: it appears complete or not at all."""
+    from .writers import encoder_for
+
+    path = Path(path)
+    if temp is None:
+        fd, temp = _temp_file(path)
+        os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            image.save(handle, format="PNG", pnginfo=info)
-        place_output(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with open(temp, "wb") as handle:  # a named handle: tifffile wants the file's name
+            encoder_for(path)(handle, bands, size[0], size[1], metadata)
+        place(temp, path, overwrite)
+    finally:
+        Path(temp).unlink(missing_ok=True)
+    return path
 
 
-def place_output(tmp: str | os.PathLike, path: Path) -> None:
-    """Put a finished temp file at ``path`` atomically, with the mode a new file gets (mkstemp makes 0600)."""
-    os.chmod(tmp, _new_file_mode(path))
-    os.replace(tmp, path)
+def save_png(image: Image.Image, path: str | os.PathLike, metadata: dict[str, object], *,
+             overwrite: bool = True) -> Path:
+    """Write ``image`` as PNG with one text chunk per metadata key, atomically."""
+    return write_image(path, [np.asarray(image.convert("RGB"))], image.size, metadata, overwrite=overwrite)
+
+
+def place(tmp: str | os.PathLike, path: str | os.PathLike, overwrite: bool) -> None:
+    """Move a finished file to its name in one step. ``overwrite``: replace what is there (``os.replace``).
+    Otherwise exclusive: a hard link fails if the name exists, so of two runs racing for one name exactly one wins
+    (a check-then-rename would let the second silently replace the first)."""
+    path = Path(path)
+    os.chmod(tmp, _new_file_mode(path))  # mkstemp makes 0600; give the output the mode a new file gets
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        try:
+            os.link(tmp, path)
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP):
+                raise
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))  # no hard links here: claim the name
+            os.replace(tmp, path)
+    except FileExistsError:
+        raise UserError(f"output {path} was created by someone else while this run worked; nothing was "
+                        "overwritten: pass --overwrite or choose another name") from None
+    Path(tmp).unlink(missing_ok=True)
 
 
 def _new_file_mode(path: Path) -> int:

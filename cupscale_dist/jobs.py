@@ -27,7 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
+from .config import check_finite
 from .errors import UserError
+from .raycluster import auth_token, token_error
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 SUBMITTABLE = ("upscale", "batch")
@@ -53,21 +55,6 @@ def job_server_address(address: str | None = None) -> str:
         raise UserError(f"--address {address}: the job server is the dashboard's http(s) address, e.g. "
                         f"{DEFAULT_ADDRESS} (not a ray:// or GCS address)")
     return address.rstrip("/")
-
-
-def auth_token() -> str | None:
-    """The token Ray's clients would send: RAY_AUTH_TOKEN, the RAY_AUTH_TOKEN_PATH file, ~/.ray/auth_token."""
-    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
-        return None
-    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
-        return os.environ["RAY_AUTH_TOKEN"].strip()
-    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
-    try:
-        return path.read_text().strip() or None
-    except OSError:
-        if os.environ.get("RAY_AUTH_TOKEN_PATH"):
-            raise UserError(f"RAY_AUTH_TOKEN_PATH={path}: can't read the token file; fix the path") from None
-        return None
 
 
 def check_reachable(address: str) -> None:
@@ -105,19 +92,13 @@ def connect(address: str | None = None):
         with _address_env_cleared():
             return JobSubmissionClient(address, headers=headers)
     except AuthenticationError as exc:
-        raise _rejected(address, exc, token) from None
+        raise token_error(f"--address {address}", exc, token) from None
     except (ConnectionError, OSError) as exc:
         raise UserError(f"--address {address}: the job server did not answer ({_first_line(exc)}); check the "
                         "address (the dashboard's, port 8265 by default)") from None
     except RuntimeError as exc:
         raise UserError(f"--address {address}: not a Ray job server ({_first_line(exc)}); pass the head's "
                         "dashboard address, e.g. http://HEAD:8265") from None
-
-
-def _rejected(address: str, exc: Exception, token: str | None) -> UserError:
-    why = "the token was rejected" if token else "it requires a token and none was found"
-    return UserError(f"--address {address}: {why} ({_first_line(exc)}); put the cluster's token in ~/.ray/auth_token "
-                     "(or RAY_AUTH_TOKEN_PATH / RAY_AUTH_TOKEN) and keep RAY_AUTH_MODE=token")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -132,7 +113,7 @@ def _requests_as_user_errors(address: str, job_id: str | None = None) -> Iterato
     try:
         yield
     except AuthenticationError as exc:
-        raise _rejected(address, exc, auth_token()) from None
+        raise token_error(f"--address {address}", exc, auth_token()) from None
     except RuntimeError as exc:
         text = str(exc)
         if job_id and ("404" in text or "does not exist" in text):
@@ -154,7 +135,7 @@ class JobSpec:
     pip: list[str] = field(default_factory=list)  # installed in the job's environment
     env_vars: dict[str, str] = field(default_factory=dict)
     entrypoint_num_cpus: float | None = None  # reserved for the job's driver (Ray's default: 0)
-    entrypoint_num_gpus: float | None = None  # e.g. 1 for `upscale`, whose driver runs the VAE
+    entrypoint_num_gpus: float | None = None  # 1 by default for `upscale --actors 0` (its driver runs the models)
     entrypoint_memory: int | None = None  # bytes
 
     def __post_init__(self) -> None:
@@ -165,6 +146,8 @@ class JobSpec:
         if self.working_dir is not None and not Path(self.working_dir).is_dir():
             raise UserError(f"--working-dir {self.working_dir}: not a directory; pass the folder to ship (e.g. .)")
         for name in ("entrypoint_num_cpus", "entrypoint_num_gpus", "entrypoint_memory"):
+            if getattr(self, name) is not None:
+                check_finite(f"--{name.replace('_', '-')}", getattr(self, name), "use a value >= 0")
             if (getattr(self, name) or 0) < 0:
                 raise UserError(f"--{name.replace('_', '-')}: use a value >= 0")
 

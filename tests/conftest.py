@@ -55,9 +55,10 @@ def small_config(model: str, **changes):
 
 @pytest.fixture(scope="module")
 def local_ray(tmp_path_factory):
-    """A real local Ray cluster on 127.0.0.1 for one test module (token auth as Ray sets it)."""
+    """A real local Ray cluster for one test module, bound to 127.0.0.1 as `cupscale` binds it (token auth on)."""
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
-             _temp_dir=str(tmp_path_factory.mktemp("ray")))
+    from cupscale_dist.raycluster import start_local
+
+    start_local(num_cpus=4, log_to_driver=False, _temp_dir=str(tmp_path_factory.mktemp("ray")))
     yield ray
     ray.shutdown()

@@ -160,7 +160,7 @@ def test_workers_that_cannot_load_the_model_fail_in_one_clear_line(local_ray, tm
     with pytest.raises(UserError, match=f"batch workers failed: --model {broken}: model_index.json lists no vae"):
         run_batch(str(tmp_path / "in"), tmp_path / "out", small_config(str(broken)), cluster=CPU_WORKERS,
                   progress=False)
-    assert (tmp_path / "out" / MANIFEST_NAME).exists()  # what finished (nothing) is recorded; a rerun resumes
+    assert not (tmp_path / "out" / MANIFEST_NAME).exists()  # nothing finished: no (empty) manifest (issue 13)
 
 
 # --- names: safe, never an input, deterministic ------------------------------------------------------------------

@@ -94,7 +94,8 @@ def ws(tmp_path_factory) -> Path:
     (ws / "folder.png").mkdir()
     configs = {"invalid.yaml": "strength: [0.5\n", "unknown.yaml": "strength: 0.5\nbogus_knob: 1\n",
                "range.yaml": "strength: 2\n", "type.yaml": "steps: many\n", "list.yaml": "- strength\n- 0.5\n",
-               "stride.yaml": "tile: 8\nstride: 16\n"}
+               "stride.yaml": "tile: 8\nstride: 16\n", "duplicate.yaml": "strength: 0.5\nsteps: 4\nstrength: 0.9\n",
+               "nan.yaml": "guidance_scale: .nan\n"}
     for name, text in configs.items():
         (ws / name).write_text(text)
     (ws / "no-index").mkdir()
@@ -104,6 +105,19 @@ def ws(tmp_path_factory) -> Path:
                "prompts-notjson.json": "{'stages': oops",
                "prompts-count.json": json.dumps({"prompt": "a cat", "stages": [{"stage": 0, "views": [
                    {"box": [0, 0, 128, 128], "prompt": "a cat"}, {"box": [0, 0, 128, 128], "prompt": "a dog"}]}]})}
+    view = {"box": [0, 0, 128, 128], "prompt": "a cat"}
+    prompts.update({  # issue 13 item 8: every schema departure is one line, never a traceback or silently ignored
+        "prompts-deep.json": "[" * 100_000 + "]" * 100_000,
+        "prompts-global-int.json": json.dumps({"prompt": 5, "stages": []}),
+        "prompts-stage-string.json": json.dumps({"stages": [{"stage": "0", "views": [view]}]}),
+        "prompts-stage-range.json": json.dumps({"stages": [{"stage": 3, "views": [view]}]}),
+        "prompts-stage-twice.json": json.dumps({"stages": [{"stage": 0, "views": [view]}, {"stage": 0, "views": [view]}]}),
+        "prompts-stage-bool.json": json.dumps({"stages": [{"stage": False, "views": [view]}]}),
+        "prompts-view-int.json": json.dumps({"stages": [{"stage": 0, "views": [{"box": [0, 0, 1, 1], "prompt": 7}]}]}),
+        "prompts-box.json": json.dumps({"stages": [{"stage": 0, "views": [{"box": [0, 0, "x"], "prompt": "a"}]}]}),
+        "prompts-unknown-key.json": json.dumps({"prompt": "a cat", "stage": []}),
+        "prompts-size.json": json.dumps({"stages": [{"stage": 0, "size": [64, 64], "views": [view]}]}),
+    })
     for name, text in prompts.items():
         (ws / name).write_text(text)
     return ws
@@ -391,6 +405,42 @@ BAD = {
     "regional-prompts-not-json": Bad(extra=["--regional-prompts", "{ws}/prompts-notjson.json"], words="JSON"),
     "regional-prompts-malformed": Bad(extra=["--regional-prompts", "{ws}/prompts-malformed.json"], words="expected"),
     "regional-prompts-view-count": Bad(extra=["--regional-prompts", "{ws}/prompts-count.json"], words="2 views"),
+    # issue 13 item 3: NaN and inf pass every bound check; each float knob refuses them
+    "set-guidance-nan": Bad(extra=["--set", "guidance_scale=.nan"], words="guidance_scale=nan is not a finite"),
+    "set-guidance-inf": Bad(extra=["--set", "guidance_scale=.inf"], words="guidance_scale=inf is not a finite"),
+    "set-lambda-nan": Bad(extra=["--set", "lambda_global=.nan"], words="lambda_global=nan is not a finite"),
+    "strength-nan": Bad(extra=["--strength", "nan"], words="strength=nan is not a finite"),
+    "config-file-nan": Bad(extra=["--config", "{ws}/nan.yaml"], words="guidance_scale=nan"),
+    "cpus-per-actor-nan": Bad(extra=["--cpus-per-actor", "nan"], words="--cpus-per-actor=nan"),
+    # issue 13 item 4: argv bytes that are not UTF-8 arrive as lone surrogates
+    "prompt-not-utf8": Bad(extra=["--prompt", "\udcff\udcfe"], words="prompt: b'\\xff\\xfe' is not valid UTF-8"),
+    "negative-prompt-not-utf8": Bad(extra=["--negative-prompt", "a \udcff"], words="negative_prompt"),
+    # issue 13 item 8: regional-prompts schema
+    "regional-prompts-deep": Bad(extra=["--regional-prompts", "{ws}/prompts-deep.json"], words="nested too deeply"),
+    "regional-prompts-global-int": Bad(extra=["--regional-prompts", "{ws}/prompts-global-int.json"],
+                                       words="the file.prompt must be a str, got 5"),
+    "regional-prompts-stage-string": Bad(extra=["--regional-prompts", "{ws}/prompts-stage-string.json"],
+                                         words="stages[0].stage must be a int, got '0'"),
+    "regional-prompts-stage-bool": Bad(extra=["--regional-prompts", "{ws}/prompts-stage-bool.json"],
+                                       words="stages[0].stage must be a int"),
+    "regional-prompts-stage-range": Bad(extra=["--regional-prompts", "{ws}/prompts-stage-range.json"],
+                                        words="stage 3 does not exist, this run has 1 stage"),
+    "regional-prompts-stage-twice": Bad(extra=["--regional-prompts", "{ws}/prompts-stage-twice.json"],
+                                        words="listed twice"),
+    "regional-prompts-view-int": Bad(extra=["--regional-prompts", "{ws}/prompts-view-int.json"],
+                                     words="stages[0].views[0].prompt must be a str, got 7"),
+    "regional-prompts-box": Bad(extra=["--regional-prompts", "{ws}/prompts-box.json"], words="box must be 4 integers"),
+    "regional-prompts-unknown-key": Bad(extra=["--regional-prompts", "{ws}/prompts-unknown-key.json"],
+                                        words="unknown key(s) 'stage'"),
+    "regional-prompts-size": Bad(extra=["--regional-prompts", "{ws}/prompts-size.json"],
+                                 words="64x64 in the file but 128x128 in this run"),
+    # issue 13 item 11
+    "output-unwritable-proc": Bad(output="", extra=["-o", "/proc/cupscale-out.png", "--model", "{ws}/no-such-model"],
+                                  words="can't write to /proc"),  # before the model is even looked at
+    "output-is-the-input": Bad(output="", extra=["-o", "{ws}/in.png"], words="is the input image"),
+    "size-over-output-limit": Bad(extra=["--size", "100000x100000"], scale=False, words="max_output_pixels"),
+    "scale-over-output-limit": Bad(extra=["--set", "max_output_pixels=10000"], words="128x96 is over the 10000-pixel"),
+    "config-duplicate-key": Bad(extra=["--config", "{ws}/duplicate.yaml"], words="duplicate key 'strength' at line 3"),
     # run options
     "actors-negative": Bad(extra=["--actors", "-1"], words="--actors"),
     "resume-without-checkpoint-dir": Bad(extra=["--resume"], words="--checkpoint-dir"),

@@ -102,3 +102,14 @@ def test_workers_that_ask_for_more_gpus_than_exist_fail_within_the_start_timeout
         WorkerPool(small_config(sdxl_dir), ClusterOptions(actors=2, gpus_per_actor=1, cpus_per_actor=0.5,
                                                           start_timeout_s=3), ModelSpec.load(sdxl_dir))
     assert time.monotonic() - start < 30
+
+
+def test_batch_image_workers_leave_their_captioner_its_share_of_the_gpu(sdxl_dir):
+    from cupscale_dist.batch import image_worker_gpus
+
+    plain, captioned = small_config(sdxl_dir), small_config(sdxl_dir, captioner="vllm", captioner_model=sdxl_dir)
+    assert image_worker_gpus(plain, ClusterOptions(), 8) == 1.0 and image_worker_gpus(plain, ClusterOptions(), 0) == 0
+    assert image_worker_gpus(captioned, ClusterOptions(), 8) == pytest.approx(1 - CAPTIONER_GPU_SHARE)
+    assert image_worker_gpus(captioned, ClusterOptions(), 0) == 0
+    assert image_worker_gpus(captioned, ClusterOptions(gpus_per_actor=0.25), 8) == 0.25  # chosen wins
+    assert worker_count(8, image_worker_gpus(captioned, ClusterOptions(), 8), None) == 8

@@ -7,9 +7,11 @@ import os
 import re
 import secrets
 import socket
+import stat
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -39,17 +41,27 @@ def cupscale(*args, env: dict[str, str], timeout: float = 60) -> subprocess.Comp
                           capture_output=True, text=True, timeout=timeout)
 
 
+@dataclass
+class Head:
+    address: str  # the job server (dashboard)
+    env: dict[str, str]  # a client environment holding the right token
+    gcs: str  # what `--address` of upscale/batch takes
+    temp_dir: Path
+    token_file: Path
+
+
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     """A real head: `ray start --head` on 127.0.0.1 (token auth, its own temp dir, dashboard = job server)."""
     root = tmp_path_factory.mktemp("head")
     token_file = root / "token"
     token_file.write_text(secrets.token_hex(16))
+    token_file.chmod(0o644)  # as a plain `echo > file` leaves it: the script must take the others' access away
     env = base_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))  # never touches ~/.ray
-    dashboard = free_port()
+    dashboard, gcs_port = free_port(), free_port()
     temp_dir = root / "ray"
     started = subprocess.run(["bash", str(START_HEAD), str(temp_dir)], capture_output=True, text=True, timeout=180,
-                             env={**env, "RAY_PORT": str(free_port()), "DASHBOARD_PORT": str(dashboard),
+                             env={**env, "RAY_PORT": str(gcs_port), "DASHBOARD_PORT": str(dashboard),
                                   "NUM_CPUS": "2"})
     try:
         assert started.returncode == 0, started.stdout + started.stderr
@@ -57,7 +69,7 @@ def head(tmp_path_factory):
         deadline = time.time() + 60  # the job agent registers a moment after `ray start` returns
         while cupscale("jobs", "list", "--address", address, env=env).returncode != 0 and time.time() < deadline:
             time.sleep(1)
-        yield address, env
+        yield Head(address, env, f"127.0.0.1:{gcs_port}", temp_dir, token_file)
     finally:  # only this head's process group: `ray stop` would end every Ray cluster on the machine
         stopped = subprocess.run(["bash", str(START_HEAD), "--stop", str(temp_dir)], capture_output=True, text=True,
                                  timeout=60, env=env)
@@ -73,7 +85,7 @@ def submitted_id(stdout: str) -> str:
 
 
 def test_submit_wait_upscales_on_a_real_head_then_jobs_commands(head, sdxl_dir, photo, tmp_path):
-    address, env = head
+    address, env = head.address, head.env
     photo.save(tmp_path / "in.png")
     out = tmp_path / "out.png"
     done = cupscale("submit", "--address", address, "--wait", "--working-dir", REPO, "--env", "HF_HUB_OFFLINE=1",
@@ -98,7 +110,7 @@ def test_submit_wait_upscales_on_a_real_head_then_jobs_commands(head, sdxl_dir, 
 
 
 def test_stop_a_running_job(head, sdxl_dir, photo, tmp_path):
-    address, env = head
+    address, env = head.address, head.env
     photo.save(tmp_path / "in.png")
     sent = cupscale("submit", "--address", address, "--", "upscale", tmp_path / "in.png", "-o", tmp_path / "o.png",
                     "--model", sdxl_dir, "--device", "cpu", "--scale", "2", "--tile", "16", "--stride", "8",
@@ -115,18 +127,56 @@ def test_stop_a_running_job(head, sdxl_dir, photo, tmp_path):
 
 
 def test_a_wrong_token_is_one_clear_line(head):
-    address, env = head
+    address, env = head.address, head.env
     wrong = cupscale("jobs", "list", "--address", address, env={**env, "RAY_AUTH_TOKEN": "0" * 32})
     assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1
     assert wrong.stderr.startswith(f"cupscale: error: --address {address}: the token was rejected")
 
 
 def test_no_token_is_one_clear_line(head, tmp_path):
-    address, env = head
+    address, env = head.address, head.env
     env = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
     missing = cupscale("jobs", "list", "--address", address, env={**env, "HOME": str(tmp_path)})
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1
     assert "requires a token and none was found" in missing.stderr and "~/.ray/auth_token" in missing.stderr
+
+
+# --- issue 13: the head binds loopback only, its token is private, `--address` token errors are one line ---------
+def listening(pgid: int) -> list[tuple[str, str]]:
+    """(address, process) of every listening socket of the head's process group."""
+    import psutil
+
+    found = []
+    for conn in psutil.net_connections(kind="inet"):
+        if conn.status == psutil.CONN_LISTEN and conn.pid:
+            try:
+                if os.getpgid(conn.pid) == pgid:
+                    found.append((conn.laddr.ip, psutil.Process(conn.pid).name()))
+            except (OSError, psutil.Error):
+                continue
+    return found
+
+
+def test_the_local_head_listens_on_loopback_only_and_keeps_its_token_private(head):
+    sockets = listening(int((head.temp_dir / "cupscale-head.pgid").read_text()))
+    names = {name for _, name in sockets}
+    assert {"gcs_server", "raylet"} <= names and any("Agent" in n for n in names), sockets
+    assert all(ip in ("127.0.0.1", "::ffff:127.0.0.1") for ip, _ in sockets), sockets
+    assert stat.S_IMODE(head.token_file.stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("auth", ["wrong", "missing"])
+def test_address_with_a_wrong_or_missing_token_is_one_line_naming_the_token(auth, head, photo, tmp_path):
+    photo.save(tmp_path / "in.png")
+    env = {k: v for k, v in head.env.items() if not k.startswith("RAY_AUTH")}
+    env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 32} if auth == "wrong" else {"HOME": str(tmp_path)})
+    for command in (["upscale", tmp_path / "in.png", "-o", tmp_path / "out.png"],
+                    ["batch", "--input", tmp_path / "in.png", "--output", tmp_path / "out"]):
+        done = cupscale(*command, "--config", "cpu-demo", "--address", head.gcs, env=env, timeout=120)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+        assert "token" in done.stderr and done.stderr.startswith(f"cupscale: error: --address {head.gcs}: ")
+        assert ("the token was rejected" if auth == "wrong" else "without RAY_AUTH_MODE=token") in done.stderr
+    assert not (tmp_path / "out.png").exists() and not (tmp_path / "out" / "manifest.parquet").exists()
 
 
 # --- without a cluster --------------------------------------------------------------------------------------------
@@ -158,3 +208,18 @@ def test_submit_dry_run_shows_runtime_env_and_entrypoint_resources(tmp_path):
 def test_submit_checks_the_job_before_sending(job, message):
     result = cupscale("submit", "--address", "http://127.0.0.1:1", "--", *job, env=base_env())
     assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("job, gpus", [
+    (["upscale", "in.png", "-o", "out.png", "--config", "sdxl-4k", "--actors", "0"], 1),  # its driver runs the models
+    (["upscale", "in.png", "-o", "out.png", "--config", "sdxl-4k"], None),  # Ray mode: a CPU-only head will do
+    (["upscale", "in.png", "-o", "out.png", "--config", "cpu-demo", "--actors", "0"], None),  # a CPU run
+    (["batch", "--input", "/data/in", "--output", "/data/out", "--config", "sdxl-4k"], None),  # Ray Data workers
+    (["upscale", "in.png", "-o", "out.png", "--config", "sdxl-4k", "--actors", "0", "--entrypoint-num-gpus", "0"], 0),
+])
+def test_submit_reserves_a_gpu_only_for_a_driver_that_runs_models(job, gpus):
+    flags = job[-2:] if job[-2] == "--entrypoint-num-gpus" else []
+    result = cupscale("submit", "--dry-run", "--address", "http://head:8265", *flags, "--",
+                      *(job[:-2] if flags else job), env=base_env())
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout).get("entrypoint_num_gpus") == gpus

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cupscale_dist.imageio import place_output, read_png_metadata
-from cupscale_dist.writers import TIFF_TILE, read_tiff_metadata, write_streamed
+from cupscale_dist.imageio import read_png_metadata, write_image
+from cupscale_dist.writers import TIFF_TILE, read_tiff_metadata
 
 METADATA = {"prompt": "a harbour at dusk, 港口", "seed": "7", "stages": [[512, 384]], "config": {"tile": 128}}
 
@@ -33,7 +33,7 @@ def picture() -> np.ndarray:
 
 @pytest.mark.parametrize("suffix", [".png", ".tif"])
 def test_streamed_output_has_the_pixels_and_the_parameters(tmp_path, picture, suffix):
-    out = write_streamed(tmp_path / f"out{suffix}", bands_of(picture), (517, 333), METADATA, place_output)
+    out = write_image(tmp_path / f"out{suffix}", bands_of(picture), (517, 333), METADATA)
     with Image.open(out) as image:
         assert image.mode == "RGB" and image.size == (517, 333)
         assert np.array_equal(np.asarray(image), picture)
@@ -45,7 +45,7 @@ def test_streamed_output_has_the_pixels_and_the_parameters(tmp_path, picture, su
 def test_tiff_is_tiled_bigtiff(tmp_path, picture):
     import tifffile
 
-    out = write_streamed(tmp_path / "out.tiff", bands_of(picture), (517, 333), METADATA, place_output)
+    out = write_image(tmp_path / "out.tiff", bands_of(picture), (517, 333), METADATA)
     with tifffile.TiffFile(out) as tif:
         page = tif.pages[0]
         assert tif.is_bigtiff and page.is_tiled and (page.tilelength, page.tilewidth) == (TIFF_TILE, TIFF_TILE)
@@ -62,11 +62,11 @@ def test_a_run_that_fails_mid_write_leaves_nothing_and_keeps_an_existing_file(tm
         raise RuntimeError("decode failed")
 
     with pytest.raises(RuntimeError, match="decode failed"):
-        write_streamed(target, failing(), (517, 333), METADATA, place_output)
+        write_image(target, failing(), (517, 333), METADATA)
     assert target.read_bytes() == b"an earlier result" and os.listdir(tmp_path) == [target.name]
 
 
 def test_too_few_rows_is_an_error_not_a_short_image(tmp_path, picture):
     with pytest.raises(ValueError, match="300 rows written for a 333 px high image"):
-        write_streamed(tmp_path / "out.png", iter([picture[:300]]), (517, 333), METADATA, place_output)
+        write_image(tmp_path / "out.png", iter([picture[:300]]), (517, 333), METADATA)
     assert not (tmp_path / "out.png").exists()
