@@ -48,6 +48,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from common import load_average, log, rounded  # noqa: E402  (bench/common.py)
 
+from cupscale_dist.testing_fullsize import SDXL_UNET_CONFIG  # noqa: E402  (SDXL base's published UNet config)
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Demo mode: instrument the real pipeline
@@ -270,18 +272,6 @@ def demo_breakdown(args) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # Full size: SDXL-architecture UNet, our predict_views vs the bare batched call; attention control variants
 # ---------------------------------------------------------------------------------------------------------------
-# stabilityai/stable-diffusion-xl-base-1.0, unet/config.json (diffusers 0.19 era): the architecture only.
-SDXL_UNET_CONFIG = dict(
-    sample_size=128, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    mid_block_type="UNetMidBlock2DCrossAttn",
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    only_cross_attention=False, block_out_channels=(320, 640, 1280), layers_per_block=2, downsample_padding=1,
-    mid_block_scale_factor=1, act_fn="silu", norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=2048,
-    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
-    upcast_attention=False, resnet_time_scale_shift="default", addition_embed_type="text_time",
-    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, conv_in_kernel=3, conv_out_kernel=3,
-)
 POOLED_DIM = 1280  # text_encoder_2 projection; 2816 = 6 * 256 + 1280
 TOKENS = 77
 

@@ -135,12 +135,11 @@ def _train_bpe_merges(text: str, num_merges: int) -> list[tuple[str, str]]:
     return merges
 
 
-def write_clip_tokenizer(directory: str | os.PathLike, pad_token: str = EOS_TOKEN) -> Path:
-    """Write a small real CLIP BPE tokenizer (vocab.json, merges.txt, tokenizer_config, special tokens); return the dir.
+def write_clip_vocab(directory: str | os.PathLike) -> dict[str, int]:
+    """Write the small real CLIP BPE's vocab.json and merges.txt into `directory`; return the vocab.
 
     Layout as openai/CLIP's `SimpleTokenizer`: the 256 byte symbols, their "</w>" variants, one token per merge,
-    then "<|startoftext|>" and "<|endoftext|>" last. Load it with `CLIPTokenizer.from_pretrained(directory)`
-    (transformers 5.x ignores `CLIPTokenizer(vocab_file=..., merges_file=...)`).
+    then "<|startoftext|>" and "<|endoftext|>" last (so <|endoftext|> has the highest id, as in the real 49,408).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -155,15 +154,25 @@ def write_clip_tokenizer(directory: str | os.PathLike, pad_token: str = EOS_TOKE
             tokens.append(a + b)
     tokens += [BOS_TOKEN, EOS_TOKEN]
     vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
-    if pad_token not in vocab:
-        raise ValueError(
-            f"pad_token={pad_token!r} is not in the tokenizer's vocab; use {EOS_TOKEN!r} or one byte symbol like '!'"
-        )
-
     (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=1), encoding="utf-8")
     (directory / "merges.txt").write_text(
         "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8"
     )
+    return vocab
+
+
+def write_clip_tokenizer(directory: str | os.PathLike, pad_token: str = EOS_TOKEN) -> Path:
+    """Write a small real CLIP BPE tokenizer (vocab.json, merges.txt, tokenizer_config, special tokens); return the dir.
+
+    Load it with `CLIPTokenizer.from_pretrained(directory)` (transformers 5.x ignores
+    `CLIPTokenizer(vocab_file=..., merges_file=...)`).
+    """
+    directory = Path(directory)
+    if pad_token not in write_clip_vocab(directory):
+        raise ValueError(
+            f"pad_token={pad_token!r} is not in the tokenizer's vocab; use {EOS_TOKEN!r} or one byte symbol like '!'"
+        )
+
     special = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN, "pad_token": pad_token}
     (directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2), encoding="utf-8")
     config = dict(
