@@ -19,6 +19,12 @@ from .errors import UserError
 
 log = logging.getLogger(__name__)
 
+FAMILIES = {"StableDiffusionXLPipeline": "sdxl", "StableDiffusionXLImg2ImgPipeline": "sdxl",
+            "StableDiffusionPipeline": "sd15", "StableDiffusionImg2ImgPipeline": "sd15"}
+# What each family's method code calls; other components of a repository (SD1.5's safety checker and feature
+# extractor, an image encoder) are neither fetched nor loaded.
+FAMILY_COMPONENTS = {"sdxl": ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler"),
+                     "sd15": ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
 # Files every component folder may need besides weights: configs, tokenizer vocabularies and merges.
 SMALL_FILE = re.compile(r"\.(json|txt|model)$")
 SAFETENSORS = re.compile(r"\.safetensors$")
@@ -28,9 +34,16 @@ VARIANT_OF = re.compile(r"^(?P<stem>[^/]+?)\.(?P<variant>[A-Za-z0-9_]+)\.(safete
 
 
 def pipeline_components(model_index: dict) -> list[str]:
-    """Component folders a pipeline loads: entries of model_index.json given as [library, class], not null."""
+    """Component folders model_index.json names: entries given as [library, class], not null."""
     return sorted(name for name, value in model_index.items()
                   if not name.startswith("_") and isinstance(value, list) and len(value) == 2 and value[0] and value[1])
+
+
+def needed_components(model_index: dict) -> list[str]:
+    """The components of :func:`pipeline_components` the method loads: its family's, for a known family."""
+    family = FAMILIES.get(model_index.get("_class_name"))
+    named = pipeline_components(model_index)
+    return [c for c in named if c in FAMILY_COMPONENTS[family]] if family else named
 
 
 def file_variant(name: str) -> str | None:
@@ -44,7 +57,7 @@ def select_files(files: Iterable[str], model_index: dict, variant: str | None) -
     the component has them, else its full-precision ones; safetensors, or torch pickles where none exist."""
     files = list(files)
     chosen = ["model_index.json"] if "model_index.json" in files else []
-    for component in pipeline_components(model_index):
+    for component in needed_components(model_index):
         inside = [f for f in files if f.startswith(component + "/") and "/" not in f[len(component) + 1 :]]
         chosen += [f for f in inside if SMALL_FILE.search(f) and not f.endswith(".onnx_data")]
         weights = [f for f in inside if SAFETENSORS.search(f)] or [f for f in inside if TORCH_PICKLE.search(f)]

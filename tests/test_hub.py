@@ -14,6 +14,7 @@ from conftest import small_config
 from cupscale_dist import UserError, upscale
 from cupscale_dist.hub import component_variant, resolve_model, select_files
 from cupscale_dist.models import ModelSpec, model_family
+from cupscale_dist.testing_fullsize import LAYOUTS
 from cupscale_dist.worker import ModelWorker
 
 GB = 1e9
@@ -50,13 +51,7 @@ SDXL_BASE_FILES = {
     "vae_encoder/config.json": 607, "vae_encoder/model.onnx": 136_760_487, "vae_encoder/openvino_model.bin": 136_655_872,
     "vae_encoder/openvino_model.xml": 882_906,
 }
-SDXL_BASE_INDEX = {
-    "_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.19.0.dev0", "force_zeros_for_empty_prompt": True,
-    "add_watermarker": None, "scheduler": ["diffusers", "EulerDiscreteScheduler"],
-    "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-    "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
-    "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-}
+SDXL_BASE_INDEX = LAYOUTS["sdxl"].model_index  # as published
 
 
 def selected_bytes(files):
