@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("upscale", help="upscale one image", epilog=EXAMPLES,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     up.add_argument("input", help="input image (PNG, JPEG, WebP, TIFF, ...)")
-    up.add_argument("-o", "--output", required=True, help="output .png (carries the run's parameters)")
+    up.add_argument("-o", "--output", required=True, help="output .png or .tif/.tiff (tiled BigTIFF), written band by band; carries the run's parameters")
     up.add_argument("--overwrite", action="store_true", help="replace an existing output")
     up.add_argument("--dry-run", action="store_true", help="print the plan (stages, views, UNet evaluations) and exit")
     up.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
