@@ -713,12 +713,9 @@ def _progress(total: int, enabled: bool):
 def image_worker_gpus(config: UpscaleConfig, cluster, cluster_gpus: float) -> float:
     """GPU share of one image worker: the chosen one, else a whole GPU, or, with a captioner, what that image's
     own captioner pool leaves of it (both then share one GPU, as in `upscale`; placement.py)."""
-    from .orchestrator import uses_captioner
-    from .placement import captioner_share, worker_share
+    from .placement import model_worker_share
 
-    captioners = config.captioner_actors if uses_captioner(config) else 0
-    shared = captioner_share(cluster_gpus, config.captioner_gpus, beside_workers=True) if captioners else 0.0
-    return worker_share(min(cluster_gpus, 1), cluster.gpus_per_actor, captioners, shared)
+    return model_worker_share(config, cluster.gpus_per_actor, cluster_gpus, spread_over=min(cluster_gpus, 1))
 
 
 def _run_pool(todo: list[Item], config: UpscaleConfig, output_dir: Path, cluster, workers: int | None,

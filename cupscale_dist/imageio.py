@@ -129,19 +129,15 @@ def check_output_path(path: str | os.PathLike, overwrite: bool, *, source: str |
     return path
 
 
-def _temp_file(path: Path) -> tuple[int, str]:
-    """A new hidden temp file beside ``path`` (same filesystem, so placing it is a rename); one UserError if not."""
+def temp_beside(path: str | os.PathLike) -> Path:
+    """An empty private file beside ``path`` (same filesystem, so placing it is a rename) for a result to be written
+    to, then :func:`place`\ d under its name; one UserError if the folder takes no new files."""
+    path = Path(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
         raise UserError(f"output {path}: can't write to {path.parent} ({exc.strerror or exc}); "
                         "choose another output directory") from None
-    return fd, tmp
-
-
-def temp_beside(path: str | os.PathLike) -> Path:
-    """An empty private file beside ``path`` for a result to be written to, then :func:`place`\ d under its name."""
-    fd, tmp = _temp_file(Path(path))
     os.close(fd)
     return Path(tmp)
 
@@ -153,9 +149,7 @@ def write_image(path: str | os.PathLike, bands: Iterable[np.ndarray], size: tupl
     from .writers import encoder_for
 
     path = Path(path)
-    if temp is None:
-        fd, temp = _temp_file(path)
-        os.close(fd)
+    temp = temp or temp_beside(path)
     try:
         with open(temp, "wb") as handle:  # a named handle: tifffile wants the file's name
             encoder_for(path)(handle, bands, size[0], size[1], metadata)

@@ -29,7 +29,7 @@ import torch
 from .config import UpscaleConfig
 from .errors import UserError
 from .models import ModelSpec
-from .placement import captioner_share, memory_fraction, reserve, worker_count, worker_share
+from .placement import memory_fraction, model_worker_share, reserve, worker_count
 from .raycluster import ClusterOptions, connect, root_cause
 
 log = logging.getLogger(__name__)
@@ -48,10 +48,6 @@ class Shared:
     ref: object
 
 
-def uses_captioner(config: UpscaleConfig) -> bool:
-    return config.captioner != "none" and not config.regional_prompts
-
-
 class WorkerPool:
     """N model-worker actors; the policy (placement, in-flight caps, ordered fan-out, replacement) lives here."""
 
@@ -60,9 +56,7 @@ class WorkerPool:
         from actors.worker import PipelineWorker
 
         gpus = ray.cluster_resources().get("GPU", 0)
-        captioners = config.captioner_actors if uses_captioner(config) else 0
-        shared_gpu = captioner_share(gpus, config.captioner_gpus, beside_workers=True) if captioners else 0.0
-        self.num_gpus = worker_share(gpus, options.gpus_per_actor, captioners, shared_gpu)  # GPU share per actor
+        self.num_gpus = model_worker_share(config, options.gpus_per_actor, gpus, spread_over=gpus)  # per actor
         self.num_cpus = options.cpus_per_actor
         self.count = worker_count(gpus, self.num_gpus, options.actors)
         self.start_timeout_s = options.start_timeout_s  # the captioner pool is placed under the same limit

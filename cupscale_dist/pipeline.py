@@ -24,7 +24,7 @@ from .masks import binarize_maps, content_token_mask, view_token_masks
 from .models import ModelSpec
 from .prior import GlobalPrior
 from .step import StageContext, StageSchedule, reduce_and_step
-from .vae import PixelCodec, decode_bands, encode_image, image_to_tensor
+from .vae import PixelCodec, decode_bands, encode_image, image_to_tensor, read_only_tensor
 from .views import jitter_views, make_views, view_batches
 from .wavelets import low_band
 from .worker import LocalExecutor, ModelWorker, encode_prompts
@@ -104,7 +104,7 @@ def attention_token_masks(executor, config: UpscaleConfig, image: Image.Image, s
     pooled = None if global_pooled is None else global_pooled.numpy()
     call = (pixels, noise, timestep, alpha_bar, global_embeds.numpy(), pooled)
     (attention,) = executor.map("probe", [call])
-    attention = torch.from_numpy(np.array(attention))  # a copy: Ray's arrays are read-only
+    attention = read_only_tensor(attention)
     maps = binarize_maps(attention, content)
     if config.mask_mode == "pixel":
         return None, maps
@@ -123,7 +123,7 @@ def predict_step(executor, context, latents: torch.Tensor, views: np.ndarray, ti
               float(timestep), input_scale, np.arange(batch.start, batch.stop), views[batch.start : batch.stop])
              for batch in batches)
     for batch, eps in zip(batches, executor.map("predict", calls)):
-        yield batch, torch.from_numpy(np.array(eps))  # a copy: Ray's arrays are read-only views
+        yield batch, read_only_tensor(eps)  # only read by the reduction
 
 
 def run_stage(executor, config: UpscaleConfig, image: Image.Image, stage: int, size: tuple[int, int],

@@ -45,6 +45,20 @@ def worker_share(cluster_gpus: float, chosen: float | None, captioners: int, cap
     return round(left, 6)
 
 
+def uses_captioner(config) -> bool:
+    """A VLM captioner pool runs beside the workers (a prompts file takes precedence over the captioner)."""
+    return config.captioner != "none" and not config.regional_prompts
+
+
+def model_worker_share(config, chosen: float | None, cluster_gpus: float, spread_over: float) -> float:
+    """A model worker's GPU share when ``config``'s captioner pool (if any) shares its GPUs: the captioner actors
+    spread over ``spread_over`` GPUs (the cluster's for `upscale`'s one pool; 1 for a batch image worker, whose
+    upscale starts its own captioner pool)."""
+    captioners = config.captioner_actors if uses_captioner(config) else 0
+    shared = captioner_share(cluster_gpus, config.captioner_gpus, beside_workers=True) if captioners else 0.0
+    return worker_share(spread_over, chosen, captioners, shared)
+
+
 def worker_count(cluster_gpus: float, share: float, chosen: int | None) -> int:
     """How many workers: the chosen count, else as many as the GPUs hold at ``share`` each (fractions do not
     span GPUs), else one CPU worker."""

@@ -23,7 +23,7 @@ from .attention import install_regional_processors
 from .masks import probe_token_attention
 from .models import ModelSpec, load_pipeline, resolve_device, resolve_dtype
 from .step import StageContext, predict_views
-from .vae import decode_latents, encode_pixels, tile_to_tensor
+from .vae import decode_latents, encode_pixels, read_only_tensor, tile_to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +35,11 @@ PROMPT_CHUNK = 16
 class ModelWorker:
     """The loaded pipeline on one device, one method per kind of forward pass (numpy in, numpy out)."""
 
-    def __init__(self, model_dir: str, device: str = "auto", dtype: str = "auto", variant: str | None = None):
+    def __init__(self, model_dir: str, device: str = "auto", dtype: str = "auto", variant: str | None = None,
+                 spec: ModelSpec | None = None):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.spec = ModelSpec.read(model_dir)
+        self.spec = spec or ModelSpec.read(model_dir)  # a resolved spec keeps the user's name for logs and errors
         self.pipe = load_pipeline(model_dir, self.device, self.dtype, variant)
         install_regional_processors(self.pipe.unet)
         self._context: tuple[StageContext, StageContext] | None = None  # (as received, on the device)
@@ -47,9 +48,7 @@ class ModelWorker:
     def load(cls, model: str, device: str = "auto", dtype: str = "auto", variant: str | None = None) -> ModelWorker:
         """Resolve ``model`` (demo, a local dir, a hub id) and load it: the single-process reference's worker."""
         spec = ModelSpec.load(model, variant)
-        worker = cls(spec.path, device, dtype, variant)
-        worker.spec = spec  # keep the user's name for logs and errors
-        return worker
+        return cls(spec.path, device, dtype, variant, spec)
 
     @property
     def name(self) -> str:
@@ -72,8 +71,8 @@ class ModelWorker:
         """9a: CFG noise predictions of a batch of view windows, (B, C, h, w) float32."""
         if self._context is None or self._context[0] is not context:  # once per stage, not per call
             self._context = (context, context.to(self.unet.device, self.unet.dtype))
-        windows = torch.from_numpy(np.array(windows))  # Ray hands arrays over read-only
-        return predict_views(self.unet, windows, timestep, input_scale, self._context[1], view_ids, rects).numpy()
+        return predict_views(self.unet, read_only_tensor(windows), timestep, input_scale, self._context[1], view_ids,
+                             rects).numpy()
 
     def encode_tile(self, pixels: np.ndarray) -> np.ndarray:
         """2: one pixel tile (uint8 HxWx3, or float32 3xHxW in [-1, 1]) -> its scaled latent (C, h, w) float32."""
@@ -81,7 +80,7 @@ class ModelWorker:
 
     def decode_tile(self, latents: np.ndarray) -> np.ndarray:
         """10: one latent tile (C, h, w) -> pixels (3, H, W) float32 in [-1, 1]."""
-        return decode_latents(self.vae, torch.from_numpy(np.array(latents))[None])[0].numpy()
+        return decode_latents(self.vae, read_only_tensor(latents)[None])[0].numpy()
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
@@ -95,9 +94,8 @@ class ModelWorker:
     def probe(self, pixels: np.ndarray, noise: np.ndarray, timestep: int, alpha_bar: float, embeds: np.ndarray,
               pooled: np.ndarray | None) -> np.ndarray:
         """7: cross-attention maps (tokens, h, w) of the global prompt over the native-size stage input."""
-        return probe_token_attention(self.unet, self.vae, pixels, torch.from_numpy(np.array(noise)), timestep,
-                                     alpha_bar, torch.from_numpy(np.array(embeds)),
-                                     None if pooled is None else torch.from_numpy(np.array(pooled))).numpy()
+        return probe_token_attention(self.unet, self.vae, pixels, read_only_tensor(noise), timestep, alpha_bar,
+                                     read_only_tensor(embeds), None if pooled is None else read_only_tensor(pooled)).numpy()
 
 
 class LocalExecutor:
