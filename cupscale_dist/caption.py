@@ -12,7 +12,7 @@ from PIL import Image
 from .captioner import make_prompter, pixel_boxes
 from .config import UpscaleConfig
 from .pipeline import plan_stages, resize_input
-from .plan import VAE_SCALE, stage_views
+from .plan import stage_views, vae_scale
 
 
 def caption_views(image: Image.Image, config: UpscaleConfig, tiles: bool) -> dict:
@@ -22,7 +22,7 @@ def caption_views(image: Image.Image, config: UpscaleConfig, tiles: bool) -> dic
         global_prompt = config.prompt or prompter.global_caption(image)
         result: dict = {"prompt": global_prompt, "stages": []}
         for stage, size in enumerate(plan_stages(image.size, config) if tiles else []):
-            boxes = pixel_boxes(stage_views(size, config), VAE_SCALE)  # no diffusion model is loaded here
+            boxes = pixel_boxes(stage_views(size, config), vae_scale(config.model))  # no diffusion model loaded here
             prompts = prompter.regional_prompts(stage, resize_input(image, size, config), boxes, global_prompt)
             result["stages"].append({"stage": stage, "size": list(size),
                                      "views": [{"box": b.tolist(), "prompt": p} for b, p in zip(boxes, prompts)]})

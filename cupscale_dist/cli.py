@@ -26,7 +26,7 @@ from .config import UpscaleConfig, preset_names
 from .errors import UserError
 
 EXAMPLES = """examples:
-  cupscale upscale examples/astronaut.png -o astronaut-2x.png --config cpu-demo     # tiny random demo model, CPU
+  cupscale upscale examples/astronaut.png -o astronaut-2x.png --config cpu-demo     # the small demo model, CPU
   cupscale upscale photo.png -o photo-4k.png --config sdxl-4k --prompt "a harbour at dusk"
   cupscale upscale photo.png -o photo-8k.png --config sdxl-8k --dry-run              # print the plan only
   cupscale upscale photo.png -o out.png --model /models/sdxl --set lambda_global=0.7 --set jitter=8
@@ -68,7 +68,7 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command that runs the method (defined once)."""
     group = parser.add_argument_group("method")
     group.add_argument("--config", help=f"preset ({', '.join(preset_names())}) or YAML file; flags override it")
-    group.add_argument("--model", help="hub id, local diffusers dir, or 'demo' (tiny random weights, plumbing only)")
+    group.add_argument("--model", help="hub id, local diffusers dir, or 'demo' (a small SDXL-family model trained here, CPU)")
     group.add_argument("--prompt", help="global prompt (default: the captioner's caption, or none)")
     group.add_argument("--negative-prompt", dest="negative_prompt")
     scale = group.add_mutually_exclusive_group()
@@ -140,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_options(cap)
     add_batch_parser(sub)
     add_jobs_parsers(sub)
+    add_eval_parser(sub)
     sub.add_parser("knobs", help="list every knob with its default and reason")
     sub.add_parser("presets", help="list the bundled presets")
     return parser
@@ -161,6 +162,29 @@ SUBMIT_EXAMPLES = """examples:
   cupscale jobs list; cupscale jobs logs raysubmit_XYZ --follow; cupscale jobs stop raysubmit_XYZ
 Token auth: the token comes from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token.
 """
+
+
+EVAL_EXAMPLES = """examples:
+  cupscale eval --config cpu-demo --out eval/              # the demo's held-out photos, x2: table + eval.json + crops
+  cupscale eval originals/*.png --config sdxl-4k --scale 4 --json
+  cupscale eval originals/*.png --config sdxl-4k --inception pt_inception-2015-12-05-6726825d.pth --clip clip-vit-l-14/
+Each original is centre-cropped to a multiple of 32 x scale px, downscaled by the scale (bicubic) and upscaled back.
+"""
+
+
+def add_eval_parser(sub) -> None:
+    ev = sub.add_parser("eval", help="quality figures: downscale originals, upscale them back, compare (table or JSON)",
+                        epilog=EVAL_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ev.add_argument("originals", nargs="*", help="high-resolution originals (default: the demo model's held-out photos)")
+    ev.add_argument("--out", metavar="DIR", help="write eval.json, the upscales and side-by-side crops (bicubic | ours | "
+                                                  "original) here")
+    ev.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
+    ev.add_argument("--inception", metavar="FILE", help="FID Inception weights file: adds FID, KID and IS (whole and crops)")
+    ev.add_argument("--clip", metavar="DIR", help="local transformers CLIP model directory: adds CLIP score")
+    ev.add_argument("--crops-per-image", dest="crops_per_image", type=int, default=10, metavar="N",
+                    help="random crops per image for the patch FID/KID/IS (default 10)")
+    ev.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    add_run_options(ev)
 
 
 def add_batch_parser(sub) -> None:
@@ -255,6 +279,21 @@ def check_run_inputs(args: argparse.Namespace, config: UpscaleConfig, image, pla
 
         Checkpointer(args.checkpoint_dir, args.checkpoint_every, config.config_hash(), image_sha(image),
                      ResumePlan.from_plan(plan)).load()
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate, format_table, held_out_originals
+    from .imageio import load_image
+
+    config = config_from_args(args)
+    if args.crops_per_image < 1:
+        raise UserError(f"--crops-per-image {args.crops_per_image}: give at least 1")
+    originals = ([(path, load_image(path, config.max_input_pixels, config.min_input_side)) for path in args.originals]
+                 or held_out_originals())
+    report = evaluate(originals, config, out_dir=args.out, progress=not args.quiet, inception=args.inception,
+                      clip=args.clip, crops_per_image=args.crops_per_image)
+    print(json.dumps(report, indent=1) if args.json else format_table(report))
+    return 0
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
@@ -364,7 +403,7 @@ def cmd_presets(_: argparse.Namespace) -> int:
 
 
 COMMANDS = {"upscale": cmd_upscale, "caption": cmd_caption, "batch": cmd_batch, "submit": cmd_submit,
-            "jobs": cmd_jobs, "knobs": cmd_knobs, "presets": cmd_presets}
+            "jobs": cmd_jobs, "eval": cmd_eval, "knobs": cmd_knobs, "presets": cmd_presets}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -83,7 +83,7 @@ def component_variant(model_dir: str | Path, component: str, variant: str | None
 def resolve_model(model: str, variant: str | None = None) -> str:
     """'demo' -> the embedded model dir; a local dir -> checked; a hub id -> a local snapshot of the needed files."""
     if model == "demo":
-        from .testing import demo_model_dir
+        from .demo import demo_model_dir
 
         return str(demo_model_dir())
     path = Path(model).expanduser()

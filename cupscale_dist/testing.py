@@ -1,4 +1,4 @@
-"""Tiny, seeded, random-weight Stable Diffusion pipelines built from configs, for tests, benchmarks and `--model demo`.
+"""Tiny, seeded, random-weight Stable Diffusion pipelines built from configs, for tests and benchmarks.
 
 No weights are downloaded anywhere: every component is built from a config with `torch.manual_seed(seed)`, the
 CLIP tokenizer is a real byte-level BPE whose vocab.json / merges.txt are trained here on a small English word
@@ -22,9 +22,6 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-
-# Version the cache folder of the embedded demo model: bump it when the tiny SDXL's configs or weights change.
-DEMO_MODEL_NAME = "demo-sdxl-v1"
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -135,23 +132,23 @@ def _train_bpe_merges(text: str, num_merges: int) -> list[tuple[str, str]]:
     return merges
 
 
-def write_clip_vocab(directory: str | os.PathLike) -> dict[str, int]:
-    """Write the small real CLIP BPE's vocab.json and merges.txt into `directory`; return the vocab.
+def write_clip_vocab(directory: str | os.PathLike, merges: list[tuple[str, str]] | None = None) -> dict[str, int]:
+    """Write a CLIP BPE's vocab.json and merges.txt into `directory`; return the vocab.
 
     Layout as openai/CLIP's `SimpleTokenizer`: the 256 byte symbols, their "</w>" variants, one token per merge,
     then "<|startoftext|>" and "<|endoftext|>" last (so <|endoftext|> has the highest id, as in the real 49,408).
+    ``merges`` defaults to the small BPE trained here; the demo model passes CLIP's real 48,894 merges.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    merges = _train_bpe_merges(_BPE_CORPUS, NUM_MERGES)
-    if len(merges) != NUM_MERGES:
-        raise RuntimeError(f"BPE corpus yields only {len(merges)} merges, need {NUM_MERGES}: extend _BPE_CORPUS")
+    if merges is None:
+        merges = _train_bpe_merges(_BPE_CORPUS, NUM_MERGES)
+        if len(merges) != NUM_MERGES:
+            raise RuntimeError(f"BPE corpus yields only {len(merges)} merges, need {NUM_MERGES}: extend _BPE_CORPUS")
 
     tokens = list(_bytes_to_unicode().values())
     tokens += [t + "</w>" for t in tokens]
-    for a, b in merges:
-        if a + b not in tokens:
-            tokens.append(a + b)
+    tokens += [a + b for a, b in merges]  # a merge that repeats a token keeps the first id (dict.fromkeys)
     tokens += [BOS_TOKEN, EOS_TOKEN]
     vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
     (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=1), encoding="utf-8")
@@ -161,14 +158,15 @@ def write_clip_vocab(directory: str | os.PathLike) -> dict[str, int]:
     return vocab
 
 
-def write_clip_tokenizer(directory: str | os.PathLike, pad_token: str = EOS_TOKEN) -> Path:
-    """Write a small real CLIP BPE tokenizer (vocab.json, merges.txt, tokenizer_config, special tokens); return the dir.
+def write_clip_tokenizer(directory: str | os.PathLike, pad_token: str = EOS_TOKEN,
+                         merges: list[tuple[str, str]] | None = None) -> Path:
+    """Write a CLIP BPE tokenizer (vocab.json, merges.txt, tokenizer_config, special tokens); return the dir.
 
-    Load it with `CLIPTokenizer.from_pretrained(directory)` (transformers 5.x ignores
-    `CLIPTokenizer(vocab_file=..., merges_file=...)`).
+    Small by default; ``merges`` as in :func:`write_clip_vocab`. Load it with `CLIPTokenizer.from_pretrained(directory)`
+    (transformers 5.x ignores `CLIPTokenizer(vocab_file=..., merges_file=...)`).
     """
     directory = Path(directory)
-    if pad_token not in write_clip_vocab(directory):
+    if pad_token not in write_clip_vocab(directory, merges):
         raise ValueError(
             f"pad_token={pad_token!r} is not in the tokenizer's vocab; use {EOS_TOKEN!r} or one byte symbol like '!'"
         )
@@ -353,33 +351,3 @@ def build_tiny_sd15(directory: str | os.PathLike, seed: int = 0, unet_channels: 
     )
     _save_pipeline(pipe, directory, {"tokenizer": EOS_TOKEN})
     return directory
-
-
-def _cache_root() -> Path:
-    """$CUPSCALE_CACHE, else ~/.cache/cupscale."""
-    return Path(os.environ.get("CUPSCALE_CACHE") or Path.home() / ".cache" / "cupscale").expanduser()
-
-
-def demo_model_dir() -> Path:
-    """The embedded default model (`--model demo`): the tiny SDXL pipeline, built once into the cache and reused.
-
-    Built atomically: into a temp dir beside the final one, then `os.rename`, so a reader never sees a half-written
-    model; when two processes race, the first rename wins and the loser drops its copy.
-    """
-    final = _cache_root() / DEMO_MODEL_NAME
-    if (final / "model_index.json").is_file():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists():  # not ours: a dir without model_index.json never comes from the rename below
-        shutil.rmtree(final, ignore_errors=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{DEMO_MODEL_NAME}.tmp-", dir=final.parent))
-    try:
-        build_tiny_sdxl(scratch, seed=0)
-        try:
-            os.rename(scratch, final)
-        except OSError:
-            if not (final / "model_index.json").is_file():  # lost the race only if the winner's copy is there
-                raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return final

@@ -1,7 +1,6 @@
 """The tiny random pipelines of `cupscale_dist.testing` load back through diffusers' and transformers' real paths."""
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +15,7 @@ from diffusers import (
 )
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from cupscale_dist import testing
-from cupscale_dist.testing import build_tiny_sdxl, demo_model_dir, write_clip_tokenizer
+from cupscale_dist.testing import build_tiny_sdxl, write_clip_tokenizer
 
 
 def _files(directory):
@@ -120,31 +118,3 @@ def test_heavier_unet_channels(tmp_path):
     assert tuple(unet.config.block_out_channels) == (64, 128)
     with pytest.raises(ValueError, match="unet_channels"):
         build_tiny_sdxl(tmp_path / "bad", unet_channels=(32, 64, 128))
-
-
-def test_demo_model_dir_builds_once(tmp_path, monkeypatch):
-    monkeypatch.setenv("CUPSCALE_CACHE", str(tmp_path))
-    first = demo_model_dir()
-    assert first == tmp_path / testing.DEMO_MODEL_NAME
-    assert json.loads((first / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
-    stamp = (first / "model_index.json").stat().st_mtime_ns
-
-    time.sleep(0.01)
-    monkeypatch.setattr(testing, "build_tiny_sdxl", lambda *a, **k: pytest.fail("rebuilt a cached demo model"))
-    assert demo_model_dir() == first
-    assert (first / "model_index.json").stat().st_mtime_ns == stamp
-    assert [p.name for p in tmp_path.iterdir()] == [testing.DEMO_MODEL_NAME]  # no temp dirs left behind
-
-
-def test_demo_model_dir_loses_a_race_cleanly(tmp_path, monkeypatch):
-    monkeypatch.setenv("CUPSCALE_CACHE", str(tmp_path))
-    final = tmp_path / testing.DEMO_MODEL_NAME
-    real_build = testing.build_tiny_sdxl
-
-    def build_while_another_process_wins(directory, **kwargs):
-        real_build(final)  # the other process renames its copy into place first
-        return real_build(directory, **kwargs)
-
-    monkeypatch.setattr(testing, "build_tiny_sdxl", build_while_another_process_wins)
-    assert demo_model_dir() == final
-    assert [p.name for p in tmp_path.iterdir()] == [testing.DEMO_MODEL_NAME]

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Mutation check of the fidelity tests (issue #9): every mutation below must make its named tests fail.
+"""Mutation check of the fidelity tests (issue #9) and quality gates (#10): each mutation must fail its named tests.
 
 Usage, from the repository root::
 
@@ -48,6 +48,7 @@ def fidelity(*names: str) -> tuple[str, ...]:
 X0, ZT = "test_x0_prior_holds_for_the_schedulers_own_x0", "test_zt_prior_pulls_the_next_latent_toward_the_noised_input"
 START = "test_stage_starts_at_round_s_t_with_the_schedulers_add_noise"
 MASKS = "test_masks_and_lambda_reach_cross_attention_only"
+GATE = "tests/test_quality_gate.py::"  # issue 10: what only the picture shows (a pointwise denoiser cannot tell)
 
 MUTATIONS = [
     Mutation("ddim-alpha-sigma-one-step-off", "cupscale_dist/prior.py",
@@ -122,6 +123,19 @@ MUTATIONS = [
              "token_allowed = torch.cat([torch.ones(count, tokens, dtype=torch.bool), cond])",
              "token_allowed = torch.cat([cond, cond])",
              fidelity(f"{MASKS}[masks]")),
+    Mutation("views-not-blended-last-wins", "cupscale_dist/step.py",
+             "                total[..., top:bottom, left:right] += predictions[k]\n"
+             "                weight[top:bottom, left:right] += 1.0\n",
+             "                total[..., top:bottom, left:right] = predictions[k]\n"
+             "                weight[top:bottom, left:right] = 1.0\n",
+             (GATE + "test_defaults_keep_the_input_add_detail_and_hide_seams",)),
+    Mutation("prior-never-injected", "cupscale_dist/step.py",
+             "weight = prior_weight(step, schedule.num_steps, schedule.prior_fraction, schedule.prior_schedule)",
+             "weight = 0.0 * prior_weight(step, schedule.num_steps, schedule.prior_fraction, schedule.prior_schedule)",
+             (GATE + "test_the_global_prior_improves_consistency",)),
+    Mutation("vae-decode-tiles-unweighted", "cupscale_dist/vae.py",
+             "acc[:, rows, cols].addcmul_(pixels, windows[size])", "acc[:, rows, cols].add_(pixels)",
+             (GATE + "test_defaults_keep_the_input_add_detail_and_hide_seams",)),
 ]
 
 

@@ -1,0 +1,280 @@
+"""`cupscale eval`: how good is an upscale? Downscale high-resolution originals by the scale, upscale them back, compare.
+
+Per image and overall (issue #10):
+- ``psnr`` / ``ssim``: the upscale against the original (RGB; SSIM with an 11-tap Gaussian window, Wang et al. 2004);
+- ``consistency``: PSNR of the upscale downscaled back to the input's size against the input (does it keep what the
+  input says? the global prior's job);
+- ``detail``: high-frequency energy of the upscale over bicubic's (``detail_original`` gives the original's, the
+  detail there is to find): above 1 = sharper than bicubic;
+- ``seam``: gradient energy across the views' boundary lines over gradient energy across every other line of the
+  output's pixel grid, divided by the same ratio for the original; 1 = the boundaries look as they do in the
+  original, above 1 = seams (``seam_bicubic``: bicubic's, the score's noise floor);
+- side-by-side crops (bicubic | ours | original) as PNG.
+
+With ``--inception`` / ``--clip`` it adds FID, KID, IS (whole images and crops) and CLIP score
+(:mod:`cupscale_dist.distribution_metrics`, the ``[metrics]`` extra).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .config import UpscaleConfig
+from .errors import UserError
+from .pipeline import plan_stages, upscale
+from .views import make_views
+
+HELD_OUT = "held-out"  # eval's default originals: the demo model's held-out photos (never seen in training)
+SSIM_WINDOW, SSIM_SIGMA = 11, 1.5  # Wang et al. 2004, as skimage's gaussian_weights=True
+DETAIL_SIGMA = 1.0  # px: detail = image minus its Gaussian blur at this sigma, the band a x2 bicubic resize loses
+SIZE_STEP = 32  # originals are centre-cropped to a multiple of 32 x scale, so every stage is a multiple of 64 px
+CROP_PX = 128  # side of each side-by-side crop, in output pixels
+SEAM_BAND = 1  # lines each side of a boundary also counted: the VAE decoder spreads a latent seam over a few px
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The figures (pure functions of uint8 arrays)
+# ---------------------------------------------------------------------------------------------------------------
+def as_float(image: Image.Image | np.ndarray) -> np.ndarray:
+    return np.asarray(image, dtype=np.float64)
+
+
+def psnr(a, b) -> float:
+    """Peak signal-to-noise ratio in dB for 8-bit images (inf when identical)."""
+    mse = float(np.mean((as_float(a) - as_float(b)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float, radius: int) -> torch.Tensor:
+    """Separable Gaussian blur of (C, H, W) with reflect padding."""
+    taps = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    kernel = torch.exp(-(taps**2) / (2 * sigma**2))
+    kernel = (kernel / kernel.sum()).to(x.dtype)
+    c = x.shape[0]
+    x = F.pad(x[None], (radius, radius, 0, 0), mode="reflect")
+    x = F.conv2d(x, kernel.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
+    x = F.pad(x, (0, 0, radius, radius), mode="reflect")
+    return F.conv2d(x, kernel.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)[0]
+
+
+def to_chw(image) -> torch.Tensor:
+    return torch.from_numpy(as_float(image)).permute(2, 0, 1)
+
+
+def ssim(a, b) -> float:
+    """Mean SSIM over RGB (Wang et al. 2004: K1 0.01, K2 0.03, Gaussian window 11, sigma 1.5, data range 255)."""
+    x, y = to_chw(a), to_chw(b)
+    blur = lambda t: gaussian_blur(t, SSIM_SIGMA, SSIM_WINDOW // 2)  # noqa: E731
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    mu_x, mu_y = blur(x), blur(y)
+    var_x, var_y = blur(x * x) - mu_x**2, blur(y * y) - mu_y**2
+    cov = blur(x * y) - mu_x * mu_y
+    score = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    pad = SSIM_WINDOW // 2  # as skimage: the border, where the window leaves the image, is left out
+    return float(score[:, pad:-pad, pad:-pad].mean())
+
+
+def luminance(image) -> np.ndarray:
+    """ITU-R BT.601 luma of an RGB image, float64 (H, W)."""
+    return as_float(image) @ np.array([0.299, 0.587, 0.114])
+
+
+def high_frequency_energy(image) -> float:
+    """Mean squared difference between the luma and its Gaussian blur (sigma :data:`DETAIL_SIGMA`)."""
+    y = torch.from_numpy(luminance(image))[None]
+    return float(((y - gaussian_blur(y, DETAIL_SIGMA, 3 * math.ceil(DETAIL_SIGMA))) ** 2).mean())
+
+
+def boundary_contrast(image, columns: np.ndarray, rows: np.ndarray) -> float:
+    """Gradient energy across the lines x = column, y = row (+-:data:`SEAM_BAND` lines) over the rest of the grid.
+
+    The gradient across a vertical line at x is ``I[:, x] - I[:, x-1]``; lines on the image border are not seams. A
+    line's energy is the median along it: a seam runs the whole line, a photo's edges cross it at a few points.
+    """
+    y = luminance(image)
+    gx, gy = np.median(np.diff(y, axis=1) ** 2, axis=0), np.median(np.diff(y, axis=0) ** 2, axis=1)
+
+    def on_lines(length: int, lines: np.ndarray) -> np.ndarray:
+        mask = np.zeros(length, dtype=bool)  # gradient index i sits between pixel i and i+1: the line at i+1
+        for line in lines:
+            if 0 < line <= length:
+                mask[max(0, line - 1 - SEAM_BAND) : line + SEAM_BAND] = True
+        return mask
+
+    mx, my = on_lines(len(gx), columns), on_lines(len(gy), rows)
+    if not (mx.any() or my.any()):
+        return 1.0  # one view: no boundary to see
+    boundary = np.concatenate([gx[mx], gy[my]]).mean()
+    elsewhere = np.concatenate([gx[~mx], gy[~my]]).mean()
+    return float(boundary / max(elsewhere, 1e-12))
+
+
+def seam_score(image, reference, columns: np.ndarray, rows: np.ndarray) -> float:
+    """:func:`boundary_contrast` of ``image`` over the reference's (the original) on the same lines.
+
+    A photo's own edges fall on a few boundary lines by chance (a 256 px crop has only a handful of lines), so the
+    raw contrast scatters around 1 by tens of percent; dividing by the original's cancels that: 1 = the boundaries
+    look as they do in the original, above 1 = seams the upscale added.
+    """
+    return boundary_contrast(image, columns, rows) / boundary_contrast(reference, columns, rows)
+
+
+def view_boundaries(input_size: tuple[int, int], config: UpscaleConfig, factor: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every stage's view edges, in the output's pixel grid: (columns, rows) where a view starts or ends."""
+    sizes = plan_stages(input_size, config)
+    out_w, out_h = sizes[-1]
+    columns, rows = set(), set()
+    for width, height in sizes:
+        views = make_views(height // factor, width // factor, config.tile, config.stride)
+        columns |= {round(v * factor * out_w / width) for v in np.unique(views[:, [1, 3]])}
+        rows |= {round(v * factor * out_h / height) for v in np.unique(views[:, [0, 2]])}
+    inner = lambda lines, end: np.array(sorted(v for v in lines if 0 < v < end), dtype=np.int64)  # noqa: E731
+    return inner(columns, out_w), inner(rows, out_h)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One image
+# ---------------------------------------------------------------------------------------------------------------
+def prepare_pair(original: Image.Image, scale: int) -> tuple[Image.Image, Image.Image]:
+    """(original centre-cropped to a multiple of 32 x scale, its bicubic downscale by ``scale``: the input)."""
+    step = SIZE_STEP * scale
+    width, height = (original.width // step) * step, (original.height // step) * step
+    if width == 0 or height == 0:
+        raise UserError(f"an original of {original.width}x{original.height} is too small to evaluate at x{scale}; "
+                        f"give originals of at least {step}x{step} px")
+    left, top = (original.width - width) // 2, (original.height - height) // 2
+    cropped = original.convert("RGB").crop((left, top, left + width, top + height))
+    return cropped, cropped.resize((width // scale, height // scale), Image.Resampling.BICUBIC)
+
+
+def busiest_crop(image: Image.Image, side: int) -> tuple[int, int, int, int]:
+    """The ``side``-px square with the most detail in the original (where an upscaler has something to show)."""
+    side = min(side, image.width, image.height)
+    y = luminance(image)
+    energy = np.abs(y - gaussian_blur(torch.from_numpy(y)[None], 2.0, 6)[0].numpy())
+    best, box = -1.0, (0, 0, side, side)
+    for top in range(0, image.height - side + 1, max(1, side // 2)):
+        for left in range(0, image.width - side + 1, max(1, side // 2)):
+            value = float(energy[top : top + side, left : left + side].mean())
+            if value > best:
+                best, box = value, (left, top, left + side, top + side)
+    return box
+
+
+def side_by_side(images: list[Image.Image], box: tuple[int, int, int, int], gap: int = 4) -> Image.Image:
+    """The same crop of each image, left to right, on white."""
+    crops = [im.crop(box) for im in images]
+    width = sum(c.width for c in crops) + gap * (len(crops) - 1)
+    sheet = Image.new("RGB", (width, crops[0].height), "white")
+    for i, crop in enumerate(crops):
+        sheet.paste(crop, (i * (crop.width + gap), 0))
+    return sheet
+
+
+def image_figures(original: Image.Image, low: Image.Image, ours: Image.Image, bicubic: Image.Image,
+                  boundaries: tuple[np.ndarray, np.ndarray]) -> dict[str, float]:
+    """Every per-image figure of the module docstring."""
+    back = ours.resize(low.size, Image.Resampling.BICUBIC)
+    hf_bicubic = high_frequency_energy(bicubic)
+    return {
+        "psnr": psnr(ours, original), "ssim": ssim(ours, original),
+        "psnr_bicubic": psnr(bicubic, original), "ssim_bicubic": ssim(bicubic, original),
+        "consistency": psnr(back, low),
+        "detail": high_frequency_energy(ours) / hf_bicubic,
+        "detail_original": high_frequency_energy(original) / hf_bicubic,
+        "seam": seam_score(ours, original, *boundaries), "seam_bicubic": seam_score(bicubic, original, *boundaries),
+    }
+
+
+def evaluate_image(name: str, original: Image.Image, config: UpscaleConfig, worker, *, out_dir: Path | None = None,
+                   progress: bool = False) -> dict:
+    """Downscale ``original`` by ``config.scale``, upscale it back with ``worker``, and measure."""
+    original, low = prepare_pair(original, config.scale)
+    ours = upscale(low, config, model=worker, progress=progress)
+    bicubic = low.resize(original.size, Image.Resampling.BICUBIC)
+    figures = image_figures(original, low, ours, bicubic,
+                            view_boundaries(low.size, config, worker.spec.vae_scale_factor))
+    row = {"image": name, "input": list(low.size), "output": list(ours.size), **figures}
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        sheet = side_by_side([bicubic, ours, original], busiest_crop(original, CROP_PX))
+        path = out_dir / f"{Path(name).stem}-x{config.scale}.png"
+        sheet.save(path)
+        ours.save(out_dir / f"{Path(name).stem}-x{config.scale}-ours.png")
+        row["side_by_side"] = str(path)
+    return {"row": row, "original": original, "ours": ours}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A set of images
+# ---------------------------------------------------------------------------------------------------------------
+FIGURES = ("psnr", "ssim", "psnr_bicubic", "ssim_bicubic", "consistency", "detail", "detail_original", "seam",
+           "seam_bicubic")
+
+
+def held_out_originals() -> list[tuple[str, Image.Image]]:
+    """The demo model's held-out photos, from the pip packages that ship them."""
+    from .demo.photos import HELD_OUT as NAMES, load_photo
+
+    try:
+        return [(name, Image.fromarray(load_photo(name))) for name in NAMES]
+    except ImportError as exc:
+        raise UserError(f"the held-out photos come from scikit-image ({exc.name} is missing); "
+                        "`pip install scikit-image scikit-learn`, or pass your own originals") from None
+
+
+def evaluate(originals: list[tuple[str, Image.Image]], config: UpscaleConfig, *, out_dir: str | Path | None = None,
+             worker=None, progress: bool = True, inception: str | None = None, clip: str | None = None,
+             crops_per_image: int = 10) -> dict:
+    """Evaluate ``config`` on every original; returns ``{"config", "images": [rows], "overall": {figure: mean}}``."""
+    from .worker import ModelWorker
+
+    if inception or clip:
+        from .distribution_metrics import check_metric_sources
+
+        check_metric_sources(inception, clip)  # before any upscaling
+    for name, original in originals:
+        prepare_pair(original, config.scale)  # too small -> one line before any model loads
+    worker = worker or ModelWorker.load(config.model, config.device, config.dtype, config.variant)
+    out = Path(out_dir) if out_dir else None
+    results = [evaluate_image(name, original, config, worker, out_dir=out, progress=progress)
+               for name, original in originals]
+    rows = [r["row"] for r in results]
+    overall = {k: float(np.mean([r[k] for r in rows])) for k in FIGURES}
+    if inception or clip:
+        from .distribution_metrics import distribution_metrics
+
+        prompts = [config.prompt] * len(results)
+        overall.update(distribution_metrics([r["original"] for r in results], [r["ours"] for r in results], prompts,
+                                            inception=inception, clip=clip, crops_per_image=crops_per_image,
+                                            seed=config.seed))
+    report = {"model": config.model, "scale": config.scale, "config_hash": config.config_hash(), "images": rows,
+              "overall": overall}
+    if out is not None:
+        (out / "eval.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    return report
+
+
+def format_table(report: dict) -> str:
+    """A small plain-text table: one line per image, then the mean."""
+    shown = ("psnr", "psnr_bicubic", "ssim", "ssim_bicubic", "consistency", "detail", "seam")
+    lines = [f"{'image':<24}" + "".join(f"{k:>14}" for k in shown)]
+    for row in [*report["images"], {"image": "overall", **report["overall"]}]:
+        lines.append(f"{row['image']:<24}" + "".join(f"{row[k]:>14.4f}" for k in shown))
+    extra = {k: v for k, v in report["overall"].items() if k not in FIGURES}
+    if extra:
+        lines.append("  ".join(f"{k}={v:.4f}" for k, v in extra.items()))
+    return "\n".join(lines)
+
+
+def with_knobs(config: UpscaleConfig, **knobs) -> UpscaleConfig:
+    """A copy of ``config`` with some knobs changed (and checked again)."""
+    return replace(config, **knobs)
