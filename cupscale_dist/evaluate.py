@@ -7,8 +7,8 @@ Per image and overall (issue #10):
 - ``detail``: high-frequency energy of the upscale over bicubic's (``detail_original`` gives the original's, the
   detail there is to find): above 1 = sharper than bicubic;
 - ``seam``: gradient energy across the views' boundary lines over gradient energy across every other line of the
-  output's pixel grid, divided by the same ratio for the original; 1 = the boundaries look as they do in the
-  original, above 1 = seams (``seam_bicubic``: bicubic's, the score's noise floor);
+  output's pixel grid (the latent grid's lines), divided by the same ratio for bicubic's upscale; 1 = the boundaries
+  look as they do in bicubic's, above 1 = seams;
 - side-by-side crops (bicubic | ours | original) as PNG.
 
 With ``--inception`` / ``--clip`` it adds FID, KID, IS (whole images and crops) and CLIP score
@@ -37,6 +37,7 @@ SSIM_WINDOW, SSIM_SIGMA = 11, 1.5  # Wang et al. 2004, as skimage's gaussian_wei
 DETAIL_SIGMA = 1.0  # px: detail = image minus its Gaussian blur at this sigma, the band a x2 bicubic resize loses
 SIZE_STEP = 32  # originals are centre-cropped to a multiple of 32 x scale, so every stage is a multiple of 64 px
 CROP_PX = 128  # side of each side-by-side crop, in output pixels
+SEAM_FLOOR = 1.0  # grey levels^2 added to every line's energy: flat 8-bit areas have median 0 (no 0/0 ratios)
 SEAM_BAND = 1  # lines each side of a boundary also counted: the VAE decoder spreads a latent seam over a few px
 
 
@@ -93,38 +94,46 @@ def high_frequency_energy(image) -> float:
     return float(((y - gaussian_blur(y, DETAIL_SIGMA, 3 * math.ceil(DETAIL_SIGMA))) ** 2).mean())
 
 
-def boundary_contrast(image, columns: np.ndarray, rows: np.ndarray) -> float:
-    """Gradient energy across the lines x = column, y = row (+-:data:`SEAM_BAND` lines) over the rest of the grid.
+def boundary_contrast(image, columns: np.ndarray, rows: np.ndarray, period: int = 1) -> float:
+    """Gradient energy across the lines x = column, y = row (+-:data:`SEAM_BAND` lines) over other lines in phase.
 
-    The gradient across a vertical line at x is ``I[:, x] - I[:, x-1]``; lines on the image border are not seams. A
-    line's energy is the median along it: a seam runs the whole line, a photo's edges cross it at a few points.
+    The gradient across a vertical line at x is ``I[:, x] - I[:, x-1]``. A line's energy is the median along it: a
+    seam runs the whole line, a photo's edges cross it at a few points. "Other lines" are the lines at multiples of
+    ``period`` (the latent cell in output px) that are not boundaries: a VAE decoder leaves a faint pattern on its
+    latent grid, and view boundaries always sit on that grid, so comparing with every line would count the grid.
     """
     y = luminance(image)
-    gx, gy = np.median(np.diff(y, axis=1) ** 2, axis=0), np.median(np.diff(y, axis=0) ** 2, axis=1)
+    gx = np.median(np.diff(y, axis=1) ** 2, axis=0) + SEAM_FLOOR
+    gy = np.median(np.diff(y, axis=0) ** 2, axis=1) + SEAM_FLOOR
 
-    def on_lines(length: int, lines: np.ndarray) -> np.ndarray:
+    def bands(length: int, lines) -> np.ndarray:
         mask = np.zeros(length, dtype=bool)  # gradient index i sits between pixel i and i+1: the line at i+1
         for line in lines:
             if 0 < line <= length:
                 mask[max(0, line - 1 - SEAM_BAND) : line + SEAM_BAND] = True
         return mask
 
-    mx, my = on_lines(len(gx), columns), on_lines(len(gy), rows)
-    if not (mx.any() or my.any()):
-        return 1.0  # one view: no boundary to see
-    boundary = np.concatenate([gx[mx], gy[my]]).mean()
-    elsewhere = np.concatenate([gx[~mx], gy[~my]]).mean()
-    return float(boundary / max(elsewhere, 1e-12))
+    def split(g: np.ndarray, lines: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        boundary = bands(len(g), lines)
+        in_phase = bands(len(g), range(period, len(g) + 1, period)) & ~boundary
+        return g[boundary], g[in_phase]
+
+    (bx, ox), (by, oy) = split(gx, columns), split(gy, rows)
+    on, off = np.concatenate([bx, by]), np.concatenate([ox, oy])
+    if on.size == 0 or off.size == 0:
+        return 1.0  # one view (no boundary), or boundaries on every grid line: nothing to compare
+    return float(on.mean() / max(off.mean(), 1e-12))
 
 
-def seam_score(image, reference, columns: np.ndarray, rows: np.ndarray) -> float:
-    """:func:`boundary_contrast` of ``image`` over the reference's (the original) on the same lines.
+def seam_score(image, reference, columns: np.ndarray, rows: np.ndarray, period: int = 1) -> float:
+    """:func:`boundary_contrast` of ``image`` over the reference's (bicubic's upscale) on the same lines.
 
     A photo's own edges fall on a few boundary lines by chance (a 256 px crop has only a handful of lines), so the
-    raw contrast scatters around 1 by tens of percent; dividing by the original's cancels that: 1 = the boundaries
-    look as they do in the original, above 1 = seams the upscale added.
+    raw contrast scatters far from 1; dividing by bicubic's, which has the same content at the same resolution and
+    no views, cancels that: 1 = the boundaries look as they do in bicubic's upscale, above 1 = seams. (Not the
+    original's: a JPEG-born original carries its own 8 px block grid, on which every view boundary falls.)
     """
-    return boundary_contrast(image, columns, rows) / boundary_contrast(reference, columns, rows)
+    return boundary_contrast(image, columns, rows, period) / boundary_contrast(reference, columns, rows, period)
 
 
 def view_boundaries(input_size: tuple[int, int], config: UpscaleConfig, factor: int) -> tuple[np.ndarray, np.ndarray]:
@@ -180,7 +189,7 @@ def side_by_side(images: list[Image.Image], box: tuple[int, int, int, int], gap:
 
 
 def image_figures(original: Image.Image, low: Image.Image, ours: Image.Image, bicubic: Image.Image,
-                  boundaries: tuple[np.ndarray, np.ndarray]) -> dict[str, float]:
+                  boundaries: tuple[np.ndarray, np.ndarray], period: int = 1) -> dict[str, float]:
     """Every per-image figure of the module docstring."""
     back = ours.resize(low.size, Image.Resampling.BICUBIC)
     hf_bicubic = high_frequency_energy(bicubic)
@@ -190,7 +199,7 @@ def image_figures(original: Image.Image, low: Image.Image, ours: Image.Image, bi
         "consistency": psnr(back, low),
         "detail": high_frequency_energy(ours) / hf_bicubic,
         "detail_original": high_frequency_energy(original) / hf_bicubic,
-        "seam": seam_score(ours, original, *boundaries), "seam_bicubic": seam_score(bicubic, original, *boundaries),
+        "seam": seam_score(ours, bicubic, *boundaries, period),
     }
 
 
@@ -200,8 +209,8 @@ def evaluate_image(name: str, original: Image.Image, config: UpscaleConfig, work
     original, low = prepare_pair(original, config.scale)
     ours = upscale(low, config, model=worker, progress=progress)
     bicubic = low.resize(original.size, Image.Resampling.BICUBIC)
-    figures = image_figures(original, low, ours, bicubic,
-                            view_boundaries(low.size, config, worker.spec.vae_scale_factor))
+    factor = worker.spec.vae_scale_factor
+    figures = image_figures(original, low, ours, bicubic, view_boundaries(low.size, config, factor), factor)
     row = {"image": name, "input": list(low.size), "output": list(ours.size), **figures}
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -216,43 +225,43 @@ def evaluate_image(name: str, original: Image.Image, config: UpscaleConfig, work
 # ---------------------------------------------------------------------------------------------------------------
 # A set of images
 # ---------------------------------------------------------------------------------------------------------------
-FIGURES = ("psnr", "ssim", "psnr_bicubic", "ssim_bicubic", "consistency", "detail", "detail_original", "seam",
-           "seam_bicubic")
+FIGURES = ("psnr", "ssim", "psnr_bicubic", "ssim_bicubic", "consistency", "detail", "detail_original", "seam")
 
 
-def held_out_originals() -> list[tuple[str, Image.Image]]:
-    """The demo model's held-out photos, from the pip packages that ship them."""
-    from .demo.photos import HELD_OUT as NAMES, load_photo
+def held_out_originals() -> list[tuple[str, Image.Image, str]]:
+    """The demo model's held-out photos with their hand-written captions as prompts, from the pip packages."""
+    from .demo.photos import HELD_OUT as NAMES, load_photo, photo
 
     try:
-        return [(name, Image.fromarray(load_photo(name))) for name in NAMES]
+        return [(name, Image.fromarray(load_photo(name)), photo(name).caption) for name in NAMES]
     except ImportError as exc:
         raise UserError(f"the held-out photos come from scikit-image ({exc.name} is missing); "
                         "`pip install scikit-image scikit-learn`, or pass your own originals") from None
 
 
-def evaluate(originals: list[tuple[str, Image.Image]], config: UpscaleConfig, *, out_dir: str | Path | None = None,
+def evaluate(originals: list[tuple], config: UpscaleConfig, *, out_dir: str | Path | None = None,
              worker=None, progress: bool = True, inception: str | None = None, clip: str | None = None,
              crops_per_image: int = 10) -> dict:
-    """Evaluate ``config`` on every original; returns ``{"config", "images": [rows], "overall": {figure: mean}}``."""
+    """Evaluate ``config`` on every original ``(name, image[, prompt])`` (a prompt replaces ``config.prompt`` for
+    that image); returns ``{"model", "scale", "config_hash", "images": [rows], "overall": {figure: mean}}``."""
     from .worker import ModelWorker
 
     if inception or clip:
         from .distribution_metrics import check_metric_sources
 
         check_metric_sources(inception, clip)  # before any upscaling
-    for name, original in originals:
+    for name, original, *_ in originals:
         prepare_pair(original, config.scale)  # too small -> one line before any model loads
     worker = worker or ModelWorker.load(config.model, config.device, config.dtype, config.variant)
     out = Path(out_dir) if out_dir else None
-    results = [evaluate_image(name, original, config, worker, out_dir=out, progress=progress)
-               for name, original in originals]
-    rows = [r["row"] for r in results]
+    prompts = [prompt[0] if prompt else config.prompt for _, _, *prompt in originals]
+    results = [evaluate_image(name, original, replace(config, prompt=prompt), worker, out_dir=out, progress=progress)
+               for (name, original, *_), prompt in zip(originals, prompts)]
+    rows = [{**r["row"], "prompt": prompt} for r, prompt in zip(results, prompts)]
     overall = {k: float(np.mean([r[k] for r in rows])) for k in FIGURES}
     if inception or clip:
         from .distribution_metrics import distribution_metrics
 
-        prompts = [config.prompt] * len(results)
         overall.update(distribution_metrics([r["original"] for r in results], [r["ours"] for r in results], prompts,
                                             inception=inception, clip=clip, crops_per_image=crops_per_image,
                                             seed=config.seed))
@@ -273,8 +282,3 @@ def format_table(report: dict) -> str:
     if extra:
         lines.append("  ".join(f"{k}={v:.4f}" for k, v in extra.items()))
     return "\n".join(lines)
-
-
-def with_knobs(config: UpscaleConfig, **knobs) -> UpscaleConfig:
-    """A copy of ``config`` with some knobs changed (and checked again)."""
-    return replace(config, **knobs)

@@ -128,14 +128,14 @@ MUTATIONS = [
              "                weight[top:bottom, left:right] += 1.0\n",
              "                total[..., top:bottom, left:right] = predictions[k]\n"
              "                weight[top:bottom, left:right] = 1.0\n",
-             (GATE + "test_defaults_keep_the_input_add_detail_and_hide_seams",)),
+             (GATE + "test_defaults_keep_the_input_and_its_detail_and_hide_seams",)),
     Mutation("prior-never-injected", "cupscale_dist/step.py",
              "weight = prior_weight(step, schedule.num_steps, schedule.prior_fraction, schedule.prior_schedule)",
              "weight = 0.0 * prior_weight(step, schedule.num_steps, schedule.prior_fraction, schedule.prior_schedule)",
              (GATE + "test_the_global_prior_improves_consistency",)),
     Mutation("vae-decode-tiles-unweighted", "cupscale_dist/vae.py",
              "acc[:, rows, cols].addcmul_(pixels, windows[size])", "acc[:, rows, cols].add_(pixels)",
-             (GATE + "test_defaults_keep_the_input_add_detail_and_hide_seams",)),
+             (GATE + "test_defaults_keep_the_input_and_its_detail_and_hide_seams",)),
 ]
 
 
