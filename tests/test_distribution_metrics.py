@@ -305,3 +305,28 @@ def test_wrong_clip_directory_is_refused(tmp_path, clip_dir, inception_path):
     (tmp_path / "vocab.json").write_text("{}")
     message = one_line_error(clip=str(tmp_path))
     assert "no preprocessor_config.json" in message and "hf download openai/clip-vit-large-patch14" in message
+
+
+# --- through `cupscale eval` --------------------------------------------------------------------------------------
+def test_cupscale_eval_adds_the_distribution_metrics(tmp_path, sdxl_dir, inception_path, clip_dir, capsys):
+    """The CLI checks the sources before upscaling, then reports FID/KID/IS (whole and 2 crops each) and CLIP score
+    of the real upscales; a missing weights file is one line before any model loads."""
+    import json
+
+    from cupscale_dist.cli import main
+
+    paths = []
+    for i, image in enumerate(smooth_images(2, size=(320, 320))):
+        paths.append(str(tmp_path / f"orig{i}.png"))
+        image.save(paths[-1])
+    common = ["eval", *paths, "--config", "cpu-demo", "--model", str(sdxl_dir), "--scale", "2", "--tile", "8",
+              "--stride", "4", "--steps", "2", "--json", "-q", "--crops-per-image", "2"]
+    assert main([*common, "--inception", inception_path, "--clip", clip_dir]) == 0
+    overall = json.loads(capsys.readouterr().out)["overall"]
+    for key in ("fid", "kid_mean", "is_mean", "fid_patch", "kid_patch_mean", "is_patch_mean", "clip_score"):
+        assert np.isfinite(overall[key]), key
+    assert 0 <= overall["clip_score"] <= 100 and overall["psnr"] > 0
+
+    assert main([*common, "--inception", str(tmp_path / "missing.pth")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "missing.pth" in err and "\n" not in err
