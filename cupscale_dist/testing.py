@@ -192,7 +192,8 @@ def _load_tokenizer(directory: Path, pad_token: str):
     return CLIPTokenizer.from_pretrained(write_clip_tokenizer(directory, pad_token=pad_token))
 
 
-def _save_pipeline(pipe, directory: Path, tokenizer_pads: dict[str, str]) -> None:
+def _save_pipeline(pipe, directory: Path, tokenizer_pads: dict[str, str],
+                   merges: list[tuple[str, str]] | None = None) -> None:
     """`save_pretrained`, then tokenizer folders in the hub's layout (vocab.json + merges.txt, as SD / SDXL ship them).
 
     transformers 5.x saves a CLIPTokenizer as tokenizer.json plus a tokenizer_config.json that records load-time
@@ -201,7 +202,7 @@ def _save_pipeline(pipe, directory: Path, tokenizer_pads: dict[str, str]) -> Non
     pipe.save_pretrained(directory, safe_serialization=True)
     for name, pad_token in tokenizer_pads.items():
         shutil.rmtree(directory / name)
-        write_clip_tokenizer(directory / name, pad_token=pad_token)
+        write_clip_tokenizer(directory / name, pad_token=pad_token, merges=merges)
 
 
 def _text_encoder(tokenizer, seed: int, with_projection: bool):

@@ -22,6 +22,7 @@ import gzip
 import json
 import math
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..testing import EOS_TOKEN, SCHEDULER_CONFIG, write_clip_tokenizer
+from ..testing import EOS_TOKEN, SCHEDULER_CONFIG, _save_pipeline, write_clip_tokenizer
 from .photos import HELD_OUT, Photo, load_photo, training_photos
 
 BPE_FILE = Path(__file__).with_name("bpe_simple_vocab_16e6.txt.gz")  # openai/CLIP's BPE, via open_clip (MIT)
@@ -255,13 +256,8 @@ def train(out: str | Path, *, seed: int = 0, vae_steps: int = 2000, unet_steps: 
         components[name].eval()
 
     pipe = StableDiffusionXLPipeline(**components).to(torch.float16)
-    pipe.save_pretrained(out, safe_serialization=True)
-    for name, pad in (("tokenizer", EOS_TOKEN), ("tokenizer_2", "!")):  # the hub's layout: vocab.json + merges.txt
-        import shutil
-
-        shutil.rmtree(out / name)
-        write_clip_tokenizer(out / name, pad, clip_merges())
-        shutil.rmtree(out / ".tokenizers", ignore_errors=True)
+    _save_pipeline(pipe, out, {"tokenizer": EOS_TOKEN, "tokenizer_2": "!"}, clip_merges())  # the hub's layout
+    shutil.rmtree(out / ".tokenizers", ignore_errors=True)
     record = dict(
         seed=seed, vae_steps=vae_steps, unet_steps=unet_steps, vae_batch=vae_batch, unet_batch=unet_batch,
         vae_lr=vae_lr, unet_lr=unet_lr, threads=torch.get_num_threads(),
