@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -314,6 +315,33 @@ class UpscaleService:
 def build_app(options: ServiceOptions):
     """The bound Serve application (``serve.run(build_app(...))``)."""
     return UpscaleService.bind(options)
+
+
+TOKEN_ENV = "CUPSCALE_SERVE_TOKEN"  # where a RayService's pods get the bearer token (from a Kubernetes Secret)
+
+
+def app_from_args(args: dict):
+    """Serve's application builder, for a RayService (``import_path: cupscale_dist.serve:app_from_args``).
+
+    ``args``: ``results`` (a folder on shared storage), ``config`` (preset or file), ``knobs`` (service knobs),
+    ``queue``, ``actors``, ``gpus_per_actor``, ``cpus_per_actor``. The token comes from ``$CUPSCALE_SERVE_TOKEN``
+    and is required: a RayService's proxy listens on every interface of its pod.
+    """
+    known = {"results", "config", "knobs", "queue", "actors", "gpus_per_actor", "cpus_per_actor", "max_request_mb"}
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise UserError(f"serve args: unknown key(s) {', '.join(unknown)}; use {', '.join(sorted(known))}")
+    if "results" not in args:
+        raise UserError("serve args: 'results' (a results folder on shared storage) is required")
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    if len(token) < 16:
+        raise UserError(f"${TOKEN_ENV} must hold the service's bearer token (>= 16 characters): the proxy of a "
+                        "RayService listens on every interface")
+    config = UpscaleConfig.load(args.get("config"), **dict(args.get("knobs") or {}))
+    cluster = ClusterOptions(actors=args.get("actors"), gpus_per_actor=args.get("gpus_per_actor"),
+                             cpus_per_actor=float(args.get("cpus_per_actor", 1.0)))
+    return build_app(ServiceOptions(str(args["results"]), config, int(args.get("queue", 16)), token,
+                                    int(float(args.get("max_request_mb", MAX_REQUEST_MB)) * 2**20), cluster))
 
 
 def deploy(options: ServiceOptions, host: str = "127.0.0.1", port: int = 8000, name: str = APP_NAME,

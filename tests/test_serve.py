@@ -284,3 +284,89 @@ def test_replica_restart_keeps_results_and_fails_interrupted_jobs(service):
     record = service.status(running)
     assert record["status"] == "failed" and "interrupted" in record["error"], record
     assert service.http.get(f"/v1/jobs/{done}/result", headers=service.headers()).content == before
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The ComfyUI node against the real service
+# ---------------------------------------------------------------------------------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+# A ComfyUI core (its nodes.py, execution.py, comfy/) and, if its dependencies are not in this environment, the
+# folders that hold them: see README "ComfyUI node" for the packaging used here. Unset: that test is skipped.
+COMFYUI_DIR = os.environ.get("CUPSCALE_COMFYUI_DIR")
+COMFYUI_PYTHONPATH = os.environ.get("CUPSCALE_COMFYUI_PYTHONPATH", "")
+
+
+def node_class():
+    import sys
+
+    sys.path.insert(0, str(REPO))
+    from comfyui_cupscale import NODE_CLASS_MAPPINGS
+
+    return NODE_CLASS_MAPPINGS["CupscaleUpscale"]
+
+
+def test_comfyui_node_class_against_the_service(service, cli_bytes):
+    """The node's class as ComfyUI calls it: an IMAGE batch [B, H, W, C] in, an IMAGE batch out, the pixels of the
+    service's (= the CLI's) result; a refusal of the service is the exception ComfyUI shows as the node's error."""
+    import torch
+
+    from comfyui_cupscale.client import ServiceError  # noqa: F401 - node_class() put the package on the path
+
+    node = node_class()()
+    with Image.open(io.BytesIO(png_bytes())) as source:
+        pixels = torch.from_numpy(np.asarray(source, dtype=np.float32) / 255.0)
+    batch = torch.stack([pixels, pixels])
+    base = dict(prompt="a photo of an astronaut", scale="2", creativity=0.6, seed=3, service_url=service.base,
+                token=TOKEN, steps=2, extra_knobs="tile=8\nstride=4")
+    (out,) = getattr(node, node.FUNCTION)(batch, **base)
+    assert out.shape == (2, 96, 128, 3) and out.dtype == torch.float32
+    with Image.open(io.BytesIO(cli_bytes(3))) as expected:
+        want = torch.from_numpy(np.asarray(expected, dtype=np.float32) / 255.0)
+    assert torch.equal(out[0], want) and torch.equal(out[1], want)
+    from comfyui_cupscale.client import ServiceError
+
+    with pytest.raises(ServiceError, match="unknown knob 'colour'"):
+        getattr(node, node.FUNCTION)(batch, **{**base, "extra_knobs": "colour=red"})
+    with pytest.raises(ServiceError, match="token was rejected"):
+        getattr(node, node.FUNCTION)(batch, **{**base, "token": "wrong-token-0123456789"})
+
+
+@pytest.mark.skipif(not COMFYUI_DIR, reason="no ComfyUI core: set CUPSCALE_COMFYUI_DIR (README 'ComfyUI node')")
+def test_comfyui_node_in_a_real_comfyui(service, cli_bytes, tmp_path):
+    """ComfyUI's own loader and executor: LoadImage -> CupscaleUpscale -> SaveImage. The saved pixels are the CLI's;
+    a bad knob fails the node with the service's message as ComfyUI's execution_error."""
+    import subprocess
+    import sys
+
+    inputs, outputs = tmp_path / "input", tmp_path / "output"
+    inputs.mkdir(), outputs.mkdir()
+    (inputs / "in.png").write_bytes(png_bytes())
+
+    def run(extra_knobs: str) -> dict:
+        workflow = {
+            "1": {"class_type": "LoadImage", "inputs": {"image": "in.png"}},
+            "2": {"class_type": "CupscaleUpscale", "inputs": {
+                "image": ["1", 0], "prompt": "a photo of an astronaut", "scale": "2", "creativity": 0.6, "seed": 3,
+                "service_url": service.base, "token": TOKEN, "steps": 2, "extra_knobs": extra_knobs}},
+            "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "cupscale"}},
+        }
+        env = {**os.environ, "PYTHONPATH": COMFYUI_PYTHONPATH}
+        done = subprocess.run([sys.executable, str(REPO / "tests" / "comfyui_driver.py"), COMFYUI_DIR,
+                               str(REPO / "comfyui_cupscale"), str(inputs), str(outputs), json.dumps(workflow)],
+                              capture_output=True, text=True, env=env, timeout=900)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("REPORT ")]
+        assert done.returncode == 0 and lines, done.stderr[-3000:]
+        return json.loads(lines[-1].removeprefix("REPORT "))
+
+    report = run("tile=8\nstride=4")
+    assert report["registered"] and report["display_name"] == "C-Upscale (cupscale serve)" and report["valid"]
+    assert report["success"], report
+    assert report["progress"] and report["progress"][-1] == [100, 100]
+    (saved,) = report["saved"]
+    with Image.open(outputs / saved) as got, Image.open(io.BytesIO(cli_bytes(3))) as want:
+        assert np.array_equal(np.asarray(got.convert("RGB")), np.asarray(want))
+    report = run("colour=red")
+    assert not report["success"]
+    errors = [m[1] for m in report["messages"] if m[0] == "execution_error"]
+    assert errors and errors[0]["node_type"] == "CupscaleUpscale"
+    assert "unknown knob 'colour'" in errors[0]["exception_message"]

@@ -108,3 +108,29 @@ def test_comfyui_node_follows_the_node_contract():
     image = torch.rand(5, 7, 3)
     back = png_to_tensor(tensor_to_png(image))
     assert back.shape == (5, 7, 3) and float((back - image).abs().max()) <= 0.5 / 255 + 1e-6
+
+
+def test_rayservice_manifest_builds_the_app(monkeypatch):
+    """cluster/kuberay/rayservice.yaml: its import_path is the application builder, its args are accepted, the
+    token comes from the Secret (required), Ray token auth is on, results are on the shared volume."""
+    import importlib
+
+    import yaml
+
+    manifest = yaml.safe_load((REPO / "cluster" / "kuberay" / "rayservice.yaml").read_text())
+    assert manifest["kind"] == "RayService" and manifest["spec"]["rayClusterConfig"]["authOptions"]["mode"] == "token"
+    serve_config = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    (application,) = serve_config["applications"]
+    module, _, name = application["import_path"].partition(":")
+    builder = getattr(importlib.import_module(module), name)
+    head = manifest["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert any(e["name"] == "CUPSCALE_SERVE_TOKEN" and "secretKeyRef" in e["valueFrom"] for e in head["env"] if "valueFrom" in e)
+    assert application["args"]["results"].startswith("/data/")
+    monkeypatch.delenv("CUPSCALE_SERVE_TOKEN", raising=False)
+    with pytest.raises(UserError, match="CUPSCALE_SERVE_TOKEN"):
+        builder(application["args"])
+    monkeypatch.setenv("CUPSCALE_SERVE_TOKEN", "k" * 32)
+    app = builder(application["args"])
+    assert type(app).__name__ == "Application"
+    with pytest.raises(UserError, match="unknown key"):
+        builder({**application["args"], "colour": 1})
