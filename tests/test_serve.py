@@ -166,10 +166,10 @@ def test_bad_requests_are_one_line_4xx(service):
     assert_one_line_error(service.http.get("/v1/jobs/" + "0" * 32), 401)
     assert_one_line_error(service.submit(b"this is not an image at all"), 400, "not a readable image")
     assert_one_line_error(service.submit(good[: len(good) // 2]), 400, "image")  # truncated
-    assert_one_line_error(service.submit(huge_header_png()), 413, "100000x100000", "max_input_pixels")
+    assert_one_line_error(service.submit(huge_header_png()), 413, "decompression bomb", "max_input_pixels")
     assert_one_line_error(service.submit(good, colour="red"), 400, "unknown knob 'colour'")
     assert_one_line_error(service.submit(good, strength="2"), 400, "strength=2.0", "out of range")
-    assert_one_line_error(service.submit(good, guidance_scale="nan"), 400, "finite")
+    assert_one_line_error(service.submit(good, guidance_scale=".nan"), 400, "finite")
     assert_one_line_error(service.submit(good, scale="3"), 400, "scale=3")
     assert_one_line_error(service.submit(good, model="/etc"), 400, "set by the service")
     assert_one_line_error(service.submit(good, max_input_pixels="99999999999"), 400, "set by the service")
@@ -309,8 +309,6 @@ def test_comfyui_node_class_against_the_service(service, cli_bytes):
     """The node's class as ComfyUI calls it: an IMAGE batch [B, H, W, C] in, an IMAGE batch out, the pixels of the
     service's (= the CLI's) result; a refusal of the service is the exception ComfyUI shows as the node's error."""
     import torch
-
-    from comfyui_cupscale.client import ServiceError  # noqa: F401 - node_class() put the package on the path
 
     node = node_class()()
     with Image.open(io.BytesIO(png_bytes())) as source:
