@@ -58,7 +58,10 @@ async def main():
         report["validation"] = [valid[1], valid[3]]
     else:
         server = Server()
-        executor = execution.PromptExecutor(server)
+        from comfy.cli_args import args  # what ComfyUI's main.py passes (prompt_worker)
+
+        executor = execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC,
+                                            cache_args={"lru": args.cache_lru, "ram": args.cache_ram})
         await executor.execute_async(prompt, "1", {"client_id": "test"}, valid[2])
         report.update(success=executor.success, messages=[m for m in server.messages if m[0].startswith("execution")])
     report["progress"] = progress

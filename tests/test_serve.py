@@ -329,42 +329,49 @@ def test_comfyui_node_class_against_the_service(service, cli_bytes):
         getattr(node, node.FUNCTION)(batch, **{**base, "token": "wrong-token-0123456789"})
 
 
-@pytest.mark.skipif(not COMFYUI_DIR, reason="no ComfyUI core: set CUPSCALE_COMFYUI_DIR (README 'ComfyUI node')")
-def test_comfyui_node_in_a_real_comfyui(service, cli_bytes, tmp_path):
-    """ComfyUI's own loader and executor: LoadImage -> CupscaleUpscale -> SaveImage. The saved pixels are the CLI's;
-    a bad knob fails the node with the service's message as ComfyUI's execution_error."""
+def run_comfyui_workflow(base: str, tmp_path: Path, extra_knobs: str) -> dict:
+    """LoadImage -> CupscaleUpscale -> SaveImage in a real ComfyUI core (tests/comfyui_driver.py, a subprocess)."""
     import subprocess
     import sys
 
-    inputs, outputs = tmp_path / "input", tmp_path / "output"
-    inputs.mkdir(), outputs.mkdir()
+    inputs, outputs = tmp_path / "input", tmp_path / f"output-{abs(hash(extra_knobs))}"
+    inputs.mkdir(exist_ok=True), outputs.mkdir()
     (inputs / "in.png").write_bytes(png_bytes())
+    workflow = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "in.png"}},
+        "2": {"class_type": "CupscaleUpscale", "inputs": {
+            "image": ["1", 0], "prompt": "a photo of an astronaut", "scale": "2", "creativity": 0.6, "seed": 3,
+            "service_url": base, "token": TOKEN, "steps": 2, "extra_knobs": extra_knobs}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "cupscale"}},
+    }
+    env = {**os.environ, "PYTHONPATH": COMFYUI_PYTHONPATH}
+    done = subprocess.run([sys.executable, str(REPO / "tests" / "comfyui_driver.py"), COMFYUI_DIR,
+                           str(REPO / "comfyui_cupscale"), str(inputs), str(outputs), json.dumps(workflow)],
+                          capture_output=True, text=True, env=env, timeout=900)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("REPORT ")]
+    assert done.returncode == 0 and lines, done.stderr[-3000:]
+    report = json.loads(lines[-1].removeprefix("REPORT "))
+    report["out_dir"] = str(outputs)
+    return report
 
-    def run(extra_knobs: str) -> dict:
-        workflow = {
-            "1": {"class_type": "LoadImage", "inputs": {"image": "in.png"}},
-            "2": {"class_type": "CupscaleUpscale", "inputs": {
-                "image": ["1", 0], "prompt": "a photo of an astronaut", "scale": "2", "creativity": 0.6, "seed": 3,
-                "service_url": service.base, "token": TOKEN, "steps": 2, "extra_knobs": extra_knobs}},
-            "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "cupscale"}},
-        }
-        env = {**os.environ, "PYTHONPATH": COMFYUI_PYTHONPATH}
-        done = subprocess.run([sys.executable, str(REPO / "tests" / "comfyui_driver.py"), COMFYUI_DIR,
-                               str(REPO / "comfyui_cupscale"), str(inputs), str(outputs), json.dumps(workflow)],
-                              capture_output=True, text=True, env=env, timeout=900)
-        lines = [line for line in done.stdout.splitlines() if line.startswith("REPORT ")]
-        assert done.returncode == 0 and lines, done.stderr[-3000:]
-        return json.loads(lines[-1].removeprefix("REPORT "))
 
-    report = run("tile=8\nstride=4")
+def check_comfyui_run(base: str, tmp_path: Path, expected_png: bytes) -> None:
+    report = run_comfyui_workflow(base, tmp_path, "tile=8\nstride=4")
     assert report["registered"] and report["display_name"] == "C-Upscale (cupscale serve)" and report["valid"]
     assert report["success"], report
     assert report["progress"] and report["progress"][-1] == [100, 100]
     (saved,) = report["saved"]
-    with Image.open(outputs / saved) as got, Image.open(io.BytesIO(cli_bytes(3))) as want:
+    with Image.open(Path(report["out_dir"]) / saved) as got, Image.open(io.BytesIO(expected_png)) as want:
         assert np.array_equal(np.asarray(got.convert("RGB")), np.asarray(want))
-    report = run("colour=red")
+    report = run_comfyui_workflow(base, tmp_path, "colour=red")
     assert not report["success"]
     errors = [m[1] for m in report["messages"] if m[0] == "execution_error"]
     assert errors and errors[0]["node_type"] == "CupscaleUpscale"
     assert "unknown knob 'colour'" in errors[0]["exception_message"]
+
+
+@pytest.mark.skipif(not COMFYUI_DIR, reason="no ComfyUI core: set CUPSCALE_COMFYUI_DIR (README 'ComfyUI node')")
+def test_comfyui_node_in_a_real_comfyui(service, cli_bytes, tmp_path):
+    """ComfyUI's own loader and executor: LoadImage -> CupscaleUpscale -> SaveImage. The saved pixels are the CLI's;
+    a bad knob fails the node with the service's message as ComfyUI's execution_error."""
+    check_comfyui_run(service.base, tmp_path, cli_bytes(3))

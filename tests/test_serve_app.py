@@ -12,7 +12,8 @@ import types
 import pytest
 from PIL import Image
 
-from test_serve import (FAST, QUEUE, TOKEN, assert_one_line_error, cli_bytes, huge_header_png,  # noqa: F401 - fixture
+from test_serve import (COMFYUI_DIR, FAST, QUEUE, TOKEN, assert_one_line_error, check_comfyui_run, cli_bytes,  # noqa: F401
+                        huge_header_png,
                         png_bytes, slow)
 
 
@@ -117,3 +118,33 @@ def test_app_cancel_and_full_queue(app_service):
     for other in queued:
         assert app_service.wait(other.json()["id"])["status"] == "cancelled"
     assert_one_line_error(app_service.http.get(f"/v1/jobs/{running}/result", headers=app_service.headers()), 409)
+
+
+@pytest.fixture(scope="module")
+def app_http(app_service):
+    """The same app behind a real HTTP server on 127.0.0.1 (uvicorn in a thread), for clients in other processes."""
+    import threading
+
+    import uvicorn
+
+    from cupscale_dist import serve as service
+    from test_serve import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(service.app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.mark.skipif(not COMFYUI_DIR, reason="no ComfyUI core: set CUPSCALE_COMFYUI_DIR (README 'ComfyUI node')")
+def test_app_comfyui_node_in_a_real_comfyui(app_http, cli_bytes, tmp_path):
+    """ComfyUI's own loader and executor run the node against the service's app over HTTP: the CLI's pixels come
+    out of SaveImage; a bad knob is the node's execution_error with the service's message."""
+    check_comfyui_run(app_http, tmp_path, cli_bytes(3))
