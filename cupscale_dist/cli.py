@@ -5,6 +5,7 @@ Usage:
     cupscale batch --input DIR|GLOB|FILE.parquet --output DIR [--workers N] [--tile-parallel] [options]
     cupscale submit [--address URL] [--wait] -- upscale|batch ARGS...     run it as a Ray Job on a cluster
     cupscale jobs list|status ID|logs ID|stop ID [--address URL]
+    cupscale serve [--host 127.0.0.1] [--port 8000] --results DIR [--queue N] [--token-file FILE] [options]
     cupscale knobs                      list every config knob with its default and reason
     cupscale presets                    list the bundled presets
 
@@ -17,6 +18,7 @@ import argparse
 import difflib
 import json
 import logging
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -141,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_batch_parser(sub)
     add_jobs_parsers(sub)
     add_eval_parser(sub)
+    add_serve_parser(sub)
     sub.add_parser("knobs", help="list every knob with its default and reason")
     sub.add_parser("presets", help="list the bundled presets")
     return parser
@@ -170,6 +173,78 @@ EVAL_EXAMPLES = """examples:
   cupscale eval originals/*.png --config sdxl-4k --inception pt_inception-2015-12-05-6726825d.pth --clip clip-vit-l-14/
 Each original is centre-cropped to a multiple of 32 x scale px, downscaled by the scale (bicubic) and upscaled back.
 """
+
+
+SERVE_EXAMPLES = """examples:
+  cupscale serve --results /tmp/cupscale-jobs --config cpu-demo          # http://127.0.0.1:8000/docs
+  curl -s --data-binary @in.png 'http://127.0.0.1:8000/v1/upscale?scale=2&prompt=a+harbour'   # -> {"id": ...}
+  curl -s http://127.0.0.1:8000/v1/jobs/ID; curl -so out.png http://127.0.0.1:8000/v1/jobs/ID/result
+  cupscale serve --host 0.0.0.0 --token-file ~/.cupscale-token --results /data/jobs --config sdxl-4k --actors 4
+Request knobs are the CLI's (`cupscale knobs`); model, device, dtype and limits are the service's (--config/--set).
+"""
+
+
+def add_serve_parser(sub) -> None:
+    srv = sub.add_parser("serve", help="upscaling as an HTTP service (Ray Serve): submit, poll, fetch, cancel",
+                         epilog=SERVE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; any other needs "
+                                                          "--token-file)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--results", required=True, metavar="DIR",
+                     help="job records and results (shared storage on a multi-node cluster); kept across restarts")
+    srv.add_argument("--queue", type=int, default=16, metavar="N", help="jobs that may wait; past it 429 (default 16)")
+    srv.add_argument("--token-file", dest="token_file", metavar="FILE",
+                     help="bearer token every /v1 request must send (required off loopback)")
+    srv.add_argument("--max-request-mb", dest="max_request_mb", type=float, default=64.0, metavar="MB",
+                     help="largest request body (default 64)")
+    srv.add_argument("--dry-run", action="store_true", help="check the options and print the service's settings")
+    add_run_options(srv)
+    add_cluster_options(srv)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import time
+
+    from .raycluster import ClusterOptions, connect
+    from .serve import ServiceOptions, check_bind, read_token
+
+    token = read_token(args.token_file)
+    check_bind(args.host, token)
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port {args.port}: use 1..65535")
+    if args.queue < 1:
+        raise UserError(f"--queue {args.queue}: use 1 or more")
+    if not args.max_request_mb > 0:
+        raise UserError(f"--max-request-mb {args.max_request_mb}: use a positive number")
+    config = config_from_args(args)
+    results = Path(args.results).expanduser().resolve()
+    results.mkdir(parents=True, exist_ok=True)
+    cluster = ClusterOptions(args.actors, args.address, args.gpus_per_actor, args.cpus_per_actor, args.start_timeout)
+    options = ServiceOptions(str(results), config, args.queue, token, int(args.max_request_mb * 2**20), cluster)
+    url = f"http://{args.host}:{args.port}"
+    if args.dry_run:
+        print(json.dumps({"url": url, "results": str(results), "queue": args.queue, "token": bool(token),
+                          "model": config.model, "config_hash": config.config_hash()}, indent=2))
+        return 0
+    from . import serve as service
+
+    for key, value in service.SLOW_START_ENV.items():
+        os.environ.setdefault(key, value)
+    ray = connect(cluster)
+
+    try:
+        service.deploy(options, args.host, args.port)
+        print(f"cupscale serve: {url} (API docs {url}/docs), results in {results}; Ctrl-C stops", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("cupscale serve: stopped; finished results stay in the results folder", file=sys.stderr)
+        return 0
+    finally:
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
 
 
 def add_eval_parser(sub) -> None:
@@ -403,7 +478,7 @@ def cmd_presets(_: argparse.Namespace) -> int:
 
 
 COMMANDS = {"upscale": cmd_upscale, "caption": cmd_caption, "batch": cmd_batch, "submit": cmd_submit,
-            "jobs": cmd_jobs, "eval": cmd_eval, "knobs": cmd_knobs, "presets": cmd_presets}
+            "jobs": cmd_jobs, "eval": cmd_eval, "serve": cmd_serve, "knobs": cmd_knobs, "presets": cmd_presets}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,7 +32,7 @@ def run_metadata(config: UpscaleConfig, input_size: tuple[int, int], source: str
 def run_upscale(image: Image.Image, config: UpscaleConfig, output: str | Path, *, source: str | None = None,
                 progress: bool = True, cluster: ClusterOptions | None = None, checkpoint_dir: str | None = None,
                 checkpoint_every: int = 1, resume: bool = False, overwrite: bool = True,
-                temp: str | Path | None = None) -> Path:
+                temp: str | Path | None = None, executor=None, model=None, callback=None) -> Path:
     """Upscale and write ``output`` (.png or .tif) band by band as the last stage decodes (a 16K result is never
     held whole), atomically: the file appears only when the whole run succeeded. Returns the output path.
 
@@ -41,8 +41,12 @@ def run_upscale(image: Image.Image, config: UpscaleConfig, output: str | Path, *
 
     ``cluster`` None or ``actors=0``: the single-process reference; otherwise the Ray driver (same functions).
     ``checkpoint_dir``: keep a checkpoint every ``checkpoint_every`` steps; ``resume`` continues from it.
+    ``executor`` / ``model``: an executor (a kept Ray pool) or an in-process ``ModelWorker`` that serves many runs
+    (`cupscale serve`), instead of one made from ``cluster`` for this run; ``callback``: ``upscale``'s per-step hook
+    (progress, cancellation), called after the checkpoint's.
     """
-    callback = state = stage_inputs = checkpointer = None
+    hook, callback = callback, None
+    state = stage_inputs = checkpointer = None
     if checkpoint_dir:
         checkpointer = Checkpointer(checkpoint_dir, checkpoint_every, config.config_hash(), image_sha(image),
                                     ResumePlan.for_run(image.size, config))
@@ -55,11 +59,14 @@ def run_upscale(image: Image.Image, config: UpscaleConfig, output: str | Path, *
         callback = checkpointer
     elif resume:
         raise UserError("--resume needs --checkpoint-dir DIR (where the interrupted run kept its checkpoint)")
-    executor = make_executor(config, cluster) if cluster is not None else None
+    if hook is not None:
+        callback = hook if checkpointer is None else (lambda info: (checkpointer(info), hook(info)))
+    if executor is None and cluster is not None:
+        executor = make_executor(config, cluster)
     log.info("upscaling %s (%dx%d) with %s", source or "image", *image.size, config.model)
     metadata = run_metadata(config, image.size, source)
     size = target_size(image.size, config)
-    written = upscale(image, config, executor=executor, callback=callback, resume=state, stage_inputs=stage_inputs,
+    written = upscale(image, config, model=model, executor=executor, callback=callback, resume=state, stage_inputs=stage_inputs,
                       progress=progress, sink=lambda bands: write_image(output, bands, size, metadata,
                                                                        overwrite=overwrite, temp=temp))
     if checkpointer is not None:

@@ -1,0 +1,150 @@
+"""The service's HTTP semantics without a Ray cluster: the very FastAPI app of `cupscale serve`, bound to one
+replica object made in this process (``--actors 0``: the model in the replica) and called through FastAPI's
+TestClient. tests/test_serve.py runs the same checks against a real Serve instance on a local Ray; this layer
+runs in seconds and needs no Ray processes (on a loaded machine a local Ray may not start within Ray's 30 s)."""
+
+from __future__ import annotations
+
+import io
+import time
+import types
+
+import pytest
+from PIL import Image
+
+from test_serve import (COMFYUI_DIR, FAST, QUEUE, TOKEN, assert_one_line_error, check_comfyui_run, cli_bytes,  # noqa: F401
+                        huge_header_png,
+                        png_bytes, slow)
+
+
+pytestmark = pytest.mark.filterwarnings("ignore:coroutine .*__del__.* was never awaited:RuntimeWarning")
+
+
+class AppClient:
+    def __init__(self, http, results):
+        self.http, self.results, self.base = http, results, ""
+
+    def headers(self, token="default"):
+        token = TOKEN if token == "default" else token
+        return {"Authorization": f"Bearer {token}"} if token else {}
+
+    def submit(self, body: bytes, token="default", **params):
+        return self.http.post("/v1/upscale", params=params, content=body, headers=self.headers(token))
+
+    def status(self, job_id: str):
+        return self.http.get(f"/v1/jobs/{job_id}", headers=self.headers()).json()
+
+    def wait(self, job_id, timeout=300, until=("succeeded", "failed", "cancelled")):
+        deadline = time.monotonic() + timeout
+        while (record := self.status(job_id))["status"] not in until:
+            assert time.monotonic() < deadline, record
+            time.sleep(0.1)
+        return record
+
+
+@pytest.fixture(scope="module")
+def app_service(sdxl_dir, tmp_path_factory):
+    from fastapi.testclient import TestClient
+    from ray import serve
+
+    from cupscale_dist import UpscaleConfig
+    from cupscale_dist import serve as service
+    from cupscale_dist.raycluster import ClusterOptions
+
+    results = tmp_path_factory.mktemp("app-results")
+    config = UpscaleConfig.load("cpu-demo", model=sdxl_dir, torch_threads=1)
+    options = service.ServiceOptions(str(results), config, QUEUE, TOKEN, 2**20, ClusterOptions(actors=0))
+    wrapper = service.UpscaleService.func_or_class  # Serve's ingress wrapper around our class
+    ours = next(c for c in wrapper.__mro__[1:] if c.__name__ == "UpscaleService")
+    replica = object.__new__(wrapper)
+    ours.__init__(replica, options)  # what Serve runs in the replica; the ASGI wrapper part is Serve's
+    saved = serve.get_replica_context
+    serve.get_replica_context = lambda: types.SimpleNamespace(servable_object=replica)  # Serve's handler lookup
+    try:
+        with TestClient(service.app) as http:
+            yield AppClient(http, results)
+    finally:
+        serve.get_replica_context = saved
+        replica.runner.close()
+        replica.store.release()
+
+
+def test_app_happy_path_matches_cli_bytes(app_service, cli_bytes):
+    answer = app_service.submit(png_bytes(), seed="3", source=cli_bytes.source, **FAST)
+    assert answer.status_code == 202, answer.text
+    record = app_service.wait(answer.json()["id"])
+    assert record["status"] == "succeeded", record
+    assert record["progress"] == {"stage": 1, "stages": 1, "step": 1, "steps": 1}
+    result = app_service.http.get(record["result"], headers=app_service.headers())
+    assert result.status_code == 200 and result.headers["content-type"] == "image/png"
+    assert result.content == cli_bytes(3)
+
+
+def test_app_bad_requests_are_one_line_4xx(app_service):
+    good = png_bytes()
+    assert_one_line_error(app_service.submit(good, token=None), 401, "missing token")
+    assert_one_line_error(app_service.submit(good, token="wrong-token-0123456789"), 401, "rejected")
+    assert_one_line_error(app_service.submit(b"this is not an image at all"), 400, "not a readable image")
+    assert_one_line_error(app_service.submit(good[: len(good) // 2]), 400, "image")
+    assert_one_line_error(app_service.submit(huge_header_png()), 413, "decompression bomb", "max_input_pixels")
+    assert_one_line_error(app_service.submit(good, colour="red"), 400, "unknown knob 'colour'")
+    assert_one_line_error(app_service.submit(good, strength="2"), 400, "strength=2.0", "out of range")
+    assert_one_line_error(app_service.submit(good, guidance_scale=".nan"), 400, "finite")
+    assert_one_line_error(app_service.submit(good, model="/etc"), 400, "set by the service")
+    assert_one_line_error(app_service.submit(b""), 400, "empty")
+    assert_one_line_error(app_service.submit(b"x" * (2**20 + 1)), 413, "limit")
+    tiny = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(tiny, format="PNG")
+    assert_one_line_error(app_service.submit(tiny.getvalue()), 400, "too small")
+    assert_one_line_error(app_service.http.get("/v1/jobs/nope", headers=app_service.headers()), 404, "no such job")
+
+
+def test_app_cancel_and_full_queue(app_service):
+    running = app_service.submit(png_bytes(), **slow()).json()["id"]
+    app_service.wait(running, until=("running",))
+    queued = [app_service.submit(png_bytes(), **slow()) for _ in range(QUEUE)]
+    assert all(a.status_code == 202 for a in queued), [a.text for a in queued]
+    refused = app_service.submit(png_bytes(), **slow())
+    assert_one_line_error(refused, 429, "queue is full")
+    assert int(refused.headers["Retry-After"]) >= 1
+    first = queued[0].json()["id"]
+    answer = app_service.http.delete(f"/v1/jobs/{first}", headers=app_service.headers())
+    assert answer.status_code == 200 and answer.json()["status"] == "cancelled"
+    answer = app_service.http.delete(f"/v1/jobs/{running}", headers=app_service.headers())
+    assert answer.status_code == 202 and answer.json()["cancel_requested"]
+    assert app_service.wait(running)["status"] == "cancelled"
+    for other in queued[1:]:
+        app_service.http.delete(f"/v1/jobs/{other.json()['id']}", headers=app_service.headers())
+    for other in queued:
+        assert app_service.wait(other.json()["id"])["status"] == "cancelled"
+    assert_one_line_error(app_service.http.get(f"/v1/jobs/{running}/result", headers=app_service.headers()), 409)
+
+
+@pytest.fixture(scope="module")
+def app_http(app_service):
+    """The same app behind a real HTTP server on 127.0.0.1 (uvicorn in a thread), for clients in other processes."""
+    import threading
+
+    import uvicorn
+
+    from cupscale_dist import serve as service
+    from test_serve import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(service.app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.mark.skipif(not COMFYUI_DIR, reason="no ComfyUI core: set CUPSCALE_COMFYUI_DIR (README 'ComfyUI node')")
+def test_app_comfyui_node_in_a_real_comfyui(app_http, cli_bytes, tmp_path):
+    """ComfyUI's own loader and executor run the node against the service's app over HTTP: the CLI's pixels come
+    out of SaveImage; a bad knob is the node's execution_error with the service's message."""
+    check_comfyui_run(app_http, tmp_path, cli_bytes(3))
