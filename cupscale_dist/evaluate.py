@@ -252,7 +252,7 @@ def evaluate(originals: list[tuple], config: UpscaleConfig, *, out_dir: str | Pa
         check_metric_sources(inception, clip)  # before any upscaling
     for name, original, *_ in originals:
         prepare_pair(original, config.scale)  # too small -> one line before any model loads
-    worker = worker or ModelWorker.load(config.model, config.device, config.dtype, config.variant)
+    worker = worker or ModelWorker.for_config(config)
     out = Path(out_dir) if out_dir else None
     prompts = [prompt[0] if prompt else config.prompt for _, _, *prompt in originals]
     results = [evaluate_image(name, original, replace(config, prompt=prompt), worker, out_dir=out, progress=progress)

@@ -64,7 +64,7 @@ class JobRunner:
         if cluster.actors == 0:  # the in-process reference, its model loaded once for every job
             from .worker import ModelWorker
 
-            self.model = ModelWorker.load(config.model, config.device, config.dtype, config.variant)
+            self.model = ModelWorker.for_config(config)
         else:  # the tile orchestrator: one pool of model-worker actors serves every job
             from .orchestrator import make_executor
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .addons import Addons
 from .config import UpscaleConfig
 from .errors import UserError
 from .models import ModelSpec
@@ -51,7 +52,9 @@ class Shared:
 class WorkerPool:
     """N model-worker actors; the policy (placement, in-flight caps, ordered fan-out, replacement) lives here."""
 
-    def __init__(self, config: UpscaleConfig, options: ClusterOptions, spec: ModelSpec, actor_class=None):
+    def __init__(self, config: UpscaleConfig, options: ClusterOptions, spec: ModelSpec, actor_class=None,
+                 addons: Addons | None = None):
+        addons = Addons.from_config(config, spec) if addons is None else addons  # checked before any actor starts
         ray = connect(options)
         from actors.worker import PipelineWorker
 
@@ -65,7 +68,7 @@ class WorkerPool:
         # CPU bits depend on the thread count: actors use the driver's, so --actors N gives the reference's bytes.
         threads = config.torch_threads or (torch.get_num_threads() if device == "cpu" else None)
         fraction = memory_fraction(self.num_gpus) if device == "cuda" else None
-        self.load_args = (spec.path, spec.name, device, config.dtype, config.variant, threads, fraction)
+        self.load_args = (spec.path, spec.name, device, config.dtype, config.variant, threads, fraction, addons)
         self.group = reserve(self.count, self.num_cpus, self.num_gpus, options.start_timeout_s, "model workers",
                              "use fewer --actors or a smaller --gpus-per-actor/--cpus-per-actor (or captioner_gpus)")
         self.remote_cls = ray.remote(actor_class or PipelineWorker)  # benches pass a stand-in subclass

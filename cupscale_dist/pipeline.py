@@ -18,8 +18,10 @@ import torch
 from PIL import Image, ImageFilter
 from tqdm.auto import tqdm
 
+from .addons import Addons
 from .captioner import Prompter, make_prompter, pixel_boxes
 from .config import UpscaleConfig
+from .errors import UserError
 from .masks import binarize_maps, content_token_mask, view_token_masks
 from .models import ModelSpec
 from .prior import GlobalPrior
@@ -72,9 +74,19 @@ class StageState:
     latents: torch.Tensor
 
 
-def resize_input(image: Image.Image, size: tuple[int, int], config: UpscaleConfig) -> Image.Image:
-    """Step 1: resize to the stage size, then optional unsharp mask."""
-    resample = {"bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}[config.resize]
+def resize_input(image: Image.Image, size: tuple[int, int], config: UpscaleConfig, tile_map=None) -> Image.Image:
+    """Step 1: resize to the stage size, then optional unsharp mask.
+
+    ``resize='model'``: the upscale model runs tile by tile on the workers (``tile_map``), then Lanczos brings its
+    output (x4 for Real-ESRGAN) to the stage size (x2), as Ultimate SD Upscale does. Without workers (the caption
+    crops of `cupscale caption`) it is Lanczos alone: captions do not need the model's detail.
+    """
+    if config.resize == "model" and tile_map is not None:
+        from .upscale_models import upscale_with_model
+
+        image = upscale_with_model(tile_map, image, config.upscale_model_tile, config.upscale_model_overlap)
+    resample = {"bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
+                "model": Image.Resampling.LANCZOS}[config.resize]
     out = image.resize(size, resample)
     if config.sharpen > 0:
         out = out.filter(ImageFilter.UnsharpMask(radius=config.sharpen_radius, percent=int(config.sharpen * 100), threshold=0))
@@ -135,7 +147,7 @@ def run_stage(executor, config: UpscaleConfig, image: Image.Image, stage: int, s
     f, tile_map = spec.vae_scale_factor, executor.map
     sink = sink or collect_image
     # 1. Resize (+ sharpen) the stage input.
-    image = resize_input(image, size, config)
+    image = resize_input(image, size, config, tile_map)
     # 2. Encode with the tiled VAE (tile by tile from the 8-bit image, on the workers).
     z_low = encode_image(tile_map, image, f, spec.latent_channels, config.vae_tile, config.vae_tile_overlap)
     latent_hw = tuple(z_low.shape[-2:])
@@ -152,7 +164,7 @@ def run_stage(executor, config: UpscaleConfig, image: Image.Image, stage: int, s
         prior = GlobalPrior(low, torch.zeros_like(low), config.wavelet, config.dwt_levels)
         codec = PixelCodec(tile_map, f, spec.latent_channels, config.vae_tile, config.vae_tile_overlap)
     schedule = StageSchedule(scheduler, start, prior, config.prior_target, config.prior_fraction,
-                             config.prior_schedule, codec)
+                             config.prior_schedule, codec, config.prior_scale)
     if schedule.num_steps == 0:
         return sink(iter([np.asarray(image)]))
     if hasattr(scheduler, "set_begin_index"):  # stateful (Euler) schedulers count steps from here
@@ -239,7 +251,10 @@ def upscale(image: Image.Image, config: UpscaleConfig, *, model: ModelWorker | N
     input_size = image.size
     try:  # whatever fails, the executor (a Ray actor pool) and the captioner pool are released
         if executor is None:
-            model = model or ModelWorker.load(config.model, config.device, config.dtype, config.variant)
+            if model is not None and model.addons != Addons.from_config(config, model.spec):
+                raise UserError(f"the loaded model has add-ons {model.addons}, this run asks for others (lora, "
+                                "controlnet, resize='model'); load a worker with ModelWorker.for_config(config)")
+            model = model or ModelWorker.for_config(config)
             executor = LocalExecutor(model, config.view_batch_size)
         prompter = make_prompter(config, count_tokens=executor.spec.content_tokens,
                                  start_timeout_s=executor.start_timeout_s)

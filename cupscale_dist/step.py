@@ -166,6 +166,7 @@ class StageSchedule:
     prior_fraction: float
     prior_schedule: str
     codec: object | None = None  # prior_space='pixel': decode/encode around the low-band swap
+    prior_scale: float = 1.0  # peak prior weight (config.prior_scale; resemblance sets it)
 
     @property
     def num_steps(self) -> int:
@@ -183,7 +184,8 @@ def reduce_and_step(latents: torch.Tensor, batches: Iterable[tuple[Sequence[int]
                     schedule: StageSchedule, step: int, blend: str = "uniform", sigma_fraction: float = 0.3) -> torch.Tensor:
     """One denoising step of the whole latent from its views' predictions (method.md 9b-9c) -> next latent."""
     eps = reduce_predictions(batches, views, latents.shape, blend, sigma_fraction)
-    weight = prior_weight(step, schedule.num_steps, schedule.prior_fraction, schedule.prior_schedule)
+    weight = schedule.prior_scale * prior_weight(step, schedule.num_steps, schedule.prior_fraction,
+                                                 schedule.prior_schedule)
     if weight > 0 and schedule.prior_target == "x0":
         alpha, sigma = noise_level(schedule.scheduler, schedule.start_index + step)
         eps = inject_global_prior(eps, latents, schedule.prior, weight, alpha, sigma, schedule.codec)

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import torch
 
+from .addons import Addons
 from .attention import install_regional_processors
 from .masks import probe_token_attention
 from .models import ModelSpec, load_pipeline, resolve_device, resolve_dtype
@@ -36,19 +37,38 @@ class ModelWorker:
     """The loaded pipeline on one device, one method per kind of forward pass (numpy in, numpy out)."""
 
     def __init__(self, model_dir: str, device: str = "auto", dtype: str = "auto", variant: str | None = None,
-                 spec: ModelSpec | None = None):
+                 spec: ModelSpec | None = None, addons: Addons = Addons()):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.spec = spec or ModelSpec.read(model_dir)  # a resolved spec keeps the user's name for logs and errors
         self.pipe = load_pipeline(model_dir, self.device, self.dtype, variant)
+        self.addons = addons
+        if addons.loras:  # before the regional processors go in: peft wraps the attention projections
+            from .lora import apply_loras
+
+            apply_loras(self.pipe, addons.loras)
         install_regional_processors(self.pipe.unet)
+        self.controlnet = None
+        if addons.controlnet:
+            from .controlnet import load_controlnet
+
+            self.controlnet = load_controlnet(addons.controlnet, self.device, self.dtype)
+            install_regional_processors(self.controlnet)
+        self._upscaler = None  # the upscale model, loaded at its first tile (resize='model')
         self._context: tuple[StageContext, StageContext] | None = None  # (as received, on the device)
 
     @classmethod
-    def load(cls, model: str, device: str = "auto", dtype: str = "auto", variant: str | None = None) -> ModelWorker:
+    def load(cls, model: str, device: str = "auto", dtype: str = "auto", variant: str | None = None,
+             addons: Addons = Addons()) -> ModelWorker:
         """Resolve ``model`` (demo, a local dir, a hub id) and load it: the single-process reference's worker."""
         spec = ModelSpec.load(model, variant)
-        return cls(spec.path, device, dtype, variant, spec)
+        return cls(spec.path, device, dtype, variant, spec, addons)
+
+    @classmethod
+    def for_config(cls, config) -> ModelWorker:
+        """The in-process worker a config asks for: its model, device, dtype, variant and add-ons (checked first)."""
+        spec = ModelSpec.load(config.model, config.variant)
+        return cls(spec.path, config.device, config.dtype, config.variant, spec, Addons.from_config(config, spec))
 
     @property
     def name(self) -> str:
@@ -73,6 +93,14 @@ class ModelWorker:
             self._context = (context, context.to(self.unet.device, self.unet.dtype))
         return predict_views(self.unet, read_only_tensor(windows), timestep, input_scale, self._context[1], view_ids,
                              rects).numpy()
+
+    def upscale_tile(self, pixels: np.ndarray) -> np.ndarray:
+        """1 (resize='model'): one uint8 HxWx3 tile through the upscale model -> uint8 (sH)x(sW)x3."""
+        from .upscale_models import load_upscale_model, run_upscale_model
+
+        if self._upscaler is None:
+            self._upscaler = load_upscale_model(self.addons.upscale_model, self.device)
+        return run_upscale_model(self._upscaler, pixels)
 
     def encode_tile(self, pixels: np.ndarray) -> np.ndarray:
         """2: one pixel tile (uint8 HxWx3, or float32 3xHxW in [-1, 1]) -> its scaled latent (C, h, w) float32."""
