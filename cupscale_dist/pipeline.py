@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from .addons import Addons
 from .captioner import Prompter, make_prompter, pixel_boxes
 from .config import UpscaleConfig
+from .controlnet import control_crops
 from .errors import UserError
 from .masks import binarize_maps, content_token_mask, view_token_masks
 from .models import ModelSpec
@@ -124,16 +125,22 @@ def attention_token_masks(executor, config: UpscaleConfig, image: Image.Image, s
 
 
 def predict_step(executor, context, latents: torch.Tensor, views: np.ndarray, timestep,
-                 input_scale: float) -> Iterator[tuple[range, torch.Tensor]]:
+                 input_scale: float, control: np.ndarray | None = None) -> Iterator[tuple[range, torch.Tensor]]:
     """9a: every view's prediction, in fixed batches of ``executor.batch_size`` views, yielded in view order.
 
-    Only each batch's windows leave the driver; ``context`` is the stage context as ``executor.share`` made it.
+    Only each batch's windows leave the driver (and, with a ControlNet, each view's own crop of the stage input
+    ``control``, uint8 HxWx3); ``context`` is the stage context as ``executor.share`` made it.
     """
     host = latents[0].numpy()
     batches = view_batches(len(views), executor.batch_size)
-    calls = ((context, np.stack([host[:, t:b, l:r] for t, l, b, r in views[batch.start : batch.stop]]),
-              float(timestep), input_scale, np.arange(batch.start, batch.stop), views[batch.start : batch.stop])
-             for batch in batches)
+
+    def call(batch: range) -> tuple:
+        rects = views[batch.start : batch.stop]
+        args = (context, np.stack([host[:, t:b, l:r] for t, l, b, r in rects]), float(timestep), input_scale,
+                np.arange(batch.start, batch.stop), rects)
+        return args if control is None else (*args, control_crops(control, rects, executor.spec.vae_scale_factor))
+
+    calls = (call(batch) for batch in batches)
     for batch, eps in zip(batches, executor.map("predict", calls)):
         yield batch, read_only_tensor(eps)  # only read by the reduction
 
@@ -184,12 +191,16 @@ def run_stage(executor, config: UpscaleConfig, image: Image.Image, stage: int, s
     # 7. Regional attention masks from the attention probe.
     token_allowed, token_maps = attention_token_masks(executor, config, image, stage, global_prompt, global_embeds,
                                                       global_pooled, latent_hw, views)
-    image = None  # the stage input is not needed past here: a 16K stage's input is as big as its output
+    # The stage input is not needed past here (a 16K stage's input is as big as its output), except as the
+    # ControlNet's control image, cropped per view at every step.
+    control = np.asarray(image) if config.controlnet else None
+    image = None
     # 8. The composer's inputs travel in the stage context (used inside every cross-attention layer).
     context = StageContext(negative_embeds, global_embeds, regional_embeds, view_prompt, negative_pooled,
                            global_pooled, regional_pooled, token_allowed, token_maps, latent_hw,
                            (size[1], size[0]), f, config.guidance_scale,
-                           config.lambda_global, config.composer, config.pooled_prompt, config.micro_conditioning)
+                           config.lambda_global, config.composer, config.pooled_prompt, config.micro_conditioning,
+                           config.controlnet_scale)
     shared = executor.share(context)  # sent once per stage; each call carries only its windows
     # 9. Denoising loop: predict every view, reduce + prior, one scheduler step on the whole latent.
     first = resume.step if resume else 0
@@ -197,7 +208,8 @@ def run_stage(executor, config: UpscaleConfig, image: Image.Image, stage: int, s
                desc=f"stage {stage + 1} {size[0]}x{size[1]} ({len(views)} views)")
     for step in range(first, schedule.num_steps):
         step_views = jitter_views(views, *latent_hw, config.jitter, np.random.default_rng([config.seed, stage, step]))
-        batches = predict_step(executor, shared, latents, step_views, schedule.timestep(step), schedule.input_scale(step))
+        batches = predict_step(executor, shared, latents, step_views, schedule.timestep(step), schedule.input_scale(step),
+                               control)
         latents = reduce_and_step(latents, batches, step_views, schedule, step, config.blend, config.gaussian_sigma)
         bar.update(1)
         if callback is not None:

@@ -44,6 +44,7 @@ class StageContext:
     composer: str
     pooled_prompt: str
     micro_conditioning: str = "global"  # SDXL time_ids: 'global' one (H, W, 0, 0, H, W), 'per_view' crop offsets
+    controlnet_scale: float = 0.0  # ControlNet residual scale (used when the worker holds a ControlNet)
 
     def to(self, device, dtype) -> StageContext:
         """The context with its embeddings on the UNet's device and dtype: moved once per stage, not per call."""
@@ -83,7 +84,8 @@ def regional_attention(context: StageContext, view_ids: np.ndarray, rects: np.nd
 
 @torch.no_grad()
 def predict_views(unet, windows: torch.Tensor, timestep, input_scale: float, context: StageContext,
-                  view_ids: Sequence[int], rects: np.ndarray) -> torch.Tensor:
+                  view_ids: Sequence[int], rects: np.ndarray, controlnet=None,
+                  control: torch.Tensor | None = None) -> torch.Tensor:
     """CFG noise predictions of a batch of views (method.md 9a) -> (B, C, h, w) float32 on CPU.
 
     Args:
@@ -93,6 +95,8 @@ def predict_views(unet, windows: torch.Tensor, timestep, input_scale: float, con
         input_scale (float): the scheduler's model-input scaling at this step (1/sqrt(sigma^2+1) for Euler).
         context (StageContext): the stage's prompts, masks and micro-conditioning inputs.
         view_ids: indices of these views in the stage's view list; rects (N', 4): their current rectangles.
+        controlnet, control (tensor (B, 3, H, W) in [0, 1]): a ControlNet tile model and each view's own crop of
+            the stage input; its residuals, times ``context.controlnet_scale``, join the UNet's skip connections.
     """
     view_ids = np.asarray(view_ids)
     count = len(view_ids)
@@ -114,8 +118,16 @@ def predict_views(unet, windows: torch.Tensor, timestep, input_scale: float, con
                       "time_ids": torch.cat([time_ids, time_ids]).to(device, dtype)}
 
     regional = regional_attention(context, view_ids, rects)
+    residuals = {}
+    if controlnet is not None:  # both CFG halves see the view's crop, as diffusers' ControlNet pipelines do
+        image = control.to(device, dtype)
+        down, mid = controlnet(latents, timestep, encoder_hidden_states=encoder_states,
+                               controlnet_cond=torch.cat([image, image]), conditioning_scale=context.controlnet_scale,
+                               added_cond_kwargs=added_cond, cross_attention_kwargs={"regional": regional},
+                               return_dict=False)
+        residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
     eps = unet(latents, timestep, encoder_hidden_states=encoder_states, added_cond_kwargs=added_cond,
-               cross_attention_kwargs={"regional": regional}).sample.float()
+               cross_attention_kwargs={"regional": regional}, **residuals).sample.float()
     eps_uncond, eps_cond = eps.chunk(2)
     return (eps_uncond + context.guidance_scale * (eps_cond - eps_uncond)).cpu()
 

@@ -21,6 +21,7 @@ import torch
 
 from .addons import Addons
 from .attention import install_regional_processors
+from .controlnet import control_tensor
 from .masks import probe_token_attention
 from .models import ModelSpec, load_pipeline, resolve_device, resolve_dtype
 from .step import StageContext, predict_views
@@ -87,12 +88,16 @@ class ModelWorker:
 
     # -- the calls ---------------------------------------------------------------------------------------------
     def predict(self, context: StageContext, windows: np.ndarray, timestep: float, input_scale: float,
-                view_ids: np.ndarray, rects: np.ndarray) -> np.ndarray:
-        """9a: CFG noise predictions of a batch of view windows, (B, C, h, w) float32."""
+                view_ids: np.ndarray, rects: np.ndarray, control: np.ndarray | None = None) -> np.ndarray:
+        """9a: CFG noise predictions of a batch of view windows, (B, C, h, w) float32; ``control``: the views'
+        uint8 crops of the stage input (B, H, W, 3) when a ControlNet is loaded."""
         if self._context is None or self._context[0] is not context:  # once per stage, not per call
             self._context = (context, context.to(self.unet.device, self.unet.dtype))
+        if (control is None) != (self.controlnet is None):
+            raise ValueError("a ControlNet run needs control crops and a worker holding the ControlNet, or neither")
+        image = None if control is None else control_tensor(control)
         return predict_views(self.unet, read_only_tensor(windows), timestep, input_scale, self._context[1], view_ids,
-                             rects).numpy()
+                             rects, self.controlnet, image).numpy()
 
     def upscale_tile(self, pixels: np.ndarray) -> np.ndarray:
         """1 (resize='model'): one uint8 HxWx3 tile through the upscale model -> uint8 (sH)x(sW)x3."""
