@@ -129,12 +129,23 @@ MUTATIONS = [
              "    return total / weight\n", "    return total\n",
              (GATE + "test_defaults_keep_the_input_and_its_detail_and_hide_seams",)),
     Mutation("prior-never-injected", "cupscale_dist/step.py",
-             "weight = prior_weight(step, schedule.num_steps, schedule.prior_fraction, schedule.prior_schedule)",
-             "weight = 0.0 * prior_weight(step, schedule.num_steps, schedule.prior_fraction, schedule.prior_schedule)",
+             "weight = schedule.prior_scale * prior_weight(",
+             "weight = 0.0 * schedule.prior_scale * prior_weight(",
              (GATE + "test_the_global_prior_improves_consistency",)),
     Mutation("vae-decode-tiles-unweighted", "cupscale_dist/vae.py",
              "acc[:, rows, cols].addcmul_(pixels, windows[size])", "acc[:, rows, cols].add_(pixels)",
              (GATE + "test_defaults_keep_the_input_and_its_detail_and_hide_seams",)),
+    # Issue 11: every view the same (top-left) control image instead of its own crop; the scale never applied.
+    Mutation("controlnet-same-crop-for-every-view", "cupscale_dist/controlnet.py",
+             "pixels[top * factor : bottom * factor, left * factor : right * factor]",
+             "pixels[: (bottom - top) * factor, : (right - left) * factor]",
+             ("tests/test_controlnet.py::test_each_view_gets_its_own_crop_of_the_stage_input",)),
+    Mutation("controlnet-scale-ignored", "cupscale_dist/step.py",
+             "conditioning_scale=context.controlnet_scale", "conditioning_scale=1.0",
+             ("tests/test_controlnet.py::test_scale_0_is_the_run_without_controlnet_bit_for_bit",)),
+    Mutation("prior-scale-ignored", "cupscale_dist/step.py",
+             "weight = schedule.prior_scale * prior_weight(", "weight = 1.0 * prior_weight(",
+             ("tests/test_user_knobs.py::test_prior_scale_scales_the_injected_prior",)),
 ]
 
 
