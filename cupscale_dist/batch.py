@@ -445,7 +445,7 @@ def config_fields(config: UpscaleConfig) -> dict:
 
 def process_item(item: dict, config: UpscaleConfig, output_dir: Path, model=None, executor=None) -> dict:
     """Load, upscale, save one input; always returns its manifest row (errors become ``error``/``failed`` rows)."""
-    from .imageio import load_image, save_png
+    from .imageio import load_input, save_png
     from .pipeline import upscale
     from .runner import run_metadata
 
@@ -454,7 +454,7 @@ def process_item(item: dict, config: UpscaleConfig, output_dir: Path, model=None
     try:
         cfg = item_config(config, item["overrides"])
         row.update(config_fields(cfg))
-        image = load_image(item["input_path"], cfg.max_input_pixels, cfg.min_input_side)
+        image, carried = load_input(item["input_path"], cfg.max_input_pixels, cfg.min_input_side)
         row.update(input_width=image.width, input_height=image.height)
         check_item_plan(item["input_path"], image.size, cfg)
         loaded = time.perf_counter()
@@ -462,7 +462,7 @@ def process_item(item: dict, config: UpscaleConfig, output_dir: Path, model=None
         upscaled = time.perf_counter()
         target = output_dir / item["output_path"]
         target.parent.mkdir(parents=True, exist_ok=True)
-        save_png(result, target, run_metadata(cfg, image.size, item["input_path"]))
+        save_png(result, target, run_metadata(cfg, image.size, item["input_path"]), carried=carried)
         row.update(status=STATUS_OK, output_path=item["output_path"], output_width=result.width,
                    output_height=result.height, load_s=loaded - start, upscale_s=upscaled - loaded,
                    save_s=time.perf_counter() - upscaled)

@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("upscale", help="upscale one image", epilog=EXAMPLES,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     up.add_argument("input", help="input image (PNG, JPEG, WebP, TIFF, ...)")
-    up.add_argument("-o", "--output", required=True, help="output .png or .tif/.tiff (tiled BigTIFF), written band by band; carries the run's parameters")
+    up.add_argument("-o", "--output", required=True, help="output .png or .tif/.tiff (tiled BigTIFF), written band by band, or .webp/.jpg (whole, through PIL; WebP up to 16383 px a side); carries the run's parameters and the input's A1111/ComfyUI metadata")
     up.add_argument("--overwrite", action="store_true", help="replace an existing output")
     up.add_argument("--dry-run", action="store_true", help="print the plan (stages, views, UNet evaluations) and exit")
     up.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -313,19 +313,20 @@ def add_jobs_parsers(sub) -> None:
 
 
 def cmd_upscale(args: argparse.Namespace) -> int:
-    from .imageio import check_output_path, load_image, temp_beside
+    from .imageio import check_output_path, check_output_side, load_input, temp_beside
     from .raycluster import ClusterOptions
     from .plan import describe_plan
     from .runner import run_upscale
 
     config = config_from_args(args)
     output = check_output_path(args.output, args.overwrite or args.dry_run, source=args.input)  # a dry run writes nothing
-    image = load_image(args.input, config.max_input_pixels, config.min_input_side)
+    image, carried = load_input(args.input, config.max_input_pixels, config.min_input_side)
     try:
         plan = describe_plan(image.size, config)
     except ValueError as exc:
         raise UserError(f"{exc}; ask for a larger --size or a --scale of 2, 4, 8 or 16") from None
     config.check_output_size(tuple(plan["output"]))
+    check_output_side(output, tuple(plan["output"]))
     if args.dry_run:
         print(json.dumps(plan, indent=2))
         return 0
@@ -335,7 +336,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     try:  # without --overwrite the result claims its name exclusively: of two racing runs one wins
         run_upscale(image, config, output, source=args.input, progress=not args.quiet, cluster=cluster,
                     checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
-                    overwrite=args.overwrite, temp=partial)
+                    overwrite=args.overwrite, temp=partial, carried=carried)
     finally:
         partial.unlink(missing_ok=True)
     print(f"wrote {output} ({plan['output'][0]}x{plan['output'][1]})")

@@ -1,10 +1,14 @@
-"""Image input and output: every bad input is one clear UserError; outputs (.png, .tif) are written atomically,
-band by band, with the run's parameters in them."""
+"""Image input and output: every bad input is one clear UserError; outputs (.png, .tif streamed band by band;
+.webp, .jpg through PIL) are written atomically, with the run's parameters and the source's carried keys in them."""
 
 from __future__ import annotations
 
 import errno
+import io
+import logging
 import os
+import struct
+import zlib
 import tempfile
 import threading
 import warnings
@@ -15,6 +19,9 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
 from .errors import UserError
+from .metadata import MAX_CARRIED_BYTES, carried_text, file_text
+
+log = logging.getLogger(__name__)
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a half-grey image
 _BOMB_LIMIT_LOCK = threading.Lock()  # guards the temporary change of PIL's global pixel limit
@@ -26,6 +33,13 @@ def load_image(path: str | os.PathLike, max_pixels: int, min_side: int) -> Image
     ``max_pixels`` is the decompression-bomb limit: it is checked from the header before any pixel is decoded,
     and it replaces PIL's own global limit for this call (so raising it in the config really raises it).
     """
+    return load_input(path, max_pixels, min_side)[0]
+
+
+def load_input(path: str | os.PathLike, max_pixels: int, min_side: int) -> tuple[Image.Image, dict[str, str]]:
+    """:func:`load_image`, plus the generator keys its result carries (:func:`cupscale_dist.metadata.carried_text`),
+    read from the same open. A PNG whose text chunks PIL's zip-bomb guard refuses (one over 1 MB inflated, 64 MB
+    in all) is opened again without its oversized text chunks, with a warning: they are not carried."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"input {path}: no such file; check the path")
@@ -36,11 +50,14 @@ def load_image(path: str | os.PathLike, max_pixels: int, min_side: int) -> Image
     too_big = (f"input {path}: {{}} is over the {max_pixels}-pixel limit (decompression bomb guard); "
                "downscale it or raise max_input_pixels in the config")
     try:
-        with open_with_limit(path, max_pixels) as image:
-            width, height = image.size
-            if width * height > max_pixels:
-                raise UserError(too_big.format(f"{width}x{height}"))
-            image.load()
+        try:
+            image = open_loaded(path, max_pixels, too_big)
+        except ValueError as exc:
+            if "MAX_TEXT" not in str(exc):  # PIL's guards on PNG text chunks: MAX_TEXT_CHUNK, MAX_TEXT_MEMORY
+                raise
+            image = open_loaded(png_without_big_text(path, exc), max_pixels, too_big)
+        width, height = image.size
+        carried = carried_text(image, path)
     except UserError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -57,10 +74,56 @@ def load_image(path: str | os.PathLike, max_pixels: int, min_side: int) -> Image
     except Exception:  # noqa: BLE001 - a malformed EXIF block is no reason to refuse the pixels
         pass
     try:
-        return to_rgb(image)
+        return to_rgb(image), carried
     except (ValueError, OSError) as exc:
         raise UserError(f"input {path}: mode {image.mode} can't be converted to RGB ({exc}); "
                         "save it as 8-bit RGB") from None
+
+
+def png_without_big_text(path: Path, exc: ValueError) -> io.BytesIO:
+    """The PNG at ``path`` (in memory) less its text chunks over :data:`MAX_CARRIED_BYTES` (inflated), so PIL's
+    text-chunk guard (``exc``) passes; a file that is no PNG re-raises ``exc``."""
+    data = path.read_bytes()
+    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+        raise exc
+    kept, at = [data[:8]], 8
+    while at + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[at : at + 8])
+        end = at + 12 + length
+        if kind in (b"tEXt", b"zTXt", b"iTXt") and text_chunk_size(kind, data[at + 8 : end - 4]) > MAX_CARRIED_BYTES:
+            key = data[at + 8 : end - 4].split(b"\0", 1)[0].decode("latin-1")
+            log.warning("input %s: text chunk %r is over %d bytes; not carried to the output", path, key,
+                        MAX_CARRIED_BYTES)
+        else:
+            kept.append(data[at:end])
+        at = end
+    kept.append(data[at:])
+    return io.BytesIO(b"".join(kept))
+
+
+def text_chunk_size(kind: bytes, body: bytes) -> int:
+    """A PNG text chunk's text size, inflating at most one byte past :data:`MAX_CARRIED_BYTES`."""
+    key, _, rest = body.partition(b"\0")
+    if kind == b"zTXt":
+        packed = rest[1:]
+    elif kind == b"iTXt" and rest[:1] == b"\1":
+        packed = rest[2:].split(b"\0", 2)[-1]  # after the language tag and the translated keyword
+    else:
+        return len(rest)
+    try:
+        return len(zlib.decompressobj().decompress(packed, MAX_CARRIED_BYTES + 1))
+    except zlib.error:
+        return 0  # corrupt: PIL decides about it
+
+
+def open_loaded(source, max_pixels: int, too_big: str) -> Image.Image:
+    """Open ``source`` under the pixel limit (checked from the header), then decode it."""
+    with open_with_limit(source, max_pixels) as image:
+        width, height = image.size
+        if width * height > max_pixels:
+            raise UserError(too_big.format(f"{width}x{height}"))
+        image.load()
+    return image
 
 
 def open_with_limit(path, max_pixels: int) -> Image.Image:
@@ -102,7 +165,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-OUTPUT_SUFFIXES = (".png", ".tif", ".tiff")  # PNG text chunks / TIFF ImageDescription carry the parameters
+OUTPUT_SUFFIXES = (".png", ".tif", ".tiff", ".webp", ".jpg", ".jpeg")  # each carries the parameters (metadata.py)
 
 
 def check_output_path(path: str | os.PathLike, overwrite: bool, *, source: str | os.PathLike | None = None) -> Path:
@@ -113,8 +176,8 @@ def check_output_path(path: str | os.PathLike, overwrite: bool, *, source: str |
     """
     path = Path(path)
     if path.suffix.lower() not in OUTPUT_SUFFIXES:
-        raise UserError(f"output {path}: only .png and .tif/.tiff are written (they carry the run's parameters); "
-                        "use one of those names")
+        raise UserError(f"output {path}: unknown image type {path.suffix or '(no suffix)'!r}; "
+                        f"name it with one of {', '.join(OUTPUT_SUFFIXES)}")
     if source is not None and path.exists() and Path(source).exists() and os.path.samefile(path, source):
         raise UserError(f"output {path} is the input image; choose another -o (an input is never overwritten)")
     if path.exists() and not overwrite:
@@ -127,6 +190,16 @@ def check_output_path(path: str | os.PathLike, overwrite: bool, *, source: str |
     if not os.access(path.parent, os.W_OK | os.X_OK):
         raise UserError(f"output {path}: directory {path.parent} is not writable; choose another output directory")
     return path
+
+
+def check_output_side(path: str | os.PathLike, size: tuple[int, int]) -> None:
+    """Fail before any work if the output's format can't hold a ``size`` (W, H) image (WebP: 16383 px a side)."""
+    from .writers import MAX_SIDE, PIL_FORMATS
+
+    kind = PIL_FORMATS.get(Path(path).suffix.lower())
+    if kind and max(size) > MAX_SIDE[kind]:
+        raise UserError(f"output {path}: {size[0]}x{size[1]} is over {kind}'s {MAX_SIDE[kind]} px side limit; "
+                        "write a .png or .tif instead")
 
 
 def temp_beside(path: str | os.PathLike) -> Path:
@@ -143,16 +216,18 @@ def temp_beside(path: str | os.PathLike) -> Path:
 
 
 def write_image(path: str | os.PathLike, bands: Iterable[np.ndarray], size: tuple[int, int],
-                metadata: dict[str, object], *, overwrite: bool = True, temp: str | os.PathLike | None = None) -> Path:
-    """Encode uint8 ``bands`` of a ``size`` (W, H) image (PNG or TIFF, by ``path``'s name) into ``temp`` (default: a
-    new temp file beside ``path``), then :func:`place` it under ``path``: it appears complete or not at all."""
+                metadata: dict[str, object], *, carried: dict[str, str] | None = None, overwrite: bool = True,
+                temp: str | os.PathLike | None = None) -> Path:
+    """Encode uint8 ``bands`` of a ``size`` (W, H) image (PNG, TIFF, WebP or JPEG, by ``path``'s name) with the
+    run's ``metadata`` and the source's ``carried`` keys into ``temp`` (default: a new temp file beside ``path``),
+    then :func:`place` it under ``path``: it appears complete or not at all."""
     from .writers import encoder_for
 
     path = Path(path)
     temp = temp or temp_beside(path)
     try:
         with open(temp, "wb") as handle:  # a named handle: tifffile wants the file's name
-            encoder_for(path)(handle, bands, size[0], size[1], metadata)
+            encoder_for(path)(handle, bands, size[0], size[1], file_text(metadata, carried))
         place(temp, path, overwrite)
     finally:
         Path(temp).unlink(missing_ok=True)
@@ -160,9 +235,10 @@ def write_image(path: str | os.PathLike, bands: Iterable[np.ndarray], size: tupl
 
 
 def save_png(image: Image.Image, path: str | os.PathLike, metadata: dict[str, object], *,
-             overwrite: bool = True) -> Path:
-    """Write ``image`` as PNG with one text chunk per metadata key, atomically."""
-    return write_image(path, [np.asarray(image.convert("RGB"))], image.size, metadata, overwrite=overwrite)
+             carried: dict[str, str] | None = None, overwrite: bool = True) -> Path:
+    """Write ``image`` as PNG with one text chunk per metadata (and carried) key, atomically."""
+    return write_image(path, [np.asarray(image.convert("RGB"))], image.size, metadata, carried=carried,
+                       overwrite=overwrite)
 
 
 def place(tmp: str | os.PathLike, path: str | os.PathLike, overwrite: bool) -> None:
@@ -206,6 +282,7 @@ def _new_file_mode(path: Path) -> int:
 
 
 def read_png_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The ``cupscale:*`` text chunks of a PNG written by :func:`save_png`."""
+    """The ``cupscale:*`` text chunks of a PNG written by :func:`save_png`, without the prefix (every key of every
+    format: :func:`cupscale_dist.metadata.read_metadata`)."""
     with Image.open(path) as image:
         return {k.removeprefix("cupscale:"): v for k, v in image.text.items() if k.startswith("cupscale:")}

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from .config import UpscaleConfig
 from .errors import UserError
-from .imageio import load_image
+from .imageio import load_input
 from .jobstore import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobStore, now
 from .pipeline import denoising_steps, plan_stages
 from .raycluster import ClusterOptions, root_cause
@@ -134,7 +134,7 @@ class JobRunner:
         started = time.monotonic()
         try:
             config = self.config.replace(**record["knobs"])
-            image = load_image(self.store.input_path(job_id), config.max_input_pixels, config.min_input_side)
+            image, carried = load_input(self.store.input_path(job_id), config.max_input_pixels, config.min_input_side)
             stages, steps = len(plan_stages(image.size, config)), denoising_steps(config)
             self.store.update(job_id, progress={"stage": 1, "stages": stages, "step": 0, "steps": steps})
 
@@ -145,7 +145,7 @@ class JobRunner:
                                                     "step": info["step"], "steps": steps})
 
             run_upscale(image, config, self.store.result_path(job_id), source=record.get("source") or None,
-                        progress=False, executor=self.executor, model=self.model, callback=on_step)
+                        progress=False, executor=self.executor, model=self.model, callback=on_step, carried=carried)
         except JobCancelled:
             self.store.update(job_id, status=CANCELLED, finished=now(), error="cancelled while running")
         except UserError as exc:

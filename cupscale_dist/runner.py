@@ -11,7 +11,7 @@ from . import __version__
 from .checkpoint import Checkpointer, ResumePlan, image_sha
 from .config import UpscaleConfig
 from .errors import UserError
-from .imageio import write_image
+from .imageio import check_output_side, write_image
 from .orchestrator import make_executor
 from .pipeline import plan_stages, target_size, upscale
 from .raycluster import ClusterOptions
@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 
 
 def run_metadata(config: UpscaleConfig, input_size: tuple[int, int], source: str | None) -> dict[str, object]:
-    """What a result carries in its PNG text chunks: enough to reproduce it."""
+    """The run's own keys a result carries (``cupscale:*`` in the file, :mod:`cupscale_dist.metadata`): enough to
+    reproduce it. The source's generator keys travel beside them as ``carried``."""
     return {
         "prompt": config.prompt, "negative_prompt": config.negative_prompt, "seed": str(config.seed),
         "model": config.model, "stages": [list(s) for s in plan_stages(input_size, config)],
@@ -32,9 +33,12 @@ def run_metadata(config: UpscaleConfig, input_size: tuple[int, int], source: str
 def run_upscale(image: Image.Image, config: UpscaleConfig, output: str | Path, *, source: str | None = None,
                 progress: bool = True, cluster: ClusterOptions | None = None, checkpoint_dir: str | None = None,
                 checkpoint_every: int = 1, resume: bool = False, overwrite: bool = True,
-                temp: str | Path | None = None, executor=None, model=None, callback=None) -> Path:
-    """Upscale and write ``output`` (.png or .tif) band by band as the last stage decodes (a 16K result is never
-    held whole), atomically: the file appears only when the whole run succeeded. Returns the output path.
+                temp: str | Path | None = None, executor=None, model=None, callback=None,
+                carried: dict[str, str] | None = None) -> Path:
+    """Upscale and write ``output`` (.png or .tif band by band as the last stage decodes, so a 16K result is never
+    held whole; .webp/.jpg whole, through PIL), atomically: the file appears only when the whole run succeeded.
+    Returns the output path. ``carried``: the source's generator keys (:func:`cupscale_dist.imageio.load_input`),
+    written beside the run's own.
 
     ``overwrite`` False: the output is claimed exclusively (of two runs racing for one name, one wins);
     ``temp``: a temp file beside ``output`` made beforehand (the CLI makes it before any model loads).
@@ -45,6 +49,7 @@ def run_upscale(image: Image.Image, config: UpscaleConfig, output: str | Path, *
     (`cupscale serve`), instead of one made from ``cluster`` for this run; ``callback``: ``upscale``'s per-step hook
     (progress, cancellation), called after the checkpoint's.
     """
+    check_output_side(output, target_size(image.size, config))  # before any work: WebP holds 16383 px a side
     hook, callback = callback, None
     state = stage_inputs = checkpointer = None
     if checkpoint_dir:
@@ -67,7 +72,7 @@ def run_upscale(image: Image.Image, config: UpscaleConfig, output: str | Path, *
     metadata = run_metadata(config, image.size, source)
     size = target_size(image.size, config)
     written = upscale(image, config, model=model, executor=executor, callback=callback, resume=state, stage_inputs=stage_inputs,
-                      progress=progress, sink=lambda bands: write_image(output, bands, size, metadata,
+                      progress=progress, sink=lambda bands: write_image(output, bands, size, metadata, carried=carried,
                                                                        overwrite=overwrite, temp=temp))
     if checkpointer is not None:
         checkpointer.path.unlink(missing_ok=True)  # the run is complete: nothing left to resume

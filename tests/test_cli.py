@@ -367,7 +367,7 @@ BAD = {
     # output
     "output-exists": Bad(overwrite=False, words="--overwrite"),
     "output-dir-missing": Bad(output="missing/new.png", words="does not exist"),
-    "output-not-png": Bad(output="new.jpg", words=".png"),
+    "output-unknown-type": Bad(output="new.gif", words=".webp"),
     "output-is-directory": Bad(output="", extra=["-o", "{ws}/folder.png"], words="directory"),
     # scale / size
     "scale-3": Bad(extra=["--scale", "3"], scale=False, words="scale"),

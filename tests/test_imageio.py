@@ -338,7 +338,7 @@ def test_check_output_path(tmp_path):
     assert check_output_path(tmp_path / "NEW.PNG", overwrite=False) == tmp_path / "NEW.PNG"
     assert check_output_path(tmp_path / "exists.png", overwrite=True) == tmp_path / "exists.png"
     bad = {
-        tmp_path / "out.jpg": ".png", tmp_path / "out": ".png", tmp_path / "exists.png": "--overwrite",
+        tmp_path / "out.gif": ".jpeg", tmp_path / "out": ".png", tmp_path / "exists.png": "--overwrite",
         tmp_path / "missing" / "out.png": "does not exist", tmp_path / "file" / "out.png": "not a directory",
     }
     for path, words in bad.items():

@@ -52,7 +52,7 @@ def test_tiff_is_tiled_bigtiff(tmp_path, picture):
         assert np.array_equal(page.asarray(), picture)
 
 
-@pytest.mark.parametrize("suffix", [".png", ".tif"])
+@pytest.mark.parametrize("suffix", [".png", ".tif", ".webp", ".jpg"])
 def test_a_run_that_fails_mid_write_leaves_nothing_and_keeps_an_existing_file(tmp_path, picture, suffix):
     target = tmp_path / f"out{suffix}"
     target.write_bytes(b"an earlier result")

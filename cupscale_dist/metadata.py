@@ -1,0 +1,168 @@
+"""A result's metadata: the run's own keys (``cupscale:*``) plus the generator keys carried over from its source.
+
+Carried: A1111's ``parameters`` and ComfyUI's ``prompt`` / ``workflow``, under their own names so A1111's PNG Info
+and ComfyUI's loader re-open the output as they opened the source, and a previous cupscale pass's ``cupscale:*``
+keys. Read from what the input's one open already parsed: PNG tEXt/zTXt/iTXt chunks, a JPEG/WebP's EXIF
+UserComment (where A1111 keeps ``parameters``) and cupscale's own XMP packet, a TIFF's cupscale ImageDescription.
+A source key never replaces one of the run's: a clash, or any key in the run's ``cupscale:`` namespace, is kept
+as ``source:KEY``. What can't be carried (over
+:data:`MAX_CARRIED_BYTES`, an undecodable UserComment) is skipped with a warning (PIL drops a non-UTF-8 iTXt
+silently); the run goes on.
+
+Where each format keeps the keys (:func:`read_metadata` reads every one back):
+``.png`` one text chunk per key; ``.tif``/``.tiff`` all keys as JSON in ImageDescription; ``.webp``/``.jpg``/
+``.jpeg`` all keys as JSON in an XMP packet, and the ``parameters`` text (the run's keys as JSON when the source
+had none) in EXIF UserComment, A1111's convention.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+RUN_PREFIX = "cupscale:"  # the run's own keys in a file; read_png_metadata strips it
+SOURCE_PREFIX = "source:"  # a carried key that names one of the run's keys is kept under this prefix
+CARRIED_KEYS = ("parameters", "prompt", "workflow")  # A1111's text; ComfyUI's API graph and its UI workflow
+MAX_CARRIED_BYTES = 1 << 20  # per value (UTF-8): a ComfyUI workflow is tens of KB; larger is not a generator's record
+EXIF_IFD, USER_COMMENT = 0x8769, 0x9286  # the Exif sub-IFD and its UserComment tag (EXIF 2.3, 4.6.5)
+UNICODE_HEADER, ASCII_HEADER = b"UNICODE\0", b"ASCII\0\0\0"  # UserComment's 8-byte character-code prefixes
+XMP_NS = "https://github.com/cupscale-dist/ns/1.0/"
+XMP_PATTERN = re.compile(rb"<cupscale:metadata>(.*?)</cupscale:metadata>", re.S)
+
+
+def text_value(value: object) -> str:
+    """A run key's value as file text: strings as they are, anything else as JSON."""
+    return value if isinstance(value, str) else json.dumps(value, default=list)
+
+
+def file_text(metadata: dict[str, object], carried: dict[str, str] | None = None) -> dict[str, str]:
+    """Every key a result file holds: the run's as ``cupscale:KEY``, then the carried ones under their own names,
+    or as ``source:KEY`` where that name is already taken or in the run's ``cupscale:`` namespace (ours is kept; an
+    earlier pass's key never passes for this run's)."""
+    text = {f"{RUN_PREFIX}{key}": text_value(value) for key, value in metadata.items()}
+    for key, value in (carried or {}).items():
+        text[f"{SOURCE_PREFIX}{key}" if key in text or key.startswith(RUN_PREFIX) else key] = value
+    return text
+
+
+def carried_text(image: Image.Image, name: str | os.PathLike = "input") -> dict[str, str]:
+    """The keys of an opened (loaded) source image that its result carries, each checked by :func:`carry`."""
+    found: dict[str, str] = {}
+    if isinstance(getattr(image, "text", None), dict):  # PNG: tEXt/zTXt/iTXt, as PIL decoded them
+        for key, value in image.text.items():
+            found[key] = value if hasattr(value, "lang") else tEXt_text(value)  # PIL's iTXt values carry a lang
+    if image.format == "TIFF":
+        found.update(json_text(image.tag_v2.get(270), name, "ImageDescription"))
+    if isinstance(image.info.get("xmp"), (bytes, bytearray)):
+        found.update(xmp_text(image.info["xmp"], name))
+    if image.format in ("JPEG", "WEBP", "MPO") and "parameters" not in found:
+        try:
+            comment = image.getexif().get_ifd(EXIF_IFD).get(USER_COMMENT)
+        except Exception:  # noqa: BLE001 - a malformed EXIF block carries nothing; the pixels are still good
+            comment = None
+        if comment:
+            found["parameters"] = user_comment_text(comment, name)
+    return carry(found, name)
+
+
+def carry(found: dict[str, str | None], name: str | os.PathLike = "input") -> dict[str, str]:
+    """Of ``found``, the keys a result carries (:data:`CARRIED_KEYS`, ``cupscale:*``) that fit: at most
+    :data:`MAX_CARRIED_BYTES`, valid Unicode; the rest skipped with a warning."""
+    kept = {}
+    for key, value in found.items():
+        if key not in CARRIED_KEYS and not key.startswith(RUN_PREFIX):
+            continue
+        if value is None:
+            continue  # already warned about where it was decoded
+        try:
+            size = len(value.encode("utf-8"))
+        except UnicodeEncodeError:
+            log.warning("input %s: metadata %r is not valid Unicode; not carried to the output", name, key)
+            continue
+        if size > MAX_CARRIED_BYTES:
+            log.warning("input %s: metadata %r is %d bytes, over the %d-byte limit; not carried to the output",
+                        name, key, size, MAX_CARRIED_BYTES)
+            continue
+        kept[key] = value
+    return kept
+
+
+def tEXt_text(value: str) -> str:  # noqa: N802 - named after the chunk
+    """A tEXt/zTXt value PIL decoded as Latin-1 (PNG's rule): UTF-8 if its bytes are UTF-8 (what many writers
+    put there), else the Latin-1 text."""
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return value
+
+
+def user_comment(text: str) -> bytes:
+    """EXIF UserComment bytes as A1111 writes them (piexif's ``UserComment.dump(..., encoding="unicode")``)."""
+    return UNICODE_HEADER + text.encode("utf-16-be")
+
+
+def user_comment_text(comment: bytes | str, name: str | os.PathLike = "input") -> str | None:
+    """The text of an EXIF UserComment: UNICODE (UTF-16, big-endian as A1111 writes it, or with a BOM), ASCII or
+    undefined (UTF-8); None, with a warning, when it decodes as none of them."""
+    if isinstance(comment, str):
+        return comment
+    header, body = bytes(comment[:8]), bytes(comment[8:])
+    try:
+        if header == UNICODE_HEADER:
+            encoding = "utf-16" if body[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-16-be"
+            return body.decode(encoding)
+        return (body if header in (ASCII_HEADER, b"\0" * 8) else bytes(comment)).decode("utf-8").rstrip("\0")
+    except UnicodeDecodeError:
+        log.warning("input %s: EXIF UserComment is not UTF-16/UTF-8 text; not carried to the output", name)
+        return None
+
+
+def xmp_packet(text: dict[str, str]) -> bytes:
+    """An XMP packet holding ``text`` as one JSON value (ASCII-escaped, so any key or value survives XML)."""
+    value = html.escape(json.dumps(text, ensure_ascii=True), quote=False)
+    return ('<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>'
+            '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+            f'<rdf:Description rdf:about="" xmlns:cupscale="{XMP_NS}"><cupscale:metadata>{value}</cupscale:metadata>'
+            '</rdf:Description></rdf:RDF></x:xmpmeta><?xpacket end="w"?>').encode("utf-8")
+
+
+def xmp_text(packet: bytes, name: str | os.PathLike = "input") -> dict[str, str]:
+    """The keys :func:`xmp_packet` stored; {} for any other XMP."""
+    match = XMP_PATTERN.search(bytes(packet))
+    if not match:
+        return {}
+    return json_text(html.unescape(match.group(1).decode("ascii", "replace")), name, "XMP")
+
+
+def json_text(value: object, name: str | os.PathLike, where: str) -> dict[str, str]:
+    """A JSON object of strings (cupscale's TIFF description / XMP value); {} for anything else."""
+    if not isinstance(value, str) or not value.startswith("{"):
+        return {}
+    try:
+        data = json.loads(value)
+    except ValueError:
+        log.warning("%s: %s is not the JSON cupscale writes; nothing carried from it", name, where)
+        return {}
+    return {k: v for k, v in data.items() if isinstance(v, str)} if isinstance(data, dict) else {}
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """Every key a result file holds (``cupscale:*`` and carried), whatever its format (by suffix)."""
+    path = Path(path)
+    if path.suffix.lower() in (".tif", ".tiff"):
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            return json_text(tif.pages[0].description, path, "ImageDescription")
+    with Image.open(path) as image:
+        if image.format == "PNG":
+            return dict(image.text)  # PIL reads the text chunks after the pixels too
+        return xmp_text(image.info.get("xmp", b""), path)
