@@ -75,7 +75,8 @@ class StageState:
     latents: torch.Tensor
 
 
-def resize_input(image: Image.Image, size: tuple[int, int], config: UpscaleConfig, tile_map=None) -> Image.Image:
+def resize_input(image: Image.Image, size: tuple[int, int], config: UpscaleConfig, tile_map=None,
+                 progress: bool = True) -> Image.Image:
     """Step 1: resize to the stage size, then optional unsharp mask.
 
     ``resize='model'``: the upscale model runs tile by tile on the workers (``tile_map``), then Lanczos brings its
@@ -85,7 +86,7 @@ def resize_input(image: Image.Image, size: tuple[int, int], config: UpscaleConfi
     if config.resize == "model" and tile_map is not None:
         from .upscale_models import upscale_with_model
 
-        image = upscale_with_model(tile_map, image, config.upscale_model_tile, config.upscale_model_overlap)
+        image = upscale_with_model(tile_map, image, config.upscale_model_tile, config.upscale_model_overlap, progress)
     resample = {"bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
                 "model": Image.Resampling.LANCZOS}[config.resize]
     out = image.resize(size, resample)
@@ -154,7 +155,7 @@ def run_stage(executor, config: UpscaleConfig, image: Image.Image, stage: int, s
     f, tile_map = spec.vae_scale_factor, executor.map
     sink = sink or collect_image
     # 1. Resize (+ sharpen) the stage input.
-    image = resize_input(image, size, config, tile_map)
+    image = resize_input(image, size, config, tile_map, progress)
     # 2. Encode with the tiled VAE (tile by tile from the 8-bit image, on the workers).
     z_low = encode_image(tile_map, image, f, spec.latent_channels, config.vae_tile, config.vae_tile_overlap)
     latent_hw = tuple(z_low.shape[-2:])

@@ -316,7 +316,7 @@ def test_comfyui_node_class_against_the_service(service, cli_bytes):
         pixels = torch.from_numpy(np.asarray(source, dtype=np.float32) / 255.0)
     batch = torch.stack([pixels, pixels])
     base = dict(prompt="a photo of an astronaut", scale="2", creativity=0.6, seed=3, service_url=service.base,
-                token=TOKEN, steps=2, extra_knobs="tile=8\nstride=4")
+                token=TOKEN, steps=2, extra_knobs=f"tile={FAST['tile']}\nstride={FAST['stride']}")
     (out,) = getattr(node, node.FUNCTION)(batch, **base)
     assert out.shape == (2, 96, 128, 3) and out.dtype == torch.float32
     with Image.open(io.BytesIO(cli_bytes(3))) as expected:
@@ -357,7 +357,7 @@ def run_comfyui_workflow(base: str, tmp_path: Path, extra_knobs: str) -> dict:
 
 
 def check_comfyui_run(base: str, tmp_path: Path, expected_png: bytes) -> None:
-    report = run_comfyui_workflow(base, tmp_path, "tile=8\nstride=4")
+    report = run_comfyui_workflow(base, tmp_path, f"tile={FAST['tile']}\nstride={FAST['stride']}")
     assert report["registered"] and report["display_name"] == "C-Upscale (cupscale serve)" and report["valid"]
     assert report["success"], report
     assert report["progress"] and report["progress"][-1] == [100, 100]
