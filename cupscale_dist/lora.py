@@ -31,11 +31,10 @@ ORIGINAL_BLOCK_NAMES = ("input_blocks", "middle_block", "output_blocks")  # kohy
 
 def read_header(path: str, what: str) -> dict[str, tuple[int, ...]]:
     """Key -> shape of a safetensors file, from its header alone (no tensor is read)."""
-    from safetensors import safe_open
+    from .single_file import safetensors_header
 
     try:
-        with safe_open(path, framework="pt") as f:
-            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+        return safetensors_header(path)
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for every kind of bad file
         raise UserError(f"{what}: not a readable safetensors file ({type(exc).__name__}); pass a .safetensors "
                         "file") from None

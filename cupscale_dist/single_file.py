@@ -25,15 +25,20 @@ def is_single_file(model: str | Path) -> bool:
     return path.suffix.lower() in SUFFIXES and path.is_file()
 
 
+def safetensors_header(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of a safetensors file, from its header alone (no tensor is read)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+
+
 def checkpoint_keys(path: str | Path) -> dict[str, tuple[int, ...]]:
     """Key -> shape of a checkpoint without reading its tensors (header only; a .ckpt is memory-mapped)."""
     path = str(path)
     try:
         if path.lower().endswith(".safetensors"):
-            from safetensors import safe_open
-
-            with safe_open(path, framework="pt") as f:
-                return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+            return safetensors_header(path)
         import torch
 
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)

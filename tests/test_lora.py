@@ -134,3 +134,13 @@ def test_cli_maps_lora_flags_onto_the_config(tmp_path):
     config = config_from_args(args)
     assert config.lora == ("a.safetensors:0.5", "b.safetensors") and config.controlnet == "cn"
     assert config.strength == pytest.approx(0.45)
+
+
+def test_the_service_owns_the_add_ons():
+    from starlette.datastructures import QueryParams
+
+    from cupscale_dist.serve import request_knobs
+
+    for knob in ("lora", "controlnet", "upscale_model", "model_config"):
+        with pytest.raises(UserError, match=f"{knob} is set by the service"):
+            request_knobs(QueryParams(f"{knob}=x"))
