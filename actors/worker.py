@@ -18,7 +18,8 @@ import torch
 
 class PipelineWorker:
     def __init__(self, model_dir: str, model: str, device: str, dtype: str, variant: str | None,
-                 torch_threads: int | None, memory_fraction: float | None, addons, index: int):
+                 torch_threads: int | None, memory_fraction: float | None, addons, model_config: str | None,
+                 index: int):
         from cupscale_dist.hub import resolve_model
         from cupscale_dist.worker import ModelWorker
 
@@ -28,8 +29,9 @@ class PipelineWorker:
             torch.cuda.set_per_process_memory_fraction(memory_fraction)
         self.index = index
         # The driver resolved the model once; on a node that does not share its path, resolve (fetch) it here.
-        path = model_dir if Path(model_dir, "model_index.json").is_file() else resolve_model(model, variant)
-        self.worker = ModelWorker(path, device, dtype, variant, addons=addons)
+        here = Path(model_dir).is_file() or Path(model_dir, "model_index.json").is_file()
+        path = model_dir if here else resolve_model(model, variant)
+        self.worker = ModelWorker(path, device, dtype, variant, addons=addons, model_config=model_config)
         self.shared: tuple[object, object] = (None, None)  # (object ref, the value) of the current stage
 
     def __repr__(self) -> str:

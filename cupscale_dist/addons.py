@@ -34,7 +34,7 @@ class Addons:
         if spec is None:
             from .models import ModelSpec
 
-            spec = ModelSpec.load(config.model, config.variant)
+            spec = ModelSpec.load(config.model, config.variant, config.model_config)
         loras = tuple(parse_lora(text) for text in config.lora)
         if loras:
             from .lora import check_lora

@@ -70,7 +70,14 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command that runs the method (defined once)."""
     group = parser.add_argument_group("method")
     group.add_argument("--config", help=f"preset ({', '.join(preset_names())}) or YAML file; flags override it")
-    group.add_argument("--model", help="hub id, local diffusers dir, or 'demo' (a small SDXL-family model trained here, CPU)")
+    group.add_argument("--model", help="hub id, local diffusers dir, single-file .safetensors (SDXL/SD1.5), or 'demo' "
+                                       "(a small SDXL-family model trained here, CPU)")
+    group.add_argument("--lora", action="append", metavar="PATH[:SCALE]",
+                       help="LoRA .safetensors file, scale 1 if omitted; repeatable (all are applied, in order)")
+    group.add_argument("--controlnet", help="ControlNet tile model: local dir or hub id")
+    group.add_argument("--creativity", type=float, help="0-1: how much new detail (sets --strength unless given)")
+    group.add_argument("--resemblance", type=float, help="0-1: how closely to follow the input (sets the prior's "
+                                                         "window and weight, controlnet_scale unless given)")
     group.add_argument("--prompt", help="global prompt (default: the captioner's caption, or none)")
     group.add_argument("--negative-prompt", dest="negative_prompt")
     scale = group.add_mutually_exclusive_group()

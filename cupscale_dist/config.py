@@ -34,7 +34,8 @@ class UpscaleConfig:
     """Every knob of method.md. Field metadata: ``why`` (one-line reason), ``min``/``max`` bounds."""
 
     # --- what to run -------------------------------------------------------------------------------------
-    model: str = knob(DEFAULT_MODEL, "SDXL base is the paper's default backbone; a hub id, a local dir or 'demo'")
+    model: str = knob(DEFAULT_MODEL, "SDXL base is the paper's default backbone; a hub id, a local dir, a "
+                      "single-file .safetensors (SDXL/SD1.5) or 'demo'")
     prompt: str = knob("", "global prompt; empty = captioner's global caption (or unconditional with none)")
     negative_prompt: str = knob("", "SDXL works well without one; CFG's unconditional branch uses it")
     seed: int = knob(0, "all noise is drawn from this seed, once per stage for the whole latent", min=0, max=2**32 - 1)
@@ -42,6 +43,8 @@ class UpscaleConfig:
     size: tuple[int, int] | None = knob(None, "exact output (W, H) instead of scale; stages x2 until reached")
     variant: str | None = knob("fp16", "weights file variant fetched and loaded where a component has it ('fp16' is "
                                "what most SDXL caches hold); None = full precision files")
+    model_config: str | None = knob(None, "diffusers config dir for a single-file checkpoint; None = the shipped "
+                                    "SDXL/SD1.5 configs (a fine-tune of other shapes needs its own)")
     device: str = knob("auto", "'auto' = cuda if available, else cpu")
     dtype: str = knob("auto", "'auto' = bfloat16 on cuda (SDXL VAE overflows fp16), float32 on cpu")
     scheduler: Literal["euler", "ddim"] = knob("euler", "SDXL's default sampler; 'ddim' as the VP alternative")

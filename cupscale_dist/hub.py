@@ -81,12 +81,21 @@ def component_variant(model_dir: str | Path, component: str, variant: str | None
 
 
 def resolve_model(model: str, variant: str | None = None) -> str:
-    """'demo' -> the embedded model dir; a local dir -> checked; a hub id -> a local snapshot of the needed files."""
+    """'demo' -> the embedded model dir; a local dir or single-file checkpoint -> checked; a hub id -> a local
+    snapshot of the needed files."""
     if model == "demo":
         from .demo import demo_model_dir
 
         return str(demo_model_dir())
     path = Path(model).expanduser()
+    if path.is_file():  # a single-file checkpoint: its family is checked from its keys (no weights read)
+        from .single_file import SUFFIXES, checkpoint_family
+
+        if path.suffix.lower() not in SUFFIXES:
+            raise UserError(f"--model {model}: a file must be a .safetensors or .ckpt checkpoint (SDXL or SD1.5); "
+                            "or point --model at a diffusers directory")
+        checkpoint_family(path)
+        return str(path.resolve())
     if path.exists() or model.startswith((".", "/", "~")):
         if not (path / "model_index.json").is_file():
             raise UserError(f"--model {model}: not a diffusers model directory (no model_index.json); "

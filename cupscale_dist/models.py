@@ -1,7 +1,7 @@
 """The SDXL and SD1.5 families: what the driver knows of a model (configs, no weights) and how workers load it.
 
-``--model`` is a hub id, a local diffusers directory, or ``demo`` (:mod:`cupscale_dist.hub` turns it into a local
-path once, on the driver). The driver reads only configs and the tokenizer (:class:`ModelSpec`): in Ray mode it
+``--model`` is a hub id, a local diffusers directory, a single-file checkpoint (:mod:`cupscale_dist.single_file`)
+or ``demo`` (:mod:`cupscale_dist.hub` turns it into a local path once, on the driver). The driver reads only configs and the tokenizer (:class:`ModelSpec`): in Ray mode it
 holds no weights, so a CPU-only head scales. Workers (:mod:`cupscale_dist.worker`) load the modules with
 :func:`load_pipeline`, each component in the chosen ``variant`` where its files exist.
 """
@@ -19,6 +19,7 @@ import torch
 
 from .errors import UserError
 from .hub import FAMILIES, FAMILY_COMPONENTS, component_variant, pipeline_components, resolve_model
+from .single_file import checkpoint_family, is_single_file, shipped_config, tokenizer_dir
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ class ModelSpec:
     """The driver's view of a model: its configs and tokenizer, no weights (a CPU-only head can hold it)."""
 
     name: str  # what the user passed to --model
-    path: str  # the local directory every worker on a node sharing it loads from
+    path: str  # the local directory (or single-file checkpoint) every worker on a node sharing it loads from
     family: str  # 'sdxl' | 'sd15'
     vae_scale_factor: int  # pixels per latent pixel (8)
     latent_channels: int
@@ -83,26 +84,39 @@ class ModelSpec:
     scheduler_config: dict
     force_zeros_for_empty_prompt: bool  # SDXL zeroes an empty negative prompt's embeddings
     tokenizer: object  # the first CLIP tokenizer: token counts for masks and caption budgets
+    model_config: str | None = None  # a single file's diffusers config dir; None = the shipped one of its family
 
     @classmethod
-    def load(cls, model: str, variant: str | None = None) -> ModelSpec:
+    def load(cls, model: str, variant: str | None = None, model_config: str | None = None) -> ModelSpec:
         """Resolve ``model`` (fetch a hub id once) and read its configs."""
-        return cls.read(resolve_model(model, variant), name=model)
+        return cls.read(resolve_model(model, variant), name=model, model_config=model_config)
 
     @classmethod
-    def read(cls, model_dir: str, name: str | None = None) -> ModelSpec:
+    def read(cls, model_dir: str, name: str | None = None, model_config: str | None = None) -> ModelSpec:
         from transformers import CLIPTokenizer
 
-        family = model_family(model_dir)
-        vae = read_json(model_dir, "vae/config.json")
-        unet = read_json(model_dir, "unet/config.json")
+        configs = config_dir(model_dir, model_config)
+        family = model_family(configs)
+        if is_single_file(model_dir) and checkpoint_family(model_dir) != family:
+            raise UserError(f"--model {model_dir} is an {checkpoint_family(model_dir)} checkpoint but model_config "
+                            f"{configs} is an {family} config; give a config directory of the checkpoint's family")
+        vae = read_json(configs, "vae/config.json")
+        unet = read_json(configs, "unet/config.json")
         factor = 2 ** (len(vae["block_out_channels"]) - 1)
-        index = read_json(model_dir, "model_index.json")
+        index = read_json(configs, "model_index.json")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         return cls(name or model_dir, str(model_dir), family, factor, vae.get("latent_channels", 4),
-                   unet["sample_size"] * factor, read_json(model_dir, "scheduler/scheduler_config.json"),
+                   unet["sample_size"] * factor, read_json(configs, "scheduler/scheduler_config.json"),
                    bool(index.get("force_zeros_for_empty_prompt", family == "sdxl")),
-                   CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer"))
+                   CLIPTokenizer.from_pretrained(tokenizer_dir(configs, "tokenizer")), model_config)
+
+    @property
+    def config_dir(self) -> str:
+        """Where this model's configs are: its directory, or a single file's config directory."""
+        return config_dir(self.path, self.model_config)
+
+    def unet_config(self) -> dict:
+        return read_json(self.config_dir, "unet/config.json")
 
     def new_scheduler(self, kind: str):
         """A fresh scheduler of the chosen kind, configured from the model's own scheduler config."""
@@ -123,6 +137,22 @@ class ModelSpec:
         return len(self.tokenizer.tokenize(text))
 
 
+def config_dir(model_path: str, model_config: str | None = None) -> str:
+    """The diffusers config directory of a model: the directory itself, or for a single-file checkpoint
+    ``model_config`` (a diffusers directory; its weights, if any, are not read) or the family's shipped configs."""
+    if not is_single_file(model_path):
+        if model_config:
+            raise UserError(f"model_config={model_config} is for a single-file checkpoint, and --model {model_path} "
+                            "is a diffusers directory (it has its own configs); drop model_config")
+        return model_path
+    if model_config is None:
+        return shipped_config(checkpoint_family(model_path))
+    if not (Path(model_config).expanduser() / "model_index.json").is_file():
+        raise UserError(f"model_config={model_config}: not a diffusers config directory (no model_index.json); "
+                        "point it at a saved pipeline's folder, or leave it unset for the shipped SDXL/SD1.5 configs")
+    return str(Path(model_config).expanduser())
+
+
 def load_component(model_dir: str, name: str, dtype: torch.dtype, variant: str | None):
     """One component as model_index.json names its class, in ``variant`` where that component has its files."""
     library, class_name = read_json(model_dir, "model_index.json")[name]
@@ -133,29 +163,57 @@ def load_component(model_dir: str, name: str, dtype: torch.dtype, variant: str |
                                variant=component_variant(model_dir, name, variant))
 
 
-def load_pipeline(model_dir: str, device: torch.device, dtype: torch.dtype, variant: str | None = None):
+def load_pipeline(model_dir: str, device: torch.device, dtype: torch.dtype, variant: str | None = None,
+                  model_config: str | None = None):
     """The family's diffusers pipeline built from its components (what a worker holds), on ``device``."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import logging as diffusers_logging
 
-    family = model_family(model_dir)
+    configs = config_dir(model_dir, model_config)
+    family = model_family(configs)
     if device.type == "cpu" and dtype == torch.float16:  # measured: a 320-channel 3x3 conv 31x slower than bf16
         log.warning("--dtype float16 on CPU has no fast kernels and runs many times slower; use bfloat16 or float32")
     diffusers_logging.disable_progress_bar()
-    try:
-        parts = {name: load_component(model_dir, name, dtype, variant) for name in FAMILY_COMPONENTS[family]}
-    except (OSError, ValueError, KeyError) as exc:
-        raise UserError(f"--model {model_dir}: could not be loaded ({str(exc).splitlines()[0]}); "
-                        "check the directory or use --model demo") from None
-    if family == "sdxl":
-        zeros = bool(read_json(model_dir, "model_index.json").get("force_zeros_for_empty_prompt", True))
-        pipe = StableDiffusionXLPipeline(**parts, force_zeros_for_empty_prompt=zeros, add_watermarker=False)
+    if is_single_file(model_dir):
+        pipe = load_single_file(model_dir, configs, family, dtype)
     else:
-        pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+        try:
+            parts = {name: load_component(model_dir, name, dtype, variant) for name in FAMILY_COMPONENTS[family]}
+        except (OSError, ValueError, KeyError) as exc:
+            raise UserError(f"--model {model_dir}: could not be loaded ({str(exc).splitlines()[0]}); "
+                            "check the directory or use --model demo") from None
+        if family == "sdxl":
+            zeros = bool(read_json(model_dir, "model_index.json").get("force_zeros_for_empty_prompt", True))
+            pipe = StableDiffusionXLPipeline(**parts, force_zeros_for_empty_prompt=zeros, add_watermarker=False)
+        else:
+            pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                           requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     if dtype == torch.float16 and family == "sdxl" and pipe.vae.config.force_upcast:
         pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16; diffusers' SDXL pipelines upcast it, SD1.5's don't
     log.info("loaded %s (%s) on %s as %s", model_dir, family, device, dtype)
     return pipe
+
+
+def load_single_file(path: str, configs: str, family: str, dtype: torch.dtype):
+    """A single-file checkpoint through diffusers' ``from_single_file``, configured from ``configs`` only: offline
+    (``local_files_only``), tokenizers from :func:`cupscale_dist.single_file.tokenizer_dir`."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
+
+    tokenizers = {name: CLIPTokenizer.from_pretrained(tokenizer_dir(configs, name))
+                  for name in FAMILY_COMPONENTS[family] if name.startswith("tokenizer")}
+    try:
+        if family == "sdxl":
+            zeros = bool(read_json(configs, "model_index.json").get("force_zeros_for_empty_prompt", True))
+            return StableDiffusionXLPipeline.from_single_file(
+                path, config=configs, local_files_only=True, torch_dtype=dtype, **tokenizers,
+                force_zeros_for_empty_prompt=zeros, add_watermarker=False)
+        return StableDiffusionPipeline.from_single_file(
+            path, config=configs, local_files_only=True, torch_dtype=dtype, **tokenizers, safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"--model {path}: could not be loaded as a single-file {family} checkpoint "
+                        f"({reason[:200]}); check the file, or give model_config for a model of other shapes") from None

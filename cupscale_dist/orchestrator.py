@@ -68,7 +68,8 @@ class WorkerPool:
         # CPU bits depend on the thread count: actors use the driver's, so --actors N gives the reference's bytes.
         threads = config.torch_threads or (torch.get_num_threads() if device == "cpu" else None)
         fraction = memory_fraction(self.num_gpus) if device == "cuda" else None
-        self.load_args = (spec.path, spec.name, device, config.dtype, config.variant, threads, fraction, addons)
+        self.load_args = (spec.path, spec.name, device, config.dtype, config.variant, threads, fraction, addons,
+                          spec.model_config)
         self.group = reserve(self.count, self.num_cpus, self.num_gpus, options.start_timeout_s, "model workers",
                              "use fewer --actors or a smaller --gpus-per-actor/--cpus-per-actor (or captioner_gpus)")
         self.remote_cls = ray.remote(actor_class or PipelineWorker)  # benches pass a stand-in subclass
@@ -222,6 +223,6 @@ def make_executor(config: UpscaleConfig, options: ClusterOptions) -> RayExecutor
     if options.actors == 0:
         return None
     started = time.monotonic()
-    spec = ModelSpec.load(config.model, config.variant)
+    spec = ModelSpec.load(config.model, config.variant, config.model_config)
     log.info("model %s at %s (%.1f s)", config.model, spec.path, time.monotonic() - started)
     return RayExecutor(WorkerPool(config, options, spec), spec, config.view_batch_size)

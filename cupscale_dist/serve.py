@@ -43,10 +43,12 @@ from .raycluster import LOOPBACK_HOSTS, ClusterOptions
 log = logging.getLogger(__name__)
 
 APP_NAME = "cupscale"
-# Knobs that belong to the service, not to a request: the model and where it runs (the workers are loaded once),
-# files on the server (regional_prompts), the captioner pool, and the limits that protect the service itself.
+# Knobs that belong to the service, not to a request: the model, its add-ons (LoRAs, ControlNet, upscale model) and
+# where it runs (the workers are loaded once), files on the server (regional_prompts), the captioner pool, and the
+# limits that protect the service itself.
 SERVICE_KNOBS = frozenset({
-    "model", "variant", "device", "dtype", "torch_threads", "regional_prompts", "captioner", "captioner_model",
+    "model", "model_config", "variant", "lora", "controlnet", "upscale_model", "device", "dtype", "torch_threads",
+    "regional_prompts", "captioner", "captioner_model",
     "captioner_actors", "captioner_gpus", "captioner_dtype", "keep_captioner", "caption_timeout_s",
     "max_input_pixels", "min_input_side", "max_output_pixels"})
 REQUEST_FIELDS = ("source",)  # request parameters that are not knobs

@@ -205,13 +205,13 @@ def _save_pipeline(pipe, directory: Path, tokenizer_pads: dict[str, str],
         write_clip_tokenizer(directory / name, pad_token=pad_token, merges=merges)
 
 
-def _text_encoder(tokenizer, seed: int, with_projection: bool):
+def _text_encoder(tokenizer, seed: int, with_projection: bool, hidden_size: int = TEXT_HIDDEN_SIZE):
     """A tiny CLIP text transformer whose vocab and special ids match `tokenizer`."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
-        hidden_size=TEXT_HIDDEN_SIZE,
+        hidden_size=hidden_size,
         intermediate_size=37,
         num_hidden_layers=2,
         num_attention_heads=4,
@@ -279,7 +279,8 @@ def _scheduler():
 
 
 @torch.random.fork_rng(devices=[])  # seeds each component without touching the caller's RNG state
-def build_tiny_sdxl(directory: str | os.PathLike, seed: int = 0, unet_channels: tuple[int, ...] = (32, 64)) -> Path:
+def build_tiny_sdxl(directory: str | os.PathLike, seed: int = 0, unet_channels: tuple[int, ...] = (32, 64),
+                    text_hidden_size_2: int = TEXT_HIDDEN_SIZE) -> Path:
     """Build a tiny random SDXL pipeline (two text encoders, `text_time` UNet) and `save_pretrained` it to `directory`.
 
     Args:
@@ -287,6 +288,9 @@ def build_tiny_sdxl(directory: str | os.PathLike, seed: int = 0, unet_channels: 
         seed (`int`, *optional*, defaults to 0): `torch.manual_seed` before each component: same seed, same bytes.
         unet_channels (`tuple[int, ...]`, *optional*, defaults to `(32, 64)`): the UNet's `block_out_channels`
             (multiples of 32); raise them, e.g. (128, 256), to make the UNet heavier for a benchmark.
+        text_hidden_size_2 (`int`, *optional*, defaults to 32): the second text encoder's width. diffusers'
+            single-file loader tells SDXL's two encoders apart by width (768 vs 1280), so a single-file test model
+            needs two different ones (:mod:`cupscale_dist.testing_single_file`).
     """
     from diffusers import StableDiffusionXLPipeline
 
@@ -295,7 +299,7 @@ def build_tiny_sdxl(directory: str | os.PathLike, seed: int = 0, unet_channels: 
         tokenizer = _load_tokenizer(Path(scratch) / "tokenizer", pad_token=EOS_TOKEN)
         tokenizer_2 = _load_tokenizer(Path(scratch) / "tokenizer_2", pad_token="!")  # as SDXL's tokenizer_2
     text_encoder = _text_encoder(tokenizer, seed, with_projection=False)
-    text_encoder_2 = _text_encoder(tokenizer_2, seed, with_projection=True)
+    text_encoder_2 = _text_encoder(tokenizer_2, seed, with_projection=True, hidden_size=text_hidden_size_2)
     unet = _unet(
         unet_channels, seed,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
@@ -352,3 +356,30 @@ def build_tiny_sd15(directory: str | os.PathLike, seed: int = 0, unet_channels: 
     )
     _save_pipeline(pipe, directory, {"tokenizer": EOS_TOKEN})
     return directory
+
+
+def build_tiny_lora(model_dir: str | os.PathLike, path: str | os.PathLike, seed: int = 0, rank: int = 4,
+                    text_encoder: bool = True) -> Path:
+    """A random LoRA for the tiny model in ``model_dir`` (its family's layout), saved with diffusers'
+    ``save_lora_weights`` as one ``.safetensors`` file: peft adapters on the UNet's attention projections (and, with
+    ``text_encoder``, on the first text encoder's), lora_B random so that the LoRA changes the output."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from peft import LoraConfig, get_peft_model_state_dict
+    from transformers import CLIPTextModel
+
+    model_dir, path = Path(model_dir), Path(path)
+    family_class = json.loads((model_dir / "model_index.json").read_text())["_class_name"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
+                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        layers = {"unet_lora_layers": get_peft_model_state_dict(unet)}
+        if text_encoder:
+            encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder")
+            encoder.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
+                                           target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))
+            layers["text_encoder_lora_layers"] = get_peft_model_state_dict(encoder)
+    pipeline = StableDiffusionXLPipeline if family_class.startswith("StableDiffusionXL") else StableDiffusionPipeline
+    pipeline.save_lora_weights(path.parent, weight_name=path.name, safe_serialization=True, **layers)
+    return path

@@ -38,11 +38,12 @@ class ModelWorker:
     """The loaded pipeline on one device, one method per kind of forward pass (numpy in, numpy out)."""
 
     def __init__(self, model_dir: str, device: str = "auto", dtype: str = "auto", variant: str | None = None,
-                 spec: ModelSpec | None = None, addons: Addons = Addons()):
+                 spec: ModelSpec | None = None, addons: Addons = Addons(), model_config: str | None = None):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.spec = spec or ModelSpec.read(model_dir)  # a resolved spec keeps the user's name for logs and errors
-        self.pipe = load_pipeline(model_dir, self.device, self.dtype, variant)
+        # a resolved spec keeps the user's name for logs and errors
+        self.spec = spec or ModelSpec.read(model_dir, model_config=model_config)
+        self.pipe = load_pipeline(model_dir, self.device, self.dtype, variant, self.spec.model_config)
         self.addons = addons
         if addons.loras:  # before the regional processors go in: peft wraps the attention projections
             from .lora import apply_loras
@@ -60,15 +61,15 @@ class ModelWorker:
 
     @classmethod
     def load(cls, model: str, device: str = "auto", dtype: str = "auto", variant: str | None = None,
-             addons: Addons = Addons()) -> ModelWorker:
-        """Resolve ``model`` (demo, a local dir, a hub id) and load it: the single-process reference's worker."""
-        spec = ModelSpec.load(model, variant)
+             addons: Addons = Addons(), model_config: str | None = None) -> ModelWorker:
+        """Resolve ``model`` (demo, a local dir, a single file, a hub id) and load it: the reference's worker."""
+        spec = ModelSpec.load(model, variant, model_config)
         return cls(spec.path, device, dtype, variant, spec, addons)
 
     @classmethod
     def for_config(cls, config) -> ModelWorker:
         """The in-process worker a config asks for: its model, device, dtype, variant and add-ons (checked first)."""
-        spec = ModelSpec.load(config.model, config.variant)
+        spec = ModelSpec.load(config.model, config.variant, config.model_config)
         return cls(spec.path, config.device, config.dtype, config.variant, spec, Addons.from_config(config, spec))
 
     @property
