@@ -80,14 +80,17 @@ class CupscaleUpscale:
                 "image": ("IMAGE",),
                 "prompt": ("STRING", {"multiline": True, "default": ""}),
                 "scale": (SCALES, {"default": "2"}),
-                "creativity": ("FLOAT", {"default": 0.6, "min": 0.0, "max": 1.0, "step": 0.05,
-                                         "tooltip": "strength: the fraction of the steps re-run per stage; more = "
-                                                    "more new detail"}),
+                "creativity": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 1.0, "step": 0.05,
+                                         "tooltip": "0-1: how much new detail (sets strength, 0.75 = the method's "
+                                                    "0.6); -1 = the service's default"}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 2**32 - 1}),
                 "service_url": ("STRING", {"default": "http://127.0.0.1:8000"}),
             },
             "optional": {
                 "token": ("STRING", {"default": "", "tooltip": "bearer token of the service, if it has one"}),
+                "resemblance": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 1.0, "step": 0.05,
+                                          "tooltip": "0-1: how closely to follow the input (the global prior's window "
+                                                     "and weight, ControlNet scale); -1 = the service's default"}),
                 "negative_prompt": ("STRING", {"multiline": True, "default": ""}),
                 "steps": ("INT", {"default": 0, "min": 0, "max": 1000, "tooltip": "0 = the service's default"}),
                 "guidance_scale": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 50.0, "step": 0.5,
@@ -105,11 +108,15 @@ class CupscaleUpscale:
     CATEGORY = "image/upscaling"
     DESCRIPTION = "C-Upscale through a `cupscale serve` service (Ray): creative upscaling with global-regional priors."
 
-    def upscale(self, image, prompt, scale, creativity, seed, service_url, token="", negative_prompt="", steps=0,
-                guidance_scale=0.0, lambda_global=-1.0, extra_knobs=""):
+    def upscale(self, image, prompt, scale, creativity, seed, service_url, token="", resemblance=-1.0,
+                negative_prompt="", steps=0, guidance_scale=0.0, lambda_global=-1.0, extra_knobs=""):
         import torch
 
-        knobs = {"prompt": prompt, "scale": scale, "strength": creativity, "seed": seed}
+        knobs = {"prompt": prompt, "scale": scale, "seed": seed}
+        if creativity >= 0:
+            knobs["creativity"] = creativity
+        if resemblance >= 0:
+            knobs["resemblance"] = resemblance
         if negative_prompt:
             knobs["negative_prompt"] = negative_prompt
         if steps:

@@ -12,7 +12,7 @@ import types
 import pytest
 from PIL import Image
 
-from test_serve import (COMFYUI_DIR, FAST, QUEUE, TOKEN, assert_one_line_error, check_comfyui_run, cli_bytes,  # noqa: F401
+from test_serve import (COMFYUI_DIR, FAST, MODEL, QUEUE, TOKEN, assert_one_line_error, check_comfyui_run, cli_bytes,  # noqa: F401
                         huge_header_png,
                         png_bytes, slow)
 
@@ -43,7 +43,7 @@ class AppClient:
 
 
 @pytest.fixture(scope="module")
-def app_service(sdxl_dir, tmp_path_factory):
+def app_service(tmp_path_factory):
     from fastapi.testclient import TestClient
     from ray import serve
 
@@ -52,7 +52,7 @@ def app_service(sdxl_dir, tmp_path_factory):
     from cupscale_dist.raycluster import ClusterOptions
 
     results = tmp_path_factory.mktemp("app-results")
-    config = UpscaleConfig.load("cpu-demo", model=sdxl_dir, torch_threads=1)
+    config = UpscaleConfig.load("cpu-demo", model=MODEL, torch_threads=1)
     options = service.ServiceOptions(str(results), config, QUEUE, TOKEN, 2**20, ClusterOptions(actors=0))
     wrapper = service.UpscaleService.func_or_class  # Serve's ingress wrapper around our class
     ours = next(c for c in wrapper.__mro__[1:] if c.__name__ == "UpscaleService")
