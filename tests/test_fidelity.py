@@ -218,7 +218,7 @@ class StandInWorker:
     predict = ModelWorker.predict
 
     def __init__(self, view_offset: bool):
-        self.unet, self._context = StandInUNet(view_offset), None
+        self.unet, self._context, self.controlnet = StandInUNet(view_offset), None, None
 
 
 def reduce_through(executor, view_offset: bool, blend: str) -> None:
