@@ -61,8 +61,8 @@ class UpscaleConfig:
                                  "every worker")
     controlnet: str | None = knob(None, "ControlNet tile model (local dir or hub id); each view gets its own crop "
                                   "of the stage input as the control image")
-    controlnet_scale: float = knob(0.6, "ControlNet residual scale: xinsir's tile model card suggests 0.5-0.7 for "
-                                   "upscaling", min=0.0, max=2.0)
+    controlnet_scale: float = knob(0.6, "ControlNet residual scale; a guess: under 1 the tile model guides the "
+                                   "layout without pinning every pixel (resemblance sets it)", min=0.0, max=2.0)
 
     # --- 1. resize ---------------------------------------------------------------------------------------
     resize: Literal["bicubic", "lanczos", "model"] = knob(
