@@ -113,3 +113,15 @@ def test_a_worker_without_the_runs_controlnet_is_refused(sdxl_model, controlnet_
     config = small_config(sdxl_dir, controlnet=controlnet_dir)
     with pytest.raises(UserError, match="add-ons"):
         upscale(photo, config, model=sdxl_model, progress=False)
+
+
+def test_sd15_tile_controlnets_work_the_same_way(sd15_dir, tmp_path, photo):
+    """SD1.5 (no pooled embedding, no time ids; lllyasviel's tile model is of this kind): scale 0 == plain, bit for bit,
+    and a scale of 1 changes the image."""
+    controlnet = str(build_tiny_controlnet(sd15_dir, tmp_path / "sd15-controlnet", seed=1))
+    worker = ModelWorker.for_config(small_config(sd15_dir, controlnet=controlnet))
+    plain = run(small_config(sd15_dir), ModelWorker.for_config(small_config(sd15_dir)), photo)
+    zero = run(small_config(sd15_dir, controlnet=controlnet, controlnet_scale=0.0), worker, photo)
+    steered = run(small_config(sd15_dir, controlnet=controlnet, controlnet_scale=1.0), worker, photo)
+    assert np.array_equal(plain, zero)
+    assert np.abs(steered.astype(int) - plain).mean() > 1.0
