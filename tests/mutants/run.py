@@ -109,7 +109,7 @@ MUTATIONS = [
              "            return regional.lambda_global * out + (1 - regional.lambda_global) * hidden_states\n",
              fidelity(f"{MASKS}[lambda]")),
     Mutation("regional-kwargs-dropped", "cupscale_dist/step.py",
-             'cross_attention_kwargs={"regional": regional}', "cross_attention_kwargs=None",
+             'cross_attention_kwargs={"regional": regional}, **residuals)', "cross_attention_kwargs=None, **residuals)",
              fidelity(f"{MASKS}[lambda]", f"{MASKS}[masks]")),
     Mutation("lambda-swapped", "cupscale_dist/attention.py",
              "return lambda_global * both[:batch] + (1 - lambda_global) * both[batch:]",
