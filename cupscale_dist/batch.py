@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 
 from .config import UpscaleConfig
 from .errors import UserError
+from .folderlock import hold_lock_file
 
 log = logging.getLogger(__name__)
 
@@ -407,19 +408,8 @@ class OutputLock:
         self.fd: int | None = None
 
     def __enter__(self) -> OutputLock:
-        import fcntl
-
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 512).decode(errors="replace").strip() or "a batch that is just starting"
-            os.close(fd)
-            raise UserError(f"--output {self.path.parent} is in use by another batch ({holder}); wait for it to "
-                            "finish or choose another --output") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {_now()}\n".encode())
-        self.fd = fd
+        self.fd = hold_lock_file(self.path, "a batch", f"--output {self.path.parent} is in use by another batch "
+                                 "({holder}); wait for it to finish or choose another --output", f", started {_now()}")
         return self
 
     def __exit__(self, *exc) -> None:

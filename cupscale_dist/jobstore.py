@@ -15,14 +15,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import tempfile
 import threading
 import time
 import uuid
 from pathlib import Path
 
-from .errors import UserError
+from .folderlock import hold_lock_file
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 FINAL = (SUCCEEDED, FAILED, CANCELLED)
@@ -48,19 +47,8 @@ class JobStore:
     # -- ownership -------------------------------------------------------------------------------------------
     def claim(self) -> None:
         """Hold ``DIR/.cupscale-serve.lock``; a second service on the same folder is refused with its holder."""
-        import fcntl
-
-        fd = os.open(self.root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 512).decode(errors="replace").strip() or "a service that is just starting"
-            os.close(fd)
-            raise UserError(f"--results {self.root} is in use by another service ({holder}); stop it or choose "
-                            "another --results folder") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
-        self._fd = fd
+        self._fd = hold_lock_file(self.root / LOCK_NAME, "a service", f"--results {self.root} is in use by another "
+                                  "service ({holder}); stop it or choose another --results folder")
 
     def release(self) -> None:
         if self._fd is not None:
