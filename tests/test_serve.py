@@ -161,6 +161,12 @@ def test_happy_path_matches_cli_bytes(service, cli_bytes):
 
 
 def test_bad_requests_are_one_line_4xx(service):
+    assert_bad_requests_refused(service)
+
+
+def assert_bad_requests_refused(service) -> None:
+    """Every kind of bad request is a one-line 4xx, and none of them queues a job (the Serve instance and the
+    in-process app share this list)."""
     good = png_bytes()
     assert_one_line_error(service.submit(good, token=None), 401, "missing token")
     assert_one_line_error(service.submit(good, token="wrong-token-0123456789"), 401, "rejected")
