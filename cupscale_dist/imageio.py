@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
 from .errors import UserError
-from .metadata import MAX_CARRIED_BYTES, carried_text, file_text
+from .metadata import MAX_CARRIED_BYTES, carried_text, file_text, read_run_metadata
 
 log = logging.getLogger(__name__)
 
@@ -284,5 +284,4 @@ def _new_file_mode(path: Path) -> int:
 def read_png_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The ``cupscale:*`` text chunks of a PNG written by :func:`save_png`, without the prefix (every key of every
     format: :func:`cupscale_dist.metadata.read_metadata`)."""
-    with Image.open(path) as image:
-        return {k.removeprefix("cupscale:"): v for k, v in image.text.items() if k.startswith("cupscale:")}
+    return read_run_metadata(path)

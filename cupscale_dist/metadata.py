@@ -166,3 +166,8 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
         if image.format == "PNG":
             return dict(image.text)  # PIL reads the text chunks after the pixels too
         return xmp_text(image.info.get("xmp", b""), path)
+
+
+def read_run_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The run's own keys of a result file (any format), without their ``cupscale:`` prefix."""
+    return {k.removeprefix(RUN_PREFIX): v for k, v in read_metadata(path).items() if k.startswith(RUN_PREFIX)}

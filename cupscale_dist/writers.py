@@ -170,6 +170,6 @@ def encoder_for(path: str | os.PathLike):
 
 def read_tiff_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The ``cupscale:*`` parameters of a TIFF written by :func:`write_tiff`, without the prefix."""
-    from .metadata import read_metadata
+    from .metadata import read_run_metadata
 
-    return {k.removeprefix(RUN_PREFIX): v for k, v in read_metadata(path).items() if k.startswith(RUN_PREFIX)}
+    return read_run_metadata(path)
