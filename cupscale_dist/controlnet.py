@@ -8,7 +8,6 @@ same regional cross-attention as the UNet, and its residuals are scaled by ``con
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .models import read_json
 
 log = logging.getLogger(__name__)
 
@@ -47,22 +47,15 @@ def resolve_controlnet(name: str) -> str:
                         f"({type(exc).__name__}); pass a local ControlNet directory") from None
 
 
-def read_config(folder: str | Path, name: str) -> dict:
-    try:
-        return json.loads((Path(folder) / name).read_text())
-    except (OSError, ValueError):
-        raise UserError(f"--controlnet {folder}: {name} is missing or unreadable; re-save the model") from None
-
-
 def check_controlnet(folder: str, spec) -> None:
     """Driver-side, from the configs alone: a ControlNet that does not fit the model is one line before any actor
     starts (an SD1.5 tile model on SDXL would fail deep inside the first UNet call on every worker)."""
-    config = read_config(folder, "config.json")
+    config = read_json(folder, "config.json", "--controlnet", "re-save the model")
     if config.get("_class_name") != "ControlNetModel":
         raise UserError(f"--controlnet {folder}: a {config.get('_class_name')!r}, not a ControlNetModel; use a "
                         "ControlNet tile model such as xinsir/controlnet-tile-sdxl-1.0 (SDXL) or "
                         "lllyasviel/control_v11f1e_sd15_tile (SD1.5)")
-    unet = json.loads((Path(spec.path) / "unet" / "config.json").read_text())
+    unet = spec.unet_config()  # from the model's config directory (a single-file checkpoint's too)
     for key in MATCHING_KEYS:
         if config.get(key) != unet.get(key):
             raise UserError(f"--controlnet {folder}: made for another model ({key} {config.get(key)} here, "

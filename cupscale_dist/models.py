@@ -46,11 +46,12 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return table[dtype]
 
 
-def read_json(model_dir: str | Path, name: str) -> dict:
+def read_json(model_dir: str | Path, name: str, flag: str = "--model", fix: str = "re-save the pipeline") -> dict:
+    """``model_dir/name`` as JSON; missing or unreadable is one UserError naming ``flag`` and ``fix``."""
     try:
         return json.loads((Path(model_dir) / name).read_text())
     except (OSError, ValueError):
-        raise UserError(f"--model {model_dir}: {name} is missing or unreadable; re-save the pipeline") from None
+        raise UserError(f"{flag} {model_dir}: {name} is missing or unreadable; {fix}") from None
 
 
 def model_family(model_dir: str | Path) -> str:

@@ -115,6 +115,19 @@ def test_a_lora_is_checked_against_a_single_files_config(tiny, tmp_path):
         Addons.from_config(config)
 
 
+def test_a_controlnet_is_checked_against_a_single_files_config(tiny, tmp_path):
+    """The ControlNet check reads the UNet config from the single file's config directory (not from inside the
+    checkpoint's path): a matching ControlNet passes, another family's is refused in one line."""
+    from cupscale_dist.testing_controlnet import build_tiny_controlnet
+
+    config = small_config(tiny["sdxl"]["file"], model_config=tiny["sdxl"]["config"])
+    fitting = build_tiny_controlnet(tiny["sdxl"]["dir"], tmp_path / "sdxl-controlnet")
+    assert Addons.from_config(config.replace(controlnet=str(fitting))).controlnet == str(fitting.resolve())
+    other = build_tiny_controlnet(tiny["sd15"]["dir"], tmp_path / "sd15-controlnet")
+    with pytest.raises(UserError, match="made for another model"):
+        Addons.from_config(config.replace(controlnet=str(other)))
+
+
 @pytest.mark.parametrize("family,unet_parameters", [("sdxl", 2_567_463_684), ("sd15", 859_520_964)])
 def test_shipped_configs_are_the_real_models(family, unet_parameters):
     """The packaged configs build SDXL base 1.0's / SD1.5's UNet (on the meta device: no memory)."""
