@@ -56,6 +56,11 @@ class Addons:
         return cls(loras, controlnet, upscale_model)
 
 
+def addon_request(config) -> tuple:
+    """What a config asks of a worker's add-ons, as given (unresolved): equal requests get equal :class:`Addons`."""
+    return config.lora, config.controlnet, config.upscale_model if config.resize == "model" else None
+
+
 def parse_lora(text: str) -> Lora:
     """``PATH[:SCALE]`` -> :class:`Lora`; the scale is the part after the last colon when it parses as a number
     (so ``C:/loras/x.safetensors`` keeps its drive letter)."""

@@ -18,7 +18,6 @@ import torch
 from PIL import Image, ImageFilter
 from tqdm.auto import tqdm
 
-from .addons import Addons
 from .captioner import Prompter, make_prompter, pixel_boxes
 from .config import UpscaleConfig
 from .controlnet import control_crops
@@ -264,7 +263,7 @@ def upscale(image: Image.Image, config: UpscaleConfig, *, model: ModelWorker | N
     input_size = image.size
     try:  # whatever fails, the executor (a Ray actor pool) and the captioner pool are released
         if executor is None:
-            if model is not None and model.addons != Addons.from_config(config, model.spec):
+            if model is not None and not model.holds_addons_of(config):
                 raise UserError(f"the loaded model has add-ons {model.addons}, this run asks for others (lora, "
                                 "controlnet, resize='model'); load a worker with ModelWorker.for_config(config)")
             model = model or ModelWorker.for_config(config)

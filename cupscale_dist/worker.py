@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import torch
 
-from .addons import Addons
+from .addons import Addons, addon_request
 from .attention import install_regional_processors
 from .controlnet import control_tensor
 from .masks import probe_token_attention
@@ -57,6 +57,7 @@ class ModelWorker:
             self.controlnet = load_controlnet(addons.controlnet, self.device, self.dtype)
             install_regional_processors(self.controlnet)
         self._upscaler = None  # the upscale model, loaded at its first tile (resize='model')
+        self._built_for: tuple | None = None  # the add-on request of the config it was loaded for (for_config)
         self._context: tuple[StageContext, StageContext] | None = None  # (as received, on the device)
 
     @classmethod
@@ -70,7 +71,16 @@ class ModelWorker:
     def for_config(cls, config) -> ModelWorker:
         """The in-process worker a config asks for: its model, device, dtype, variant and add-ons (checked first)."""
         spec = ModelSpec.load(config.model, config.variant, config.model_config)
-        return cls(spec.path, config.device, config.dtype, config.variant, spec, Addons.from_config(config, spec))
+        worker = cls(spec.path, config.device, config.dtype, config.variant, spec, Addons.from_config(config, spec))
+        worker._built_for = addon_request(config)
+        return worker
+
+    def holds_addons_of(self, config) -> bool:
+        """Whether this worker holds the add-ons ``config`` asks for. The request it was loaded for is answered
+        without reading the files again: a batch or a service asks once per image."""
+        if addon_request(config) == self._built_for:
+            return True
+        return self.addons == Addons.from_config(config, self.spec)
 
     @property
     def name(self) -> str:

@@ -125,3 +125,20 @@ def test_sd15_tile_controlnets_work_the_same_way(sd15_dir, tmp_path, photo):
     steered = run(small_config(sd15_dir, controlnet=controlnet, controlnet_scale=1.0), worker, photo)
     assert np.array_equal(plain, zero)
     assert np.abs(steered.astype(int) - plain).mean() > 1.0
+
+
+def test_a_worker_is_not_checked_again_for_the_request_it_was_loaded_for(worker_with_controlnet, controlnet_dir,
+                                                                        sdxl_dir, photo, monkeypatch):
+    """A batch or a service asks its worker once per image: the add-on files of the request the worker was loaded
+    for are not read again; another request is still checked (and refused here)."""
+    from cupscale_dist import worker as worker_module
+
+    checks = []
+    real = worker_module.Addons.from_config
+    monkeypatch.setattr(worker_module.Addons, "from_config", lambda *a, **k: checks.append(a) or real(*a, **k))
+    same_request = small_config(sdxl_dir, controlnet=controlnet_dir, controlnet_scale=0.3, steps=2)
+    upscale(photo, same_request, model=worker_with_controlnet, progress=False)
+    assert checks == []
+    with pytest.raises(UserError, match="add-ons"):
+        upscale(photo, small_config(sdxl_dir, steps=2), model=worker_with_controlnet, progress=False)
+    assert len(checks) == 1
