@@ -98,9 +98,11 @@ class ModelSpec:
 
         configs = config_dir(model_dir, model_config)
         family = model_family(configs)
-        if is_single_file(model_dir) and checkpoint_family(model_dir) != family:
-            raise UserError(f"--model {model_dir} is an {checkpoint_family(model_dir)} checkpoint but model_config "
-                            f"{configs} is an {family} config; give a config directory of the checkpoint's family")
+        if model_config and is_single_file(model_dir):  # without one, configs are the file's own family's
+            found = checkpoint_family(model_dir)
+            if found != family:
+                raise UserError(f"--model {model_dir} is an {found} checkpoint but model_config {configs} is an "
+                                f"{family} config; give a config directory of the checkpoint's family")
         vae = read_json(configs, "vae/config.json")
         unet = read_json(configs, "unet/config.json")
         factor = 2 ** (len(vae["block_out_channels"]) - 1)
