@@ -24,7 +24,6 @@ import logging
 import os
 import re
 import socket
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from pathlib import Path, PurePosixPath
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .atomic import atomic_file
 from .config import UpscaleConfig
 from .errors import UserError
 from .folderlock import hold_lock_file
@@ -387,14 +387,8 @@ class ManifestWriter:
             return
         rows = [{name: row.get(name) for name in MANIFEST_SCHEMA.names} for _, row in sorted(self.rows.items())]
         table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
-        fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=self.path.parent)
-        os.close(fd)
-        try:
-            pq.write_table(table, tmp)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(self.path) as handle:
+            pq.write_table(table, handle)
         self.last_write = time.monotonic()
 
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from .atomic import atomic_file
 from .errors import UserError
 from .pipeline import StageState
 from .plan import LATENT_CHANNELS, describe_plan
@@ -76,14 +76,8 @@ class Checkpointer:
     def write(self, stage: int, step: int, latents: torch.Tensor) -> None:
         payload = {"config_hash": self.config_hash, "input_sha": self.input_sha, "stage": stage, "step": step,
                    "latents": latents.clone(), "stage_input": self.stage_input}
-        fd, tmp = tempfile.mkstemp(prefix=".checkpoint.", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                torch.save(payload, handle)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(self.path) as handle:  # a kill mid-write keeps the previous checkpoint
+            torch.save(payload, handle)
 
     def load(self) -> tuple[StageState, dict[int, Image.Image]] | None:
         """The saved state (and the stage input it needs), or None if there is no checkpoint yet."""

@@ -15,12 +15,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import threading
 import time
 import uuid
 from pathlib import Path
 
+from .atomic import write_atomic
 from .folderlock import hold_lock_file
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
@@ -117,17 +117,3 @@ class JobStore:
             if not self.record_path(path.name).exists():
                 path.unlink(missing_ok=True)
         return interrupted
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temp file beside ``path``, fsync, then take the name in one step."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

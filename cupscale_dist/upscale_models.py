@@ -126,7 +126,7 @@ def bundled_model(name: str) -> Path:
     """The torch ``.safetensors`` of a bundled ncnn model, converted once into :func:`cache_dir` and reused."""
     from safetensors.torch import save
 
-    from .jobstore import write_atomic
+    from .atomic import write_atomic
 
     param, weights, version = ncnn_files(name)
     out = cache_dir() / "upscale-models" / f"{name}-ncnn-py-{version}.safetensors"
