@@ -17,6 +17,7 @@ import math
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
 from .config import UpscaleConfig
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 RETRY_AFTER_DEFAULT_S = 5  # Retry-After for a full queue before any job has finished (no duration measured yet)
 RETRY_AFTER_MAX_S = 600
+RECENT_JOBS = 20  # Retry-After is the mean duration of this many last jobs: recent load, not the service's history
 
 
 class JobCancelled(Exception):
@@ -58,7 +60,7 @@ class JobRunner:
         self.config = config  # the service's config: model, device, dtype, limits (requests change run knobs only)
         self.queue: queue.Queue[str] = queue.Queue(maxsize=options.queue_size)  # job ids waiting to run
         self.cancel_requested: set[str] = set()  # ids whose DELETE came while they were queued or running
-        self.durations: list[float] = []  # seconds of the last finished jobs, for Retry-After
+        self.durations: deque[float] = deque(maxlen=RECENT_JOBS)  # seconds of the last finished jobs (Retry-After)
         self.executor = self.model = None
         cluster = options.cluster or ClusterOptions()
         if cluster.actors == 0:  # the in-process reference, its model loaded once for every job
@@ -101,8 +103,8 @@ class JobRunner:
         """Seconds until a queue slot is likely free: the mean of recent job durations (at least 1)."""
         if not self.durations:
             return RETRY_AFTER_DEFAULT_S
-        recent = self.durations[-20:]
-        return int(min(RETRY_AFTER_MAX_S, max(1, math.ceil(sum(recent) / len(recent)))))
+        mean = sum(self.durations) / len(self.durations)
+        return int(min(RETRY_AFTER_MAX_S, max(1, math.ceil(mean))))
 
     def close(self) -> None:
         self._stop.set()
