@@ -1,8 +1,8 @@
-"""PipelineWorker: a thin Ray actor around :class:`cupscale_dist.worker.ModelWorker` (no algorithm here).
+"""PipelineWorker: a thin Ray actor around :class:`cupscale_dist.execution.worker.ModelWorker` (no algorithm here).
 
 It loads the whole pipeline once (UNet, VAE, text encoders) on its GPU share and answers ``call(method, args)``
 with ``ModelWorker.method(*args)``: view predictions, VAE tiles, prompt chunks, the attention probe. A per-stage
-value arrives wrapped in :class:`cupscale_dist.orchestrator.Shared` (an object reference Ray does not resolve on
+value arrives wrapped in :class:`cupscale_dist.execution.executor.Shared` (an object reference Ray does not resolve on
 every call) and is fetched once per stage, and again after a restart.
 """
 
@@ -20,8 +20,8 @@ class PipelineWorker:
     def __init__(self, model_dir: str, model: str, device: str, dtype: str, variant: str | None,
                  torch_threads: int | None, memory_fraction: float | None, addons, model_config: str | None,
                  index: int):
-        from cupscale_dist.hub import resolve_model
-        from cupscale_dist.worker import ModelWorker
+        from cupscale_dist.models.hub import resolve_model
+        from cupscale_dist.execution.worker import ModelWorker
 
         if torch_threads:  # same thread count as the reference => same CPU bits (architecture.md)
             torch.set_num_threads(torch_threads)
@@ -44,7 +44,7 @@ class PipelineWorker:
                 "gpus": [str(g) for g in ray.get_gpu_ids()], "device": str(self.worker.device)}
 
     def call(self, method: str, args: tuple):
-        from cupscale_dist.orchestrator import Shared
+        from cupscale_dist.execution.executor import Shared
 
         args = [self._fetch(a.ref) if isinstance(a, Shared) else a for a in args]
         return getattr(self.worker, method)(*args)

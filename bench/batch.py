@@ -45,10 +45,10 @@ def make_images(folder: Path, count: int, size: int) -> None:
 
 
 def plain_loop(folder: Path, out: Path, config) -> tuple[float, list[float]]:
-    from cupscale_dist.imageio import load_image, save_png
+    from cupscale_dist.files.imageio import load_image, save_png
     from cupscale_dist.pipeline import upscale
-    from cupscale_dist.runner import run_metadata
-    from cupscale_dist.worker import ModelWorker
+    from cupscale_dist.services.runner import run_metadata
+    from cupscale_dist.execution.worker import ModelWorker
 
     out.mkdir()
     start = time.perf_counter()
@@ -64,8 +64,8 @@ def plain_loop(folder: Path, out: Path, config) -> tuple[float, list[float]]:
 
 
 def ray_data(folder: Path, out: Path, config, workers: int, cpus: float) -> tuple[float, dict]:
-    from cupscale_dist.batch import run_batch
-    from cupscale_dist.raycluster import ClusterOptions
+    from cupscale_dist.services.batch.run import run_batch
+    from cupscale_dist.execution.raycluster import ClusterOptions
 
     start = time.perf_counter()
     summary = run_batch(str(folder), out, config, cluster=ClusterOptions(gpus_per_actor=0, cpus_per_actor=cpus),

@@ -25,8 +25,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from cupscale_dist.vlm import VLMCaptioner
-from cupscale_dist.vlm_testing import build_tiny_vlm
+from cupscale_dist.captions.captioner import VLMCaptioner
+from cupscale_dist.testing.vlm import build_tiny_vlm
 
 GLOBAL_PROMPT = "a photo"
 

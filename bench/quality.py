@@ -3,7 +3,7 @@
     PYTHONPATH=$PWD python bench/quality.py > quality.json          # ~10 min on 2 cores; progress on stderr
 
 Variants (each a knob change from the cpu-demo preset): the trained demo model at the defaults; the random-weight
-tiny SDXL (`cupscale_dist.testing.build_tiny_sdxl`) with the same knobs; the global prior off (`prior_fraction=0`);
+tiny SDXL (`cupscale_dist.testing.tiny.build_tiny_sdxl`) with the same knobs; the global prior off (`prior_fraction=0`);
 no overlap (`stride = tile`: the seam score must rise); lambda = 1 (global prompt only). Bicubic's figures come with
 every row (`psnr_bicubic`, `ssim_bicubic`; detail and seam are relative to bicubic). Prints one JSON object
 with every variant's overall figures and a markdown table (`table`) as pasted into the README.
@@ -56,9 +56,9 @@ def main() -> None:
     import torch
 
     from cupscale_dist import UpscaleConfig
-    from cupscale_dist.evaluate import evaluate, held_out_originals
-    from cupscale_dist.testing import build_tiny_sdxl
-    from cupscale_dist.worker import ModelWorker
+    from cupscale_dist.quality.evaluate import evaluate, held_out_originals
+    from cupscale_dist.testing.tiny import build_tiny_sdxl
+    from cupscale_dist.execution.worker import ModelWorker
 
     torch.set_num_threads(args.threads)
     originals = held_out_originals()

@@ -107,15 +107,15 @@ def main() -> None:
     from ray import serve
 
     from cupscale_dist import UpscaleConfig
-    from cupscale_dist.raycluster import ClusterOptions, start_local
-    from cupscale_dist.serve import SLOW_START_ENV, ServiceOptions, deploy
+    from cupscale_dist.execution.raycluster import ClusterOptions, start_local
+    from cupscale_dist.services.serve import SLOW_START_ENV, ServiceOptions, deploy
 
     for key, value in SLOW_START_ENV.items():
         os.environ.setdefault(key, value)
     with tempfile.TemporaryDirectory(prefix="cupscale-bench-serve-") as tmp:
         model = args.model
         if model == "tiny":
-            from cupscale_dist.testing import build_tiny_sdxl
+            from cupscale_dist.testing.tiny import build_tiny_sdxl
 
             model = str(build_tiny_sdxl(Path(tmp) / "tiny"))
         config = UpscaleConfig.load("cpu-demo", model=model, torch_threads=1)

@@ -48,7 +48,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from common import load_average, log, rounded  # noqa: E402  (bench/common.py)
 
-from cupscale_dist.testing_fullsize import SDXL_UNET_CONFIG  # noqa: E402  (SDXL base's published UNet config)
+from cupscale_dist.testing.fullsize import SDXL_UNET_CONFIG  # noqa: E402  (SDXL base's published UNet config)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -116,9 +116,10 @@ def demo_breakdown(args) -> dict:
 
     from cupscale_dist import UpscaleConfig, upscale
     from cupscale_dist import pipeline as pipeline_mod
-    from cupscale_dist import step as step_mod
-    from cupscale_dist.testing import build_tiny_sdxl
-    from cupscale_dist.worker import LocalExecutor, ModelWorker
+    from cupscale_dist.method import step as step_mod
+    from cupscale_dist.testing.tiny import build_tiny_sdxl
+    from cupscale_dist.execution.executor import LocalExecutor
+    from cupscale_dist.execution.worker import ModelWorker
 
     timer = Timer()
     steps: list[dict] = []  # per step: exclusive seconds per part + inclusive total
@@ -214,8 +215,8 @@ def demo_breakdown(args) -> dict:
             for module, name, fn in saved:
                 setattr(module, name, fn)
 
-    from cupscale_dist.pipeline import plan_stages
-    from cupscale_dist.views import make_views
+    from cupscale_dist.plan import plan_stages
+    from cupscale_dist.method.views import make_views
 
     sizes = plan_stages(image.size, config)
     latent = [(h // 8, w // 8) for w, h in sizes]
@@ -303,7 +304,7 @@ def build_sdxl_unet(device: torch.device, dtype: torch.dtype, seed: int):
 
 def full_context(tiles: int, latent: int, seed: int):
     """A StageContext for ``tiles`` side-by-side views of ``latent``^2, distinct regional prompts, random masks."""
-    from cupscale_dist.step import StageContext
+    from cupscale_dist.method.step import StageContext
 
     g = torch.Generator().manual_seed(seed)
     dim = SDXL_UNET_CONFIG["cross_attention_dim"]
@@ -368,7 +369,7 @@ class StubUNet:
 def predict_views_overhead(args, device, dtype, sync) -> list[dict]:
     """predict_views around a zero-cost UNet: its host-side preparation (embeddings, CFG batch, micro-conditioning,
     masks, host<->device copies) per call, as a fraction of the H100 bare call time of the same batch."""
-    from cupscale_dist.step import predict_views
+    from cupscale_dist.method.step import predict_views
 
     stub, rows = StubUNet(device, dtype), []
     for tiles in args.tiles:
@@ -397,8 +398,8 @@ def predict_views_overhead(args, device, dtype, sync) -> list[dict]:
 def full_size(args) -> dict:
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    from cupscale_dist.attention import install_regional_processors
-    from cupscale_dist.step import micro_conditioning, predict_views
+    from cupscale_dist.method.attention import install_regional_processors
+    from cupscale_dist.method.step import micro_conditioning, predict_views
 
     device = torch.device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]

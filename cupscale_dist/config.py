@@ -324,3 +324,26 @@ def _coerce(name: str, annotation: Any, value: Any) -> Any:
         if option in (str, bool) and isinstance(value, option):
             return value
     raise UserError(f"config: {name}={value!r} has the wrong type; expected {annotation}")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise UserError(f"--size {text!r} is not WxH; use e.g. --size 4096x4096") from None
+    if width < 1 or height < 1:
+        raise UserError(f"--size {text!r} must be positive; use e.g. --size 4096x4096")
+    return width, height
+
+
+def set_value(name: str, text: str) -> object:
+    """A --set value: verbatim for text knobs (prompts, paths, choices), else YAML (numbers, true/false, [W, H])."""
+    import yaml
+
+    annotation = next((f.type for f in fields(UpscaleConfig) if f.name == name), None)
+    if isinstance(annotation, str) and (annotation in ("str", "str | None") or annotation.startswith("Literal")):
+        return text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise UserError(f"--set {name}={text}: not a number, true/false or [list]; use e.g. --set {name}=0.5") from None

@@ -1,7 +1,7 @@
 """The C-Upscale pipeline, stage by stage, as method.md numbers it.
 
 ``upscale(image, config)`` is the single-process reference. The Ray driver calls the same function with its own
-*executor* (:class:`cupscale_dist.orchestrator.RayExecutor`), which runs every forward pass — UNet views, VAE tiles,
+*executor* (:class:`cupscale_dist.execution.pool.RayExecutor`), which runs every forward pass — UNet views, VAE tiles,
 text encoders, the attention probe — on actors; everything else (stages, scheduler, prior, reduction, blending) is
 this code in both paths, and it holds no model weights: only latents, prompts and 8-bit image bands.
 """
@@ -9,57 +9,34 @@ this code in both paths, and it holds no model weights: only latents, prompts an
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter
+from PIL import Image
 from tqdm.auto import tqdm
 
-from .captioner import Prompter, make_prompter, pixel_boxes
+from .captions.prompts import Prompter, make_prompter, pixel_boxes
 from .config import UpscaleConfig
-from .controlnet import control_crops
+from .models.controlnet import control_crops
 from .errors import UserError
-from .masks import binarize_maps, content_token_mask, view_token_masks
-from .models import ModelSpec
-from .prior import GlobalPrior
-from .step import StageContext, StageSchedule, reduce_and_step
-from .vae import PixelCodec, decode_bands, encode_image, image_to_tensor, read_only_tensor
-from .views import jitter_views, make_views, view_batches
-from .wavelets import low_band
-from .worker import LocalExecutor, ModelWorker, encode_prompts
+from .method.masks import binarize_maps, content_token_mask, view_token_masks
+from .models.spec import ModelSpec
+from .method.prior import GlobalPrior
+from .method.step import StageContext, StageSchedule, reduce_and_step
+from .method.vae import PixelCodec, decode_bands, encode_image, image_to_tensor, read_only_tensor
+from .method.views import jitter_views, make_views, view_batches
+from .method.wavelets import low_band
+from .execution.executor import LocalExecutor
+from .execution.worker import ModelWorker
+from .method.resize import resize_input
+from .plan import denoising_steps, plan_stages, target_size
 
 log = logging.getLogger(__name__)
-SIZE_MULTIPLE = 64  # stage sizes in px: latent divisible by 2**3, the deepest DWT allowed (dwt_levels <= 3)
 
 StepCallback = Callable[[dict], None]
 BandSink = Callable[[Iterator[np.ndarray]], object]  # consumes a stage output's uint8 bands, top to bottom
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Plan
-# ---------------------------------------------------------------------------------------------------------------
-def plan_stages(input_size: tuple[int, int], config: UpscaleConfig) -> list[tuple[int, int]]:
-    """Stage sizes (W, H): x2 per stage up to the target, each rounded to a multiple of 64 px ('Stages')."""
-    width, height = input_size
-    target = config.size or (width * config.scale, height * config.scale)
-    ratio = max(target[0] / width, target[1] / height)
-    if ratio <= 1:
-        raise ValueError(f"size {target[0]}x{target[1]} is not larger than the input {width}x{height}")
-    count = max(1, math.ceil(math.log2(ratio) - 1e-9))
-    rounded = lambda v: max(SIZE_MULTIPLE, int(round(v / SIZE_MULTIPLE)) * SIZE_MULTIPLE)  # noqa: E731
-    return [(rounded(target[0] / 2 ** (count - k)), rounded(target[1] / 2 ** (count - k))) for k in range(1, count + 1)]
-
-
-def target_size(input_size: tuple[int, int], config: UpscaleConfig) -> tuple[int, int]:
-    return config.size or (input_size[0] * config.scale, input_size[1] * config.scale)
-
-
-def denoising_steps(config: UpscaleConfig) -> int:
-    """S = round(s * T): the number of steps actually run per stage (method.md step 4)."""
-    return int(round(config.strength * config.steps))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -72,26 +49,6 @@ class StageState:
     stage: int
     step: int
     latents: torch.Tensor
-
-
-def resize_input(image: Image.Image, size: tuple[int, int], config: UpscaleConfig, tile_map=None,
-                 progress: bool = True) -> Image.Image:
-    """Step 1: resize to the stage size, then optional unsharp mask.
-
-    ``resize='model'``: the upscale model runs tile by tile on the workers (``tile_map``), then Lanczos brings its
-    output (x4 for Real-ESRGAN) to the stage size (x2), as Ultimate SD Upscale does. Without workers (the caption
-    crops of `cupscale caption`) it is Lanczos alone: captions do not need the model's detail.
-    """
-    if config.resize == "model" and tile_map is not None:
-        from .upscale_models import upscale_with_model
-
-        image = upscale_with_model(tile_map, image, config.upscale_model_tile, config.upscale_model_overlap, progress)
-    resample = {"bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
-                "model": Image.Resampling.LANCZOS}[config.resize]
-    out = image.resize(size, resample)
-    if config.sharpen > 0:
-        out = out.filter(ImageFilter.UnsharpMask(radius=config.sharpen_radius, percent=int(config.sharpen * 100), threshold=0))
-    return out
 
 
 def stage_generator(seed: int, stage: int, purpose: int = 0) -> torch.Generator:
@@ -292,3 +249,17 @@ def upscale(image: Image.Image, config: UpscaleConfig, *, model: ModelWorker | N
         return image
     resized = image.resize(final, Image.Resampling.LANCZOS)  # stage sizes are multiples of 64 px
     return sink(iter([np.asarray(resized)])) if sink is not None else resized
+
+
+# Prompts per text-encoder call: every hidden state of a call is kept until it returns, so 961 unique regional
+# prompts in one call would hold several GB of transient GPU memory; 16 keep it to tens of MB.
+PROMPT_CHUNK = 16
+
+
+def encode_prompts(executor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Text embeddings of ``prompts`` in :data:`PROMPT_CHUNK`-sized calls (fanned out, gathered in order)."""
+    chunks = [(prompts[i : i + PROMPT_CHUNK],) for i in range(0, len(prompts), PROMPT_CHUNK)]
+    parts = list(executor.map("encode_prompts", chunks))
+    embeds = torch.from_numpy(np.concatenate([e for e, _ in parts]))
+    pooled = None if parts[0][1] is None else torch.from_numpy(np.concatenate([p for _, p in parts]))
+    return embeds, pooled

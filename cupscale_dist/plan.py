@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 
 from .config import UpscaleConfig
-from .pipeline import denoising_steps, plan_stages, target_size
-from .views import make_views
+from .method.views import make_views
 
 VAE_SCALE = 8  # SDXL and SD1.5 VAEs downsample by 8: the factor of a model not on disk yet (a hub id)
 LATENT_CHANNELS = 4
@@ -56,3 +56,30 @@ def describe_plan(input_size: tuple[int, int], config: UpscaleConfig) -> dict:
         "est_peak_host_memory_mb": max(s["est_host_memory_mb"] for s in stages),
         "config_hash": config.config_hash(),
     }
+
+
+SIZE_MULTIPLE = 64  # stage sizes in px: latent divisible by 2**3, the deepest DWT allowed (dwt_levels <= 3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plan
+# ---------------------------------------------------------------------------------------------------------------
+def plan_stages(input_size: tuple[int, int], config: UpscaleConfig) -> list[tuple[int, int]]:
+    """Stage sizes (W, H): x2 per stage up to the target, each rounded to a multiple of 64 px ('Stages')."""
+    width, height = input_size
+    target = config.size or (width * config.scale, height * config.scale)
+    ratio = max(target[0] / width, target[1] / height)
+    if ratio <= 1:
+        raise ValueError(f"size {target[0]}x{target[1]} is not larger than the input {width}x{height}")
+    count = max(1, math.ceil(math.log2(ratio) - 1e-9))
+    rounded = lambda v: max(SIZE_MULTIPLE, int(round(v / SIZE_MULTIPLE)) * SIZE_MULTIPLE)  # noqa: E731
+    return [(rounded(target[0] / 2 ** (count - k)), rounded(target[1] / 2 ** (count - k))) for k in range(1, count + 1)]
+
+
+def target_size(input_size: tuple[int, int], config: UpscaleConfig) -> tuple[int, int]:
+    return config.size or (input_size[0] * config.scale, input_size[1] * config.scale)
+
+
+def denoising_steps(config: UpscaleConfig) -> int:
+    """S = round(s * T): the number of steps actually run per stage (method.md step 4)."""
+    return int(round(config.strength * config.steps))

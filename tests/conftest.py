@@ -16,21 +16,21 @@ torch.set_num_threads(1)  # CPU matmul bits depend on the thread count: pin it e
 
 @pytest.fixture(scope="session")
 def sdxl_dir(tmp_path_factory):
-    from cupscale_dist.testing import build_tiny_sdxl
+    from cupscale_dist.testing.tiny import build_tiny_sdxl
 
     return str(build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl")))
 
 
 @pytest.fixture(scope="session")
 def sd15_dir(tmp_path_factory):
-    from cupscale_dist.testing import build_tiny_sd15
+    from cupscale_dist.testing.tiny import build_tiny_sd15
 
     return str(build_tiny_sd15(tmp_path_factory.mktemp("tiny-sd15")))
 
 
 @pytest.fixture(scope="session")
 def sdxl_model(sdxl_dir):
-    from cupscale_dist.worker import ModelWorker
+    from cupscale_dist.execution.worker import ModelWorker
 
     return ModelWorker(sdxl_dir, device="cpu", dtype="float32")
 
@@ -57,7 +57,7 @@ def small_config(model: str, **changes):
 def local_ray(tmp_path_factory):
     """A real local Ray cluster for one test module, bound to 127.0.0.1 as `cupscale` binds it (token auth on)."""
     ray = pytest.importorskip("ray")
-    from cupscale_dist.raycluster import start_local
+    from cupscale_dist.execution.raycluster import start_local
 
     start_local(num_cpus=4, log_to_driver=False, _temp_dir=str(tmp_path_factory.mktemp("ray")))
     yield ray

@@ -8,8 +8,8 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from cupscale_dist.attention import RegionalAttention, RegionalAttnProcessor, attention_grid
-from cupscale_dist.masks import content_token_mask, view_token_masks
+from cupscale_dist.method.attention import RegionalAttention, RegionalAttnProcessor, attention_grid
+from cupscale_dist.method.masks import content_token_mask, view_token_masks
 
 TOKENS, DIM, CROSS = 77, 32, 24
 

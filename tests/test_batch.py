@@ -14,10 +14,13 @@ from PIL import Image
 
 from conftest import small_config
 from cupscale_dist import UserError
-from cupscale_dist.batch import (MANIFEST_NAME, MAX_ATTEMPTS, AttemptLedger, Item, UpscaleWorker, assign_outputs,
-                                 list_inputs, output_name, run_batch, safe_component)
-from cupscale_dist.cli import main
-from cupscale_dist.raycluster import ClusterOptions
+from cupscale_dist.services.batch.manifest import MANIFEST_NAME
+from cupscale_dist.services.batch.worker import MAX_ATTEMPTS, AttemptLedger, UpscaleWorker
+from cupscale_dist.services.batch.inputs import Item, list_inputs
+from cupscale_dist.services.batch.naming import assign_outputs, output_name, safe_component
+from cupscale_dist.services.batch.run import run_batch
+from cupscale_dist.cli.main import main
+from cupscale_dist.execution.raycluster import ClusterOptions
 
 ray = pytest.importorskip("ray")
 

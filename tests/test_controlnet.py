@@ -13,11 +13,13 @@ import torch
 
 from conftest import small_config
 from cupscale_dist import UserError, upscale
-from cupscale_dist.addons import Addons
-from cupscale_dist.controlnet import control_tensor
-from cupscale_dist.pipeline import plan_stages, resize_input
-from cupscale_dist.testing_controlnet import build_tiny_controlnet
-from cupscale_dist.worker import LocalExecutor, ModelWorker
+from cupscale_dist.models.addons import Addons
+from cupscale_dist.models.controlnet import control_tensor
+from cupscale_dist.plan import plan_stages
+from cupscale_dist.method.resize import resize_input
+from cupscale_dist.testing.controlnet import build_tiny_controlnet
+from cupscale_dist.execution.executor import LocalExecutor
+from cupscale_dist.execution.worker import ModelWorker
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +80,9 @@ def test_scale_0_is_the_run_without_controlnet_bit_for_bit(worker_with_controlne
 
 
 def test_ray_actors_give_the_reference_bytes(local_ray, worker_with_controlnet, controlnet_dir, sdxl_dir, photo):
-    from cupscale_dist.models import ModelSpec
-    from cupscale_dist.orchestrator import RayExecutor, WorkerPool
-    from cupscale_dist.raycluster import ClusterOptions
+    from cupscale_dist.models.spec import ModelSpec
+    from cupscale_dist.execution.pool import RayExecutor, WorkerPool
+    from cupscale_dist.execution.raycluster import ClusterOptions
 
     config = small_config(sdxl_dir, controlnet=controlnet_dir, controlnet_scale=1.0, view_batch_size=2)
     reference = run(config, worker_with_controlnet, photo)
@@ -131,7 +133,7 @@ def test_a_worker_is_not_checked_again_for_the_request_it_was_loaded_for(worker_
                                                                         sdxl_dir, photo, monkeypatch):
     """A batch or a service asks its worker once per image: the add-on files of the request the worker was loaded
     for are not read again; another request is still checked (and refused here)."""
-    from cupscale_dist import worker as worker_module
+    from cupscale_dist.execution import worker as worker_module
 
     checks = []
     real = worker_module.Addons.from_config

@@ -10,7 +10,8 @@ from safetensors import safe_open
 from cupscale_dist.demo import MODEL_DIR, demo_model_dir
 from cupscale_dist.demo.photos import HELD_OUT, PHOTOS, load_photo, training_photos
 from cupscale_dist.demo.train import CropSampler, train
-from cupscale_dist.models import ModelSpec, load_pipeline
+from cupscale_dist.models.spec import ModelSpec
+from cupscale_dist.models.loading import load_pipeline
 
 PACKAGE_BUDGET = 25 * 2**20  # bytes of safetensors the issue allows in the package
 

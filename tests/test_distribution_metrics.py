@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from cupscale_dist import distribution_metrics as dm
-from cupscale_dist.distribution_metrics import CROP_SIZE, METRICS_EXTRA, FidInceptionV3, check_metric_sources, \
-    crop_boxes, crops, distribution_metrics, load_fid_inception
+from cupscale_dist.quality import distribution as dm
+from cupscale_dist.quality.distribution import (CROP_SIZE, METRICS_EXTRA, check_metric_sources, crop_boxes, crops,
+                                                distribution_metrics, load_fid_inception)
+from cupscale_dist.quality.inception import FidInceptionV3
 from cupscale_dist.errors import UserError
 
 SIZE = (352, 320)  # (w, h): above the 299 crop on both sides, not square, so crops land at different positions
@@ -53,7 +54,7 @@ def clip_dir(tmp_path_factory) -> str:
     """A tiny CLIPModel (2-layer towers, 32-d) with a real small CLIP BPE tokenizer and a CLIP image-processor config."""
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
-    from cupscale_dist.testing import write_clip_tokenizer
+    from cupscale_dist.testing.tiny import write_clip_tokenizer
 
     directory = tmp_path_factory.mktemp("clip")
     tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(directory))
@@ -313,7 +314,7 @@ def test_cupscale_eval_adds_the_distribution_metrics(tmp_path, sdxl_dir, incepti
     of the real upscales; a missing weights file is one line before any model loads."""
     import json
 
-    from cupscale_dist.cli import main
+    from cupscale_dist.cli.main import main
 
     paths = []
     for i, image in enumerate(smooth_images(2, size=(320, 320))):

@@ -10,17 +10,10 @@ from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from cupscale_dist import UpscaleConfig
-from cupscale_dist.cli import main
-from cupscale_dist.evaluate import (
-    CROP_PX,
-    high_frequency_energy,
-    prepare_pair,
-    psnr,
-    seam_score,
-    ssim,
-    view_boundaries,
-)
-from cupscale_dist.views import make_views
+from cupscale_dist.cli.main import main
+from cupscale_dist.quality.evaluate import CROP_PX, prepare_pair, view_boundaries
+from cupscale_dist.quality.image_metrics import high_frequency_energy, psnr, seam_score, ssim
+from cupscale_dist.method.views import make_views
 
 ASTRONAUT = Path(__file__).resolve().parents[1] / "examples" / "astronaut.png"  # held out of training
 

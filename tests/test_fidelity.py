@@ -19,16 +19,19 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from conftest import small_config
 from cupscale_dist import upscale
-from cupscale_dist.pipeline import encode_negative, predict_step, resize_input, stage_generator
-from cupscale_dist.prior import GlobalPrior
-from cupscale_dist.schedulers import make_scheduler
-from cupscale_dist.step import StageContext, StageSchedule, micro_conditioning, predict_views, reduce_and_step, \
-    reduce_predictions
-from cupscale_dist.testing import SCHEDULER_CONFIG
-from cupscale_dist.vae import encode_image
-from cupscale_dist.views import make_views
-from cupscale_dist.wavelets import dwt2, low_band
-from cupscale_dist.worker import LocalExecutor, ModelWorker, encode_prompts
+from cupscale_dist.pipeline import encode_negative, predict_step, stage_generator
+from cupscale_dist.method.resize import resize_input
+from cupscale_dist.method.prior import GlobalPrior
+from cupscale_dist.method.schedulers import make_scheduler
+from cupscale_dist.method.step import (StageContext, StageSchedule, micro_conditioning, predict_views, reduce_and_step,
+                                       reduce_predictions)
+from cupscale_dist.testing.tiny import SCHEDULER_CONFIG
+from cupscale_dist.method.vae import encode_image
+from cupscale_dist.method.views import make_views
+from cupscale_dist.method.wavelets import dwt2, low_band
+from cupscale_dist.execution.executor import LocalExecutor
+from cupscale_dist.execution.worker import ModelWorker
+from cupscale_dist.pipeline import encode_prompts
 
 TOKENS = 77
 
@@ -243,7 +246,7 @@ def test_multidiffusion_through_the_local_executor(view_offset, blend):
 def test_multidiffusion_through_ray_actors(local_ray, view_offset, blend):
     """The Ray driver's executor and pool with the real actor shell (PipelineWorker.call) around the stand-in."""
     from actors.worker import PipelineWorker
-    from cupscale_dist.orchestrator import RayExecutor, WorkerPool
+    from cupscale_dist.execution.pool import RayExecutor, WorkerPool
 
     class StandInActor(PipelineWorker):
         def __init__(self, view_offset: bool, index: int):  # noqa: D107 - no model directory to load

@@ -24,11 +24,12 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
-from cupscale_dist.hub import component_variant, select_files
-from cupscale_dist.imageio import read_png_metadata
-from cupscale_dist.models import ModelSpec, load_component
-from cupscale_dist.testing_fullsize import LAYOUTS, build_full_size, write_random_weights
-from cupscale_dist.worker import ModelWorker
+from cupscale_dist.models.hub import component_variant, select_files
+from cupscale_dist.files.imageio import read_png_metadata
+from cupscale_dist.models.spec import ModelSpec
+from cupscale_dist.models.loading import load_component
+from cupscale_dist.testing.fullsize import LAYOUTS, build_full_size, write_random_weights
+from cupscale_dist.execution.worker import ModelWorker
 from test_hub import SDXL_BASE_FILES, SDXL_BASE_INDEX
 
 pytestmark = pytest.mark.slow

@@ -16,10 +16,10 @@ import pytest
 
 from conftest import small_config
 from cupscale_dist import UserError, upscale
-from cupscale_dist.models import ModelSpec
-from cupscale_dist.orchestrator import RayExecutor, WorkerPool
-from cupscale_dist.placement import CAPTIONER_GPU_SHARE, captioner_share, worker_count, worker_share
-from cupscale_dist.raycluster import ClusterOptions
+from cupscale_dist.models.spec import ModelSpec
+from cupscale_dist.execution.pool import RayExecutor, WorkerPool
+from cupscale_dist.execution.placement import CAPTIONER_GPU_SHARE, captioner_share, worker_count, worker_share
+from cupscale_dist.execution.raycluster import ClusterOptions
 
 ray = pytest.importorskip("ray")
 
@@ -37,7 +37,7 @@ def one_gpu_cluster():
 
 @pytest.fixture(scope="module")
 def tiny_vlm(tmp_path_factory):
-    from cupscale_dist.vlm_testing import build_tiny_vlm
+    from cupscale_dist.testing.vlm import build_tiny_vlm
 
     return str(build_tiny_vlm(tmp_path_factory.mktemp("vlm") / "tiny-idefics3", seed=0))
 
@@ -105,7 +105,7 @@ def test_workers_that_ask_for_more_gpus_than_exist_fail_within_the_start_timeout
 
 
 def test_batch_image_workers_leave_their_captioner_its_share_of_the_gpu(sdxl_dir):
-    from cupscale_dist.batch import image_worker_gpus
+    from cupscale_dist.services.batch.run import image_worker_gpus
 
     plain, captioned = small_config(sdxl_dir), small_config(sdxl_dir, captioner="vllm", captioner_model=sdxl_dir)
     assert image_worker_gpus(plain, ClusterOptions(), 8) == 1.0 and image_worker_gpus(plain, ClusterOptions(), 0) == 0

@@ -26,9 +26,11 @@ import torch
 from PIL import Image
 
 from cupscale_dist import UserError
-from cupscale_dist.batch import JOURNAL_DIR, LOCK_NAME, MANIFEST_NAME, Journal, list_inputs, run_batch
-from cupscale_dist.imageio import place, read_png_metadata, save_png
-from cupscale_dist.raycluster import ClusterOptions
+from cupscale_dist.services.batch.manifest import JOURNAL_DIR, LOCK_NAME, MANIFEST_NAME, Journal
+from cupscale_dist.services.batch.inputs import list_inputs
+from cupscale_dist.services.batch.run import run_batch
+from cupscale_dist.files.imageio import place, read_png_metadata, save_png
+from cupscale_dist.execution.raycluster import ClusterOptions
 
 REPO = Path(__file__).resolve().parents[1]
 START_HEAD = REPO / "cluster" / "start-local-head.sh"
@@ -206,15 +208,16 @@ def resume_args(tmp_path: Path, model: str) -> list[str]:
 
 
 def cli_config(argv: list):
-    from cupscale_dist.cli import build_parser, config_from_args
+    from cupscale_dist.cli.main import build_parser
+    from cupscale_dist.cli.options import config_from_args
 
     return config_from_args(build_parser().parse_args([str(a) for a in argv]))
 
 
 def write_checkpoint(tmp_path: Path, model: str, drop: str | None = None, **fields) -> None:
     """A checkpoint this run accepts as its own (same config and input hashes), with ``fields`` replaced."""
-    from cupscale_dist.checkpoint import Checkpointer, image_sha
-    from cupscale_dist.imageio import load_image
+    from cupscale_dist.services.checkpoint import Checkpointer, image_sha
+    from cupscale_dist.files.imageio import load_image
 
     config = cli_config(resume_args(tmp_path, model))
     image = load_image(tmp_path / "in.png", config.max_input_pixels, config.min_input_side)
@@ -255,7 +258,7 @@ BAD_CHECKPOINTS = {
 
 @pytest.mark.parametrize("fields, words", BAD_CHECKPOINTS.values(), ids=BAD_CHECKPOINTS.keys())
 def test_a_checkpoint_with_wrong_contents_is_refused_in_one_line(fields, words, sdxl_dir, tmp_path, capsys):
-    from cupscale_dist.cli import main
+    from cupscale_dist.cli.main import main
 
     picture(0).save(tmp_path / "in.png")
     write_checkpoint(tmp_path, sdxl_dir, **fields)
@@ -266,7 +269,7 @@ def test_a_checkpoint_with_wrong_contents_is_refused_in_one_line(fields, words, 
 
 
 def test_a_sound_checkpoint_still_resumes(sdxl_dir, tmp_path, capsys):
-    from cupscale_dist.cli import main
+    from cupscale_dist.cli.main import main
 
     picture(0).save(tmp_path / "in.png")
     write_checkpoint(tmp_path, sdxl_dir)
@@ -351,7 +354,7 @@ def test_start_local_head_leaves_no_pid_file_when_ray_start_fails(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_vlm(tmp_path_factory):
-    from cupscale_dist.vlm_testing import build_tiny_vlm
+    from cupscale_dist.testing.vlm import build_tiny_vlm
 
     return build_tiny_vlm(tmp_path_factory.mktemp("vlm") / "tiny-idefics3", seed=0)
 
@@ -387,7 +390,7 @@ def test_a_vllm_engine_that_cannot_start_is_one_line_with_its_root_cause(tiny_vl
 # ---------------------------------------------------------------------------------------------------------------
 LISTENERS = """
 import json, os, psutil, ray
-from cupscale_dist.raycluster import ClusterOptions, connect
+from cupscale_dist.execution.raycluster import ClusterOptions, connect
 connect(ClusterOptions())
 ray.get(ray.remote(lambda: os.getpid()).remote())  # a worker too
 tree = [psutil.Process()] + psutil.Process().children(recursive=True)
@@ -414,7 +417,7 @@ def test_a_local_cluster_listens_on_loopback_only_and_writes_a_private_token(tmp
 
 
 def test_an_existing_token_file_readable_by_others_is_made_private(tmp_path, monkeypatch):
-    from cupscale_dist.raycluster import keep_token_private
+    from cupscale_dist.execution.raycluster import keep_token_private
 
     for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         monkeypatch.delenv(name, raising=False)

@@ -12,10 +12,10 @@ import torch
 
 from conftest import small_config
 from cupscale_dist import UserError, upscale
-from cupscale_dist.hub import component_variant, resolve_model, select_files
-from cupscale_dist.models import ModelSpec, model_family
-from cupscale_dist.testing_fullsize import LAYOUTS
-from cupscale_dist.worker import ModelWorker
+from cupscale_dist.models.hub import component_variant, resolve_model, select_files
+from cupscale_dist.models.spec import ModelSpec, model_family
+from cupscale_dist.testing.fullsize import LAYOUTS
+from cupscale_dist.execution.worker import ModelWorker
 
 GB = 1e9
 

@@ -1,4 +1,4 @@
-"""Image input/output (cupscale_dist.imageio): every odd mode converted to 8-bit RGB with the right pixels, every
+"""Image input/output (cupscale_dist.files.imageio): every odd mode converted to 8-bit RGB with the right pixels, every
 bad input one clear UserError, outputs written atomically with their parameters. Real files, real Pillow."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from cupscale_dist.errors import UserError
-from cupscale_dist.imageio import check_output_path, load_image, read_png_metadata, save_png
+from cupscale_dist.files.imageio import check_output_path, load_image, read_png_metadata, save_png
 
 BIG = 10**8  # a pixel limit no test image reaches
 

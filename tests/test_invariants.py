@@ -8,10 +8,10 @@ import pywt
 import torch
 from diffusers import EulerDiscreteScheduler
 
-from cupscale_dist.prior import GlobalPrior, inject_global_prior, noise_level
-from cupscale_dist.step import StageSchedule, reduce_and_step, reduce_predictions
-from cupscale_dist.views import coverage, jitter_views, make_views, view_batches
-from cupscale_dist.wavelets import dwt2, idwt2, low_band
+from cupscale_dist.method.prior import GlobalPrior, inject_global_prior, noise_level
+from cupscale_dist.method.step import StageSchedule, reduce_and_step, reduce_predictions
+from cupscale_dist.method.views import coverage, jitter_views, make_views, view_batches
+from cupscale_dist.method.wavelets import dwt2, idwt2, low_band
 
 
 # --- views -----------------------------------------------------------------------------------------------------

@@ -8,9 +8,9 @@ import pytest
 
 from conftest import small_config
 from cupscale_dist import UserError, upscale
-from cupscale_dist.addons import Addons, Lora, parse_lora
-from cupscale_dist.testing import build_tiny_lora
-from cupscale_dist.worker import ModelWorker
+from cupscale_dist.models.addons import Addons, Lora, parse_lora
+from cupscale_dist.testing.tiny import build_tiny_lora
+from cupscale_dist.execution.worker import ModelWorker
 
 
 def as_bytes(image) -> bytes:
@@ -57,9 +57,9 @@ def test_text_encoder_layers_of_a_lora_are_applied(sdxl_dir, loras):
 
 
 def test_ray_actors_give_the_same_bytes_as_the_reference(local_ray, sdxl_dir, loras, photo):
-    from cupscale_dist.models import ModelSpec
-    from cupscale_dist.orchestrator import RayExecutor, WorkerPool
-    from cupscale_dist.raycluster import ClusterOptions
+    from cupscale_dist.models.spec import ModelSpec
+    from cupscale_dist.execution.pool import RayExecutor, WorkerPool
+    from cupscale_dist.execution.raycluster import ClusterOptions
 
     config = small_config(sdxl_dir, steps=3, lora=(f"{loras['a']}:0.7", loras["b"]))
     reference = as_bytes(upscale(photo, config, model=ModelWorker.for_config(config), progress=False))
@@ -70,7 +70,7 @@ def test_ray_actors_give_the_same_bytes_as_the_reference(local_ray, sdxl_dir, lo
 
 
 def test_a_lora_of_another_family_is_refused_before_any_actor_starts(sdxl_dir, loras, monkeypatch):
-    monkeypatch.setattr("cupscale_dist.worker.load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr("cupscale_dist.execution.worker.load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(UserError) as refused:
         Addons.from_config(small_config(sdxl_dir, lora=(loras["sd15"],)))
     message = str(refused.value)
@@ -96,8 +96,8 @@ def test_kohya_names_are_checked_against_the_unet(sdxl_dir, tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from cupscale_dist.lora import check_lora
-    from cupscale_dist.models import ModelSpec
+    from cupscale_dist.models.lora import check_lora
+    from cupscale_dist.models.spec import ModelSpec
 
     spec = ModelSpec.read(sdxl_dir)
     good = tmp_path / "good.safetensors"
@@ -127,7 +127,8 @@ def test_parse_lora(tmp_path):
 
 
 def test_cli_maps_lora_flags_onto_the_config(tmp_path):
-    from cupscale_dist.cli import build_parser, config_from_args
+    from cupscale_dist.cli.main import build_parser
+    from cupscale_dist.cli.options import config_from_args
 
     args = build_parser().parse_args(["upscale", "in.png", "-o", "out.png", "--lora", "a.safetensors:0.5",
                                       "--lora", "b.safetensors", "--creativity", "0.5", "--controlnet", "cn"])
@@ -139,7 +140,7 @@ def test_cli_maps_lora_flags_onto_the_config(tmp_path):
 def test_the_service_owns_the_add_ons():
     from starlette.datastructures import QueryParams
 
-    from cupscale_dist.serve import request_knobs
+    from cupscale_dist.services.serve import request_knobs
 
     for knob in ("lora", "controlnet", "upscale_model", "model_config"):
         with pytest.raises(UserError, match=f"{knob} is set by the service"):

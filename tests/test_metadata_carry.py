@@ -3,7 +3,7 @@
 The source PNG is built chunk by chunk so every byte is known: A1111's ``parameters`` as a Latin-1 tEXt (what PIL
 writes for Latin-1 text), ComfyUI's ``prompt`` as a UTF-8 iTXt with non-ASCII text and its ``workflow`` as an ASCII
 tEXt of JSON, as ComfyUI saves them. End to end through ``cupscale upscale`` on the tiny SDXL model, and through
-the writers for every format; each output is read back with :func:`cupscale_dist.metadata.read_metadata`.
+the writers for every format; each output is read back with :func:`cupscale_dist.files.metadata.read_metadata`.
 """
 
 from __future__ import annotations
@@ -19,10 +19,9 @@ import pytest
 from PIL import Image
 
 from cupscale_dist.errors import UserError
-from cupscale_dist.imageio import check_output_path, load_input, write_image
-from cupscale_dist.metadata import (EXIF_IFD, MAX_CARRIED_BYTES, USER_COMMENT, file_text, read_metadata,
-                                    user_comment_text)
-from cupscale_dist.writers import PNG_SIGNATURE, png_chunk
+from cupscale_dist.files.imageio import check_output_path, load_input, write_image
+from cupscale_dist.files.metadata import (EXIF_IFD, MAX_CARRIED_BYTES, USER_COMMENT, file_text, read_metadata, user_comment_text)
+from cupscale_dist.files.writers import PNG_SIGNATURE, png_chunk
 
 from test_cli import RUN, assert_one_error_line, cli, snapshot, structured
 
@@ -220,7 +219,8 @@ def test_a_batch_item_carries_the_source_metadata(source, sdxl_dir, sdxl_model, 
     """`cupscale batch`'s per-image function (the Ray Data worker's and the tile-parallel driver's) carries them too."""
     from conftest import small_config
 
-    from cupscale_dist.batch import STATUS_OK, process_item
+    from cupscale_dist.services.batch.manifest import STATUS_OK
+    from cupscale_dist.services.batch.worker import process_item
 
     item = {"input_path": str(source), "output_path": "source.png", "overrides": {}}
     row = process_item(item, small_config(sdxl_dir), tmp_path / "out", model=sdxl_model)

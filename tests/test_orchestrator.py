@@ -15,11 +15,11 @@ import pytest
 
 from conftest import small_config
 from cupscale_dist import UserError, upscale
-from cupscale_dist.models import ModelSpec
-from cupscale_dist.orchestrator import RayExecutor, WorkerPool
-from cupscale_dist.vae import latent_tiles
-from cupscale_dist.views import make_views
-from cupscale_dist.raycluster import ClusterOptions
+from cupscale_dist.models.spec import ModelSpec
+from cupscale_dist.execution.pool import RayExecutor, WorkerPool
+from cupscale_dist.method.vae import latent_tiles
+from cupscale_dist.method.views import make_views
+from cupscale_dist.execution.raycluster import ClusterOptions
 
 ray = pytest.importorskip("ray")
 
@@ -51,8 +51,8 @@ def forbid_models_in_the_driver(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the driver loaded a model")
 
-    monkeypatch.setattr("cupscale_dist.worker.load_pipeline", refuse)
-    monkeypatch.setattr("cupscale_dist.models.load_pipeline", refuse)
+    monkeypatch.setattr("cupscale_dist.execution.worker.load_pipeline", refuse)
+    monkeypatch.setattr("cupscale_dist.models.loading.load_pipeline", refuse)
 
 
 def test_output_bytes_identical_for_0_1_2_3_actors_with_every_forward_pass_on_them(local_ray, sdxl_model, photo,

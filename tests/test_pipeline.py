@@ -11,10 +11,11 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 
 from conftest import small_config
 from cupscale_dist import UpscaleConfig, UserError, upscale
-from cupscale_dist.models import model_family
-from cupscale_dist.pipeline import plan_stages
-from cupscale_dist.step import StageContext, predict_views
-from cupscale_dist.worker import LocalExecutor, ModelWorker
+from cupscale_dist.models.spec import model_family
+from cupscale_dist.plan import plan_stages
+from cupscale_dist.method.step import StageContext, predict_views
+from cupscale_dist.execution.executor import LocalExecutor
+from cupscale_dist.execution.worker import ModelWorker
 
 
 class RecordingExecutor(LocalExecutor):
@@ -74,7 +75,7 @@ def test_lambda_one_without_masks_is_the_plain_unet(sdxl_model, photo):
     windows = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     ours = predict_views(unet, windows, 500, 0.5, context, [0, 1], views)
 
-    from cupscale_dist.step import micro_conditioning
+    from cupscale_dist.method.step import micro_conditioning
 
     unet.set_attn_processor(AttnProcessor2_0())
     try:
@@ -85,7 +86,7 @@ def test_lambda_one_without_masks_is_the_plain_unet(sdxl_model, photo):
                      "time_ids": torch.cat([time_ids, time_ids])}
             eps = unet(torch.cat([windows * 0.5] * 2), 500, encoder_hidden_states=states, added_cond_kwargs=added).sample
     finally:
-        from cupscale_dist.attention import install_regional_processors
+        from cupscale_dist.method.attention import install_regional_processors
 
         install_regional_processors(unet)
     uncond, cond = eps.chunk(2)

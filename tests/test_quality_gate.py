@@ -8,8 +8,8 @@ this photo (README, "Quality"), so such a change fails here. `tests/mutants/run.
 import pytest
 
 from cupscale_dist import UpscaleConfig
-from cupscale_dist.evaluate import evaluate, held_out_originals
-from cupscale_dist.worker import ModelWorker
+from cupscale_dist.quality.evaluate import evaluate, held_out_originals
+from cupscale_dist.execution.worker import ModelWorker
 
 # Measured on the whole held-out astronaut at x2 with these knobs (2026-11-29): consistency 25.03 dB, seam 1.32,
 # detail 0.80, prior gain 0.77 dB, seam without overlap 1.91. (A 256 px crop has too few boundary lines for a

@@ -19,8 +19,8 @@ import pytest
 from PIL import Image
 
 # On a busy 2-core machine Serve's proxy takes longer than its 5 s readiness check to start (measured: killed and
-# restarted in a loop); the service's own defaults (cupscale_dist.serve.SLOW_START_ENV) apply to the test cluster.
-from cupscale_dist.serve import SLOW_START_ENV  # noqa: E402
+# restarted in a loop); the service's own defaults (cupscale_dist.services.serve.SLOW_START_ENV) apply to the test cluster.
+from cupscale_dist.services.serve import SLOW_START_ENV  # noqa: E402
 
 for _key, _value in SLOW_START_ENV.items():
     os.environ.setdefault(_key, _value)
@@ -89,8 +89,8 @@ def service(local_ray, tmp_path_factory):
     from ray import serve
 
     from cupscale_dist import UpscaleConfig
-    from cupscale_dist.raycluster import ClusterOptions
-    from cupscale_dist.serve import ServiceOptions, deploy
+    from cupscale_dist.execution.raycluster import ClusterOptions
+    from cupscale_dist.services.serve import ServiceOptions, deploy
 
     results = tmp_path_factory.mktemp("results")
     config = UpscaleConfig.load("cpu-demo", model=MODEL, torch_threads=1)
@@ -108,7 +108,7 @@ def service(local_ray, tmp_path_factory):
 def cli_bytes(tmp_path_factory):
     """`cupscale upscale` (the CLI's own code path, in this process, single-process reference) on the same input
     and parameters: its output file's bytes, per seed."""
-    from cupscale_dist.cli import main
+    from cupscale_dist.cli.main import main
 
     folder = tmp_path_factory.mktemp("cli")
     source = folder / "in.png"

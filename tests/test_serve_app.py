@@ -45,8 +45,8 @@ def app_service(tmp_path_factory):
     from ray import serve
 
     from cupscale_dist import UpscaleConfig
-    from cupscale_dist import serve as service
-    from cupscale_dist.raycluster import ClusterOptions
+    from cupscale_dist.services import serve as service
+    from cupscale_dist.execution.raycluster import ClusterOptions
 
     results = tmp_path_factory.mktemp("app-results")
     config = UpscaleConfig.load("cpu-demo", model=MODEL, torch_threads=1)
@@ -109,7 +109,7 @@ def app_http(app_service):
 
     import uvicorn
 
-    from cupscale_dist import serve as service
+    from cupscale_dist.services import serve as service
     from test_serve import free_port
 
     port = free_port()

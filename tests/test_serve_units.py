@@ -12,7 +12,7 @@ import pytest
 from starlette.datastructures import QueryParams
 
 from cupscale_dist.errors import UserError
-from cupscale_dist.jobstore import JobStore
+from cupscale_dist.services.jobstore import JobStore
 
 REPO = Path(__file__).resolve().parents[1]  # comfyui_cupscale/ is a ComfyUI node folder, not an installed package
 
@@ -43,7 +43,7 @@ def test_job_store_records_are_atomic_and_a_restart_fails_unfinished_jobs(tmp_pa
 def test_one_service_per_results_folder(tmp_path):
     first = JobStore(tmp_path)
     first.claim()
-    script = ("import sys; from cupscale_dist.jobstore import JobStore\n"
+    script = ("import sys; from cupscale_dist.services.jobstore import JobStore\n"
               "try: JobStore(sys.argv[1]).claim()\nexcept Exception as e: print(e); sys.exit(3)")
     other = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True)
     assert other.returncode == 3 and "in use by another service" in other.stdout
@@ -52,7 +52,7 @@ def test_one_service_per_results_folder(tmp_path):
 
 
 def test_request_knobs_are_typed_like_set_and_service_knobs_refused():
-    from cupscale_dist.serve import request_knobs
+    from cupscale_dist.services.serve import request_knobs
 
     knobs, extra = request_knobs(QueryParams("seed=3&strength=0.5&prompt=a+cat&size=256x128&source=in.png"))
     assert knobs == {"seed": 3, "strength": 0.5, "prompt": "a cat", "size": (256, 128)} and extra == {"source": "in.png"}
@@ -63,8 +63,8 @@ def test_request_knobs_are_typed_like_set_and_service_knobs_refused():
 
 
 def test_bind_rule_and_serve_flags(tmp_path, capsys):
-    from cupscale_dist.cli import main
-    from cupscale_dist.serve import check_bind
+    from cupscale_dist.cli.main import main
+    from cupscale_dist.services.serve import check_bind
 
     check_bind("127.0.0.1", None)
     check_bind("0.0.0.0", "x" * 32)

@@ -9,13 +9,13 @@ import torch
 
 from conftest import small_config
 from cupscale_dist import UserError, upscale
-from cupscale_dist.addons import Addons
-from cupscale_dist.hub import resolve_model
-from cupscale_dist.models import ModelSpec
-from cupscale_dist.single_file import checkpoint_family, shipped_config
-from cupscale_dist.testing import build_tiny_sd15, build_tiny_sdxl
-from cupscale_dist.testing_single_file import copy_configs, save_single_file
-from cupscale_dist.worker import ModelWorker
+from cupscale_dist.models.addons import Addons
+from cupscale_dist.models.hub import resolve_model
+from cupscale_dist.models.spec import ModelSpec
+from cupscale_dist.models.single_file import checkpoint_family, shipped_config
+from cupscale_dist.testing.tiny import build_tiny_sd15, build_tiny_sdxl
+from cupscale_dist.testing.single_file import copy_configs, save_single_file
+from cupscale_dist.execution.worker import ModelWorker
 
 
 def as_bytes(image) -> bytes:
@@ -54,14 +54,14 @@ def test_single_file_gives_the_bytes_of_the_diffusers_directory(tiny, photo, mon
 
 
 def test_ray_actors_load_the_single_file(local_ray, tiny, photo, monkeypatch):
-    from cupscale_dist.orchestrator import RayExecutor, WorkerPool
-    from cupscale_dist.raycluster import ClusterOptions
+    from cupscale_dist.execution.pool import RayExecutor, WorkerPool
+    from cupscale_dist.execution.raycluster import ClusterOptions
 
     model = tiny["sdxl"]
     reference = as_bytes(upscale(photo, small_config(model["dir"], steps=3), progress=False))
     config = small_config(model["file"], steps=3, model_config=model["config"])
     spec = ModelSpec.load(config.model, config.variant, config.model_config)
-    monkeypatch.setattr("cupscale_dist.models.load_pipeline", lambda *a, **k: pytest.fail("the driver loaded weights"))
+    monkeypatch.setattr("cupscale_dist.models.loading.load_pipeline", lambda *a, **k: pytest.fail("the driver loaded weights"))
     executor = RayExecutor(WorkerPool(config, ClusterOptions(actors=2, cpus_per_actor=0.5), spec), spec,
                            config.view_batch_size)
     assert as_bytes(upscale(photo, config, executor=executor, progress=False)) == reference
@@ -87,7 +87,7 @@ def fake_checkpoint(path, keys: dict[str, tuple[int, ...]]) -> str:
     ({"weight": (3, 3)}, "not a Stable Diffusion checkpoint"),
 ])
 def test_other_checkpoints_are_refused_in_one_line_before_any_actor_starts(tmp_path, monkeypatch, keys, named):
-    monkeypatch.setattr("cupscale_dist.worker.load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr("cupscale_dist.execution.worker.load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
     path = fake_checkpoint(tmp_path / "other.safetensors", keys)
     with pytest.raises(UserError) as refused:
         ModelWorker.for_config(small_config(path))
@@ -107,7 +107,7 @@ def test_unreadable_files_and_misplaced_model_config_are_refused(tmp_path, tiny,
 
 
 def test_a_lora_is_checked_against_a_single_files_config(tiny, tmp_path):
-    from cupscale_dist.testing import build_tiny_lora
+    from cupscale_dist.testing.tiny import build_tiny_lora
 
     lora = build_tiny_lora(tiny["sd15"]["dir"], tmp_path / "sd15.safetensors")
     config = small_config(tiny["sdxl"]["file"], model_config=tiny["sdxl"]["config"], lora=(str(lora),))
@@ -118,7 +118,7 @@ def test_a_lora_is_checked_against_a_single_files_config(tiny, tmp_path):
 def test_a_controlnet_is_checked_against_a_single_files_config(tiny, tmp_path):
     """The ControlNet check reads the UNet config from the single file's config directory (not from inside the
     checkpoint's path): a matching ControlNet passes, another family's is refused in one line."""
-    from cupscale_dist.testing_controlnet import build_tiny_controlnet
+    from cupscale_dist.testing.controlnet import build_tiny_controlnet
 
     config = small_config(tiny["sdxl"]["file"], model_config=tiny["sdxl"]["config"])
     fitting = build_tiny_controlnet(tiny["sdxl"]["dir"], tmp_path / "sdxl-controlnet")
@@ -145,7 +145,7 @@ def test_shipped_sdxl_config_loads_a_full_size_layout_offline(tmp_path, monkeypa
     """The default configs (no model_config) are what `from_single_file` reads: a tiny file of SDXL's names but the
     wrong shapes fails inside the loader with one line, never a download."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from cupscale_dist.models import load_pipeline
+    from cupscale_dist.models.loading import load_pipeline
 
     path = fake_checkpoint(tmp_path / "sdxl.safetensors", {
         "model.diffusion_model.input_blocks.0.0.weight": (2, 4, 1, 1),

@@ -1,4 +1,4 @@
-"""The tiny random pipelines of `cupscale_dist.testing` load back through diffusers' and transformers' real paths."""
+"""The tiny random pipelines of `cupscale_dist.testing.tiny` load back through diffusers' and transformers' real paths."""
 
 import json
 from pathlib import Path
@@ -15,7 +15,7 @@ from diffusers import (
 )
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from cupscale_dist.testing import build_tiny_sdxl, write_clip_tokenizer
+from cupscale_dist.testing.tiny import build_tiny_sdxl, write_clip_tokenizer
 
 
 def _files(directory):

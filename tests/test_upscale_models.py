@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import small_config
 from cupscale_dist import UserError, upscale
-from cupscale_dist import upscale_models as um
+from cupscale_dist.models.spec import upscale_models as um
 
 needs_ncnn = pytest.mark.skipif(importlib.util.find_spec(um.NCNN_MODULE) is None,
                                 reason=f"{um.NCNN_PACKAGE} not installed (the 'upscale' extra)")
@@ -72,7 +72,7 @@ def textured(height: int, width: int) -> Image.Image:
 def test_spandrel_imports_without_torchvision_and_leaves_none_behind():
     code = (
         "import importlib.util, sys\n"
-        "from cupscale_dist.upscale_models import import_spandrel\n"
+        "from cupscale_dist.models.upscale_models import import_spandrel\n"
         "spandrel = import_spandrel()\n"
         "assert 'ESRGAN' in spandrel.MAIN_REGISTRY and 'SwinIR' in spandrel.MAIN_REGISTRY\n"
         "assert importlib.util.find_spec('torchvision') is None, 'a stand-in is visible'\n"
@@ -199,7 +199,7 @@ def model_config(sdxl_dir, model_file, **changes):
 
 
 def test_pipeline_with_resize_model_runs_on_the_worker(sdxl_dir, tiny_model_files, photo):
-    from cupscale_dist.worker import ModelWorker
+    from cupscale_dist.execution.worker import ModelWorker
 
     config = model_config(sdxl_dir, tiny_model_files[0])
     worker = ModelWorker.for_config(config)
@@ -212,9 +212,9 @@ def test_pipeline_with_resize_model_runs_on_the_worker(sdxl_dir, tiny_model_file
 
 
 def test_ray_actors_give_the_single_process_bytes_with_resize_model(local_ray, sdxl_dir, tiny_model_files, photo):
-    from cupscale_dist.models import ModelSpec
-    from cupscale_dist.orchestrator import RayExecutor, WorkerPool
-    from cupscale_dist.raycluster import ClusterOptions
+    from cupscale_dist.models.spec import ModelSpec
+    from cupscale_dist.execution.pool import RayExecutor, WorkerPool
+    from cupscale_dist.execution.raycluster import ClusterOptions
 
     config = model_config(sdxl_dir, tiny_model_files[1])
     expected = np.asarray(upscale(photo, config, progress=False)).tobytes()

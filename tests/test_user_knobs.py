@@ -57,11 +57,11 @@ def test_out_of_range_values_are_one_line_errors(value):
 def test_prior_scale_scales_the_injected_prior():
     """reduce_and_step's prior weight is prior_scale * w_t: scale 0 is the prior switched off, bit for bit, and
     0.5 moves the low band half as far as 1 does."""
-    from cupscale_dist.prior import GlobalPrior
-    from cupscale_dist.schedulers import make_scheduler
-    from cupscale_dist.step import StageSchedule, reduce_and_step
-    from cupscale_dist.views import make_views
-    from cupscale_dist.wavelets import low_band
+    from cupscale_dist.method.prior import GlobalPrior
+    from cupscale_dist.method.schedulers import make_scheduler
+    from cupscale_dist.method.step import StageSchedule, reduce_and_step
+    from cupscale_dist.method.views import make_views
+    from cupscale_dist.method.wavelets import low_band
 
     torch.manual_seed(0)
     z_low, noise = torch.randn(1, 4, 16, 16), torch.randn(1, 4, 16, 16)

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from cupscale_dist.vae import decode_image, decode_latents, encode_image, encode_pixels, image_to_tensor, to_uint8
-from cupscale_dist.worker import LocalExecutor, ModelWorker
+from cupscale_dist.method.vae import (decode_image, decode_latents, encode_image, encode_pixels, image_to_tensor, to_uint8)
+from cupscale_dist.execution.executor import LocalExecutor
+from cupscale_dist.execution.worker import ModelWorker
 
 
 class VAEWorker:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cupscale_dist.imageio import read_png_metadata, write_image
-from cupscale_dist.writers import TIFF_TILE, read_tiff_metadata
+from cupscale_dist.files.imageio import read_png_metadata, write_image
+from cupscale_dist.files.writers import TIFF_TILE, read_tiff_metadata
 
 METADATA = {"prompt": "a harbour at dusk, 港口", "seed": "7", "stages": [[512, 384]], "config": {"tile": 128}}
 

@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..testing import EOS_TOKEN, SCHEDULER_CONFIG, _save_pipeline, write_clip_tokenizer
+from ..testing.tiny import EOS_TOKEN, SCHEDULER_CONFIG, _save_pipeline, write_clip_tokenizer
 from .photos import HELD_OUT, Photo, load_photo, training_photos
 
 BPE_FILE = Path(__file__).with_name("bpe_simple_vocab_16e6.txt.gz")  # openai/CLIP's BPE, via open_clip (MIT)

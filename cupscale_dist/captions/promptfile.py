@@ -1,0 +1,105 @@
+"""The regional-prompts file (``--regional-prompts FILE.json``, what ``cupscale caption --tiles`` prints): its schema,
+read and checked before any model loads, and checked against a run's plan.
+
+File format::
+
+    {"prompt": "global caption",
+     "stages": [{"stage": 0, "size": [W, H], "views": [{"box": [left, top, right, bottom], "prompt": "..."}, ...]}]}
+
+A stage missing from the file uses the global prompt for all its views.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+from ..errors import UserError
+
+
+def read_prompt_file(path: Path) -> dict:
+    """Read the regional-prompts JSON and check its schema (module docstring); every problem is one UserError."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"--regional-prompts {path}: no such file; check the path") from None
+    except RecursionError:  # json recurses once per nesting level
+        raise UserError(f"--regional-prompts {path}: nested too deeply to be a prompts file; write it with "
+                        "`cupscale caption --tiles`") from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--regional-prompts {path}: not valid JSON ({exc}); fix the file") from None
+    problem = _schema_problem(data)
+    if problem:
+        raise UserError(f"--regional-prompts {path}: {problem}; expected {{'prompt': str, 'stages': [{{'stage': "
+                        "k, 'views': [{'box': [l, t, r, b], 'prompt': str}]}]} (write it with `cupscale caption "
+                        "--tiles`)")
+    return data
+
+
+def _schema_problem(data) -> str | None:
+    """The first place where ``data`` departs from the file format, named by its JSON path; None if it fits."""
+    problem = _mapping_problem(data, "the file", {"prompt": str, "stages": list})
+    if problem:
+        return problem
+    seen: set[int] = set()
+    for s, stage in enumerate(data.get("stages", [])):
+        where = f"stages[{s}]"
+        problem = (_mapping_problem(stage, where, {"stage": int, "size": list, "views": list}, required=("stage", "views"))
+                   or _ints_problem(stage.get("size"), f"{where}.size", 2))
+        if problem:
+            return problem
+        if stage["stage"] < 0 or stage["stage"] in seen:
+            return f"{where}.stage={stage['stage']} is {'negative' if stage['stage'] < 0 else 'listed twice'}"
+        seen.add(stage["stage"])
+        for v, view in enumerate(stage["views"]):
+            problem = (_mapping_problem(view, f"{where}.views[{v}]", {"box": list, "prompt": str}, required=("prompt",))
+                       or _ints_problem(view.get("box"), f"{where}.views[{v}].box", 4))
+            if problem:
+                return problem
+    return None
+
+
+def _mapping_problem(value, where: str, types: dict[str, type], required: tuple[str, ...] = ()) -> str | None:
+    """``value`` is an object whose keys are known, present when required, and of their type (a bool is no int)."""
+    if not isinstance(value, dict):
+        return f"{where} must be an object, got {type(value).__name__}"
+    unknown = sorted(set(value) - set(types))
+    if unknown:
+        return f"{where} has unknown key(s) {', '.join(map(repr, unknown))}"
+    for key, kind in types.items():
+        if key not in value:
+            if key in required:
+                return f"{where} has no {key!r}"
+            continue
+        if not isinstance(value[key], kind) or (kind is int and isinstance(value[key], bool)):
+            return f"{where}.{key} must be {'a list' if kind is list else f'a {kind.__name__}'}, got {value[key]!r:.40}"
+    return None
+
+
+def _ints_problem(value, where: str, length: int) -> str | None:
+    if value is None or (len(value) == length and all(type(v) is int for v in value)):
+        return None
+    return f"{where} must be {length} integers, got {value!r:.60}"
+
+
+def check_prompt_file(path, data: dict, stages: list[dict]) -> None:
+    """The file against this run's plan (``describe_plan``'s stages): every stage exists, with its size and views."""
+    for entry in data.get("stages", []):
+        stage = entry["stage"]
+        if stage >= len(stages):
+            raise UserError(f"--regional-prompts {path}: stage {stage} does not exist, this run has {len(stages)} "
+                            f"stage(s) (0..{len(stages) - 1}); regenerate it with `cupscale caption --tiles` using "
+                            "the same scale/size")
+        planned = stages[stage]
+        if entry.get("size") not in (None, planned["size"]):
+            raise UserError(f"--regional-prompts {path}: stage {stage} is {entry['size'][0]}x{entry['size'][1]} in "
+                            f"the file but {planned['size'][0]}x{planned['size'][1]} in this run; regenerate it with "
+                            "`cupscale caption --tiles` using the same scale/size")
+        check_view_count(path, stage, len(entry["views"]), planned["views_per_step"])
+
+
+def check_view_count(path, stage: int, listed: int, expected: int) -> None:
+    if listed != expected:
+        raise UserError(f"--regional-prompts {path}: stage {stage} lists {listed} views but this run has {expected}; "
+                        "regenerate it with `cupscale caption --tiles` using the same tile/stride/scale")

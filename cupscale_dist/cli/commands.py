@@ -1,0 +1,162 @@
+"""The commands that run the method here or on a Ray cluster: upscale, caption, batch, eval, knobs, presets."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from ..config import UpscaleConfig, preset_names
+from ..errors import UserError
+from .options import add_cluster_options, add_run_options, config_from_args
+
+
+BATCH_EXAMPLES = """examples:
+  cupscale batch --input photos/ --output up/ --config cpu-demo --gpus-per-actor 0 --cpus-per-actor 0.5 --workers 2
+  cupscale batch --input 'photos/**/*.jpg' --output /data/up --config sdxl-4k          # one GPU per worker
+  cupscale batch --input list.parquet --output /data/up --config sdxl-4k  # columns: path [, prompt, seed, ...]
+  cupscale batch --input big/ --output /data/16k --config sdxl-16k --tile-parallel --actors 8
+A rerun skips inputs already in DIR/manifest.parquet with the same config; bad inputs become error rows.
+"""
+
+
+EVAL_EXAMPLES = """examples:
+  cupscale eval --config cpu-demo --out eval/              # the demo's held-out photos, x2: table + eval.json + crops
+  cupscale eval originals/*.png --config sdxl-4k --scale 4 --json
+  cupscale eval originals/*.png --config sdxl-4k --inception pt_inception-2015-12-05-6726825d.pth --clip clip-vit-l-14/
+Each original is centre-cropped to a multiple of 32 x scale px, downscaled by the scale (bicubic) and upscaled back.
+"""
+
+
+def add_eval_parser(sub) -> None:
+    ev = sub.add_parser("eval", help="quality figures: downscale originals, upscale them back, compare (table or JSON)",
+                        epilog=EVAL_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ev.add_argument("originals", nargs="*", help="high-resolution originals (default: the demo model's held-out photos)")
+    ev.add_argument("--out", metavar="DIR", help="write eval.json, the upscales and side-by-side crops (bicubic | ours | "
+                                                  "original) here")
+    ev.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
+    ev.add_argument("--inception", metavar="FILE", help="FID Inception weights file: adds FID, KID and IS (whole and crops)")
+    ev.add_argument("--clip", metavar="DIR", help="local transformers CLIP model directory: adds CLIP score")
+    ev.add_argument("--crops-per-image", dest="crops_per_image", type=int, default=10, metavar="N",
+                    help="random crops per image for the patch FID/KID/IS (default 10)")
+    ev.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    add_run_options(ev)
+
+
+def add_batch_parser(sub) -> None:
+    batch = sub.add_parser("batch", help="upscale a folder, glob or parquet of images with Ray Data",
+                           epilog=BATCH_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    batch.add_argument("--input", required=True, metavar="DIR|GLOB|FILE.parquet",
+                       help="a folder (recursive), a glob, or a parquet with a 'path' column (+ prompt, seed, ...)")
+    batch.add_argument("--output", required=True, metavar="DIR", help="output folder; also holds manifest.parquet")
+    batch.add_argument("--workers", type=int, help="images in parallel, one actor each (default: one per GPU, else 1)")
+    batch.add_argument("--tile-parallel", dest="tile_parallel", action="store_true",
+                       help="one image at a time, its views spread over --actors denoisers (for 8K/16K)")
+    batch.add_argument("--retry-errors", dest="retry_errors", action="store_true",
+                       help="also redo inputs the manifest records as bad (failed runs are always redone)")
+    batch.add_argument("--dry-run", action="store_true", help="print what would be done (names, skips) and exit")
+    batch.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_run_options(batch)
+    add_cluster_options(batch)
+
+
+def cmd_upscale(args: argparse.Namespace) -> int:
+    from ..files.imageio import check_output_path, check_output_side, load_input, temp_beside
+    from ..execution.raycluster import ClusterOptions
+    from ..plan import describe_plan
+    from ..services.runner import run_upscale
+
+    config = config_from_args(args)
+    output = check_output_path(args.output, args.overwrite or args.dry_run, source=args.input)  # a dry run writes nothing
+    image, carried = load_input(args.input, config.max_input_pixels, config.min_input_side)
+    try:
+        plan = describe_plan(image.size, config)
+    except ValueError as exc:
+        raise UserError(f"{exc}; ask for a larger --size or a --scale of 2, 4, 8 or 16") from None
+    config.check_output_size(tuple(plan["output"]))
+    check_output_side(output, tuple(plan["output"]))
+    if args.dry_run:
+        print(json.dumps(plan, indent=2))
+        return 0
+    check_run_inputs(args, config, image, plan)  # fail before any model loads
+    cluster = ClusterOptions(args.actors, args.address, args.gpus_per_actor, args.cpus_per_actor, args.start_timeout)
+    partial = temp_beside(output)  # the result goes here first (and the directory proves it takes new files)
+    try:  # without --overwrite the result claims its name exclusively: of two racing runs one wins
+        run_upscale(image, config, output, source=args.input, progress=not args.quiet, cluster=cluster,
+                    checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
+                    overwrite=args.overwrite, temp=partial, carried=carried)
+    finally:
+        partial.unlink(missing_ok=True)
+    print(f"wrote {output} ({plan['output'][0]}x{plan['output'][1]})")
+    return 0
+
+
+def check_run_inputs(args: argparse.Namespace, config: UpscaleConfig, image, plan: dict) -> None:
+    """What a run reads besides the image, checked against its plan: the regional-prompts file and, with
+    ``--resume``, every field of the checkpoint (a wrong shape or step would give a traceback or a wrong image)."""
+    if config.regional_prompts:
+        from ..captions.promptfile import check_prompt_file, read_prompt_file
+
+        check_prompt_file(config.regional_prompts, read_prompt_file(Path(config.regional_prompts)), plan["stages"])
+    if args.resume and args.checkpoint_dir:
+        from ..services.checkpoint import Checkpointer, ResumePlan, image_sha
+
+        Checkpointer(args.checkpoint_dir, args.checkpoint_every, config.config_hash(), image_sha(image),
+                     ResumePlan.from_plan(plan)).load()
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ..quality.evaluate import evaluate, format_table, held_out_originals
+    from ..files.imageio import load_image
+
+    config = config_from_args(args)
+    if args.crops_per_image < 1:
+        raise UserError(f"--crops-per-image {args.crops_per_image}: give at least 1")
+    originals = ([(path, load_image(path, config.max_input_pixels, config.min_input_side)) for path in args.originals]
+                 or held_out_originals())
+    report = evaluate(originals, config, out_dir=args.out, progress=not args.quiet, inception=args.inception,
+                      clip=args.clip, crops_per_image=args.crops_per_image)
+    print(json.dumps(report, indent=1) if args.json else format_table(report))
+    return 0
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    from ..captions.tiles import caption_views
+    from ..files.imageio import load_image
+    from ..plan import target_size
+
+    config = config_from_args(args)
+    image = load_image(args.input, config.max_input_pixels, config.min_input_side)
+    config.check_output_size(target_size(image.size, config))
+    print(json.dumps(caption_views(image, config, args.tiles), indent=2))
+    return 0
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from ..services.batch.run import run_batch, summarize_errors
+    from ..execution.raycluster import ClusterOptions
+
+    config = config_from_args(args)
+    cluster = ClusterOptions(args.actors, args.address, args.gpus_per_actor, args.cpus_per_actor, args.start_timeout)
+    summary = run_batch(args.input, args.output, config, cluster=cluster, workers=args.workers,
+                        tile_parallel=args.tile_parallel, retry_errors=args.retry_errors, progress=not args.quiet,
+                        dry_run=args.dry_run)
+    if args.dry_run:
+        print(json.dumps(summary.planned, indent=2))
+    for line in summarize_errors(summary.rows):
+        print(line, file=sys.stderr)
+    print(summary.line())
+    return 0
+
+
+def cmd_knobs(_: argparse.Namespace) -> int:
+    for f in fields(UpscaleConfig):
+        print(f"{f.name:18} {f.default!r:40} {f.metadata.get('why', '')}")
+    return 0
+
+
+def cmd_presets(_: argparse.Namespace) -> int:
+    print("\n".join(preset_names()))
+    return 0

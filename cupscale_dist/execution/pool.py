@@ -1,0 +1,209 @@
+"""The Ray driver: every forward pass on a pool of model-worker actors, fanned out and gathered in a fixed order.
+
+The driver runs the very same :func:`cupscale_dist.pipeline.upscale` as the single-process reference; only the
+executor differs (:class:`RayExecutor` instead of ``worker.LocalExecutor``). It holds no weights — configs and
+the tokenizer only (:class:`cupscale_dist.models.spec.ModelSpec`) — and owns the one scheduler, the full latent and the
+8-bit image bands. Each actor (``actors/worker.py``) holds the whole pipeline on its GPU share and answers the
+same calls a local ``ModelWorker`` does: view predictions, VAE tiles, prompt chunks, the attention probe.
+
+Why one pool for every kind of call (not a VAE pool beside a UNet pool): SDXL's modules together are ~7 GB in
+bf16, small beside a GPU; one pool has one resource shape, one restart policy, and keeps every GPU busy in every
+phase of a stage (encode, probe, denoise, decode) instead of idling one pool while the other works.
+
+Why the bytes do not depend on the actor count: calls are fixed units (one view batch of ``view_batch_size``, one
+VAE tile, one prompt chunk), their results are consumed strictly in call order, noise is drawn on the driver once
+per stage, and CPU actors use the driver's torch thread count.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from ..models.addons import Addons
+from ..config import UpscaleConfig
+from ..errors import UserError
+from ..models.spec import ModelSpec
+from .executor import Shared
+from .placement import memory_fraction, model_worker_share, reserve, worker_count
+from .raycluster import ClusterOptions, connect, root_cause
+
+log = logging.getLogger(__name__)
+
+MAX_TASKS_IN_FLIGHT_PER_ACTOR = 2  # one call computing + one queued hides the driver's round trip per call
+ACTOR_RESTARTS = 3  # Ray restarts a dead worker this often (and retries its call) before we replace it
+# Loading SDXL from a cold disk (or fetching it on a node without the shared cache) takes minutes; a pool not up
+# after this is stuck, not slow. Placement has its own, shorter limit (--start-timeout).
+MODEL_LOAD_TIMEOUT_S = 900.0
+
+
+class WorkerPool:
+    """N model-worker actors; the policy (placement, in-flight caps, ordered fan-out, replacement) lives here."""
+
+    def __init__(self, config: UpscaleConfig, options: ClusterOptions, spec: ModelSpec, actor_class=None,
+                 addons: Addons | None = None):
+        addons = Addons.from_config(config, spec) if addons is None else addons  # checked before any actor starts
+        ray = connect(options)
+        from actors.worker import PipelineWorker
+
+        gpus = ray.cluster_resources().get("GPU", 0)
+        self.num_gpus = model_worker_share(config, options.gpus_per_actor, gpus, spread_over=gpus)  # per actor
+        self.num_cpus = options.cpus_per_actor
+        self.count = worker_count(gpus, self.num_gpus, options.actors)
+        self.start_timeout_s = options.start_timeout_s  # the captioner pool is placed under the same limit
+        device = config.device if config.device != "auto" else ("cuda" if self.num_gpus else "cpu")
+        device = "cuda" if device.startswith("cuda") else device  # Ray shows each actor only its own GPU(s)
+        # CPU bits depend on the thread count: actors use the driver's, so --actors N gives the reference's bytes.
+        threads = config.torch_threads or (torch.get_num_threads() if device == "cpu" else None)
+        fraction = memory_fraction(self.num_gpus) if device == "cuda" else None
+        self.load_args = (spec.path, spec.name, device, config.dtype, config.variant, threads, fraction, addons,
+                          spec.model_config)
+        self.group = reserve(self.count, self.num_cpus, self.num_gpus, options.start_timeout_s, "model workers",
+                             "use fewer --actors or a smaller --gpus-per-actor/--cpus-per-actor (or captioner_gpus)")
+        self.remote_cls = ray.remote(actor_class or PipelineWorker)  # benches pass a stand-in subclass
+        self.actor_options = dict(num_gpus=self.num_gpus, num_cpus=self.num_cpus, max_restarts=ACTOR_RESTARTS,
+                                  max_task_retries=ACTOR_RESTARTS)
+        self.actors = [self._start(i) for i in range(self.count)]  # live actors, by slot
+        self.in_flight = [0] * self.count  # calls submitted and not yet collected, per slot
+        self._wait_loaded()
+
+    def _start(self, index: int):
+        """One actor in its reserved bundle (a replacement takes the same bundle)."""
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        options = dict(self.actor_options)
+        if self.group is not None:
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=index)
+        return self.remote_cls.options(**options).remote(*self.load_args, index)
+
+    def _wait_loaded(self) -> None:
+        import ray
+
+        placements = [a.where.remote() for a in self.actors]
+        ready, pending = ray.wait(placements, num_returns=len(placements), timeout=MODEL_LOAD_TIMEOUT_S)
+        try:
+            if pending:
+                raise UserError(f"only {len(ready)} of {self.count} model workers loaded {self.load_args[1]} within "
+                                f"{MODEL_LOAD_TIMEOUT_S:.0f} s (placed, still loading: a slow disk or a hub download?); "
+                                "see the Ray logs")
+            for where in ray.get(placements):
+                log.info("worker %(index)s on node %(node)s pid %(pid)s gpus %(gpus)s (%(device)s)", where)
+        except ray.exceptions.RayError as exc:
+            self.shutdown()
+            raise UserError(f"model workers failed to load the model: {root_cause(exc)}") from None
+        except UserError:
+            self.shutdown()
+            raise
+
+    def pick(self) -> int | None:
+        """The least busy actor with a free slot, or None when all are at capacity (backpressure)."""
+        index = int(np.argmin(self.in_flight))
+        return index if self.in_flight[index] < MAX_TASKS_IN_FLIGHT_PER_ACTOR else None
+
+    def replace(self, index: int, dead, reason: str) -> None:
+        """A worker died for good (restarts used up): start a fresh one in its place, once per death.
+
+        Its other pending calls stay counted in ``in_flight`` until they are collected (and resubmitted).
+        """
+        if self.actors[index] is dead:
+            log.warning("model worker %d lost (%s); starting a replacement", index, reason)
+            self.actors[index] = self._start(index)
+
+    def map(self, method: str, calls: Iterable[tuple]) -> Iterator:
+        """``method(*args)`` on the actors for each call, yielding results strictly in call order as they arrive.
+
+        At most ``MAX_TASKS_IN_FLIGHT_PER_ACTOR`` calls per actor are out; the next call is taken from ``calls``
+        only when a slot is free (backpressure: lazily cut windows or tiles are cut just in time).
+        """
+        import ray
+
+        calls = iter(calls)
+        pending: deque[tuple] = deque()  # (args, ref, slot, actor) in call order
+        more = True
+        try:
+            while True:
+                while more and (slot := self.pick()) is not None:
+                    args = next(calls, None)
+                    if args is None:
+                        more = False
+                    else:
+                        pending.append(self._submit(method, args, slot))
+                if not pending:
+                    return
+                yield self._collect(method, *pending.popleft())
+        finally:  # a failed or interrupted call must not leave the pool's slots taken for the next image
+            for _args, ref, slot, _actor in pending:
+                try:
+                    ray.cancel(ref)
+                except Exception:  # already finished or its actor is gone: nothing left to cancel
+                    pass
+                self.in_flight[slot] -= 1
+
+    def _submit(self, method: str, args: tuple, slot: int) -> tuple:
+        actor = self.actors[slot]
+        ref = actor.call.remote(method, args)
+        self.in_flight[slot] += 1
+        return args, ref, slot, actor
+
+    def _collect(self, method: str, args: tuple, ref, slot: int, actor):
+        """Wait for one call; if its actor is gone for good, replace it and run the call again."""
+        import ray
+
+        for _attempt in range(ACTOR_RESTARTS + 1):
+            try:
+                result = ray.get(ref)
+                self.in_flight[slot] -= 1
+                return result
+            except ray.exceptions.RayActorError as exc:
+                self.in_flight[slot] -= 1
+                self.replace(slot, actor, root_cause(exc))
+                args, ref, slot, actor = self._submit(method, args, slot)
+            except ray.exceptions.RayTaskError as exc:  # the model itself failed (e.g. out of memory)
+                self.in_flight[slot] -= 1
+                raise UserError(f"model worker failed in {method}: {root_cause(exc)}") from None
+        raise UserError(f"a {method} call failed on {ACTOR_RESTARTS + 1} model workers; see the Ray logs")
+
+    def usage(self) -> list[dict]:
+        """Per actor: pid and CPU seconds its process used so far (bench/scale.py compares them with the driver's)."""
+        import ray
+
+        return ray.get([a.usage.remote() for a in self.actors])
+
+    def shutdown(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors = []
+        if self.group is not None:
+            remove_placement_group(self.group)
+            self.group = None
+
+
+class RayExecutor:
+    """The executor of :func:`cupscale_dist.pipeline.upscale` in Ray mode: calls go to a :class:`WorkerPool`."""
+
+    def __init__(self, pool: WorkerPool, spec: ModelSpec, batch_size: int, keep_pool: bool = False):
+        self.pool, self.spec, self.batch_size = pool, spec, batch_size
+        self.start_timeout_s = pool.start_timeout_s
+        self.keep_pool = keep_pool  # `batch --tile-parallel`: one pool serves every image
+
+    def share(self, value) -> Shared:
+        import ray
+
+        return Shared(ray.put(value))
+
+    def map(self, method: str, calls: Iterable[tuple]) -> Iterator:
+        return self.pool.map(method, calls)
+
+    def close(self) -> None:
+        """End of the run: release the actors (and their GPUs), unless the pool serves more images."""
+        if not self.keep_pool:
+            self.pool.shutdown()
+
+

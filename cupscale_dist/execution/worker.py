@@ -1,0 +1,140 @@
+"""Every forward pass of the method, on one device: :class:`ModelWorker`, and :class:`LocalExecutor` to run it here.
+
+A ``ModelWorker`` holds the whole pipeline (UNet, VAE, text encoders) and offers one method per kind of call the
+method makes: ``predict`` (9a), ``encode_tile`` (2), ``decode_tile`` (10), ``encode_prompts`` (6) and ``probe`` (7).
+Each only calls a core function (:mod:`step`, :mod:`vae`, :mod:`masks`) and returns numpy arrays. The driver never
+calls a module directly: it asks an *executor* to ``map`` a method over calls, in order. ``LocalExecutor`` (the
+single-process reference) runs them here; ``orchestrator.RayExecutor`` fans them out to actors that each hold a
+``ModelWorker``. Same functions, same calls, same order: the same bytes.
+
+Why every forward pass sits on the workers, the VAE too: a CPU-only head decodes one 1024 px SDXL tile in about
+2 minutes and a 16K stage has 441 of them (architecture.md); on a GPU worker it is 90 ms.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from ..models.addons import Addons, addon_request
+from ..method.attention import install_regional_processors
+from ..models.controlnet import control_tensor
+from ..method.masks import probe_token_attention
+from ..models.spec import ModelSpec
+from ..models.loading import load_pipeline, resolve_device, resolve_dtype
+from ..method.step import StageContext, predict_views
+from ..method.vae import decode_latents, encode_pixels, read_only_tensor, tile_to_tensor
+
+log = logging.getLogger(__name__)
+
+
+class ModelWorker:
+    """The loaded pipeline on one device, one method per kind of forward pass (numpy in, numpy out)."""
+
+    def __init__(self, model_dir: str, device: str = "auto", dtype: str = "auto", variant: str | None = None,
+                 spec: ModelSpec | None = None, addons: Addons = Addons(), model_config: str | None = None):
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        # a resolved spec keeps the user's name for logs and errors
+        self.spec = spec or ModelSpec.read(model_dir, model_config=model_config)
+        self.pipe = load_pipeline(model_dir, self.device, self.dtype, variant, self.spec.model_config)
+        self.addons = addons
+        if addons.loras:  # before the regional processors go in: peft wraps the attention projections
+            from ..models.lora import apply_loras
+
+            apply_loras(self.pipe, addons.loras)
+        install_regional_processors(self.pipe.unet)
+        self.controlnet = None
+        if addons.controlnet:
+            from ..models.controlnet import load_controlnet
+
+            self.controlnet = load_controlnet(addons.controlnet, self.device, self.dtype)
+            install_regional_processors(self.controlnet)
+        self._upscaler = None  # the upscale model, loaded at its first tile (resize='model')
+        self._built_for: tuple | None = None  # the add-on request of the config it was loaded for (for_config)
+        self._context: tuple[StageContext, StageContext] | None = None  # (as received, on the device)
+
+    @classmethod
+    def load(cls, model: str, device: str = "auto", dtype: str = "auto", variant: str | None = None,
+             addons: Addons = Addons(), model_config: str | None = None) -> ModelWorker:
+        """Resolve ``model`` (demo, a local dir, a single file, a hub id) and load it: the reference's worker."""
+        spec = ModelSpec.load(model, variant, model_config)
+        return cls(spec.path, device, dtype, variant, spec, addons)
+
+    @classmethod
+    def for_config(cls, config) -> ModelWorker:
+        """The in-process worker a config asks for: its model, device, dtype, variant and add-ons (checked first)."""
+        spec = ModelSpec.load(config.model, config.variant, config.model_config)
+        worker = cls(spec.path, config.device, config.dtype, config.variant, spec, Addons.from_config(config, spec))
+        worker._built_for = addon_request(config)
+        return worker
+
+    def holds_addons_of(self, config) -> bool:
+        """Whether this worker holds the add-ons ``config`` asks for. The request it was loaded for is answered
+        without reading the files again: a batch or a service asks once per image."""
+        if addon_request(config) == self._built_for:
+            return True
+        return self.addons == Addons.from_config(config, self.spec)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def unet(self):
+        return self.pipe.unet
+
+    @property
+    def vae(self):
+        return self.pipe.vae
+
+    def __repr__(self) -> str:
+        return f"ModelWorker({self.spec.name}, {self.device}, {self.dtype})"
+
+    # -- the calls ---------------------------------------------------------------------------------------------
+    def predict(self, context: StageContext, windows: np.ndarray, timestep: float, input_scale: float,
+                view_ids: np.ndarray, rects: np.ndarray, control: np.ndarray | None = None) -> np.ndarray:
+        """9a: CFG noise predictions of a batch of view windows, (B, C, h, w) float32; ``control``: the views'
+        uint8 crops of the stage input (B, H, W, 3) when a ControlNet is loaded."""
+        if self._context is None or self._context[0] is not context:  # once per stage, not per call
+            self._context = (context, context.to(self.unet.device, self.unet.dtype))
+        if (control is None) != (self.controlnet is None):
+            raise ValueError("a ControlNet run needs control crops and a worker holding the ControlNet, or neither")
+        image = None if control is None else control_tensor(control)
+        return predict_views(self.unet, read_only_tensor(windows), timestep, input_scale, self._context[1], view_ids,
+                             rects, self.controlnet, image).numpy()
+
+    def upscale_tile(self, pixels: np.ndarray) -> np.ndarray:
+        """1 (resize='model'): one uint8 HxWx3 tile through the upscale model -> uint8 (sH)x(sW)x3."""
+        from ..models.upscale_models import load_upscale_model, run_upscale_model
+
+        if self._upscaler is None:
+            self._upscaler = load_upscale_model(self.addons.upscale_model, self.device)
+        return run_upscale_model(self._upscaler, pixels)
+
+    def encode_tile(self, pixels: np.ndarray) -> np.ndarray:
+        """2: one pixel tile (uint8 HxWx3, or float32 3xHxW in [-1, 1]) -> its scaled latent (C, h, w) float32."""
+        return encode_pixels(self.vae, tile_to_tensor(pixels))[0].numpy()
+
+    def decode_tile(self, latents: np.ndarray) -> np.ndarray:
+        """10: one latent tile (C, h, w) -> pixels (3, H, W) float32 in [-1, 1]."""
+        return decode_latents(self.vae, read_only_tensor(latents)[None])[0].numpy()
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+        """6: (embeds (U, 77, D), pooled (U, Dp) or None for SD1.5), float32, cut to 77 tokens."""
+        if self.spec.family == "sdxl":
+            embeds, _, pooled, _ = self.pipe.encode_prompt(prompts, device=self.device, do_classifier_free_guidance=False)
+            return embeds.float().cpu().numpy(), pooled.float().cpu().numpy()
+        embeds, _ = self.pipe.encode_prompt(prompts, self.device, 1, False)
+        return embeds.float().cpu().numpy(), None
+
+    def probe(self, pixels: np.ndarray, noise: np.ndarray, timestep: int, alpha_bar: float, embeds: np.ndarray,
+              pooled: np.ndarray | None) -> np.ndarray:
+        """7: cross-attention maps (tokens, h, w) of the global prompt over the native-size stage input."""
+        return probe_token_attention(self.unet, self.vae, pixels, read_only_tensor(noise), timestep, alpha_bar,
+                                     read_only_tensor(embeds), None if pooled is None else read_only_tensor(pooled)).numpy()
+
+

@@ -1,0 +1,1 @@
+"""Files in and out: images with their metadata, streamed writers, atomic writes and folder locks."""

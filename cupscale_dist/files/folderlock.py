@@ -1,0 +1,30 @@
+"""One owner per folder: an ``flock`` on a lock file in it, which the kernel releases when the holder exits or dies
+(no stale lock after a kill). The file names its holder, so a refused second owner is told who has the folder.
+Used by a batch's output folder (:class:`cupscale_dist.services.batch.manifest.OutputLock`) and the service's results folder
+(:meth:`cupscale_dist.services.jobstore.JobStore.claim`)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from ..errors import UserError
+
+
+def hold_lock_file(path: Path, owner: str, refusal: str, note: str = "") -> int:
+    """Lock ``path`` (created if missing) for this process and write who holds it; returns the descriptor, whose
+    closing releases the lock. Held elsewhere: ``refusal`` (with ``{holder}``) as a UserError; ``owner`` names a
+    holder that has not written its line yet ("a batch" -> "a batch that is just starting")."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 512).decode(errors="replace").strip() or f"{owner} that is just starting"
+        os.close(fd)
+        raise UserError(refusal.format(holder=holder)) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}{note}\n".encode())
+    return fd

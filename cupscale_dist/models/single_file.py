@@ -1,0 +1,100 @@
+"""Single-file checkpoints (``--model finetune.safetensors``): A1111/ComfyUI files in the original Stability layout.
+
+The family is read from the file's keys alone (a safetensors header; a ``.ckpt`` is memory-mapped, not read), so
+the driver holds no weights. SDXL base and SD1.5 files are accepted; an SDXL refiner, SD2, SD3, Flux or anything
+else is refused in one line. Their diffusers configs ship with the package (``single_file_configs/sdxl`` and
+``/sd15``: SDXL base 1.0's and SD1.5's own values), so loading never touches the network; ``model_config`` names
+another diffusers config directory for a file of other shapes. The CLIP tokenizers are the demo model's files
+(CLIP's real 49,408-token vocabulary), used wherever a config directory has no tokenizer of its own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import UserError
+
+CONFIGS = Path(__file__).resolve().parent / "single_file_configs"  # {family}/model_index.json, unet/, vae/, ...
+SUFFIXES = (".safetensors", ".ckpt")
+SUPPORTED = "single files of SDXL and SD1.5 are supported"
+
+
+def is_single_file(model: str | Path) -> bool:
+    """A path to a ``.safetensors`` / ``.ckpt`` file (not a diffusers directory)."""
+    path = Path(model).expanduser()
+    return path.suffix.lower() in SUFFIXES and path.is_file()
+
+
+def safetensors_header(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of a safetensors file, from its header alone (no tensor is read)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+
+
+def checkpoint_keys(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of a checkpoint without reading its tensors (header only; a .ckpt is memory-mapped)."""
+    path = str(path)
+    try:
+        if path.lower().endswith(".safetensors"):
+            return safetensors_header(path)
+        import torch
+
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        while isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        return {key: tuple(value.shape) for key, value in state.items() if hasattr(value, "shape")}
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a truncated, pickled-code or foreign file: one line either way
+        raise UserError(f"--model {path}: not a readable checkpoint ({type(exc).__name__}); pass a .safetensors "
+                        "file of an SDXL or SD1.5 model, or a diffusers directory") from None
+
+
+def checkpoint_family(path: str | Path) -> str:
+    """'sdxl' or 'sd15' from a single file's keys; any other model is one UserError naming what it is."""
+    keys = checkpoint_keys(path)
+    unet = "model.diffusion_model."
+
+    def has(prefix: str) -> bool:
+        return any(key.startswith(prefix) for key in keys)
+
+    if has(unet + "joint_blocks.") or has("joint_blocks."):
+        family = "Stable Diffusion 3"
+    elif has(unet + "double_blocks.") or has("double_blocks."):
+        family = "Flux"
+    elif has("conditioner.embedders.1.model."):
+        family = "sdxl"
+    elif has("conditioner.embedders.0.model."):
+        family = "an SDXL refiner"
+    elif has("cond_stage_model.model."):
+        family = "Stable Diffusion 2"
+    elif has("cond_stage_model.transformer.") and has(unet):
+        family = "sd15"
+    else:
+        raise UserError(f"--model {path}: not a Stable Diffusion checkpoint (no model.diffusion_model / text "
+                        f"encoder keys in the original layout); {SUPPORTED}, or pass a diffusers directory")
+    in_channels = keys.get(unet + "input_blocks.0.0.weight", (0, 4))[1]
+    if family in ("sdxl", "sd15") and in_channels != 4:
+        family = f"{'SDXL' if family == 'sdxl' else 'SD1.5'} inpainting ({in_channels} input channels)"
+    if family not in ("sdxl", "sd15"):
+        raise UserError(f"--model {path}: is {family if family.startswith('an ') else 'a ' + family} checkpoint; "
+                        f"{SUPPORTED}")
+    return family
+
+
+def shipped_config(family: str) -> str:
+    """The packaged diffusers config directory of ``family`` (no weights)."""
+    return str(CONFIGS / family)
+
+
+def tokenizer_dir(config_dir: str | Path, name: str) -> str:
+    """``config_dir/name`` where it holds a tokenizer, else the demo model's (CLIP's real vocabulary and merges;
+    its tokenizer_2 pads with '!' as SDXL's does)."""
+    own = Path(config_dir) / name
+    if (own / "vocab.json").is_file():
+        return str(own)
+    from ..demo import demo_model_dir
+
+    return str(Path(demo_model_dir()) / name)

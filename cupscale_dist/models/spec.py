@@ -1,0 +1,134 @@
+"""The SDXL and SD1.5 families: what the driver knows of a model (configs, no weights) and how workers load it.
+
+``--model`` is a hub id, a local diffusers directory, a single-file checkpoint (:mod:`cupscale_dist.models.single_file`)
+or ``demo`` (:mod:`cupscale_dist.models.hub` turns it into a local path once, on the driver). The driver reads only configs and the tokenizer (:class:`ModelSpec`): in Ray mode it
+holds no weights, so a CPU-only head scales. Workers (:mod:`cupscale_dist.execution.worker`) load the modules with
+:func:`load_pipeline`, each component in the chosen ``variant`` where its files exist.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+from ..errors import UserError
+from .hub import FAMILIES, FAMILY_COMPONENTS, pipeline_components, resolve_model
+from .single_file import checkpoint_family, is_single_file, shipped_config, tokenizer_dir
+
+log = logging.getLogger(__name__)
+
+
+def read_json(model_dir: str | Path, name: str, flag: str = "--model", fix: str = "re-save the pipeline") -> dict:
+    """``model_dir/name`` as JSON; missing or unreadable is one UserError naming ``flag`` and ``fix``."""
+    try:
+        return json.loads((Path(model_dir) / name).read_text())
+    except (OSError, ValueError):
+        raise UserError(f"{flag} {model_dir}: {name} is missing or unreadable; {fix}") from None
+
+
+def model_family(model_dir: str | Path) -> str:
+    """'sdxl' or 'sd15', from model_index.json's pipeline class; an SDXL refiner is refused (it has no first text
+    encoder and wants aesthetic-score conditioning: it refines a base model's output, it does not upscale)."""
+    index = read_json(model_dir, "model_index.json")
+    class_name = index.get("_class_name")
+    if class_name not in FAMILIES:
+        raise UserError(f"--model {model_dir}: {class_name} is not supported; use an SDXL or SD1.5 pipeline")
+    family = FAMILIES[class_name]
+    missing = ", ".join(c for c in FAMILY_COMPONENTS[family] if c not in pipeline_components(index))
+    if missing and index.get("requires_aesthetics_score"):
+        raise UserError(f"--model {model_dir}: an SDXL refiner (no {missing}) refines a base model's output; use a "
+                        "base model such as stabilityai/stable-diffusion-xl-base-1.0")
+    if missing:
+        raise UserError(f"--model {model_dir}: model_index.json lists no {missing}; re-save the whole pipeline "
+                        "with save_pretrained, or use --model demo")
+    return family
+
+
+@dataclass
+class ModelSpec:
+    """The driver's view of a model: its configs and tokenizer, no weights (a CPU-only head can hold it)."""
+
+    name: str  # what the user passed to --model
+    path: str  # the local directory (or single-file checkpoint) every worker on a node sharing it loads from
+    family: str  # 'sdxl' | 'sd15'
+    vae_scale_factor: int  # pixels per latent pixel (8)
+    latent_channels: int
+    native_size: int  # the training resolution in pixels (1024 for SDXL, 512 for SD1.5)
+    scheduler_config: dict
+    force_zeros_for_empty_prompt: bool  # SDXL zeroes an empty negative prompt's embeddings
+    tokenizer: object  # the first CLIP tokenizer: token counts for masks and caption budgets
+    model_config: str | None = None  # a single file's diffusers config dir; None = the shipped one of its family
+
+    @classmethod
+    def load(cls, model: str, variant: str | None = None, model_config: str | None = None) -> ModelSpec:
+        """Resolve ``model`` (fetch a hub id once) and read its configs."""
+        return cls.read(resolve_model(model, variant), name=model, model_config=model_config)
+
+    @classmethod
+    def read(cls, model_dir: str, name: str | None = None, model_config: str | None = None) -> ModelSpec:
+        from transformers import CLIPTokenizer
+
+        configs = config_dir(model_dir, model_config)
+        family = model_family(configs)
+        if model_config and is_single_file(model_dir):  # without one, configs are the file's own family's
+            found = checkpoint_family(model_dir)
+            if found != family:
+                raise UserError(f"--model {model_dir} is an {found} checkpoint but model_config {configs} is an "
+                                f"{family} config; give a config directory of the checkpoint's family")
+        vae = read_json(configs, "vae/config.json")
+        unet = read_json(configs, "unet/config.json")
+        factor = 2 ** (len(vae["block_out_channels"]) - 1)
+        index = read_json(configs, "model_index.json")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        return cls(name or model_dir, str(model_dir), family, factor, vae.get("latent_channels", 4),
+                   unet["sample_size"] * factor, read_json(configs, "scheduler/scheduler_config.json"),
+                   bool(index.get("force_zeros_for_empty_prompt", family == "sdxl")),
+                   CLIPTokenizer.from_pretrained(tokenizer_dir(configs, "tokenizer")), model_config)
+
+    @property
+    def config_dir(self) -> str:
+        """Where this model's configs are: its directory, or a single file's config directory."""
+        return config_dir(self.path, self.model_config)
+
+    def unet_config(self) -> dict:
+        return read_json(self.config_dir, "unet/config.json")
+
+    def new_scheduler(self, kind: str):
+        """A fresh scheduler of the chosen kind, configured from the model's own scheduler config."""
+        from ..method.schedulers import make_scheduler
+
+        scheduler = make_scheduler(kind, self.scheduler_config)
+        if scheduler.config.prediction_type != "epsilon":
+            raise UserError(f"--model {self.name}: prediction_type {scheduler.config.prediction_type!r} is not "
+                            "supported; use an epsilon-prediction model (SDXL base, SD1.5)")
+        return scheduler
+
+    def token_count(self, prompt: str) -> int:
+        """Tokens of ``prompt`` including <start> and <end>, as the text encoder sees them (<= 77)."""
+        return len(self.tokenizer(prompt, truncation=True, max_length=self.tokenizer.model_max_length).input_ids)
+
+    def content_tokens(self, text: str) -> int:
+        """Untruncated word-piece count of ``text`` (what a caption must fit into 75)."""
+        return len(self.tokenizer.tokenize(text))
+
+
+def config_dir(model_path: str, model_config: str | None = None) -> str:
+    """The diffusers config directory of a model: the directory itself, or for a single-file checkpoint
+    ``model_config`` (a diffusers directory; its weights, if any, are not read) or the family's shipped configs."""
+    if not is_single_file(model_path):
+        if model_config:
+            raise UserError(f"model_config={model_config} is for a single-file checkpoint, and --model {model_path} "
+                            "is a diffusers directory (it has its own configs); drop model_config")
+        return model_path
+    if model_config is None:
+        return shipped_config(checkpoint_family(model_path))
+    if not (Path(model_config).expanduser() / "model_index.json").is_file():
+        raise UserError(f"model_config={model_config}: not a diffusers config directory (no model_index.json); "
+                        "point it at a saved pipeline's folder, or leave it unset for the shipped SDXL/SD1.5 configs")
+    return str(Path(model_config).expanduser())
+
+

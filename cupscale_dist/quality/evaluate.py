@@ -1,0 +1,185 @@
+"""`cupscale eval`: how good is an upscale? Downscale high-resolution originals by the scale, upscale them back, compare.
+
+Per image and overall (issue #10):
+- ``psnr`` / ``ssim``: the upscale against the original (RGB; SSIM with an 11-tap Gaussian window, Wang et al. 2004);
+- ``consistency``: PSNR of the upscale downscaled back to the input's size against the input (does it keep what the
+  input says? the global prior's job);
+- ``detail``: high-frequency energy of the upscale over bicubic's (``detail_original`` gives the original's, the
+  detail there is to find): above 1 = sharper than bicubic;
+- ``seam``: gradient energy across the views' boundary lines over gradient energy across every other line of the
+  output's pixel grid (the latent grid's lines), divided by the same ratio for bicubic's upscale; 1 = the boundaries
+  look as they do in bicubic's, above 1 = seams;
+- side-by-side crops (bicubic | ours | original) as PNG.
+
+With ``--inception`` / ``--clip`` it adds FID, KID, IS (whole images and crops) and CLIP score
+(:mod:`cupscale_dist.quality.distribution`, the ``[metrics]`` extra).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..config import UpscaleConfig
+from ..errors import UserError
+from ..plan import plan_stages
+from ..pipeline import upscale
+from ..method.views import make_views
+from .image_metrics import gaussian_blur, high_frequency_energy, luminance, psnr, seam_score, ssim
+
+HELD_OUT = "held-out"  # eval's default originals: the demo model's held-out photos (never seen in training)
+SIZE_STEP = 32  # originals are centre-cropped to a multiple of 32 x scale, so every stage is a multiple of 64 px
+CROP_PX = 128  # side of each side-by-side crop, in output pixels
+
+
+def view_boundaries(input_size: tuple[int, int], config: UpscaleConfig, factor: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every stage's view edges, in the output's pixel grid: (columns, rows) where a view starts or ends."""
+    sizes = plan_stages(input_size, config)
+    out_w, out_h = sizes[-1]
+    columns, rows = set(), set()
+    for width, height in sizes:
+        views = make_views(height // factor, width // factor, config.tile, config.stride)
+        columns |= {round(v * factor * out_w / width) for v in np.unique(views[:, [1, 3]])}
+        rows |= {round(v * factor * out_h / height) for v in np.unique(views[:, [0, 2]])}
+    inner = lambda lines, end: np.array(sorted(v for v in lines if 0 < v < end), dtype=np.int64)  # noqa: E731
+    return inner(columns, out_w), inner(rows, out_h)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One image
+# ---------------------------------------------------------------------------------------------------------------
+def prepare_pair(original: Image.Image, scale: int) -> tuple[Image.Image, Image.Image]:
+    """(original centre-cropped to a multiple of 32 x scale, its bicubic downscale by ``scale``: the input)."""
+    step = SIZE_STEP * scale
+    width, height = (original.width // step) * step, (original.height // step) * step
+    if width == 0 or height == 0:
+        raise UserError(f"an original of {original.width}x{original.height} is too small to evaluate at x{scale}; "
+                        f"give originals of at least {step}x{step} px")
+    left, top = (original.width - width) // 2, (original.height - height) // 2
+    cropped = original.convert("RGB").crop((left, top, left + width, top + height))
+    return cropped, cropped.resize((width // scale, height // scale), Image.Resampling.BICUBIC)
+
+
+def busiest_crop(image: Image.Image, side: int) -> tuple[int, int, int, int]:
+    """The ``side``-px square with the most detail in the original (where an upscaler has something to show)."""
+    side = min(side, image.width, image.height)
+    y = luminance(image)
+    energy = np.abs(y - gaussian_blur(torch.from_numpy(y)[None], 2.0, 6)[0].numpy())
+    best, box = -1.0, (0, 0, side, side)
+    for top in range(0, image.height - side + 1, max(1, side // 2)):
+        for left in range(0, image.width - side + 1, max(1, side // 2)):
+            value = float(energy[top : top + side, left : left + side].mean())
+            if value > best:
+                best, box = value, (left, top, left + side, top + side)
+    return box
+
+
+def side_by_side(images: list[Image.Image], box: tuple[int, int, int, int], gap: int = 4) -> Image.Image:
+    """The same crop of each image, left to right, on white."""
+    crops = [im.crop(box) for im in images]
+    width = sum(c.width for c in crops) + gap * (len(crops) - 1)
+    sheet = Image.new("RGB", (width, crops[0].height), "white")
+    for i, crop in enumerate(crops):
+        sheet.paste(crop, (i * (crop.width + gap), 0))
+    return sheet
+
+
+def image_figures(original: Image.Image, low: Image.Image, ours: Image.Image, bicubic: Image.Image,
+                  boundaries: tuple[np.ndarray, np.ndarray], period: int = 1) -> dict[str, float]:
+    """Every per-image figure of the module docstring."""
+    back = ours.resize(low.size, Image.Resampling.BICUBIC)
+    hf_bicubic = high_frequency_energy(bicubic)
+    return {
+        "psnr": psnr(ours, original), "ssim": ssim(ours, original),
+        "psnr_bicubic": psnr(bicubic, original), "ssim_bicubic": ssim(bicubic, original),
+        "consistency": psnr(back, low),
+        "detail": high_frequency_energy(ours) / hf_bicubic,
+        "detail_original": high_frequency_energy(original) / hf_bicubic,
+        "seam": seam_score(ours, bicubic, *boundaries, period),
+    }
+
+
+def evaluate_image(name: str, original: Image.Image, config: UpscaleConfig, worker, *, out_dir: Path | None = None,
+                   progress: bool = False) -> dict:
+    """Downscale ``original`` by ``config.scale``, upscale it back with ``worker``, and measure."""
+    original, low = prepare_pair(original, config.scale)
+    ours = upscale(low, config, model=worker, progress=progress)
+    bicubic = low.resize(original.size, Image.Resampling.BICUBIC)
+    factor = worker.spec.vae_scale_factor
+    figures = image_figures(original, low, ours, bicubic, view_boundaries(low.size, config, factor), factor)
+    row = {"image": name, "input": list(low.size), "output": list(ours.size), **figures}
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        sheet = side_by_side([bicubic, ours, original], busiest_crop(original, CROP_PX))
+        path = out_dir / f"{Path(name).stem}-x{config.scale}.png"
+        sheet.save(path)
+        ours.save(out_dir / f"{Path(name).stem}-x{config.scale}-ours.png")
+        row["side_by_side"] = str(path)
+    return {"row": row, "original": original, "ours": ours}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A set of images
+# ---------------------------------------------------------------------------------------------------------------
+FIGURES = ("psnr", "ssim", "psnr_bicubic", "ssim_bicubic", "consistency", "detail", "detail_original", "seam")
+
+
+def held_out_originals() -> list[tuple[str, Image.Image, str]]:
+    """The demo model's held-out photos with their hand-written captions as prompts, from the pip packages."""
+    from ..demo.photos import HELD_OUT as NAMES, load_photo, photo
+
+    try:
+        return [(name, Image.fromarray(load_photo(name)), photo(name).caption) for name in NAMES]
+    except ImportError as exc:
+        raise UserError(f"the held-out photos come from scikit-image ({exc.name} is missing); "
+                        "`pip install scikit-image scikit-learn`, or pass your own originals") from None
+
+
+def evaluate(originals: list[tuple], config: UpscaleConfig, *, out_dir: str | Path | None = None,
+             worker=None, progress: bool = True, inception: str | None = None, clip: str | None = None,
+             crops_per_image: int = 10) -> dict:
+    """Evaluate ``config`` on every original ``(name, image[, prompt])`` (a prompt replaces ``config.prompt`` for
+    that image); returns ``{"model", "scale", "config_hash", "images": [rows], "overall": {figure: mean}}``."""
+    from ..execution.worker import ModelWorker
+
+    if inception or clip:
+        from .distribution import check_metric_sources
+
+        check_metric_sources(inception, clip)  # before any upscaling
+    for name, original, *_ in originals:
+        prepare_pair(original, config.scale)  # too small -> one line before any model loads
+    worker = worker or ModelWorker.for_config(config)
+    out = Path(out_dir) if out_dir else None
+    prompts = [prompt[0] if prompt else config.prompt for _, _, *prompt in originals]
+    results = [evaluate_image(name, original, replace(config, prompt=prompt), worker, out_dir=out, progress=progress)
+               for (name, original, *_), prompt in zip(originals, prompts)]
+    rows = [{**r["row"], "prompt": prompt} for r, prompt in zip(results, prompts)]
+    overall = {k: float(np.mean([r[k] for r in rows])) for k in FIGURES}
+    if inception or clip:
+        from .distribution import distribution_metrics
+
+        overall.update(distribution_metrics([r["original"] for r in results], [r["ours"] for r in results], prompts,
+                                            inception=inception, clip=clip, crops_per_image=crops_per_image,
+                                            seed=config.seed))
+    report = {"model": config.model, "scale": config.scale, "config_hash": config.config_hash(), "images": rows,
+              "overall": overall}
+    if out is not None:
+        (out / "eval.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    return report
+
+
+def format_table(report: dict) -> str:
+    """A small plain-text table: one line per image, then the mean."""
+    shown = ("psnr", "psnr_bicubic", "ssim", "ssim_bicubic", "consistency", "detail", "seam")
+    lines = [f"{'image':<24}" + "".join(f"{k:>14}" for k in shown)]
+    for row in [*report["images"], {"image": "overall", **report["overall"]}]:
+        lines.append(f"{row['image']:<24}" + "".join(f"{row[k]:>14.4f}" for k in shown))
+    extra = {k: v for k, v in report["overall"].items() if k not in FIGURES}
+    if extra:
+        lines.append("  ".join(f"{k}={v:.4f}" for k, v in extra.items()))
+    return "\n".join(lines)

@@ -1,0 +1,148 @@
+"""Checkpoints of a run: the latent after a step, plus the current stage's input image.
+
+Written atomically (temp file + rename) every K steps through the pipeline's step callback; they carry the
+config hash and the input's hash, and a checkpoint from another config or input is refused. ``--resume``
+continues bit-identically: noise, views and prompts are all re-derived from the seed.
+
+The hashes say whose checkpoint it is, not that its contents are sound: a file edited or written by another
+version could hold a latent of the wrong shape, NaNs, a step past the stage's end or a stage that does not exist.
+:meth:`Checkpointer.load` checks every field (against the run's :class:`ResumePlan` when given) before resuming.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ..files.atomic import atomic_file
+from ..errors import UserError
+from ..pipeline import StageState
+from ..plan import LATENT_CHANNELS, describe_plan
+
+FILE_NAME = "checkpoint.pt"
+FIELDS = ("config_hash", "input_sha", "stage", "step", "latents", "stage_input")
+
+
+def image_sha(image: Image.Image) -> str:
+    return hashlib.sha256(image.tobytes() + repr(image.size).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """What a checkpoint of this run may hold: stage k's input size, its latent (h, w) and its step count."""
+
+    input_sizes: tuple[tuple[int, int], ...]  # (W, H) of the image each stage starts from
+    latent_shapes: tuple[tuple[int, int], ...]  # (h, w) of each stage's latent
+    steps: int  # denoising steps of every stage: a checkpoint's step is in 0..steps
+
+    @classmethod
+    def for_run(cls, input_size: tuple[int, int], config) -> ResumePlan:
+        return cls.from_plan(describe_plan(input_size, config))
+
+    @classmethod
+    def from_plan(cls, plan: dict) -> ResumePlan:
+        """From :func:`cupscale_dist.plan.describe_plan`'s dict: stage k starts from stage k-1's size."""
+        sizes = [tuple(plan["input"])] + [tuple(s["size"]) for s in plan["stages"]]
+        return cls(tuple(sizes[:-1]), tuple(tuple(s["latent"]) for s in plan["stages"]),
+                   plan["stages"][0]["steps"] if plan["stages"] else 0)
+
+
+class Checkpointer:
+    """Step callback that keeps ``DIR/checkpoint.pt`` up to date."""
+
+    def __init__(self, directory: str | os.PathLike, every: int, config_hash: str, input_sha: str,
+                 plan: ResumePlan | None = None):
+        if every < 1:
+            raise UserError(f"--checkpoint-every {every}: use a positive number of steps")
+        self.path = Path(directory) / FILE_NAME
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.every, self.config_hash, self.input_sha, self.plan = every, config_hash, input_sha, plan
+        self.stage_input: bytes | None = None  # PNG bytes of the current stage's input image
+
+    def __call__(self, state: dict) -> None:
+        if "stage_input" in state:  # a stage starts: its input is what a resume needs to redo steps 1-8
+            buffer = io.BytesIO()
+            state["stage_input"].save(buffer, format="PNG")
+            self.stage_input = buffer.getvalue()
+        elif state["step"] % self.every == 0 or state["step"] == state["num_steps"]:
+            self.write(state["stage"], state["step"], state["latents"])
+
+    def write(self, stage: int, step: int, latents: torch.Tensor) -> None:
+        payload = {"config_hash": self.config_hash, "input_sha": self.input_sha, "stage": stage, "step": step,
+                   "latents": latents.clone(), "stage_input": self.stage_input}
+        with atomic_file(self.path) as handle:  # a kill mid-write keeps the previous checkpoint
+            torch.save(payload, handle)
+
+    def load(self) -> tuple[StageState, dict[int, Image.Image]] | None:
+        """The saved state (and the stage input it needs), or None if there is no checkpoint yet."""
+        if not self.path.exists():
+            return None
+        try:
+            payload = torch.load(self.path, weights_only=True)
+        except Exception as exc:
+            raise UserError(f"checkpoint {self.path} is unreadable ({type(exc).__name__}); delete it to start over") from None
+        if not isinstance(payload, dict) or set(payload) != set(FIELDS):
+            raise self._bad("does not hold the fields " + ", ".join(FIELDS))
+        if payload["config_hash"] != self.config_hash:
+            raise UserError(f"checkpoint {self.path} was written with another config ({payload['config_hash']!r:.40} != "
+                            f"{self.config_hash}); use the same options, or another --checkpoint-dir")
+        if payload["input_sha"] != self.input_sha:
+            raise UserError(f"checkpoint {self.path} belongs to another input image; use another --checkpoint-dir")
+        stage, step = self._position(payload["stage"], payload["step"])
+        latents = self._latents(payload["latents"], stage)
+        image = self._stage_input(payload["stage_input"], stage)
+        self.stage_input = payload["stage_input"]
+        return StageState(stage, step, latents), {stage: image}
+
+    # -- the checks of load(), one per field ---------------------------------------------------------------------
+    def _bad(self, problem: str) -> UserError:
+        return UserError(f"checkpoint {self.path} {problem}; it is damaged or from another version: delete it to "
+                         "start over")
+
+    def _position(self, stage, step) -> tuple[int, int]:
+        """A stage of this run and a step within it (0..steps: the latent before that step)."""
+        if type(stage) is not int or type(step) is not int or stage < 0 or step < 0:
+            raise self._bad(f"has stage={stage!r:.20}, step={step!r:.20} (expected non-negative integers)")
+        if self.plan is not None and stage >= len(self.plan.latent_shapes):
+            raise self._bad(f"is at stage {stage}, but this run has {len(self.plan.latent_shapes)} stage(s)")
+        if self.plan is not None and step > self.plan.steps:
+            raise self._bad(f"is at step {step}, but a stage of this run has {self.plan.steps} steps")
+        return stage, step
+
+    def _latents(self, latents, stage: int) -> torch.Tensor:
+        """A finite float latent of the stage's shape: (1, 4, H/8, W/8)."""
+        if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
+            raise self._bad(f"holds latents of type {getattr(latents, 'dtype', type(latents).__name__)} (expected "
+                            "a float tensor)")
+        expected = (1, LATENT_CHANNELS, *self.plan.latent_shapes[stage]) if self.plan else None
+        if latents.dim() != 4 or latents.shape[:2] != (1, LATENT_CHANNELS) or (expected and latents.shape != expected):
+            raise self._bad(f"holds latents of shape {tuple(latents.shape)} (expected {expected or '(1, 4, h, w)'})")
+        if not torch.isfinite(latents).all():
+            raise self._bad("holds non-finite latents (NaN or inf)")
+        return latents
+
+    def _stage_input(self, data, stage: int) -> Image.Image:
+        """The PNG the stage started from, decoded under the bomb guard at exactly the size the plan expects."""
+        from ..files.imageio import open_with_limit
+
+        if not isinstance(data, bytes):
+            raise self._bad(f"holds a stage input of type {type(data).__name__} (expected PNG bytes)")
+        expected = self.plan.input_sizes[stage] if self.plan else None
+        limit = expected[0] * expected[1] if expected else Image.MAX_IMAGE_PIXELS
+        try:
+            with open_with_limit(io.BytesIO(data), limit) as image:
+                if image.format != "PNG" or (expected and image.size != expected) or image.width * image.height > limit:
+                    got = f"a {image.format} of {image.width}x{image.height}"
+                    raise self._bad(f"holds a stage input that is {got} (expected a PNG of "
+                                    f"{'x'.join(map(str, expected)) if expected else 'at most ' + str(limit) + ' px'})")
+                return image.convert("RGB")
+        except UserError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - PIL raises many kinds on garbage
+            raise self._bad(f"holds a stage input that is not a readable image ({type(exc).__name__})") from None

@@ -1,0 +1,352 @@
+"""`cupscale serve`: upscaling as an HTTP service, a Ray Serve application with a FastAPI ingress.
+
+Endpoints (OpenAPI at ``/docs`` and ``/openapi.json``; every ``/v1`` call needs ``Authorization: Bearer TOKEN`` when
+the service was given a token, which it must be to bind anything but the loopback address):
+
+    POST   /v1/upscale?KNOB=VALUE&...   body: the image bytes     -> 202 {"id", "status": "queued", ...}
+    GET    /v1/jobs/{id}                status, progress {stage, stages, step, steps}, error
+    GET    /v1/jobs/{id}/result         the PNG, the run's parameters in its text chunks (as `cupscale upscale`)
+    DELETE /v1/jobs/{id}                cancel: a queued job now, a running one at its next step
+    GET    /v1/knobs                    the knobs a request may set, with defaults and reasons
+    GET    /v1/health                   queue length and capacity
+
+Request knobs have the CLI's names and checks (``--set KNOB=VALUE``: a query parameter is typed the same way);
+the knobs that pick the model, the device and the limits belong to the service (``cupscale serve --config ...
+--set ...``) and a request that names one is refused. ``source`` (not a knob) names the input in the result's
+metadata, as the CLI's input path does. Limits are enforced before decoding: the body's size (``Content-Length``
+and while reading), then the pixel count from the image header (``max_input_pixels``). Every refusal is a 4xx
+whose JSON body is ``{"error": "one line"}``; a full queue is 429 with ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from ray import serve
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from .. import __version__
+from ..config import UpscaleConfig, parse_size, set_value
+from ..errors import UserError
+from .jobrunner import JobRunner, QueueFull, RunnerOptions
+from .jobstore import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobStore
+from ..execution.raycluster import LOOPBACK_HOSTS, ClusterOptions
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "cupscale"
+# Knobs that belong to the service, not to a request: the model, its add-ons (LoRAs, ControlNet, upscale model) and
+# where it runs (the workers are loaded once), files on the server (regional_prompts), the captioner pool, and the
+# limits that protect the service itself.
+SERVICE_KNOBS = frozenset({
+    "model", "model_config", "variant", "lora", "controlnet", "upscale_model", "device", "dtype", "torch_threads",
+    "regional_prompts", "captioner", "captioner_model",
+    "captioner_actors", "captioner_gpus", "captioner_dtype", "keep_captioner", "caption_timeout_s",
+    "max_input_pixels", "min_input_side", "max_output_pixels"})
+REQUEST_FIELDS = ("source",)  # request parameters that are not knobs
+MAX_REQUEST_MB = 64  # a 16-Mpx PNG (the default max_input_pixels) is at most ~48 MB
+# Serve's proxy must answer a readiness check within 5 s of starting, else it is killed and started again; on a busy
+# machine (measured: 2 loaded cores) it never makes it. Set in this process before it starts a local cluster.
+SLOW_START_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
+HTTP_OVERHEAD_REQUESTS = 256  # concurrent HTTP calls a replica takes (they are short: the work is in the queue)
+
+
+@dataclass
+class ServiceOptions:
+    """Everything a replica needs (pickled to it by Serve)."""
+
+    results: str  # the results folder (jobs, inputs, results); shared storage for a multi-node cluster
+    config: UpscaleConfig = field(default_factory=UpscaleConfig)  # the service's knobs; requests change run knobs
+    queue_size: int = 16
+    token: str | None = None  # bearer token every /v1 call must carry; None = none (loopback only)
+    max_request_bytes: int = MAX_REQUEST_MB * 2**20
+    cluster: ClusterOptions = field(default_factory=ClusterOptions)  # the model workers: actors=0 in the replica
+
+
+def check_bind(host: str, token: str | None) -> None:
+    """Anything but loopback is reachable from other machines: refuse to bind it without a token."""
+    if host not in LOOPBACK_HOSTS and not token:
+        raise UserError(f"--host {host} is reachable from other machines; pass --token-file FILE (clients send "
+                        "'Authorization: Bearer TOKEN') or bind 127.0.0.1")
+
+
+def read_token(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as exc:
+        raise UserError(f"--token-file {path}: can't read it ({exc.strerror or exc}); fix the path") from None
+    if len(token) < 16:
+        raise UserError(f"--token-file {path}: the token is {len(token)} characters; use at least 16 (e.g. "
+                        "`python -c 'import secrets; print(secrets.token_urlsafe(32))' > FILE`)")
+    return token
+
+
+def request_knobs(params) -> tuple[dict, dict]:
+    """Query parameters -> (knobs typed as ``--set`` types them, request fields); unknown, service-owned or repeated
+    names are refused by name."""
+    names = {f.name for f in fields(UpscaleConfig)}
+    knobs, extra = {}, {}
+    for key in params.keys():
+        values = params.getlist(key)
+        if len(values) > 1:
+            raise UserError(f"{key} is given {len(values)} times; give it once")
+        value = values[0]
+        if key in REQUEST_FIELDS:
+            extra[key] = value
+        elif key in SERVICE_KNOBS:
+            raise UserError(f"{key} is set by the service (cupscale serve --config/--set), not per request; "
+                            "drop it from the request")
+        elif key not in names:
+            raise UserError(f"unknown knob {key!r}; see GET /v1/knobs for the ones a request may set")
+        elif key == "size" and "x" in value.lower():
+            knobs[key] = parse_size(value)
+        else:
+            knobs[key] = set_value(key, value)
+    return knobs, extra
+
+
+def status_view(record: dict) -> dict:
+    """What GET /v1/jobs/{id} shows of a record."""
+    view = {k: record.get(k) for k in ("id", "status", "progress", "error", "created", "started", "finished",
+                                       "input_size", "output_size", "source")}
+    view["cancel_requested"] = bool(record.get("cancel_requested"))
+    if record.get("status") == SUCCEEDED:
+        view["result"] = f"/v1/jobs/{record['id']}/result"
+    return view
+
+
+def knob_parameters() -> list[dict]:
+    """OpenAPI query parameters of POST /v1/upscale: every knob a request may set, with its default and reason."""
+    params = [{"name": "source", "in": "query", "required": False, "schema": {"type": "string"},
+               "description": "name of the input recorded in the result's metadata (the CLI records its input path)"}]
+    for f in fields(UpscaleConfig):
+        if f.name not in SERVICE_KNOBS:
+            params.append({"name": f.name, "in": "query", "required": False, "schema": {"type": "string"},
+                           "description": f"{f.metadata.get('why', '')} (default {f.default!r})"})
+    return params
+
+
+app = FastAPI(title="cupscale", version=__version__,
+              description="C-Upscale as a service: submit an image, poll its job, fetch the result.")
+
+
+@app.exception_handler(HTTPException)
+async def _one_line(_request: Request, exc: HTTPException) -> JSONResponse:
+    return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+
+@app.exception_handler(RequestValidationError)
+async def _one_line_validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {}
+    where = ".".join(str(p) for p in first.get("loc", ()))
+    return JSONResponse({"error": f"{where}: {first.get('msg', 'invalid request')}"}, status_code=400)
+
+
+def refuse(status: int, message: str, **headers: str) -> HTTPException:
+    return HTTPException(status_code=status, detail=message, headers=headers or None)
+
+
+@serve.deployment(name="UpscaleService", num_replicas=1, max_ongoing_requests=HTTP_OVERHEAD_REQUESTS,
+                  ray_actor_options={"num_cpus": 0}, health_check_timeout_s=120)
+@serve.ingress(app)
+class UpscaleService:
+    """The replica: owns the results folder, the queue and the model workers (one replica per results folder)."""
+
+    def __init__(self, options: ServiceOptions):
+        self.options = options
+        self.store = JobStore(options.results)
+        self.store.claim()
+        interrupted = self.store.recover()
+        if interrupted:
+            log.warning("%d job(s) were interrupted by a restart and are now failed", len(interrupted))
+        self.runner = JobRunner(self.store, options.config, RunnerOptions(options.queue_size, options.cluster))
+
+    def __del__(self):
+        runner = getattr(self, "runner", None)
+        if runner is not None:
+            runner.close()
+        if getattr(self, "store", None) is not None:
+            self.store.release()
+
+    def _authorize(self, request: Request) -> None:
+        token = self.options.token
+        if token is None:
+            return
+        sent = request.headers.get("authorization", "")
+        scheme, _, value = sent.partition(" ")
+        if scheme.lower() != "bearer" or not value:
+            raise refuse(401, "missing token: send 'Authorization: Bearer TOKEN'", **{"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(value.strip().encode(), token.encode()):
+            raise refuse(401, "the token was rejected; send the service's token", **{"WWW-Authenticate": "Bearer"})
+
+    def _job(self, job_id: str) -> dict:
+        record = self.store.get(job_id)
+        if record is None:
+            raise refuse(404, f"job {job_id[:64]!r}: no such job")
+        return record
+
+    @app.post("/v1/upscale", status_code=202, openapi_extra={
+        "parameters": knob_parameters(),
+        "requestBody": {"required": True, "description": "the image file's bytes (PNG, JPEG, WebP, TIFF, ...)",
+                        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                                    "image/*": {"schema": {"type": "string", "format": "binary"}}}}})
+    async def submit(self, request: Request) -> JSONResponse:
+        """Queue an upscale of the body's image with the query's knobs; answers with the job id at once."""
+        self._authorize(request)
+        limit = self.options.max_request_bytes
+        # 1. Check the knobs (cheap, before any byte of the body is read).
+        try:
+            knobs, extra = request_knobs(request.query_params)
+            config = self.options.config.replace(**knobs)
+        except UserError as exc:
+            raise refuse(400, str(exc)) from None
+        if not self.runner.has_room():
+            raise refuse(429, f"the queue is full ({self.options.queue_size} jobs waiting); retry later",
+                         **{"Retry-After": str(self.runner.retry_after())})
+        # 2. The body, under the size limit (the header's length first, then what really arrives).
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            raise refuse(413, f"the body is {declared} bytes, over the {limit}-byte limit; send a smaller image")
+        body, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise refuse(413, f"the body is over the {limit}-byte limit; send a smaller image")
+            body.append(chunk)
+        upload = b"".join(body)
+        if not upload:
+            raise refuse(400, "the body is empty; send the image file's bytes (curl --data-binary @in.png)")
+        # 3. Decode under the pixel limit (checked from the header first), plan the run, queue it.
+        try:
+            record = await run_in_threadpool(self._create, upload, config, knobs, extra)
+        except UserError as exc:
+            raise refuse(413 if "decompression bomb" in str(exc) else 400, str(exc)) from None
+        try:
+            self.runner.submit(record["id"])
+        except QueueFull as full:
+            raise refuse(429, f"the queue is full ({self.options.queue_size} jobs waiting); retry later",
+                         **{"Retry-After": str(full.retry_after)}) from None
+        return JSONResponse(status_view(record) | {"url": f"/v1/jobs/{record['id']}"}, status_code=202)
+
+    def _create(self, upload: bytes, config: UpscaleConfig, knobs: dict, extra: dict) -> dict:
+        """Decode the upload as the CLI decodes a file (same checks), then store it with its job record."""
+        import tempfile
+
+        from ..files.imageio import load_image
+        from ..plan import plan_stages, target_size
+
+        with tempfile.NamedTemporaryFile(dir=self.store.root / "inputs", prefix=".upload.") as handle:
+            handle.write(upload)
+            handle.flush()
+            try:
+                image = load_image(handle.name, config.max_input_pixels, config.min_input_side)
+            except UserError as exc:
+                raise UserError(str(exc).replace(f"input {handle.name}", "image")) from None
+        try:
+            plan_stages(image.size, config)
+        except ValueError as exc:
+            raise UserError(f"{exc}; ask for a larger size or a scale of 2, 4, 8 or 16") from None
+        output = target_size(image.size, config)
+        config.check_output_size(output)
+        return self.store.create(upload, {"knobs": knobs, "source": extra.get("source", ""),
+                                          "input_size": list(image.size), "output_size": list(output)})
+
+    @app.get("/v1/jobs/{job_id}")
+    async def status(self, job_id: str, request: Request) -> dict:
+        """The job's status (queued, running, succeeded, failed, cancelled), progress and error."""
+        self._authorize(request)
+        return status_view(self._job(job_id))
+
+    @app.get("/v1/jobs/{job_id}/result", response_class=FileResponse,
+             responses={200: {"content": {"image/png": {}}, "description": "the PNG with the run's parameters"}})
+    async def result(self, job_id: str, request: Request):
+        """The result PNG (text chunks ``cupscale:*``: prompt, seed, model, stages, config, config_hash, ...)."""
+        self._authorize(request)
+        record = self._job(job_id)
+        if record["status"] in (QUEUED, RUNNING):
+            raise refuse(409, f"job {job_id} is {record['status']}; poll GET /v1/jobs/{job_id} until it succeeded",
+                         **{"Retry-After": "1"})
+        if record["status"] in (FAILED, CANCELLED):
+            raise refuse(409, f"job {job_id} {record['status']}: {record.get('error') or 'no result'}")
+        path = self.store.result_path(job_id)
+        if not path.is_file():
+            raise refuse(410, f"job {job_id}: its result file is gone from the results folder")
+        return FileResponse(path, media_type="image/png", filename=f"{job_id}.png",
+                            headers={"X-Cupscale-Job": job_id})
+
+    @app.delete("/v1/jobs/{job_id}")
+    async def cancel(self, job_id: str, request: Request) -> JSONResponse:
+        """Cancel: a queued job at once (200), a running one at its next step (202); a finished job is 409."""
+        self._authorize(request)
+        record = self._job(job_id)
+        if record["status"] not in (QUEUED, RUNNING):
+            raise refuse(409, f"job {job_id} already {record['status']}; nothing to cancel")
+        record = await run_in_threadpool(self.runner.cancel, job_id)
+        return JSONResponse(status_view(record), status_code=200 if record["status"] == CANCELLED else 202)
+
+    @app.get("/v1/knobs")
+    async def knobs(self, request: Request) -> dict:
+        """The knobs a request may set: the service's value and the reason for each."""
+        self._authorize(request)
+        config = self.options.config
+        return {f.name: {"value": getattr(config, f.name), "why": f.metadata.get("why", "")}
+                for f in fields(UpscaleConfig) if f.name not in SERVICE_KNOBS}
+
+    @app.get("/v1/health")
+    async def health(self, request: Request) -> dict:
+        self._authorize(request)
+        return {"status": "ok", "queued": self.runner.queue.qsize(), "queue_size": self.options.queue_size,
+                "model": self.options.config.model, "version": __version__}
+
+
+def build_app(options: ServiceOptions):
+    """The bound Serve application (``serve.run(build_app(...))``)."""
+    return UpscaleService.bind(options)
+
+
+TOKEN_ENV = "CUPSCALE_SERVE_TOKEN"  # where a RayService's pods get the bearer token (from a Kubernetes Secret)
+
+
+def app_from_args(args: dict):
+    """Serve's application builder, for a RayService (``import_path: cupscale_dist.services.serve:app_from_args``).
+
+    ``args``: ``results`` (a folder on shared storage), ``config`` (preset or file), ``knobs`` (service knobs),
+    ``queue``, ``actors``, ``gpus_per_actor``, ``cpus_per_actor``. The token comes from ``$CUPSCALE_SERVE_TOKEN``
+    and is required: a RayService's proxy listens on every interface of its pod.
+    """
+    known = {"results", "config", "knobs", "queue", "actors", "gpus_per_actor", "cpus_per_actor", "max_request_mb"}
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise UserError(f"serve args: unknown key(s) {', '.join(unknown)}; use {', '.join(sorted(known))}")
+    if "results" not in args:
+        raise UserError("serve args: 'results' (a results folder on shared storage) is required")
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    if len(token) < 16:
+        raise UserError(f"${TOKEN_ENV} must hold the service's bearer token (>= 16 characters): the proxy of a "
+                        "RayService listens on every interface")
+    config = UpscaleConfig.load(args.get("config"), **dict(args.get("knobs") or {}))
+    cluster = ClusterOptions(actors=args.get("actors"), gpus_per_actor=args.get("gpus_per_actor"),
+                             cpus_per_actor=float(args.get("cpus_per_actor", 1.0)))
+    return build_app(ServiceOptions(str(args["results"]), config, int(args.get("queue", 16)), token,
+                                    int(float(args.get("max_request_mb", MAX_REQUEST_MB)) * 2**20), cluster))
+
+
+def deploy(options: ServiceOptions, host: str = "127.0.0.1", port: int = 8000, name: str = APP_NAME,
+           route_prefix: str = "/"):
+    """Start Serve's HTTP proxy on ``host:port`` (on the Ray cluster this process joined) and run the app."""
+    check_bind(host, options.token)
+    serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
+    try:
+        return serve.run(build_app(options), name=name, route_prefix=route_prefix)
+    except RuntimeError as exc:
+        raise UserError(f"the service failed to start: {str(exc).strip().splitlines()[-1]}") from None

@@ -1,0 +1,1 @@
+"""Tiny, seeded models built from configs for tests and benches (no weights are ever downloaded)."""
