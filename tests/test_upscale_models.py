@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import small_config
 from cupscale_dist import UserError, upscale
-from cupscale_dist.models.spec import upscale_models as um
+from cupscale_dist.models import upscale_models as um
 
 needs_ncnn = pytest.mark.skipif(importlib.util.find_spec(um.NCNN_MODULE) is None,
                                 reason=f"{um.NCNN_PACKAGE} not installed (the 'upscale' extra)")
