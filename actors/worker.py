@@ -2,7 +2,7 @@
 
 It loads the whole pipeline once (UNet, VAE, text encoders) on its GPU share and answers ``call(method, args)``
 with ``ModelWorker.method(*args)``: view predictions, VAE tiles, prompt chunks, the attention probe. A per-stage
-value arrives wrapped in :class:`cupscale_dist.execution.executor.Shared` (an object reference Ray does not resolve on
+value arrives wrapped in :class:`cupscale_dist.execution.contract.Shared` (an object reference Ray does not resolve on
 every call) and is fetched once per stage, and again after a restart.
 """
 
@@ -44,7 +44,7 @@ class PipelineWorker:
                 "gpus": [str(g) for g in ray.get_gpu_ids()], "device": str(self.worker.device)}
 
     def call(self, method: str, args: tuple):
-        from cupscale_dist.execution.executor import Shared
+        from cupscale_dist.execution.contract import Shared
 
         args = [self._fetch(a.ref) if isinstance(a, Shared) else a for a in args]
         return getattr(self.worker, method)(*args)

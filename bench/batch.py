@@ -48,17 +48,19 @@ def plain_loop(folder: Path, out: Path, config) -> tuple[float, list[float]]:
     from cupscale_dist.files.imageio import load_image, save_png
     from cupscale_dist.pipeline import upscale
     from cupscale_dist.services.runner import run_metadata
-    from cupscale_dist.execution.worker import ModelWorker
+    from cupscale_dist.execution.executor import open_executor
+    from cupscale_dist.plan import check_inputs
 
     out.mkdir()
     start = time.perf_counter()
-    model = ModelWorker.for_config(config)
+    executor = open_executor(config, keep=True)  # loaded once, as `cupscale batch --tile-parallel --actors 0`
     per_image = []
     for path in sorted(folder.iterdir()):
         begin = time.perf_counter()
         image = load_image(path, config.max_input_pixels, config.min_input_side)
-        result = upscale(image, config, model=model, progress=False)
-        save_png(result, out / path.name, run_metadata(config, image.size, str(path)))
+        plan = check_inputs(image.size, config)
+        result = upscale(image, config, executor=executor, plan=plan, progress=False)
+        save_png(result, out / path.name, run_metadata(plan, str(path)))
         per_image.append(time.perf_counter() - begin)
     return time.perf_counter() - start, per_image
 

@@ -83,7 +83,7 @@ class StageProbe:
             stage["actor_cpu_s"] = self.actor_cpu() - stage.pop("_actor_cpu")
 
     def __call__(self, state: dict) -> None:
-        if "stage_input" in state:  # a stage starts: no call is in flight, the actors answer at once
+        if state["stage_input"] is not None:  # a stage starts: no call is in flight, the actors answer at once
             self.close_stage()
             reset_peak()
             self.stages.append({"stage": state["stage"], "input": list(state["stage_input"].size), "steps": 0,
@@ -114,7 +114,7 @@ def main() -> None:
     from cupscale_dist.files.imageio import write_image
     from cupscale_dist.models.spec import ModelSpec
     from cupscale_dist.execution.pool import RayExecutor, WorkerPool
-    from cupscale_dist.plan import describe_plan
+    from cupscale_dist.plan import check_inputs
     from cupscale_dist.execution.raycluster import ClusterOptions
 
     torch.set_num_threads(args.threads)
@@ -122,7 +122,7 @@ def main() -> None:
                                 stride=args.stride, view_batch_size=args.batch, torch_threads=args.threads)
     with Image.open(ROOT / "examples" / "astronaut.png") as astronaut:
         image = astronaut.convert("RGB").resize((args.input, args.input), Image.Resampling.BICUBIC)
-    plan = describe_plan(image.size, config)
+    plan = check_inputs(image.size, config).describe()
     work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     output = Path(args.output) if args.output else work / "out.tif"
     try:
@@ -139,7 +139,7 @@ def main() -> None:
         start = time.perf_counter()
         metadata = {"prompt": config.prompt, "seed": str(config.seed), "bench": "scale"}
         size = tuple(plan["output"])
-        upscale(image, config, executor=RayExecutor(pool, spec, config.view_batch_size, keep_pool=True),
+        upscale(image, config, executor=RayExecutor(pool, spec, config.view_batch_size, keep=True),
                 callback=probe, sink=lambda bands: write_image(output, bands, size, metadata))
         total = time.perf_counter() - start
         probe.close_stage()

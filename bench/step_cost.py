@@ -351,6 +351,9 @@ class StubUNet:
     def __init__(self, device: torch.device, dtype: torch.dtype):
         self.device, self.dtype = device, dtype
 
+    def set_attn_processor(self, _processor) -> None:
+        pass  # no attention layers: the backbone's processor install has nothing to do
+
     def __call__(self, sample, timestep, encoder_hidden_states=None, added_cond_kwargs=None,
                  cross_attention_kwargs=None):
         from types import SimpleNamespace
@@ -370,8 +373,9 @@ def predict_views_overhead(args, device, dtype, sync) -> list[dict]:
     """predict_views around a zero-cost UNet: its host-side preparation (embeddings, CFG batch, micro-conditioning,
     masks, host<->device copies) per call, as a fraction of the H100 bare call time of the same batch."""
     from cupscale_dist.method.step import predict_views
+    from cupscale_dist.models.backbones.sdxl import SDXL
 
-    stub, rows = StubUNet(device, dtype), []
+    stub, rows = SDXL(StubUNet(device, dtype)), []
     for tiles in args.tiles:
         base = full_context(tiles, args.latent, args.seed)
         rects = np.array([[0, i * args.latent, args.latent, (i + 1) * args.latent] for i in range(tiles)])
@@ -399,7 +403,8 @@ def full_size(args) -> dict:
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     from cupscale_dist.method.attention import install_regional_processors
-    from cupscale_dist.method.step import micro_conditioning, predict_views
+    from cupscale_dist.method.step import predict_views
+    from cupscale_dist.models.backbones.sdxl import SDXL, micro_conditioning
 
     device = torch.device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
@@ -418,6 +423,7 @@ def full_size(args) -> dict:
         return common
     start = time.perf_counter()
     unet = build_sdxl_unet(device, dtype, args.seed)
+    backbone = SDXL(unet)  # the contract predict_views calls; installs the regional processors
     build_s = time.perf_counter() - start
     params = sum(p.numel() for p in unet.parameters())
     log(f"SDXL-architecture UNet: {params / 1e9:.3f} B params on {device} as {dtype}, built in {build_s:.1f} s")
@@ -452,7 +458,7 @@ def full_size(args) -> dict:
 
         def ours(name):
             def call():
-                out = predict_views(unet, windows, timestep, input_scale, contexts[name], view_ids, rects)
+                out = predict_views(backbone, windows, timestep, input_scale, contexts[name], view_ids, rects)
                 sync()
                 return out
             return call

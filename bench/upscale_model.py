@@ -4,7 +4,7 @@
 
 Each held-out photo (`cupscale_dist.demo.photos.HELD_OUT`) is centre-cropped and downscaled x4 with bicubic exactly as
 `cupscale eval` does (`evaluate.prepare_pair`), then brought back x4 by the upscale model (through
-`upscale_models.upscale_with_model` with an in-process tile map calling `run_upscale_model`, the worker's code) and
+`method.resize.upscale_with_model` with an in-process tile map calling `run_upscale_model`, the worker's code) and
 by bicubic. PSNR/SSIM against the original use `evaluate.psnr` / `evaluate.ssim`. CPU cost: seconds of the model
 pass per output megapixel with ``torch.set_num_threads(--threads)`` (after the model is loaded; one run per photo).
 """
@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import load_average, log, rounded  # noqa: E402
 
 from cupscale_dist.models import upscale_models as um  # noqa: E402
+from cupscale_dist.method.resize import upscale_with_model  # noqa: E402
 from cupscale_dist.quality.evaluate import held_out_originals, prepare_pair
 from cupscale_dist.quality.image_metrics import psnr, ssim  # noqa: E402
 
@@ -51,7 +52,7 @@ def main() -> None:
         original, low = prepare_pair(original, scale)
         log(f"{name}: {low.size} -> {original.size}")
         start = time.perf_counter()
-        ours = um.upscale_with_model(tile_map, low, args.tile, args.overlap, progress=False)
+        ours = upscale_with_model(tile_map, low, args.tile, args.overlap, progress=False)
         seconds = time.perf_counter() - start
         bicubic = low.resize(original.size, Image.Resampling.BICUBIC)
         photos[name] = {"input": list(low.size), "output": list(original.size),

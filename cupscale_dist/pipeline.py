@@ -4,6 +4,9 @@
 *executor* (:class:`cupscale_dist.execution.pool.RayExecutor`), which runs every forward pass — UNet views, VAE tiles,
 text encoders, the attention probe — on actors; everything else (stages, scheduler, prior, reduction, blending) is
 this code in both paths, and it holds no model weights: only latents, prompts and 8-bit image bands.
+
+Three tiles, three units (the knobs keep their names): views are ``tile`` latent px (``tile_latent``), the VAE runs
+on ``vae_tile`` image px (``vae_tile_px``), the upscale model on ``upscale_model_tile`` input px (method/resize.py).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypedDict
 
 import numpy as np
 import torch
@@ -19,23 +23,34 @@ from tqdm.auto import tqdm
 
 from .captions.prompts import Prompter, make_prompter, pixel_boxes
 from .config import UpscaleConfig
-from .models.controlnet import control_crops
-from .errors import UserError
+from .execution.contract import Executor
+from .execution.executor import LocalExecutor, open_executor
+from .execution.worker import ModelWorker
 from .method.masks import binarize_maps, content_token_mask, view_token_masks
-from .models.spec import ModelSpec
 from .method.prior import GlobalPrior
+from .method.resize import resize_input
 from .method.step import StageContext, StageSchedule, reduce_and_step
 from .method.vae import PixelCodec, decode_bands, encode_image, image_to_tensor, read_only_tensor
-from .method.views import jitter_views, make_views, view_batches
+from .method.views import jitter_views, view_batches
 from .method.wavelets import low_band
-from .execution.executor import LocalExecutor
-from .execution.worker import ModelWorker
-from .method.resize import resize_input
-from .plan import denoising_steps, plan_stages, target_size
+from .models.controlnet import control_crops
+from .plan import Plan, StagePlan, make_plan
 
 log = logging.getLogger(__name__)
 
-StepCallback = Callable[[dict], None]
+class StepInfo(TypedDict):
+    """What a step callback receives, one shape: at a stage's start (``step`` 0) its input image and no latent;
+    after each step the latent it produced (``step`` = steps done in the stage) and that step's timestep."""
+
+    stage: int
+    step: int
+    num_steps: int
+    timestep: torch.Tensor | None  # of the step just done; None at the stage's start
+    latents: torch.Tensor | None  # the whole latent after ``step`` steps; None at the stage's start
+    stage_input: Image.Image | None  # the image the stage starts from (what a resume redoes steps 1-8 from); start only
+
+
+StepCallback = Callable[[StepInfo], None]
 BandSink = Callable[[Iterator[np.ndarray]], object]  # consumes a stage output's uint8 bands, top to bottom
 
 
@@ -102,86 +117,127 @@ def predict_step(executor, context, latents: torch.Tensor, views: np.ndarray, ti
         yield batch, read_only_tensor(eps)  # only read by the reduction
 
 
-def run_stage(executor, config: UpscaleConfig, image: Image.Image, stage: int, size: tuple[int, int],
-              prompter: Prompter, global_prompt: str, callback: StepCallback | None = None,
-              resume: StageState | None = None, progress: bool = True, sink: BandSink | None = None):
-    """One x2 stage of method.md (steps 1-10); returns the stage output image, or what ``sink`` returns when it
-    consumes the output's bands (a file writer: the output is never held whole)."""
-    spec: ModelSpec = executor.spec
-    f, tile_map = spec.vae_scale_factor, executor.map
-    sink = sink or collect_image
-    # 1. Resize (+ sharpen) the stage input.
-    image = resize_input(image, size, config, tile_map, progress)
-    # 2. Encode with the tiled VAE (tile by tile from the 8-bit image, on the workers).
-    z_low = encode_image(tile_map, image, f, spec.latent_channels, config.vae_tile, config.vae_tile_overlap)
-    latent_hw = tuple(z_low.shape[-2:])
-    # 4. Start point: S = round(s T) remaining steps, z_S = add_noise(z_L, eps, t_S); noise drawn once per stage.
+@dataclass
+class StagePrompts:
+    """Step 6's output for one stage: unique prompts' embeddings and each view's index into them."""
+
+    view_prompt: np.ndarray  # (N,) int64
+    regional: tuple[torch.Tensor, torch.Tensor | None]  # (embeds (U, 77, D), pooled (U, Dp) or None)
+    global_: tuple[torch.Tensor, torch.Tensor | None]
+    negative: tuple[torch.Tensor, torch.Tensor | None]
+
+
+def encode_stage_prompts(executor, config: UpscaleConfig, stage: StagePlan, image: Image.Image, prompter: Prompter,
+                         global_prompt: str) -> StagePrompts:
+    """Step 6: a regional prompt per view (a file or the captioner, on the view's pixel crop), encoded once per
+    unique prompt (in bounded chunks, on the workers), beside the global and the negative prompt."""
+    prompts = prompter.regional_prompts(stage.index, image, pixel_boxes(stage.views, executor.spec.vae_scale_factor),
+                                        global_prompt)
+    if not config.keep_captioner:
+        prompter.close()  # the captioner pool's GPU memory goes back to the UNet; its cache stays
+    unique = sorted(set(prompts))
+    view_prompt = np.array([unique.index(p) for p in prompts], dtype=np.int64)
+    regional = encode_prompts(executor, unique)
+    global_ = encode_prompts(executor, [global_prompt])
+    return StagePrompts(view_prompt, regional, global_, encode_negative(executor, config.negative_prompt))
+
+
+def prepare_latents(executor, config: UpscaleConfig, stage: StagePlan, image: Image.Image, z_low: torch.Tensor,
+                    resume: StageState | None) -> tuple[StageSchedule, torch.Tensor]:
+    """Steps 3 and 4: the global structure prior and the start point, from one noise draw for the whole latent.
+
+    Returns the stage's schedule (the driver's one scheduler, positioned at the first step to run) and the latent
+    to denoise: ``z_S = add_noise(z_L, eps, t_S)``, ``S = round(s T)`` steps from the end, or the resumed one.
+    """
+    spec = executor.spec
     scheduler = spec.new_scheduler(config.scheduler)
     scheduler.set_timesteps(config.steps, device="cpu")
-    start = config.steps - denoising_steps(config)
-    noise = torch.randn(z_low.shape, generator=stage_generator(config.seed, stage))
+    start = config.steps - stage.steps
+    noise = torch.randn(z_low.shape, generator=stage_generator(config.seed, stage.index))
     # 3. Global structure prior G = LL(z_L) (or of the pixels, prior_space='pixel').
     if config.prior_space == "latent":
         prior, codec = GlobalPrior.from_latent(z_low, noise, config.wavelet, config.dwt_levels), None
     else:  # the pixel-space prior needs full float pixels (and a VAE round trip per step)
         low = low_band(image_to_tensor(image), config.wavelet, config.dwt_levels)
         prior = GlobalPrior(low, torch.zeros_like(low), config.wavelet, config.dwt_levels)
-        codec = PixelCodec(tile_map, f, spec.latent_channels, config.vae_tile, config.vae_tile_overlap)
-    schedule = StageSchedule(scheduler, start, prior, config.prior_target, config.prior_fraction,
-                             config.prior_schedule, codec, config.prior_scale)
-    if schedule.num_steps == 0:
-        return sink(iter([np.asarray(image)]))
+        codec = PixelCodec(executor.map, spec.vae_scale_factor, spec.latent_channels, config.vae_tile,
+                           config.vae_tile_overlap)
+    schedule = StageSchedule(scheduler=scheduler, start_index=start, prior=prior, prior_target=config.prior_target,
+                             prior_fraction=config.prior_fraction, prior_schedule=config.prior_schedule, codec=codec,
+                             prior_scale=config.prior_scale)
+    # 4. Start point.
     if hasattr(scheduler, "set_begin_index"):  # stateful (Euler) schedulers count steps from here
         scheduler.set_begin_index(start + (resume.step if resume else 0))
-    latents = resume.latents.clone() if resume else scheduler.add_noise(z_low, noise, scheduler.timesteps[start : start + 1])
-    # 5. Views.
-    views = make_views(*latent_hw, config.tile, config.stride)
-    # 6. Regional prompts, encoded once per unique prompt (in bounded chunks, on the workers).
-    prompts = prompter.regional_prompts(stage, image, pixel_boxes(views, f), global_prompt)
-    if not config.keep_captioner:
-        prompter.close()  # the captioner pool's GPU memory goes back to the UNet; its cache stays
-    unique = sorted(set(prompts))
-    view_prompt = np.array([unique.index(p) for p in prompts], dtype=np.int64)
-    regional_embeds, regional_pooled = encode_prompts(executor, unique)
-    global_embeds, global_pooled = encode_prompts(executor, [global_prompt])
-    negative_embeds, negative_pooled = encode_negative(executor, config.negative_prompt)
+    if resume is not None:
+        return schedule, resume.latents.clone()
+    return schedule, scheduler.add_noise(z_low, noise, scheduler.timesteps[start : start + 1])
+
+
+def run_stage(executor, config: UpscaleConfig, stage: StagePlan, image: Image.Image, prompter: Prompter,
+              global_prompt: str, *, callback: StepCallback | None = None, resume: StageState | None = None,
+              progress: bool = True, sink: BandSink | None = None):
+    """One x2 stage of method.md (steps 1-10); returns the stage output image, or what ``sink`` returns when it
+    consumes the output's bands (a file writer: the output is never held whole)."""
+    spec = executor.spec
+    f, vae_tile_px, sink = spec.vae_scale_factor, config.vae_tile, sink or collect_image
+    if callback is not None:
+        callback(StepInfo(stage=stage.index, step=0, num_steps=stage.steps, timestep=None, latents=None,
+                          stage_input=image))
+    # 1. Resize (+ sharpen) the stage input.
+    image = resize_input(image, stage.size, config, executor.map, progress)
+    # 2. Encode with the tiled VAE (tile by tile from the 8-bit image, on the workers).
+    z_low = encode_image(executor.map, image, f, spec.latent_channels, vae_tile_px, config.vae_tile_overlap)
+    latent_hw = tuple(z_low.shape[-2:])
+    assert latent_hw == stage.latent, (latent_hw, stage.latent)  # the plan's geometry is the model's
+    # 3-4. Global structure prior and start point.
+    schedule, latents = prepare_latents(executor, config, stage, image, z_low, resume)
+    if schedule.num_steps == 0:
+        return sink(iter([np.asarray(image)]))
+    # 5. Views: the plan's windows of `tile` latent px every `stride` (jittered per step in 9).
+    views = stage.views
+    # 6. Regional prompts.
+    prompts = encode_stage_prompts(executor, config, stage, image, prompter, global_prompt)
     # 7. Regional attention masks from the attention probe.
-    token_allowed, token_maps = attention_token_masks(executor, config, image, stage, global_prompt, global_embeds,
-                                                      global_pooled, latent_hw, views)
+    token_allowed, token_maps = attention_token_masks(executor, config, image, stage.index, global_prompt,
+                                                      *prompts.global_, latent_hw, views)
     # The stage input is not needed past here (a 16K stage's input is as big as its output), except as the
     # ControlNet's control image, cropped per view at every step.
     control = np.asarray(image) if config.controlnet else None
     image = None
     # 8. The composer's inputs travel in the stage context (used inside every cross-attention layer).
-    context = StageContext(negative_embeds, global_embeds, regional_embeds, view_prompt, negative_pooled,
-                           global_pooled, regional_pooled, token_allowed, token_maps, latent_hw,
-                           (size[1], size[0]), f, config.guidance_scale,
-                           config.lambda_global, config.composer, config.pooled_prompt, config.micro_conditioning,
-                           config.controlnet_scale)
+    context = StageContext(
+        negative_embeds=prompts.negative[0], global_embeds=prompts.global_[0], regional_embeds=prompts.regional[0],
+        view_prompt=prompts.view_prompt, negative_pooled=prompts.negative[1], global_pooled=prompts.global_[1],
+        regional_pooled=prompts.regional[1], token_allowed=token_allowed, token_maps=token_maps, latent_hw=latent_hw,
+        image_hw=(stage.size[1], stage.size[0]), vae_scale_factor=f, guidance_scale=config.guidance_scale,
+        lambda_global=config.lambda_global, composer=config.composer, pooled_prompt=config.pooled_prompt,
+        micro_conditioning=config.micro_conditioning, controlnet_scale=config.controlnet_scale)
     shared = executor.share(context)  # sent once per stage; each call carries only its windows
     # 9. Denoising loop: predict every view, reduce + prior, one scheduler step on the whole latent.
     first = resume.step if resume else 0
     bar = tqdm(total=schedule.num_steps, initial=first, disable=not progress, unit="step",
-               desc=f"stage {stage + 1} {size[0]}x{size[1]} ({len(views)} views)")
+               desc=f"stage {stage.index + 1} {stage.size[0]}x{stage.size[1]} ({len(views)} views)")
     for step in range(first, schedule.num_steps):
-        step_views = jitter_views(views, *latent_hw, config.jitter, np.random.default_rng([config.seed, stage, step]))
-        batches = predict_step(executor, shared, latents, step_views, schedule.timestep(step), schedule.input_scale(step),
-                               control)
+        step_views = jitter_views(views, *latent_hw, config.jitter,
+                                  np.random.default_rng([config.seed, stage.index, step]))
+        batches = predict_step(executor, shared, latents, step_views, schedule.timestep(step),
+                               schedule.input_scale(step), control)
         latents = reduce_and_step(latents, batches, step_views, schedule, step, config.blend, config.gaussian_sigma)
         bar.update(1)
         if callback is not None:
-            callback({"stage": stage, "step": step + 1, "num_steps": schedule.num_steps, "latents": latents,
-                      "timestep": schedule.timestep(step)})
+            callback(StepInfo(stage=stage.index, step=step + 1, num_steps=schedule.num_steps,
+                              timestep=schedule.timestep(step), latents=latents, stage_input=None))
     bar.close()
     # 10. Decode with the tiled VAE (on the workers), band by band into 8 bits.
-    return sink(decode_bands(tile_map, latents, f, config.vae_tile, config.vae_tile_overlap))
+    return sink(decode_bands(executor.map, latents, f, vae_tile_px, config.vae_tile_overlap))
 
 
 def encode_negative(executor, negative_prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """CFG's unconditional embeddings; SDXL zeroes an empty negative prompt, as its pipeline does."""
+    """CFG's unconditional embeddings; a model whose index says so (SDXL's default) zeroes an empty negative
+    prompt, as its pipeline does."""
     embeds, pooled = encode_prompts(executor, [negative_prompt])
-    if executor.spec.family == "sdxl" and not negative_prompt and executor.spec.force_zeros_for_empty_prompt:
-        return torch.zeros_like(embeds), torch.zeros_like(pooled)
+    if not negative_prompt and executor.spec.force_zeros_for_empty_prompt:
+        return torch.zeros_like(embeds), None if pooled is None else torch.zeros_like(pooled)
     return embeds, pooled
 
 
@@ -193,19 +249,23 @@ def collect_image(bands: Iterator[np.ndarray]) -> Image.Image:
 # ---------------------------------------------------------------------------------------------------------------
 # All stages
 # ---------------------------------------------------------------------------------------------------------------
-def upscale(image: Image.Image, config: UpscaleConfig, *, model: ModelWorker | None = None, executor=None,
-            callback: StepCallback | None = None, resume: StageState | None = None, stage_inputs: dict | None = None,
-            progress: bool = True, sink: BandSink | None = None):
+def upscale(image: Image.Image, config: UpscaleConfig, *, executor: Executor | None = None,
+            model: ModelWorker | None = None, plan: Plan | None = None, callback: StepCallback | None = None,
+            resume: StageState | None = None, stage_inputs: dict | None = None, progress: bool = True,
+            sink: BandSink | None = None):
     """Upscale ``image`` by ``config.scale`` (or to ``config.size``) in x2 stages (method.md 'Stages').
 
     Args:
         image (PIL.Image): RGB input.
         config (UpscaleConfig): every knob of the method.
-        model (ModelWorker, *optional*): an already loaded in-process worker for the reference (else loaded from
-            ``config.model``); ignored when ``executor`` is given.
-        executor (*optional*): runs the forward passes (``LocalExecutor`` if omitted; the Ray driver passes a
-            ``RayExecutor``, which holds the actors; it is closed at the end).
-        callback (*optional*): called after every step with ``{"stage", "step", "num_steps", "latents", "timestep"}``.
+        executor (Executor, *optional*): runs the forward passes (:func:`open_executor`'s in-process one if omitted;
+            the Ray driver passes a ``RayExecutor``). It is closed at the end: an executor opened with ``keep=True``
+            stays loaded for the next run.
+        model (ModelWorker, *optional*): an already loaded in-process worker, run here (a ``LocalExecutor`` over
+            it); ignored when ``executor`` is given.
+        plan (Plan, *optional*): the run's :func:`~cupscale_dist.plan.check_inputs` result; made from the loaded
+            model's spec if omitted (or if it was made for another VAE geometry).
+        callback (*optional*): called with a :class:`StepInfo` at each stage's start and after every step.
         resume (StageState, *optional*): continue a stage from a checkpointed latent;
         stage_inputs (dict, *optional*): ``{stage: input image}`` of finished stages, needed with ``resume``.
         sink (*optional*): consumes the final image's uint8 bands (a streaming file writer) when the last stage's
@@ -217,37 +277,33 @@ def upscale(image: Image.Image, config: UpscaleConfig, *, model: ModelWorker | N
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     prompter = None
-    input_size = image.size
     try:  # whatever fails, the executor (a Ray actor pool) and the captioner pool are released
         if executor is None:
-            if model is not None and not model.holds_addons_of(config):
-                raise UserError(f"the loaded model has add-ons {model.addons}, this run asks for others (lora, "
-                                "controlnet, resize='model'); load a worker with ModelWorker.for_config(config)")
-            model = model or ModelWorker.for_config(config)
-            executor = LocalExecutor(model, config.view_batch_size)
+            executor = LocalExecutor(model, config.view_batch_size) if model else open_executor(config)
+        executor.check_serves(config)
+        geometry = (executor.spec.vae_scale_factor, executor.spec.latent_channels)
+        if plan is None or (plan.vae_scale_factor, plan.latent_channels) != geometry:
+            plan = make_plan(image.size, config, geometry)
         prompter = make_prompter(config, count_tokens=executor.spec.content_tokens,
                                  start_timeout_s=executor.start_timeout_s)
         global_prompt = config.prompt or prompter.global_caption(image)
-        sizes = plan_stages(image.size, config)
-        final = target_size(input_size, config)
-        streams = sink is not None and sizes[-1] == final  # the last stage writes straight into the sink
+        last = plan.stages[-1]
+        streams = sink is not None and last.size == plan.output_size  # the last stage writes straight into the sink
         first = resume.stage if resume else 0
         if resume is not None:
             image = stage_inputs[first]
-        for stage in range(first, len(sizes)):
-            if callback is not None:
-                callback({"stage": stage, "step": 0, "stage_input": image})
-            image = run_stage(executor, config, image, stage, sizes[stage], prompter, global_prompt, callback,
-                              resume if resume and resume.stage == stage else None, progress,
-                              sink if streams and stage == len(sizes) - 1 else None)
+        for stage in plan.stages[first:]:
+            image = run_stage(executor, config, stage, image, prompter, global_prompt, callback=callback,
+                              resume=resume if resume and resume.stage == stage.index else None, progress=progress,
+                              sink=sink if streams and stage is last else None)
     finally:
         if prompter is not None:
             prompter.close()
         if executor is not None:
             executor.close()
-    if streams or image.size == final:
+    if streams or image.size == plan.output_size:
         return image
-    resized = image.resize(final, Image.Resampling.LANCZOS)  # stage sizes are multiples of 64 px
+    resized = image.resize(plan.output_size, Image.Resampling.LANCZOS)  # stage sizes are multiples of 64 px
     return sink(iter([np.asarray(resized)])) if sink is not None else resized
 
 

@@ -1,68 +1,30 @@
-"""The run plan `--dry-run` prints: stages, views per step, UNet evaluations and a memory estimate."""
+"""The run plan: stages, sizes, views per stage and UNet evaluations, decided here once, before any model loads.
+
+:func:`check_inputs` is what every entry point calls first (CLI, batch, service, eval, ``caption --tiles``,
+``--dry-run``): it makes the :class:`Plan` and checks the output size, the output format's side limit, a
+regional-prompts file and a checkpoint against it, so a bad run fails in one line before anything loads. The
+pipeline runs the same plan (:func:`make_plan` with the loaded model's spec): its stage sizes and views are these.
+"""
 
 from __future__ import annotations
 
-import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .config import UpscaleConfig
+from .errors import UserError
 from .method.views import make_views
 
-VAE_SCALE = 8  # SDXL and SD1.5 VAEs downsample by 8: the factor of a model not on disk yet (a hub id)
-LATENT_CHANNELS = 4
+SIZE_MULTIPLE = 64  # stage sizes in px: latent divisible by 2**3, the deepest DWT allowed (dwt_levels <= 3)
 # Host float32 buffers of the full latent a stage holds at once: z_L, noise, z_t, eps sum, weights, next z.
 LATENT_BUFFERS = 6
 
 
-def vae_scale(model: str) -> int:
-    """Pixels per latent pixel of ``model``, read from its VAE config when it is on disk (``demo``, a local dir);
-    :data:`VAE_SCALE` otherwise. The dry run and the captioner's crops need it without loading any weights."""
-    if model == "demo":
-        from .demo import demo_model_dir
-
-        model = str(demo_model_dir())
-    config = Path(model).expanduser() / "vae" / "config.json"
-    if config.is_file():
-        return 2 ** (len(json.loads(config.read_text(encoding="utf-8"))["block_out_channels"]) - 1)
-    return VAE_SCALE
-
-
-def stage_views(size: tuple[int, int], config: UpscaleConfig) -> np.ndarray:
-    """The views of a stage of ``size`` (W, H) px, as the upscale will make them (latent = size / VAE factor)."""
-    factor = vae_scale(config.model)
-    return make_views(size[1] // factor, size[0] // factor, config.tile, config.stride)
-
-
-def describe_plan(input_size: tuple[int, int], config: UpscaleConfig) -> dict:
-    """What a run will do, without loading anything."""
-    steps, factor = denoising_steps(config), vae_scale(config.model)
-    stages = []
-    for index, (width, height) in enumerate(plan_stages(input_size, config)):
-        latent = (height // factor, width // factor)
-        views = len(stage_views((width, height), config))
-        latent_bytes = LATENT_CHANNELS * latent[0] * latent[1] * 4
-        stages.append({
-            "stage": index, "size": [width, height], "latent": list(latent), "views_per_step": views,
-            "steps": steps, "unet_evaluations": views * steps * 2,  # x2: CFG's two halves
-            "est_host_memory_mb": round((LATENT_BUFFERS * latent_bytes + 2 * 3 * width * height) / 2**20, 1),
-        })
-    return {
-        "input": list(input_size), "output": list(target_size(input_size, config)), "model": config.model,
-        "tile": config.tile, "stride": config.stride, "view_batch_size": config.view_batch_size,
-        "stages": stages, "unet_evaluations": sum(s["unet_evaluations"] for s in stages),
-        "est_peak_host_memory_mb": max(s["est_host_memory_mb"] for s in stages),
-        "config_hash": config.config_hash(),
-    }
-
-
-SIZE_MULTIPLE = 64  # stage sizes in px: latent divisible by 2**3, the deepest DWT allowed (dwt_levels <= 3)
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# Plan
+# The decisions
 # ---------------------------------------------------------------------------------------------------------------
 def plan_stages(input_size: tuple[int, int], config: UpscaleConfig) -> list[tuple[int, int]]:
     """Stage sizes (W, H): x2 per stage up to the target, each rounded to a multiple of 64 px ('Stages')."""
@@ -83,3 +45,110 @@ def target_size(input_size: tuple[int, int], config: UpscaleConfig) -> tuple[int
 def denoising_steps(config: UpscaleConfig) -> int:
     """S = round(s * T): the number of steps actually run per stage (method.md step 4)."""
     return int(round(config.strength * config.steps))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The plan
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StagePlan:
+    """One x2 stage: its size in px, its latent, its views (latent rects before jitter) and its step count."""
+
+    index: int
+    size: tuple[int, int]  # (W, H) px
+    latent: tuple[int, int]  # (h, w) latent px
+    views: np.ndarray  # (N, 4) latent rects (top, left, bottom, right)
+    steps: int
+    latent_channels: int
+
+    @property
+    def unet_evaluations(self) -> int:
+        return len(self.views) * self.steps * 2  # x2: CFG's two halves
+
+    def describe(self) -> dict:
+        width, height = self.size
+        latent_bytes = self.latent_channels * self.latent[0] * self.latent[1] * 4
+        return {"stage": self.index, "size": [width, height], "latent": list(self.latent),
+                "views_per_step": len(self.views), "steps": self.steps, "unet_evaluations": self.unet_evaluations,
+                "est_host_memory_mb": round((LATENT_BUFFERS * latent_bytes + 2 * 3 * width * height) / 2**20, 1)}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run of ``config`` on an ``input_size`` image will do."""
+
+    input_size: tuple[int, int]  # (W, H) px
+    output_size: tuple[int, int]  # (W, H) px: the target (the last stage is Lanczos-resized to it if it differs)
+    stages: tuple[StagePlan, ...]
+    vae_scale_factor: int  # px per latent px, from the model's VAE config
+    latent_channels: int
+    config: UpscaleConfig
+
+    @property
+    def steps(self) -> int:
+        return self.stages[0].steps
+
+    @property
+    def stage_inputs(self) -> list[tuple[int, int]]:
+        """(W, H) of the image each stage starts from: the input, then each stage's output."""
+        return [self.input_size] + [s.size for s in self.stages[:-1]]
+
+    def describe(self) -> dict:
+        """The JSON `--dry-run` prints."""
+        config, stages = self.config, [s.describe() for s in self.stages]
+        return {
+            "input": list(self.input_size), "output": list(self.output_size), "model": config.model,
+            "tile": config.tile, "stride": config.stride, "view_batch_size": config.view_batch_size,
+            "stages": stages, "unet_evaluations": sum(s["unet_evaluations"] for s in stages),
+            "est_peak_host_memory_mb": max(s["est_host_memory_mb"] for s in stages),
+            "config_hash": config.config_hash(),
+        }
+
+
+def make_plan(input_size: tuple[int, int], config: UpscaleConfig, geometry: tuple[int, int]) -> Plan:
+    """The plan for a model of ``geometry`` = (VAE factor, latent channels); a size that is no upscale is one line."""
+    factor, channels = geometry
+    try:
+        sizes = plan_stages(input_size, config)
+    except ValueError as exc:
+        raise UserError(f"{exc}; ask for a larger size or a scale of 2, 4, 8 or 16") from None
+    steps = denoising_steps(config)
+    stages = []
+    for index, (width, height) in enumerate(sizes):
+        latent = (height // factor, width // factor)
+        stages.append(StagePlan(index, (width, height), latent, make_views(*latent, config.tile, config.stride), steps,
+                                channels))
+    return Plan(tuple(input_size), target_size(input_size, config), tuple(stages), factor, channels, config)
+
+
+def check_inputs(input_size: tuple[int, int], config: UpscaleConfig, spec=None, *, output: str | Path | None = None,
+                 checkpoint=None) -> Plan:
+    """The plan of a run, and everything it reads besides the image checked against it, before any model loads.
+
+    ``spec`` (a :class:`~cupscale_dist.models.spec.ModelSpec`) when the model is already resolved; else its geometry
+    is read from its configs (:func:`~cupscale_dist.models.spec.model_geometry`, no weights). Checks: the output
+    within ``max_output_pixels``; ``output``'s format can hold it (WebP: 16383 px a side); the regional-prompts
+    file's stages, sizes and view counts; ``checkpoint`` (a :class:`~cupscale_dist.services.checkpoint.Checkpointer`
+    to resume from): every field of it.
+    """
+    plan = make_plan(input_size, config, model_geometry_of(config, spec))
+    config.check_output_size(plan.output_size)
+    if output is not None:
+        from .files.imageio import check_output_side
+
+        check_output_side(output, plan.output_size)
+    if config.regional_prompts:
+        from .captions.promptfile import check_prompt_file, read_prompt_file
+
+        check_prompt_file(config.regional_prompts, read_prompt_file(Path(config.regional_prompts)), plan)
+    if checkpoint is not None:
+        checkpoint.check_against(plan)
+    return plan
+
+
+def model_geometry_of(config: UpscaleConfig, spec=None) -> tuple[int, int]:
+    if spec is not None:
+        return spec.vae_scale_factor, spec.latent_channels
+    from .models.spec import model_geometry
+
+    return model_geometry(config.model, config.model_config)

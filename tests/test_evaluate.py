@@ -11,6 +11,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from cupscale_dist import UpscaleConfig
 from cupscale_dist.cli.main import main
+from cupscale_dist.plan import make_plan
 from cupscale_dist.quality.evaluate import CROP_PX, prepare_pair, view_boundaries
 from cupscale_dist.quality.image_metrics import high_frequency_energy, psnr, seam_score, ssim
 from cupscale_dist.method.views import make_views
@@ -64,7 +65,7 @@ def test_seam_score_sees_seams_on_the_boundaries_only():
 
 def test_view_boundaries_are_every_stages_view_edges_in_the_output_grid():
     config = UpscaleConfig.load("cpu-demo", model="demo", scale=4, tile=8, stride=6)
-    columns, rows = view_boundaries((64, 32), config, factor=4)
+    columns, rows = view_boundaries(make_plan((64, 32), config, geometry=(4, 4)))
     # stage 1: 128x64 px -> latent 32x16; stage 2: 256x128 -> latent 64x32; output 256x128
     expected_columns = set()
     for width, height, grid in ((128, 64, 2), (256, 128, 1)):

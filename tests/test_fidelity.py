@@ -23,8 +23,9 @@ from cupscale_dist.pipeline import encode_negative, predict_step, stage_generato
 from cupscale_dist.method.resize import resize_input
 from cupscale_dist.method.prior import GlobalPrior
 from cupscale_dist.method.schedulers import make_scheduler
-from cupscale_dist.method.step import (StageContext, StageSchedule, micro_conditioning, predict_views, reduce_and_step,
-                                       reduce_predictions)
+from cupscale_dist.method.step import StageContext, StageSchedule, predict_views, reduce_and_step, reduce_predictions
+from cupscale_dist.models.backbones.sd15 import SD15
+from cupscale_dist.models.backbones.sdxl import micro_conditioning
 from cupscale_dist.testing.tiny import SCHEDULER_CONFIG
 from cupscale_dist.method.vae import encode_image
 from cupscale_dist.method.views import make_views
@@ -184,6 +185,9 @@ class StandInUNet(torch.nn.Module):
     device = property(lambda self: self.anchor.device)
     dtype = property(lambda self: self.anchor.dtype)
 
+    def set_attn_processor(self, _processor) -> None:
+        pass  # no attention layers
+
     def forward(self, sample, timestep, **_conditioning):
         out = pointwise(sample)
         return SimpleNamespace(sample=out + sample.mean(dim=(1, 2, 3), keepdim=True) if self.view_offset else out)
@@ -222,6 +226,7 @@ class StandInWorker:
 
     def __init__(self, view_offset: bool):
         self.unet, self._context, self.controlnet = StandInUNet(view_offset), None, None
+        self.backbone = SD15(self.unet)  # the UNet families' calling contract around the stand-in
 
 
 def reduce_through(executor, view_offset: bool, blend: str) -> None:
@@ -309,7 +314,7 @@ def test_masks_and_lambda_reach_cross_attention_only(sdxl_model, lambda_global, 
     windows = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
     calls, handles = record_attention_calls(sdxl_model.unet)
     try:
-        predict_views(sdxl_model.unet, windows, 500, 0.5, context, [0, 1], rects)
+        predict_views(sdxl_model.backbone, windows, 500, 0.5, context, [0, 1], rects)
     finally:
         for handle in handles:
             handle.remove()
@@ -353,7 +358,7 @@ def test_micro_conditioning_values_reach_the_unet(sdxl_model, mode):
     assert micro_conditioning(context, RECTS).tolist() == expected
     received, handle = record_time_ids(sdxl_model.unet)
     try:
-        predict_views(sdxl_model.unet, torch.zeros(2, 4, 8, 16), 500, 0.5, context, [0, 1], RECTS)
+        predict_views(sdxl_model.backbone, torch.zeros(2, 4, 8, 16), 500, 0.5, context, [0, 1], RECTS)
     finally:
         handle.remove()
     assert len(received) == 1 and received[0].tolist() == expected + expected  # CFG: [uncond views; cond views]

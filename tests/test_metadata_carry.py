@@ -219,11 +219,12 @@ def test_a_batch_item_carries_the_source_metadata(source, sdxl_dir, sdxl_model, 
     """`cupscale batch`'s per-image function (the Ray Data worker's and the tile-parallel driver's) carries them too."""
     from conftest import small_config
 
+    from cupscale_dist.execution.executor import LocalExecutor
     from cupscale_dist.services.batch.manifest import STATUS_OK
     from cupscale_dist.services.batch.worker import process_item
 
     item = {"input_path": str(source), "output_path": "source.png", "overrides": {}}
-    row = process_item(item, small_config(sdxl_dir), tmp_path / "out", model=sdxl_model)
+    row = process_item(item, small_config(sdxl_dir), tmp_path / "out", LocalExecutor(sdxl_model, 4))
     assert row["status"] == STATUS_OK, row["error"]
     meta = read_metadata(tmp_path / "out" / "source.png")
     assert {k: meta[k] for k in SOURCE} == SOURCE and meta["cupscale:source"] == str(source)

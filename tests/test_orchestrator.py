@@ -184,7 +184,7 @@ def test_bad_cluster_address_fails_fast_and_writes_nothing(sdxl_dir, photo, tmp_
 def test_a_failed_step_leaves_the_pool_free_for_the_next_image(local_ray, sdxl_model, photo):
     config = small_config(sdxl_model.name, view_batch_size=1)
     executor = ray_executor(config, 1)
-    executor.keep_pool = True  # as `cupscale batch --tile-parallel` uses it: the pool outlives one image
+    executor.keep = True  # as `cupscale batch --tile-parallel` uses it: the pool outlives one image
     try:
         def fail_at_step_one(state):
             if state.get("step") == 1:
@@ -196,4 +196,4 @@ def test_a_failed_step_leaves_the_pool_free_for_the_next_image(local_ray, sdxl_m
         expected = as_bytes(upscale(photo, config, model=sdxl_model, progress=False))
         assert as_bytes(upscale(photo, config, executor=executor, progress=False)) == expected
     finally:
-        executor.pool.shutdown()
+        executor.release()

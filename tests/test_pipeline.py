@@ -73,9 +73,9 @@ def test_lambda_one_without_masks_is_the_plain_unet(sdxl_model, photo):
     context.token_allowed = np.ones_like(context.token_allowed)
     unet, views = sdxl_model.unet, np.array([[0, 0, 16, 16], [8, 16, 24, 32]])
     windows = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    ours = predict_views(unet, windows, 500, 0.5, context, [0, 1], views)
+    ours = predict_views(sdxl_model.backbone, windows, 500, 0.5, context, [0, 1], views)
 
-    from cupscale_dist.method.step import micro_conditioning
+    from cupscale_dist.models.backbones.sdxl import micro_conditioning
 
     unet.set_attn_processor(AttnProcessor2_0())
     try:

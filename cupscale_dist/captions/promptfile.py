@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
 from ..errors import UserError
 
 
@@ -83,8 +82,9 @@ def _ints_problem(value, where: str, length: int) -> str | None:
     return f"{where} must be {length} integers, got {value!r:.60}"
 
 
-def check_prompt_file(path, data: dict, stages: list[dict]) -> None:
-    """The file against this run's plan (``describe_plan``'s stages): every stage exists, with its size and views."""
+def check_prompt_file(path, data: dict, plan) -> None:
+    """The file against this run's :class:`~cupscale_dist.plan.Plan`: every stage exists, with its size and views."""
+    stages = plan.stages
     for entry in data.get("stages", []):
         stage = entry["stage"]
         if stage >= len(stages):
@@ -92,11 +92,11 @@ def check_prompt_file(path, data: dict, stages: list[dict]) -> None:
                             f"stage(s) (0..{len(stages) - 1}); regenerate it with `cupscale caption --tiles` using "
                             "the same scale/size")
         planned = stages[stage]
-        if entry.get("size") not in (None, planned["size"]):
+        if entry.get("size") not in (None, list(planned.size)):
             raise UserError(f"--regional-prompts {path}: stage {stage} is {entry['size'][0]}x{entry['size'][1]} in "
-                            f"the file but {planned['size'][0]}x{planned['size'][1]} in this run; regenerate it with "
+                            f"the file but {planned.size[0]}x{planned.size[1]} in this run; regenerate it with "
                             "`cupscale caption --tiles` using the same scale/size")
-        check_view_count(path, stage, len(entry["views"]), planned["views_per_step"])
+        check_view_count(path, stage, len(entry["views"]), len(planned.views))
 
 
 def check_view_count(path, stage: int, listed: int, expected: int) -> None:

@@ -6,7 +6,6 @@ import argparse
 import json
 import sys
 from dataclasses import fields
-from pathlib import Path
 
 from ..config import UpscaleConfig, preset_names
 from ..errors import UserError
@@ -63,24 +62,22 @@ def add_batch_parser(sub) -> None:
 
 
 def cmd_upscale(args: argparse.Namespace) -> int:
-    from ..files.imageio import check_output_path, check_output_side, load_input, temp_beside
     from ..execution.raycluster import ClusterOptions
-    from ..plan import describe_plan
+    from ..files.imageio import check_output_path, load_input, temp_beside
+    from ..plan import check_inputs
+    from ..services.checkpoint import Checkpointer, image_sha
     from ..services.runner import run_upscale
 
     config = config_from_args(args)
     output = check_output_path(args.output, args.overwrite or args.dry_run, source=args.input)  # a dry run writes nothing
     image, carried = load_input(args.input, config.max_input_pixels, config.min_input_side)
-    try:
-        plan = describe_plan(image.size, config)
-    except ValueError as exc:
-        raise UserError(f"{exc}; ask for a larger --size or a --scale of 2, 4, 8 or 16") from None
-    config.check_output_size(tuple(plan["output"]))
-    check_output_side(output, tuple(plan["output"]))
-    if args.dry_run:
-        print(json.dumps(plan, indent=2))
+    if args.dry_run:  # the plan, checked as the run checks it (a checkpoint only matters to a run)
+        print(json.dumps(check_inputs(image.size, config, output=output).describe(), indent=2))
         return 0
-    check_run_inputs(args, config, image, plan)  # fail before any model loads
+    resuming = args.resume and args.checkpoint_dir
+    checkpoint = (Checkpointer(args.checkpoint_dir, args.checkpoint_every, config.config_hash(), image_sha(image))
+                  if resuming else None)
+    plan = check_inputs(image.size, config, output=output, checkpoint=checkpoint)  # fail before any model loads
     cluster = ClusterOptions(args.actors, args.address, args.gpus_per_actor, args.cpus_per_actor, args.start_timeout)
     partial = temp_beside(output)  # the result goes here first (and the directory proves it takes new files)
     try:  # without --overwrite the result claims its name exclusively: of two racing runs one wins
@@ -89,22 +86,8 @@ def cmd_upscale(args: argparse.Namespace) -> int:
                     overwrite=args.overwrite, temp=partial, carried=carried)
     finally:
         partial.unlink(missing_ok=True)
-    print(f"wrote {output} ({plan['output'][0]}x{plan['output'][1]})")
+    print(f"wrote {output} ({plan.output_size[0]}x{plan.output_size[1]})")
     return 0
-
-
-def check_run_inputs(args: argparse.Namespace, config: UpscaleConfig, image, plan: dict) -> None:
-    """What a run reads besides the image, checked against its plan: the regional-prompts file and, with
-    ``--resume``, every field of the checkpoint (a wrong shape or step would give a traceback or a wrong image)."""
-    if config.regional_prompts:
-        from ..captions.promptfile import check_prompt_file, read_prompt_file
-
-        check_prompt_file(config.regional_prompts, read_prompt_file(Path(config.regional_prompts)), plan["stages"])
-    if args.resume and args.checkpoint_dir:
-        from ..services.checkpoint import Checkpointer, ResumePlan, image_sha
-
-        Checkpointer(args.checkpoint_dir, args.checkpoint_every, config.config_hash(), image_sha(image),
-                     ResumePlan.from_plan(plan)).load()
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -125,12 +108,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_caption(args: argparse.Namespace) -> int:
     from ..captions.tiles import caption_views
     from ..files.imageio import load_image
-    from ..plan import target_size
+    from ..plan import check_inputs
 
     config = config_from_args(args)
     image = load_image(args.input, config.max_input_pixels, config.min_input_side)
-    config.check_output_size(target_size(image.size, config))
-    print(json.dumps(caption_views(image, config, args.tiles), indent=2))
+    plan = check_inputs(image.size, config)
+    print(json.dumps(caption_views(image, config, plan if args.tiles else None), indent=2))
     return 0
 
 

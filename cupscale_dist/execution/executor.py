@@ -1,21 +1,19 @@
-"""Executors: what runs the method's forward passes. The driver asks an executor to ``map`` a model-worker method over
-calls and gets the results in call order; :class:`LocalExecutor` runs them here, ``pool.RayExecutor`` on actors."""
+"""Opening an executor: :func:`open_executor` is the one place that chooses between the in-process reference
+(:class:`LocalExecutor`) and the Ray pool (:class:`~cupscale_dist.execution.pool.RayExecutor`)."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from ..config import UpscaleConfig
+from ..errors import UserError
 from ..models.spec import ModelSpec
+from .contract import Executor
+from .pool import RayExecutor, WorkerPool
 from .raycluster import ClusterOptions
-
-if TYPE_CHECKING:
-    from .pool import RayExecutor
-    from .worker import ModelWorker
+from .worker import ModelWorker
 
 log = logging.getLogger(__name__)
 
@@ -25,44 +23,45 @@ class LocalExecutor:
 
     start_timeout_s = None  # nothing to place here (a captioner pool uses its own default)
 
-    def __init__(self, worker: ModelWorker, batch_size: int):
-        self.worker, self.batch_size = worker, batch_size
+    def __init__(self, worker: ModelWorker, batch_size: int, keep: bool = False):
+        self.worker, self.batch_size, self.keep = worker, batch_size, keep
 
     @property
     def spec(self) -> ModelSpec:
         return self.worker.spec
 
+    def __repr__(self) -> str:
+        return f"LocalExecutor({self.worker!r})"
+
+    def check_serves(self, config) -> None:
+        if not self.worker.holds_addons_of(config):
+            raise UserError(f"the loaded model has add-ons {self.worker.addons}, this run asks for others (lora, "
+                            "controlnet, resize='model'); load a worker with ModelWorker.for_config(config)")
+
     def share(self, value):
-        """What a call receives for a per-stage value (the stage context): here the value itself."""
         return value
 
     def map(self, method: str, calls: Iterable[tuple]) -> Iterator:
-        """``worker.method(*args)`` for each call, results in call order."""
         run = getattr(self.worker, method)
         for args in calls:
             yield run(*args)
 
     def close(self) -> None:
+        pass  # the worker is the caller's (or dies with this executor): nothing is placed, nothing to free
+
+    def release(self) -> None:
         pass
 
 
-@dataclass(frozen=True)
-class Shared:
-    """A per-stage value (the stage context) in the object store: sent once, each actor fetches it once."""
+def open_executor(config: UpscaleConfig, cluster: ClusterOptions | None = None, *, keep: bool = False) -> Executor:
+    """The executor a run of ``config`` uses: in-process when ``cluster`` is None or has ``actors=0``, else a Ray pool.
 
-    ref: object
-
-
-def make_executor(config: UpscaleConfig, options: ClusterOptions) -> RayExecutor | None:
-    """``--actors 0`` = None (the in-process reference); otherwise a RayExecutor on a new pool.
-
-    The driver resolves the model once (a hub download or a cache check) and the actors load that local path.
+    ``keep=True``: the executor outlives one ``upscale`` (its ``close`` is a no-op); the caller releases it with
+    ``release()``. The Ray driver resolves the model once (a hub download or a cache check); actors load that path.
     """
-    from .pool import RayExecutor, WorkerPool
-
-    if options.actors == 0:
-        return None
+    if cluster is None or cluster.actors == 0:
+        return LocalExecutor(ModelWorker.for_config(config), config.view_batch_size, keep=keep)
     started = time.monotonic()
     spec = ModelSpec.load(config.model, config.variant, config.model_config)
     log.info("model %s at %s (%.1f s)", config.model, spec.path, time.monotonic() - started)
-    return RayExecutor(WorkerPool(config, options, spec), spec, config.view_batch_size)
+    return RayExecutor(WorkerPool(config, cluster, spec), spec, config.view_batch_size, keep=keep)

@@ -1,7 +1,7 @@
 """The Ray driver: every forward pass on a pool of model-worker actors, fanned out and gathered in a fixed order.
 
 The driver runs the very same :func:`cupscale_dist.pipeline.upscale` as the single-process reference; only the
-executor differs (:class:`RayExecutor` instead of ``worker.LocalExecutor``). It holds no weights — configs and
+executor differs (:class:`RayExecutor` instead of ``executor.LocalExecutor``). It holds no weights — configs and
 the tokenizer only (:class:`cupscale_dist.models.spec.ModelSpec`) — and owns the one scheduler, the full latent and the
 8-bit image bands. Each actor (``actors/worker.py``) holds the whole pipeline on its GPU share and answers the
 same calls a local ``ModelWorker`` does: view predictions, VAE tiles, prompt chunks, the attention probe.
@@ -24,12 +24,13 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import torch
 
-from ..models.addons import Addons
+from ..models.addons import Addons, addon_request
 from ..config import UpscaleConfig
 from ..errors import UserError
 from ..models.spec import ModelSpec
-from .executor import Shared
-from .placement import memory_fraction, model_worker_share, reserve, worker_count
+from .contract import Shared
+from .actorgroup import ActorGroup, NotReady
+from .placement import memory_fraction, model_worker_share, worker_count
 from .raycluster import ClusterOptions, connect, root_cause
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class WorkerPool:
     def __init__(self, config: UpscaleConfig, options: ClusterOptions, spec: ModelSpec, actor_class=None,
                  addons: Addons | None = None):
         addons = Addons.from_config(config, spec) if addons is None else addons  # checked before any actor starts
+        self.addons, self.spec, self.built_for = addons, spec, addon_request(config)
         ray = connect(options)
         from actors.worker import PipelineWorker
 
@@ -62,42 +64,36 @@ class WorkerPool:
         fraction = memory_fraction(self.num_gpus) if device == "cuda" else None
         self.load_args = (spec.path, spec.name, device, config.dtype, config.variant, threads, fraction, addons,
                           spec.model_config)
-        self.group = reserve(self.count, self.num_cpus, self.num_gpus, options.start_timeout_s, "model workers",
-                             "use fewer --actors or a smaller --gpus-per-actor/--cpus-per-actor (or captioner_gpus)")
-        self.remote_cls = ray.remote(actor_class or PipelineWorker)  # benches pass a stand-in subclass
-        self.actor_options = dict(num_gpus=self.num_gpus, num_cpus=self.num_cpus, max_restarts=ACTOR_RESTARTS,
-                                  max_task_retries=ACTOR_RESTARTS)
-        self.actors = [self._start(i) for i in range(self.count)]  # live actors, by slot
+        # benches pass a stand-in subclass as actor_class
+        self.group = ActorGroup(actor_class or PipelineWorker, self.count, num_cpus=self.num_cpus,
+                                num_gpus=self.num_gpus, placement_timeout_s=options.start_timeout_s,
+                                what="model workers", hint="use fewer --actors or a smaller --gpus-per-actor/"
+                                "--cpus-per-actor (or captioner_gpus)", max_restarts=ACTOR_RESTARTS,
+                                max_task_retries=ACTOR_RESTARTS)
+        self.actors = self.group.actors  # live actors, by slot
+        for index in range(self.count):
+            self._start(index)
         self.in_flight = [0] * self.count  # calls submitted and not yet collected, per slot
         self._wait_loaded()
 
     def _start(self, index: int):
         """One actor in its reserved bundle (a replacement takes the same bundle)."""
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        options = dict(self.actor_options)
-        if self.group is not None:
-            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=index)
-        return self.remote_cls.options(**options).remote(*self.load_args, index)
+        return self.group.start(index, *self.load_args, index)
 
     def _wait_loaded(self) -> None:
         import ray
 
-        placements = [a.where.remote() for a in self.actors]
-        ready, pending = ray.wait(placements, num_returns=len(placements), timeout=MODEL_LOAD_TIMEOUT_S)
         try:
-            if pending:
-                raise UserError(f"only {len(ready)} of {self.count} model workers loaded {self.load_args[1]} within "
-                                f"{MODEL_LOAD_TIMEOUT_S:.0f} s (placed, still loading: a slow disk or a hub download?); "
-                                "see the Ray logs")
-            for where in ray.get(placements):
+            for where in self.group.wait_ready("where", MODEL_LOAD_TIMEOUT_S):
                 log.info("worker %(index)s on node %(node)s pid %(pid)s gpus %(gpus)s (%(device)s)", where)
+        except NotReady as late:
+            self.actors = []
+            raise UserError(f"only {late.ready} of {self.count} model workers loaded {self.load_args[1]} within "
+                            f"{MODEL_LOAD_TIMEOUT_S:.0f} s (placed, still loading: a slow disk or a hub download?); "
+                            "see the Ray logs") from None
         except ray.exceptions.RayError as exc:
-            self.shutdown()
+            self.actors = []
             raise UserError(f"model workers failed to load the model: {root_cause(exc)}") from None
-        except UserError:
-            self.shutdown()
-            raise
 
     def pick(self) -> int | None:
         """The least busy actor with a free slot, or None when all are at capacity (backpressure)."""
@@ -111,7 +107,7 @@ class WorkerPool:
         """
         if self.actors[index] is dead:
             log.warning("model worker %d lost (%s); starting a replacement", index, reason)
-            self.actors[index] = self._start(index)
+            self._start(index)
 
     def map(self, method: str, calls: Iterable[tuple]) -> Iterator:
         """``method(*args)`` on the actors for each call, yielding results strictly in call order as they arrive.
@@ -174,24 +170,25 @@ class WorkerPool:
         return ray.get([a.usage.remote() for a in self.actors])
 
     def shutdown(self) -> None:
-        import ray
-        from ray.util.placement_group import remove_placement_group
-
-        for actor in self.actors:
-            ray.kill(actor, no_restart=True)
-        self.actors = []
         if self.group is not None:
-            remove_placement_group(self.group)
+            self.group.release()
             self.group = None
+        self.actors = []
 
 
 class RayExecutor:
     """The executor of :func:`cupscale_dist.pipeline.upscale` in Ray mode: calls go to a :class:`WorkerPool`."""
 
-    def __init__(self, pool: WorkerPool, spec: ModelSpec, batch_size: int, keep_pool: bool = False):
+    def __init__(self, pool: WorkerPool, spec: ModelSpec, batch_size: int, keep: bool = False):
         self.pool, self.spec, self.batch_size = pool, spec, batch_size
         self.start_timeout_s = pool.start_timeout_s
-        self.keep_pool = keep_pool  # `batch --tile-parallel`: one pool serves every image
+        self.keep = keep  # `batch --tile-parallel`, `serve`: one pool serves every image
+
+    def check_serves(self, config) -> None:
+        pool = self.pool
+        if addon_request(config) != pool.built_for and Addons.from_config(config, pool.spec) != pool.addons:
+            raise UserError(f"the model workers hold add-ons {pool.addons}, this run asks for others (lora, "
+                            "controlnet, resize='model'); start a pool for this config")
 
     def share(self, value) -> Shared:
         import ray
@@ -202,8 +199,11 @@ class RayExecutor:
         return self.pool.map(method, calls)
 
     def close(self) -> None:
-        """End of the run: release the actors (and their GPUs), unless the pool serves more images."""
-        if not self.keep_pool:
-            self.pool.shutdown()
+        if not self.keep:
+            self.release()
+
+    def release(self) -> None:
+        """The actors (and their GPUs) and the placement group go back to the cluster."""
+        self.pool.shutdown()
 
 

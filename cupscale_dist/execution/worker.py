@@ -16,12 +16,10 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import torch
 
 from ..models.addons import Addons, addon_request
-from ..method.attention import install_regional_processors
+from ..models.backbones import backbone_class
 from ..models.controlnet import control_tensor
-from ..method.masks import probe_token_attention
 from ..models.spec import ModelSpec
 from ..models.loading import load_pipeline, resolve_device, resolve_dtype
 from ..method.step import StageContext, predict_views
@@ -45,13 +43,13 @@ class ModelWorker:
             from ..models.lora import apply_loras
 
             apply_loras(self.pipe, addons.loras)
-        install_regional_processors(self.pipe.unet)
         self.controlnet = None
         if addons.controlnet:
             from ..models.controlnet import load_controlnet
 
             self.controlnet = load_controlnet(addons.controlnet, self.device, self.dtype)
-            install_regional_processors(self.controlnet)
+        # the family's calling contract; it installs the regional attention processors (after the LoRAs)
+        self.backbone = backbone_class(self.spec.family)(self.pipe.unet, pipe=self.pipe, controlnet=self.controlnet)
         self._upscaler = None  # the upscale model, loaded at its first tile (resize='model')
         self._built_for: tuple | None = None  # the add-on request of the config it was loaded for (for_config)
         self._context: tuple[StageContext, StageContext] | None = None  # (as received, on the device)
@@ -103,8 +101,8 @@ class ModelWorker:
         if (control is None) != (self.controlnet is None):
             raise ValueError("a ControlNet run needs control crops and a worker holding the ControlNet, or neither")
         image = None if control is None else control_tensor(control)
-        return predict_views(self.unet, read_only_tensor(windows), timestep, input_scale, self._context[1], view_ids,
-                             rects, self.controlnet, image).numpy()
+        return predict_views(self.backbone, read_only_tensor(windows), timestep, input_scale, self._context[1],
+                             view_ids, rects, image).numpy()
 
     def upscale_tile(self, pixels: np.ndarray) -> np.ndarray:
         """1 (resize='model'): one uint8 HxWx3 tile through the upscale model -> uint8 (sH)x(sW)x3."""
@@ -122,19 +120,15 @@ class ModelWorker:
         """10: one latent tile (C, h, w) -> pixels (3, H, W) float32 in [-1, 1]."""
         return decode_latents(self.vae, read_only_tensor(latents)[None])[0].numpy()
 
-    @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
         """6: (embeds (U, 77, D), pooled (U, Dp) or None for SD1.5), float32, cut to 77 tokens."""
-        if self.spec.family == "sdxl":
-            embeds, _, pooled, _ = self.pipe.encode_prompt(prompts, device=self.device, do_classifier_free_guidance=False)
-            return embeds.float().cpu().numpy(), pooled.float().cpu().numpy()
-        embeds, _ = self.pipe.encode_prompt(prompts, self.device, 1, False)
-        return embeds.float().cpu().numpy(), None
+        return self.backbone.encode_prompts(prompts)
 
     def probe(self, pixels: np.ndarray, noise: np.ndarray, timestep: int, alpha_bar: float, embeds: np.ndarray,
               pooled: np.ndarray | None) -> np.ndarray:
         """7: cross-attention maps (tokens, h, w) of the global prompt over the native-size stage input."""
-        return probe_token_attention(self.unet, self.vae, pixels, read_only_tensor(noise), timestep, alpha_bar,
-                                     read_only_tensor(embeds), None if pooled is None else read_only_tensor(pooled)).numpy()
+        pooled = None if pooled is None else read_only_tensor(pooled)
+        return self.backbone.probe(self.vae, pixels, read_only_tensor(noise), timestep, alpha_bar,
+                                   read_only_tensor(embeds), pooled).numpy()
 
 

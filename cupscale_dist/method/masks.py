@@ -8,13 +8,10 @@ would give NaN).
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
 from .attention import AttentionProbe, install_regional_processors, probe_processors
-from .vae import encode_pixels, tile_to_tensor
 
 
 def content_token_mask(num_prompt_tokens: int, max_length: int = 77) -> np.ndarray:
@@ -61,20 +58,3 @@ def probe_attention_maps(unet, latents: torch.Tensor, timestep: int, prompt_embe
     probs = probe.lowest_resolution_map()[0].float()  # (Lq, tokens)
     side = int(round(probs.shape[0] ** 0.5))
     return probs.T.reshape(-1, side, side)
-
-
-@torch.no_grad()
-def probe_token_attention(unet, vae, pixels: np.ndarray, noise: torch.Tensor, timestep: int, alpha_bar: float,
-                          prompt_embeds: torch.Tensor, pooled: torch.Tensor | None) -> torch.Tensor:
-    """Step 7's forward pass: the native-size stage input (uint8 HxWx3), encoded and noised to ``timestep``
-    (``sqrt(abar) z + sqrt(1 - abar) noise``, the UNet's input space), through the UNet with the global prompt;
-    returns the (tokens, h, w) attention maps. ``pooled``: SDXL's pooled global prompt (micro-conditioning is the
-    native size, uncropped)."""
-    latent = encode_pixels(vae, tile_to_tensor(pixels))
-    noisy = math.sqrt(alpha_bar) * latent + math.sqrt(1 - alpha_bar) * noise
-    added = None
-    if pooled is not None:
-        height, width = pixels.shape[:2]
-        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32)
-        added = {"text_embeds": pooled.to(unet.device, unet.dtype), "time_ids": time_ids.to(unet.device, unet.dtype)}
-    return probe_attention_maps(unet, noisy.to(unet.device), timestep, prompt_embeds.to(unet.device), added)

@@ -1,7 +1,7 @@
 """The C-Upscale step (method.md step 9): the two functions both execution paths call.
 
-* :func:`predict_views` — CFG noise predictions for a batch of views (9a). Pure: a UNet, latent windows and the
-  stage context in, arrays out. Denoiser actors call exactly this.
+* :func:`predict_views` — CFG noise predictions for a batch of views (9a). Pure: a backbone, latent windows and
+  the stage context in, arrays out. Denoiser actors call exactly this.
 * :func:`reduce_and_step` — MultiDiffusion reduction of the views' predictions (9b), the global prior (9c) and
   ONE scheduler step on the whole latent. Only the driver holds the scheduler and the full latent.
 """
@@ -54,21 +54,6 @@ class StageContext:
         return dataclasses.replace(self, **{name: move(getattr(self, name)) for name in names})
 
 
-def micro_conditioning(context: StageContext, rects: np.ndarray) -> torch.Tensor:
-    """SDXL add_time_ids per view (method.md 9a): (original_size, crop top-left, target_size), in px.
-
-    'global': ``(H, W, 0, 0, H, W)`` for every view, (H, W) the stage size (DemoFusion, diffusers' mixture-of-
-    diffusers SDXL); 'per_view': original = stage size, crop top-left = view offset, target = view size.
-    """
-    f = context.vae_scale_factor
-    if context.micro_conditioning == "global":
-        rows = [[*context.image_hw, 0, 0, *context.image_hw]] * len(rects)
-    else:
-        rows = [[*context.image_hw, top * f, left * f, (bottom - top) * f, (right - left) * f]
-                for top, left, bottom, right in rects]
-    return torch.tensor(rows, dtype=torch.float32)
-
-
 def regional_attention(context: StageContext, view_ids: np.ndarray, rects: np.ndarray) -> RegionalAttention:
     """The composer's inputs for a CFG batch [uncond views; cond views]; uncond rows screen nothing."""
     count, tokens = len(view_ids), context.global_embeds.shape[1]
@@ -83,51 +68,26 @@ def regional_attention(context: StageContext, view_ids: np.ndarray, rects: np.nd
 
 
 @torch.no_grad()
-def predict_views(unet, windows: torch.Tensor, timestep, input_scale: float, context: StageContext,
-                  view_ids: Sequence[int], rects: np.ndarray, controlnet=None,
-                  control: torch.Tensor | None = None) -> torch.Tensor:
+def predict_views(backbone, windows: torch.Tensor, timestep, input_scale: float, context: StageContext,
+                  view_ids: Sequence[int], rects: np.ndarray, control: torch.Tensor | None = None) -> torch.Tensor:
     """CFG noise predictions of a batch of views (method.md 9a) -> (B, C, h, w) float32 on CPU.
 
     Args:
-        unet: a UNet2DConditionModel with :class:`RegionalAttnProcessor` installed.
+        backbone: the model family's adapter (:class:`cupscale_dist.models.backbones.base.UNetBackbone`): one
+            ``denoise`` call for both CFG halves, regional attention installed.
         windows (tensor (B, C, h, w)): the views' windows of the current latent, in the scheduler's space.
         timestep: the scheduler timestep of this step.
         input_scale (float): the scheduler's model-input scaling at this step (1/sqrt(sigma^2+1) for Euler).
         context (StageContext): the stage's prompts, masks and micro-conditioning inputs.
         view_ids: indices of these views in the stage's view list; rects (N', 4): their current rectangles.
-        controlnet, control (tensor (B, 3, H, W) in [0, 1]): a ControlNet tile model and each view's own crop of
-            the stage input; its residuals, times ``context.controlnet_scale``, join the UNet's skip connections.
+        control (tensor (B, 3, H, W) in [0, 1]): each view's own crop of the stage input, when the backbone holds
+            a ControlNet tile model.
     """
     view_ids = np.asarray(view_ids)
-    count = len(view_ids)
-    device, dtype = unet.device, unet.dtype
-    latents = (windows.to(device, torch.float32) * input_scale).to(dtype)
+    latents = (windows.to(backbone.device, torch.float32) * input_scale).to(backbone.dtype)
     latents = torch.cat([latents, latents])
-
-    prompt_ids = torch.from_numpy(context.view_prompt[view_ids]).to(context.regional_embeds.device)
-    uncond = torch.cat([context.negative_embeds, context.negative_embeds], dim=1).expand(count, -1, -1)
-    cond = torch.cat([context.global_embeds.expand(count, -1, -1), context.regional_embeds[prompt_ids]], dim=1)
-    encoder_states = torch.cat([uncond, cond]).to(device, dtype)
-
-    added_cond = None
-    if context.negative_pooled is not None:
-        pooled = (context.global_pooled.expand(count, -1) if context.pooled_prompt == "global"
-                  else context.regional_pooled[prompt_ids])
-        time_ids = micro_conditioning(context, rects).to(device)
-        added_cond = {"text_embeds": torch.cat([context.negative_pooled.expand(count, -1), pooled]).to(device, dtype),
-                      "time_ids": torch.cat([time_ids, time_ids]).to(device, dtype)}
-
     regional = regional_attention(context, view_ids, rects)
-    residuals = {}
-    if controlnet is not None:  # both CFG halves see the view's crop, as diffusers' ControlNet pipelines do
-        image = control.to(device, dtype)
-        down, mid = controlnet(latents, timestep, encoder_hidden_states=encoder_states,
-                               controlnet_cond=torch.cat([image, image]), conditioning_scale=context.controlnet_scale,
-                               added_cond_kwargs=added_cond, cross_attention_kwargs={"regional": regional},
-                               return_dict=False)
-        residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
-    eps = unet(latents, timestep, encoder_hidden_states=encoder_states, added_cond_kwargs=added_cond,
-               cross_attention_kwargs={"regional": regional}, **residuals).sample.float()
+    eps = backbone.denoise(latents, timestep, context, view_ids, rects, regional, control).float()
     eps_uncond, eps_cond = eps.chunk(2)
     return (eps_uncond + context.guidance_scale * (eps_cond - eps_uncond)).cpu()
 

@@ -9,19 +9,21 @@ from __future__ import annotations
 import numpy as np
 
 
-def window_starts(length: int, tile: int, stride: int) -> np.ndarray:
-    """Start offsets along one axis: every ``stride``, the last one clamped so the window ends at the border."""
-    tile = min(tile, length)
-    starts = list(range(0, length - tile + 1, stride))
+def window_starts(length: int, tile_latent: int, stride_latent: int) -> np.ndarray:
+    """Start offsets along one axis: every ``stride_latent``, the last one clamped so the window ends at the border."""
+    tile = min(tile_latent, length)
+    starts = list(range(0, length - tile + 1, stride_latent))
     if starts[-1] != length - tile:
         starts.append(length - tile)
     return np.asarray(starts, dtype=np.int64)
 
 
-def make_views(height: int, width: int, tile: int, stride: int) -> np.ndarray:
-    """All views of a ``height`` x ``width`` latent, shape (N, 4) int64 ``(top, left, bottom, right)``."""
-    tile_h, tile_w = min(tile, height), min(tile, width)
-    tops, lefts = window_starts(height, tile, stride), window_starts(width, tile, stride)
+def make_views(height: int, width: int, tile_latent: int, stride_latent: int) -> np.ndarray:
+    """All views of a ``height`` x ``width`` latent, shape (N, 4) int64 ``(top, left, bottom, right)``; the knobs
+    ``tile``/``stride`` are these, in latent px."""
+    tile_h, tile_w = min(tile_latent, height), min(tile_latent, width)
+    tops = window_starts(height, tile_latent, stride_latent)
+    lefts = window_starts(width, tile_latent, stride_latent)
     top, left = np.meshgrid(tops, lefts, indexing="ij")
     top, left = top.ravel(), left.ravel()
     return np.stack([top, left, top + tile_h, left + tile_w], axis=1)

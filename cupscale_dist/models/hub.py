@@ -16,15 +16,10 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ..errors import UserError
+from .backbones import FAMILIES, FAMILY_COMPONENTS
 
 log = logging.getLogger(__name__)
 
-FAMILIES = {"StableDiffusionXLPipeline": "sdxl", "StableDiffusionXLImg2ImgPipeline": "sdxl",
-            "StableDiffusionPipeline": "sd15", "StableDiffusionImg2ImgPipeline": "sd15"}
-# What each family's method code calls; other components of a repository (SD1.5's safety checker and feature
-# extractor, an image encoder) are neither fetched nor loaded.
-FAMILY_COMPONENTS = {"sdxl": ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler"),
-                     "sd15": ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
 # Files every component folder may need besides weights: configs, tokenizer vocabularies and merges.
 SMALL_FILE = re.compile(r"\.(json|txt|model)$")
 SAFETENSORS = re.compile(r"\.safetensors$")

@@ -8,7 +8,8 @@ import logging
 import torch
 
 from ..errors import UserError
-from .hub import FAMILY_COMPONENTS, component_variant
+from .backbones import backbone_class
+from .hub import component_variant
 from .single_file import is_single_file, tokenizer_dir
 from .spec import config_dir, model_family, read_json
 
@@ -49,11 +50,11 @@ def load_component(model_dir: str, name: str, dtype: torch.dtype, variant: str |
 def load_pipeline(model_dir: str, device: torch.device, dtype: torch.dtype, variant: str | None = None,
                   model_config: str | None = None):
     """The family's diffusers pipeline built from its components (what a worker holds), on ``device``."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import logging as diffusers_logging
 
     configs = config_dir(model_dir, model_config)
     family = model_family(configs)
+    backbone = backbone_class(family)
     if device.type == "cpu" and dtype == torch.float16:  # measured: a 320-channel 3x3 conv 31x slower than bf16
         log.warning("--dtype float16 on CPU has no fast kernels and runs many times slower; use bfloat16 or float32")
     diffusers_logging.disable_progress_bar()
@@ -61,20 +62,15 @@ def load_pipeline(model_dir: str, device: torch.device, dtype: torch.dtype, vari
         pipe = load_single_file(model_dir, configs, family, dtype)
     else:
         try:
-            parts = {name: load_component(model_dir, name, dtype, variant) for name in FAMILY_COMPONENTS[family]}
+            parts = {name: load_component(model_dir, name, dtype, variant) for name in backbone.components}
         except (OSError, ValueError, KeyError) as exc:
             raise UserError(f"--model {model_dir}: could not be loaded ({str(exc).splitlines()[0]}); "
                             "check the directory or use --model demo") from None
-        if family == "sdxl":
-            zeros = bool(read_json(model_dir, "model_index.json").get("force_zeros_for_empty_prompt", True))
-            pipe = StableDiffusionXLPipeline(**parts, force_zeros_for_empty_prompt=zeros, add_watermarker=False)
-        else:
-            pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
-                                           requires_safety_checker=False)
+        pipe = backbone.pipeline_class()(**parts, **backbone.pipeline_options(read_json(model_dir, "model_index.json")))
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
-    if dtype == torch.float16 and family == "sdxl" and pipe.vae.config.force_upcast:
-        pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16; diffusers' SDXL pipelines upcast it, SD1.5's don't
+    if dtype == torch.float16 and backbone.upcast_vae_in_fp16 and pipe.vae.config.force_upcast:
+        pipe.vae.to(torch.float32)
     log.info("loaded %s (%s) on %s as %s", model_dir, family, device, dtype)
     return pipe
 
@@ -82,20 +78,15 @@ def load_pipeline(model_dir: str, device: torch.device, dtype: torch.dtype, vari
 def load_single_file(path: str, configs: str, family: str, dtype: torch.dtype):
     """A single-file checkpoint through diffusers' ``from_single_file``, configured from ``configs`` only: offline
     (``local_files_only``), tokenizers from :func:`cupscale_dist.models.single_file.tokenizer_dir`."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from transformers import CLIPTokenizer
 
+    backbone = backbone_class(family)
     tokenizers = {name: CLIPTokenizer.from_pretrained(tokenizer_dir(configs, name))
-                  for name in FAMILY_COMPONENTS[family] if name.startswith("tokenizer")}
+                  for name in backbone.components if name.startswith("tokenizer")}
+    options = backbone.pipeline_options(read_json(configs, "model_index.json"))
     try:
-        if family == "sdxl":
-            zeros = bool(read_json(configs, "model_index.json").get("force_zeros_for_empty_prompt", True))
-            return StableDiffusionXLPipeline.from_single_file(
-                path, config=configs, local_files_only=True, torch_dtype=dtype, **tokenizers,
-                force_zeros_for_empty_prompt=zeros, add_watermarker=False)
-        return StableDiffusionPipeline.from_single_file(
-            path, config=configs, local_files_only=True, torch_dtype=dtype, **tokenizers, safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False)
+        return backbone.pipeline_class().from_single_file(path, config=configs, local_files_only=True,
+                                                          torch_dtype=dtype, **tokenizers, **options)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"--model {path}: could not be loaded as a single-file {family} checkpoint "

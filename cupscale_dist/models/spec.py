@@ -16,7 +16,8 @@ from pathlib import Path
 
 
 from ..errors import UserError
-from .hub import FAMILIES, FAMILY_COMPONENTS, pipeline_components, resolve_model
+from .backbones import FAMILIES, FAMILY_COMPONENTS, backbone_class
+from .hub import pipeline_components, resolve_model
 from .single_file import checkpoint_family, is_single_file, shipped_config, tokenizer_dir
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class ModelSpec:
     latent_channels: int
     native_size: int  # the training resolution in pixels (1024 for SDXL, 512 for SD1.5)
     scheduler_config: dict
-    force_zeros_for_empty_prompt: bool  # SDXL zeroes an empty negative prompt's embeddings
+    force_zeros_for_empty_prompt: bool  # an empty negative prompt's embeddings are zeros (the backbone's option)
     tokenizer: object  # the first CLIP tokenizer: token counts for masks and caption budgets
     model_config: str | None = None  # a single file's diffusers config dir; None = the shipped one of its family
 
@@ -86,7 +87,7 @@ class ModelSpec:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         return cls(name or model_dir, str(model_dir), family, factor, vae.get("latent_channels", 4),
                    unet["sample_size"] * factor, read_json(configs, "scheduler/scheduler_config.json"),
-                   bool(index.get("force_zeros_for_empty_prompt", family == "sdxl")),
+                   bool(backbone_class(family).pipeline_options(index).get("force_zeros_for_empty_prompt", False)),
                    CLIPTokenizer.from_pretrained(tokenizer_dir(configs, "tokenizer")), model_config)
 
     @property
@@ -114,6 +115,34 @@ class ModelSpec:
     def content_tokens(self, text: str) -> int:
         """Untruncated word-piece count of ``text`` (what a caption must fit into 75)."""
         return len(self.tokenizer.tokenize(text))
+
+
+# What a plan assumes for a model whose configs are not on this machine yet (a hub id not fetched, a dry run of a
+# path that does not exist): the SDXL and SD1.5 VAE, 8 px per latent px and 4 channels. A run reads the real ones.
+UNFETCHED_GEOMETRY = (8, 4)
+
+
+def model_geometry(model: str, model_config: str | None = None) -> tuple[int, int]:
+    """(VAE factor, latent channels) of ``model`` from its VAE config, no weights read: the demo model, a local
+    directory, a single file's configs, a hub id already in the local cache; :data:`UNFETCHED_GEOMETRY` otherwise."""
+    if model == "demo":
+        from ..demo import demo_model_dir
+
+        model = str(demo_model_dir())
+    path = Path(model).expanduser()
+    if path.is_file():
+        vae = Path(config_dir(str(path), model_config)) / "vae" / "config.json"
+    elif path.is_dir():
+        vae = path / "vae" / "config.json"
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model, "vae/config.json") if model.count("/") == 1 else None
+        vae = Path(cached) if isinstance(cached, str) else path / "vae" / "config.json"
+    if not vae.is_file():
+        return UNFETCHED_GEOMETRY
+    config = read_json(vae.parent.parent, "vae/config.json")
+    return 2 ** (len(config["block_out_channels"]) - 1), int(config.get("latent_channels", 4))
 
 
 def config_dir(model_path: str, model_config: str | None = None) -> str:

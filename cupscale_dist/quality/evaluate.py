@@ -27,9 +27,8 @@ from PIL import Image
 
 from ..config import UpscaleConfig
 from ..errors import UserError
-from ..plan import plan_stages
 from ..pipeline import upscale
-from ..method.views import make_views
+from ..plan import Plan, check_inputs
 from .image_metrics import gaussian_blur, high_frequency_energy, luminance, psnr, seam_score, ssim
 
 HELD_OUT = "held-out"  # eval's default originals: the demo model's held-out photos (never seen in training)
@@ -37,15 +36,15 @@ SIZE_STEP = 32  # originals are centre-cropped to a multiple of 32 x scale, so e
 CROP_PX = 128  # side of each side-by-side crop, in output pixels
 
 
-def view_boundaries(input_size: tuple[int, int], config: UpscaleConfig, factor: int) -> tuple[np.ndarray, np.ndarray]:
+def view_boundaries(plan: Plan) -> tuple[np.ndarray, np.ndarray]:
     """Every stage's view edges, in the output's pixel grid: (columns, rows) where a view starts or ends."""
-    sizes = plan_stages(input_size, config)
-    out_w, out_h = sizes[-1]
+    factor = plan.vae_scale_factor
+    out_w, out_h = plan.stages[-1].size
     columns, rows = set(), set()
-    for width, height in sizes:
-        views = make_views(height // factor, width // factor, config.tile, config.stride)
-        columns |= {round(v * factor * out_w / width) for v in np.unique(views[:, [1, 3]])}
-        rows |= {round(v * factor * out_h / height) for v in np.unique(views[:, [0, 2]])}
+    for stage in plan.stages:
+        width, height = stage.size
+        columns |= {round(v * factor * out_w / width) for v in np.unique(stage.views[:, [1, 3]])}
+        rows |= {round(v * factor * out_h / height) for v in np.unique(stage.views[:, [0, 2]])}
     inner = lambda lines, end: np.array(sorted(v for v in lines if 0 < v < end), dtype=np.int64)  # noqa: E731
     return inner(columns, out_w), inner(rows, out_h)
 
@@ -104,14 +103,14 @@ def image_figures(original: Image.Image, low: Image.Image, ours: Image.Image, bi
     }
 
 
-def evaluate_image(name: str, original: Image.Image, config: UpscaleConfig, worker, *, out_dir: Path | None = None,
-                   progress: bool = False) -> dict:
-    """Downscale ``original`` by ``config.scale``, upscale it back with ``worker``, and measure."""
+def evaluate_image(name: str, original: Image.Image, config: UpscaleConfig, executor, *,
+                   out_dir: Path | None = None, progress: bool = False) -> dict:
+    """Downscale ``original`` by ``config.scale``, upscale it back on ``executor``, and measure."""
     original, low = prepare_pair(original, config.scale)
-    ours = upscale(low, config, model=worker, progress=progress)
+    plan = check_inputs(low.size, config, executor.spec)
+    ours = upscale(low, config, executor=executor, plan=plan, progress=progress)
     bicubic = low.resize(original.size, Image.Resampling.BICUBIC)
-    factor = worker.spec.vae_scale_factor
-    figures = image_figures(original, low, ours, bicubic, view_boundaries(low.size, config, factor), factor)
+    figures = image_figures(original, low, ours, bicubic, view_boundaries(plan), plan.vae_scale_factor)
     row = {"image": name, "input": list(low.size), "output": list(ours.size), **figures}
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -144,8 +143,9 @@ def evaluate(originals: list[tuple], config: UpscaleConfig, *, out_dir: str | Pa
              worker=None, progress: bool = True, inception: str | None = None, clip: str | None = None,
              crops_per_image: int = 10) -> dict:
     """Evaluate ``config`` on every original ``(name, image[, prompt])`` (a prompt replaces ``config.prompt`` for
-    that image); returns ``{"model", "scale", "config_hash", "images": [rows], "overall": {figure: mean}}``."""
-    from ..execution.worker import ModelWorker
+    that image); returns ``{"model", "scale", "config_hash", "images": [rows], "overall": {figure: mean}}``.
+    ``worker``: an already loaded in-process ``ModelWorker`` (else one is loaded for ``config``)."""
+    from ..execution.executor import LocalExecutor, open_executor
 
     if inception or clip:
         from .distribution import check_metric_sources
@@ -153,11 +153,14 @@ def evaluate(originals: list[tuple], config: UpscaleConfig, *, out_dir: str | Pa
         check_metric_sources(inception, clip)  # before any upscaling
     for name, original, *_ in originals:
         prepare_pair(original, config.scale)  # too small -> one line before any model loads
-    worker = worker or ModelWorker.for_config(config)
+    executor = LocalExecutor(worker, config.view_batch_size, keep=True) if worker else open_executor(config, keep=True)
     out = Path(out_dir) if out_dir else None
     prompts = [prompt[0] if prompt else config.prompt for _, _, *prompt in originals]
-    results = [evaluate_image(name, original, replace(config, prompt=prompt), worker, out_dir=out, progress=progress)
-               for (name, original, *_), prompt in zip(originals, prompts)]
+    try:
+        results = [evaluate_image(name, original, replace(config, prompt=prompt), executor, out_dir=out,
+                                  progress=progress) for (name, original, *_), prompt in zip(originals, prompts)]
+    finally:
+        executor.release()
     rows = [{**r["row"], "prompt": prompt} for r, prompt in zip(results, prompts)]
     overall = {k: float(np.mean([r[k] for r in rows])) for k in FIGURES}
     if inception or clip:

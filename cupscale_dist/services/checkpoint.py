@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ from PIL import Image
 from ..files.atomic import atomic_file
 from ..errors import UserError
 from ..pipeline import StageState
-from ..plan import LATENT_CHANNELS, describe_plan
+from ..plan import Plan
 
 FILE_NAME = "checkpoint.pt"
 FIELDS = ("config_hash", "input_sha", "stage", "step", "latents", "stage_input")
@@ -33,31 +32,11 @@ def image_sha(image: Image.Image) -> str:
     return hashlib.sha256(image.tobytes() + repr(image.size).encode()).hexdigest()[:16]
 
 
-@dataclass(frozen=True)
-class ResumePlan:
-    """What a checkpoint of this run may hold: stage k's input size, its latent (h, w) and its step count."""
-
-    input_sizes: tuple[tuple[int, int], ...]  # (W, H) of the image each stage starts from
-    latent_shapes: tuple[tuple[int, int], ...]  # (h, w) of each stage's latent
-    steps: int  # denoising steps of every stage: a checkpoint's step is in 0..steps
-
-    @classmethod
-    def for_run(cls, input_size: tuple[int, int], config) -> ResumePlan:
-        return cls.from_plan(describe_plan(input_size, config))
-
-    @classmethod
-    def from_plan(cls, plan: dict) -> ResumePlan:
-        """From :func:`cupscale_dist.plan.describe_plan`'s dict: stage k starts from stage k-1's size."""
-        sizes = [tuple(plan["input"])] + [tuple(s["size"]) for s in plan["stages"]]
-        return cls(tuple(sizes[:-1]), tuple(tuple(s["latent"]) for s in plan["stages"]),
-                   plan["stages"][0]["steps"] if plan["stages"] else 0)
-
-
 class Checkpointer:
     """Step callback that keeps ``DIR/checkpoint.pt`` up to date."""
 
     def __init__(self, directory: str | os.PathLike, every: int, config_hash: str, input_sha: str,
-                 plan: ResumePlan | None = None):
+                 plan: Plan | None = None):
         if every < 1:
             raise UserError(f"--checkpoint-every {every}: use a positive number of steps")
         self.path = Path(directory) / FILE_NAME
@@ -65,8 +44,13 @@ class Checkpointer:
         self.every, self.config_hash, self.input_sha, self.plan = every, config_hash, input_sha, plan
         self.stage_input: bytes | None = None  # PNG bytes of the current stage's input image
 
+    def check_against(self, plan: Plan) -> None:
+        """Every field of the checkpoint against ``plan``: a resume that cannot fit fails before any model loads."""
+        self.plan = plan
+        self.load()
+
     def __call__(self, state: dict) -> None:
-        if "stage_input" in state:  # a stage starts: its input is what a resume needs to redo steps 1-8
+        if state["stage_input"] is not None:  # a stage starts: its input is what a resume needs to redo steps 1-8
             buffer = io.BytesIO()
             state["stage_input"].save(buffer, format="PNG")
             self.stage_input = buffer.getvalue()
@@ -109,8 +93,8 @@ class Checkpointer:
         """A stage of this run and a step within it (0..steps: the latent before that step)."""
         if type(stage) is not int or type(step) is not int or stage < 0 or step < 0:
             raise self._bad(f"has stage={stage!r:.20}, step={step!r:.20} (expected non-negative integers)")
-        if self.plan is not None and stage >= len(self.plan.latent_shapes):
-            raise self._bad(f"is at stage {stage}, but this run has {len(self.plan.latent_shapes)} stage(s)")
+        if self.plan is not None and stage >= len(self.plan.stages):
+            raise self._bad(f"is at stage {stage}, but this run has {len(self.plan.stages)} stage(s)")
         if self.plan is not None and step > self.plan.steps:
             raise self._bad(f"is at step {step}, but a stage of this run has {self.plan.steps} steps")
         return stage, step
@@ -120,9 +104,9 @@ class Checkpointer:
         if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
             raise self._bad(f"holds latents of type {getattr(latents, 'dtype', type(latents).__name__)} (expected "
                             "a float tensor)")
-        expected = (1, LATENT_CHANNELS, *self.plan.latent_shapes[stage]) if self.plan else None
-        if latents.dim() != 4 or latents.shape[:2] != (1, LATENT_CHANNELS) or (expected and latents.shape != expected):
-            raise self._bad(f"holds latents of shape {tuple(latents.shape)} (expected {expected or '(1, 4, h, w)'})")
+        expected = (1, self.plan.latent_channels, *self.plan.stages[stage].latent) if self.plan else None
+        if latents.dim() != 4 or latents.shape[0] != 1 or (expected and latents.shape != expected):
+            raise self._bad(f"holds latents of shape {tuple(latents.shape)} (expected {expected or '(1, C, h, w)'})")
         if not torch.isfinite(latents).all():
             raise self._bad("holds non-finite latents (NaN or inf)")
         return latents
@@ -133,7 +117,7 @@ class Checkpointer:
 
         if not isinstance(data, bytes):
             raise self._bad(f"holds a stage input of type {type(data).__name__} (expected PNG bytes)")
-        expected = self.plan.input_sizes[stage] if self.plan else None
+        expected = self.plan.stage_inputs[stage] if self.plan else None
         limit = expected[0] * expected[1] if expected else Image.MAX_IMAGE_PIXELS
         try:
             with open_with_limit(io.BytesIO(data), limit) as image:

@@ -24,7 +24,8 @@ from ..config import UpscaleConfig
 from ..errors import UserError
 from ..files.imageio import load_input
 from .jobstore import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobStore, now
-from ..plan import denoising_steps, plan_stages
+from ..plan import check_inputs
+from ..execution.executor import open_executor
 from ..execution.raycluster import ClusterOptions, root_cause
 
 log = logging.getLogger(__name__)
@@ -61,17 +62,8 @@ class JobRunner:
         self.queue: queue.Queue[str] = queue.Queue(maxsize=options.queue_size)  # job ids waiting to run
         self.cancel_requested: set[str] = set()  # ids whose DELETE came while they were queued or running
         self.durations: deque[float] = deque(maxlen=RECENT_JOBS)  # seconds of the last finished jobs (Retry-After)
-        self.executor = self.model = None
-        cluster = options.cluster or ClusterOptions()
-        if cluster.actors == 0:  # the in-process reference, its model loaded once for every job
-            from ..execution.worker import ModelWorker
-
-            self.model = ModelWorker.for_config(config)
-        else:  # the tile orchestrator: one pool of model-worker actors serves every job
-            from ..execution.executor import make_executor
-
-            self.executor = make_executor(config, cluster)
-            self.executor.keep_pool = True
+        # loaded once for every job: in process (actors=0) or one pool of model-worker actors
+        self.executor = open_executor(config, options.cluster or ClusterOptions(), keep=True)
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="cupscale-jobs", daemon=True)
         self.thread.start()
@@ -110,8 +102,7 @@ class JobRunner:
         self._stop.set()
         self.queue.put(None) if not self.queue.full() else None  # wake the thread if it waits
         self.thread.join(timeout=5)
-        if self.executor is not None:
-            self.executor.pool.shutdown()
+        self.executor.release()
 
     # -- the thread ------------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -137,7 +128,8 @@ class JobRunner:
         try:
             config = self.config.replace(**record["knobs"])
             image, carried = load_input(self.store.input_path(job_id), config.max_input_pixels, config.min_input_side)
-            stages, steps = len(plan_stages(image.size, config)), denoising_steps(config)
+            plan = check_inputs(image.size, config)
+            stages, steps = len(plan.stages), plan.steps
             self.store.update(job_id, progress={"stage": 1, "stages": stages, "step": 0, "steps": steps})
 
             def on_step(info: dict) -> None:
@@ -147,7 +139,7 @@ class JobRunner:
                                                     "step": info["step"], "steps": steps})
 
             run_upscale(image, config, self.store.result_path(job_id), source=record.get("source") or None,
-                        progress=False, executor=self.executor, model=self.model, callback=on_step, carried=carried)
+                        progress=False, executor=self.executor, callback=on_step, carried=carried, plan=plan)
         except JobCancelled:
             self.store.update(job_id, status=CANCELLED, finished=now(), error="cancelled while running")
         except UserError as exc:

@@ -243,7 +243,7 @@ class UpscaleService:
         import tempfile
 
         from ..files.imageio import load_image
-        from ..plan import plan_stages, target_size
+        from ..plan import check_inputs
 
         with tempfile.NamedTemporaryFile(dir=self.store.root / "inputs", prefix=".upload.") as handle:
             handle.write(upload)
@@ -252,14 +252,9 @@ class UpscaleService:
                 image = load_image(handle.name, config.max_input_pixels, config.min_input_side)
             except UserError as exc:
                 raise UserError(str(exc).replace(f"input {handle.name}", "image")) from None
-        try:
-            plan_stages(image.size, config)
-        except ValueError as exc:
-            raise UserError(f"{exc}; ask for a larger size or a scale of 2, 4, 8 or 16") from None
-        output = target_size(image.size, config)
-        config.check_output_size(output)
+        plan = check_inputs(image.size, config)
         return self.store.create(upload, {"knobs": knobs, "source": extra.get("source", ""),
-                                          "input_size": list(image.size), "output_size": list(output)})
+                                          "input_size": list(image.size), "output_size": list(plan.output_size)})
 
     @app.get("/v1/jobs/{job_id}")
     async def status(self, job_id: str, request: Request) -> dict:

@@ -163,7 +163,7 @@ LAYOUTS = {
         tokenizers={"tokenizer": clip_tokenizer_config(EOS_TOKEN), "tokenizer_2": clip_tokenizer_config("!")},
     ),
     # The index names the safety checker and its feature extractor as published (a user's snapshot has them);
-    # their folders are not written: the project never loads them (hub.FAMILY_COMPONENTS), and the checker
+    # their folders are not written: the project never loads them (backbones.FAMILY_COMPONENTS), and the checker
     # would be 1.2 GB more to write for nothing.
     "sd15": Layout(
         repo_id=SD15_ID,

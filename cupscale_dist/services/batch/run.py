@@ -256,25 +256,17 @@ def _run_tile_parallel(todo: list[Item], config: UpscaleConfig, output_dir: Path
                        on_row: Callable[[dict], None], progress: bool) -> None:
     """One image at a time on this driver (which holds no weights); every forward pass of each image goes to one
     shared pool of model-worker actors."""
-    from ...execution.executor import make_executor
+    from ...execution.executor import open_executor
 
-    executor = make_executor(config, cluster)
-    model = None
-    if executor is None:  # actors=0: the in-process reference, its model loaded once for every image
-        from ...execution.worker import ModelWorker
-
-        model = ModelWorker.for_config(config)
-    else:
-        executor.keep_pool = True  # one pool serves every image of the batch
+    executor = open_executor(config, cluster, keep=True)  # loaded once, serves every image of the batch
     bar = _progress(len(todo), progress)
     try:
         for item in todo:
-            on_row(process_item(json.loads(item.to_json()), config, output_dir, model, executor))
+            on_row(process_item(json.loads(item.to_json()), config, output_dir, executor))
             bar.update(1)
     finally:
         bar.close()
-        if executor is not None:
-            executor.pool.shutdown()
+        executor.release()
 
 
 def summarize_errors(rows: Iterable[dict], limit: int = 5) -> list[str]:

@@ -52,7 +52,7 @@ def config_fields(config: UpscaleConfig) -> dict:
             "config_hash": config.config_hash()}
 
 
-def process_item(item: dict, config: UpscaleConfig, output_dir: Path, model=None, executor=None) -> dict:
+def process_item(item: dict, config: UpscaleConfig, output_dir: Path, executor=None) -> dict:
     """Load, upscale, save one input; always returns its manifest row (errors become ``error``/``failed`` rows)."""
     from ...files.imageio import load_input, save_png
     from ...pipeline import upscale
@@ -65,13 +65,13 @@ def process_item(item: dict, config: UpscaleConfig, output_dir: Path, model=None
         row.update(config_fields(cfg))
         image, carried = load_input(item["input_path"], cfg.max_input_pixels, cfg.min_input_side)
         row.update(input_width=image.width, input_height=image.height)
-        check_item_plan(item["input_path"], image.size, cfg)
+        plan = check_item_plan(item["input_path"], image.size, cfg)
         loaded = time.perf_counter()
-        result = upscale(image, cfg, model=model, executor=executor, progress=False)
+        result = upscale(image, cfg, executor=executor, plan=plan, progress=False)
         upscaled = time.perf_counter()
         target = output_dir / item["output_path"]
         target.parent.mkdir(parents=True, exist_ok=True)
-        save_png(result, target, run_metadata(cfg, image.size, item["input_path"]), carried=carried)
+        save_png(result, target, run_metadata(plan, item["input_path"]), carried=carried)
         row.update(status=STATUS_OK, output_path=item["output_path"], output_width=result.width,
                    output_height=result.height, load_s=loaded - start, upscale_s=upscaled - loaded,
                    save_s=time.perf_counter() - upscaled)
@@ -85,19 +85,15 @@ def process_item(item: dict, config: UpscaleConfig, output_dir: Path, model=None
     return row
 
 
-def check_item_plan(input_path: str, size: tuple[int, int], config: UpscaleConfig) -> None:
-    """What `cupscale upscale` checks before any work, per input: a plan exists, the output is within
-    max_output_pixels, and a regional-prompts file fits this input's stages."""
-    from ...captions.promptfile import check_prompt_file, read_prompt_file
-    from ...plan import describe_plan
+def check_item_plan(input_path: str, size: tuple[int, int], config: UpscaleConfig):
+    """What `cupscale upscale` checks before any work (:func:`cupscale_dist.plan.check_inputs`), per input, with the
+    input named in the error."""
+    from ...plan import check_inputs
 
     try:
-        plan = describe_plan(size, config)
-    except ValueError as exc:
-        raise UserError(f"input {input_path}: {exc}; ask for a larger --size or a --scale") from None
-    config.check_output_size(tuple(plan["output"]))
-    if config.regional_prompts:
-        check_prompt_file(config.regional_prompts, read_prompt_file(Path(config.regional_prompts)), plan["stages"])
+        return check_inputs(size, config)
+    except UserError as exc:
+        raise UserError(f"input {input_path}: {exc}") from None
 
 
 class AttemptLedger:
@@ -134,15 +130,15 @@ class UpscaleWorker:
     """Ray Data callable class: loads the model once, then upscales one image per call (thin, like ``_MapWorker``)."""
 
     def __init__(self, config: UpscaleConfig, output_dir: str):
-        from ...execution.worker import ModelWorker
+        from ...execution.executor import open_executor
 
         self.config, self.output_dir = config, Path(output_dir)
-        self.model = ModelWorker.for_config(config)
+        self.executor = open_executor(config, keep=True)  # in this Ray Data worker's process, for every row
         self.ledger = AttemptLedger(self.output_dir)
         self.journal = Journal(self.output_dir)
 
     def __repr__(self) -> str:
-        return f"UpscaleWorker(pid={os.getpid()}, device={self.model.device})"
+        return f"UpscaleWorker(pid={os.getpid()}, {self.executor!r})"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = []
@@ -152,7 +148,7 @@ class UpscaleWorker:
                 row.update(error=f"the worker process died {MAX_ATTEMPTS} times on this input (out of memory? "
                                  "see the Ray logs); rerun the batch to retry it", finished_at=utc_now())
             else:
-                row = process_item(item, self.config, self.output_dir, self.model)
+                row = process_item(item, self.config, self.output_dir, self.executor)
             self.journal.append(row)  # durable before the driver hears of it: a killed driver loses nothing
             self.ledger.end(item["input_path"])
             rows.append(row)

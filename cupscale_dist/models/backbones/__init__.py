@@ -1,0 +1,25 @@
+"""Backbones: everything specific to one model family behind one calling contract (:class:`base.UNetBackbone`).
+
+A new family is one new module here, registered in :data:`BACKBONES`; the method (``method/``), the pipeline and
+the workers call only the contract.
+"""
+
+from __future__ import annotations
+
+from ...errors import UserError
+from .base import UNetBackbone
+from .sd15 import SD15
+from .sdxl import SDXL
+
+BACKBONES: dict[str, type[UNetBackbone]] = {b.family: b for b in (SDXL, SD15)}
+# model_index.json `_class_name` -> family
+FAMILIES = {name: b.family for b in BACKBONES.values() for name in b.pipeline_names}
+# What each family's method code calls; other components of a repository (SD1.5's safety checker and feature
+# extractor, an image encoder) are neither fetched nor loaded.
+FAMILY_COMPONENTS = {b.family: b.components for b in BACKBONES.values()}
+
+
+def backbone_class(family: str) -> type[UNetBackbone]:
+    if family not in BACKBONES:
+        raise UserError(f"model family {family!r} has no backbone; supported: {', '.join(BACKBONES)}")
+    return BACKBONES[family]

@@ -1,0 +1,110 @@
+"""The backbone contract, and what the Stable Diffusion UNet families share (k-diffusion's ``external.py`` idea:
+wrap each model so the sampler sees one call).
+
+Class level (no weights; the driver and the loader use it): ``family``, the ``model_index.json`` class names it
+accepts, the components it loads, the diffusers pipeline class and its options.
+Instance level (a worker, weights loaded): ``encode_prompts`` (method.md step 6), ``denoise`` (the forward pass of
+one CFG batch of views, step 9a, ControlNet included) and ``probe`` (the attention probe's pass, step 7). Every
+tensor crosses the contract in the layouts :class:`cupscale_dist.method.step.StageContext` documents.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ...method.attention import RegionalAttention, install_regional_processors
+from ...method.masks import probe_attention_maps
+from ...method.step import StageContext
+from ...method.vae import encode_pixels, tile_to_tensor
+
+
+class UNetBackbone:
+    """A Stable Diffusion UNet family: CLIP text encoders, a 4-channel VAE, cross-attention over 77 tokens."""
+
+    family: str
+    pipeline_names: tuple[str, ...]  # model_index.json `_class_name`s of this family
+    components: tuple[str, ...]  # the pipeline components the method calls (others are neither fetched nor loaded)
+    upcast_vae_in_fp16 = False  # a VAE that overflows in fp16 is kept in fp32 (as the family's diffusers pipeline does)
+
+    @staticmethod
+    def pipeline_class():
+        raise NotImplementedError
+
+    @classmethod
+    def pipeline_options(cls, model_index: dict) -> dict:
+        """Keyword arguments the family's pipeline is built with (besides its components)."""
+        raise NotImplementedError
+
+    def __init__(self, unet, *, pipe=None, controlnet=None):
+        self.unet, self.pipe, self.controlnet = unet, pipe, controlnet
+        install_regional_processors(unet)  # plain attention unless a call passes `regional`
+        if controlnet is not None:
+            install_regional_processors(controlnet)
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    # -- step 6 ------------------------------------------------------------------------------------------------
+    def encode_prompts(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+        """(embeds (U, 77, D), pooled (U, Dp) or None), float32, cut to 77 tokens."""
+        raise NotImplementedError
+
+    # -- step 9a -----------------------------------------------------------------------------------------------
+    def added_conditioning(self, context: StageContext, prompt_ids: torch.Tensor, rects: np.ndarray) -> dict | None:
+        """The UNet's ``added_cond_kwargs`` for a CFG batch [uncond views; cond views]; None when it takes none."""
+        return None
+
+    @staticmethod
+    def encoder_states(context: StageContext, prompt_ids: torch.Tensor) -> torch.Tensor:
+        """Cross-attention states of a CFG batch: uncond rows [negative; negative], cond rows [global; regional]
+        (the composer of :mod:`cupscale_dist.method.attention` splits them again)."""
+        count = len(prompt_ids)
+        uncond = torch.cat([context.negative_embeds, context.negative_embeds], dim=1).expand(count, -1, -1)
+        cond = torch.cat([context.global_embeds.expand(count, -1, -1), context.regional_embeds[prompt_ids]], dim=1)
+        return torch.cat([uncond, cond])
+
+    def denoise(self, latents: torch.Tensor, timestep, context: StageContext, view_ids: np.ndarray,
+                rects: np.ndarray, regional: RegionalAttention, control: torch.Tensor | None = None) -> torch.Tensor:
+        """The noise prediction of a CFG batch (2B, C, h, w) of scaled view latents, both halves in one call.
+
+        ``control`` (B, 3, H, W) in [0, 1]: each view's crop of the stage input for the ControlNet, whose residuals
+        (times ``context.controlnet_scale``) join the UNet's skip connections.
+        """
+        device, dtype = self.device, self.dtype
+        prompt_ids = torch.from_numpy(context.view_prompt[view_ids]).to(context.regional_embeds.device)
+        states = self.encoder_states(context, prompt_ids).to(device, dtype)
+        added = self.added_conditioning(context, prompt_ids, rects)
+        residuals = {}
+        if self.controlnet is not None:  # both CFG halves see the view's crop, as diffusers' ControlNet pipelines do
+            image = control.to(device, dtype)
+            down, mid = self.controlnet(latents, timestep, encoder_hidden_states=states,
+                                        controlnet_cond=torch.cat([image, image]),
+                                        conditioning_scale=context.controlnet_scale, added_cond_kwargs=added,
+                                        cross_attention_kwargs={"regional": regional}, return_dict=False)
+            residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+        return self.unet(latents, timestep, encoder_hidden_states=states, added_cond_kwargs=added,
+                         cross_attention_kwargs={"regional": regional}, **residuals).sample
+
+    # -- step 7 ------------------------------------------------------------------------------------------------
+    def probe_conditioning(self, pooled: torch.Tensor | None, height: int, width: int) -> dict | None:
+        """``added_cond_kwargs`` of the probe's pass over a native-size (height x width px) input."""
+        return None
+
+    @torch.no_grad()
+    def probe(self, vae, pixels: np.ndarray, noise: torch.Tensor, timestep: int, alpha_bar: float,
+              prompt_embeds: torch.Tensor, pooled: torch.Tensor | None) -> torch.Tensor:
+        """The native-size stage input (uint8 HxWx3), encoded and noised to ``timestep`` (``sqrt(abar) z +
+        sqrt(1 - abar) noise``, the UNet's input space), through the UNet with the global prompt -> the
+        (tokens, h, w) attention maps of :func:`cupscale_dist.method.masks.probe_attention_maps`."""
+        latent = encode_pixels(vae, tile_to_tensor(pixels))
+        noisy = math.sqrt(alpha_bar) * latent + math.sqrt(1 - alpha_bar) * noise
+        added = self.probe_conditioning(pooled, *pixels.shape[:2])
+        return probe_attention_maps(self.unet, noisy.to(self.device), timestep, prompt_embeds.to(self.device), added)

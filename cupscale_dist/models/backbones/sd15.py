@@ -1,0 +1,29 @@
+"""Stable Diffusion 1.x/2.x: one CLIP text encoder, no pooled embedding, no micro-conditioning."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .base import UNetBackbone
+
+
+class SD15(UNetBackbone):
+    family = "sd15"
+    pipeline_names = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
+    components = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
+
+    @staticmethod
+    def pipeline_class():
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline
+
+    @classmethod
+    def pipeline_options(cls, model_index: dict) -> dict:
+        return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> tuple[np.ndarray, None]:
+        embeds, _ = self.pipe.encode_prompt(prompts, self.pipe.device, 1, False)
+        return embeds.float().cpu().numpy(), None
