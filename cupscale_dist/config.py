@@ -204,7 +204,7 @@ class UpscaleConfig:
 
 # The user-level knobs' mapping (issue 11), linear so that each end is reachable and the middle is the method's
 # default: creativity 0.75 gives strength 0.6, resemblance 0.5 gives prior_fraction 0.5, prior_scale 1,
-# controlnet_scale 0.6. Guesses in the sense of method.md: named here, shown in the README's knob table.
+# controlnet_scale 0.6. Guesses in the sense of method.md: named here, shown in docs/knobs.md.
 CREATIVITY_STRENGTH = (0.15, 0.75)  # strength from 0.15 (a retouch) to 0.75 (most detail redrawn)
 RESEMBLANCE_PRIOR_FRACTION = (0.2, 0.8)  # prior_fraction from 0.2 to 0.8 of the run
 RESEMBLANCE_PRIOR_SCALE = (0.5, 1.0)  # peak prior weight from 0.5 to 1, saturating at resemblance 0.5

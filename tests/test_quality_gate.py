@@ -2,7 +2,7 @@
 
 A change that breaks the views' blending, the global prior or the VAE tiling leaves every shape right and every
 test of plumbing green, but makes the picture worse: these thresholds sit a little below the figures measured on
-this photo (README, "Quality"), so such a change fails here. `tests/mutants/run.py` breaks each on purpose.
+this photo (docs/quality.md), so such a change fails here. `tests/mutants/run.py` breaks each on purpose.
 """
 
 import pytest

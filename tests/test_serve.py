@@ -298,7 +298,7 @@ def test_replica_restart_keeps_results_and_fails_interrupted_jobs(service):
 # ---------------------------------------------------------------------------------------------------------------
 REPO = Path(__file__).resolve().parents[1]
 # A ComfyUI core (its nodes.py, execution.py, comfy/) and, if its dependencies are not in this environment, the
-# folders that hold them: see README "ComfyUI node" for the packaging used here. Unset: that test is skipped.
+# folders that hold them: see docs/layout.md "The service and the ComfyUI node" for the packaging used here. Unset: that test is skipped.
 COMFYUI_DIR = os.environ.get("CUPSCALE_COMFYUI_DIR")
 COMFYUI_PYTHONPATH = os.environ.get("CUPSCALE_COMFYUI_PYTHONPATH", "")
 
@@ -377,7 +377,7 @@ def check_comfyui_run(base: str, tmp_path: Path, expected_png: bytes) -> None:
     assert "unknown knob 'colour'" in errors[0]["exception_message"]
 
 
-@pytest.mark.skipif(not COMFYUI_DIR, reason="no ComfyUI core: set CUPSCALE_COMFYUI_DIR (README 'ComfyUI node')")
+@pytest.mark.skipif(not COMFYUI_DIR, reason="no ComfyUI core: set CUPSCALE_COMFYUI_DIR (docs/layout.md 'The service and the ComfyUI node')")
 def test_comfyui_node_in_a_real_comfyui(service, cli_bytes, tmp_path):
     """ComfyUI's own loader and executor: LoadImage -> CupscaleUpscale -> SaveImage. The saved pixels are the CLI's;
     a bad knob fails the node with the service's message as ComfyUI's execution_error."""

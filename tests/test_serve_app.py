@@ -125,7 +125,7 @@ def app_http(app_service):
     thread.join(timeout=10)
 
 
-@pytest.mark.skipif(not COMFYUI_DIR, reason="no ComfyUI core: set CUPSCALE_COMFYUI_DIR (README 'ComfyUI node')")
+@pytest.mark.skipif(not COMFYUI_DIR, reason="no ComfyUI core: set CUPSCALE_COMFYUI_DIR (docs/layout.md 'The service and the ComfyUI node')")
 def test_app_comfyui_node_in_a_real_comfyui(app_http, cli_bytes, tmp_path):
     """ComfyUI's own loader and executor run the node against the service's app over HTTP: the CLI's pixels come
     out of SaveImage; a bad knob is the node's execution_error with the service's message."""

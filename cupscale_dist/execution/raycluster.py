@@ -4,7 +4,7 @@ A local cluster listens on 127.0.0.1 only. Ray turns ``_node_ip_address="127.0.0
 address unless it believes multi-node clusters are off (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, what it does on
 macOS/Windows): then the GCS, the raylet, every worker and both agents bind the loopback address. Metrics
 collection is switched off (no Prometheus exporter in the dashboard agent). What still listens, all on 127.0.0.1,
-is in the README ("What listens where"); token auth stays on and covers every one of those except the two
+is in docs/security.md; token auth stays on and covers every one of those except the two
 ``/metrics`` endpoints of the dashboard head and the autoscaler monitor.
 """
 

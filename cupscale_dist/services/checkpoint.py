@@ -6,7 +6,7 @@ continues bit-identically: noise, views and prompts are all re-derived from the 
 
 The hashes say whose checkpoint it is, not that its contents are sound: a file edited or written by another
 version could hold a latent of the wrong shape, NaNs, a step past the stage's end or a stage that does not exist.
-:meth:`Checkpointer.load` checks every field (against the run's :class:`ResumePlan` when given) before resuming.
+:meth:`Checkpointer.load` checks every field (against the run's :class:`~cupscale_dist.plan.Plan` when given) before resuming.
 """
 
 from __future__ import annotations
