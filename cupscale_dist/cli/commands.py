@@ -106,7 +106,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
-    from ..captions.tiles import caption_views
+    from ..services.caption import caption_views
     from ..files.imageio import load_image
     from ..plan import check_inputs
 

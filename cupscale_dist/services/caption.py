@@ -12,7 +12,7 @@ from PIL import Image
 from ..config import UpscaleConfig
 from ..method.resize import resize_input
 from ..plan import Plan
-from .prompts import make_prompter, pixel_boxes
+from ..captions.prompts import make_prompter, pixel_boxes
 
 
 def caption_views(image: Image.Image, config: UpscaleConfig, plan: Plan | None) -> dict:
