@@ -112,12 +112,12 @@ def test_failed_crop_falls_back_to_global_prompt(tiny_vlm, ray_cluster, caplog):
 def test_bad_model_dirs_raise_before_any_actor(backend, tmp_path, monkeypatch):
     if backend == "vllm":
         pytest.importorskip("vllm")
-    import actors.captioner
+    import cupscale_dist.captions.pool
 
     def no_pool(*args, **kwargs):
         raise AssertionError("an actor pool was started before the model was checked")
 
-    monkeypatch.setattr(actors.captioner, "CaptionerPool", no_pool)
+    monkeypatch.setattr(cupscale_dist.captions.pool, "CaptionerPool", no_pool)
     with pytest.raises(UserError, match="does not exist"):
         VLMCaptioner(backend, str(tmp_path / "missing"))
     text_only = tmp_path / "text-only"
