@@ -19,9 +19,18 @@ from typing import Any, Literal
 import yaml
 
 from .errors import UserError
+from .files.userfile import read_capped
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"  # the `configs` package (presets as data)
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
+# Limits on what is parsed as YAML (knob values, config files): PyYAML is pure Python (~150 KB/s), so the text is
+# bounded before parsing; anchors and aliases are refused (a 500-byte "billion laughs" expands to GBs), and so are
+# ints past 64 bits (no knob means one; past 4300 digits Python can't even print them in an error).
+MAX_KNOB_TEXT = 16 << 10  # a non-text knob is a number, true/false, [W, H] or a few LoRA paths (4096 bytes at most)
+MAX_CONFIG_BYTES = 64 << 10  # a config of every knob with long prompts is a few KB; the presets are under 1 KB
+MAX_YAML_DEPTH = 16  # a knob value nests once ([W, H], a list of LoRAs); PyYAML recurses once per level
+MAX_KNOB_INT = 2**63  # no knob means an int this big; numpy, torch and Ray hold 64 bits
+SHOWN_CHARS = 40  # an error line shows at most this much of a bad value (it may be megabytes)
 
 
 def knob(default: Any, why: str, **limits: Any) -> Any:
@@ -146,7 +155,7 @@ class UpscaleConfig:
                     check_utf8(f"config: {f.name}", text)
             if value is not None and not isinstance(value, (str, tuple)):
                 if (lo is not None and value < lo) or (hi is not None and value > hi):
-                    raise UserError(f"config: {f.name}={value} is out of range; use a value in {bounds}")
+                    raise UserError(f"config: {f.name}={shown(value)} is out of range; use a value in {bounds}")
         if self.scale not in (2, 4, 8, 16):
             raise UserError(f"config: scale={self.scale} is not supported; use 2, 4, 8 or 16 (or --size WxH)")
         if self.size is not None and (len(self.size) != 2 or min(self.size) < 1):
@@ -232,7 +241,7 @@ def with_user_knobs(values: dict[str, Any]) -> dict[str, Any]:
         value = values.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                   or not math.isfinite(value) or not 0 <= value <= 1):
-            raise UserError(f"config: {name}={value!r} is out of range; use a number in [0, 1]")
+            raise UserError(f"config: {name}={shown(value)} is out of range; use a number in [0, 1]")
     derived = user_knob_values(values.get("creativity"), values.get("resemblance"))
     return {**{k: v for k, v in derived.items() if k not in values}, **values}
 
@@ -257,8 +266,43 @@ def check_utf8(name: str, text: str) -> None:
                         "encoding)") from None
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's spec forbids duplicate keys, PyYAML keeps the last one silently: a second `strength:` line would win."""
+def shown(value: object) -> str:
+    """At most :data:`SHOWN_CHARS` of ``value``'s repr, for an error line: a bad value may be megabytes."""
+    if isinstance(value, str) and len(value) > SHOWN_CHARS:
+        value = value[:SHOWN_CHARS]  # cut before repr: no copy of a large text
+    try:
+        text = repr(value)
+    except ValueError:  # an int of over 4300 digits has no repr
+        return f"<{type(value).__name__} too long to show>"
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + "..."
+
+
+class RefusedYAML(yaml.composer.ComposerError):
+    """YAML that :class:`_KnobLoader` refuses on purpose (an anchor or alias, deep nesting); ``problem`` says which."""
+
+
+class _KnobLoader(yaml.SafeLoader):
+    """YAML for knobs. A duplicate key is refused: YAML's spec forbids them, PyYAML keeps the last one silently (a
+    second `strength:` line would win). Anchors and aliases are refused where they start, before any expansion:
+    nine aliases of nine aliases, ten levels deep, are 10**9 values from 500 bytes, and no knob needs them.
+    Nesting past :data:`MAX_YAML_DEPTH` is refused too (PyYAML composes recursively)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.depth = 0  # nodes being composed, one inside the other
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise RefusedYAML(None, None, "anchors and aliases (&name, *name) are not accepted in knob values",
+                              event.start_mark)
+        if self.depth >= MAX_YAML_DEPTH:
+            raise RefusedYAML(None, None, f"nested more than {MAX_YAML_DEPTH} levels deep", event.start_mark)
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
     def construct_mapping(self, node, deep=False):
         seen = set()
@@ -283,17 +327,23 @@ def read_yaml(preset_or_path: str) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"config: {preset_or_path!r} is neither a file nor a preset; presets: {', '.join(preset_names())}")
     try:
-        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}  # noqa: S506 - a SafeLoader subclass
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        text = read_capped(path, MAX_CONFIG_BYTES, f"config: {path}", "a config is a short mapping of knob: value "
+                           "(see `cupscale knobs`); check the path").decode("utf-8")
+        data = yaml.load(text, Loader=_KnobLoader) or {}  # noqa: S506 - a SafeLoader subclass
+    except OSError as exc:
+        raise UserError(f"config: {path} is unreadable ({exc.strerror or type(exc).__name__}); check the path") from None
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: not UTF-8, an int of over 4300 digits
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise UserError(f"config: {path} is not valid YAML ({str(exc).splitlines()[0]}{where}); fix the file") from None
+        problem = (str(exc).splitlines() or [type(exc).__name__])[0][:100]  # never the whole value
+        raise UserError(f"config: {path} is not valid YAML ({problem}{where}); fix the file") from None
     if not isinstance(data, dict):
         raise UserError(f"config: {path} must be a mapping of knob: value, got {type(data).__name__}")
     known = {f.name for f in fields(UpscaleConfig)}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(key[:SHOWN_CHARS] if isinstance(key, str) else shown(key) for key in data if key not in known)
     if unknown:
-        raise UserError(f"config: {path} has unknown key(s) {', '.join(map(str, unknown))}; see `cupscale knobs`")
+        listed = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        raise UserError(f"config: {path} has unknown key(s) {listed}; see `cupscale knobs`")
     return data
 
 
@@ -305,12 +355,16 @@ def _coerce(name: str, annotation: Any, value: Any) -> Any:
         if type(None) in options:
             return None
         raise UserError(f"config: {name} must not be empty")
+    for number in (value if isinstance(value, (list, tuple)) else (value,)):
+        if isinstance(number, int) and not isinstance(number, bool) and abs(number) >= MAX_KNOB_INT:
+            raise UserError(f"config: {name}={shown(value)} is out of range; no knob takes a number past 2**63")
     for option in (o for o in options if o is not type(None)):
         origin = typing.get_origin(option)
         if origin is Literal:
             if value in typing.get_args(option):
                 return value
-            raise UserError(f"config: {name}={value!r} is not one of {', '.join(map(repr, typing.get_args(option)))}")
+            raise UserError(f"config: {name}={shown(value)} is not one of "
+                            f"{', '.join(map(repr, typing.get_args(option)))}")
         if origin is tuple and isinstance(value, (list, tuple)):
             item = typing.get_args(option)[0]
             if all(isinstance(v, item) and not isinstance(v, bool) for v in value):
@@ -323,7 +377,7 @@ def _coerce(name: str, annotation: Any, value: Any) -> Any:
             return value
         if option in (str, bool) and isinstance(value, option):
             return value
-    raise UserError(f"config: {name}={value!r} has the wrong type; expected {annotation}")
+    raise UserError(f"config: {name}={shown(value)} has the wrong type; expected {annotation}")
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -337,13 +391,19 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def set_value(name: str, text: str) -> object:
-    """A --set value: verbatim for text knobs (prompts, paths, choices), else YAML (numbers, true/false, [W, H])."""
-    import yaml
-
+    """A --set value (or a service query parameter): verbatim for text knobs (prompts, paths, choices), else YAML
+    (numbers, true/false, [W, H]) of at most :data:`MAX_KNOB_TEXT` characters, without anchors or aliases."""
     annotation = next((f.type for f in fields(UpscaleConfig) if f.name == name), None)
     if isinstance(annotation, str) and (annotation in ("str", "str | None") or annotation.startswith("Literal")):
         return text
+    if len(text) > MAX_KNOB_TEXT:
+        raise UserError(f"--set {name}={shown(text)}: {len(text)} characters, over the {MAX_KNOB_TEXT}-character "
+                        f"limit of a knob value; use a number, true/false or a short [list], e.g. --set {name}=0.5")
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        raise UserError(f"--set {name}={text}: not a number, true/false or [list]; use e.g. --set {name}=0.5") from None
+        return yaml.load(text, Loader=_KnobLoader)  # noqa: S506 - a SafeLoader subclass
+    except RefusedYAML as exc:
+        raise UserError(f"--set {name}={shown(text)}: {exc.problem}; write the value out, e.g. --set "
+                        f"{name}=0.5") from None
+    except (yaml.YAMLError, ValueError):  # ValueError: an int of over 4300 digits
+        raise UserError(f"--set {name}={shown(text)}: not a number, true/false or [list]; use e.g. --set "
+                        f"{name}=0.5") from None

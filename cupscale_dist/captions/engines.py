@@ -15,7 +15,6 @@ tokenizer, so the same model gives the same captions in either engine. What the 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -26,6 +25,7 @@ from typing import Protocol
 from PIL import Image
 
 from ..errors import UserError
+from ..files.userfile import read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +195,8 @@ def check_model(backend: str, model: str) -> None:
         raise UserError(f"--captioner {backend!r}: unknown backend; use one of {', '.join(BACKENDS)} or none")
     config = _read_config(model)
     model_type, archs = config.get("model_type", "?"), config.get("architectures") or []
+    model_type = model_type if isinstance(model_type, str) else repr(model_type)[:40]  # a list is unhashable
+    archs = [a for a in archs if isinstance(a, str)] if isinstance(archs, list) else []
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
     if model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
@@ -218,11 +220,15 @@ def _read_config(model: str) -> dict:
             what = "has no config.json" if path.is_dir() else "does not exist"
             raise UserError(f"--captioner-model {model}: {what}; pass a model dir saved with save_pretrained "
                             f"or a hub id such as {DEFAULT_MODEL}")
-        return json.loads((path / "config.json").read_text())
+        return read_json_object(path / "config.json", f"--captioner-model {model}: config.json",
+                                "pass a model dir saved with save_pretrained")
     try:
         from huggingface_hub import hf_hub_download
 
-        return json.loads(Path(hf_hub_download(model, "config.json")).read_text())
+        return read_json_object(hf_hub_download(model, "config.json"), f"--captioner-model {model}: config.json",
+                                "check the id, or pass a local model dir")
+    except UserError:
+        raise
     except Exception as exc:  # noqa: BLE001 - offline, gated or misspelled all mean "can't get the config"
         raise UserError(f"--captioner-model {model}: can't read its config from the hub ({type(exc).__name__}); "
                         f"check the id, or download it first (`hf download {model}`) and pass the local dir") from None

@@ -15,12 +15,18 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
+from ..files.userfile import read_capped
+
+# A 16K run's file (about 1,300 views at the default tile/stride, one ~75-token caption each) is under 1 MB; 16 MiB
+# leaves room for denser views and bounds what a wrong path (/dev/zero, a video) costs before it is refused.
+MAX_PROMPT_FILE_BYTES = 16 << 20
 
 
 def read_prompt_file(path: Path) -> dict:
     """Read the regional-prompts JSON and check its schema (module docstring); every problem is one UserError."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(read_capped(path, MAX_PROMPT_FILE_BYTES, f"--regional-prompts {path}",
+                                      "pass the JSON `cupscale caption --tiles` writes").decode("utf-8"))
     except FileNotFoundError:
         raise UserError(f"--regional-prompts {path}: no such file; check the path") from None
     except RecursionError:  # json recurses once per nesting level

@@ -16,14 +16,17 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile, ImageOps, PngImagePlugin
 
 from ..errors import UserError
-from .metadata import MAX_CARRIED_BYTES, carried_text, file_text, read_run_metadata
+from .metadata import MAX_CARRIED_BYTES, carried_text, carries, file_text, read_run_metadata
 
 log = logging.getLogger(__name__)
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a half-grey image
+# Text chunks PIL reads for the image itself (the XMP packet, ImageMagick's EXIF with the orientation): kept beside
+# the carried ones when a PNG's text has to be thinned out (png_without_big_text).
+IMAGE_TEXT_KEYS = ("XML:com.adobe.xmp", "Raw profile type exif")
 _BOMB_LIMIT_LOCK = threading.Lock()  # guards the temporary change of PIL's global pixel limit
 
 
@@ -39,7 +42,8 @@ def load_image(path: str | os.PathLike, max_pixels: int, min_side: int) -> Image
 def load_input(path: str | os.PathLike, max_pixels: int, min_side: int) -> tuple[Image.Image, dict[str, str]]:
     """:func:`load_image`, plus the generator keys its result carries (:func:`cupscale_dist.files.metadata.carried_text`),
     read from the same open. A PNG whose text chunks PIL's zip-bomb guard refuses (one over 1 MB inflated, 64 MB
-    in all) is opened again without its oversized text chunks, with a warning: they are not carried."""
+    in all) is opened again with only the text it can carry, within those limits (:func:`png_without_big_text`),
+    with a warning: the rest is not carried."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"input {path}: no such file; check the path")
@@ -81,23 +85,43 @@ def load_input(path: str | os.PathLike, max_pixels: int, min_side: int) -> tuple
 
 
 def png_without_big_text(path: Path, exc: ValueError) -> io.BytesIO:
-    """The PNG at ``path`` (in memory) less its text chunks over :data:`MAX_CARRIED_BYTES` (inflated), so PIL's
-    text-chunk guard (``exc``) passes; a file that is no PNG re-raises ``exc``."""
+    """The PNG at ``path`` (in memory) with only the text chunks PIL's text guards (``exc``) let through, so that the
+    image opens: of those a result carries (and :data:`IMAGE_TEXT_KEYS`), each at most :data:`MAX_CARRIED_BYTES`
+    inflated, while their sum stays within PIL's total (``PngImagePlugin.MAX_TEXT_MEMORY``); the others are left out
+    unread (never carried anyway) and what would have been carried is named in a warning. At most that total (plus
+    one chunk) is inflated, however many chunks the file has. A file that is no PNG re-raises ``exc``."""
     data = path.read_bytes()
     if not data.startswith(b"\x89PNG\r\n\x1a\n"):
         raise exc
-    kept, at = [data[:8]], 8
+    budget = PngImagePlugin.MAX_TEXT_MEMORY  # read at call time: PIL's own total
+    kept, at, measured, over_total, uncarried = [data[:8]], 8, 0, [], 0
     while at + 8 <= len(data):
         length, kind = struct.unpack(">I4s", data[at : at + 8])
-        end = at + 12 + length
-        if kind in (b"tEXt", b"zTXt", b"iTXt") and text_chunk_size(kind, data[at + 8 : end - 4]) > MAX_CARRIED_BYTES:
-            key = data[at + 8 : end - 4].split(b"\0", 1)[0].decode("latin-1")
+        chunk, at = data[at : at + 12 + length], at + 12 + length
+        if kind not in (b"tEXt", b"zTXt", b"iTXt"):
+            kept.append(chunk)
+            continue
+        key = chunk[8:].split(b"\0", 1)[0].decode("latin-1")
+        if not carries(key) and key not in IMAGE_TEXT_KEYS:
+            uncarried += 1
+            continue
+        size = text_chunk_size(kind, chunk[8:-4]) if measured <= budget else None  # None: the total is spent
+        measured += size or 0
+        if size is not None and size > MAX_CARRIED_BYTES:
             log.warning("input %s: text chunk %r is over %d bytes; not carried to the output", path, key,
                         MAX_CARRIED_BYTES)
+        elif size is None or measured > budget:
+            over_total.append(key)
         else:
-            kept.append(data[at:end])
-        at = end
+            kept.append(chunk)
     kept.append(data[at:])
+    if over_total:
+        named = ", ".join(map(repr, over_total[:5])) + (f" and {len(over_total) - 5} more" if over_total[5:] else "")
+        log.warning("input %s: text chunk(s) %s pass PIL's %d-byte total for an image's text; not carried to the "
+                    "output", path, named, budget)
+    if uncarried:
+        log.warning("input %s: PIL refused its text (%s); %d text chunk(s) a result does not carry were left out",
+                    path, (str(exc).splitlines() or [type(exc).__name__])[0], uncarried)
     return io.BytesIO(b"".join(kept))
 
 

@@ -6,8 +6,8 @@ keys. Read from what the input's one open already parsed: PNG tEXt/zTXt/iTXt chu
 UserComment (where A1111 keeps ``parameters``) and cupscale's own XMP packet, a TIFF's cupscale ImageDescription.
 A source key never replaces one of the run's: a clash, or any key in the run's ``cupscale:`` namespace, is kept
 as ``source:KEY``. What can't be carried (over
-:data:`MAX_CARRIED_BYTES`, an undecodable UserComment) is skipped with a warning (PIL drops a non-UTF-8 iTXt
-silently); the run goes on.
+:data:`MAX_CARRIED_BYTES`, an undecodable or non-text UserComment, JSON nested past Python's recursion limit, an XMP
+packet over :data:`MAX_XMP_BYTES`) is skipped with a warning (PIL drops a non-UTF-8 iTXt silently); the run goes on.
 
 Where each format keeps the keys (:func:`read_metadata` reads every one back):
 ``.png`` one text chunk per key; ``.tif``/``.tiff`` all keys as JSON in ImageDescription; ``.webp``/``.jpg``/
@@ -21,7 +21,6 @@ import html
 import json
 import logging
 import os
-import re
 from pathlib import Path
 
 from PIL import Image
@@ -35,7 +34,10 @@ MAX_CARRIED_BYTES = 1 << 20  # per value (UTF-8): a ComfyUI workflow is tens of 
 EXIF_IFD, USER_COMMENT = 0x8769, 0x9286  # the Exif sub-IFD and its UserComment tag (EXIF 2.3, 4.6.5)
 UNICODE_HEADER, ASCII_HEADER = b"UNICODE\0", b"ASCII\0\0\0"  # UserComment's 8-byte character-code prefixes
 XMP_NS = "https://github.com/cupscale-dist/ns/1.0/"
-XMP_PATTERN = re.compile(rb"<cupscale:metadata>(.*?)</cupscale:metadata>", re.S)
+XMP_OPEN, XMP_CLOSE = b"<cupscale:metadata>", b"</cupscale:metadata>"  # around the JSON in cupscale's XMP packet
+# An XMP packet is searched only up to this size: PIL's total for a PNG's text (PngImagePlugin.MAX_TEXT_MEMORY).
+# Ours holds a few carried keys of at most MAX_CARRIED_BYTES each (escaped), far below it.
+MAX_XMP_BYTES = 64 << 20
 
 
 def text_value(value: object) -> str:
@@ -78,7 +80,7 @@ def carry(found: dict[str, str | None], name: str | os.PathLike = "input") -> di
     :data:`MAX_CARRIED_BYTES`, valid Unicode; the rest skipped with a warning."""
     kept = {}
     for key, value in found.items():
-        if key not in CARRIED_KEYS and not key.startswith(RUN_PREFIX):
+        if not carries(key):
             continue
         if value is None:
             continue  # already warned about where it was decoded
@@ -93,6 +95,11 @@ def carry(found: dict[str, str | None], name: str | os.PathLike = "input") -> di
             continue
         kept[key] = value
     return kept
+
+
+def carries(key: str) -> bool:
+    """Whether a result carries a source key of this name (:data:`CARRIED_KEYS` and the ``cupscale:`` namespace)."""
+    return key in CARRIED_KEYS or key.startswith(RUN_PREFIX)
 
 
 def tEXt_text(value: str) -> str:  # noqa: N802 - named after the chunk
@@ -114,6 +121,12 @@ def user_comment_text(comment: bytes | str, name: str | os.PathLike = "input") -
     undefined (UTF-8); None, with a warning, when it decodes as none of them."""
     if isinstance(comment, str):
         return comment
+    if isinstance(comment, (tuple, list)) and all(type(b) is int and 0 <= b < 256 for b in comment):
+        comment = bytes(comment)  # stored as numbers of byte size: still the bytes of a text
+    if not isinstance(comment, (bytes, bytearray)):  # a number or a rational, as a tag of another type holds
+        log.warning("input %s: EXIF UserComment is not text (type %s); not carried to the output", name,
+                    type(comment).__name__)
+        return None
     header, body = bytes(comment[:8]), bytes(comment[8:])
     try:
         if header == UNICODE_HEADER:
@@ -135,11 +148,21 @@ def xmp_packet(text: dict[str, str]) -> bytes:
 
 
 def xmp_text(packet: bytes, name: str | os.PathLike = "input") -> dict[str, str]:
-    """The keys :func:`xmp_packet` stored; {} for any other XMP."""
-    match = XMP_PATTERN.search(bytes(packet))
-    if not match:
+    """The keys :func:`xmp_packet` stored; {} for any other XMP.
+
+    One forward scan: the first opening tag, then the first closing tag after it, which is what a non-greedy regex
+    would match; but the regex retries from every later opening tag when no closing one follows, quadratic in a
+    packet that repeats the opening tag (16,000 times: 34 s)."""
+    if len(packet) > MAX_XMP_BYTES:
+        log.warning("input %s: XMP packet of %d bytes is over the %d-byte limit; nothing carried from it", name,
+                    len(packet), MAX_XMP_BYTES)
         return {}
-    return json_text(html.unescape(match.group(1).decode("ascii", "replace")), name, "XMP")
+    packet = bytes(packet)
+    start = packet.find(XMP_OPEN)
+    end = packet.find(XMP_CLOSE, start + len(XMP_OPEN)) if start >= 0 else -1
+    if end < 0:
+        return {}
+    return json_text(html.unescape(packet[start + len(XMP_OPEN) : end].decode("ascii", "replace")), name, "XMP")
 
 
 def json_text(value: object, name: str | os.PathLike, where: str) -> dict[str, str]:
@@ -148,7 +171,7 @@ def json_text(value: object, name: str | os.PathLike, where: str) -> dict[str, s
         return {}
     try:
         data = json.loads(value)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested past Python's recursion limit
         log.warning("%s: %s is not the JSON cupscale writes; nothing carried from it", name, where)
         return {}
     return {k: v for k, v in data.items() if isinstance(v, str)} if isinstance(data, dict) else {}

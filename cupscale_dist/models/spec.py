@@ -8,7 +8,6 @@ holds no weights, so a CPU-only head scales. Workers (:mod:`cupscale_dist.execut
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from pathlib import Path
 
 
 from ..errors import UserError
+from ..files.userfile import read_json_object
 from .backbones import FAMILIES, FAMILY_COMPONENTS, backbone_class
 from .hub import pipeline_components, resolve_model
 from .single_file import checkpoint_family, is_single_file, shipped_config, tokenizer_dir
@@ -24,11 +24,19 @@ log = logging.getLogger(__name__)
 
 
 def read_json(model_dir: str | Path, name: str, flag: str = "--model", fix: str = "re-save the pipeline") -> dict:
-    """``model_dir/name`` as JSON; missing or unreadable is one UserError naming ``flag`` and ``fix``."""
-    try:
-        return json.loads((Path(model_dir) / name).read_text())
-    except (OSError, ValueError):
-        raise UserError(f"{flag} {model_dir}: {name} is missing or unreadable; {fix}") from None
+    """``model_dir/name``, a JSON object (the one reader of model configs); missing, unreadable, over
+    :data:`~cupscale_dist.files.userfile.MAX_JSON_CONFIG_BYTES`, nested too deeply or not an object is one UserError
+    naming ``flag``, the file and ``fix``."""
+    return read_json_object(Path(model_dir) / name, f"{flag} {model_dir}: {name}", fix)
+
+
+def vae_geometry(model_dir: str | Path, vae: dict) -> tuple[int, int]:
+    """(pixels per latent pixel, latent channels) from a VAE config: one UserError when it lacks them."""
+    blocks, channels = vae.get("block_out_channels"), vae.get("latent_channels", 4)
+    if not isinstance(blocks, list) or not blocks or type(channels) is not int:
+        raise UserError(f"--model {model_dir}: vae/config.json has no block_out_channels list and integer "
+                        "latent_channels; re-save the pipeline")
+    return 2 ** (len(blocks) - 1), channels
 
 
 def model_family(model_dir: str | Path) -> str:
@@ -36,8 +44,8 @@ def model_family(model_dir: str | Path) -> str:
     encoder and wants aesthetic-score conditioning: it refines a base model's output, it does not upscale)."""
     index = read_json(model_dir, "model_index.json")
     class_name = index.get("_class_name")
-    if class_name not in FAMILIES:
-        raise UserError(f"--model {model_dir}: {class_name} is not supported; use an SDXL or SD1.5 pipeline")
+    if not isinstance(class_name, str) or class_name not in FAMILIES:  # a list would be unhashable
+        raise UserError(f"--model {model_dir}: {str(class_name)[:60]} is not supported; use an SDXL or SD1.5 pipeline")
     family = FAMILIES[class_name]
     missing = ", ".join(c for c in FAMILY_COMPONENTS[family] if c not in pipeline_components(index))
     if missing and index.get("requires_aesthetics_score"):
@@ -82,11 +90,13 @@ class ModelSpec:
                                 f"{family} config; give a config directory of the checkpoint's family")
         vae = read_json(configs, "vae/config.json")
         unet = read_json(configs, "unet/config.json")
-        factor = 2 ** (len(vae["block_out_channels"]) - 1)
+        factor, channels = vae_geometry(configs, vae)
+        if type(unet.get("sample_size")) is not int:
+            raise UserError(f"--model {configs}: unet/config.json has no integer sample_size; re-save the pipeline")
         index = read_json(configs, "model_index.json")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        return cls(name or model_dir, str(model_dir), family, factor, vae.get("latent_channels", 4),
-                   unet["sample_size"] * factor, read_json(configs, "scheduler/scheduler_config.json"),
+        return cls(name or model_dir, str(model_dir), family, factor, channels, unet["sample_size"] * factor,
+                   read_json(configs, "scheduler/scheduler_config.json"),
                    bool(backbone_class(family).pipeline_options(index).get("force_zeros_for_empty_prompt", False)),
                    CLIPTokenizer.from_pretrained(tokenizer_dir(configs, "tokenizer")), model_config)
 
@@ -141,8 +151,7 @@ def model_geometry(model: str, model_config: str | None = None) -> tuple[int, in
         vae = Path(cached) if isinstance(cached, str) else path / "vae" / "config.json"
     if not vae.is_file():
         return UNFETCHED_GEOMETRY
-    config = read_json(vae.parent.parent, "vae/config.json")
-    return 2 ** (len(config["block_out_channels"]) - 1), int(config.get("latent_channels", 4))
+    return vae_geometry(vae.parent.parent, read_json(vae.parent.parent, "vae/config.json"))
 
 
 def config_dir(model_path: str, model_config: str | None = None) -> str:

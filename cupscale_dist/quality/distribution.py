@@ -39,6 +39,7 @@ from PIL import Image
 from torch import nn
 
 from ..errors import UserError
+from ..files.userfile import MAX_JSON_CONFIG_BYTES, read_capped
 from .inception import (INCEPTION_CLASSES, INCEPTION_FEATURES, INCEPTION_SIZE, FidInceptionV3, load_fid_inception,
                         read_inception_weights)
 
@@ -236,9 +237,13 @@ def check_clip_dir(clip: str) -> None:
         what = "is a file" if path.exists() else "no such directory (nothing is downloaded)"
         raise UserError(f"--clip {clip}: {what}; {fix}")
     try:
-        model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        raise UserError(f"--clip {clip}: no readable config.json; {fix}") from None
+        config = json.loads(read_capped(path / "config.json", MAX_JSON_CONFIG_BYTES, f"--clip {clip}: config.json",
+                                        fix).decode("utf-8"))
+    except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested past Python's recursion limit
+        config = None
+    if not isinstance(config, dict):
+        raise UserError(f"--clip {clip}: no readable config.json; {fix}")
+    model_type = config.get("model_type")
     if model_type != "clip":
         raise UserError(f"--clip {clip}: config.json is a {model_type!r} model, expected 'clip'; {fix}")
     has_tokenizer = (path / "tokenizer.json").is_file() or (path / "vocab.json").is_file()
