@@ -16,6 +16,7 @@ import numpy as np
 
 from .config import UpscaleConfig
 from .errors import UserError
+from .method.step import uses_cfg
 from .method.views import make_views
 
 SIZE_MULTIPLE = 64  # stage sizes in px: latent divisible by 2**3, the deepest DWT allowed (dwt_levels <= 3)
@@ -60,10 +61,11 @@ class StagePlan:
     views: np.ndarray  # (N, 4) latent rects (top, left, bottom, right)
     steps: int
     latent_channels: int
+    passes_per_view: int = 2  # UNet samples per view and step: CFG's two halves, one with guidance off
 
     @property
     def unet_evaluations(self) -> int:
-        return len(self.views) * self.steps * 2  # x2: CFG's two halves
+        return len(self.views) * self.steps * self.passes_per_view
 
     def describe(self) -> dict:
         width, height = self.size
@@ -112,12 +114,12 @@ def make_plan(input_size: tuple[int, int], config: UpscaleConfig, geometry: tupl
         sizes = plan_stages(input_size, config)
     except ValueError as exc:
         raise UserError(f"{exc}; ask for a larger size or a scale of 2, 4, 8 or 16") from None
-    steps = denoising_steps(config)
+    steps, passes = denoising_steps(config), 2 if uses_cfg(config.guidance_scale) else 1
     stages = []
     for index, (width, height) in enumerate(sizes):
         latent = (height // factor, width // factor)
         stages.append(StagePlan(index, (width, height), latent, make_views(*latent, config.tile, config.stride), steps,
-                                channels))
+                                channels, passes))
     return Plan(tuple(input_size), target_size(input_size, config), tuple(stages), factor, channels, config)
 
 

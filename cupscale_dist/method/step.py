@@ -54,23 +54,32 @@ class StageContext:
         return dataclasses.replace(self, **{name: move(getattr(self, name)) for name in names})
 
 
+def uses_cfg(guidance_scale: float) -> bool:
+    """Classifier-free guidance is on above 1 (as diffusers' pipelines decide); at or below 1 each view is one
+    conditional pass: ``eps_u + 1 * (eps_c - eps_u) = eps_c`` at half the cost."""
+    return guidance_scale > 1
+
+
 def regional_attention(context: StageContext, view_ids: np.ndarray, rects: np.ndarray) -> RegionalAttention:
-    """The composer's inputs for a CFG batch [uncond views; cond views]; uncond rows screen nothing."""
-    count, tokens = len(view_ids), context.global_embeds.shape[1]
+    """The composer's inputs for a CFG batch [uncond views; cond views] (uncond rows screen nothing), or for the
+    cond views alone when guidance is off."""
+    count, tokens, cfg = len(view_ids), context.global_embeds.shape[1], uses_cfg(context.guidance_scale)
     token_allowed = token_maps = None
     if context.token_allowed is not None:
-        cond = torch.from_numpy(context.token_allowed[view_ids])
-        token_allowed = torch.cat([torch.ones(count, tokens, dtype=torch.bool), cond])
+        token_allowed = torch.from_numpy(context.token_allowed[view_ids])
+        if cfg:
+            token_allowed = torch.cat([torch.ones(count, tokens, dtype=torch.bool), token_allowed])
     if context.token_maps is not None:
         token_maps = torch.from_numpy(context.token_maps)
     return RegionalAttention(tokens, context.lambda_global, context.composer, token_allowed, token_maps,
-                             torch.from_numpy(np.asarray(rects)), context.latent_hw)
+                             torch.from_numpy(np.asarray(rects)), context.latent_hw, cfg)
 
 
 @torch.no_grad()
 def predict_views(backbone, windows: torch.Tensor, timestep, input_scale: float, context: StageContext,
                   view_ids: Sequence[int], rects: np.ndarray, control: torch.Tensor | None = None) -> torch.Tensor:
-    """CFG noise predictions of a batch of views (method.md 9a) -> (B, C, h, w) float32 on CPU.
+    """CFG noise predictions of a batch of views (method.md 9a) -> (B, C, h, w) float32 on CPU; one conditional
+    pass per view when guidance is off (:func:`uses_cfg`).
 
     Args:
         backbone: the model family's adapter (:class:`cupscale_dist.models.backbones.base.UNetBackbone`): one
@@ -85,8 +94,10 @@ def predict_views(backbone, windows: torch.Tensor, timestep, input_scale: float,
     """
     view_ids = np.asarray(view_ids)
     latents = (windows.to(backbone.device, torch.float32) * input_scale).to(backbone.dtype)
-    latents = torch.cat([latents, latents])
     regional = regional_attention(context, view_ids, rects)
+    if not regional.cfg:
+        return backbone.denoise(latents, timestep, context, view_ids, rects, regional, control).float().cpu()
+    latents = torch.cat([latents, latents])
     eps = backbone.denoise(latents, timestep, context, view_ids, rects, regional, control).float()
     eps_uncond, eps_cond = eps.chunk(2)
     return (eps_uncond + context.guidance_scale * (eps_cond - eps_uncond)).cpu()
