@@ -47,7 +47,13 @@ class UpscaleConfig:
                                     "SDXL/SD1.5 configs (a fine-tune of other shapes needs its own)")
     device: str = knob("auto", "'auto' = cuda if available, else cpu")
     dtype: str = knob("auto", "'auto' = bfloat16 on cuda (SDXL VAE overflows fp16), float32 on cpu")
-    scheduler: Literal["euler", "ddim"] = knob("euler", "SDXL's default sampler; 'ddim' as the VP alternative")
+    scheduler: Literal["euler", "ddim", "dpmpp_2m", "tcd", "lcm"] = knob(
+        "euler", "SDXL's default sampler; 'ddim' the VP alternative; 'dpmpp_2m' DPM-Solver++(2M), the most used SDXL "
+        "sampler; 'tcd'/'lcm' for distilled few-step LoRAs (Hyper-SD, TCD, LCM)")
+    timestep_spacing: Literal["leading", "trailing", "linspace"] | None = knob(
+        None, "None = the model's scheduler config ('leading' for SDXL); 'trailing' is what few-step distilled "
+        "models (SDXL-Lightning, Hyper-SD) were trained with")
+    karras_sigmas: bool = knob(False, "Karras sigma spacing for euler/dpmpp_2m (A1111's and ComfyUI's 'Karras')")
     torch_threads: int | None = knob(None, "pin torch CPU threads: CPU matmul bits depend on the thread count", min=1)
 
     # --- user-level knobs (issue 11): mapped onto the method's own, see `user_knob_values` ---------------------

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .attention import RegionalAttention
+from .schedulers import kind_of, step_generator
 from .prior import GlobalPrior, inject_global_prior, inject_global_prior_zt, noise_level, prior_weight
 
 
@@ -150,6 +151,8 @@ class StageSchedule:
     prior_schedule: str
     codec: object | None = None  # prior_space='pixel': decode/encode around the low-band swap
     prior_scale: float = 1.0  # peak prior weight (config.prior_scale; resemblance sets it)
+    seed: int = 0  # with ``stage``: the noise of a stochastic scheduler's steps (schedulers.step_generator)
+    stage: int = 0
 
     @property
     def num_steps(self) -> int:
@@ -172,7 +175,10 @@ def reduce_and_step(latents: torch.Tensor, batches: Iterable[tuple[Sequence[int]
     if weight > 0 and schedule.prior_target == "x0":
         alpha, sigma = noise_level(schedule.scheduler, schedule.start_index + step)
         eps = inject_global_prior(eps, latents, schedule.prior, weight, alpha, sigma, schedule.codec)
-    latents = schedule.scheduler.step(eps, schedule.timestep(step), latents).prev_sample
+    options = {}
+    if kind_of(schedule.scheduler).stochastic:  # drawn from the seed per step: any actor count, resumed or not
+        options["generator"] = step_generator(schedule.seed, schedule.stage, schedule.start_index + step)
+    latents = schedule.scheduler.step(eps, schedule.timestep(step), latents, **options).prev_sample
     if weight > 0 and schedule.prior_target == "zt":
         alpha, sigma = noise_level(schedule.scheduler, schedule.start_index + step + 1)
         latents = inject_global_prior_zt(latents, schedule.prior, weight, alpha, sigma)

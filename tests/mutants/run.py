@@ -51,12 +51,12 @@ MASKS = "test_masks_and_lambda_reach_cross_attention_only"
 GATE = "tests/test_quality_gate.py::"  # issue 10: what only the picture shows (a pointwise denoiser cannot tell)
 
 MUTATIONS = [
-    Mutation("ddim-alpha-sigma-one-step-off", "cupscale_dist/method/prior.py",
+    Mutation("ddim-alpha-sigma-one-step-off", "cupscale_dist/method/schedulers.py",
              "alpha_bar = float(scheduler.alphas_cumprod[int(scheduler.timesteps[step_index])])",
              "alpha_bar = float(scheduler.alphas_cumprod[int(scheduler.timesteps[min(step_index + 1, "
              "len(scheduler.timesteps) - 1)])])",
              fidelity(f"{X0}[ddim-J1-full]", f"{X0}[ddim-J2-partial]", f"{ZT}[ddim-J1-partial]")),
-    Mutation("euler-sigma-one-step-off", "cupscale_dist/method/prior.py",
+    Mutation("euler-sigma-one-step-off", "cupscale_dist/method/schedulers.py",
              "return 1.0, float(scheduler.sigmas[step_index])", "return 1.0, float(scheduler.sigmas[step_index + 1])",
              fidelity(f"{X0}[euler-J1-full]", f"{ZT}[euler-J2-partial]")),
     Mutation("x0-formula-sign", "cupscale_dist/method/prior.py",
