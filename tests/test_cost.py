@@ -67,3 +67,38 @@ def test_one_pass_equals_the_two_pass_formula_at_guidance_one(sdxl_model, monkey
         handle.remove()
     assert sizes == [2, 4]
     assert two_pass.abs().max() > 0.1 and (one_pass - two_pass).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("size", [4, 8, 16])
+def test_fast_presets_run_a_quarter_and_lightning_a_tenth_of_the_default_evaluations(size):
+    """The plan (what --dry-run prints) of each few-step preset against the default preset of the same size."""
+    from cupscale_dist import UpscaleConfig
+
+    def evaluations(preset: str) -> int:
+        return make_plan((1024, 1024), UpscaleConfig.load(preset), (8, 4)).describe()["unet_evaluations"]
+
+    default = evaluations(f"sdxl-{size}k")
+    assert evaluations(f"sdxl-{size}k-fast") <= default / 4
+    assert evaluations(f"sdxl-{size}k-lightning") <= default / 10
+
+
+def test_a_preset_lora_on_the_hub_resolves_from_the_cache_or_says_how_to_fetch_it(tmp_path, monkeypatch):
+    from cupscale_dist import UserError
+    from cupscale_dist.models.addons import parse_lora
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    ref = "hf://owner/repo/sub/style.safetensors"
+    with pytest.raises(UserError, match="hf download owner/repo sub/style.safetensors"):
+        parse_lora(ref + ":0.5")
+    snapshot = tmp_path / "models--owner--repo" / "snapshots" / ("a" * 40)
+    (snapshot / "sub").mkdir(parents=True)
+    (snapshot / "sub" / "style.safetensors").write_bytes(b"x")
+    (tmp_path / "models--owner--repo" / "refs").mkdir()
+    (tmp_path / "models--owner--repo" / "refs" / "main").write_text("a" * 40)
+    lora = parse_lora(ref + ":0.5")
+    assert lora.scale == 0.5 and lora.path == str((snapshot / "sub" / "style.safetensors").resolve())
+    with pytest.raises(UserError, match="not hf://OWNER/REPO/FILE"):
+        parse_lora("hf://owner/repo")
