@@ -102,3 +102,60 @@ def test_a_preset_lora_on_the_hub_resolves_from_the_cache_or_says_how_to_fetch_i
     assert lora.scale == 0.5 and lora.path == str((snapshot / "sub" / "style.safetensors").resolve())
     with pytest.raises(UserError, match="not hf://OWNER/REPO/FILE"):
         parse_lora("hf://owner/repo")
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def test_fp8_weights_are_stored_in_fp8_and_keep_the_picture(sdxl_dir, sdxl_model, photo):
+    """weights=fp8: the UNet's and text encoders' matmul weights are float8 in memory (not a no-op), computed in
+    float32 on CPU; the picture stays close to the full-precision one."""
+    from cupscale_dist.execution.worker import ModelWorker
+    from cupscale_dist.models.weights import FP8
+
+    config = small_config(sdxl_dir, steps=3, weights="fp8")
+    worker = ModelWorker.for_config(config)
+    linear = worker.pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn2.to_q.weight
+    encoder = worker.pipe.text_encoder_2.text_model.encoder.layers[0].mlp.fc1.weight
+    assert linear.dtype == FP8 and encoder.dtype == FP8
+    assert worker.pipe.text_encoder_2.text_model.embeddings.token_embedding.weight.dtype == torch.float32
+    fp8 = np.asarray(upscale(photo, config, model=worker, progress=False))
+    full = np.asarray(upscale(photo, config.replace(weights="full"), model=sdxl_model, progress=False))
+    assert not np.array_equal(fp8, full) and psnr(fp8, full) >= 25
+
+
+def test_offload_without_a_gpu_is_one_line_before_any_weights_load(sdxl_dir, monkeypatch):
+    from cupscale_dist import UpscaleConfig, UserError
+    from cupscale_dist.execution.worker import ModelWorker
+
+    with pytest.raises(UserError, match="weights=offload .* device=cpu has none"):
+        UpscaleConfig(model=sdxl_dir, device="cpu", weights="offload")
+    monkeypatch.setattr("cupscale_dist.execution.worker.load_pipeline",
+                        lambda *a, **k: pytest.fail("weights loaded before the check"))
+    with pytest.raises(UserError, match="weights=offload .* this worker runs on cpu"):
+        ModelWorker(sdxl_dir, device="auto", dtype="float32", weights="offload")
+
+
+def test_a_worker_loaded_in_one_weights_mode_refuses_a_run_in_another(sdxl_model, photo):
+    from cupscale_dist import UserError
+
+    with pytest.raises(UserError, match="add-ons"):
+        upscale(photo, small_config(sdxl_model.name, weights="fp8"), model=sdxl_model, progress=False)
+
+
+def test_a_compiled_unet_gives_the_eager_latents_within_1e_3(sdxl_model):
+    """compile=true (regional compilation of the UNet's transformer blocks, inductor on CPU): a step's predictions,
+    hence its latent, within 1e-3 of eager; the blocks are compiled for real."""
+    from cupscale_dist.models.weights import compile_denoiser
+
+    backbone = SDXL(copy.deepcopy(sdxl_model.unet))
+    compile_denoiser(backbone.unet)
+    compiled = [m for m in backbone.unet.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    assert compiled and all(type(m).__name__ == "BasicTransformerBlock" for m in compiled)
+    context = sdxl_context(sdxl_model, (16, 24), 2, guidance_scale=3.0, lambda_global=0.5)
+    windows = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+    eager = predict_views(sdxl_model.backbone, windows, 500, 0.5, context, [0, 1], RECTS)
+    ours = predict_views(backbone, windows, 500, 0.5, context, [0, 1], RECTS)
+    assert (ours - eager).abs().max() <= 1e-3
