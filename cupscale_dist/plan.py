@@ -8,6 +8,7 @@ pipeline runs the same plan (:func:`make_plan` with the loaded model's spec): it
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +86,7 @@ class Plan:
     vae_scale_factor: int  # px per latent px, from the model's VAE config
     latent_channels: int
     config: UpscaleConfig
+    parameters: dict | None = None  # per component, from the model files' headers (for the memory estimate)
 
     @property
     def steps(self) -> int:
@@ -103,8 +105,19 @@ class Plan:
             "tile": config.tile, "stride": config.stride, "view_batch_size": config.view_batch_size,
             "stages": stages, "unet_evaluations": sum(s["unet_evaluations"] for s in stages),
             "est_peak_host_memory_mb": max(s["est_host_memory_mb"] for s in stages),
+            **self.weights_estimate(),
             "config_hash": config.config_hash(),
         }
+
+    def weights_estimate(self) -> dict:
+        """GB of weights each model worker holds on its device, in the chosen mode and the others."""
+        if self.parameters is None:
+            return {}
+        from .models.weights import weights_gb
+
+        modes = {mode: weights_gb(self.parameters, mode, self.config.dtype) for mode in ("full", "fp8", "offload")}
+        return {"weights": self.config.weights, "est_weights_gb_per_actor": modes[self.config.weights],
+                "est_weights_gb_per_actor_by_mode": modes}
 
 
 def make_plan(input_size: tuple[int, int], config: UpscaleConfig, geometry: tuple[int, int]) -> Plan:
@@ -134,6 +147,7 @@ def check_inputs(input_size: tuple[int, int], config: UpscaleConfig, spec=None, 
     to resume from): every field of it.
     """
     plan = make_plan(input_size, config, model_geometry_of(config, spec))
+    plan = dataclasses.replace(plan, parameters=model_parameters_of(config, spec))
     config.check_output_size(plan.output_size)
     if output is not None:
         from .files.imageio import check_output_side
@@ -146,6 +160,18 @@ def check_inputs(input_size: tuple[int, int], config: UpscaleConfig, spec=None, 
     if checkpoint is not None:
         checkpoint.check_against(plan)
     return plan
+
+
+def model_parameters_of(config: UpscaleConfig, spec=None) -> dict[str, int]:
+    """Parameters per component: from the headers of a local diffusers directory, else SDXL base's published ones."""
+    from .models.weights import SDXL_PARAMETERS, component_parameters
+
+    path = spec.path if spec is not None else config.model
+    if path == "demo":
+        from .demo import demo_model_dir
+
+        path = str(demo_model_dir())
+    return (component_parameters(path) if Path(path).expanduser().is_dir() else None) or SDXL_PARAMETERS
 
 
 def model_geometry_of(config: UpscaleConfig, spec=None) -> tuple[int, int]:

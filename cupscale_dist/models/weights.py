@@ -9,7 +9,11 @@ to the GPU for their forward, on a CUDA stream so the copy overlaps compute) and
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import struct
+from pathlib import Path
 
 import torch
 
@@ -63,3 +67,44 @@ def compile_denoiser(unet) -> None:
     if not hasattr(torch, "compile"):
         raise UserError("compile=true needs torch.compile (torch >= 2.0); set compile=false")
     unet.compile_repeated_blocks(fullgraph=False, dynamic=False)
+
+
+# Parameters per component of SDXL base (published safetensors): what a plan assumes for a model whose files are
+# not on this machine yet (a hub id not fetched).
+SDXL_PARAMETERS = {"unet": 2_567_463_684, "text_encoder": 123_060_480, "text_encoder_2": 694_659_841,
+                   "vae": 83_653_863}
+# Group offloading keeps one UNet block group on the GPU (plus the next one prefetched on the stream): SDXL's largest
+# up block holds about a fifth of the UNet, so two of them bound what is resident; the VAE stays whole.
+OFFLOAD_RESIDENT_UNET = 0.4
+STORED_BYTES = {"float32": 4, "fp32": 4}  # else 2 (bf16/fp16: what 'auto' picks on a GPU)
+
+
+def component_parameters(model_dir) -> dict[str, int] | None:
+    """Parameter counts per component from the safetensors headers of a local diffusers directory (no weights read)."""
+    counts = {}
+    for name in SDXL_PARAMETERS:
+        files = sorted((Path(model_dir) / name).glob("*.safetensors"))
+        if not files:
+            return None
+        files = [f for f in files if ".fp16." not in f.name] or files  # one variant: the counts are the same
+        total = 0
+        with open(files[0], "rb") as handle:
+            size = struct.unpack("<Q", handle.read(8))[0]
+            header = json.loads(handle.read(min(size, 100_000_000)))
+        for key, tensor in header.items():
+            if key != "__metadata__":
+                total += math.prod(tensor["shape"])
+        counts[name] = total
+    return counts
+
+
+def weights_gb(parameters: dict[str, int], mode: str, dtype: str) -> float:
+    """GB of weights one worker holds on its device in ``mode`` (activations come on top, per view batch)."""
+    width = STORED_BYTES.get(dtype, 2)
+    denoiser = parameters["unet"] * (1 if mode == "fp8" else width)
+    if mode == "offload":
+        denoiser = parameters["unet"] * width * OFFLOAD_RESIDENT_UNET
+    encoders = (parameters["text_encoder"] + parameters["text_encoder_2"]) * (1 if mode == "fp8" else width)
+    if mode == "offload":
+        encoders = parameters["text_encoder_2"] * width / 8  # leaf level: one layer at a time (of ~32)
+    return round((denoiser + encoders + parameters["vae"] * width) / 1e9, 2)
