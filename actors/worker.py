@@ -56,4 +56,6 @@ class PipelineWorker:
         return self.shared[1]
 
     def usage(self) -> dict:
-        return {"index": self.index, "pid": os.getpid(), "cpu_s": time.process_time()}
+        """CPU seconds of this process and (on a GPU) its peak GPU memory, for the benches."""
+        gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+        return {"index": self.index, "pid": os.getpid(), "cpu_s": time.process_time(), "gpu_peak_bytes": gpu}
