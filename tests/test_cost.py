@@ -138,6 +138,17 @@ def test_offload_without_a_gpu_is_one_line_before_any_weights_load(sdxl_dir, mon
         ModelWorker(sdxl_dir, device="auto", dtype="float32", weights="offload")
 
 
+def test_compile_without_a_compiler_is_one_line_before_any_weights_load(sdxl_dir, monkeypatch):
+    from cupscale_dist import UserError
+    from cupscale_dist.execution.worker import ModelWorker
+
+    monkeypatch.setattr("shutil.which", lambda _name: None)
+    monkeypatch.setattr("cupscale_dist.execution.worker.load_pipeline",
+                        lambda *a, **k: pytest.fail("weights loaded before the check"))
+    with pytest.raises(UserError, match="compile=true on CPU needs a C.. compiler"):
+        ModelWorker(sdxl_dir, device="cpu", dtype="float32", compile=True)
+
+
 def test_a_worker_loaded_in_one_weights_mode_refuses_a_run_in_another(sdxl_model, photo):
     from cupscale_dist import UserError
 

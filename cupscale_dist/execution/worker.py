@@ -22,7 +22,7 @@ from ..models.backbones import backbone_class
 from ..models.controlnet import control_tensor
 from ..models.spec import ModelSpec
 from ..models.loading import load_pipeline, resolve_device, resolve_dtype
-from ..models.weights import apply_weights_mode, check_weights_mode, compile_denoiser
+from ..models.weights import apply_weights_mode, check_compile, check_weights_mode, compile_denoiser
 from ..method.step import StageContext, predict_views
 from ..method.vae import decode_latents, encode_pixels, read_only_tensor, tile_to_tensor
 
@@ -38,6 +38,8 @@ class ModelWorker:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         check_weights_mode(weights, self.device)  # before any weights load
+        if compile:
+            check_compile(self.device)
         # a resolved spec keeps the user's name for logs and errors
         self.spec = spec or ModelSpec.read(model_dir, model_config=model_config)
         self.pipe = load_pipeline(model_dir, self.device, self.dtype, variant, self.spec.model_config)

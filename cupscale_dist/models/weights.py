@@ -34,6 +34,18 @@ def check_weights_mode(mode: str, device: torch.device) -> None:
                         f"{device.type}: use weights=full or weights=fp8 (fp8 also runs on CPU)")
 
 
+def check_compile(device: torch.device) -> None:
+    """One line before any weights load: inductor needs a C++ compiler on CPU and Triton on a GPU."""
+    import importlib.util
+    import shutil
+
+    if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        raise UserError("compile=true on CPU needs a C++ compiler (torch's inductor builds kernels with it); "
+                        "install g++ or set compile=false")
+    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        raise UserError("compile=true on a GPU needs Triton (torch's inductor); install it or set compile=false")
+
+
 def apply_weights_mode(pipe, controlnet, mode: str, compute_dtype: torch.dtype, device: torch.device) -> None:
     """Put a loaded pipeline's (and ControlNet's) weights in ``mode``; 'full' leaves them as loaded."""
     if mode == "full":
