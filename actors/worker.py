@@ -19,7 +19,7 @@ import torch
 class PipelineWorker:
     def __init__(self, model_dir: str, model: str, device: str, dtype: str, variant: str | None,
                  torch_threads: int | None, memory_fraction: float | None, addons, model_config: str | None,
-                 index: int):
+                 weights: str, compile: bool, index: int):
         from cupscale_dist.models.hub import resolve_model
         from cupscale_dist.execution.worker import ModelWorker
 
@@ -31,7 +31,8 @@ class PipelineWorker:
         # The driver resolved the model once; on a node that does not share its path, resolve (fetch) it here.
         here = Path(model_dir).is_file() or Path(model_dir, "model_index.json").is_file()
         path = model_dir if here else resolve_model(model, variant)
-        self.worker = ModelWorker(path, device, dtype, variant, addons=addons, model_config=model_config)
+        self.worker = ModelWorker(path, device, dtype, variant, addons=addons, model_config=model_config,
+                                  weights=weights, compile=compile)
         self.shared: tuple[object, object] = (None, None)  # (object ref, the value) of the current stage
 
     def __repr__(self) -> str:
@@ -55,4 +56,6 @@ class PipelineWorker:
         return self.shared[1]
 
     def usage(self) -> dict:
-        return {"index": self.index, "pid": os.getpid(), "cpu_s": time.process_time()}
+        """CPU seconds of this process and (on a GPU) its peak GPU memory, for the benches."""
+        gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+        return {"index": self.index, "pid": os.getpid(), "cpu_s": time.process_time(), "gpu_peak_bytes": gpu}

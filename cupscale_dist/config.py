@@ -56,7 +56,18 @@ class UpscaleConfig:
                                     "SDXL/SD1.5 configs (a fine-tune of other shapes needs its own)")
     device: str = knob("auto", "'auto' = cuda if available, else cpu")
     dtype: str = knob("auto", "'auto' = bfloat16 on cuda (SDXL VAE overflows fp16), float32 on cpu")
-    scheduler: Literal["euler", "ddim"] = knob("euler", "SDXL's default sampler; 'ddim' as the VP alternative")
+    scheduler: Literal["euler", "ddim", "dpmpp_2m", "tcd", "lcm"] = knob(
+        "euler", "SDXL's default sampler; 'ddim' the VP alternative; 'dpmpp_2m' DPM-Solver++(2M), the most used SDXL "
+        "sampler; 'tcd'/'lcm' for distilled few-step LoRAs (Hyper-SD, TCD, LCM)")
+    timestep_spacing: Literal["leading", "trailing", "linspace"] | None = knob(
+        None, "None = the model's scheduler config ('leading' for SDXL); 'trailing' is what few-step distilled "
+        "models (SDXL-Lightning, Hyper-SD) were trained with")
+    karras_sigmas: bool = knob(False, "Karras sigma spacing for euler/dpmpp_2m (A1111's and ComfyUI's 'Karras')")
+    weights: Literal["full", "fp8", "offload"] = knob(
+        "full", "how each worker holds the model: 'fp8' stores UNet/ControlNet/text-encoder weights as float8 (about "
+        "half of bf16, computed in dtype), 'offload' keeps them in CPU memory and streams blocks onto the GPU")
+    compile: bool = knob(False, "torch.compile the UNet's repeated blocks once per worker (regional compilation); "
+                         "off by default: the first call pays the compile time")
     torch_threads: int | None = knob(None, "pin torch CPU threads: CPU matmul bits depend on the thread count", min=1)
 
     # --- user-level knobs (issue 11): mapped onto the method's own, see `user_knob_values` ---------------------
@@ -173,6 +184,13 @@ class UpscaleConfig:
             if self.wavelet not in pywt.wavelist(kind="discrete"):
                 raise UserError(f"config: wavelet={self.wavelet!r} is not a discrete pywavelets wavelet; use 'haar', "
                                 "'db2', 'sym4', ... (pywt.wavelist(kind='discrete'))")
+        if self.weights == "offload" and self.device == "cpu":
+            raise UserError("config: weights=offload streams blocks from CPU memory onto a GPU, and device=cpu has "
+                            "none; use weights=full or weights=fp8 (fp8 also runs on CPU)")
+        if self.scheduler == "lcm" and self.guidance_scale > 2:
+            raise UserError(f"config: scheduler=lcm with guidance_scale={self.guidance_scale:g}: LCM is distilled "
+                            "for guidance 1-2 (a CFG-preserved LoRA wants ddim/euler); lower guidance_scale or change "
+                            "the scheduler")
         if 2 * self.jitter > self.tile - self.stride:
             raise UserError(
                 f"config: jitter={self.jitter} could uncover pixels; use jitter <= (tile - stride) / 2 = "

@@ -29,6 +29,7 @@ from .execution.worker import ModelWorker
 from .method.masks import binarize_maps, content_token_mask, view_token_masks
 from .method.prior import GlobalPrior
 from .method.resize import resize_input
+from .method.schedulers import kind_of
 from .method.step import StageContext, StageSchedule, reduce_and_step
 from .method.vae import PixelCodec, decode_bands, encode_image, image_to_tensor, read_only_tensor
 from .method.views import jitter_views, view_batches
@@ -47,6 +48,7 @@ class StepInfo(TypedDict):
     num_steps: int
     timestep: torch.Tensor | None  # of the step just done; None at the stage's start
     latents: torch.Tensor | None  # the whole latent after ``step`` steps; None at the stage's start
+    scheduler_state: dict | None  # what a multistep scheduler carries to the next step (None: nothing, or the start)
     stage_input: Image.Image | None  # the image the stage starts from (what a resume redoes steps 1-8 from); start only
 
 
@@ -64,6 +66,7 @@ class StageState:
     stage: int
     step: int
     latents: torch.Tensor
+    scheduler_state: dict | None = None  # a multistep scheduler's memory (schedulers.SchedulerKind.state)
 
 
 def stage_generator(seed: int, stage: int, purpose: int = 0) -> torch.Generator:
@@ -81,7 +84,7 @@ def attention_token_masks(executor, config: UpscaleConfig, image: Image.Image, s
         return None, None
     native = spec.native_size
     pixels = np.asarray(image.resize((native, native), Image.Resampling.BICUBIC))
-    scheduler = spec.new_scheduler(config.scheduler)
+    scheduler = spec.new_scheduler(config.scheduler, config.timestep_spacing, config.karras_sigmas)
     timestep = int(config.attn_probe_t * (scheduler.config.num_train_timesteps - 1))
     alpha_bar = float(scheduler.alphas_cumprod[timestep])
     latent_shape = (1, spec.latent_channels, native // spec.vae_scale_factor, native // spec.vae_scale_factor)
@@ -150,7 +153,7 @@ def prepare_latents(executor, config: UpscaleConfig, stage: StagePlan, image: Im
     to denoise: ``z_S = add_noise(z_L, eps, t_S)``, ``S = round(s T)`` steps from the end, or the resumed one.
     """
     spec = executor.spec
-    scheduler = spec.new_scheduler(config.scheduler)
+    scheduler = spec.new_scheduler(config.scheduler, config.timestep_spacing, config.karras_sigmas)
     scheduler.set_timesteps(config.steps, device="cpu")
     start = config.steps - stage.steps
     noise = torch.randn(z_low.shape, generator=stage_generator(config.seed, stage.index))
@@ -164,11 +167,12 @@ def prepare_latents(executor, config: UpscaleConfig, stage: StagePlan, image: Im
                            config.vae_tile_overlap)
     schedule = StageSchedule(scheduler=scheduler, start_index=start, prior=prior, prior_target=config.prior_target,
                              prior_fraction=config.prior_fraction, prior_schedule=config.prior_schedule, codec=codec,
-                             prior_scale=config.prior_scale)
+                             prior_scale=config.prior_scale, seed=config.seed, stage=stage.index)
     # 4. Start point.
-    if hasattr(scheduler, "set_begin_index"):  # stateful (Euler) schedulers count steps from here
+    if hasattr(scheduler, "set_begin_index"):  # stateful (Euler, DPM-Solver) schedulers count steps from here
         scheduler.set_begin_index(start + (resume.step if resume else 0))
     if resume is not None:
+        kind_of(scheduler).set_state(scheduler, resume.scheduler_state)  # a multistep solver's memory
         return schedule, resume.latents.clone()
     return schedule, scheduler.add_noise(z_low, noise, scheduler.timesteps[start : start + 1])
 
@@ -182,7 +186,7 @@ def run_stage(executor, config: UpscaleConfig, stage: StagePlan, image: Image.Im
     f, vae_tile_px, sink = spec.vae_scale_factor, config.vae_tile, sink or collect_image
     if callback is not None:
         callback(StepInfo(stage=stage.index, step=0, num_steps=stage.steps, timestep=None, latents=None,
-                          stage_input=image))
+                          scheduler_state=None, stage_input=image))
     # 1. Resize (+ sharpen) the stage input.
     image = resize_input(image, stage.size, config, executor.map, progress)
     # 2. Encode with the tiled VAE (tile by tile from the 8-bit image, on the workers).
@@ -226,7 +230,9 @@ def run_stage(executor, config: UpscaleConfig, stage: StagePlan, image: Image.Im
         bar.update(1)
         if callback is not None:
             callback(StepInfo(stage=stage.index, step=step + 1, num_steps=schedule.num_steps,
-                              timestep=schedule.timestep(step), latents=latents, stage_input=None))
+                              timestep=schedule.timestep(step), latents=latents,
+                              scheduler_state=kind_of(schedule.scheduler).get_state(schedule.scheduler),
+                              stage_input=None))
     bar.close()
     # 10. Decode with the tiled VAE (on the workers), band by band into 8 bits.
     return sink(decode_bands(executor.map, latents, f, vae_tile_px, config.vae_tile_overlap))

@@ -8,6 +8,7 @@ pipeline runs the same plan (:func:`make_plan` with the loaded model's spec): it
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 
 from .config import UpscaleConfig
 from .errors import UserError
+from .method.step import uses_cfg
 from .method.views import make_views
 
 SIZE_MULTIPLE = 64  # stage sizes in px: latent divisible by 2**3, the deepest DWT allowed (dwt_levels <= 3)
@@ -60,10 +62,11 @@ class StagePlan:
     views: np.ndarray  # (N, 4) latent rects (top, left, bottom, right)
     steps: int
     latent_channels: int
+    passes_per_view: int = 2  # UNet samples per view and step: CFG's two halves, one with guidance off
 
     @property
     def unet_evaluations(self) -> int:
-        return len(self.views) * self.steps * 2  # x2: CFG's two halves
+        return len(self.views) * self.steps * self.passes_per_view
 
     def describe(self) -> dict:
         width, height = self.size
@@ -83,6 +86,7 @@ class Plan:
     vae_scale_factor: int  # px per latent px, from the model's VAE config
     latent_channels: int
     config: UpscaleConfig
+    parameters: dict | None = None  # per component, from the model files' headers (for the memory estimate)
 
     @property
     def steps(self) -> int:
@@ -101,8 +105,19 @@ class Plan:
             "tile": config.tile, "stride": config.stride, "view_batch_size": config.view_batch_size,
             "stages": stages, "unet_evaluations": sum(s["unet_evaluations"] for s in stages),
             "est_peak_host_memory_mb": max(s["est_host_memory_mb"] for s in stages),
+            **self.weights_estimate(),
             "config_hash": config.config_hash(),
         }
+
+    def weights_estimate(self) -> dict:
+        """GB of weights each model worker holds on its device, in the chosen mode and the others."""
+        if self.parameters is None:
+            return {}
+        from .models.weights import weights_gb
+
+        modes = {mode: weights_gb(self.parameters, mode, self.config.dtype) for mode in ("full", "fp8", "offload")}
+        return {"weights": self.config.weights, "est_weights_gb_per_actor": modes[self.config.weights],
+                "est_weights_gb_per_actor_by_mode": modes}
 
 
 def make_plan(input_size: tuple[int, int], config: UpscaleConfig, geometry: tuple[int, int]) -> Plan:
@@ -112,12 +127,12 @@ def make_plan(input_size: tuple[int, int], config: UpscaleConfig, geometry: tupl
         sizes = plan_stages(input_size, config)
     except ValueError as exc:
         raise UserError(f"{exc}; ask for a larger size or a scale of 2, 4, 8 or 16") from None
-    steps = denoising_steps(config)
+    steps, passes = denoising_steps(config), 2 if uses_cfg(config.guidance_scale) else 1
     stages = []
     for index, (width, height) in enumerate(sizes):
         latent = (height // factor, width // factor)
         stages.append(StagePlan(index, (width, height), latent, make_views(*latent, config.tile, config.stride), steps,
-                                channels))
+                                channels, passes))
     return Plan(tuple(input_size), target_size(input_size, config), tuple(stages), factor, channels, config)
 
 
@@ -132,6 +147,7 @@ def check_inputs(input_size: tuple[int, int], config: UpscaleConfig, spec=None, 
     to resume from): every field of it.
     """
     plan = make_plan(input_size, config, model_geometry_of(config, spec))
+    plan = dataclasses.replace(plan, parameters=model_parameters_of(config, spec))
     config.check_output_size(plan.output_size)
     if output is not None:
         from .files.imageio import check_output_side
@@ -144,6 +160,18 @@ def check_inputs(input_size: tuple[int, int], config: UpscaleConfig, spec=None, 
     if checkpoint is not None:
         checkpoint.check_against(plan)
     return plan
+
+
+def model_parameters_of(config: UpscaleConfig, spec=None) -> dict[str, int]:
+    """Parameters per component: from the headers of a local diffusers directory, else SDXL base's published ones."""
+    from .models.weights import SDXL_PARAMETERS, component_parameters
+
+    path = spec.path if spec is not None else config.model
+    if path == "demo":
+        from .demo import demo_model_dir
+
+        path = str(demo_model_dir())
+    return (component_parameters(path) if Path(path).expanduser().is_dir() else None) or SDXL_PARAMETERS
 
 
 def model_geometry_of(config: UpscaleConfig, spec=None) -> tuple[int, int]:

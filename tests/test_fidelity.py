@@ -146,7 +146,8 @@ class ZeroExecutor(LocalExecutor):
 
 
 @pytest.mark.parametrize("strength,steps,kind", [(0.6, 4, "euler"), (0.7, 4, "ddim"), (0.7, 4, "euler"),
-                                                 (0.6, 5, "ddim"), (1.0, 3, "euler")])
+                                                 (0.6, 5, "ddim"), (1.0, 3, "euler"), (0.6, 5, "dpmpp_2m"),
+                                                 (0.75, 4, "tcd"), (0.75, 4, "lcm")])
 def test_stage_starts_at_round_s_t_with_the_schedulers_add_noise(sdxl_model, photo, strength, steps, kind):
     """Step 4: the stage runs S = round(s T) steps from z_S = scheduler.add_noise(z_L, stage noise, t_{T-S})."""
     config = small_config(sdxl_model.name, steps=steps, strength=strength, scheduler=kind, mask_mode="off")

@@ -35,8 +35,10 @@ class LocalExecutor:
 
     def check_serves(self, config) -> None:
         if not self.worker.holds_addons_of(config):
-            raise UserError(f"the loaded model has add-ons {self.worker.addons}, this run asks for others (lora, "
-                            "controlnet, resize='model'); load a worker with ModelWorker.for_config(config)")
+            worker = self.worker
+            raise UserError(f"the loaded model has add-ons {worker.addons} (weights={worker.weights}, compile="
+                            f"{worker.compiled}), this run asks for others (lora, controlnet, resize='model', weights, "
+                            "compile); load a worker with ModelWorker.for_config(config)")
 
     def share(self, value):
         return value

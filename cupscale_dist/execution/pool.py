@@ -49,6 +49,7 @@ class WorkerPool:
                  addons: Addons | None = None):
         addons = Addons.from_config(config, spec) if addons is None else addons  # checked before any actor starts
         self.addons, self.spec, self.built_for = addons, spec, addon_request(config)
+        self.weights = (config.weights, config.compile)
         ray = connect(options)
         from actors.worker import PipelineWorker
 
@@ -63,7 +64,7 @@ class WorkerPool:
         threads = config.torch_threads or (torch.get_num_threads() if device == "cpu" else None)
         fraction = memory_fraction(self.num_gpus) if device == "cuda" else None
         self.load_args = (spec.path, spec.name, device, config.dtype, config.variant, threads, fraction, addons,
-                          spec.model_config)
+                          spec.model_config, config.weights, config.compile)
         # benches pass a stand-in subclass as actor_class
         self.group = ActorGroup(actor_class or PipelineWorker, self.count, num_cpus=self.num_cpus,
                                 num_gpus=self.num_gpus, placement_timeout_s=options.start_timeout_s,
@@ -186,6 +187,9 @@ class RayExecutor:
 
     def check_serves(self, config) -> None:
         pool = self.pool
+        if (config.weights, config.compile) != pool.weights:
+            raise UserError(f"the model workers hold weights={pool.weights[0]} compile={pool.weights[1]}, this run "
+                            f"asks for weights={config.weights} compile={config.compile}; start a pool for this config")
         if addon_request(config) != pool.built_for and Addons.from_config(config, pool.spec) != pool.addons:
             raise UserError(f"the model workers hold add-ons {pool.addons}, this run asks for others (lora, "
                             "controlnet, resize='model'); start a pool for this config")

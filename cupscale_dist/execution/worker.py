@@ -22,6 +22,7 @@ from ..models.backbones import backbone_class
 from ..models.controlnet import control_tensor
 from ..models.spec import ModelSpec
 from ..models.loading import load_pipeline, resolve_device, resolve_dtype
+from ..models.weights import apply_weights_mode, check_compile, check_weights_mode, compile_denoiser
 from ..method.step import StageContext, predict_views
 from ..method.vae import decode_latents, encode_pixels, read_only_tensor, tile_to_tensor
 
@@ -32,9 +33,13 @@ class ModelWorker:
     """The loaded pipeline on one device, one method per kind of forward pass (numpy in, numpy out)."""
 
     def __init__(self, model_dir: str, device: str = "auto", dtype: str = "auto", variant: str | None = None,
-                 spec: ModelSpec | None = None, addons: Addons = Addons(), model_config: str | None = None):
+                 spec: ModelSpec | None = None, addons: Addons = Addons(), model_config: str | None = None,
+                 weights: str = "full", compile: bool = False):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        check_weights_mode(weights, self.device)  # before any weights load
+        if compile:
+            check_compile(self.device)
         # a resolved spec keeps the user's name for logs and errors
         self.spec = spec or ModelSpec.read(model_dir, model_config=model_config)
         self.pipe = load_pipeline(model_dir, self.device, self.dtype, variant, self.spec.model_config)
@@ -48,8 +53,12 @@ class ModelWorker:
             from ..models.controlnet import load_controlnet
 
             self.controlnet = load_controlnet(addons.controlnet, self.device, self.dtype)
+        self.weights, self.compiled = weights, compile
+        apply_weights_mode(self.pipe, self.controlnet, weights, self.dtype, self.device)
         # the family's calling contract; it installs the regional attention processors (after the LoRAs)
         self.backbone = backbone_class(self.spec.family)(self.pipe.unet, pipe=self.pipe, controlnet=self.controlnet)
+        if compile:  # after the processors: they are part of what is compiled
+            compile_denoiser(self.pipe.unet)
         self._upscaler = None  # the upscale model, loaded at its first tile (resize='model')
         self._built_for: tuple | None = None  # the add-on request of the config it was loaded for (for_config)
         self._context: tuple[StageContext, StageContext] | None = None  # (as received, on the device)
@@ -65,13 +74,16 @@ class ModelWorker:
     def for_config(cls, config) -> ModelWorker:
         """The in-process worker a config asks for: its model, device, dtype, variant and add-ons (checked first)."""
         spec = ModelSpec.load(config.model, config.variant, config.model_config)
-        worker = cls(spec.path, config.device, config.dtype, config.variant, spec, Addons.from_config(config, spec))
+        worker = cls(spec.path, config.device, config.dtype, config.variant, spec, Addons.from_config(config, spec),
+                     weights=config.weights, compile=config.compile)
         worker._built_for = addon_request(config)
         return worker
 
     def holds_addons_of(self, config) -> bool:
-        """Whether this worker holds the add-ons ``config`` asks for. The request it was loaded for is answered
-        without reading the files again: a batch or a service asks once per image."""
+        """Whether this worker holds the add-ons ``config`` asks for, in its weights mode. The request it was loaded
+        for is answered without reading the files again: a batch or a service asks once per image."""
+        if (config.weights, config.compile) != (self.weights, self.compiled):
+            return False
         if addon_request(config) == self._built_for:
             return True
         return self.addons == Addons.from_config(config, self.spec)

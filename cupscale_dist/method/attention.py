@@ -29,6 +29,7 @@ class RegionalAttention:
         token_maps (bool tensor (G, hp, wp), *optional*): pixel mode: the stage's binary token maps at probe
             resolution; with ``rects`` (V, 4) the views' latent rectangles and ``latent_hw`` the stage latent
             size. The batch is CFG's [V unconditional; V conditional] rows; only the conditional half is screened.
+        cfg (bool): False when the batch holds the V conditional rows only (guidance off: one pass per view).
     """
 
     num_global_tokens: int
@@ -38,6 +39,7 @@ class RegionalAttention:
     token_maps: torch.Tensor | None = None
     rects: torch.Tensor | None = None
     latent_hw: tuple[int, int] | None = None
+    cfg: bool = True
     _bias_cache: dict = field(default_factory=dict, repr=False)
 
     def global_bias(self, query_len: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
@@ -81,6 +83,8 @@ class RegionalAttention:
         cols = (left[:, None] + torch.arange(width) * view_w // width) * probe_w // latent_w  # (V, w)
         cond = maps[:, rows[:, :, None], cols[:, None, :]]  # (G, V, h, w)
         cond = cond.permute(1, 2, 3, 0).reshape(len(rects), height * width, maps.shape[0])
+        if not self.cfg:
+            return cond
         return torch.cat([torch.ones_like(cond), cond])  # CFG layout: [unconditional views; conditional views]
 
 

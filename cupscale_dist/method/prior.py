@@ -2,7 +2,8 @@
 
 Everything is written for the scheduler's own latent space ``z_t = alpha_t * x0 + sigma_t * eps``:
 ``(alpha, sigma) = (1, sigma_t)`` for sigma-parametrised schedulers (Euler) and ``(sqrt(abar), sqrt(1 - abar))``
-for variance-preserving ones (DDIM); :func:`noise_level` reads them from the scheduler itself.
+for variance-preserving ones (DDIM, DPM-Solver, TCD, LCM); :func:`noise_level` reads them from the scheduler itself,
+through its kind's adapter (:mod:`cupscale_dist.method.schedulers`).
 """
 
 from __future__ import annotations
@@ -13,10 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .schedulers import kind_of
 from .wavelets import dwt2, idwt2, low_band
-
-SIGMA_SCHEDULERS = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
-                    "LMSDiscreteScheduler", "KDPM2DiscreteScheduler")
 
 
 @dataclass
@@ -35,12 +34,7 @@ class GlobalPrior:
 
 def noise_level(scheduler, step_index: int) -> tuple[float, float]:
     """``(alpha, sigma)`` of the scheduler's latent at ``timesteps[step_index]``; past the end = clean (1, 0)."""
-    if step_index >= len(scheduler.timesteps):
-        return 1.0, 0.0
-    if type(scheduler).__name__ in SIGMA_SCHEDULERS:
-        return 1.0, float(scheduler.sigmas[step_index])
-    alpha_bar = float(scheduler.alphas_cumprod[int(scheduler.timesteps[step_index])])
-    return math.sqrt(alpha_bar), math.sqrt(1.0 - alpha_bar)
+    return kind_of(scheduler).noise_level(scheduler, step_index)
 
 
 def prior_weight(step: int, num_steps: int, fraction: float, schedule: str) -> float:

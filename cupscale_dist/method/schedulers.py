@@ -1,4 +1,6 @@
-"""The driver's scheduler (method.md steps 4 and 9b-9c), built from the model's own scheduler config.
+"""The driver's scheduler (method.md steps 4 and 9b-9c), built from the model's own scheduler config, and one small
+adapter per scheduler kind: how its latent is parametrised (what the global prior needs), whether its step draws
+noise, and what state it carries from one step to the next (what a checkpoint must keep).
 
 A config written for another scheduler class (SDXL base ships Euler, SD1.5 PNDM) names only some of DDIM's
 options; diffusers' DDIM defaults for the missing ones (``clip_sample=True``, ``set_alpha_to_one=True``) clip
@@ -8,12 +10,82 @@ published SDXL and SD1.5 configs set both to False; those are the defaults here,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
 
-SCHEDULER_CLASSES = {"euler": "EulerDiscreteScheduler", "ddim": "DDIMScheduler"}
+import torch
 
 # DDIM options SDXL base / SD1.5 publish in their scheduler_config.json, used when a config leaves them out.
 DDIM_DEFAULTS = {"clip_sample": False, "set_alpha_to_one": False}
+
+
+@dataclass(frozen=True)
+class SchedulerKind:
+    """What the method needs to know of one scheduler kind.
+
+    ``level``: how ``z_t = alpha_t x0 + sigma_t eps`` is read off the scheduler at a step:
+    'sigma' (Euler: ``(1, sigma_t)``, ``z`` unscaled), 'vp_sigma' (DPM-Solver: VP, from its own ``sigmas`` table,
+    Karras-spaced or not) or 'vp_alphas' (DDIM, TCD, LCM: ``(sqrt(abar_t), sqrt(1 - abar_t))`` at the timestep).
+    """
+
+    class_name: str
+    level: Literal["sigma", "vp_sigma", "vp_alphas"]
+    defaults: dict = field(default_factory=dict)  # options used when the model's config does not give them
+    stochastic: bool = False  # its step draws noise: it gets a generator seeded per (seed, stage, step)
+    state: tuple[str, ...] = ()  # attributes carried from step to step (a multistep solver's memory)
+
+    def noise_level(self, scheduler, step_index: int) -> tuple[float, float]:
+        """``(alpha, sigma)`` of the scheduler's latent at ``timesteps[step_index]``; past the end = clean (1, 0)."""
+        if step_index >= len(scheduler.timesteps):
+            return 1.0, 0.0
+        if self.level == "sigma":
+            return 1.0, float(scheduler.sigmas[step_index])
+        if self.level == "vp_sigma":  # sigma = sqrt((1 - abar) / abar), as DPM-Solver's _sigma_to_alpha_sigma_t
+            ratio = float(scheduler.sigmas[step_index])
+            alpha = 1.0 / math.sqrt(ratio**2 + 1.0)
+            return alpha, ratio * alpha
+        alpha_bar = float(scheduler.alphas_cumprod[int(scheduler.timesteps[step_index])])
+        return math.sqrt(alpha_bar), math.sqrt(1.0 - alpha_bar)
+
+    def get_state(self, scheduler) -> dict | None:
+        """The carried state, detached (None for a single-step scheduler)."""
+        if not self.state:
+            return None
+        copy = lambda v: v.clone() if isinstance(v, torch.Tensor) else v  # noqa: E731
+        return {name: ([copy(v) for v in value] if isinstance(value, list) else copy(value))
+                for name in self.state for value in [getattr(scheduler, name)]}
+
+    def set_state(self, scheduler, state: dict | None) -> None:
+        for name in self.state:
+            if state is not None and name in state:
+                setattr(scheduler, name, state[name])
+
+
+KINDS: dict[str, SchedulerKind] = {
+    "euler": SchedulerKind("EulerDiscreteScheduler", "sigma"),
+    "ddim": SchedulerKind("DDIMScheduler", "vp_alphas", DDIM_DEFAULTS),
+    # DPM-Solver++(2M): the most used SDXL sampler; second order, so each step needs the previous x0 prediction.
+    "dpmpp_2m": SchedulerKind("DPMSolverMultistepScheduler", "vp_sigma",
+                              {"algorithm_type": "dpmsolver++", "solver_order": 2},
+                              state=("model_outputs", "lower_order_nums")),
+    "tcd": SchedulerKind("TCDScheduler", "vp_alphas", stochastic=True),  # gamma > 0 re-noises each step
+    "lcm": SchedulerKind("LCMScheduler", "vp_alphas", stochastic=True),  # re-noises each step but the last
+}
+BY_CLASS = {kind.class_name: kind for kind in KINDS.values()}
+# Sigma-parametrised classes a caller may build itself (the prior reads them as Euler does).
+for _name in ("EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler",
+              "KDPM2DiscreteScheduler"):
+    BY_CLASS.setdefault(_name, SchedulerKind(_name, "sigma"))
+
+
+def kind_of(scheduler) -> SchedulerKind:
+    """The adapter of a scheduler instance (by its class)."""
+    name = type(scheduler).__name__
+    if name not in BY_CLASS:
+        raise ValueError(f"scheduler {name} has no adapter; use one of {', '.join(KINDS)}")
+    return BY_CLASS[name]
 
 
 def given_options(scheduler_config: Mapping) -> dict:
@@ -22,11 +94,24 @@ def given_options(scheduler_config: Mapping) -> dict:
     return {k: v for k, v in scheduler_config.items() if k not in defaulted and k != "_use_default_values"}
 
 
-def make_scheduler(kind: str, scheduler_config: Mapping):
-    """A fresh ``kind`` ('euler' | 'ddim') scheduler from a model's scheduler config (method.md step 4)."""
+def make_scheduler(kind: str, scheduler_config: Mapping, *, timestep_spacing: str | None = None,
+                   karras_sigmas: bool = False):
+    """A fresh ``kind`` scheduler (a key of :data:`KINDS`) from a model's scheduler config (method.md step 4).
+
+    ``timestep_spacing``: None keeps the model's; ``karras_sigmas``: Karras et al.'s sigma spacing (Euler, DPM++).
+    """
     import diffusers
 
-    options = given_options(scheduler_config)
-    if kind == "ddim":
-        options = {**DDIM_DEFAULTS, **options}
-    return getattr(diffusers, SCHEDULER_CLASSES[kind]).from_config(options)
+    adapter = KINDS[kind]
+    options = {**adapter.defaults, **given_options(scheduler_config)}
+    if timestep_spacing is not None:
+        options["timestep_spacing"] = timestep_spacing
+    if karras_sigmas:
+        options["use_karras_sigmas"] = True
+    return getattr(diffusers, adapter.class_name).from_config(options)
+
+
+def step_generator(seed: int, stage: int, step: int) -> torch.Generator:
+    """The noise a stochastic scheduler's step draws: from the seed, per stage and step, so a resumed run and any
+    actor count draw the same (nothing carried between steps)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + stage * 10_007 + step * 101 + 7)

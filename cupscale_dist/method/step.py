@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .attention import RegionalAttention
+from .schedulers import kind_of, step_generator
 from .prior import GlobalPrior, inject_global_prior, inject_global_prior_zt, noise_level, prior_weight
 
 
@@ -54,23 +55,32 @@ class StageContext:
         return dataclasses.replace(self, **{name: move(getattr(self, name)) for name in names})
 
 
+def uses_cfg(guidance_scale: float) -> bool:
+    """Classifier-free guidance is on above 1 (as diffusers' pipelines decide); at or below 1 each view is one
+    conditional pass: ``eps_u + 1 * (eps_c - eps_u) = eps_c`` at half the cost."""
+    return guidance_scale > 1
+
+
 def regional_attention(context: StageContext, view_ids: np.ndarray, rects: np.ndarray) -> RegionalAttention:
-    """The composer's inputs for a CFG batch [uncond views; cond views]; uncond rows screen nothing."""
-    count, tokens = len(view_ids), context.global_embeds.shape[1]
+    """The composer's inputs for a CFG batch [uncond views; cond views] (uncond rows screen nothing), or for the
+    cond views alone when guidance is off."""
+    count, tokens, cfg = len(view_ids), context.global_embeds.shape[1], uses_cfg(context.guidance_scale)
     token_allowed = token_maps = None
     if context.token_allowed is not None:
-        cond = torch.from_numpy(context.token_allowed[view_ids])
-        token_allowed = torch.cat([torch.ones(count, tokens, dtype=torch.bool), cond])
+        token_allowed = torch.from_numpy(context.token_allowed[view_ids])
+        if cfg:
+            token_allowed = torch.cat([torch.ones(count, tokens, dtype=torch.bool), token_allowed])
     if context.token_maps is not None:
         token_maps = torch.from_numpy(context.token_maps)
     return RegionalAttention(tokens, context.lambda_global, context.composer, token_allowed, token_maps,
-                             torch.from_numpy(np.asarray(rects)), context.latent_hw)
+                             torch.from_numpy(np.asarray(rects)), context.latent_hw, cfg)
 
 
 @torch.no_grad()
 def predict_views(backbone, windows: torch.Tensor, timestep, input_scale: float, context: StageContext,
                   view_ids: Sequence[int], rects: np.ndarray, control: torch.Tensor | None = None) -> torch.Tensor:
-    """CFG noise predictions of a batch of views (method.md 9a) -> (B, C, h, w) float32 on CPU.
+    """CFG noise predictions of a batch of views (method.md 9a) -> (B, C, h, w) float32 on CPU; one conditional
+    pass per view when guidance is off (:func:`uses_cfg`).
 
     Args:
         backbone: the model family's adapter (:class:`cupscale_dist.models.backbones.base.UNetBackbone`): one
@@ -85,8 +95,10 @@ def predict_views(backbone, windows: torch.Tensor, timestep, input_scale: float,
     """
     view_ids = np.asarray(view_ids)
     latents = (windows.to(backbone.device, torch.float32) * input_scale).to(backbone.dtype)
-    latents = torch.cat([latents, latents])
     regional = regional_attention(context, view_ids, rects)
+    if not regional.cfg:
+        return backbone.denoise(latents, timestep, context, view_ids, rects, regional, control).float().cpu()
+    latents = torch.cat([latents, latents])
     eps = backbone.denoise(latents, timestep, context, view_ids, rects, regional, control).float()
     eps_uncond, eps_cond = eps.chunk(2)
     return (eps_uncond + context.guidance_scale * (eps_cond - eps_uncond)).cpu()
@@ -139,6 +151,8 @@ class StageSchedule:
     prior_schedule: str
     codec: object | None = None  # prior_space='pixel': decode/encode around the low-band swap
     prior_scale: float = 1.0  # peak prior weight (config.prior_scale; resemblance sets it)
+    seed: int = 0  # with ``stage``: the noise of a stochastic scheduler's steps (schedulers.step_generator)
+    stage: int = 0
 
     @property
     def num_steps(self) -> int:
@@ -161,7 +175,10 @@ def reduce_and_step(latents: torch.Tensor, batches: Iterable[tuple[Sequence[int]
     if weight > 0 and schedule.prior_target == "x0":
         alpha, sigma = noise_level(schedule.scheduler, schedule.start_index + step)
         eps = inject_global_prior(eps, latents, schedule.prior, weight, alpha, sigma, schedule.codec)
-    latents = schedule.scheduler.step(eps, schedule.timestep(step), latents).prev_sample
+    options = {}
+    if kind_of(schedule.scheduler).stochastic:  # drawn from the seed per step: any actor count, resumed or not
+        options["generator"] = step_generator(schedule.seed, schedule.stage, schedule.start_index + step)
+    latents = schedule.scheduler.step(eps, schedule.timestep(step), latents, **options).prev_sample
     if weight > 0 and schedule.prior_target == "zt":
         alpha, sigma = noise_level(schedule.scheduler, schedule.start_index + step + 1)
         latents = inject_global_prior_zt(latents, schedule.prior, weight, alpha, sigma)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from .hub import HUB_FILE, resolve_hub_file
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ def addon_request(config) -> tuple:
 
 def parse_lora(text: str) -> Lora:
     """``PATH[:SCALE]`` -> :class:`Lora`; the scale is the part after the last colon when it parses as a number
-    (so ``C:/loras/x.safetensors`` keeps its drive letter)."""
+    (so ``C:/loras/x.safetensors`` keeps its drive letter). PATH may be ``hf://OWNER/REPO/FILE`` (from the cache)."""
     path, scale = text, 1.0
     head, sep, tail = text.rpartition(":")
     if sep and head:
@@ -74,6 +75,8 @@ def parse_lora(text: str) -> Lora:
             pass
     if not math.isfinite(scale):
         raise UserError(f"--lora {text}: scale {tail!r} is not a finite number; use PATH[:SCALE], e.g. style.safetensors:0.8")
+    if path.startswith(HUB_FILE):
+        path = resolve_hub_file(path, "--lora")
     if not Path(path).expanduser().is_file():
         raise UserError(f"--lora {text}: {path} is not a file; pass a LoRA .safetensors file as PATH[:SCALE]")
     return Lora(str(Path(path).expanduser().resolve()), scale)

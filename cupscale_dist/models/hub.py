@@ -123,3 +123,23 @@ def fetch_from_hub(repo_id: str, variant: str | None) -> str:
         except Exception as exc:  # no network (or the hub refused): a cached snapshot may still do
             log.info("hub unreachable for %s (%s); looking in the local cache", repo_id, type(exc).__name__)
     return snapshot_download(repo_id, local_files_only=True)
+
+
+HUB_FILE = "hf://"  # a file of a hub repository: hf://OWNER/REPO/FILE (a preset names its LoRA this way)
+
+
+def resolve_hub_file(ref: str, flag: str) -> str:
+    """``hf://OWNER/REPO/PATH`` -> the file in the local Hugging Face cache; never downloads (a run must not fetch
+    hundreds of MB behind the user's back). Not cached: one line with the command that fetches it."""
+    parts = ref[len(HUB_FILE):].split("/", 2)
+    if len(parts) != 3 or not all(parts):
+        raise UserError(f"{flag} {ref}: not hf://OWNER/REPO/FILE; e.g. hf://ByteDance/SDXL-Lightning/"
+                        "sdxl_lightning_4step_lora.safetensors")
+    from huggingface_hub import try_to_load_from_cache
+
+    repo, filename = f"{parts[0]}/{parts[1]}", parts[2]
+    cached = try_to_load_from_cache(repo, filename)
+    if not isinstance(cached, str):
+        raise UserError(f"{flag} {ref}: not in the Hugging Face cache; fetch it once with `hf download {repo} "
+                        f"{filename}` (or give a local file)")
+    return cached

@@ -108,11 +108,12 @@ class ModelSpec:
     def unet_config(self) -> dict:
         return read_json(self.config_dir, "unet/config.json")
 
-    def new_scheduler(self, kind: str):
+    def new_scheduler(self, kind: str, timestep_spacing: str | None = None, karras_sigmas: bool = False):
         """A fresh scheduler of the chosen kind, configured from the model's own scheduler config."""
         from ..method.schedulers import make_scheduler
 
-        scheduler = make_scheduler(kind, self.scheduler_config)
+        scheduler = make_scheduler(kind, self.scheduler_config, timestep_spacing=timestep_spacing,
+                                   karras_sigmas=karras_sigmas)
         if scheduler.config.prediction_type != "epsilon":
             raise UserError(f"--model {self.name}: prediction_type {scheduler.config.prediction_type!r} is not "
                             "supported; use an epsilon-prediction model (SDXL base, SD1.5)")

@@ -25,7 +25,8 @@ from ..pipeline import StageState
 from ..plan import Plan
 
 FILE_NAME = "checkpoint.pt"
-FIELDS = ("config_hash", "input_sha", "stage", "step", "latents", "stage_input")
+FIELDS = ("config_hash", "input_sha", "stage", "step", "latents", "scheduler_state", "stage_input")
+MAX_SOLVER_ORDER = 4  # a multistep scheduler's memory holds at most this many past predictions (DPM-Solver: 1-3)
 
 
 def image_sha(image: Image.Image) -> str:
@@ -55,11 +56,11 @@ class Checkpointer:
             state["stage_input"].save(buffer, format="PNG")
             self.stage_input = buffer.getvalue()
         elif state["step"] % self.every == 0 or state["step"] == state["num_steps"]:
-            self.write(state["stage"], state["step"], state["latents"])
+            self.write(state["stage"], state["step"], state["latents"], state["scheduler_state"])
 
-    def write(self, stage: int, step: int, latents: torch.Tensor) -> None:
+    def write(self, stage: int, step: int, latents: torch.Tensor, scheduler_state: dict | None = None) -> None:
         payload = {"config_hash": self.config_hash, "input_sha": self.input_sha, "stage": stage, "step": step,
-                   "latents": latents.clone(), "stage_input": self.stage_input}
+                   "latents": latents.clone(), "scheduler_state": scheduler_state, "stage_input": self.stage_input}
         with atomic_file(self.path) as handle:  # a kill mid-write keeps the previous checkpoint
             torch.save(payload, handle)
 
@@ -80,9 +81,10 @@ class Checkpointer:
             raise UserError(f"checkpoint {self.path} belongs to another input image; use another --checkpoint-dir")
         stage, step = self._position(payload["stage"], payload["step"])
         latents = self._latents(payload["latents"], stage)
+        scheduler_state = self._scheduler_state(payload["scheduler_state"], latents.shape)
         image = self._stage_input(payload["stage_input"], stage)
         self.stage_input = payload["stage_input"]
-        return StageState(stage, step, latents), {stage: image}
+        return StageState(stage, step, latents, scheduler_state), {stage: image}
 
     # -- the checks of load(), one per field ---------------------------------------------------------------------
     def _bad(self, problem: str) -> UserError:
@@ -110,6 +112,22 @@ class Checkpointer:
         if not torch.isfinite(latents).all():
             raise self._bad("holds non-finite latents (NaN or inf)")
         return latents
+
+    def _scheduler_state(self, state, shape: torch.Size) -> dict | None:
+        """None, or a multistep scheduler's memory: past predictions (None or finite latents of the stage's shape)
+        and a count of lower-order steps taken."""
+        if state is None:
+            return None
+        if not isinstance(state, dict) or not set(state) <= {"model_outputs", "lower_order_nums"}:
+            raise self._bad(f"holds a scheduler state of type {type(state).__name__} or unknown keys")
+        outputs, count = state.get("model_outputs", []), state.get("lower_order_nums", 0)
+        if not isinstance(outputs, list) or len(outputs) > MAX_SOLVER_ORDER or any(
+                o is not None and not (isinstance(o, torch.Tensor) and o.shape == shape and o.is_floating_point()
+                                       and bool(torch.isfinite(o).all())) for o in outputs):
+            raise self._bad(f"holds scheduler predictions that are not finite latents of shape {tuple(shape)}")
+        if type(count) is not int or not 0 <= count <= MAX_SOLVER_ORDER:
+            raise self._bad(f"holds lower_order_nums={count!r:.20} (expected 0..{MAX_SOLVER_ORDER})")
+        return state
 
     def _stage_input(self, data, stage: int) -> Image.Image:
         """The PNG the stage started from, decoded under the bomb guard at exactly the size the plan expects."""

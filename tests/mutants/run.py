@@ -51,12 +51,12 @@ MASKS = "test_masks_and_lambda_reach_cross_attention_only"
 GATE = "tests/test_quality_gate.py::"  # issue 10: what only the picture shows (a pointwise denoiser cannot tell)
 
 MUTATIONS = [
-    Mutation("ddim-alpha-sigma-one-step-off", "cupscale_dist/method/prior.py",
+    Mutation("ddim-alpha-sigma-one-step-off", "cupscale_dist/method/schedulers.py",
              "alpha_bar = float(scheduler.alphas_cumprod[int(scheduler.timesteps[step_index])])",
              "alpha_bar = float(scheduler.alphas_cumprod[int(scheduler.timesteps[min(step_index + 1, "
              "len(scheduler.timesteps) - 1)])])",
              fidelity(f"{X0}[ddim-J1-full]", f"{X0}[ddim-J2-partial]", f"{ZT}[ddim-J1-partial]")),
-    Mutation("euler-sigma-one-step-off", "cupscale_dist/method/prior.py",
+    Mutation("euler-sigma-one-step-off", "cupscale_dist/method/schedulers.py",
              "return 1.0, float(scheduler.sigmas[step_index])", "return 1.0, float(scheduler.sigmas[step_index + 1])",
              fidelity(f"{X0}[euler-J1-full]", f"{ZT}[euler-J2-partial]")),
     Mutation("x0-formula-sign", "cupscale_dist/method/prior.py",
@@ -64,7 +64,8 @@ MUTATIONS = [
              "x0 = (z_t + sigma * eps) / alpha\n        return eps",
              fidelity(f"{X0}[euler-J1-partial]", f"{X0}[ddim-J2-partial]")),
     Mutation("ddim-clips-x0", "cupscale_dist/method/schedulers.py",
-             "options = {**DDIM_DEFAULTS, **options}", "options = dict(options)",
+             "options = {**adapter.defaults, **given_options(scheduler_config)}",
+             "options = given_options(scheduler_config)",
              fidelity("test_ddim_from_the_test_models_scheduler_config_keeps_the_prior", f"{X0}[ddim-J1-full]")),
     Mutation("zt-injection-no-op", "cupscale_dist/method/step.py",
              "latents = inject_global_prior_zt(latents,", "inject_global_prior_zt(latents,",
@@ -120,8 +121,8 @@ MUTATIONS = [
              "bias = torch.cat([bias, torch.zeros_like(bias)])", "bias = torch.cat([bias, bias])",
              fidelity(f"{MASKS}[lambda+masks]")),
     Mutation("mask-screens-cfg-unconditional", "cupscale_dist/method/step.py",
-             "token_allowed = torch.cat([torch.ones(count, tokens, dtype=torch.bool), cond])",
-             "token_allowed = torch.cat([cond, cond])",
+             "token_allowed = torch.cat([torch.ones(count, tokens, dtype=torch.bool), token_allowed])",
+             "token_allowed = torch.cat([token_allowed, token_allowed])",
              fidelity(f"{MASKS}[masks]")),
     # Views that are summed, not averaged (the per-pixel count ignored). A subtler "last view wins" (no blending)
     # was tried and survives: at the demo's strength 0.3 the overlapping views agree too closely for any gate.

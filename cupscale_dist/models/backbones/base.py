@@ -58,35 +58,41 @@ class UNetBackbone:
         raise NotImplementedError
 
     # -- step 9a -----------------------------------------------------------------------------------------------
-    def added_conditioning(self, context: StageContext, prompt_ids: torch.Tensor, rects: np.ndarray) -> dict | None:
-        """The UNet's ``added_cond_kwargs`` for a CFG batch [uncond views; cond views]; None when it takes none."""
+    def added_conditioning(self, context: StageContext, prompt_ids: torch.Tensor, rects: np.ndarray,
+                           cfg: bool = True) -> dict | None:
+        """The UNet's ``added_cond_kwargs`` for a CFG batch [uncond views; cond views] (``cfg``) or the cond views
+        alone; None when it takes none."""
         return None
 
     @staticmethod
-    def encoder_states(context: StageContext, prompt_ids: torch.Tensor) -> torch.Tensor:
+    def encoder_states(context: StageContext, prompt_ids: torch.Tensor, cfg: bool = True) -> torch.Tensor:
         """Cross-attention states of a CFG batch: uncond rows [negative; negative], cond rows [global; regional]
-        (the composer of :mod:`cupscale_dist.method.attention` splits them again)."""
+        (the composer of :mod:`cupscale_dist.method.attention` splits them again); the cond rows alone without
+        ``cfg``."""
         count = len(prompt_ids)
-        uncond = torch.cat([context.negative_embeds, context.negative_embeds], dim=1).expand(count, -1, -1)
         cond = torch.cat([context.global_embeds.expand(count, -1, -1), context.regional_embeds[prompt_ids]], dim=1)
+        if not cfg:
+            return cond
+        uncond = torch.cat([context.negative_embeds, context.negative_embeds], dim=1).expand(count, -1, -1)
         return torch.cat([uncond, cond])
 
     def denoise(self, latents: torch.Tensor, timestep, context: StageContext, view_ids: np.ndarray,
                 rects: np.ndarray, regional: RegionalAttention, control: torch.Tensor | None = None) -> torch.Tensor:
-        """The noise prediction of a CFG batch (2B, C, h, w) of scaled view latents, both halves in one call.
+        """The noise prediction of a CFG batch (2B, C, h, w) of scaled view latents, both halves in one call (or of
+        the B conditional rows alone when ``regional.cfg`` is False).
 
         ``control`` (B, 3, H, W) in [0, 1]: each view's crop of the stage input for the ControlNet, whose residuals
         (times ``context.controlnet_scale``) join the UNet's skip connections.
         """
         device, dtype = self.device, self.dtype
         prompt_ids = torch.from_numpy(context.view_prompt[view_ids]).to(context.regional_embeds.device)
-        states = self.encoder_states(context, prompt_ids).to(device, dtype)
-        added = self.added_conditioning(context, prompt_ids, rects)
+        states = self.encoder_states(context, prompt_ids, regional.cfg).to(device, dtype)
+        added = self.added_conditioning(context, prompt_ids, rects, regional.cfg)
         residuals = {}
         if self.controlnet is not None:  # both CFG halves see the view's crop, as diffusers' ControlNet pipelines do
             image = control.to(device, dtype)
             down, mid = self.controlnet(latents, timestep, encoder_hidden_states=states,
-                                        controlnet_cond=torch.cat([image, image]),
+                                        controlnet_cond=torch.cat([image, image]) if regional.cfg else image,
                                         conditioning_scale=context.controlnet_scale, added_cond_kwargs=added,
                                         cross_attention_kwargs={"regional": regional}, return_dict=False)
             residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}

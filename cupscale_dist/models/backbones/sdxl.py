@@ -47,11 +47,14 @@ class SDXL(UNetBackbone):
                                                        do_classifier_free_guidance=False)
         return embeds.float().cpu().numpy(), pooled.float().cpu().numpy()
 
-    def added_conditioning(self, context: StageContext, prompt_ids: torch.Tensor, rects: np.ndarray) -> dict:
+    def added_conditioning(self, context: StageContext, prompt_ids: torch.Tensor, rects: np.ndarray,
+                           cfg: bool = True) -> dict:
         count, device, dtype = len(prompt_ids), self.device, self.dtype
         pooled = (context.global_pooled.expand(count, -1) if context.pooled_prompt == "global"
                   else context.regional_pooled[prompt_ids])
         time_ids = micro_conditioning(context, rects).to(device)
+        if not cfg:
+            return {"text_embeds": pooled.to(device, dtype), "time_ids": time_ids.to(device, dtype)}
         return {"text_embeds": torch.cat([context.negative_pooled.expand(count, -1), pooled]).to(device, dtype),
                 "time_ids": torch.cat([time_ids, time_ids]).to(device, dtype)}
 

@@ -1,0 +1,122 @@
+"""How a worker holds its weights (issue 20): in full, stored in fp8, or offloaded block by block, and compiled.
+
+Thin wrappers over what diffusers provides: layerwise casting (``apply_layerwise_casting``: weights stored as
+float8_e4m3fn, each layer cast to the compute dtype for its forward; the layers diffusers skips — norms,
+embeddings — stay as they are), group offloading (``apply_group_offloading``: blocks live in CPU memory and move
+to the GPU for their forward, on a CUDA stream so the copy overlaps compute) and regional compilation
+(``compile_repeated_blocks``: the UNet's transformer blocks compiled once, reused by every block).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import struct
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+
+log = logging.getLogger(__name__)
+
+FP8 = torch.float8_e4m3fn  # the storage type diffusers' layerwise casting and fp8 checkpoints use
+# Text-encoder layers kept in their dtype under fp8: embeddings (a lookup, not a matmul) and norms, as diffusers
+# skips them in its own models.
+TEXT_ENCODER_SKIP = ("embed", "norm")
+
+
+def check_weights_mode(mode: str, device: torch.device) -> None:
+    """One line before any weights load: group offloading moves blocks between CPU memory and a GPU."""
+    if mode == "offload" and device.type != "cuda":
+        raise UserError(f"weights=offload moves the model's blocks between CPU memory and a GPU; this worker runs on "
+                        f"{device.type}: use weights=full or weights=fp8 (fp8 also runs on CPU)")
+
+
+def check_compile(device: torch.device) -> None:
+    """One line before any weights load: inductor needs a C++ compiler on CPU and Triton on a GPU."""
+    import importlib.util
+    import shutil
+
+    if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        raise UserError("compile=true on CPU needs a C++ compiler (torch's inductor builds kernels with it); "
+                        "install g++ or set compile=false")
+    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        raise UserError("compile=true on a GPU needs Triton (torch's inductor); install it or set compile=false")
+
+
+def apply_weights_mode(pipe, controlnet, mode: str, compute_dtype: torch.dtype, device: torch.device) -> None:
+    """Put a loaded pipeline's (and ControlNet's) weights in ``mode``; 'full' leaves them as loaded."""
+    if mode == "full":
+        return
+    denoisers = [m for m in (pipe.unet, controlnet) if m is not None]
+    encoders = [getattr(pipe, name) for name in ("text_encoder", "text_encoder_2") if getattr(pipe, name, None)]
+    if mode == "fp8":
+        from diffusers.hooks import apply_layerwise_casting
+
+        for module in denoisers:
+            module.enable_layerwise_casting(storage_dtype=FP8, compute_dtype=compute_dtype)
+        for module in encoders:
+            apply_layerwise_casting(module, FP8, compute_dtype, skip_modules_pattern=TEXT_ENCODER_SKIP)
+        log.info("weights stored as %s, computed in %s", FP8, compute_dtype)
+        return
+    from diffusers.hooks import apply_group_offloading
+
+    for module in denoisers:  # block level: one down/mid/up block on the GPU at a time, the next one prefetched
+        module.to("cpu")
+        module.enable_group_offload(onload_device=device, offload_device="cpu", offload_type="block_level",
+                                    num_blocks_per_group=1, use_stream=True)
+    for module in encoders:  # run once per stage: leaf level, no stream needed
+        module.to("cpu")
+        apply_group_offloading(module, onload_device=device, offload_type="leaf_level")
+    log.info("weights offloaded to CPU memory, onloaded block by block onto %s", device)
+
+
+def compile_denoiser(unet) -> None:
+    """Regional compilation: each repeated transformer block is compiled once (seconds, not minutes), at its first
+    call; the worker's warm-up call happens before any progress bar starts."""
+    if not hasattr(torch, "compile"):
+        raise UserError("compile=true needs torch.compile (torch >= 2.0); set compile=false")
+    unet.compile_repeated_blocks(fullgraph=False, dynamic=False)
+
+
+# Parameters per component of SDXL base (published safetensors): what a plan assumes for a model whose files are
+# not on this machine yet (a hub id not fetched).
+SDXL_PARAMETERS = {"unet": 2_567_463_684, "text_encoder": 123_060_480, "text_encoder_2": 694_659_841,
+                   "vae": 83_653_863}
+# Group offloading keeps one UNet block group on the GPU (plus the next one prefetched on the stream): SDXL's largest
+# up block holds about a fifth of the UNet, so two of them bound what is resident; the VAE stays whole.
+OFFLOAD_RESIDENT_UNET = 0.4
+STORED_BYTES = {"float32": 4, "fp32": 4}  # else 2 (bf16/fp16: what 'auto' picks on a GPU)
+
+
+def component_parameters(model_dir) -> dict[str, int] | None:
+    """Parameter counts per component from the safetensors headers of a local diffusers directory (no weights read)."""
+    counts = {}
+    for name in SDXL_PARAMETERS:
+        files = sorted((Path(model_dir) / name).glob("*.safetensors"))
+        if not files:
+            return None
+        files = [f for f in files if ".fp16." not in f.name] or files  # one variant: the counts are the same
+        total = 0
+        with open(files[0], "rb") as handle:
+            size = struct.unpack("<Q", handle.read(8))[0]
+            header = json.loads(handle.read(min(size, 100_000_000)))
+        for key, tensor in header.items():
+            if key != "__metadata__":
+                total += math.prod(tensor["shape"])
+        counts[name] = total
+    return counts
+
+
+def weights_gb(parameters: dict[str, int], mode: str, dtype: str) -> float:
+    """GB of weights one worker holds on its device in ``mode`` (activations come on top, per view batch)."""
+    width = STORED_BYTES.get(dtype, 2)
+    denoiser = parameters["unet"] * (1 if mode == "fp8" else width)
+    if mode == "offload":
+        denoiser = parameters["unet"] * width * OFFLOAD_RESIDENT_UNET
+    encoders = (parameters["text_encoder"] + parameters["text_encoder_2"]) * (1 if mode == "fp8" else width)
+    if mode == "offload":
+        encoders = parameters["text_encoder_2"] * width / 8  # leaf level: one layer at a time (of ~32)
+    return round((denoiser + encoders + parameters["vae"] * width) / 1e9, 2)

@@ -1,0 +1,172 @@
+"""Cost per image (issue 20): one UNet pass per view when CFG is off, and the plan that counts it."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import small_config
+from test_fidelity import sdxl_context
+
+from cupscale_dist import upscale
+from cupscale_dist.method import step as step_module
+from cupscale_dist.method.step import predict_views
+from cupscale_dist.models.backbones.sdxl import SDXL
+from cupscale_dist.plan import make_plan
+
+RECTS = np.array([[0, 0, 16, 16], [0, 8, 16, 24]])
+
+
+def count_view_samples(unet) -> tuple[list[int], object]:
+    """Batch sizes of the UNet calls that predict views (the probe's pass carries no regional attention)."""
+    sizes = []
+
+    def hook(_module, args, kwargs):
+        if (kwargs.get("cross_attention_kwargs") or {}).get("regional") is not None:
+            sizes.append((args[0] if args else kwargs["sample"]).shape[0])
+
+    return sizes, unet.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_guidance_one_runs_half_the_unet_samples_of_cfg(sdxl_model, photo):
+    """A whole upscale at guidance 1 feeds the UNet exactly half the view samples of the same run with CFG."""
+    counts = {}
+    for guidance in (3.0, 1.0):
+        sizes, handle = count_view_samples(sdxl_model.unet)
+        try:
+            upscale(photo, small_config(sdxl_model.name, steps=2, guidance_scale=guidance), model=sdxl_model,
+                    progress=False)
+        finally:
+            handle.remove()
+        counts[guidance] = sum(sizes)
+    assert counts[3.0] > 0 and counts[1.0] * 2 == counts[3.0]
+    plan = make_plan(photo.size, small_config(sdxl_model.name, steps=2, guidance_scale=1.0), (8, 4)).describe()
+    cfg_plan = make_plan(photo.size, small_config(sdxl_model.name, steps=2, guidance_scale=3.0), (8, 4)).describe()
+    assert plan["unet_evaluations"] * 2 == cfg_plan["unet_evaluations"]
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["plain", "masked"])
+def test_one_pass_equals_the_two_pass_formula_at_guidance_one(sdxl_model, monkeypatch, masked):
+    """The conditional pass alone == eps_u + 1 * (eps_c - eps_u) of the two-pass batch, masks and SDXL's added
+    conditioning included. In float64: in float32 the CPU kernels alone differ by ~1e-6 between batch sizes."""
+    backbone = SDXL(copy.deepcopy(sdxl_model.unet).double())
+    allowed = np.ones((2, 77), dtype=bool)
+    if masked:
+        allowed[:, 2:5] = False
+    context = sdxl_context(sdxl_model, (16, 24), 2, guidance_scale=1.0, lambda_global=0.5, token_allowed=allowed)
+    windows = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+    sizes, handle = count_view_samples(backbone.unet)
+    try:
+        one_pass = predict_views(backbone, windows, 500, 0.5, context, [0, 1], RECTS)
+        monkeypatch.setattr(step_module, "uses_cfg", lambda _guidance: True)  # the two-pass batch at g = 1
+        two_pass = predict_views(backbone, windows, 500, 0.5, context, [0, 1], RECTS)
+    finally:
+        handle.remove()
+    assert sizes == [2, 4]
+    assert two_pass.abs().max() > 0.1 and (one_pass - two_pass).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("size", [4, 8, 16])
+def test_fast_presets_run_a_quarter_and_lightning_a_tenth_of_the_default_evaluations(size):
+    """The plan (what --dry-run prints) of each few-step preset against the default preset of the same size."""
+    from cupscale_dist import UpscaleConfig
+
+    def evaluations(preset: str) -> int:
+        return make_plan((1024, 1024), UpscaleConfig.load(preset), (8, 4)).describe()["unet_evaluations"]
+
+    default = evaluations(f"sdxl-{size}k")
+    assert evaluations(f"sdxl-{size}k-fast") <= default / 4
+    assert evaluations(f"sdxl-{size}k-lightning") <= default / 10
+
+
+def test_a_preset_lora_on_the_hub_resolves_from_the_cache_or_says_how_to_fetch_it(tmp_path, monkeypatch):
+    from cupscale_dist import UserError
+    from cupscale_dist.models.addons import parse_lora
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    ref = "hf://owner/repo/sub/style.safetensors"
+    with pytest.raises(UserError, match="hf download owner/repo sub/style.safetensors"):
+        parse_lora(ref + ":0.5")
+    snapshot = tmp_path / "models--owner--repo" / "snapshots" / ("a" * 40)
+    (snapshot / "sub").mkdir(parents=True)
+    (snapshot / "sub" / "style.safetensors").write_bytes(b"x")
+    (tmp_path / "models--owner--repo" / "refs").mkdir()
+    (tmp_path / "models--owner--repo" / "refs" / "main").write_text("a" * 40)
+    lora = parse_lora(ref + ":0.5")
+    assert lora.scale == 0.5 and lora.path == str((snapshot / "sub" / "style.safetensors").resolve())
+    with pytest.raises(UserError, match="not hf://OWNER/REPO/FILE"):
+        parse_lora("hf://owner/repo")
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def test_fp8_weights_are_stored_in_fp8_and_keep_the_picture(sdxl_dir, sdxl_model, photo):
+    """weights=fp8: the UNet's and text encoders' matmul weights are float8 in memory (not a no-op), computed in
+    float32 on CPU; the picture stays close to the full-precision one."""
+    from cupscale_dist.execution.worker import ModelWorker
+    from cupscale_dist.models.weights import FP8
+
+    config = small_config(sdxl_dir, steps=3, weights="fp8")
+    worker = ModelWorker.for_config(config)
+    linear = worker.pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn2.to_q.weight
+    encoder = worker.pipe.text_encoder_2.text_model.encoder.layers[0].mlp.fc1.weight
+    assert linear.dtype == FP8 and encoder.dtype == FP8
+    assert worker.pipe.text_encoder_2.text_model.embeddings.token_embedding.weight.dtype == torch.float32
+    fp8 = np.asarray(upscale(photo, config, model=worker, progress=False))
+    full = np.asarray(upscale(photo, config.replace(weights="full"), model=sdxl_model, progress=False))
+    assert not np.array_equal(fp8, full) and psnr(fp8, full) >= 25
+
+
+def test_offload_without_a_gpu_is_one_line_before_any_weights_load(sdxl_dir, monkeypatch):
+    from cupscale_dist import UpscaleConfig, UserError
+    from cupscale_dist.execution.worker import ModelWorker
+
+    with pytest.raises(UserError, match="weights=offload .* device=cpu has none"):
+        UpscaleConfig(model=sdxl_dir, device="cpu", weights="offload")
+    monkeypatch.setattr("cupscale_dist.execution.worker.load_pipeline",
+                        lambda *a, **k: pytest.fail("weights loaded before the check"))
+    with pytest.raises(UserError, match="weights=offload .* this worker runs on cpu"):
+        ModelWorker(sdxl_dir, device="auto", dtype="float32", weights="offload")
+
+
+def test_compile_without_a_compiler_is_one_line_before_any_weights_load(sdxl_dir, monkeypatch):
+    from cupscale_dist import UserError
+    from cupscale_dist.execution.worker import ModelWorker
+
+    monkeypatch.setattr("shutil.which", lambda _name: None)
+    monkeypatch.setattr("cupscale_dist.execution.worker.load_pipeline",
+                        lambda *a, **k: pytest.fail("weights loaded before the check"))
+    with pytest.raises(UserError, match="compile=true on CPU needs a C.. compiler"):
+        ModelWorker(sdxl_dir, device="cpu", dtype="float32", compile=True)
+
+
+def test_a_worker_loaded_in_one_weights_mode_refuses_a_run_in_another(sdxl_model, photo):
+    from cupscale_dist import UserError
+
+    with pytest.raises(UserError, match="add-ons"):
+        upscale(photo, small_config(sdxl_model.name, weights="fp8"), model=sdxl_model, progress=False)
+
+
+def test_a_compiled_unet_gives_the_eager_latents_within_1e_3(sdxl_model):
+    """compile=true (regional compilation of the UNet's transformer blocks, inductor on CPU): a step's predictions,
+    hence its latent, within 1e-3 of eager; the blocks are compiled for real."""
+    from cupscale_dist.models.weights import compile_denoiser
+
+    backbone = SDXL(copy.deepcopy(sdxl_model.unet))
+    compile_denoiser(backbone.unet)
+    compiled = [m for m in backbone.unet.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    assert compiled and all(type(m).__name__ == "BasicTransformerBlock" for m in compiled)
+    context = sdxl_context(sdxl_model, (16, 24), 2, guidance_scale=3.0, lambda_global=0.5)
+    windows = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+    eager = predict_views(sdxl_model.backbone, windows, 500, 0.5, context, [0, 1], RECTS)
+    ours = predict_views(backbone, windows, 500, 0.5, context, [0, 1], RECTS)
+    assert (ours - eager).abs().max() <= 1e-3
