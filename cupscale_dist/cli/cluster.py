@@ -23,7 +23,7 @@ Token auth: the token comes from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/a
 
 
 SERVE_EXAMPLES = """examples:
-  cupscale serve --config cpu-demo                 # http://127.0.0.1:8000/docs; results in ~/.local/state/cupscale/serve
+  cupscale serve --config cpu-demo            # http://127.0.0.1:8000/docs; results in ~/.local/state/cupscale/serve
   cupscale serve --results /tmp/cupscale-jobs --config cpu-demo --retention-days 1
   curl -s --data-binary @in.png 'http://127.0.0.1:8000/v1/upscale?scale=2&prompt=a+harbour'   # -> {"id": ...}
   curl -s http://127.0.0.1:8000/v1/jobs/ID; curl -so out.png http://127.0.0.1:8000/v1/jobs/ID/result
@@ -120,7 +120,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         results.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UserError(f"--results {results}: can't create it ({exc.strerror or exc}); choose another folder") from None
+        raise UserError(f"--results {results}: can't create it ({exc.strerror or exc}); choose another "
+                        "folder") from None
     JobStore(results).check_free()  # a second service on this folder: refused now, naming the lock's holder
     cluster = ClusterOptions(args.actors, args.address, args.gpus_per_actor, args.cpus_per_actor, args.start_timeout)
     url = f"http://{args.host}:{args.port}"

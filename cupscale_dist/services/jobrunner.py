@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from ..config import UpscaleConfig
 from ..errors import UserError
 from ..files.imageio import load_input
-from .jobstore import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobStore, now
+from .jobstore import CANCELLED, FAILED, INTERRUPTED, QUEUED, RUNNING, SUCCEEDED, JobStore, now
 from ..plan import check_inputs
 from ..execution.executor import open_executor
 from ..execution.raycluster import ClusterOptions, root_cause
@@ -40,6 +40,10 @@ SWEEP_EVERY_S = 600.0  # expiring old jobs lists the records folder: every 10 mi
 
 class JobCancelled(Exception):
     """Raised from the step callback when the job's cancel was requested."""
+
+
+class JobInterrupted(Exception):
+    """Raised from the step callback when the service is stopping (:meth:`JobRunner.close`)."""
 
 
 class QueueFull(Exception):
@@ -160,8 +164,10 @@ class JobRunner:
             self.store.update(job_id, progress={"stage": 1, "stages": stages, "step": 0, "steps": steps})
 
             def on_step(info: dict) -> None:
-                if job_id in self.cancel_requested or self._stop.is_set():
+                if job_id in self.cancel_requested:
                     raise JobCancelled
+                if self._stop.is_set():
+                    raise JobInterrupted
                 self.store.update(job_id, progress={"stage": info["stage"] + 1, "stages": stages,
                                                     "step": info["step"], "steps": steps})
 
@@ -169,6 +175,8 @@ class JobRunner:
                         progress=False, executor=self.executor, callback=on_step, carried=carried, plan=plan)
         except JobCancelled:
             self.store.update(job_id, status=CANCELLED, finished=now(), error="cancelled while running")
+        except JobInterrupted:
+            self.store.update(job_id, status=FAILED, finished=now(), error=INTERRUPTED.format("stopped", RUNNING))
         except UserError as exc:
             self.store.update(job_id, status=FAILED, finished=now(), error=str(exc))
         except Exception as exc:  # noqa: BLE001 - a job's failure is its record's error, one line

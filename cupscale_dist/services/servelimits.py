@@ -27,11 +27,9 @@ DECODES_AT_ONCE = 2
 # if higher, is allowed too): knob -> (ceiling, why).
 REQUEST_CEILINGS: dict[str, tuple[int, str]] = {
     "view_batch_size": (8, "views per UNet call: activation memory grows with it; the tile rate saturates near 4"),
-    "tile": (128, "view size in latent px (SDXL's native 1024 px): attention memory grows with the square of a view's "
-                  "area"),
+    "tile": (128, "view size in latent px (SDXL's native 1024 px): attention memory grows with the square of its area"),
     "vae_tile": (1024, "VAE tile in image px (SDXL's VAE is trained at 1024): its memory grows with the tile's area"),
-    "upscale_model_tile": (512, "upscale-model tile in input px: RRDBNet at 4x keeps ~64 feature maps of 4x the tile, "
-                                "1 GiB at 512"),
+    "upscale_model_tile": (512, "upscale-model tile in input px: RRDBNet at 4x keeps ~64 maps of 4x the tile (1 GiB)"),
     "upscale_model_overlap": (64, "context px around an upscale-model tile, which grows it; RRDBNet needs ~10"),
     "caption_max_new_tokens": (128, "captioner tokens (its KV cache grows with them); CLIP reads only 75 of a caption"),
 }
@@ -78,7 +76,7 @@ def check_query_utf8(query: bytes) -> None:
 
 
 def read_token_file(path: str) -> str:
-    """The token file's text, read up to :data:`MAX_TOKEN_FILE_BYTES` (``/dev/zero`` is refused, not read to the end)."""
+    """The token file's text, read up to :data:`MAX_TOKEN_FILE_BYTES` (``/dev/zero`` is refused, not read on)."""
     try:
         with open(path, "rb") as handle:
             data = handle.read(MAX_TOKEN_FILE_BYTES + 1)
