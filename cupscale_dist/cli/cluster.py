@@ -23,11 +23,14 @@ Token auth: the token comes from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/a
 
 
 SERVE_EXAMPLES = """examples:
-  cupscale serve --results /tmp/cupscale-jobs --config cpu-demo          # http://127.0.0.1:8000/docs
+  cupscale serve --config cpu-demo            # http://127.0.0.1:8000/docs; results in ~/.local/state/cupscale/serve
+  cupscale serve --results /tmp/cupscale-jobs --config cpu-demo --retention-days 1
   curl -s --data-binary @in.png 'http://127.0.0.1:8000/v1/upscale?scale=2&prompt=a+harbour'   # -> {"id": ...}
   curl -s http://127.0.0.1:8000/v1/jobs/ID; curl -so out.png http://127.0.0.1:8000/v1/jobs/ID/result
   cupscale serve --host 0.0.0.0 --token-file ~/.cupscale-token --results /data/jobs --config sdxl-4k --actors 4
 Request knobs are the CLI's (`cupscale knobs`); model, device, dtype and limits are the service's (--config/--set).
+Knobs that lift memory bounds have per-request ceilings (docs/security.md); --set KNOB=VALUE raises that knob's.
+SIGTERM stops it as Ctrl-C does: running jobs are recorded as interrupted, Ray is shut down, exit 0.
 """
 
 
@@ -37,23 +40,67 @@ def add_serve_parser(sub) -> None:
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; any other needs "
                                                           "--token-file)")
     srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--results", required=True, metavar="DIR",
-                     help="job records and results (shared storage on a multi-node cluster); kept across restarts")
+    srv.add_argument("--results", metavar="DIR",
+                     help="job records and results (shared storage on a multi-node cluster); kept across restarts "
+                          "(default: $XDG_STATE_HOME/cupscale/serve, else ~/.local/state/cupscale/serve)")
     srv.add_argument("--queue", type=int, default=16, metavar="N", help="jobs that may wait; past it 429 (default 16)")
     srv.add_argument("--token-file", dest="token_file", metavar="FILE",
                      help="bearer token every /v1 request must send (required off loopback)")
     srv.add_argument("--max-request-mb", dest="max_request_mb", type=float, default=64.0, metavar="MB",
                      help="largest request body (default 64)")
+    srv.add_argument("--max-inflight-mb", dest="max_inflight_mb", type=float, metavar="MB",
+                     help="request bodies being received at once, all together; past it 429 before a body is read "
+                          "(default 4 x --max-request-mb)")
+    srv.add_argument("--retention-days", dest="retention_days", type=float, default=7.0, metavar="D",
+                     help="finished jobs (record and result) are deleted after D days (default 7; 0 = keep forever)")
     srv.add_argument("--dry-run", action="store_true", help="check the options and print the service's settings")
     add_run_options(srv)
     add_cluster_options(srv)
 
 
+def default_results() -> Path:
+    """Where `cupscale serve` keeps its jobs without ``--results``: the per-user state folder of the XDG Base
+    Directory spec ($XDG_STATE_HOME when it is an absolute path, else ~/.local/state)."""
+    state = os.environ.get("XDG_STATE_HOME", "")
+    return (Path(state) if os.path.isabs(state) else Path.home() / ".local" / "state") / "cupscale" / "serve"
+
+
+def stop_on_sigterm():
+    """SIGTERM (systemd, `docker stop`, process managers) takes Ctrl-C's path: KeyboardInterrupt in the main thread,
+    then Serve and Ray shut down in order. Installed after ``ray.init``, whose own handler (``sys.exit``, and for a
+    local head: kill its processes first) left Serve's shutdown talking to a dead cluster (SIGABRT, exit 134)."""
+    import signal
+
+    def on_term(_signum, _frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the stop is under way: a second TERM must not break it
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, on_term)  # the handler it replaced, put back when the service is down
+
+
+def interrupt_left_jobs(results: Path) -> None:
+    """After the replica is gone: the jobs it left queued or running are failed as interrupted now, not at the next
+    start (the replica does this itself when Serve lets it stop; this covers one that was killed)."""
+    from ..services.jobstore import JobStore
+
+    store = JobStore(results)
+    try:
+        store.claim(f" (cupscale serve pid {os.getpid()}, stopping)")
+    except UserError:
+        return  # the replica still holds it (it records its own jobs) or another service took the folder
+    try:
+        store.recover("stopped")
+    finally:
+        store.release()
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
     import time
 
     from ..execution.raycluster import ClusterOptions, connect
-    from ..services.serve import ServiceOptions, check_bind, read_token
+    from ..services.jobstore import JobStore
+    from ..services.serve import ServiceOptions, check_bind, read_token, retention_seconds
 
     token = read_token(args.token_file)
     check_bind(args.host, token)
@@ -63,22 +110,37 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UserError(f"--queue {args.queue}: use 1 or more")
     if not args.max_request_mb > 0:
         raise UserError(f"--max-request-mb {args.max_request_mb}: use a positive number")
+    if args.max_inflight_mb is not None and not args.max_inflight_mb > 0:
+        raise UserError(f"--max-inflight-mb {args.max_inflight_mb}: use a positive number")
+    retention_s = retention_seconds(args.retention_days)
     config = config_from_args(args)
-    results = Path(args.results).expanduser().resolve()
-    results.mkdir(parents=True, exist_ok=True)
+    results = Path(args.results).expanduser().resolve() if args.results else default_results()
+    if not args.results:
+        print(f"cupscale serve: no --results given; jobs and results are kept in {results}", file=sys.stderr)
+    try:
+        results.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--results {results}: can't create it ({exc.strerror or exc}); choose another "
+                        "folder") from None
+    JobStore(results).check_free()  # a second service on this folder: refused now, naming the lock's holder
     cluster = ClusterOptions(args.actors, args.address, args.gpus_per_actor, args.cpus_per_actor, args.start_timeout)
-    options = ServiceOptions(str(results), config, args.queue, token, int(args.max_request_mb * 2**20), cluster)
     url = f"http://{args.host}:{args.port}"
+    options = ServiceOptions(str(results), config, args.queue, token, int(args.max_request_mb * 2**20), cluster,
+                             max_inflight_bytes=int(args.max_inflight_mb * 2**20) if args.max_inflight_mb else None,
+                             retention_s=retention_s, torch_threads=cli_torch_threads(config),
+                             owner=f" (the replica of cupscale serve pid {os.getpid()} at {url})")
     if args.dry_run:
         print(json.dumps({"url": url, "results": str(results), "queue": args.queue, "token": bool(token),
-                          "model": config.model, "config_hash": config.config_hash()}, indent=2))
+                          "model": config.model, "config_hash": config.config_hash(),
+                          "max_inflight_bytes": options.inflight_limit, "retention_days": args.retention_days,
+                          "torch_threads": config.torch_threads or options.torch_threads}, indent=2))
         return 0
     from ..services import serve as service
 
     for key, value in service.SLOW_START_ENV.items():
         os.environ.setdefault(key, value)
     ray = connect(cluster)
-
+    previous = stop_on_sigterm()
     try:
         service.deploy(options, args.host, args.port)
         print(f"cupscale serve: {url} (API docs {url}/docs), results in {results}; Ctrl-C stops", flush=True)
@@ -92,6 +154,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         serve.shutdown()
         ray.shutdown()
+        interrupt_left_jobs(results)
+        signal.signal(signal.SIGTERM, previous)
+
+
+def cli_torch_threads(config) -> int | None:
+    """The torch CPU threads `cupscale upscale` would run with here (this process's default), for the replica, which
+    Ray starts with OMP_NUM_THREADS=1: the same knobs then give the CLI's bytes. None when the config pins them."""
+    if config.torch_threads:
+        return None
+    import torch
+
+    return torch.get_num_threads()
 
 
 def add_jobs_parsers(sub) -> None:

@@ -5,7 +5,7 @@ Usage:
     cupscale batch --input DIR|GLOB|FILE.parquet --output DIR [--workers N] [--tile-parallel] [options]
     cupscale submit [--address URL] [--wait] -- upscale|batch ARGS...     run it as a Ray Job on a cluster
     cupscale jobs list|status ID|logs ID|stop ID [--address URL]
-    cupscale serve [--host 127.0.0.1] [--port 8000] --results DIR [--queue N] [--token-file FILE] [options]
+    cupscale serve [--host 127.0.0.1] [--port 8000] [--results DIR] [--queue N] [--token-file FILE] [options]
     cupscale knobs                      list every config knob with its default and reason
     cupscale presets                    list the bundled presets
 

@@ -1,7 +1,7 @@
 """One owner per folder: an ``flock`` on a lock file in it, which the kernel releases when the holder exits or dies
 (no stale lock after a kill). The file names its holder, so a refused second owner is told who has the folder.
 Used by a batch's output folder (:class:`cupscale_dist.services.batch.manifest.OutputLock`) and the service's results folder
-(:meth:`cupscale_dist.services.jobstore.JobStore.claim`)."""
+(:meth:`cupscale_dist.services.jobstore.JobStore.claim`, probed by `cupscale serve` before it starts Ray)."""
 
 from __future__ import annotations
 
@@ -22,9 +22,28 @@ def hold_lock_file(path: Path, owner: str, refusal: str, note: str = "") -> int:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.read(fd, 512).decode(errors="replace").strip() or f"{owner} that is just starting"
+        holder = read_holder(fd, owner)
         os.close(fd)
         raise UserError(refusal.format(holder=holder)) from None
     os.ftruncate(fd, 0)
     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}{note}\n".encode())
     return fd
+
+
+def probe_lock_file(path: Path, owner: str, refusal: str) -> None:
+    """Refuse at once (``refusal`` with ``{holder}``) when another owner holds ``path``; a free lock is left free,
+    for the real owner to take later with :func:`hold_lock_file` (a command checks before it starts its workers)."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise UserError(refusal.format(holder=read_holder(fd, owner))) from None
+    finally:
+        os.close(fd)  # closing drops the probe's own lock
+
+
+def read_holder(fd: int, owner: str) -> str:
+    """The holder's line in the lock file (its first 512 bytes, as one line: it goes into a one-line error)."""
+    return " ".join(os.pread(fd, 512, 0).decode(errors="replace").split()) or f"{owner} that is just starting"

@@ -7,7 +7,9 @@ more actors per job, not more jobs at once.
 
 Progress and cancellation go through ``upscale``'s per-step callback: it writes ``{stage, stages, step, steps}`` to
 the job's record and raises :class:`JobCancelled` at the first step after a cancel request (a queued job is
-cancelled at once and never starts).
+cancelled at once and never starts). Between jobs the thread expires finished jobs past the retention
+(:meth:`JobStore.expire`); :meth:`JobRunner.close` (the service stopping) fails what was queued or running as
+"interrupted: the service stopped", and the running job stops at its next step.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 from ..config import UpscaleConfig
 from ..errors import UserError
 from ..files.imageio import load_input
-from .jobstore import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobStore, now
+from .jobstore import CANCELLED, FAILED, INTERRUPTED, QUEUED, RUNNING, SUCCEEDED, JobStore, now
 from ..plan import check_inputs
 from ..execution.executor import open_executor
 from ..execution.raycluster import ClusterOptions, root_cause
@@ -33,10 +35,15 @@ log = logging.getLogger(__name__)
 RETRY_AFTER_DEFAULT_S = 5  # Retry-After for a full queue before any job has finished (no duration measured yet)
 RETRY_AFTER_MAX_S = 600
 RECENT_JOBS = 20  # Retry-After is the mean duration of this many last jobs: recent load, not the service's history
+SWEEP_EVERY_S = 600.0  # expiring old jobs lists the records folder: every 10 minutes keeps that cheap and timely
 
 
 class JobCancelled(Exception):
     """Raised from the step callback when the job's cancel was requested."""
+
+
+class JobInterrupted(Exception):
+    """Raised from the step callback when the service is stopping (:meth:`JobRunner.close`)."""
 
 
 class QueueFull(Exception):
@@ -51,6 +58,7 @@ class QueueFull(Exception):
 class RunnerOptions:
     queue_size: int = 16  # jobs waiting (the running one not counted); past it a submit gets 429
     cluster: ClusterOptions | None = None  # where the workers live; actors=0: in this process
+    retention_s: float | None = None  # finished jobs (record and result) expire after this; None = kept forever
 
 
 class JobRunner:
@@ -62,6 +70,8 @@ class JobRunner:
         self.queue: queue.Queue[str] = queue.Queue(maxsize=options.queue_size)  # job ids waiting to run
         self.cancel_requested: set[str] = set()  # ids whose DELETE came while they were queued or running
         self.durations: deque[float] = deque(maxlen=RECENT_JOBS)  # seconds of the last finished jobs (Retry-After)
+        self.retention_s = options.retention_s  # age at which a finished job expires (None: never)
+        self.next_sweep = time.monotonic()  # when the thread next expires old jobs (the first sweep at once)
         # loaded once for every job: in process (actors=0) or one pool of model-worker actors
         self.executor = open_executor(config, options.cluster or ClusterOptions(), keep=True)
         self._stop = threading.Event()
@@ -70,11 +80,12 @@ class JobRunner:
 
     # -- called by the HTTP handlers -------------------------------------------------------------------------
     def submit(self, job_id: str) -> None:
-        """Queue a created job; :class:`QueueFull` (and the job failed, never run) when there is no room."""
+        """Queue a created job; :class:`QueueFull` when there is no room, and the job is removed (a refused submit
+        leaves no record: the client was told 429 and submits again)."""
         try:
             self.queue.put_nowait(job_id)
         except queue.Full:
-            self.store.update(job_id, status=FAILED, finished=now(), error="the queue was full; submit it again")
+            self.store.discard(job_id)
             raise QueueFull(self.retry_after()) from None
 
     def has_room(self) -> bool:
@@ -99,15 +110,35 @@ class JobRunner:
         return int(min(RETRY_AFTER_MAX_S, max(1, math.ceil(mean))))
 
     def close(self) -> None:
+        """Stop: queued and running jobs are failed as interrupted, the running one stops at its next step."""
         self._stop.set()
+        interrupted = self.store.recover("stopped")
+        if interrupted:
+            log.warning("%d job(s) were interrupted by the service stopping", len(interrupted))
         self.queue.put(None) if not self.queue.full() else None  # wake the thread if it waits
         self.thread.join(timeout=5)
         self.executor.release()
 
+    def sweep(self) -> None:
+        """Expire finished jobs past the retention (record and result)."""
+        self.next_sweep = time.monotonic() + SWEEP_EVERY_S
+        if self.retention_s is not None:
+            gone = self.store.expire(self.retention_s)
+            if gone:
+                log.info("%d finished job(s) older than %.0f s expired", gone, self.retention_s)
+
     # -- the thread ------------------------------------------------------------------------------------------
     def _loop(self) -> None:
         while not self._stop.is_set():
-            job_id = self.queue.get()
+            try:
+                job_id = self.queue.get(timeout=max(0.0, self.next_sweep - time.monotonic()))
+            except queue.Empty:
+                job_id = None
+            if time.monotonic() >= self.next_sweep:
+                try:
+                    self.sweep()
+                except OSError:  # a folder hiccup must not end the thread; the next sweep retries
+                    log.exception("expiring old jobs")
             if job_id is None:
                 continue
             if job_id in self.cancel_requested:  # cancelled while it waited: its record says so already
@@ -135,6 +166,8 @@ class JobRunner:
             def on_step(info: dict) -> None:
                 if job_id in self.cancel_requested:
                     raise JobCancelled
+                if self._stop.is_set():
+                    raise JobInterrupted
                 self.store.update(job_id, progress={"stage": info["stage"] + 1, "stages": stages,
                                                     "step": info["step"], "steps": steps})
 
@@ -142,6 +175,8 @@ class JobRunner:
                         progress=False, executor=self.executor, callback=on_step, carried=carried, plan=plan)
         except JobCancelled:
             self.store.update(job_id, status=CANCELLED, finished=now(), error="cancelled while running")
+        except JobInterrupted:
+            self.store.update(job_id, status=FAILED, finished=now(), error=INTERRUPTED.format("stopped", RUNNING))
         except UserError as exc:
             self.store.update(job_id, status=FAILED, finished=now(), error=str(exc))
         except Exception as exc:  # noqa: BLE001 - a job's failure is its record's error, one line

@@ -4,7 +4,8 @@ Layout of ``DIR``: ``jobs/ID.json`` (the record, replaced atomically on every ch
 bytes, deleted when the job ends), ``results/ID.png`` (written by :func:`cupscale_dist.files.imageio.write_image` with the
 run's parameters in its text chunks, like every `cupscale upscale` output). Nothing lives only in memory: a replica
 that restarts finds every finished result, and :meth:`JobStore.recover` marks what was queued or running when the
-old one died as failed ("interrupted"), never lost.
+old one died as failed ("interrupted"), never lost. Finished jobs expire after the service's retention
+(:meth:`JobStore.expire`: the record and its result go together); a job refused for a full queue leaves nothing.
 
 One service owns a results folder at a time (``flock`` on ``DIR/.cupscale-serve.lock``, dropped by the kernel when
 the replica's process ends): two replicas on one folder would each recover the other's running jobs as failed.
@@ -21,13 +22,13 @@ import uuid
 from pathlib import Path
 
 from ..files.atomic import write_atomic
-from ..files.folderlock import hold_lock_file
+from ..files.folderlock import hold_lock_file, probe_lock_file
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 FINAL = (SUCCEEDED, FAILED, CANCELLED)
 LOCK_NAME = ".cupscale-serve.lock"
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")  # uuid4 hex: ids from URLs never reach the filesystem unchecked
-INTERRUPTED = "interrupted: the service restarted while the job was {}; submit it again"
+INTERRUPTED = "interrupted: the service {} while the job was {}; submit it again"
 
 
 def now() -> float:
@@ -45,10 +46,23 @@ class JobStore:
         self._fd: int | None = None  # the folder lock, held for the store's life
 
     # -- ownership -------------------------------------------------------------------------------------------
-    def claim(self) -> None:
-        """Hold ``DIR/.cupscale-serve.lock``; a second service on the same folder is refused with its holder."""
-        self._fd = hold_lock_file(self.root / LOCK_NAME, "a service", f"--results {self.root} is in use by another "
-                                  "service ({holder}); stop it or choose another --results folder")
+    def claim(self, note: str = "") -> None:
+        """Hold ``DIR/.cupscale-serve.lock``; a second service on the same folder is refused with its holder.
+        ``note`` follows the holder's pid and host in the lock file (`cupscale serve` adds its own pid and URL)."""
+        self._fd = hold_lock_file(self.lock_path, "a service", self.refusal(), note)
+
+    @property
+    def lock_path(self) -> Path:
+        return self.root / LOCK_NAME
+
+    def refusal(self) -> str:
+        return (f"--results {self.root} is in use by another service (its lock {self.lock_path} is held by "
+                "{holder}); stop that service or choose another --results folder")
+
+    def check_free(self) -> None:
+        """Refuse at once, naming the lock's holder, when another service holds the folder (before Ray starts);
+        the replica claims it for real."""
+        probe_lock_file(self.lock_path, "a service", self.refusal())
 
     def release(self) -> None:
         if self._fd is not None:
@@ -97,6 +111,36 @@ class JobStore:
             self.input_path(job_id).unlink(missing_ok=True)
         return record
 
+    def discard(self, job_id: str) -> None:
+        """Remove a job that was created but never queued (its submit was refused): no record, no input."""
+        with self._lock:
+            self.record_path(job_id).unlink(missing_ok=True)
+        self.input_path(job_id).unlink(missing_ok=True)
+
+    def expire(self, max_age_s: float, at: float | None = None) -> int:
+        """Remove finished jobs older than ``max_age_s`` (their result first, then the record, so a record never
+        points at a result that is gone by accident), and results with no record as old; returns how many jobs went."""
+        cutoff = (now() if at is None else at) - max_age_s
+        gone = 0
+        for record in self.records():
+            job_id = record.get("id")
+            if not isinstance(job_id, str) or not JOB_ID.match(job_id) or record.get("status") not in FINAL:
+                continue
+            finished = record.get("finished")
+            if isinstance(finished, (int, float)) and finished < cutoff:
+                self.result_path(job_id).unlink(missing_ok=True)
+                with self._lock:
+                    self.record_path(job_id).unlink(missing_ok=True)
+                gone += 1
+        for path in (self.root / "results").glob("*.png"):  # a result whose record went (or was never written)
+            if JOB_ID.match(path.stem) and not self.record_path(path.stem).exists():
+                try:
+                    if path.stat().st_mtime < cutoff:
+                        path.unlink()
+                except FileNotFoundError:
+                    pass
+        return gone
+
     def records(self) -> list[dict]:
         out = []
         for path in sorted((self.root / "jobs").glob("*.json")):
@@ -106,12 +150,14 @@ class JobStore:
                 continue  # a foreign file: never ours (ours are replaced atomically)
         return out
 
-    def recover(self) -> list[str]:
-        """At start: jobs the previous replica had queued or running are failed ('interrupted'); returns their ids."""
+    def recover(self, what: str = "restarted") -> list[str]:
+        """At start (``what`` = "restarted") or stop ("stopped"): jobs queued or running are failed ('interrupted');
+        returns their ids."""
         interrupted = []
         for record in self.records():
             if record.get("status") in (QUEUED, RUNNING):
-                self.update(record["id"], status=FAILED, finished=now(), error=INTERRUPTED.format(record["status"]))
+                self.update(record["id"], status=FAILED, finished=now(),
+                            error=INTERRUPTED.format(what, record["status"]))
                 interrupted.append(record["id"])
         for path in (self.root / "inputs").iterdir():  # uploads whose record was never written
             if not self.record_path(path.name).exists():

@@ -13,9 +13,12 @@ the service was given a token, which it must be to bind anything but the loopbac
 Request knobs have the CLI's names and checks (``--set KNOB=VALUE``: a query parameter is typed the same way);
 the knobs that pick the model, the device and the limits belong to the service (``cupscale serve --config ...
 --set ...``) and a request that names one is refused. ``source`` (not a knob) names the input in the result's
-metadata, as the CLI's input path does. Limits are enforced before decoding: the body's size (``Content-Length``
-and while reading), then the pixel count from the image header (``max_input_pixels``). Every refusal is a 4xx
-whose JSON body is ``{"error": "one line"}``; a full queue is 429 with ``Retry-After``.
+metadata, as the CLI's input path does. Limits are enforced before decoding: the query's text (valid UTF-8), the
+ceilings of knobs that lift memory bounds (:mod:`.servelimits`), the bytes of bodies in flight (a 429 before the body
+is read), the body's size (``Content-Length`` and while reading), then the pixel count from the image header
+(``max_input_pixels``). Every refusal is a 4xx whose JSON body is ``{"error": "one line"}`` (no server paths in it);
+a full queue or too many bytes in flight is 429 with ``Retry-After`` and leaves no job behind. Finished jobs expire
+after ``retention_s``.
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import threading
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -32,6 +35,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from ray import serve
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from .. import __version__
 from ..config import UpscaleConfig, parse_size, set_value
@@ -39,6 +43,8 @@ from ..errors import UserError
 from .jobrunner import JobRunner, QueueFull, RunnerOptions
 from .jobstore import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobStore
 from ..execution.raycluster import LOOPBACK_HOSTS, ClusterOptions
+from .servelimits import (DECODES_AT_ONCE, INFLIGHT_BODIES, INFLIGHT_RETRY_AFTER_S, InFlight, check_query_utf8,
+                          check_request_ceilings, read_token_file, scrub_paths, server_paths)
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +63,9 @@ MAX_REQUEST_MB = 64  # a 16-Mpx PNG (the default max_input_pixels) is at most ~4
 # machine (measured: 2 loaded cores) it never makes it. Set in this process before it starts a local cluster.
 SLOW_START_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
 HTTP_OVERHEAD_REQUESTS = 256  # concurrent HTTP calls a replica takes (they are short: the work is in the queue)
+# Finished jobs (record and result) are kept this long: a client that submitted on Friday fetches on Monday, and a
+# busy service's folder stops growing (16-Mpx results are tens of MB each).
+DEFAULT_RETENTION_DAYS = 7.0
 
 
 @dataclass
@@ -69,6 +78,22 @@ class ServiceOptions:
     token: str | None = None  # bearer token every /v1 call must carry; None = none (loopback only)
     max_request_bytes: int = MAX_REQUEST_MB * 2**20
     cluster: ClusterOptions = field(default_factory=ClusterOptions)  # the model workers: actors=0 in the replica
+    max_inflight_bytes: int | None = None  # bodies being received at once; None = INFLIGHT_BODIES largest bodies
+    retention_s: float | None = DEFAULT_RETENTION_DAYS * 86400  # finished jobs expire after this; None = never
+    # torch CPU threads of the process that started the service (`cupscale serve`), which `cupscale upscale` would
+    # have too: Ray starts the replica with OMP_NUM_THREADS=1, and CPU bits depend on the thread count.
+    # None = leave the replica's own (config.torch_threads, when set, wins either way).
+    torch_threads: int | None = None
+    owner: str = ""  # written after the replica's pid in the folder's lock file: who started the service, its URL
+
+    def __post_init__(self) -> None:
+        if self.max_inflight_bytes is not None and self.max_inflight_bytes < self.max_request_bytes:
+            raise UserError(f"--max-inflight-mb ({self.max_inflight_bytes / 2**20:g}) is below --max-request-mb "
+                            f"({self.max_request_bytes / 2**20:g}): the largest body could never be received; raise it")
+
+    @property
+    def inflight_limit(self) -> int:
+        return self.max_inflight_bytes or INFLIGHT_BODIES * self.max_request_bytes
 
 
 def check_bind(host: str, token: str | None) -> None:
@@ -81,10 +106,7 @@ def check_bind(host: str, token: str | None) -> None:
 def read_token(path: str | None) -> str | None:
     if path is None:
         return None
-    try:
-        token = Path(path).read_text().strip()
-    except OSError as exc:
-        raise UserError(f"--token-file {path}: can't read it ({exc.strerror or exc}); fix the path") from None
+    token = read_token_file(path)  # read with a size cap: `--token-file /dev/zero` is refused, not read forever
     if len(token) < 16:
         raise UserError(f"--token-file {path}: the token is {len(token)} characters; use at least 16 (e.g. "
                         "`python -c 'import secrets; print(secrets.token_urlsafe(32))' > FILE`)")
@@ -164,12 +186,20 @@ class UpscaleService:
 
     def __init__(self, options: ServiceOptions):
         self.options = options
+        if options.torch_threads and not options.config.torch_threads:
+            import torch
+
+            torch.set_num_threads(options.torch_threads)  # before the workers load: they take this process's count
         self.store = JobStore(options.results)
-        self.store.claim()
+        self.store.claim(options.owner)
         interrupted = self.store.recover()
         if interrupted:
             log.warning("%d job(s) were interrupted by a restart and are now failed", len(interrupted))
-        self.runner = JobRunner(self.store, options.config, RunnerOptions(options.queue_size, options.cluster))
+        self.inflight = InFlight(options.inflight_limit)  # bytes of request bodies being received and decoded
+        self.decoding = threading.BoundedSemaphore(DECODES_AT_ONCE)  # requests holding decoded pixels at once
+        self.paths = server_paths(options.config, self.store.root)  # never shown to a client
+        self.runner = JobRunner(self.store, options.config, RunnerOptions(options.queue_size, options.cluster,
+                                                                          options.retention_s))
 
     def __del__(self):
         runner = getattr(self, "runner", None)
@@ -206,37 +236,55 @@ class UpscaleService:
         limit = self.options.max_request_bytes
         # 1. Check the knobs (cheap, before any byte of the body is read).
         try:
+            check_query_utf8(request.scope.get("query_string", b""))
             knobs, extra = request_knobs(request.query_params)
             config = self.options.config.replace(**knobs)
+            check_request_ceilings(knobs, self.options.config)
         except UserError as exc:
-            raise refuse(400, str(exc)) from None
+            raise refuse(400, scrub_paths(str(exc), self.paths)) from None
         if not self.runner.has_room():
             raise refuse(429, f"the queue is full ({self.options.queue_size} jobs waiting); retry later",
                          **{"Retry-After": str(self.runner.retry_after())})
-        # 2. The body, under the size limit (the header's length first, then what really arrives).
+        # 2. The body, under the size limit (the header's length first, then what really arrives), and under the
+        # bound on bodies in flight: reserved from the header (a chunked body: the largest) before it is read.
         declared = request.headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            raise refuse(413, f"the body is {declared} bytes, over the {limit}-byte limit; send a smaller image")
-        body, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise refuse(413, f"the body is over the {limit}-byte limit; send a smaller image")
-            body.append(chunk)
-        upload = b"".join(body)
-        if not upload:
-            raise refuse(400, "the body is empty; send the image file's bytes (curl --data-binary @in.png)")
-        # 3. Decode under the pixel limit (checked from the header first), plan the run, queue it.
+            raise refuse(413, f"the body is {declared[:20]} bytes, over the {limit}-byte limit; send a smaller image")
+        reserved = int(declared) if declared is not None else limit
+        if not self.inflight.reserve(reserved):
+            raise refuse(429, f"the service is receiving other uploads (over {self.inflight.limit} bytes in flight "
+                         "with this one); retry later", **{"Retry-After": str(INFLIGHT_RETRY_AFTER_S)})
         try:
-            record = await run_in_threadpool(self._create, upload, config, knobs, extra)
-        except UserError as exc:
-            raise refuse(413 if "decompression bomb" in str(exc) else 400, str(exc)) from None
+            record = await self._receive_and_create(request, min(reserved, limit), config, knobs, extra)
+        finally:
+            self.inflight.release(reserved)
         try:
             self.runner.submit(record["id"])
         except QueueFull as full:
             raise refuse(429, f"the queue is full ({self.options.queue_size} jobs waiting); retry later",
                          **{"Retry-After": str(full.retry_after)}) from None
         return JSONResponse(status_view(record) | {"url": f"/v1/jobs/{record['id']}"}, status_code=202)
+
+    async def _receive_and_create(self, request: Request, limit: int, config: UpscaleConfig, knobs: dict,
+                                  extra: dict) -> dict:
+        """Read the body (at most ``limit`` bytes), decode it and create its job record."""
+        body, size = [], 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise refuse(413, f"the body is over the {limit}-byte limit; send a smaller image")
+                body.append(chunk)
+        except ClientDisconnect:  # a client that went away mid-upload: its reservation is released by the caller
+            raise refuse(400, "the client disconnected before the body arrived") from None
+        upload = b"".join(body)
+        if not upload:
+            raise refuse(400, "the body is empty; send the image file's bytes (curl --data-binary @in.png)")
+        # 3. Decode under the pixel limit (checked from the header first), plan the run, queue it.
+        try:
+            return await run_in_threadpool(self._create, upload, config, knobs, extra)
+        except UserError as exc:
+            raise refuse(413 if "decompression bomb" in str(exc) else 400, scrub_paths(str(exc), self.paths)) from None
 
     def _create(self, upload: bytes, config: UpscaleConfig, knobs: dict, extra: dict) -> dict:
         """Decode the upload as the CLI decodes a file (same checks), then store it with its job record."""
@@ -245,16 +293,19 @@ class UpscaleService:
         from ..files.imageio import load_image
         from ..plan import check_inputs
 
-        with tempfile.NamedTemporaryFile(dir=self.store.root / "inputs", prefix=".upload.") as handle:
+        with self.decoding, tempfile.NamedTemporaryFile(dir=self.store.root / "inputs", prefix=".upload.") as handle:
             handle.write(upload)
             handle.flush()
             try:
                 image = load_image(handle.name, config.max_input_pixels, config.min_input_side)
-            except UserError as exc:
-                raise UserError(str(exc).replace(f"input {handle.name}", "image")) from None
-        plan = check_inputs(image.size, config)
+            except UserError as exc:  # the upload's temp name means nothing to the client, and is the server's
+                raise UserError(scrub_paths(str(exc).replace(f"input {handle.name}", "image"),
+                                            {handle.name: "the image"})) from None
+            size = image.size
+            del image  # the pixels are decoded again when the job runs; keep none while it waits
+        plan = check_inputs(size, config)
         return self.store.create(upload, {"knobs": knobs, "source": extra.get("source", ""),
-                                          "input_size": list(image.size), "output_size": list(plan.output_size)})
+                                          "input_size": list(size), "output_size": list(plan.output_size)})
 
     @app.get("/v1/jobs/{job_id}")
     async def status(self, job_id: str, request: Request) -> dict:
@@ -316,10 +367,12 @@ def app_from_args(args: dict):
     """Serve's application builder, for a RayService (``import_path: cupscale_dist.services.serve:app_from_args``).
 
     ``args``: ``results`` (a folder on shared storage), ``config`` (preset or file), ``knobs`` (service knobs),
-    ``queue``, ``actors``, ``gpus_per_actor``, ``cpus_per_actor``. The token comes from ``$CUPSCALE_SERVE_TOKEN``
+    ``queue``, ``actors``, ``gpus_per_actor``, ``cpus_per_actor``, ``max_request_mb``, ``max_inflight_mb``,
+    ``retention_days`` (0 = keep forever). The token comes from ``$CUPSCALE_SERVE_TOKEN``
     and is required: a RayService's proxy listens on every interface of its pod.
     """
-    known = {"results", "config", "knobs", "queue", "actors", "gpus_per_actor", "cpus_per_actor", "max_request_mb"}
+    known = {"results", "config", "knobs", "queue", "actors", "gpus_per_actor", "cpus_per_actor", "max_request_mb",
+             "max_inflight_mb", "retention_days"}
     unknown = sorted(set(args) - known)
     if unknown:
         raise UserError(f"serve args: unknown key(s) {', '.join(unknown)}; use {', '.join(sorted(known))}")
@@ -332,14 +385,29 @@ def app_from_args(args: dict):
     config = UpscaleConfig.load(args.get("config"), **dict(args.get("knobs") or {}))
     cluster = ClusterOptions(actors=args.get("actors"), gpus_per_actor=args.get("gpus_per_actor"),
                              cpus_per_actor=float(args.get("cpus_per_actor", 1.0)))
+    inflight = args.get("max_inflight_mb")
     return build_app(ServiceOptions(str(args["results"]), config, int(args.get("queue", 16)), token,
-                                    int(float(args.get("max_request_mb", MAX_REQUEST_MB)) * 2**20), cluster))
+                                    int(float(args.get("max_request_mb", MAX_REQUEST_MB)) * 2**20), cluster,
+                                    max_inflight_bytes=int(float(inflight) * 2**20) if inflight else None,
+                                    retention_s=retention_seconds(float(args.get("retention_days",
+                                                                                  DEFAULT_RETENTION_DAYS)))))
+
+
+def retention_seconds(days: float) -> float | None:
+    """``--retention-days`` as seconds; 0 keeps finished jobs forever."""
+    from ..config import check_finite
+
+    check_finite("retention_days", days, "use a number of days >= 0 (0 = keep forever)")
+    if days < 0:
+        raise UserError(f"retention_days {days}: use a number of days >= 0 (0 = keep forever)")
+    return days * 86400 if days else None
 
 
 def deploy(options: ServiceOptions, host: str = "127.0.0.1", port: int = 8000, name: str = APP_NAME,
            route_prefix: str = "/"):
     """Start Serve's HTTP proxy on ``host:port`` (on the Ray cluster this process joined) and run the app."""
     check_bind(host, options.token)
+    JobStore(options.results).check_free()  # a second service on the folder: refused here, not after Serve's retries
     serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
     try:
         return serve.run(build_app(options), name=name, route_prefix=route_prefix)
