@@ -76,7 +76,8 @@ def main() -> None:
                 workers[config.model] = worker
                 out = Path(args.out) / f"x{scale}-{name.replace(' ', '_')}" if args.out else None
                 log(f"x{scale} {name} ...")
-                report = evaluate(originals, config, worker=worker, out_dir=out, progress=False)
+                report = evaluate(originals, config, worker=worker, out_dir=out, progress=False,
+                                  overwrite=True)  # a bench rerun replaces its own sheets
                 results[f"x{scale}"][name] = report["overall"]
                 log(f"  {json.dumps(rounded({k: report['overall'][k] for k in SHOWN}, 4))}")
     print(json.dumps({

@@ -23,6 +23,7 @@ A rerun skips inputs already in DIR/manifest.parquet with the same config; bad i
 
 EVAL_EXAMPLES = """examples:
   cupscale eval --config cpu-demo --out eval/              # the demo's held-out photos, x2: table + eval.json + crops
+  cupscale eval --config cpu-demo --out eval/ --overwrite  # again, into the same folder
   cupscale eval originals/*.png --config sdxl-4k --scale 4 --json
   cupscale eval originals/*.png --config sdxl-4k --inception pt_inception-2015-12-05-6726825d.pth --clip clip-vit-l-14/
 Each original is centre-cropped to a multiple of 32 x scale px, downscaled by the scale (bicubic) and upscaled back.
@@ -34,7 +35,9 @@ def add_eval_parser(sub) -> None:
                         epilog=EVAL_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     ev.add_argument("originals", nargs="*", help="high-resolution originals (default: the demo model's held-out photos)")
     ev.add_argument("--out", metavar="DIR", help="write eval.json, the upscales and side-by-side crops (bicubic | ours | "
-                                                  "original) here")
+                                                  "original) here (created if missing)")
+    ev.add_argument("--overwrite", action="store_true", help="replace files an earlier eval wrote in --out (an "
+                                                             "original is never replaced)")
     ev.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
     ev.add_argument("--inception", metavar="FILE", help="FID Inception weights file: adds FID, KID and IS (whole and crops)")
     ev.add_argument("--clip", metavar="DIR", help="local transformers CLIP model directory: adds CLIP score")
@@ -91,16 +94,18 @@ def cmd_upscale(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ..quality.evaluate import evaluate, format_table, held_out_originals
+    from ..quality.evaluate import check_out_dir, evaluate, format_table, held_out_originals
     from ..files.imageio import load_image
 
     config = config_from_args(args)
     if args.crops_per_image < 1:
         raise UserError(f"--crops-per-image {args.crops_per_image}: give at least 1")
+    if args.out:
+        check_out_dir(args.out)  # before the originals are read (evaluate() checks every output name, before upscaling)
     originals = ([(path, load_image(path, config.max_input_pixels, config.min_input_side)) for path in args.originals]
                  or held_out_originals())
     report = evaluate(originals, config, out_dir=args.out, progress=not args.quiet, inception=args.inception,
-                      clip=args.clip, crops_per_image=args.crops_per_image)
+                      clip=args.clip, crops_per_image=args.crops_per_image, overwrite=args.overwrite)
     print(json.dumps(report, indent=1) if args.json else format_table(report))
     return 0
 

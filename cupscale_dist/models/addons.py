@@ -1,8 +1,9 @@
 """What a worker loads beside the base pipeline (issue 11): LoRAs, a ControlNet tile model, an upscale model.
 
 The driver builds :class:`Addons` from the config once (:meth:`Addons.from_config`): paths are resolved and every
-file is checked against the model there, from headers and configs only, so a bad or mismatched file is one clear
-line before any actor starts. Workers receive the resolved value and load it (:mod:`cupscale_dist.execution.worker`).
+file is checked against the model there, from headers and configs only (a LoRA's weights are read once, for NaN
+and inf), so a bad or mismatched file is one clear line before any actor starts. Workers receive the resolved value
+and load it (:mod:`cupscale_dist.execution.worker`).
 """
 
 from __future__ import annotations

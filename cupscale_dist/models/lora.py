@@ -5,18 +5,24 @@ file that is not a LoRA or one made for another family: its cross-attention ``to
 the model's ``cross_attention_dim`` (768 for SD1.5, 2048 for SDXL), and the UNet blocks it names must exist in the
 model's UNet (built on the meta device from its config, so no memory). Two key layouts are read: diffusers/peft
 (``unet.down_blocks.1....to_k.lora_A.weight``) and kohya (``lora_unet_down_blocks_1_..._to_k.lora_down.weight``,
-also SDXL's ``lora_unet_input_blocks_4_1_...`` in the original block names).
+also SDXL's ``lora_unet_input_blocks_4_1_...`` in the original block names). It also refuses a file made for other
+layer sizes (each UNet factor's outer width against its layer's), an incomplete one (a down factor without its up:
+diffusers fails on it with an IndexError) and one with NaN or infinite weights (they make every pixel NaN: a black
+image); the last is the one check that reads the weights, one tensor at a time.
 
 :func:`apply_loras` runs on each worker before the attention processors go in: ``load_lora_weights`` (which
 converts kohya keys itself and loads text-encoder layers where the file has them) under the names ``lora0``,
-``lora1``, ... in the order given, then one ``set_adapters`` with the scales, so every actor holds the same model.
+``lora1``, ... in the order given, then one ``set_adapters`` with the scales, so every actor holds the same model. A
+file that still fails there is one line (diffusers' own multi-line error log is held back).
 """
 
 from __future__ import annotations
 
+import logging
 import re
 
 from ..errors import UserError
+from .weightfiles import check_finite, safetensors_tensors
 
 # Key fragments that mark LoRA factors: peft (lora_A/lora_B), kohya (lora_down/lora_up), older diffusers
 # attention-processor files (to_k_lora.down), and LoCon/LyCORIS' hada/lokr factors.
@@ -27,6 +33,10 @@ CROSS_ATTENTION_DOWN = re.compile(r"attn2[._](to_[kv])(?:_lora)?[._](?:lora_A|lo
 PEFT_UNET_MODULE = re.compile(r"^unet\.(.+?)\.(?:lora_A|lora_B)(?:\.[^.]+)?\.weight$")
 KOHYA_UNET_MODULE = re.compile(r"^lora_unet_(.+?)\.(?:lora_down|lora_up)\.weight$")
 ORIGINAL_BLOCK_NAMES = ("input_blocks", "middle_block", "output_blocks")  # kohya SDXL: names of the original UNet
+# One factor of a low-rank pair, in every layout LORA_KEY names: group 1 is the factor; the key before it, the layer.
+FACTOR = re.compile(r"[._](lora_A|lora_B|lora_down|lora_up|lora\.down|lora\.up|lora_linear_layer\.down|"
+                    r"lora_linear_layer\.up)(?:\.[^.]+)?\.weight$")
+DOWN_FACTORS = ("lora_A", "lora_down", "lora.down", "lora_linear_layer.down")  # (rank, in): the first matmul
 
 
 def read_header(path: str, what: str) -> dict[str, tuple[int, ...]]:
@@ -35,13 +45,16 @@ def read_header(path: str, what: str) -> dict[str, tuple[int, ...]]:
 
     try:
         return safetensors_header(path)
+    except UserError:
+        raise
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for every kind of bad file
         raise UserError(f"{what}: not a readable safetensors file ({type(exc).__name__}); pass a .safetensors "
                         "file") from None
 
 
 def check_lora(path: str, spec) -> None:
-    """Refuse (one line) a file that is not a LoRA, or a LoRA for another model family than ``spec``'s."""
+    """Refuse (one line) a file that is not a LoRA, a LoRA for another model family or other layer sizes than
+    ``spec``'s, one with a factor missing, or one with NaN/inf weights (the only check that reads the weights)."""
     what = f"--lora {path}"
     header = read_header(path, what)
     if not any(LORA_KEY.search(key) for key in header):
@@ -54,10 +67,56 @@ def check_lora(path: str, spec) -> None:
             family = {768: "SD1.5", 2048: "SDXL", 1024: "SD2"}.get(shape[1], f"a {shape[1]}-wide text encoder")
             raise UserError(f"{what}: its cross-attention {match[1]} takes {shape[1]} inputs ({family}), "
                             f"{spec.name} has {cross_dim}; use a LoRA trained for this model's family")
-    missing = sorted(set(unet_modules_named(header)) - set(unet_module_names(unet_config)))
+    layers = unet_layers(unet_config)
+    missing = sorted(set(unet_modules_named(header)) - set(layers))
     if missing:
         raise UserError(f"{what}: names UNet layers {spec.name} does not have (e.g. {missing[0]}); use a LoRA "
                         "trained for this model's family")
+    check_factor_pairs(header, what)  # after the family checks: "made for another model" is the likelier news
+    check_factor_widths(header, layers, what, spec.name)
+    check_finite(safetensors_tensors(path), what)  # reads the weights, one tensor at a time
+
+
+def factor_layers(header: dict) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Layer (the key before its factor) -> {'down'/'up': shape} for every low-rank factor in ``header``."""
+    layers: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key, shape in header.items():
+        match = FACTOR.search(key)
+        if match:
+            layers.setdefault(key[: match.start()], {})["down" if match[1] in DOWN_FACTORS else "up"] = shape
+    return layers
+
+
+def check_factor_pairs(header: dict, what: str) -> None:
+    """Every layer has both factors of its pair (diffusers fails with an IndexError on a file of down factors only),
+    and their ranks agree."""
+    for layer, factors in sorted(factor_layers(header).items()):
+        if len(factors) < 2:
+            have, lack = ("down (lora_A)", "up (lora_B)") if "down" in factors else ("up (lora_B)", "down (lora_A)")
+            raise UserError(f"{what}: layer {layer} has a {have} factor but no {lack} factor; the file is "
+                            "incomplete: export the LoRA again")
+        down, up = factors["down"], factors["up"]
+        if len(down) < 2 or len(up) < 2 or down[0] != up[1]:
+            raise UserError(f"{what}: the factors of layer {layer} do not fit together (down {down}, up {up}); "
+                            "the file is damaged: export the LoRA again")
+
+
+def check_factor_widths(header: dict, layers: dict[str, tuple[int, int] | None], what: str, model: str) -> None:
+    """Each UNet factor's outer width equals its layer's: down = the layer's input width, up = its output width
+    (peft would print a multi-line size-mismatch log on every worker and fail)."""
+    for key, shape in header.items():
+        found = PEFT_UNET_MODULE.match(key) or KOHYA_UNET_MODULE.match(key)
+        factor = FACTOR.search(key)
+        widths = layers.get(found[1].replace("_", ".")) if found and factor else None
+        if widths is None or len(shape) < 2:
+            continue  # original-layout kohya names: checked by cross-attention width only
+        width_in, width_out = widths
+        down = factor[1] in DOWN_FACTORS
+        have, want = (shape[1], width_in) if down else (shape[0], width_out)
+        if have != want:
+            side = "inputs" if down else "outputs"
+            raise UserError(f"{what}: its layer {found[1]} has {have} {side}, {model}'s has {want}; the LoRA was "
+                            "trained for a model of other layer sizes: use one trained for this model")
 
 
 def unet_modules_named(header: dict) -> list[str]:
@@ -73,15 +132,22 @@ def unet_modules_named(header: dict) -> list[str]:
     return names
 
 
-def unet_module_names(unet_config: dict) -> list[str]:
-    """Every module path of the UNet ``unet_config`` describes, in both spellings: dotted and kohya's '_' as '.'."""
+def unet_layers(unet_config: dict) -> dict[str, tuple[int, int] | None]:
+    """Every module path of the UNet ``unet_config`` describes, in both spellings (dotted, and kohya's '_' as '.'),
+    -> (input width, output width): features of a linear layer, channels of a convolution, None for others."""
     import torch
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):  # structure only: no memory, no initialisation cost worth counting
         unet = UNet2DConditionModel.from_config(unet_config)
-    names = [name for name, _ in unet.named_modules() if name]
-    return names + [name.replace("_", ".") for name in names]
+    layers = {}
+    for name, module in unet.named_modules():
+        if name:
+            width_in = getattr(module, "in_features", None) or getattr(module, "in_channels", None)
+            width_out = getattr(module, "out_features", None) or getattr(module, "out_channels", None)
+            widths = (width_in, width_out) if isinstance(width_in, int) and isinstance(width_out, int) else None
+            layers[name] = layers[name.replace("_", ".")] = widths
+    return layers
 
 
 def adapter_names(count: int) -> list[str]:
@@ -92,11 +158,17 @@ def adapter_names(count: int) -> list[str]:
 def apply_loras(pipe, loras) -> None:
     """Load ``loras`` (:class:`cupscale_dist.models.addons.Lora`) into ``pipe`` and activate them with their scales."""
     names = adapter_names(len(loras))
+    loaders = logging.getLogger("diffusers.loaders")  # logs each failure as a multi-line error before raising it
     for name, lora in zip(names, loras):
+        level = loaders.level
+        loaders.setLevel(logging.CRITICAL)  # the UserError below says it in one line
         try:
             pipe.load_lora_weights(lora.path, adapter_name=name)
-        except (ValueError, KeyError, RuntimeError, OSError) as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        except (ValueError, KeyError, RuntimeError, OSError, IndexError, TypeError) as exc:
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+            reason = next((line for line in lines if line.startswith("size mismatch")), lines[0])
             raise UserError(f"--lora {lora.path}: diffusers could not load it ({reason[:200]}); use a LoRA "
                             "trained for this model") from None
+        finally:
+            loaders.setLevel(level)
     pipe.set_adapters(names, adapter_weights=[lora.scale for lora in loras])

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UserError
+from .weightfiles import MAX_ENTRIES, load_pickled, unwrap_state_dict
 
 CONFIGS = Path(__file__).resolve().parent / "single_file_configs"  # {family}/model_index.json, unet/, vae/, ...
 SUFFIXES = (".safetensors", ".ckpt")
@@ -26,28 +27,34 @@ def is_single_file(model: str | Path) -> bool:
 
 
 def safetensors_header(path: str | Path) -> dict[str, tuple[int, ...]]:
-    """Key -> shape of a safetensors file, from its header alone (no tensor is read)."""
+    """Key -> shape of a safetensors file, from its header alone (no tensor is read); at most
+    :data:`~cupscale_dist.models.weightfiles.MAX_ENTRIES` keys."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+        keys = f.keys()
+        if len(keys) > MAX_ENTRIES:  # a header of tiny entries: bound the walks over its keys
+            raise UserError(f"{path}: holds {len(keys)} tensors, over the {MAX_ENTRIES} a model has; not a model file")
+        return {key: tuple(f.get_slice(key).get_shape()) for key in keys}
 
 
 def checkpoint_keys(path: str | Path) -> dict[str, tuple[int, ...]]:
-    """Key -> shape of a checkpoint without reading its tensors (header only; a .ckpt is memory-mapped)."""
+    """Key -> shape of a checkpoint without reading its tensors (header only; a .ckpt is memory-mapped, read as
+    tensors and plain containers only, its ``state_dict`` wrappers unwrapped a bounded number of times)."""
     path = str(path)
+    what = f"--model {path}"
     try:
         if path.lower().endswith(".safetensors"):
             return safetensors_header(path)
         import torch
 
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        while isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
-        return {key: tuple(value.shape) for key, value in state.items() if hasattr(value, "shape")}
+        fix = "pass a .safetensors file of an SDXL or SD1.5 model, or a diffusers directory"
+        state = unwrap_state_dict(load_pickled(path, what, mmap=True, fix=fix), what, fix=fix)
+        return {key: tuple(value.shape) for key, value in state.items()
+                if isinstance(key, str) and isinstance(value, torch.Tensor)}
     except UserError:
         raise
-    except Exception as exc:  # noqa: BLE001 - a truncated, pickled-code or foreign file: one line either way
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file: one line either way
         raise UserError(f"--model {path}: not a readable checkpoint ({type(exc).__name__}); pass a .safetensors "
                         "file of an SDXL or SD1.5 model, or a diffusers directory") from None
 

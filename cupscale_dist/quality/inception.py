@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from ..models.weightfiles import plain_state_dict, refuse_code_archive
 
 
 INCEPTION_SIZE = 299  # the FID InceptionV3's input side (TF graph inception-2015-12-05)
@@ -191,6 +192,7 @@ def read_inception_weights(path: str | Path) -> dict[str, torch.Tensor]:
         raise UserError(f"--inception {path}: no such file; {fix}")
     if not path.is_file():
         raise UserError(f"--inception {path}: is a directory, expected one weights file; {fix}")
+    refuse_code_archive(path, f"--inception {path}")  # a TorchScript archive: refused by its entry names
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)  # tensors only: nothing in it executes
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
@@ -198,6 +200,7 @@ def read_inception_weights(path: str | Path) -> dict[str, torch.Tensor]:
                         f"{fix}") from None
     if not isinstance(state_dict, dict):
         raise UserError(f"--inception {path}: holds a {type(state_dict).__name__}, not a state dict; {fix}")
+    plain_state_dict(state_dict, f"--inception {path}", fix)  # names -> tensors only: .shape below is safe
 
     with torch.device("meta"):  # names and shapes only, no memory
         expected = {name: tuple(t.shape) for name, t in FidInceptionV3().state_dict().items()

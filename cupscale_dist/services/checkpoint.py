@@ -21,6 +21,7 @@ from PIL import Image
 
 from ..files.atomic import atomic_file
 from ..errors import UserError
+from ..models.weightfiles import refuse_code_archive
 from ..pipeline import StageState
 from ..plan import Plan
 
@@ -68,6 +69,7 @@ class Checkpointer:
         """The saved state (and the stage input it needs), or None if there is no checkpoint yet."""
         if not self.path.exists():
             return None
+        refuse_code_archive(self.path, f"checkpoint {self.path}")  # a folder the user names: never run its code
         try:
             payload = torch.load(self.path, weights_only=True)
         except Exception as exc:

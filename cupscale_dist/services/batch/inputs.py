@@ -25,6 +25,9 @@ PARQUET_PATH_COLUMNS = ("path", "input_path", "input")  # the first one present 
 PARQUET_ROW_FIELDS = ("prompt", "negative_prompt", "regional_prompts", "seed")  # per-row config overrides
 
 
+MAX_SHOWN = 60  # characters of a bad cell quoted in its error row: enough to find it, never the whole cell
+
+
 # Hidden files are usually tool debris (macOS '._x.jpg', '.thumbnails/'): recorded, not upscaled.
 HIDDEN_INPUT = "hidden file (a name in its path starts with '.'), skipped; rename it to upscale it"
 
@@ -102,12 +105,12 @@ def _parquet_inputs(path: Path) -> list[Item]:
         overrides = {k: row[k] for k in PARQUET_ROW_FIELDS if row.get(k) is not None}
         if isinstance(overrides.get("seed"), float) and overrides["seed"].is_integer():
             overrides["seed"] = int(overrides["seed"])  # pandas writes an int column with nulls as float64
+        problem = cell_problem(column, raw) or cell_problem("regional_prompts", overrides.get("regional_prompts"))
+        if problem:  # this row is an error row; the others still run
+            items.append(Item(f"{path}#row{number}", "", overrides, error=f"--input {path} row {number}: {problem}"))
+            continue
         if overrides.get("regional_prompts"):
             overrides["regional_prompts"] = str(base / Path(overrides["regional_prompts"]).expanduser())
-        if not isinstance(raw, str) or not raw.strip():
-            items.append(Item(f"{path}#row{number}", "", overrides,
-                              error=f"--input {path} row {number}: empty {column!r}; give an image path"))
-            continue
         resolved = absolute_path(base / Path(raw).expanduser())
         if str(resolved) in seen:
             items.append(Item(f"{resolved}#row{number}", "", overrides,
@@ -125,6 +128,19 @@ def _parquet_inputs(path: Path) -> list[Item]:
         if item.error is None:
             item.rel = _relative(Path(item.input_path), root)
     return items
+
+
+def cell_problem(column: str, value: object) -> str | None:
+    """What is wrong with a parquet cell that names a file (an image path, a regional-prompts file), or None; the
+    other per-row fields are typed by the config (a wrong type there is that row's error too)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None if column == "regional_prompts" else f"empty {column!r}; give an image path"  # optional / not
+    if not isinstance(value, str):
+        shown = repr(value)[:MAX_SHOWN]
+        return f"{column!r} is {shown} (of type {type(value).__name__}), not a file path; give a path as text"
+    if "\0" in value:
+        return f"{column!r} {value[:MAX_SHOWN]!r} contains a NUL byte, which no file name can; fix the path"
+    return None
 
 
 def absolute_path(path: Path) -> Path:
