@@ -170,3 +170,11 @@ def test_a_compiled_unet_gives_the_eager_latents_within_1e_3(sdxl_model):
     eager = predict_views(sdxl_model.backbone, windows, 500, 0.5, context, [0, 1], RECTS)
     ours = predict_views(backbone, windows, 500, 0.5, context, [0, 1], RECTS)
     assert (ours - eager).abs().max() <= 1e-3
+
+
+def test_lcm_with_a_cfg_guidance_is_one_line():
+    from cupscale_dist import UpscaleConfig, UserError
+
+    with pytest.raises(UserError, match="scheduler=lcm with guidance_scale=5"):
+        UpscaleConfig(scheduler="lcm", guidance_scale=5.0)
+    assert UpscaleConfig(scheduler="lcm", guidance_scale=1.5).scheduler == "lcm"

@@ -150,7 +150,8 @@ class ZeroExecutor(LocalExecutor):
                                                  (0.75, 4, "tcd"), (0.75, 4, "lcm")])
 def test_stage_starts_at_round_s_t_with_the_schedulers_add_noise(sdxl_model, photo, strength, steps, kind):
     """Step 4: the stage runs S = round(s T) steps from z_S = scheduler.add_noise(z_L, stage noise, t_{T-S})."""
-    config = small_config(sdxl_model.name, steps=steps, strength=strength, scheduler=kind, mask_mode="off")
+    config = small_config(sdxl_model.name, steps=steps, strength=strength, scheduler=kind, mask_mode="off",
+                          guidance_scale=1.5 if kind == "lcm" else 7.5)  # LCM is distilled for guidance <= 2
     executor = ZeroExecutor(sdxl_model)
     upscale(photo, config, executor=executor, progress=False)
     remaining = math.floor(strength * steps + 0.5)  # round half up; no case here is a tie
