@@ -112,10 +112,12 @@ class Cluster:
     """A Ray cluster of nodes in network namespaces; :meth:`close` removes every process, link and namespace.
 
     ``python``: the interpreter (and its ``ray``) every node and driver runs; ``pythonpath``: what Ray's workers and
-    the drivers import first (the checkout under test).
+    the drivers import first (the checkout under test); ``fast_health_checks``: ``HEALTH_CHECKS`` instead of Ray's
+    defaults; ``system_config``: more of Ray's system settings for the head.
     """
 
-    def __init__(self, python: str = sys.executable, pythonpath: str | None = None, *, system_config: dict | None = None):
+    def __init__(self, python: str = sys.executable, pythonpath: str | None = None, *, system_config: dict | None = None,
+                 fast_health_checks: bool = True):
         remove_stale()
         self.python, self.ray = python, str(Path(python).with_name("ray"))
         self.root = Path(tempfile.mkdtemp(prefix=PREFIX, dir="/tmp"))  # short: Ray's socket paths must fit 107 chars
@@ -123,7 +125,8 @@ class Cluster:
         self.token.write_text(secrets.token_hex(32))
         self.token.chmod(0o600)
         self.pythonpath = pythonpath or str(Path(__file__).resolve().parents[2])
-        self.system_config = {"enable_metrics_collection": False, **HEALTH_CHECKS, **(system_config or {})}
+        self.system_config = {"enable_metrics_collection": False, **(HEALTH_CHECKS if fast_health_checks else {}),
+                              **(system_config or {})}
         self.hub = f"{PREFIX}{os.getpid()}-hub"
         self.nodes: list[Node] = []
         self.procs: list[subprocess.Popen] = []  # drivers started by popen(), ended by close()
