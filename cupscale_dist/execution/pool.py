@@ -218,10 +218,13 @@ class WorkerPool:
                 except ray.exceptions.RayTaskError as exc:  # the model itself failed (e.g. out of memory)
                     self.in_flight[slot] -= 1
                     raise UserError(f"model worker failed in {method}: {root_cause(exc)}") from None
-                except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as exc:
-                    reason = root_cause(exc)  # an actor out of restarts, or a result lost with its node
+                except ray.exceptions.RayActorError as exc:  # an actor out of restarts
+                    reason = root_cause(exc)
+                except ray.exceptions.ObjectLostError:  # a result lost with its node; a live worker just reruns it
+                    reason = self.group.lost_node(slot)
             self.in_flight[slot] -= 1
-            self.replace(slot, actor, reason)
+            if reason:
+                self.replace(slot, actor, reason)
             args, ref, slot, actor = self._submit(method, args, self._least_busy())
         raise UserError(f"a {method} call lost its model worker {MAX_CALL_ATTEMPTS} times ({', '.join(self.lost)}); "
                         "see the Ray logs")
