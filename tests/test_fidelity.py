@@ -263,7 +263,7 @@ def test_multidiffusion_through_ray_actors(local_ray, view_offset, blend):
     pool = WorkerPool.__new__(WorkerPool)  # the real pool policy; its __init__ would load a model directory
     remote = local_ray.remote(StandInActor).options(num_cpus=0.5)
     pool.actors, pool.in_flight, pool.group = [remote.remote(view_offset, i) for i in range(2)], [0, 0], None
-    pool.start_timeout_s = None
+    pool.start_timeout_s, pool.count, pool.live, pool.lost = None, 2, [True, True], []
     reduce_through(RayExecutor(pool, None, batch_size=5), view_offset, blend)
 
 

@@ -1,14 +1,25 @@
 """One actor-pool lifecycle for every pool: reserve a placement group, start one actor per bundle, wait until each
-answers, kill them and free the group. The model-worker pool and the captioner pool differ only in their policy
-(what a call is, what a death means), which stays in each pool."""
+answers, know which node each one lives on, kill them and free the group. The model-worker pool and the captioner
+pool differ only in their policy (what a call is, what a death means), which stays in each pool.
+
+Why the group tracks nodes: when a whole machine is lost, Ray declares its node dead after its health checks
+fail, but an actor with restarts left stays "restarting" until a bundle for it is placed again, and its calls wait
+with it - forever when the nodes left have no room. A pool that waits on a call asks :meth:`ActorGroup.lost_node`
+instead, and moves on (docs/distributed.md, "Several machines").
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 
 from .placement import reserve
 
 log = logging.getLogger(__name__)
+
+# A wait on a call checks its actor's node this often; one read of the GCS's node table, nothing beside a step.
+HEALTH_POLL_S = 1.0
 
 
 class NotReady(Exception):
@@ -17,6 +28,13 @@ class NotReady(Exception):
     def __init__(self, ready: int, total: int):
         super().__init__(f"{ready} of {total} ready")
         self.ready, self.total = ready, total
+
+
+def _node_id(actor) -> str:
+    """Runs inside an actor (``__ray_call__``): the id of the node it lives on."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
 
 
 class ActorGroup:
@@ -34,6 +52,10 @@ class ActorGroup:
         self.remote_cls = ray.remote(actor_class)
         self.options = dict(num_cpus=num_cpus, num_gpus=num_gpus, **actor_options)
         self.actors: list = [None] * count  # live handles, by slot
+        self.located: list = [None] * count  # per slot: a ref to its actor's node id, answered once the actor is up
+        self.nodes: list[str | None] = [None] * count  # per slot: the node its actor lives on, once known
+        self._table: dict[str, dict] = {}  # the GCS's node table, read at most once per HEALTH_POLL_S
+        self._table_at = float("-inf")
 
     def start(self, slot: int, *args):
         """Start (or restart) the actor of ``slot`` in its bundle; returns its handle."""
@@ -43,8 +65,10 @@ class ActorGroup:
         if self.group is not None:
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self.group,
                                                                               placement_group_bundle_index=slot)
-        self.actors[slot] = self.remote_cls.options(**options).remote(*args)
-        return self.actors[slot]
+        actor = self.actors[slot] = self.remote_cls.options(**options).remote(*args)
+        self.nodes[slot] = None
+        self.located[slot] = actor.__ray_call__.remote(_node_id)  # queued behind __init__: answers once it is up
+        return actor
 
     def wait_ready(self, method: str, timeout_s: float) -> list:
         """Every actor's answer to ``method()`` once all are up. On a timeout (:class:`NotReady`) or an actor that
@@ -53,13 +77,66 @@ class ActorGroup:
 
         answers = [getattr(actor, method).remote() for actor in self.actors]
         try:
-            ready, pending = ray.wait(answers, num_returns=len(answers), timeout=timeout_s)
+            ready, pending = ray.wait(answers + self.located, num_returns=2 * len(answers), timeout=timeout_s)
             if pending:
-                raise NotReady(len(ready), len(answers))
+                raise NotReady(len([ref for ref in answers if ref in ready]), len(answers))
+            self.nodes = ray.get(self.located)
             return ray.get(answers)
         except BaseException:
             self.release()
             raise
+
+    def up(self, slot: int, timeout_s: float = 0) -> bool:
+        """Whether the actor of ``slot`` has started (its node is known), waiting up to ``timeout_s``; Ray's error
+        if it failed to start."""
+        import ray
+
+        if self.nodes[slot] is None:
+            if not ray.wait([self.located[slot]], timeout=timeout_s)[0]:
+                return False
+            self.nodes[slot] = ray.get(self.located[slot])
+        return True
+
+    def lost_node(self, slot: int) -> str | None:
+        """``"node IP (id)"`` when Ray has declared the node of ``slot``'s actor dead, else None (alive, or not
+        started yet)."""
+        node = self.nodes[slot]
+        if node is None:
+            return None
+        entry = self._node_table().get(node)
+        if entry is not None and entry.get("Alive"):
+            return None
+        return f"node {entry.get('NodeManagerAddress', '?') if entry else '?'} ({node[:12]})"
+
+    def _node_table(self, fresh: bool = False) -> dict[str, dict]:
+        import ray
+
+        if fresh or time.monotonic() - self._table_at > HEALTH_POLL_S:
+            self._table = {entry["NodeID"]: entry for entry in ray.nodes()}
+            self._table_at = time.monotonic()
+        return self._table
+
+    def kill(self, slot: int) -> None:
+        """End the actor of ``slot`` for good: no restart by Ray (its calls fail at once instead of waiting)."""
+        import ray
+
+        with contextlib.suppress(Exception):  # already gone with its node
+            ray.kill(self.actors[slot], no_restart=True)
+
+    def placed(self, slots: list[int], timeout_s: float) -> bool:
+        """Whether the bundle of one of ``slots`` is on a live node, waiting up to ``timeout_s``: after a node is
+        lost, Ray places the bundles it held again on the nodes left, if they have room."""
+        from ray.util import placement_group_table
+
+        deadline = time.monotonic() + timeout_s
+        while self.group is not None:
+            where, nodes = placement_group_table(self.group).get("bundles_to_node_id", {}), self._node_table(True)
+            if any(nodes.get(where.get(slot), {}).get("Alive") for slot in slots):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(HEALTH_POLL_S)
+        return True
 
     def release(self) -> None:
         """Kill every actor (its memory, GPU included, goes with its process) and free the placement group."""

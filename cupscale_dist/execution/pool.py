@@ -18,10 +18,10 @@ per stage, and CPU actors use the driver's torch thread count.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 
-import numpy as np
 import torch
 
 from ..models.addons import Addons, addon_request
@@ -29,7 +29,7 @@ from ..config import UpscaleConfig
 from ..errors import UserError
 from ..models.spec import ModelSpec
 from .contract import Shared
-from .actorgroup import ActorGroup, NotReady
+from .actorgroup import HEALTH_POLL_S, ActorGroup, NotReady
 from .placement import memory_fraction, model_worker_share, worker_count
 from .raycluster import ClusterOptions, connect, root_cause
 
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 MAX_TASKS_IN_FLIGHT_PER_ACTOR = 2  # one call computing + one queued hides the driver's round trip per call
 ACTOR_RESTARTS = 3  # Ray restarts a dead worker this often (and retries its call) before we replace it
+MAX_CALL_ATTEMPTS = 4  # a call whose worker is lost is re-issued on another; losing this many is not bad luck
 # Loading SDXL from a cold disk (or fetching it on a node without the shared cache) takes minutes; a pool not up
 # after this is stuck, not slow. Placement has its own, shorter limit (--start-timeout).
 MODEL_LOAD_TIMEOUT_S = 900.0
@@ -75,6 +76,8 @@ class WorkerPool:
         for index in range(self.count):
             self._start(index)
         self.in_flight = [0] * self.count  # calls submitted and not yet collected, per slot
+        self.live = [True] * self.count  # slots whose actor takes calls (False: lost, a replacement loading)
+        self.lost: list[str] = []  # what was lost, in order ("node 10.0.0.3 (ab12...)", or why), for the stop line
         self._wait_loaded()
 
     def _start(self, index: int):
@@ -97,18 +100,73 @@ class WorkerPool:
             raise UserError(f"model workers failed to load the model: {root_cause(exc)}") from None
 
     def pick(self) -> int | None:
-        """The least busy actor with a free slot, or None when all are at capacity (backpressure)."""
-        index = int(np.argmin(self.in_flight))
+        """The least busy live actor with a free slot, or None when all are at capacity (backpressure). With no
+        live actor left (their nodes lost) it waits for a replacement, or stops the run (:meth:`_no_worker_left`)."""
+        index = self._least_busy()
         return index if self.in_flight[index] < MAX_TASKS_IN_FLIGHT_PER_ACTOR else None
 
-    def replace(self, index: int, dead, reason: str) -> None:
-        """A worker died for good (restarts used up): start a fresh one in its place, once per death.
+    def _least_busy(self) -> int:
+        self._admit_replacements()
+        live = [index for index in range(self.count) if self.live[index]]
+        if not live:
+            return self._no_worker_left()
+        return min(live, key=self.in_flight.__getitem__)
 
-        Its other pending calls stay counted in ``in_flight`` until they are collected (and resubmitted).
+    def replace(self, index: int, dead, reason: str) -> None:
+        """A worker is gone for good (restarts used up, or its node lost): start a fresh one in its bundle, once per
+        death. Until it is up, its calls go to the other workers (:meth:`_collect` re-issues them in call order).
+
+        After a node loss Ray places the bundle again where there is room; where there is none, the replacement
+        waits unplaced and the run goes on with the workers left. Its other pending calls stay counted in
+        ``in_flight`` until they are collected (and re-issued).
         """
-        if self.actors[index] is dead:
-            log.warning("model worker %d lost (%s); starting a replacement", index, reason)
-            self._start(index)
+        if self.actors[index] is not dead or not self.live[index]:
+            return
+        self.live[index] = False
+        self.lost.append(self.group.lost_node(index) or reason)
+        log.warning("model worker %d lost (%s); its calls go to the other workers while a replacement starts",
+                    index, self.lost[-1])
+        self.group.kill(index)  # no restart by Ray in a bundle that may never be placed again
+        self._start(index)
+
+    def _admit_replacements(self) -> None:
+        """Replacements that have loaded the model take calls from now on."""
+        import ray
+
+        for index in range(self.count):
+            if self.live[index] or self.actors[index] is None:
+                continue
+            try:
+                if self.group.up(index):
+                    self.live[index] = True
+                    log.warning("model worker %d replaced (node %s)", index, self.group.nodes[index][:12])
+            except ray.exceptions.RayError as exc:  # it failed to start: the slot stays empty
+                log.warning("model worker %d: its replacement failed to start (%s)", index, root_cause(exc))
+                self.actors[index] = None
+
+    def _no_worker_left(self) -> int:
+        """Every worker is lost: wait for a replacement to be placed (``--start-timeout``) and to load the model
+        (``MODEL_LOAD_TIMEOUT_S``), or stop with one line naming the lost node(s) and ``--resume``."""
+        import ray
+
+        lost = ", ".join(dict.fromkeys(self.lost))
+        stop = UserError(f"model workers lost ({lost}) and no replacement could be placed on the nodes left within "
+                         f"{self.start_timeout_s:g} s; add a node or free resources, then rerun the same command with "
+                         "--resume (it continues from the last checkpoint in --checkpoint-dir)")
+        starting = [index for index in range(self.count) if self.actors[index] is not None]
+        if not starting or not self.group.placed(starting, self.start_timeout_s):
+            raise stop
+        log.warning("no model worker left (%s); waiting for a replacement to load the model", lost)
+        deadline = time.monotonic() + MODEL_LOAD_TIMEOUT_S
+        while time.monotonic() < deadline:
+            starting = [self.group.located[i] for i in range(self.count) if self.actors[i] is not None]
+            if not starting:
+                break
+            ray.wait(starting, num_returns=1, timeout=HEALTH_POLL_S)
+            self._admit_replacements()
+            if any(self.live):
+                return self.live.index(True)
+        raise stop
 
     def map(self, method: str, calls: Iterable[tuple]) -> Iterator:
         """``method(*args)`` on the actors for each call, yielding results strictly in call order as they arrive.
@@ -147,28 +205,47 @@ class WorkerPool:
         return args, ref, slot, actor
 
     def _collect(self, method: str, args: tuple, ref, slot: int, actor):
-        """Wait for one call; if its actor is gone for good, replace it and run the call again."""
+        """Wait for one call; if its actor is gone for good (or its node lost), replace it and run the call again
+        on a live worker. Never waits on a dead node: :meth:`_lost` is asked every ``HEALTH_POLL_S``."""
         import ray
 
-        for _attempt in range(ACTOR_RESTARTS + 1):
-            try:
-                result = ray.get(ref)
-                self.in_flight[slot] -= 1
-                return result
-            except ray.exceptions.RayActorError as exc:
-                self.in_flight[slot] -= 1
-                self.replace(slot, actor, root_cause(exc))
-                args, ref, slot, actor = self._submit(method, args, slot)
-            except ray.exceptions.RayTaskError as exc:  # the model itself failed (e.g. out of memory)
-                self.in_flight[slot] -= 1
-                raise UserError(f"model worker failed in {method}: {root_cause(exc)}") from None
-        raise UserError(f"a {method} call failed on {ACTOR_RESTARTS + 1} model workers; see the Ray logs")
+        for _attempt in range(MAX_CALL_ATTEMPTS):
+            reason = self._lost(ref, slot, actor)
+            if reason is None:
+                try:
+                    result = ray.get(ref)
+                    self.in_flight[slot] -= 1
+                    return result
+                except ray.exceptions.RayTaskError as exc:  # the model itself failed (e.g. out of memory)
+                    self.in_flight[slot] -= 1
+                    raise UserError(f"model worker failed in {method}: {root_cause(exc)}") from None
+                except ray.exceptions.RayActorError as exc:  # an actor out of restarts
+                    reason = root_cause(exc)
+                except ray.exceptions.ObjectLostError:  # a result lost with its node; a live worker just reruns it
+                    reason = self.group.lost_node(slot)
+            self.in_flight[slot] -= 1
+            if reason:
+                self.replace(slot, actor, reason)
+            args, ref, slot, actor = self._submit(method, args, self._least_busy())
+        raise UserError(f"a {method} call lost its model worker {MAX_CALL_ATTEMPTS} times ({', '.join(self.lost)}); "
+                        "see the Ray logs")
+
+    def _lost(self, ref, slot: int, actor) -> str | None:
+        """Wait until ``ref`` is ready (None) or its actor is known to be gone (why)."""
+        import ray
+
+        while not ray.wait([ref], timeout=HEALTH_POLL_S)[0]:
+            if self.actors[slot] is not actor or not self.live[slot]:
+                return "replaced"  # declared lost while waiting on an earlier call
+            if self.group is not None and (node := self.group.lost_node(slot)):
+                return f"{node} lost"
+        return None
 
     def usage(self) -> list[dict]:
         """Per actor: pid and CPU seconds its process used so far (bench/scale.py compares them with the driver's)."""
         import ray
 
-        return ray.get([a.usage.remote() for a in self.actors])
+        return ray.get([a.usage.remote() for a, live in zip(self.actors, self.live) if live])
 
     def shutdown(self) -> None:
         if self.group is not None:
