@@ -99,8 +99,8 @@ def test_dockerfile_copies_real_paths_and_every_package():
             sources = [w for w in line[1:-1] if not w.startswith("--")]
             assert all((REPO / s).exists() for s in sources), sources
             copied.update(sources)
-    packages = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
-    folders = {p.split(".")[0] for p in packages}  # cupscale_dist.demo comes with the cupscale_dist folder
+    packages = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    folders = {p.split(".")[0] for p in packages}  # cupscale_dist.* comes with the cupscale_dist folder
     assert folders | {"configs", "pyproject.toml"} <= copied
 
 
