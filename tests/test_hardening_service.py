@@ -28,7 +28,7 @@ import pytest
 from PIL import Image
 
 from test_serve import FAST, MODEL, TOKEN, assert_one_line_error, free_port, huge_header_png, png_bytes, slow
-from test_serve_app import AppClient
+from test_serve_app import AppClient, served_app
 
 pytestmark = pytest.mark.filterwarnings("ignore:coroutine .*__del__.* was never awaited:RuntimeWarning")
 
@@ -87,18 +87,8 @@ def svc(tmp_path_factory):
 @pytest.fixture(scope="module")
 def svc_url(svc):
     """The same app behind uvicorn on 127.0.0.1, for raw sockets that hold an upload open."""
-    import uvicorn
-
-    from cupscale_dist.services import serve as service
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(service.app, host="127.0.0.1", port=port, log_level="critical"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    assert wait_until(lambda: server.started, 60), "uvicorn did not start"
-    yield port
-    server.should_exit = True
-    thread.join(timeout=10)
+    with served_app(log_level="critical") as port:
+        yield port
 
 
 def post_head(port: int, length: int | None, query: str = "seed=1") -> socket.socket:

@@ -5,6 +5,7 @@ runs in seconds and needs no Ray processes (on a loaded machine a local Ray may 
 
 from __future__ import annotations
 
+import contextlib
 import time
 import types
 
@@ -102,9 +103,9 @@ def test_app_cancel_and_full_queue(app_service):
     assert_one_line_error(app_service.http.get(f"/v1/jobs/{running}/result", headers=app_service.headers()), 409)
 
 
-@pytest.fixture(scope="module")
-def app_http(app_service):
-    """The same app behind a real HTTP server on 127.0.0.1 (uvicorn in a thread), for clients in other processes."""
+@contextlib.contextmanager
+def served_app(log_level: str = "warning"):
+    """The service's app behind a real HTTP server on 127.0.0.1 (uvicorn in a thread); yields its port."""
     import threading
 
     import uvicorn
@@ -113,16 +114,25 @@ def app_http(app_service):
     from test_serve import free_port
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(service.app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(service.app, host="127.0.0.1", port=port, log_level=log_level))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
     while not server.started:
         assert time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def app_http(app_service):
+    """The same app over HTTP, for clients in other processes."""
+    with served_app() as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.mark.skipif(not COMFYUI_DIR, reason="no ComfyUI core: set CUPSCALE_COMFYUI_DIR (docs/layout.md 'The service and the ComfyUI node')")
