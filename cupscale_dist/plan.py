@@ -8,7 +8,6 @@ pipeline runs the same plan (:func:`make_plan` with the loaded model's spec): it
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,7 +85,6 @@ class Plan:
     vae_scale_factor: int  # px per latent px, from the model's VAE config
     latent_channels: int
     config: UpscaleConfig
-    parameters: dict | None = None  # per component, from the model files' headers (for the memory estimate)
 
     @property
     def steps(self) -> int:
@@ -111,11 +109,10 @@ class Plan:
 
     def weights_estimate(self) -> dict:
         """GB of weights each model worker holds on its device, in the chosen mode and the others."""
-        if self.parameters is None:
-            return {}
         from .models.weights import weights_gb
 
-        modes = {mode: weights_gb(self.parameters, mode, self.config.dtype) for mode in ("full", "fp8", "offload")}
+        parameters = model_parameters_of(self.config)  # headers read here only: a batch's per-item checks skip it
+        modes = {mode: weights_gb(parameters, mode, self.config.dtype) for mode in ("full", "fp8", "offload")}
         return {"weights": self.config.weights, "est_weights_gb_per_actor": modes[self.config.weights],
                 "est_weights_gb_per_actor_by_mode": modes}
 
@@ -147,7 +144,6 @@ def check_inputs(input_size: tuple[int, int], config: UpscaleConfig, spec=None, 
     to resume from): every field of it.
     """
     plan = make_plan(input_size, config, model_geometry_of(config, spec))
-    plan = dataclasses.replace(plan, parameters=model_parameters_of(config, spec))
     config.check_output_size(plan.output_size)
     if output is not None:
         from .files.imageio import check_output_side
@@ -162,11 +158,11 @@ def check_inputs(input_size: tuple[int, int], config: UpscaleConfig, spec=None, 
     return plan
 
 
-def model_parameters_of(config: UpscaleConfig, spec=None) -> dict[str, int]:
+def model_parameters_of(config: UpscaleConfig) -> dict[str, int]:
     """Parameters per component: from the headers of a local diffusers directory, else SDXL base's published ones."""
     from .models.weights import SDXL_PARAMETERS, component_parameters
 
-    path = spec.path if spec is not None else config.model
+    path = config.model
     if path == "demo":
         from .demo import demo_model_dir
 

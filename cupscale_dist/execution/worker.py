@@ -1,11 +1,11 @@
-"""Every forward pass of the method, on one device: :class:`ModelWorker`, and :class:`LocalExecutor` to run it here.
+"""Every forward pass of the method, on one device: :class:`ModelWorker`.
 
 A ``ModelWorker`` holds the whole pipeline (UNet, VAE, text encoders) and offers one method per kind of call the
 method makes: ``predict`` (9a), ``encode_tile`` (2), ``decode_tile`` (10), ``encode_prompts`` (6) and ``probe`` (7).
 Each only calls a core function (:mod:`step`, :mod:`vae`, :mod:`masks`) and returns numpy arrays. The driver never
-calls a module directly: it asks an *executor* to ``map`` a method over calls, in order. ``LocalExecutor`` (the
-single-process reference) runs them here; ``orchestrator.RayExecutor`` fans them out to actors that each hold a
-``ModelWorker``. Same functions, same calls, same order: the same bytes.
+calls a module directly: it asks an *executor* to ``map`` a method over calls, in order. ``executor.LocalExecutor``
+(the single-process reference) runs them in this process; ``pool.RayExecutor`` fans them out to actors that each
+hold a ``ModelWorker``. Same functions, same calls, same order: the same bytes.
 
 Why every forward pass sits on the workers, the VAE too: a CPU-only head decodes one 1024 px SDXL tile in about
 2 minutes and a 16K stage has 441 of them (architecture.md); on a GPU worker it is 90 ms.

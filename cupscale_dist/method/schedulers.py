@@ -53,9 +53,12 @@ class SchedulerKind:
         """The carried state, detached (None for a single-step scheduler)."""
         if not self.state:
             return None
-        copy = lambda v: v.clone() if isinstance(v, torch.Tensor) else v  # noqa: E731
-        return {name: ([copy(v) for v in value] if isinstance(value, list) else copy(value))
-                for name in self.state for value in [getattr(scheduler, name)]}
+        def detached(value):
+            if isinstance(value, list):
+                return [detached(v) for v in value]
+            return value.clone() if isinstance(value, torch.Tensor) else value
+
+        return {name: detached(getattr(scheduler, name)) for name in self.state}
 
     def set_state(self, scheduler, state: dict | None) -> None:
         for name in self.state:

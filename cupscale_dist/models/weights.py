@@ -113,10 +113,11 @@ def component_parameters(model_dir) -> dict[str, int] | None:
 def weights_gb(parameters: dict[str, int], mode: str, dtype: str) -> float:
     """GB of weights one worker holds on its device in ``mode`` (activations come on top, per view batch)."""
     width = STORED_BYTES.get(dtype, 2)
-    denoiser = parameters["unet"] * (1 if mode == "fp8" else width)
-    if mode == "offload":
-        denoiser = parameters["unet"] * width * OFFLOAD_RESIDENT_UNET
-    encoders = (parameters["text_encoder"] + parameters["text_encoder_2"]) * (1 if mode == "fp8" else width)
-    if mode == "offload":
-        encoders = parameters["text_encoder_2"] * width / 8  # leaf level: one layer at a time (of ~32)
-    return round((denoiser + encoders + parameters["vae"] * width) / 1e9, 2)
+    unet, encoders = parameters["unet"], parameters["text_encoder"] + parameters["text_encoder_2"]
+    if mode == "fp8":  # one byte per stored weight
+        held = unet + encoders
+    elif mode == "offload":  # resident block groups; leaf level: one encoder layer at a time (of ~32)
+        held = (unet * OFFLOAD_RESIDENT_UNET + parameters["text_encoder_2"] / 8) * width
+    else:
+        held = (unet + encoders) * width
+    return round((held + parameters["vae"] * width) / 1e9, 2)

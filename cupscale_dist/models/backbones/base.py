@@ -11,6 +11,7 @@ tensor crosses the contract in the layouts :class:`cupscale_dist.method.step.Sta
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ from ...method.step import StageContext
 from ...method.vae import encode_pixels, tile_to_tensor
 
 
-class UNetBackbone:
+class UNetBackbone(ABC):
     """A Stable Diffusion UNet family: CLIP text encoders, a 4-channel VAE, cross-attention over 77 tokens."""
 
     family: str
@@ -30,13 +31,14 @@ class UNetBackbone:
     upcast_vae_in_fp16 = False  # a VAE that overflows in fp16 is kept in fp32 (as the family's diffusers pipeline does)
 
     @staticmethod
+    @abstractmethod
     def pipeline_class():
-        raise NotImplementedError
+        """The family's diffusers pipeline class (imported on call: the driver needs only its name)."""
 
     @classmethod
+    @abstractmethod
     def pipeline_options(cls, model_index: dict) -> dict:
         """Keyword arguments the family's pipeline is built with (besides its components)."""
-        raise NotImplementedError
 
     def __init__(self, unet, *, pipe=None, controlnet=None):
         self.unet, self.pipe, self.controlnet = unet, pipe, controlnet
@@ -53,9 +55,9 @@ class UNetBackbone:
         return self.unet.dtype
 
     # -- step 6 ------------------------------------------------------------------------------------------------
+    @abstractmethod
     def encode_prompts(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
         """(embeds (U, 77, D), pooled (U, Dp) or None), float32, cut to 77 tokens."""
-        raise NotImplementedError
 
     # -- step 9a -----------------------------------------------------------------------------------------------
     def added_conditioning(self, context: StageContext, prompt_ids: torch.Tensor, rects: np.ndarray,
