@@ -120,6 +120,21 @@ def predict_step(executor, context, latents: torch.Tensor, views: np.ndarray, ti
         yield batch, read_only_tensor(eps)  # only read by the reduction
 
 
+def warm_up_compiled(executor, context, latents: torch.Tensor, views: np.ndarray, timestep, input_scale: float,
+                     control: np.ndarray | None) -> None:
+    """compile=true: every worker runs one batch of each size the loop sends (zeros, results dropped), so inductor
+    compiles before the progress bar starts and the bar's rate is the compiled one."""
+    top, left, bottom, right = views[0]  # every view has the tile's size
+    calls = []
+    for size in sorted({len(batch) for batch in view_batches(len(views), executor.batch_size)}):
+        rects = views[:size]
+        windows = np.zeros((size, latents.shape[1], bottom - top, right - left), dtype=np.float32)
+        args = (context, windows, float(timestep), input_scale, np.arange(size), rects)
+        calls.append(args if control is None else (*args, control_crops(control, rects, executor.spec.vae_scale_factor)))
+    log.info("compiling the UNet's repeated blocks on every worker (batch sizes %s)", [len(c[1]) for c in calls])
+    executor.broadcast("warm_up", calls)
+
+
 @dataclass
 class StagePrompts:
     """Step 6's output for one stage: unique prompts' embeddings and each view's index into them."""
@@ -219,6 +234,9 @@ def run_stage(executor, config: UpscaleConfig, stage: StagePlan, image: Image.Im
     shared = executor.share(context)  # sent once per stage; each call carries only its windows
     # 9. Denoising loop: predict every view, reduce + prior, one scheduler step on the whole latent.
     first = resume.step if resume else 0
+    if config.compile:
+        warm_up_compiled(executor, shared, latents, views, schedule.timestep(first), schedule.input_scale(first),
+                         control)
     bar = tqdm(total=schedule.num_steps, initial=first, disable=not progress, unit="step",
                desc=f"stage {stage.index + 1} {stage.size[0]}x{stage.size[1]} ({len(views)} views)")
     for step in range(first, schedule.num_steps):

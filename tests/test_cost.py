@@ -127,6 +127,39 @@ def test_fp8_weights_are_stored_in_fp8_and_keep_the_picture(sdxl_dir, sdxl_model
     assert not np.array_equal(fp8, full) and psnr(fp8, full) >= 25
 
 
+@pytest.mark.parametrize("variant", [None, "fp16"])
+def test_the_unet_read_straight_into_fp8_is_diffusers_layerwise_casting_byte_for_byte(sdxl_dir, tmp_path, variant):
+    """weights=fp8 reads the UNet tensor by tensor into fp8 storage (its peak memory never holds it whole in the
+    compute dtype); what it holds is exactly what diffusers' layerwise casting of the loaded UNet holds: every tensor's
+    dtype and bytes, and the hooks (same predictions). The fp16 variant's files are chosen where asked."""
+    from diffusers import UNet2DConditionModel
+
+    from cupscale_dist.models.fp8_loading import load_denoiser_fp8
+    from cupscale_dist.models.weights import FP8
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(sdxl_dir, model_dir)
+    if variant:  # an fp16 variant beside the fp32 files, as hub repositories ship them
+        UNet2DConditionModel.from_pretrained(model_dir / "unet").half().save_pretrained(model_dir / "unet",
+                                                                                          variant=variant)
+    reference = UNet2DConditionModel.from_pretrained(model_dir / "unet", variant=variant)
+    reference.enable_layerwise_casting(storage_dtype=FP8, compute_dtype=torch.float32)
+    streamed = load_denoiser_fp8(UNet2DConditionModel, model_dir / "unet", variant, torch.float32)
+    ours, theirs = streamed.state_dict(), reference.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert any(t.dtype == FP8 for t in ours.values()) and any(t.dtype == torch.float32 for t in ours.values())
+    for name, tensor in theirs.items():
+        assert ours[name].dtype == tensor.dtype, name
+        assert torch.equal(ours[name].view(torch.uint8), tensor.view(torch.uint8)), name
+    config = reference.config
+    sample, states = torch.randn(1, 4, 16, 16), torch.randn(1, 77, config.cross_attention_dim)
+    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    added = {"text_embeds": torch.randn(1, pooled), "time_ids": torch.randn(1, 6)}
+    with torch.no_grad():
+        assert torch.equal(streamed(sample, 500, states, added_cond_kwargs=added).sample,
+                           reference(sample, 500, states, added_cond_kwargs=added).sample)
+
+
 def test_offload_without_a_gpu_is_one_line_before_any_weights_load(sdxl_dir, monkeypatch):
     from cupscale_dist import UpscaleConfig, UserError
     from cupscale_dist.execution.worker import ModelWorker
@@ -173,6 +206,37 @@ def test_a_compiled_unet_gives_the_eager_latents_within_1e_3(sdxl_model):
     eager = predict_views(sdxl_model.backbone, windows, 500, 0.5, context, [0, 1], RECTS)
     ours = predict_views(backbone, windows, 500, 0.5, context, [0, 1], RECTS)
     assert (ours - eager).abs().max() <= 1e-3
+
+
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="torch's inductor needs a C++ compiler on CPU (compile=true refuses to start without one)")
+def test_compile_happens_before_the_progress_bar_for_every_batch_size(sdxl_dir, photo, monkeypatch):
+    """compile=true: the warm-up runs each batch size the loop sends (here a full batch of 4 and a remainder) before
+    the denoising bar starts, so no graph is compiled while the bar runs; and every frame dynamo met was compiled
+    (the probe's pass runs eager: compiled, its recompiles used up dynamo's limit and left the loop eager)."""
+    from torch._dynamo.utils import counters
+
+    from cupscale_dist import pipeline
+    from cupscale_dist.execution.worker import ModelWorker
+
+    config = small_config(sdxl_dir, steps=4, compile=True, view_batch_size=4)
+    plan = make_plan(photo.size, config, (8, 4))
+    assert len(plan.stages[0].views) % 4  # a remainder batch: two shapes to compile
+    at_bar = []
+
+    def bar(*args, **kwargs):
+        at_bar.append(counters["stats"]["unique_graphs"])
+        return pipeline_tqdm(*args, **kwargs)
+
+    pipeline_tqdm = pipeline.tqdm
+    monkeypatch.setattr(pipeline, "tqdm", bar)
+    torch._dynamo.reset()
+    counters.clear()
+    worker = ModelWorker(sdxl_dir, device="cpu", dtype="float32", compile=True)
+    upscale(photo, config, model=worker, progress=False)
+    assert at_bar and at_bar[0] > 0  # compiled by then (the warm-up, after the probe's own shapes)
+    assert counters["stats"]["unique_graphs"] == at_bar[0]
+    assert counters["frames"]["ok"] == counters["frames"]["total"]
 
 
 def test_lcm_with_a_cfg_guidance_is_one_line():

@@ -44,6 +44,9 @@ class Executor(Protocol):
     def map(self, method: str, calls: Iterable[tuple]) -> Iterator:
         """``worker.method(*args)`` for each call, results in call order."""
 
+    def broadcast(self, method: str, calls: list[tuple]) -> None:
+        """Every worker runs every call, results dropped (the compile warm-up: each worker compiles its own UNet)."""
+
     def close(self) -> None:
         """The end of one run: release the workers, unless the executor was opened with ``keep=True``."""
 

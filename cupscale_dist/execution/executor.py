@@ -48,6 +48,10 @@ class LocalExecutor:
         for args in calls:
             yield run(*args)
 
+    def broadcast(self, method: str, calls: list[tuple]) -> None:
+        for _ in self.map(method, calls):
+            pass
+
     def close(self) -> None:
         pass  # the worker is the caller's (or dies with this executor): nothing is placed, nothing to free
 

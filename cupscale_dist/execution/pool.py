@@ -241,6 +241,24 @@ class WorkerPool:
                 return f"{node} lost"
         return None
 
+    def broadcast(self, method: str, calls: list[tuple]) -> None:
+        """Every live actor runs every call (results dropped). A worker lost meanwhile (or its node) is left to
+        :meth:`map`'s replacement, which compiles at its first call: a warm-up never stops or hangs a run."""
+        import ray
+
+        submitted = [(actor.call.remote(method, args), slot, actor)
+                     for slot, (actor, live) in enumerate(zip(self.actors, self.live)) if live for args in calls]
+        for ref, slot, actor in submitted:
+            if (reason := self._lost(ref, slot, actor)) is None:
+                try:
+                    ray.get(ref)
+                    continue
+                except ray.exceptions.RayTaskError as exc:  # the model itself failed (e.g. inductor)
+                    raise UserError(f"model worker failed in {method}: {root_cause(exc)}") from None
+                except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as exc:
+                    reason = root_cause(exc)
+            log.warning("model worker %d lost during the %s (%s); the run goes on", slot, method, reason)
+
     def usage(self) -> list[dict]:
         """Per actor: pid and CPU seconds its process used so far (bench/scale.py compares them with the driver's)."""
         import ray
@@ -278,6 +296,9 @@ class RayExecutor:
 
     def map(self, method: str, calls: Iterable[tuple]) -> Iterator:
         return self.pool.map(method, calls)
+
+    def broadcast(self, method: str, calls: list[tuple]) -> None:
+        self.pool.broadcast(method, calls)
 
     def close(self) -> None:
         if not self.keep:

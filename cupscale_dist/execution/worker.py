@@ -42,7 +42,7 @@ class ModelWorker:
             check_compile(self.device)
         # a resolved spec keeps the user's name for logs and errors
         self.spec = spec or ModelSpec.read(model_dir, model_config=model_config)
-        self.pipe = load_pipeline(model_dir, self.device, self.dtype, variant, self.spec.model_config)
+        self.pipe = load_pipeline(model_dir, self.device, self.dtype, variant, self.spec.model_config, weights)
         self.addons = addons
         if addons.loras:  # before the regional processors go in: peft wraps the attention projections
             from ..models.lora import apply_loras
@@ -62,6 +62,7 @@ class ModelWorker:
         self._upscaler = None  # the upscale model, loaded at its first tile (resize='model')
         self._built_for: tuple | None = None  # the add-on request of the config it was loaded for (for_config)
         self._context: tuple[StageContext, StageContext] | None = None  # (as received, on the device)
+        self._warmed: set[tuple] = set()  # (windows shape, with control) already run once (compile=true)
 
     @classmethod
     def load(cls, model: str, device: str = "auto", dtype: str = "auto", variant: str | None = None,
@@ -115,6 +116,15 @@ class ModelWorker:
         image = None if control is None else control_tensor(control)
         return predict_views(self.backbone, read_only_tensor(windows), timestep, input_scale, self._context[1],
                              view_ids, rects, image).numpy()
+
+    def warm_up(self, context: StageContext, windows: np.ndarray, timestep: float, input_scale: float,
+                view_ids: np.ndarray, rects: np.ndarray, control: np.ndarray | None = None) -> None:
+        """compile=true: one :meth:`predict` of a batch shape this worker has not run yet, result dropped, so that
+        inductor compiles before the denoising loop's progress bar starts (a kept worker skips shapes it knows)."""
+        shape = (windows.shape, control is None)
+        if shape not in self._warmed:
+            self.predict(context, windows, timestep, input_scale, view_ids, rects, control)
+            self._warmed.add(shape)
 
     def upscale_tile(self, pixels: np.ndarray) -> np.ndarray:
         """1 (resize='model'): one uint8 HxWx3 tile through the upscale model -> uint8 (sH)x(sW)x3."""

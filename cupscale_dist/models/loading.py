@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+from pathlib import Path
 
 import torch
 
@@ -37,19 +38,25 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return table[dtype]
 
 
-def load_component(model_dir: str, name: str, dtype: torch.dtype, variant: str | None):
-    """One component as model_index.json names its class, in ``variant`` where that component has its files."""
+def load_component(model_dir: str, name: str, dtype: torch.dtype, variant: str | None, streamed_fp8: bool = False):
+    """One component as model_index.json names its class, in ``variant`` where that component has its files
+    (``streamed_fp8``: stored in fp8 as it is read, :mod:`cupscale_dist.models.fp8_loading`)."""
     library, class_name = read_json(model_dir, "model_index.json")[name]
     cls = getattr(importlib.import_module(library), class_name)
     if name.startswith(("tokenizer", "scheduler")):
         return cls.from_pretrained(model_dir, subfolder=name)
-    return cls.from_pretrained(model_dir, subfolder=name, dtype=dtype,
-                               variant=component_variant(model_dir, name, variant))
+    variant = component_variant(model_dir, name, variant)
+    if streamed_fp8:
+        from .fp8_loading import load_denoiser_fp8
+
+        return load_denoiser_fp8(cls, Path(model_dir) / name, variant, dtype)
+    return cls.from_pretrained(model_dir, subfolder=name, dtype=dtype, variant=variant)
 
 
 def load_pipeline(model_dir: str, device: torch.device, dtype: torch.dtype, variant: str | None = None,
-                  model_config: str | None = None):
-    """The family's diffusers pipeline built from its components (what a worker holds), on ``device``."""
+                  model_config: str | None = None, weights: str = "full"):
+    """The family's diffusers pipeline built from its components (what a worker holds), on ``device``.
+    ``weights='fp8'``: a diffusers directory's UNet is read straight into fp8 storage (never whole in ``dtype``)."""
     from diffusers.utils import logging as diffusers_logging
 
     configs = config_dir(model_dir, model_config)
@@ -62,7 +69,9 @@ def load_pipeline(model_dir: str, device: torch.device, dtype: torch.dtype, vari
         pipe = load_single_file(model_dir, configs, family, dtype)
     else:
         try:
-            parts = {name: load_component(model_dir, name, dtype, variant) for name in backbone.components}
+            streamed = {"unet"} if weights == "fp8" else set()
+            parts = {name: load_component(model_dir, name, dtype, variant, streamed_fp8=name in streamed)
+                     for name in backbone.components}
         except (OSError, ValueError, KeyError) as exc:
             raise UserError(f"--model {model_dir}: could not be loaded ({str(exc).splitlines()[0]}); "
                             "check the directory or use --model demo") from None

@@ -56,7 +56,8 @@ def apply_weights_mode(pipe, controlnet, mode: str, compute_dtype: torch.dtype, 
         from diffusers.hooks import apply_layerwise_casting
 
         for module in denoisers:
-            module.enable_layerwise_casting(storage_dtype=FP8, compute_dtype=compute_dtype)
+            if not stored_in_fp8(module):  # a UNet read straight into fp8 (models.fp8_loading) has its hooks
+                module.enable_layerwise_casting(storage_dtype=FP8, compute_dtype=compute_dtype)
         for module in encoders:
             apply_layerwise_casting(module, FP8, compute_dtype, skip_modules_pattern=TEXT_ENCODER_SKIP)
         log.info("weights stored as %s, computed in %s", FP8, compute_dtype)
@@ -71,6 +72,10 @@ def apply_weights_mode(pipe, controlnet, mode: str, compute_dtype: torch.dtype, 
         module.to("cpu")
         apply_group_offloading(module, onload_device=device, offload_type="leaf_level")
     log.info("weights offloaded to CPU memory, onloaded block by block onto %s", device)
+
+
+def stored_in_fp8(module) -> bool:
+    return any(p.dtype == FP8 for p in module.parameters())
 
 
 def compile_denoiser(unet) -> None:

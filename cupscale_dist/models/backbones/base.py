@@ -115,4 +115,9 @@ class UNetBackbone(ABC):
         latent = encode_pixels(vae, tile_to_tensor(pixels))
         noisy = math.sqrt(alpha_bar) * latent + math.sqrt(1 - alpha_bar) * noise
         added = self.probe_conditioning(pooled, *pixels.shape[:2])
-        return probe_attention_maps(self.unet, noisy.to(self.device), timestep, prompt_embeds.to(self.device), added)
+        # Eager even under compile=true: the probe's processors record maps (a side effect dynamo recompiles every
+        # block for), and its native-size shapes are used once; compiled, they would use up dynamo's recompile
+        # limit and leave the denoising loop itself eager.
+        with torch.compiler.set_stance("force_eager"):
+            return probe_attention_maps(self.unet, noisy.to(self.device), timestep, prompt_embeds.to(self.device),
+                                        added)
