@@ -19,13 +19,16 @@ import torch
 class PipelineWorker:
     def __init__(self, model_dir: str, model: str, device: str, dtype: str, variant: str | None,
                  torch_threads: int | None, memory_fraction: float | None, addons, model_config: str | None,
-                 weights: str, compile: bool, index: int):
+                 weights: str, compile: bool, device_gb: float, index: int):
         from cupscale_dist.models.hub import resolve_model
         from cupscale_dist.execution.worker import ModelWorker
 
         if torch_threads:  # same thread count as the reference => same CPU bits (architecture.md)
             torch.set_num_threads(torch_threads)
         if memory_fraction and device == "cuda":  # a GPU shared with a captioner: stay inside this actor's share
+            from cupscale_dist.models.weights import check_fits_share
+
+            check_fits_share(device_gb, memory_fraction, torch.cuda.get_device_properties(0).total_memory, weights)
             torch.cuda.set_per_process_memory_fraction(memory_fraction)
         self.index = index
         # The driver resolved the model once; on a node that does not share its path, resolve (fetch) it here.

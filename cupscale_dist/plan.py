@@ -159,15 +159,15 @@ def check_inputs(input_size: tuple[int, int], config: UpscaleConfig, spec=None, 
 
 
 def model_parameters_of(config: UpscaleConfig) -> dict[str, int]:
-    """Parameters per component: from the headers of a local diffusers directory, else SDXL base's published ones."""
-    from .models.weights import SDXL_PARAMETERS, component_parameters
+    """Parameters per component of the config's model (the demo's directory, a local one, else SDXL base's)."""
+    from .models.weights import parameters_of
 
     path = config.model
     if path == "demo":
         from .demo import demo_model_dir
 
         path = str(demo_model_dir())
-    return (component_parameters(path) if Path(path).expanduser().is_dir() else None) or SDXL_PARAMETERS
+    return parameters_of(path)
 
 
 def model_geometry_of(config: UpscaleConfig, spec=None) -> tuple[int, int]:

@@ -98,10 +98,54 @@ def test_a_captioner_that_cannot_fit_beside_whole_gpu_workers_fails_within_the_s
 
 def test_workers_that_ask_for_more_gpus_than_exist_fail_within_the_start_timeout(one_gpu_cluster, sdxl_dir):
     start = time.monotonic()
-    with pytest.raises(UserError, match=r"model workers: 2 x \(0.5 CPU, 1 GPU\) could not be placed within 3 s"):
+    with pytest.raises(UserError, match=r"model workers: 2 x \(0.5 CPU, 1 GPU, [0-9.]+ GB memory\) could not be "
+                                        r"placed within 3 s"):
         WorkerPool(small_config(sdxl_dir), ClusterOptions(actors=2, gpus_per_actor=1, cpus_per_actor=0.5,
                                                           start_timeout_s=3), ModelSpec.load(sdxl_dir))
     assert time.monotonic() - start < 30
+
+
+def huge_model(sdxl_dir: str, root) -> str:
+    """The tiny model's directory with a UNet file whose header (all a plan or a pool reads of it) declares 10^12
+    float32 parameters: 4 TB of weights in full, 1 TB in fp8."""
+    import json
+    import struct
+
+    path = root / "huge"
+    shutil.copytree(sdxl_dir, path)
+    header = json.dumps({"w": {"dtype": "F32", "shape": [10**6, 10**6], "data_offsets": [0, 0]}}).encode()
+    for old in (path / "unet").glob("*.safetensors"):
+        old.write_bytes(struct.pack("<Q", len(header)) + header)
+    return str(path)
+
+
+def test_workers_reserve_their_weights_modes_memory_on_a_node(one_gpu_cluster, sdxl_dir, tmp_path):
+    """Placement uses each weights mode's footprint: a CPU worker reserves its weights' memory on its node (Ray's
+    `memory` resource), so a model bigger than any node fails within the start timeout, in one line naming the
+    memory asked and weights=fp8; fp8 asks a quarter of float32's (one byte per stored weight instead of four)."""
+    model = huge_model(sdxl_dir, tmp_path)
+    asked = {}
+    for weights in ("full", "fp8"):
+        start = time.monotonic()
+        with pytest.raises(UserError, match=r"model workers: 1 x \(1 CPU, ([0-9.]+) GB memory\) could not be placed "
+                                            r"within 3 s; the cluster has .* free .*weights=fp8 for less memory") as err:
+            WorkerPool(small_config(model, weights=weights), ClusterOptions(actors=1, cpus_per_actor=1, gpus_per_actor=0,
+                                                                            start_timeout_s=3), ModelSpec.load(model))
+        assert time.monotonic() - start < 30
+        asked[weights] = float(err.value.args[0].split("CPU, ")[1].split(" GB")[0])
+    assert asked["full"] == pytest.approx(4000, rel=0.01) and asked["fp8"] == pytest.approx(asked["full"] / 4, rel=0.01)
+
+
+def test_a_gpu_share_too_small_for_the_weights_is_one_line_naming_the_lighter_modes():
+    from cupscale_dist.models.weights import SDXL_PARAMETERS, check_fits_share, worker_memory_gb
+
+    full, host = worker_memory_gb(SDXL_PARAMETERS, "full", "auto", "cuda")
+    offload, offload_host = worker_memory_gb(SDXL_PARAMETERS, "offload", "auto", "cuda")
+    assert host == 0 and offload_host == full and offload < full / 2  # offloaded blocks wait in the node's memory
+    check_fits_share(full, 0.6, 24 * 10**9, "full")  # SDXL beside a captioner on a 24 GB card: fits
+    with pytest.raises(UserError, match=r"need ~6.94 GB in weights=full, its GPU share \(0.2 of 24 GB\) caps it at "
+                                        r"4.8 GB; use weights=fp8 or weights=offload"):
+        check_fits_share(full, 0.2, 24 * 10**9, "full")
 
 
 def test_batch_image_workers_leave_their_captioner_its_share_of_the_gpu(sdxl_dir):

@@ -38,19 +38,22 @@ def _node_id(actor) -> str:
 
 
 class ActorGroup:
-    """``count`` actors of ``actor_class``, one per bundle of (``num_cpus``, ``num_gpus``) in one placement group.
+    """``count`` actors of ``actor_class``, one per bundle of (``num_cpus``, ``num_gpus``, ``memory_bytes``) in one
+    placement group.
 
     ``what`` and ``hint`` word the one-line error when the bundles cannot be placed within ``placement_timeout_s``;
     ``actor_options`` go to ``.options()`` (restarts, runtime env). A replacement goes into its slot's bundle.
     """
 
     def __init__(self, actor_class, count: int, *, num_cpus: float, num_gpus: float, placement_timeout_s: float,
-                 what: str, hint: str, **actor_options):
+                 what: str, hint: str, memory_bytes: int = 0, **actor_options):
         import ray
 
-        self.group = reserve(count, num_cpus, num_gpus, placement_timeout_s, what, hint)
+        self.group = reserve(count, num_cpus, num_gpus, placement_timeout_s, what, hint, memory_bytes)
         self.remote_cls = ray.remote(actor_class)
         self.options = dict(num_cpus=num_cpus, num_gpus=num_gpus, **actor_options)
+        if memory_bytes:
+            self.options["memory"] = memory_bytes
         self.actors: list = [None] * count  # live handles, by slot
         self.located: list = [None] * count  # per slot: a ref to its actor's node id, answered once the actor is up
         self.nodes: list[str | None] = [None] * count  # per slot: the node its actor lives on, once known

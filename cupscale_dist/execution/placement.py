@@ -75,13 +75,14 @@ def memory_fraction(share: float) -> float | None:
     return share if 0 < share < 1 else None
 
 
-def reserve(count: int, cpus: float, gpus: float, timeout_s: float, what: str, hint: str):
-    """A placement group of ``count`` bundles of (``cpus``, ``gpus``), or a one-line UserError naming what was
-    asked and what is free after ``timeout_s``. None when the bundles ask for nothing (always placeable)."""
+def reserve(count: int, cpus: float, gpus: float, timeout_s: float, what: str, hint: str, memory_bytes: int = 0):
+    """A placement group of ``count`` bundles of (``cpus``, ``gpus``, ``memory_bytes`` of a node's memory), or a
+    one-line UserError naming what was asked and what is free after ``timeout_s``. None when the bundles ask for
+    nothing (always placeable)."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    bundle = {k: v for k, v in (("CPU", cpus), ("GPU", gpus)) if v}
+    bundle = {k: v for k, v in (("CPU", cpus), ("GPU", gpus), ("memory", memory_bytes)) if v}
     if not bundle:
         return None
     group = placement_group([dict(bundle)] * count, strategy="PACK")
@@ -89,7 +90,8 @@ def reserve(count: int, cpus: float, gpus: float, timeout_s: float, what: str, h
         return group
     remove_placement_group(group)
     free, total = ray.available_resources(), ray.cluster_resources()
-    free, total = ({k: round(r.get(k, 0.0), 3) for k in ("CPU", "GPU")} for r in (free, total))
-    asked = ", ".join(f"{v:g} {k}" for k, v in bundle.items())
+    free, total = ({k: round(r.get(k, 0.0) / (1e9 if k == "memory" else 1), 3) for k in ("CPU", "GPU", "memory")}
+                   for r in (free, total))  # memory in GB
+    asked = ", ".join(f"{round(v / 1e9, 2):g} GB memory" if k == "memory" else f"{v:g} {k}" for k, v in bundle.items())
     raise UserError(f"{what}: {count} x ({asked}) could not be placed within {timeout_s:g} s; the cluster has "
                     f"{free} free of {total} (a fractional GPU must fit on one GPU); {hint}")

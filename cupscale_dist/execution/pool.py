@@ -30,6 +30,7 @@ from ..errors import UserError
 from ..models.spec import ModelSpec
 from .contract import Shared
 from .actorgroup import HEALTH_POLL_S, ActorGroup, NotReady
+from ..models.weights import parameters_of, worker_memory_gb
 from .placement import memory_fraction, model_worker_share, worker_count
 from .raycluster import ClusterOptions, connect, root_cause
 
@@ -64,13 +65,17 @@ class WorkerPool:
         # CPU bits depend on the thread count: actors use the driver's, so --actors N gives the reference's bytes.
         threads = config.torch_threads or (torch.get_num_threads() if device == "cpu" else None)
         fraction = memory_fraction(self.num_gpus) if device == "cuda" else None
+        # Each weights mode's footprint: the GPU share must hold the device part (checked on the actor, which knows
+        # its GPU's size), the node's memory the host part (a Ray `memory` reservation).
+        device_gb, host_gb = worker_memory_gb(parameters_of(spec.path), config.weights, config.dtype, device)
         self.load_args = (spec.path, spec.name, device, config.dtype, config.variant, threads, fraction, addons,
-                          spec.model_config, config.weights, config.compile)
+                          spec.model_config, config.weights, config.compile, device_gb)
         # benches pass a stand-in subclass as actor_class
         self.group = ActorGroup(actor_class or PipelineWorker, self.count, num_cpus=self.num_cpus,
                                 num_gpus=self.num_gpus, placement_timeout_s=options.start_timeout_s,
                                 what="model workers", hint="use fewer --actors or a smaller --gpus-per-actor/"
-                                "--cpus-per-actor (or captioner_gpus)", max_restarts=ACTOR_RESTARTS,
+                                "--cpus-per-actor (or captioner_gpus), or weights=fp8 for less memory",
+                                memory_bytes=int(host_gb * 1e9), max_restarts=ACTOR_RESTARTS,
                                 max_task_retries=ACTOR_RESTARTS)
         self.actors = self.group.actors  # live actors, by slot
         for index in range(self.count):

@@ -96,12 +96,23 @@ OFFLOAD_RESIDENT_UNET = 0.4
 STORED_BYTES = {"float32": 4, "fp32": 4}  # else 2 (bf16/fp16: what 'auto' picks on a GPU)
 
 
+def parameters_of(path) -> dict[str, int]:
+    """Parameters per component: from the headers of a local diffusers directory, else SDXL base's published ones
+    (a single file, a hub id not fetched)."""
+    return (component_parameters(path) if Path(path).expanduser().is_dir() else None) or SDXL_PARAMETERS
+
+
 def component_parameters(model_dir) -> dict[str, int] | None:
-    """Parameter counts per component from the safetensors headers of a local diffusers directory (no weights read)."""
+    """Parameter counts per component from the safetensors headers of a local diffusers directory (no weights read);
+    a component the family has not (SD1.5's second text encoder) counts 0, a UNet without safetensors: None."""
     counts = {}
     for name in SDXL_PARAMETERS:
-        files = sorted((Path(model_dir) / name).glob("*.safetensors"))
+        folder = Path(model_dir) / name
+        files = sorted(folder.glob("*.safetensors"))
         if not files:
+            if name != "unet" and not folder.exists():
+                counts[name] = 0
+                continue
             return None
         files = [f for f in files if ".fp16." not in f.name] or files  # one variant: the counts are the same
         total = 0
@@ -113,6 +124,26 @@ def component_parameters(model_dir) -> dict[str, int] | None:
                 total += math.prod(tensor["shape"])
         counts[name] = total
     return counts
+
+
+def worker_memory_gb(parameters: dict[str, int], mode: str, dtype: str, device_type: str) -> tuple[float, float]:
+    """(device GB, host GB) of one worker's weights: what its GPU share must hold, and what placement reserves of
+    its node's memory (Ray's ``memory`` resource): all of it on CPU, the offloaded blocks with ``offload``."""
+    if dtype == "auto":  # what models.loading.resolve_dtype picks
+        dtype = "bfloat16" if device_type == "cuda" else "float32"
+    held = weights_gb(parameters, mode, dtype)
+    if device_type != "cuda":
+        return 0.0, held
+    return held, weights_gb(parameters, "full", dtype) if mode == "offload" else 0.0
+
+
+def check_fits_share(device_gb: float, fraction: float | None, total_bytes: int, mode: str) -> None:
+    """One line at a worker's start, before any weights load, when its weights alone exceed its GPU share's cap."""
+    if fraction and device_gb > fraction * total_bytes / 1e9:
+        smaller = {"full": "weights=fp8 or weights=offload", "fp8": "weights=offload"}.get(mode, "a smaller model")
+        raise UserError(f"a model worker's weights need ~{device_gb:g} GB in weights={mode}, its GPU share "
+                        f"({fraction:g} of {total_bytes / 1e9:.0f} GB) caps it at {fraction * total_bytes / 1e9:.1f} "
+                        f"GB; use {smaller}, a larger --gpus-per-actor, or a smaller captioner_gpus")
 
 
 def weights_gb(parameters: dict[str, int], mode: str, dtype: str) -> float:
