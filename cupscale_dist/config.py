@@ -66,8 +66,9 @@ class UpscaleConfig:
     weights: Literal["full", "fp8", "offload"] = knob(
         "full", "how each worker holds the model: 'fp8' stores UNet/ControlNet/text-encoder weights as float8 (about "
         "half of bf16, computed in dtype), 'offload' keeps them in CPU memory and streams blocks onto the GPU")
-    compile: bool = knob(False, "torch.compile the UNet's repeated blocks once per worker (regional compilation); "
-                         "off by default: the first call pays the compile time")
+    compile: bool = knob(False, "torch.compile the UNet's repeated blocks once per worker (regional compilation), "
+                         "warmed up on every batch shape before the progress bar; off by default: compiling takes "
+                         "seconds to minutes per worker, worth it only for long runs")
     torch_threads: int | None = knob(None, "pin torch CPU threads: CPU matmul bits depend on the thread count", min=1)
 
     # --- user-level knobs (issue 11): mapped onto the method's own, see `user_knob_values` ---------------------

@@ -147,6 +147,11 @@ MUTATIONS = [
     Mutation("prior-scale-ignored", "cupscale_dist/method/step.py",
              "weight = schedule.prior_scale * prior_weight(", "weight = 1.0 * prior_weight(",
              ("tests/test_user_knobs.py::test_prior_scale_scales_the_injected_prior",)),
+    # issue 23: each view overwriting the overlap instead of the average (a pointwise denoiser cannot tell)
+    Mutation("last-view-wins", "cupscale_dist/method/step.py",
+             "total[..., top:bottom, left:right] += predictions[k]\n                weight[top:bottom, left:right] += 1.0",
+             "total[..., top:bottom, left:right] = predictions[k]\n                weight[top:bottom, left:right] = 1.0",
+             ("tests/test_invariants.py::test_overlapping_views_that_disagree_are_averaged_not_overwritten[uniform]",)),
 ]
 
 
