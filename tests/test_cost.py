@@ -127,6 +127,18 @@ def test_fp8_weights_are_stored_in_fp8_and_keep_the_picture(sdxl_dir, sdxl_model
     assert not np.array_equal(fp8, full) and psnr(fp8, full) >= 25
 
 
+def test_fp8_ray_actors_give_the_fp8_references_bytes(local_ray, sdxl_dir, photo):
+    """Every weights mode keeps Ray == local bytes, the reference being the same mode's in-process run: two fp8
+    actors (each reading its UNet straight into fp8) give the fp8 reference's bytes."""
+    from test_orchestrator import as_bytes, ray_executor
+
+    from cupscale_dist.execution.worker import ModelWorker
+
+    config = small_config(sdxl_dir, steps=3, weights="fp8", view_batch_size=2)
+    expected = as_bytes(upscale(photo, config, model=ModelWorker.for_config(config), progress=False))
+    assert as_bytes(upscale(photo, config, executor=ray_executor(config, 2), progress=False)) == expected
+
+
 @pytest.mark.parametrize("variant", [None, "fp16"])
 def test_the_unet_read_straight_into_fp8_is_diffusers_layerwise_casting_byte_for_byte(sdxl_dir, tmp_path, variant):
     """weights=fp8 reads the UNet tensor by tensor into fp8 storage (its peak memory never holds it whole in the
