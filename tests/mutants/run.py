@@ -5,6 +5,7 @@ Usage, from the repository root::
 
     python tests/mutants/run.py                 # all mutations; table on stderr, JSON on stdout
     python tests/mutants/run.py --only x0-sign  # some of them
+    python tests/mutants/run.py --jobs 1        # one at a time (default: two, one per core of the CI machine)
 
 Each mutation is applied to a temporary copy of ``cupscale_dist/``, ``actors/`` and ``configs/`` that goes first on
 PYTHONPATH (and is the working directory) of a pytest subprocess running only the named tests; the working tree
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,11 +179,13 @@ def environment(tree: Path) -> dict:
     return {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
 
 
-def run_pytest(tree: Path, tests: tuple[str, ...]) -> dict:
-    """Run ``tests`` against the copy in ``tree``: which of them failed, and pytest's exit status."""
+def run_pytest(tree: Path, tests: tuple[str, ...], stop_at_first: bool = False) -> dict:
+    """Run ``tests`` against the copy in ``tree``: which of them failed, and pytest's exit status (``stop_at_first``:
+    a mutant's first failing test is its verdict, the others need not run)."""
     report = tree / "report.xml"
-    command = [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--rootdir={ROOT}",
-               f"--junitxml={report}", *(str(ROOT / t) for t in tests)]
+    command = [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+               f"--rootdir={ROOT}", f"--junitxml={report}", *(["-x"] if stop_at_first else []),
+               *(str(ROOT / t) for t in tests)]
     started = time.monotonic()
     try:
         proc = subprocess.run(command, cwd=tree, env=environment(tree), capture_output=True, text=True,
@@ -214,7 +218,7 @@ def verdict(mutation: Mutation, base: Path) -> dict:
         stale = apply(mutation, tree)
         if stale:
             return {"mutation": mutation.name, "status": "stale", "detail": stale}
-        result = run_pytest(tree, mutation.tests)
+        result = run_pytest(tree, mutation.tests, stop_at_first=True)
     if result["returncode"] == 1 and result["failed"]:
         status = "caught"
     elif result["returncode"] == 0:
@@ -249,6 +253,8 @@ def table_row(row: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these mutations")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="mutants tested at once (each pytest runs its model on one thread)")
     args = parser.parse_args()
     unknown = sorted(set(args.only or ()) - {m.name for m in MUTATIONS})
     if unknown:
@@ -260,9 +266,10 @@ def main() -> int:
         rows = [baseline(mutations, Path(base))]
         print(table_row(rows[0]), file=sys.stderr, flush=True)
         if rows[0]["status"] == "passes":
-            for mutation in mutations:
-                rows.append(verdict(mutation, Path(base)))
-                print(table_row(rows[-1]), file=sys.stderr, flush=True)
+            with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+                for row in pool.map(lambda mutation: verdict(mutation, Path(base)), mutations):
+                    rows.append(row)
+                    print(table_row(row), file=sys.stderr, flush=True)
     seconds = round(time.monotonic() - started, 1)
     print(f"total {seconds} s", file=sys.stderr)
     ok = rows[0]["status"] == "passes" and all(row["status"] == "caught" for row in rows[1:])
