@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import numpy as np
 import pytest
@@ -59,6 +61,9 @@ def local_ray(tmp_path_factory):
     ray = pytest.importorskip("ray")
     from cupscale_dist.execution.raycluster import start_local
 
-    start_local(num_cpus=4, log_to_driver=False, _temp_dir=str(tmp_path_factory.mktemp("ray")))
+    # short: Ray's socket paths must fit 107 bytes (a pytest-xdist worker's tmp path is longer than plain pytest's)
+    temp_dir = tempfile.mkdtemp(prefix="cupscale-ray-", dir="/tmp")
+    start_local(num_cpus=4, log_to_driver=False, _temp_dir=temp_dir)
     yield ray
     ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)

@@ -6,10 +6,12 @@ import json
 import os
 import re
 import secrets
+import shutil
 import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +55,8 @@ class Head:
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     """A real head: `ray start --head` on 127.0.0.1 (token auth, its own temp dir, dashboard = job server)."""
-    root = tmp_path_factory.mktemp("head")
+    # short: Ray's socket paths must fit 107 bytes (a pytest-xdist worker's tmp path is longer than plain pytest's)
+    root = Path(tempfile.mkdtemp(prefix="cupscale-head-", dir="/tmp"))
     token_file = root / "token"
     token_file.write_text(secrets.token_hex(16))
     token_file.chmod(0o644)  # as a plain `echo > file` leaves it: the script must take the others' access away
@@ -78,6 +81,7 @@ def head(tmp_path_factory):
         while (left := subprocess.run(["pgrep", "-f", str(temp_dir)], capture_output=True, text=True).stdout.split()):
             assert time.time() < deadline, f"head processes left: {left}"
             time.sleep(0.5)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def submitted_id(stdout: str) -> str:

@@ -97,33 +97,40 @@ STORED_BYTES = {"float32": 4, "fp32": 4}  # else 2 (bf16/fp16: what 'auto' picks
 
 
 def parameters_of(path) -> dict[str, int]:
-    """Parameters per component: from the headers of a local diffusers directory, else SDXL base's published ones
-    (a single file, a hub id not fetched)."""
-    return (component_parameters(path) if Path(path).expanduser().is_dir() else None) or SDXL_PARAMETERS
+    """Parameters per component, from what is on disk without reading weights: a diffusers directory's headers, a
+    single file's (all of it counted as the UNet); SDXL base's published counts for what is not here (a hub id not
+    fetched) or a directory without a UNet."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        return {**dict.fromkeys(SDXL_PARAMETERS, 0), "unet": file_parameters(path)}
+    if path.is_dir():
+        counts = {name: folder_parameters(path / name) for name in SDXL_PARAMETERS}
+        if counts["unet"]:
+            return counts
+    return SDXL_PARAMETERS
 
 
-def component_parameters(model_dir) -> dict[str, int] | None:
-    """Parameter counts per component from the safetensors headers of a local diffusers directory (no weights read);
-    a component the family has not (SD1.5's second text encoder) counts 0, a UNet without safetensors: None."""
-    counts = {}
-    for name in SDXL_PARAMETERS:
-        folder = Path(model_dir) / name
-        files = sorted(folder.glob("*.safetensors"))
-        if not files:
-            if name != "unet" and not folder.exists():
-                counts[name] = 0
-                continue
-            return None
-        files = [f for f in files if ".fp16." not in f.name] or files  # one variant: the counts are the same
-        total = 0
-        with open(files[0], "rb") as handle:
+def folder_parameters(folder: Path) -> int:
+    """A component's parameters: the sum over its weight files (every shard) of one variant, the full-precision
+    one where it has it; 0 for a component the family has not (SD1.5's second text encoder)."""
+    from .hub import file_variant
+
+    files = sorted(f for f in folder.glob("*") if f.suffix in (".safetensors", ".bin")) if folder.is_dir() else []
+    variants = {file_variant(f.name) for f in files}
+    chosen = None if None in variants else min(variants, default=None)
+    return sum(file_parameters(f) for f in files if file_variant(f.name) == chosen)
+
+
+def file_parameters(path: Path) -> int:
+    """Parameters in one weight file: its safetensors header's shapes; where there is no readable header (a torch
+    pickle, a damaged file: the worker's load will say so), its size at two bytes per parameter."""
+    try:
+        with open(path, "rb") as handle:
             size = struct.unpack("<Q", handle.read(8))[0]
             header = json.loads(handle.read(min(size, 100_000_000)))
-        for key, tensor in header.items():
-            if key != "__metadata__":
-                total += math.prod(tensor["shape"])
-        counts[name] = total
-    return counts
+        return sum(math.prod(t["shape"]) for key, t in header.items() if key != "__metadata__")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error):
+        return path.stat().st_size // 2
 
 
 def worker_memory_gb(parameters: dict[str, int], mode: str, dtype: str, device_type: str) -> tuple[float, float]:

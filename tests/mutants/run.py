@@ -183,7 +183,7 @@ def run_pytest(tree: Path, tests: tuple[str, ...], stop_at_first: bool = False) 
     """Run ``tests`` against the copy in ``tree``: which of them failed, and pytest's exit status (``stop_at_first``:
     a mutant's first failing test is its verdict, the others need not run)."""
     report = tree / "report.xml"
-    command = [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+    command = [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0",
                f"--rootdir={ROOT}", f"--junitxml={report}", *(["-x"] if stop_at_first else []),
                *(str(ROOT / t) for t in tests)]
     started = time.monotonic()
