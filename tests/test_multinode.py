@@ -30,8 +30,11 @@ NEVER_HANGS_S = 120
 CHECKPOINT_WAIT_S = 120  # the driver's first checkpoint: imports, joining, two actors loading the demo model, a step
 STOP_START_TIMEOUT_S = 5  # --start-timeout of the run that loses its only worker: how long a replacement may wait
 # The tiny demo run: 96 px -> 192 px, one stage of 3 steps x 4 views, one view per call (12 calls over the actors).
-RUN = ["--config", "cpu-demo", "--steps", "10", "--set", "view_batch_size=1", "--set", "torch_threads=1", "-q"]
+# 64 px VAE tiles: 16 encode and 16 decode calls, so a node can be lost in the middle of either.
+RUN = ["--config", "cpu-demo", "--steps", "10", "--set", "view_batch_size=1", "--set", "torch_threads=1", "--set",
+       "vae_tile=64", "-q"]
 WORKER_LINE = re.compile(r"worker (\d+) on node (\w+) pid")
+CALLS_LINE = re.compile(r"(\w+) calls start \(first on worker (\d+)\)")  # the driver's -v line when a phase starts
 
 
 @pytest.fixture(scope="module")
@@ -87,14 +90,36 @@ def pixels(path: Path) -> np.ndarray:
 
 
 class Driver:
-    """`cupscale -v upscale ...` inside a node's namespace; its stderr collected as it comes."""
+    """`cupscale -v upscale ...` (or another ``command``) inside a node's namespace; its stderr collected as it comes.
 
-    def __init__(self, cluster: netns.Cluster, node: netns.Node, *args: str):
-        self.proc = cluster.popen(node, [cluster.python, "-m", "cupscale_dist.cli", "-v", "upscale", *args,
-                                         "--address", cluster.gcs_address], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)
+    ``lose_at``: kinds of call (``encode_tile``, ``probe``, ``decode_tile``, ...), in the order they come: when the
+    driver logs that the first call of the next one went out, the node of the worker it went to is lost at once
+    (its processes stopped within a millisecond, then the machine killed), while that call is in flight.
+    """
+
+    def __init__(self, cluster: netns.Cluster, node: netns.Node, *args: str, lose_at: tuple[str, ...] = (),
+                 command: str = "upscale"):
+        self.cluster = cluster
+        self.proc = cluster.popen(node, cluster.python_m(node, "cupscale_dist.cli", "-v", command, *args,
+                                                         "--address", cluster.gcs_address),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
-        threading.Thread(target=lambda: self.lines.extend(self.proc.stderr), daemon=True).start()
+        self.planned, self.lose_at = list(lose_at), list(lose_at)
+        self.lost: list[tuple[str, netns.Node]] = []  # (kind of call, node) as they were lost
+        self.pids: dict[str, list[int]] = {}  # per worker node: its processes, listed once its worker is up
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            if worker := WORKER_LINE.search(line):
+                node = self.cluster.node_by_id(worker[2])
+                self.pids[node.name] = netns.namespace_pids(node.ns)
+            calls = CALLS_LINE.search(line)
+            if calls and self.lose_at and calls[1] == self.lose_at[0]:
+                victim = self.worker_nodes(self.cluster)[int(calls[2])]
+                self.cluster.kill_node(victim, self.pids[victim.name])
+                self.lost.append((self.lose_at.pop(0), victim))
 
     def worker_nodes(self, cluster: netns.Cluster) -> dict[int, netns.Node]:
         """Where each model worker runs, from the driver's log."""
@@ -162,3 +187,107 @@ def test_every_worker_node_lost_stops_with_one_line_then_resume_finishes(referen
     resumed = Driver(cluster, cluster.head, *args, "--resume")
     assert resumed.finish() == 0, "".join(resumed.lines[-20:])
     assert np.array_equal(pixels(out), reference.pixels())
+
+
+def worker_nodes_alive(cluster: netns.Cluster) -> list[netns.Node]:
+    return [node for node in cluster.nodes[1:] if node.alive and node.cpus]
+
+
+def grow(cluster: netns.Cluster, workers: int) -> None:
+    """Add 1-CPU nodes until ``workers`` of them are alive."""
+    while len(worker_nodes_alive(cluster)) < workers:
+        cluster.add_node(1, f"w{len(cluster.nodes)}")
+
+
+def assert_lost_in(driver: Driver, lost: int) -> None:
+    """Every planned loss happened, each while the driver waited on a call of its kind, named in one warning."""
+    assert [kind for kind, _ in driver.lost] == driver.planned and not driver.lose_at
+    assert len(driver.lost) == lost
+    for kind, victim in driver.lost:
+        assert any(f"lost (node {victim.address} (" in line and f"in a {kind} call" in line for line in driver.lines), \
+            "".join(driver.lines[-30:])
+
+
+def test_three_nodes_then_nodes_lost_at_a_vae_tile_and_at_the_probe_give_the_reference_bytes(reference, cluster,
+                                                                                              image, tmp_path):
+    """Actors on three nodes other than the driver's; the node of the worker that got the first VAE encode tile is
+    lost with that call in flight, then the node of the worker that got the attention probe: the run finishes on
+    the node left (re-issuing the lost calls in call order) with the reference's bytes."""
+    grow(cluster, 3)
+    out = tmp_path / "out.png"
+    driver = Driver(cluster, cluster.head, str(image), "-o", str(out), *RUN, "--actors", "3", "--cpus-per-actor", "1",
+                    lose_at=("encode_tile", "probe"))
+    assert driver.finish() == 0, "".join(driver.lines[-20:])
+    assert len({node.name for node in driver.worker_nodes(cluster).values()}) == 3
+    assert_lost_in(driver, 2)
+    assert np.array_equal(pixels(out), reference.pixels())
+
+
+def test_drivers_node_lost_then_resume_on_another_node_with_a_node_lost_at_a_decode_tile(reference, cluster, image,
+                                                                                          tmp_path):
+    """The driver's own machine (0 CPUs, beside the head) is lost after its first checkpoint: a new driver on the
+    head with --resume finishes from the checkpoint dir, on two workers; the node of the worker that got the first
+    VAE decode tile is lost with that call in flight, and the run still gives the reference's bytes."""
+    grow(cluster, 2)
+    driver_node = cluster.add_node(0, f"x{len(cluster.nodes)}")
+    out, checkpoints = tmp_path / "out.png", tmp_path / "ckpt"
+    args = [str(image), "-o", str(out), *RUN, "--actors", "2", "--cpus-per-actor", "1", "--checkpoint-dir",
+            str(checkpoints)]
+    first = Driver(cluster, driver_node, *args)
+    first.wait_for(checkpoints / "checkpoint.pt", CHECKPOINT_WAIT_S)
+    cluster.kill_node(driver_node)
+    assert first.proc.wait(timeout=NEVER_HANGS_S) != 0 and not out.exists()
+
+    resumed = Driver(cluster, cluster.head, *args, "--resume", lose_at=("decode_tile",))
+    assert resumed.finish() == 0, "".join(resumed.lines[-20:])
+    assert any(re.search(r"resuming stage 0 at step [1-9]", line) for line in resumed.lines)
+    assert_lost_in(resumed, 1)
+    assert np.array_equal(pixels(out), reference.pixels())
+
+
+def batch_workers(cluster: netns.Cluster) -> dict[int, netns.Node]:
+    """The processes of Ray Data's batch actors (``MapWorker(MapBatches(UpscaleWorker))``), with their nodes."""
+    found = {}
+    for node in worker_nodes_alive(cluster):
+        for pid in netns.namespace_pids(node.ns):
+            try:
+                if b"UpscaleWorker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    found[pid] = node
+            except OSError:
+                pass
+    return found
+
+
+def test_batch_spread_over_two_nodes_gives_the_reference_bytes_and_survives_a_node_lost_mid_row(reference, cluster,
+                                                                                                image, tmp_path):
+    """`cupscale batch` with one Ray Data actor on each of two nodes; once a row is done, the node of the other
+    actor (in the middle of its row) is lost: every input still gets its row, each 'ok' output with the reference's
+    bytes, or an error row naming why; the batch ends within the bound."""
+    grow(cluster, 2)
+    inputs, outputs = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    for name in ("a", "b", "c"):
+        (inputs / f"{name}.png").write_bytes(image.read_bytes())
+    journal = outputs / ".cupscale-journal"
+    driver = Driver(cluster, cluster.head, "--input", str(inputs), "--output", str(outputs), *RUN, "--gpus-per-actor",
+                    "0", "--cpus-per-actor", "1", "--workers", "2", command="batch")
+    deadline = time.monotonic() + CHECKPOINT_WAIT_S
+    while not (done := [p for p in journal.glob("*.jsonl") if p.stat().st_size] if journal.is_dir() else []):
+        assert driver.proc.poll() is None, "".join(driver.lines[-20:])
+        assert time.monotonic() < deadline, "no row within the wait"
+        time.sleep(0.05)
+    workers = batch_workers(cluster)
+    assert len({node.name for node in workers.values()}) == 2, workers  # spread: one actor per node
+    first = int(done[0].stem.rsplit("-", 1)[1])
+    victim = next(node for pid, node in workers.items() if pid != first)
+    cluster.kill_node(victim)
+    assert driver.finish() == 0, "".join(driver.lines[-20:])
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(outputs / "manifest.parquet").to_pylist()
+    assert sorted(Path(row["input_path"]).name for row in rows) == ["a.png", "b.png", "c.png"]
+    for row in rows:
+        if row["status"] == "ok":
+            assert np.array_equal(pixels(outputs / row["output_path"]), reference.pixels()), row
+        else:
+            assert row["error"] and "\n" not in row["error"], row
