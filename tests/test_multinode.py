@@ -10,6 +10,7 @@ The tests run in file order and each loss uses up a worker node; the last one ad
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -223,6 +224,7 @@ def test_three_nodes_then_nodes_lost_at_a_vae_tile_and_at_the_probe_give_the_ref
     assert np.array_equal(pixels(out), reference.pixels())
 
 
+@pytest.mark.slow
 def test_drivers_node_lost_then_resume_on_another_node_with_a_node_lost_at_a_decode_tile(reference, cluster, image,
                                                                                           tmp_path):
     """The driver's own machine (0 CPUs, beside the head) is lost after its first checkpoint: a new driver on the
@@ -245,13 +247,13 @@ def test_drivers_node_lost_then_resume_on_another_node_with_a_node_lost_at_a_dec
     assert np.array_equal(pixels(out), reference.pixels())
 
 
-def batch_workers(cluster: netns.Cluster) -> dict[int, netns.Node]:
-    """The processes of Ray Data's batch actors (``MapWorker(MapBatches(UpscaleWorker))``), with their nodes."""
+def processes_named(cluster: netns.Cluster, name: bytes) -> dict[int, netns.Node]:
+    """The processes whose command line holds ``name`` (e.g. a Serve replica's), with their worker nodes."""
     found = {}
     for node in worker_nodes_alive(cluster):
         for pid in netns.namespace_pids(node.ns):
             try:
-                if b"UpscaleWorker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                if name in Path(f"/proc/{pid}/cmdline").read_bytes():
                     found[pid] = node
             except OSError:
                 pass
@@ -276,7 +278,7 @@ def test_batch_spread_over_two_nodes_gives_the_reference_bytes_and_survives_a_no
         assert driver.proc.poll() is None, "".join(driver.lines[-20:])
         assert time.monotonic() < deadline, "no row within the wait"
         time.sleep(0.05)
-    workers = batch_workers(cluster)
+    workers = processes_named(cluster, b"UpscaleWorker")  # Ray Data's MapWorker(MapBatches(UpscaleWorker))
     assert len({node.name for node in workers.values()}) == 2, workers  # spread: one actor per node
     first = int(done[0].stem.rsplit("-", 1)[1])
     victim = next(node for pid, node in workers.items() if pid != first)
@@ -286,8 +288,114 @@ def test_batch_spread_over_two_nodes_gives_the_reference_bytes_and_survives_a_no
 
     rows = pq.read_table(outputs / "manifest.parquet").to_pylist()
     assert sorted(Path(row["input_path"]).name for row in rows) == ["a.png", "b.png", "c.png"]
+    redone = [row for row in rows if row["status"] != "ok" or int(row["worker"].rsplit(":", 1)[1]) not in workers]
+    assert redone, "no row was in flight on the lost node"  # it was: a new worker process did it, or it is an error
     for row in rows:
         if row["status"] == "ok":
             assert np.array_equal(pixels(outputs / row["output_path"]), reference.pixels()), row
         else:
             assert row["error"] and "\n" not in row["error"], row
+
+
+# The service, deployed as `cupscale serve` deploys it but with the replica given 0.01 CPU, so that it lives on a
+# worker node (the head has none) where a lost node can take it; its model workers take 0.45 CPU each.
+DEPLOY = """
+import sys
+
+import ray
+from ray import serve
+
+from cupscale_dist import UpscaleConfig
+from cupscale_dist.execution.raycluster import ClusterOptions
+from cupscale_dist.services.serve import SLOW_START_ENV, ServiceOptions, UpscaleService, http_options
+
+results, port, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+ray.init(address="auto", log_to_driver=False)
+config = UpscaleConfig.load("cpu-demo", steps=10, view_batch_size=1, torch_threads=1, vae_tile=64)
+options = ServiceOptions(results, config, cluster=ClusterOptions(actors=2, cpus_per_actor=0.45),
+                         request_timeout_s=timeout)
+serve.start(http_options=http_options(options, "127.0.0.1", port), proxy_location="HeadOnly",
+            controller_options={"runtime_env": {"env_vars": SLOW_START_ENV}})
+serve.run(UpscaleService.options(ray_actor_options={"num_cpus": 0.01}).bind(options), name="cupscale",
+          route_prefix="/", blocking=False)
+"""
+SERVE_PORT = 8000  # in the head's namespace, on its loopback: nothing else listens there
+CURL_TIMEOUT_S = 10  # an answer, any answer, comes within this; curl's "000" means the service hung
+# While no replica is up (a lost one not yet replaced: 30-40 s here) Serve's proxy holds each request up to the
+# service's request timeout, then answers 408; the test's is short, so that a held request shows within the bound.
+REQUEST_TIMEOUT_S = 10
+
+
+class Service:
+    """curl inside the head's namespace, against the service's proxy on its loopback."""
+
+    def __init__(self, cluster: netns.Cluster):
+        self.cluster = cluster
+
+    def call(self, path: str, *curl_args: str, timeout: float = CURL_TIMEOUT_S) -> tuple[int, str]:
+        out = self.cluster.run(self.cluster.head, ["curl", "-s", "-m", f"{timeout:g}", "-w", "\n%{http_code}",
+                                                   *curl_args, f"http://127.0.0.1:{SERVE_PORT}{path}"],
+                               timeout=timeout + 30)
+        body, _, code = out.stdout.rpartition("\n")
+        return int(code or 0), body
+
+    def submit(self, image: Path) -> str:
+        code, body = self.call("/v1/upscale", "-X", "POST", "--data-binary", f"@{image}")
+        assert code == 202, (code, body)
+        return json.loads(body)["id"]
+
+    def wait(self, job: str, until, timeout: float = NEVER_HANGS_S) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            code, body = self.call(f"/v1/jobs/{job}")
+            assert code != 0, f"GET /v1/jobs/{job} hung"
+            if code == 200 and until(record := json.loads(body)):
+                return record
+            assert time.monotonic() < deadline, f"job {job}: {code} {body}"
+            time.sleep(0.5)
+
+    def result(self, job: str, path: Path) -> np.ndarray:
+        code, _ = self.call(f"/v1/jobs/{job}/result", "-o", str(path))
+        assert code == 200, code
+        return pixels(path)
+
+
+@pytest.mark.slow
+def test_service_replica_on_a_lost_node_comes_back_and_answers_with_the_reference_bytes(reference, cluster, image,
+                                                                                        tmp_path):
+    """The service's proxy on the head, its replica and model workers on the other nodes: a job gives the reference's
+    bytes. The replica's node is lost mid-job: every request is answered (408 while no replica is up, never a
+    hang), Serve starts a replica on the node left, the interrupted job is failed with that reason, the finished
+    job's result is still served, and a new job gives the reference's bytes."""
+    grow(cluster, 2)
+    results = tmp_path / "results"
+    deploy = tmp_path / "deploy.py"
+    deploy.write_text(DEPLOY)
+    started = cluster.run(cluster.head, [cluster.python, str(deploy), str(results), str(SERVE_PORT),
+                                         str(REQUEST_TIMEOUT_S)], timeout=CHECKPOINT_WAIT_S)
+    assert started.returncode == 0, started.stderr[-3000:]
+    service = Service(cluster)
+    first = service.submit(image)
+    service.wait(first, lambda r: r["status"] == "succeeded")
+    assert np.array_equal(service.result(first, tmp_path / "first.png"), reference.pixels())
+
+    (replica_pid, victim), = processes_named(cluster, b"ServeReplica").items()
+    running = service.submit(image)
+    service.wait(running, lambda r: r["status"] == "running" and (r.get("progress") or {}).get("step", 0) >= 1)
+    cluster.kill_node(victim)
+    lost = time.monotonic()
+    deadline = lost + NEVER_HANGS_S
+    codes = []  # (seconds since the loss, HTTP status)
+    while not codes or codes[-1][1] != 200:  # answered all along: 408 while no replica is up, then 200
+        codes.append((round(time.monotonic() - lost, 1),
+                      service.call("/v1/health", timeout=REQUEST_TIMEOUT_S + CURL_TIMEOUT_S)[0]))
+        assert codes[-1][1] != 0, f"the service hung on /v1/health after its replica's node was lost: {codes}"
+        assert time.monotonic() < deadline, f"no replica came back within {NEVER_HANGS_S} s: {codes}"
+        time.sleep(0.5)
+    print("after the replica's node was lost, /v1/health answered:", codes)
+    record = service.wait(running, lambda r: r["status"] not in ("queued", "running"))
+    assert record["status"] == "failed" and "interrupted" in record["error"], record
+    assert np.array_equal(service.result(first, tmp_path / "again.png"), reference.pixels())
+    last = service.submit(image)
+    service.wait(last, lambda r: r["status"] == "succeeded")
+    assert np.array_equal(service.result(last, tmp_path / "last.png"), reference.pixels())
