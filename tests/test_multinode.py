@@ -1,11 +1,14 @@
-"""Several Ray machines (network namespaces on this host, cupscale_dist/testing/netns.py): `cupscale upscale` with its
-actors on nodes other than the driver's gives the single-process reference's bytes; a node lost mid-denoise (every
-process of the machine SIGKILLed at once) leaves the run to finish on the nodes left with the same bytes; losing
-every worker's node stops the run within a bound with one line naming the node and --resume, and --resume then
-finishes it (issue 24).
+"""Several Ray machines (network namespaces on this host, cupscale_dist/testing/netns.py), issue 24: `cupscale upscale`
+with its actors on two or three nodes other than the driver's gives the single-process reference's bytes; a node
+lost mid-denoise, at a VAE encode or decode tile, or during the attention probe leaves the run to finish on the
+nodes left with the same bytes; losing every worker's node stops the run within a bound with one line naming the
+node and --resume, and --resume then finishes it, also on another machine after the driver's own node is lost.
+`cupscale batch` (Ray Data) loses no row with a node, the service comes back from its replica's node lost, and
+the captioner pool gives a lost engine's crops the global prompt.
 
 One module-scoped cluster: a head with 0 CPUs (the driver's machine: no actor fits there) and two 1-CPU workers.
-The tests run in file order and each loss uses up a worker node; the last one adds a fresh node.
+The tests run in file order; each loss uses up a node, and a test adds fresh 1-CPU nodes until it has the number
+it needs (``grow``), so any one of them also runs alone.
 """
 
 from __future__ import annotations
@@ -399,3 +402,36 @@ def test_service_replica_on_a_lost_node_comes_back_and_answers_with_the_referenc
     last = service.submit(image)
     service.wait(last, lambda r: r["status"] == "succeeded")
     assert np.array_equal(service.result(last, tmp_path / "last.png"), reference.pixels())
+
+
+CAPTIONERS_LINE = re.compile(r"captioner pool up: (.*)")
+CAPTIONER = re.compile(r"CaptionerActor\(rank=(\d+), .*?pid=(\d+)\)")
+
+
+def test_captioner_node_lost_mid_caption_gives_those_crops_the_global_prompt(cluster, image, tmp_path):
+    """Two real caption engines (the transformers backend, a tiny Idefics3 built here) on two nodes, the model worker
+    elsewhere: the node of the engine not beside the worker is lost the moment the pool is up, with its crops' call
+    just sent. The run finishes within the bound; that call's crops get the global prompt, named in one warning."""
+    from cupscale_dist.testing.vlm import build_tiny_vlm
+
+    grow(cluster, 2)
+    vlm = build_tiny_vlm(tmp_path / "vlm")
+    out = tmp_path / "out.png"
+    driver = Driver(cluster, cluster.head, str(image), "-o", str(out), *RUN, "--actors", "1", "--cpus-per-actor", "0",
+                    "--set", "captioner=transformers", "--set", f"captioner_model={vlm}", "--set",
+                    "captioner_dtype=float32", "--set", "captioner_gpus=0", "--set", "captioner_actors=2")
+    deadline = time.monotonic() + CHECKPOINT_WAIT_S
+    while not (up := [m for m in map(CAPTIONERS_LINE.search, list(driver.lines)) if m]):
+        assert driver.proc.poll() is None, "".join(driver.lines[-20:])
+        assert time.monotonic() < deadline, "no captioner pool within the wait"
+        time.sleep(0.01)
+    worker_node = driver.worker_nodes(cluster)[0]
+    engines = {int(pid): cluster.node_of_pid(int(pid)) for _rank, pid in CAPTIONER.findall(up[0][1])}
+    victim_pid, victim = next((pid, node) for pid, node in engines.items() if node is not worker_node)
+    cluster.kill_node(victim, [victim_pid, *netns.namespace_pids(victim.ns)])  # its engine stopped first
+    assert driver.finish() == 0, "".join(driver.lines[-20:])
+    failed = [line for line in driver.lines if re.search(rf"captioner: crops \d+\.\.\d+ failed on CaptionerActor\(.*"
+                                                         rf"pid={victim_pid}\): .*node", line)]
+    assert len(failed) == 1, "".join(driver.lines[-30:])  # one line, naming the engine and why
+    assert any("got no caption; using the fallback prompt" in line for line in driver.lines)
+    assert out.exists()
