@@ -9,6 +9,8 @@ with a token file of this cluster's own (``~/.ray`` is never read or written).
 Why drivers run inside a node's namespace (``Cluster.popen(node, ...)``) rather than the root namespace joining the
 bridge: a Ray driver needs a raylet on its own machine (``ray.init(address=...)`` attaches to the local node), so a
 driver outside every node could only use Ray Client; and a root-namespace address would be one more thing to undo.
+A driver of a node other than the head runs through :meth:`Cluster.python_m` (see :func:`driver_main`), so that it
+attaches to that node's raylet, not the head's.
 
 Losing a machine (:meth:`Cluster.kill_node`): its link is cut first (its address stops answering, as a machine
 that lost power: no connection reset reaches anyone), then every process of its namespace gets SIGKILL at once
