@@ -90,7 +90,7 @@ class ServiceOptions:
     # None = leave the replica's own (config.torch_threads, when set, wins either way).
     torch_threads: int | None = None
     owner: str = ""  # written after the replica's pid in the folder's lock file: who started the service, its URL
-    request_timeout_s: float = REQUEST_TIMEOUT_S  # a request not answered by then gets 408 (e.g. while no replica is up)
+    request_timeout_s: float = REQUEST_TIMEOUT_S  # a request unanswered by then gets 408 (e.g. while no replica is up)
 
     def __post_init__(self) -> None:
         if self.max_inflight_bytes is not None and self.max_inflight_bytes < self.max_request_bytes:
