@@ -70,9 +70,9 @@ class CaptionerPool:
                                 runtime_env={"env_vars": env} if env else None)
         self.actors = [self.group.start(rank, rank, backend, model, options, cores) for rank in range(pool_size)]
         self.alive = list(self.actors)  # actors that have not died; a dead one gets no more work
-        self._wait_ready(startup_timeout_s, pool_size)
+        self.names = self._wait_ready(startup_timeout_s, pool_size)  # per rank, for the log (rank, pid)
 
-    def _wait_ready(self, timeout_s: float, pool_size: int) -> None:
+    def _wait_ready(self, timeout_s: float, pool_size: int) -> list[str]:
         """Block until every actor has loaded its engine; else release the pool and say the likely cause."""
         try:
             names = self.group.wait_ready("ready", timeout_s)  # released if it raises
@@ -87,6 +87,10 @@ class CaptionerPool:
             raise UserError(f"captioner pool for {self.model}: an actor failed to load its engine: {cause}; fix "
                             "that, or try --captioner transformers") from None
         logger.info("captioner pool up: %s", ", ".join(names))
+        return names
+
+    def _name(self, actor) -> str:
+        return self.names[self.actors.index(actor)]
 
     def caption(self, crops: list, instructions: list[str], timeout_s: float) -> list[str | None]:
         """Captions in crop order; None for the crops of a run whose actor failed or missed the deadline."""
@@ -100,14 +104,17 @@ class CaptionerPool:
         dead = []
         for actor, (a, b), ref in zip(self.alive, runs, refs):
             if ref not in done:
-                logger.warning("captioner: %s missed the %g s deadline on crops %d..%d", actor, timeout_s, a, b - 1)
+                logger.warning("captioner: %s missed the %g s deadline on crops %d..%d", self._name(actor), timeout_s,
+                               a, b - 1)
                 ray.cancel(ref)  # best effort; the engine may still finish it in the background
                 out += [None] * (b - a)
                 continue
             try:
                 out += ray.get(ref)
             except RayError as exc:
-                logger.warning("captioner: crops %d..%d failed on %s: %s", a, b - 1, actor, exc)
+                # one line: Ray's own text spans many (e.g. "the actor's node was terminated unexpectedly: ...")
+                logger.warning("captioner: crops %d..%d failed on %s: %s", a, b - 1, self._name(actor),
+                               root_cause(exc))
                 if isinstance(exc, RayActorError):
                     dead.append(actor)
                 out += [None] * (b - a)

@@ -117,9 +117,10 @@ class WorkerPool:
             return self._no_worker_left()
         return min(live, key=self.in_flight.__getitem__)
 
-    def replace(self, index: int, dead, reason: str) -> None:
-        """A worker is gone for good (restarts used up, or its node lost): start a fresh one in its bundle, once per
-        death. Until it is up, its calls go to the other workers (:meth:`_collect` re-issues them in call order).
+    def replace(self, index: int, dead, reason: str, method: str) -> None:
+        """A worker is gone for good (restarts used up, or its node lost) while the driver waited on a ``method``
+        call: start a fresh one in its bundle, once per death. Until it is up, its calls go to the other workers
+        (:meth:`_collect` re-issues them in call order).
 
         After a node loss Ray places the bundle again where there is room; where there is none, the replacement
         waits unplaced and the run goes on with the workers left. Its other pending calls stay counted in
@@ -129,8 +130,8 @@ class WorkerPool:
             return
         self.live[index] = False
         self.lost.append(self.group.lost_node(index) or reason)
-        log.warning("model worker %d lost (%s); its calls go to the other workers while a replacement starts",
-                    index, self.lost[-1])
+        log.warning("model worker %d lost (%s) in a %s call; its calls go to the other workers while a replacement "
+                    "starts", index, self.lost[-1], method)
         self.group.kill(index)  # no restart by Ray in a bundle that may never be placed again
         self._start(index)
 
@@ -183,7 +184,7 @@ class WorkerPool:
 
         calls = iter(calls)
         pending: deque[tuple] = deque()  # (args, ref, slot, actor) in call order
-        more = True
+        more = first = True
         try:
             while True:
                 while more and (slot := self.pick()) is not None:
@@ -192,6 +193,9 @@ class WorkerPool:
                         more = False
                     else:
                         pending.append(self._submit(method, args, slot))
+                        if first:  # -v: which phase of the stage is on the actors now (tests time node losses by it)
+                            log.info("%s calls start (first on worker %d)", method, slot)
+                            first = False
                 if not pending:
                     return
                 yield self._collect(method, *pending.popleft())
@@ -230,7 +234,7 @@ class WorkerPool:
                     reason = self.group.lost_node(slot)
             self.in_flight[slot] -= 1
             if reason:
-                self.replace(slot, actor, reason)
+                self.replace(slot, actor, reason, method)
             args, ref, slot, actor = self._submit(method, args, self._least_busy())
         raise UserError(f"a {method} call lost its model worker {MAX_CALL_ATTEMPTS} times ({', '.join(self.lost)}); "
                         "see the Ray logs")

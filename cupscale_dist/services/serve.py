@@ -63,6 +63,11 @@ MAX_REQUEST_MB = 64  # a 16-Mpx PNG (the default max_input_pixels) is at most ~4
 # machine (measured: 2 loaded cores) it never makes it. Set in this process before it starts a local cluster.
 SLOW_START_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
 HTTP_OVERHEAD_REQUESTS = 256  # concurrent HTTP calls a replica takes (they are short: the work is in the queue)
+# Serve's proxy holds a request while no replica is up (one restarting after its node was lost loads its model
+# workers first: seconds for the demo model, minutes for SDXL), and with no bound it holds it forever when no replica
+# can be placed. Every request here is short (the work is in the queue; a 64 MB body at 1 MB/s is ~1 min): past this
+# the client gets Serve's 408 and retries (measured after a lost replica node: docs/distributed.md).
+REQUEST_TIMEOUT_S = 120.0
 # Finished jobs (record and result) are kept this long: a client that submitted on Friday fetches on Monday, and a
 # busy service's folder stops growing (16-Mpx results are tens of MB each).
 DEFAULT_RETENTION_DAYS = 7.0
@@ -85,6 +90,7 @@ class ServiceOptions:
     # None = leave the replica's own (config.torch_threads, when set, wins either way).
     torch_threads: int | None = None
     owner: str = ""  # written after the replica's pid in the folder's lock file: who started the service, its URL
+    request_timeout_s: float = REQUEST_TIMEOUT_S  # a request unanswered by then gets 408 (e.g. while no replica is up)
 
     def __post_init__(self) -> None:
         if self.max_inflight_bytes is not None and self.max_inflight_bytes < self.max_request_bytes:
@@ -403,12 +409,17 @@ def retention_seconds(days: float) -> float | None:
     return days * 86400 if days else None
 
 
+def http_options(options: ServiceOptions, host: str, port: int) -> dict:
+    """Serve's proxy settings: where it listens, and how long a request may wait for an answer."""
+    return {"host": host, "port": port, "request_timeout_s": options.request_timeout_s}
+
+
 def deploy(options: ServiceOptions, host: str = "127.0.0.1", port: int = 8000, name: str = APP_NAME,
            route_prefix: str = "/"):
     """Start Serve's HTTP proxy on ``host:port`` (on the Ray cluster this process joined) and run the app."""
     check_bind(host, options.token)
     JobStore(options.results).check_free()  # a second service on the folder: refused here, not after Serve's retries
-    serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
+    serve.start(http_options=http_options(options, host, port), proxy_location="HeadOnly")
     try:
         return serve.run(build_app(options), name=name, route_prefix=route_prefix)
     except RuntimeError as exc:

@@ -9,6 +9,8 @@ with a token file of this cluster's own (``~/.ray`` is never read or written).
 Why drivers run inside a node's namespace (``Cluster.popen(node, ...)``) rather than the root namespace joining the
 bridge: a Ray driver needs a raylet on its own machine (``ray.init(address=...)`` attaches to the local node), so a
 driver outside every node could only use Ray Client; and a root-namespace address would be one more thing to undo.
+A driver of a node other than the head runs through :meth:`Cluster.python_m` (see :func:`driver_main`), so that it
+attaches to that node's raylet, not the head's.
 
 Losing a machine (:meth:`Cluster.kill_node`): its link is cut first (its address stops answering, as a machine
 that lost power: no connection reset reaches anyone), then every process of its namespace gets SIGKILL at once
@@ -193,6 +195,10 @@ class Cluster:
             time.sleep(0.5)
         raise RuntimeError(f"node {address} did not register within {NODE_JOIN_TIMEOUT_S} s")
 
+    def python_m(self, node: Node, module: str, *args: str) -> list[str]:
+        """The command line of ``python -m module args`` as a driver of ``node`` (see :func:`driver_main`)."""
+        return [self.python, "-m", __name__, node.address, module, *args]
+
     def popen(self, node: Node, argv: list[str], **kwargs) -> subprocess.Popen:
         """A process (e.g. a `cupscale` driver) inside ``node``'s namespace; killed with the node, or by close()."""
         kwargs.setdefault("env", self.env(RAY_ADDRESS=self.gcs_address))
@@ -216,9 +222,19 @@ class Cluster:
                 return node
         return None
 
-    def kill_node(self, node: Node) -> None:
+    def kill_node(self, node: Node, pids: list[int] = ()) -> None:
         """The machine is lost: its link goes first (no process of it can answer, not even with a connection
-        reset, as from a machine that lost power), then every process in it gets SIGKILL, then its namespace goes."""
+        reset, as from a machine that lost power), then every process in it gets SIGKILL, then its namespace goes.
+
+        ``pids``: its processes, listed beforehand (:func:`namespace_pids`): they are stopped (SIGSTOP) before
+        anything else, within a millisecond, so a machine lost at a precise moment (a call just sent to it) sends
+        nothing more; listing them here would take an ``ip`` process first.
+        """
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGSTOP)
+            except ProcessLookupError:
+                pass
         ip("-n", self.hub, "link", "del", f"v{node.name}", check=False)  # takes its eth0 with it
         kill_namespace(node.ns)
         ip("netns", "del", node.ns, check=False)
@@ -236,3 +252,27 @@ class Cluster:
         kill_namespace(self.hub)
         ip("netns", "del", self.hub, check=False)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def driver_main(argv: list[str]) -> None:
+    """``python -m cupscale_dist.testing.netns NODE_IP MODULE ARGS...``: run ``MODULE`` as ``__main__``, its
+    ``ray.init`` attached to the raylet at ``NODE_IP``.
+
+    Why: a driver attaches to a raylet it finds by listing the machine's processes, and prefers the head's. Here
+    every node shares one process table (only the network is split), so a driver in a worker node's namespace would
+    attach to the head's raylet and tell the cluster the head's address for itself: nothing could reach it (objects
+    it puts, results sent to it). On a real machine the only raylet there is its own; this makes it so.
+    """
+    import functools
+    import runpy
+
+    import ray
+
+    node_ip, module, *args = argv
+    ray.init = functools.partial(ray.init, _node_ip_address=node_ip)
+    sys.argv = [module, *args]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    driver_main(sys.argv[1:])
