@@ -56,9 +56,10 @@ class ModelWorker:
         self.weights, self.compiled = weights, compile
         apply_weights_mode(self.pipe, self.controlnet, weights, self.dtype, self.device)
         # the family's calling contract; it installs the regional attention processors (after the LoRAs)
-        self.backbone = backbone_class(self.spec.family)(self.pipe.unet, pipe=self.pipe, controlnet=self.controlnet)
+        family = backbone_class(self.spec.family)
+        self.backbone = family(getattr(self.pipe, family.denoiser_name), pipe=self.pipe, controlnet=self.controlnet)
         if compile:  # after the processors: they are part of what is compiled
-            compile_denoiser(self.pipe.unet)
+            compile_denoiser(self.unet)
         self._upscaler = None  # the upscale model, loaded at its first tile (resize='model')
         self._built_for: tuple | None = None  # the add-on request of the config it was loaded for (for_config)
         self._context: tuple[StageContext, StageContext] | None = None  # (as received, on the device)
@@ -94,7 +95,8 @@ class ModelWorker:
 
     @property
     def unet(self):
-        return self.pipe.unet
+        """The denoiser: the UNet, or a DiT family's transformer."""
+        return getattr(self.pipe, backbone_class(self.spec.family).denoiser_name)
 
     @property
     def vae(self):

@@ -1,0 +1,179 @@
+"""Flux.1 (dev and schnell): a DiT over packed 2x2 latent patches, CLIP pooled + T5 sequence text, joint attention.
+
+Three differences from the UNet families (method.md "Other backbones"):
+
+* **positions**: each view's image tokens carry RoPE ids of their place in the whole stage latent (the view's
+  offset in packed patches), per view in one batched call (:mod:`cupscale_dist.method.joint_attention`);
+* **regional attention**: the screening mask and the lambda composer act on the image->text block of the joint
+  attention; lambda = 1 with nothing screened sends the global prompt alone through the stock attention;
+* **guidance**: FLUX.1-dev takes ``guidance_scale`` as an input embedding (``StageContext.distilled_guidance``), one
+  pass per view; real CFG with a negative prompt (the ``true_cfg`` knob) is the usual CFG batch at twice the cost.
+The model output is the flow-matching velocity ``v = noise - x0``; the driver's scheduler adapter knows it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ...method.attention import RegionalAttention
+from ...method.joint_attention import JointRegional, install_joint_processors
+from ...method.step import StageContext
+from ...method.vae import encode_pixels, tile_to_tensor
+from .base import Backbone, UNetBackbone
+
+PATCH = 2  # Flux packs 2x2 latent pixels into one token
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, h/2 * w/2, 4C) tokens, row-major over patches (FluxPipeline._pack_latents' layout)."""
+    batch, channels, height, width = latents.shape
+    patches = latents.view(batch, channels, height // PATCH, PATCH, width // PATCH, PATCH).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(batch, (height // PATCH) * (width // PATCH), channels * PATCH * PATCH)
+
+
+def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of :func:`pack_latents` for a (height x width) latent."""
+    batch, _, dims = tokens.shape
+    channels = dims // (PATCH * PATCH)
+    patches = tokens.view(batch, height // PATCH, width // PATCH, channels, PATCH, PATCH).permute(0, 3, 1, 4, 2, 5)
+    return patches.reshape(batch, channels, height, width)
+
+
+def image_ids(rects: np.ndarray, positions: str) -> torch.Tensor:
+    """(V, tokens, 3) RoPE ids (t, y, x) of each view's patches, in patch units (method.md "Positions").
+
+    'global': the view's offset in the stage latent is added (an odd latent offset is a half-patch position:
+    RoPE takes real-valued positions); 'local': every view starts at 0, as a whole image would (what peers do).
+    """
+    rows = []
+    for top, left, bottom, right in np.asarray(rects):
+        height, width = (int(bottom) - int(top)) // PATCH, (int(right) - int(left)) // PATCH
+        ids = torch.zeros(height, width, 3)
+        ids[..., 1] = torch.arange(height)[:, None]
+        ids[..., 2] = torch.arange(width)[None, :]
+        if positions == "global":
+            ids[..., 1] += float(top) / PATCH
+            ids[..., 2] += float(left) / PATCH
+        rows.append(ids.reshape(height * width, 3))
+    return torch.stack(rows)
+
+
+class Flux(Backbone):
+    family = "flux"
+    pipeline_names = ("FluxPipeline", "FluxImg2ImgPipeline")
+    components = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "transformer", "scheduler")
+    denoiser_name = "transformer"
+    # T5 tokens per prompt: FLUX.1-dev was trained with 512 (its pipeline's default); capped at the tokenizer's own
+    # model_max_length (schnell's pipeline uses 256; a small test T5 has fewer).
+    max_sequence_length = 512
+
+    @staticmethod
+    def pipeline_class():
+        from diffusers import FluxPipeline
+
+        return FluxPipeline
+
+    @classmethod
+    def pipeline_options(cls, model_index: dict) -> dict:
+        return {}
+
+    def __init__(self, transformer, *, pipe=None, controlnet=None):
+        self.transformer, self.pipe, self.controlnet = transformer, pipe, controlnet
+        install_joint_processors(transformer)  # stock attention unless a call passes `regional`
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    @property
+    def text_length(self) -> int:
+        return min(self.max_sequence_length, int(self.pipe.tokenizer_2.model_max_length))
+
+    # -- step 6 ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(T5 sequence (U, L, D), CLIP pooled (U, Dp)), float32 (the encoders run on the worker)."""
+        embeds, pooled, _ = self.pipe.encode_prompt(prompts, prompt_2=None, device=self.pipe.device,
+                                                    max_sequence_length=self.text_length)
+        return embeds.float().cpu().numpy(), pooled.float().cpu().numpy()
+
+    # -- step 9a -----------------------------------------------------------------------------------------------
+    def rotary(self, text_tokens: int, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row (cos, sin) (B, T + S, D) from the transformer's own position embedding: text ids are 0."""
+        text_ids = torch.zeros(text_tokens, 3)
+        tables = [self.transformer.pos_embed(torch.cat([text_ids, row]).to(self.device)) for row in ids]
+        return torch.stack([c for c, _ in tables]), torch.stack([s for _, s in tables])
+
+    def denoise(self, latents: torch.Tensor, timestep, context: StageContext, view_ids: np.ndarray,
+                rects: np.ndarray, regional: RegionalAttention, control: torch.Tensor | None = None) -> torch.Tensor:
+        """The velocity prediction of a batch (B, 16, h, w) of view latents (a CFG batch with ``true_cfg``)."""
+        if control is not None or self.controlnet is not None:
+            raise ValueError("the Flux backbone has no ControlNet path yet; run without controlnet")
+        if regional.token_maps is not None:
+            raise ValueError("mask_mode='pixel' is not implemented for Flux; use mask_mode='view'")
+        device, dtype = self.device, self.dtype
+        count, (height, width) = len(view_ids), latents.shape[-2:]
+        prompt_ids = torch.from_numpy(context.view_prompt[view_ids]).to(context.regional_embeds.device)
+        bias = regional.global_bias(1, dtype, device)  # (B, 1, 1, G) or None when nothing is screened
+        compose = not (regional.lambda_global == 1.0 and regional.composer == "mix")
+        if compose:  # [global | regional] text streams (negative twice for CFG's unconditional rows)
+            states = UNetBackbone.encoder_states(context, prompt_ids, regional.cfg)
+        else:  # the regional prompt has weight 0: the global prompt alone
+            states = context.global_embeds.expand(count, -1, -1)
+            if regional.cfg:
+                states = torch.cat([context.negative_embeds.expand(count, -1, -1), states])
+        pooled = (context.global_pooled.expand(count, -1) if context.pooled_prompt == "global"
+                  else context.regional_pooled[prompt_ids])
+        if regional.cfg:
+            pooled = torch.cat([context.negative_pooled.expand(count, -1), pooled])
+        ids = image_ids(rects, context.positions)
+        if regional.cfg:
+            ids = torch.cat([ids, ids])
+        global_tokens = context.global_embeds.shape[1]
+        joint = JointRegional(global_tokens, states.shape[1] - global_tokens, self.rotary(states.shape[1], ids),
+                              regional.lambda_global, regional.composer, bias)
+        rows = latents.shape[0]
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full((rows,), float(context.distilled_guidance), device=device, dtype=torch.float32)
+        # Flux's timestep input is sigma = t / 1000 (FluxPipeline passes timestep / 1000)
+        sigma = torch.full((rows,), float(timestep) / 1000, device=device, dtype=dtype)
+        out = self.transformer(hidden_states=pack_latents(latents).to(device, dtype), timestep=sigma,
+                               guidance=guidance, pooled_projections=pooled.to(device, dtype),
+                               encoder_hidden_states=states.to(device, dtype),
+                               txt_ids=torch.zeros(states.shape[1], 3, device=device), img_ids=ids[0].to(device),
+                               joint_attention_kwargs={"regional": joint}, return_dict=False)[0]
+        return unpack_latents(out, height, width)
+
+    # -- step 7 ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def probe(self, vae, pixels: np.ndarray, noise: torch.Tensor, timestep: int, alpha_bar: float,
+              prompt_embeds: torch.Tensor, pooled: torch.Tensor | None) -> torch.Tensor:
+        """The native-size input, encoded and noised to ``sigma = timestep / 1000`` (``(1 - sigma) z + sigma
+        noise``, flow matching; ``alpha_bar`` is unused), through the transformer with the global prompt -> the
+        (tokens, h/2, w/2) image->text maps of the double-stream blocks, averaged over heads and blocks."""
+        sigma = float(timestep) / 1000
+        latent = encode_pixels(vae, tile_to_tensor(pixels))
+        noisy = (1 - sigma) * latent + sigma * noise
+        height, width = noisy.shape[-2:]
+        rects = np.array([[0, 0, height, width]])
+        tokens = prompt_embeds.shape[1]
+        maps: list[torch.Tensor] = []
+        ids = image_ids(rects, "global")
+        joint = JointRegional(tokens, 0, self.rotary(tokens, ids), probe=maps)
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full((1,), 3.5, device=self.device, dtype=torch.float32)  # FLUX.1-dev's usual guidance
+        self.transformer(hidden_states=pack_latents(noisy).to(self.device, self.dtype),
+                         timestep=torch.full((1,), sigma, device=self.device, dtype=self.dtype), guidance=guidance,
+                         pooled_projections=pooled.to(self.device, self.dtype),
+                         encoder_hidden_states=prompt_embeds.to(self.device, self.dtype),
+                         txt_ids=torch.zeros(tokens, 3, device=self.device), img_ids=ids[0].to(self.device),
+                         joint_attention_kwargs={"regional": joint}, return_dict=False)
+        probs = torch.stack(maps).mean(dim=0)[0].float()  # (S, G)
+        return probs.T.reshape(tokens, height // PATCH, width // PATCH).cpu()
