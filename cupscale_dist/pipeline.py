@@ -26,7 +26,7 @@ from .config import UpscaleConfig
 from .execution.contract import Executor
 from .execution.executor import LocalExecutor, open_executor
 from .execution.worker import ModelWorker
-from .method.masks import binarize_maps, content_token_mask, view_token_masks
+from .method.masks import binarize_maps, view_token_masks
 from .method.prior import GlobalPrior
 from .method.resize import resize_input
 from .method.schedulers import kind_of
@@ -79,14 +79,15 @@ def attention_token_masks(executor, config: UpscaleConfig, image: Image.Image, s
     """Step 7: probe at native size (on a worker) -> binary per-token maps -> per-view masks (view) or the maps
     (pixel). The driver draws the probe's noise from the seed and binarises; the worker runs VAE + UNet."""
     spec = executor.spec
-    content = content_token_mask(spec.token_count(global_prompt), global_embeds.shape[1])
+    content = spec.content_tokens_mask(global_prompt, global_embeds.shape[1])
     if config.mask_mode == "off" or not content.any():
         return None, None
     native = spec.native_size
     pixels = np.asarray(image.resize((native, native), Image.Resampling.BICUBIC))
     scheduler = spec.new_scheduler(config.scheduler, config.timestep_spacing, config.karras_sigmas)
     timestep = int(config.attn_probe_t * (scheduler.config.num_train_timesteps - 1))
-    alpha_bar = float(scheduler.alphas_cumprod[timestep])
+    # a flow-matching probe noises to sigma = timestep / 1000 itself; alpha_bar is a VP schedule's notion
+    alpha_bar = 0.0 if kind_of(scheduler).predicts_velocity else float(scheduler.alphas_cumprod[timestep])
     latent_shape = (1, spec.latent_channels, native // spec.vae_scale_factor, native // spec.vae_scale_factor)
     noise = torch.randn(latent_shape, generator=stage_generator(config.seed, stage, purpose=1)).numpy()
     pooled = None if global_pooled is None else global_pooled.numpy()
@@ -154,7 +155,8 @@ def prepare_latents(executor, config: UpscaleConfig, stage: StagePlan, image: Im
     """
     spec = executor.spec
     scheduler = spec.new_scheduler(config.scheduler, config.timestep_spacing, config.karras_sigmas)
-    scheduler.set_timesteps(config.steps, device="cpu")
+    kind = kind_of(scheduler)
+    kind.set_timesteps(scheduler, config.steps, shift_tokens(config, stage))
     start = config.steps - stage.steps
     noise = torch.randn(z_low.shape, generator=stage_generator(config.seed, stage.index))
     # 3. Global structure prior G = LL(z_L) (or of the pixels, prior_space='pixel').
@@ -174,7 +176,27 @@ def prepare_latents(executor, config: UpscaleConfig, stage: StagePlan, image: Im
     if resume is not None:
         kind_of(scheduler).set_state(scheduler, resume.scheduler_state)  # a multistep solver's memory
         return schedule, resume.latents.clone()
-    return schedule, scheduler.add_noise(z_low, noise, scheduler.timesteps[start : start + 1])
+    return schedule, kind.add_noise(scheduler, z_low, noise, scheduler.timesteps[start : start + 1])
+
+
+def shift_tokens(config: UpscaleConfig, stage: StagePlan) -> int:
+    """The image token count that sets a flow scheduler's dynamic shift (``flow_shift_tokens``): one view's packed
+    2x2 patches, or the whole stage latent's."""
+    if config.flow_shift_tokens == "stage":
+        height, width = stage.latent
+    else:
+        top, left, bottom, right = stage.views[0]
+        height, width = bottom - top, right - left
+    return int(height // 2) * int(width // 2)
+
+
+def guidance_fields(config: UpscaleConfig, spec) -> dict:
+    """How guidance reaches the model: a UNet's CFG scale is ``guidance_scale``; Flux takes ``guidance_scale`` as
+    its guidance embedding (FLUX.1-dev) and runs CFG only with ``true_cfg`` > 1 (its negative prompt)."""
+    if spec.family == "flux":
+        return {"guidance_scale": config.true_cfg, "distilled_guidance": config.guidance_scale,
+                "positions": config.positions}
+    return {"guidance_scale": config.guidance_scale}
 
 
 def run_stage(executor, config: UpscaleConfig, stage: StagePlan, image: Image.Image, prompter: Prompter,
@@ -213,9 +235,9 @@ def run_stage(executor, config: UpscaleConfig, stage: StagePlan, image: Image.Im
         negative_embeds=prompts.negative[0], global_embeds=prompts.global_[0], regional_embeds=prompts.regional[0],
         view_prompt=prompts.view_prompt, negative_pooled=prompts.negative[1], global_pooled=prompts.global_[1],
         regional_pooled=prompts.regional[1], token_allowed=token_allowed, token_maps=token_maps, latent_hw=latent_hw,
-        image_hw=(stage.size[1], stage.size[0]), vae_scale_factor=f, guidance_scale=config.guidance_scale,
-        lambda_global=config.lambda_global, composer=config.composer, pooled_prompt=config.pooled_prompt,
-        micro_conditioning=config.micro_conditioning, controlnet_scale=config.controlnet_scale)
+        image_hw=(stage.size[1], stage.size[0]), vae_scale_factor=f, lambda_global=config.lambda_global,
+        composer=config.composer, pooled_prompt=config.pooled_prompt, micro_conditioning=config.micro_conditioning,
+        controlnet_scale=config.controlnet_scale, **guidance_fields(config, spec))
     shared = executor.share(context)  # sent once per stage; each call carries only its windows
     # 9. Denoising loop: predict every view, reduce + prior, one scheduler step on the whole latent.
     first = resume.step if resume else 0

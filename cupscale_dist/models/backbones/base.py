@@ -29,6 +29,8 @@ class Backbone(ABC):
     pipeline_names: tuple[str, ...]  # model_index.json `_class_name`s of this family
     components: tuple[str, ...]  # the pipeline components the method calls (others are neither fetched nor loaded)
     denoiser_name = "unet"  # the pipeline attribute holding the denoiser ('transformer' for a DiT)
+    native_size: int | None = None  # training size in px when the denoiser's config has no sample_size (a DiT)
+    mask_tokenizer = "tokenizer"  # the pipeline tokenizer whose tokens the regional masks screen
     upcast_vae_in_fp16 = False  # a VAE that overflows in fp16 is kept in fp32 (as the family's diffusers pipeline does)
 
     @staticmethod

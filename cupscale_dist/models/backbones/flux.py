@@ -64,6 +64,8 @@ class Flux(Backbone):
     pipeline_names = ("FluxPipeline", "FluxImg2ImgPipeline")
     components = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "transformer", "scheduler")
     denoiser_name = "transformer"
+    native_size = 1024  # FLUX.1 was trained around 1024 px (the attention probe's size)
+    mask_tokenizer = "tokenizer_2"  # the T5 sequence is what the transformer attends to; CLIP only gives the pooled
     # T5 tokens per prompt: FLUX.1-dev was trained with 512 (its pipeline's default); capped at the tokenizer's own
     # model_max_length (schnell's pipeline uses 256; a small test T5 has fewer).
     max_sequence_length = 512
