@@ -34,6 +34,7 @@ from .method.step import StageContext, StageSchedule, reduce_and_step
 from .method.vae import PixelCodec, decode_bands, encode_image, image_to_tensor, read_only_tensor
 from .method.views import jitter_views, view_batches
 from .method.wavelets import low_band
+from .models.backbones import backbone_class
 from .models.controlnet import control_crops
 from .plan import Plan, StagePlan, make_plan
 
@@ -309,6 +310,7 @@ def upscale(image: Image.Image, config: UpscaleConfig, *, executor: Executor | N
         if executor is None:
             executor = LocalExecutor(model, config.view_batch_size) if model else open_executor(config)
         executor.check_serves(config)
+        backbone_class(executor.spec.family).check_config(config)  # knobs the model family cannot honour
         geometry = (executor.spec.vae_scale_factor, executor.spec.latent_channels)
         if plan is None or (plan.vae_scale_factor, plan.latent_channels) != geometry:
             plan = make_plan(image.size, config, geometry)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import small_config
 from cupscale_dist import UserError, upscale
@@ -66,3 +67,32 @@ def test_flux_ray_actors_give_the_local_bytes(local_ray, flux_dir, photo):
         pool = WorkerPool(config, ClusterOptions(actors=actors, cpus_per_actor=0.5), spec)
         assert as_bytes(upscale(photo, config, executor=RayExecutor(pool, spec, config.view_batch_size),
                                 progress=False)) == reference
+
+
+@pytest.mark.parametrize("preset,scale,steps", [("flux-2k", 2, 28), ("flux-4k", 4, 28), ("flux-8k", 8, 28),
+                                                ("flux-16k", 16, 28), ("flux-schnell-4k", 4, 4)])
+def test_flux_presets_load(preset, scale, steps):
+    from cupscale_dist import UpscaleConfig
+
+    config = UpscaleConfig.load(preset)
+    assert "FLUX.1" in config.model and config.scale == scale and config.steps == steps
+    assert config.positions == "global" and config.variant is None and config.tile % 2 == 0
+
+
+@pytest.mark.parametrize("changes,message", [({"tile": 15, "stride": 8}, "even values"),
+                                             ({"mask_mode": "pixel"}, "mask_mode=pixel"),
+                                             ({"scheduler": "ddim"}, "flow-matching")])
+def test_flux_refuses_knobs_it_cannot_honour_in_one_line(flux_dir, photo, changes, message):
+    worker = ModelWorker.load(str(flux_dir), device="cpu", dtype="float32")
+    with pytest.raises(UserError, match=message):
+        upscale(photo, flux_config(flux_dir, **changes), model=worker, progress=False)
+
+
+def test_flux_fp8_weights_mode_runs(flux_dir, photo):
+    """weights=fp8 stores the transformer (and the text encoders) as float8 on CPU too."""
+    from cupscale_dist import UpscaleConfig  # noqa: F401 - the config type the worker is built for
+
+    worker = ModelWorker(str(flux_dir), device="cpu", dtype="float32", weights="fp8")
+    assert worker.unet.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn
+    out = upscale(photo, flux_config(flux_dir, weights="fp8", mask_mode="off"), model=worker, progress=False)
+    assert out.size == (photo.width * 2, photo.height * 2)

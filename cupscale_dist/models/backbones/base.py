@@ -43,6 +43,10 @@ class Backbone(ABC):
     def pipeline_options(cls, model_index: dict) -> dict:
         """Keyword arguments the family's pipeline is built with (besides its components)."""
 
+    @classmethod
+    def check_config(cls, config) -> None:
+        """One-line UserErrors for knobs this family cannot honour, before any work (none for the UNet families)."""
+
     @abstractmethod
     def encode_prompts(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
         """Step 6: (embeds (U, L, D), pooled (U, Dp) or None), float32; L is the family's text length."""

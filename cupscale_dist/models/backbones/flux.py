@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ...errors import UserError
 from ...method.attention import RegionalAttention
 from ...method.joint_attention import JointRegional, install_joint_processors
 from ...method.step import StageContext
@@ -79,6 +80,19 @@ class Flux(Backbone):
     @classmethod
     def pipeline_options(cls, model_index: dict) -> dict:
         return {}
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        """Flux packs 2x2 latent pixels: views must have even sides; the parts not built for Flux yet say so."""
+        if config.tile % PATCH or config.stride % PATCH:
+            raise UserError(f"config: tile={config.tile}, stride={config.stride}: Flux packs 2x2 latent patches; use "
+                            "even values (e.g. tile 128, stride 64)")
+        if config.mask_mode == "pixel":
+            raise UserError("config: mask_mode=pixel is not implemented for Flux; use mask_mode=view or off")
+        if config.controlnet or config.lora:
+            raise UserError("config: ControlNet and LoRA add-ons are not wired for Flux yet; drop controlnet/lora")
+        if config.scheduler not in ("euler", "flow_euler"):
+            raise UserError(f"config: scheduler={config.scheduler!r}: Flux is a flow-matching model; use euler")
 
     def __init__(self, transformer, *, pipe=None, controlnet=None):
         self.transformer, self.pipe, self.controlnet = transformer, pipe, controlnet
