@@ -316,3 +316,48 @@ def test_flow_zt_prior_pulls_the_next_latent_toward_the_noised_input(config, lev
     low_plain, highs_plain = dwt2(run.without_prior, "haar", levels)
     assert (low - (weight * target + (1 - weight) * low_plain)).abs().max() <= 1e-4
     assert all((a - b).abs().max() <= 1e-4 for ha, hb in zip(highs, highs_plain) for a, b in zip(ha, hb))
+
+
+def test_rotary_tables_equal_the_transformers_own_position_embedding():
+    """The per-axis gathered tables are FluxPosEmbed's on every id, byte for byte (global, half-patch offsets too)."""
+    from cupscale_dist.models.backbones.flux import rotary_tables
+
+    pos_embed = FluxPosEmbed(theta=10000, axes_dim=[16, 56, 56])
+    ids = torch.cat([torch.zeros(7, 3), image_ids(np.array([[0, 0, 8, 6], [3, 5, 11, 11], [40, 64, 48, 70]]),
+                                                  "global").reshape(-1, 3)])
+    cos, sin = rotary_tables(pos_embed, ids)
+    expected_cos, expected_sin = pos_embed(ids)
+    assert torch.equal(cos, expected_cos) and torch.equal(sin, expected_sin)
+
+
+@pytest.mark.parametrize("config", [DEV_SCHEDULER, SCHNELL_SCHEDULER], ids=["dev", "schnell"])
+def test_flow_noise_level_is_the_schedulers_own_forward_process(config):
+    """(alpha, sigma) = (1 - sigma_t, sigma_t), the coefficients of the scheduler's own scale_noise at every step."""
+    from cupscale_dist.method.prior import noise_level
+    from cupscale_dist.method.schedulers import kind_of
+
+    scheduler = make_scheduler("flow_euler", config)
+    kind = kind_of(scheduler)
+    kind.set_timesteps(scheduler, 8, image_tokens=4096)
+    one, zero = torch.ones(1, 1, 1, 1), torch.zeros(1, 1, 1, 1)
+    for index, timestep in enumerate(scheduler.timesteps):
+        fresh = make_scheduler("flow_euler", config)
+        kind.set_timesteps(fresh, 8, image_tokens=4096)
+        alpha, sigma = noise_level(scheduler, index)
+        assert float(kind.add_noise(fresh, one, zero, timestep.reshape(1))) == pytest.approx(alpha, rel=1e-5)
+        assert float(kind.add_noise(fresh, zero, one, timestep.reshape(1))) == pytest.approx(sigma, rel=1e-5)
+
+
+@pytest.mark.parametrize("tokens", [256, 1024, 4096])
+def test_dynamic_shift_timesteps_are_flux_pipelines(tokens):
+    """With dynamic shifting the timesteps are FluxPipeline's for an image of ``tokens`` packed tokens."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    from cupscale_dist.method.schedulers import kind_of
+
+    ours = make_scheduler("flow_euler", DEV_SCHEDULER)
+    kind_of(ours).set_timesteps(ours, 28, image_tokens=tokens)
+    theirs = FlowMatchEulerDiscreteScheduler(**DEV_SCHEDULER)
+    theirs.set_timesteps(28, sigmas=np.linspace(1.0, 1 / 28, 28), mu=calculate_shift(tokens, 256, 4096, 0.5, 1.15))
+    assert torch.equal(ours.timesteps, theirs.timesteps) and torch.equal(ours.sigmas, theirs.sigmas)
