@@ -96,3 +96,32 @@ def test_flux_fp8_weights_mode_runs(flux_dir, photo):
     assert worker.unet.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn
     out = upscale(photo, flux_config(flux_dir, weights="fp8", mask_mode="off"), model=worker, progress=False)
     assert out.size == (photo.width * 2, photo.height * 2)
+
+
+@pytest.fixture(scope="module")
+def flux_lora(flux_dir, tmp_path_factory):
+    from cupscale_dist.testing.tiny_flux import build_tiny_flux_lora
+
+    return str(build_tiny_flux_lora(flux_dir, tmp_path_factory.mktemp("flux-lora") / "flux.safetensors", seed=3))
+
+
+def test_flux_lora_loads_through_peft_and_changes_the_output(flux_dir, flux_lora, photo):
+    config = flux_config(flux_dir, mask_mode="off")
+    plain = upscale(photo, config, progress=False)
+    with_lora = upscale(photo, flux_config(flux_dir, mask_mode="off", lora=(flux_lora,)), progress=False)
+    assert as_bytes(with_lora) != as_bytes(plain)
+    zero_scale = upscale(photo, flux_config(flux_dir, mask_mode="off", lora=(f"{flux_lora}:0",)), progress=False)
+    assert as_bytes(zero_scale) == as_bytes(plain)  # scale 0: the adapters are in, their weight is 0
+
+
+def test_flux_lora_on_sdxl_and_sdxl_lora_on_flux_are_refused_from_the_header(flux_dir, flux_lora, sdxl_dir,
+                                                                              tmp_path):
+    from cupscale_dist.models.lora import check_lora
+    from cupscale_dist.testing.tiny import build_tiny_lora
+
+    with pytest.raises(UserError, match="is a Flux LoRA"):
+        check_lora(flux_lora, ModelSpec.read(str(sdxl_dir)))
+    sdxl_lora = str(build_tiny_lora(sdxl_dir, tmp_path / "sdxl.safetensors"))
+    with pytest.raises(UserError, match="UNet .* LoRA"):
+        check_lora(sdxl_lora, ModelSpec.read(str(flux_dir)))
+    check_lora(flux_lora, ModelSpec.read(str(flux_dir)))  # its own family passes

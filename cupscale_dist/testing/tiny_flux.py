@@ -133,3 +133,21 @@ def build_tiny_flux(directory: str | os.PathLike, seed: int = 0, variant: str = 
     )
     _save_pipeline(pipe, directory, {"tokenizer": EOS_TOKEN})  # the CLIP tokenizer in the hub's vocab/merges layout
     return directory
+
+
+def build_tiny_flux_lora(model_dir: str | os.PathLike, path: str | os.PathLike, seed: int = 0, rank: int = 4) -> Path:
+    """A random LoRA for the tiny Flux in ``model_dir``: peft adapters on the transformer's attention projections
+    (lora_B random, so it changes the output), saved with ``FluxPipeline.save_lora_weights`` as one file."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    path = Path(path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = FluxTransformer2DModel.from_pretrained(model_dir, subfolder="transformer")
+        transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
+                                           target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        layers = get_peft_model_state_dict(transformer)
+    FluxPipeline.save_lora_weights(path.parent, weight_name=path.name, safe_serialization=True,
+                                   transformer_lora_layers=layers)
+    return path

@@ -109,8 +109,8 @@ class Flux(Backbone):
                             "even values (e.g. tile 128, stride 64)")
         if config.mask_mode == "pixel":
             raise UserError("config: mask_mode=pixel is not implemented for Flux; use mask_mode=view or off")
-        if config.controlnet or config.lora:
-            raise UserError("config: ControlNet and LoRA add-ons are not wired for Flux yet; drop controlnet/lora")
+        if config.controlnet:
+            raise UserError("config: a ControlNet is not wired for Flux yet (FluxControlNetModel); drop controlnet")
         if config.scheduler not in ("euler", "flow_euler"):
             raise UserError(f"config: scheduler={config.scheduler!r}: Flux is a flow-matching model; use euler")
 
