@@ -200,3 +200,85 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def transformer_rates(device: str = "cuda", dtype=torch.bfloat16, config: dict = FLUX_DEV_TRANSFORMER,
+                      views: int = 4, view_latent: int = 128, text_tokens: int = TEXT_TOKENS, repeats: int = 5,
+                      warmup: int = 2, seed: int = 0) -> dict:
+    """Seconds per view batch of a Flux transformer (random weights, built on ``device`` in ``dtype``), side by
+    side after warm-up, median of ``repeats``: ``bare`` (the stock processor, one position table for the batch),
+    ``plain`` (``predict_views`` with lambda = 1, nothing screened: per-view global positions), ``masks`` (view
+    masks screening half the global tokens), ``mix`` (lambda 0.5: the text stream doubles) -> s/view, the ratios to
+    bare and the achieved TFLOP/s (FLOPs counted from the config)."""
+    from types import SimpleNamespace
+
+    from diffusers import FluxTransformer2DModel
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    from cupscale_dist.method.joint_attention import install_joint_processors
+    from cupscale_dist.method.step import StageContext, predict_views
+    from cupscale_dist.method.views import make_views
+    from cupscale_dist.models.backbones.flux import Flux, image_ids, pack_latents
+
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            transformer = FluxTransformer2DModel(**config).eval()
+    finally:
+        torch.set_default_dtype(default)
+    channels, dim = config["in_channels"] // 4, config["joint_attention_dim"]
+    backbone = Flux(transformer, pipe=SimpleNamespace(tokenizer_2=SimpleNamespace(model_max_length=text_tokens)))
+    gen = torch.Generator().manual_seed(seed)
+    embeds = torch.randn(3, text_tokens, dim, generator=gen)
+    pooled = torch.randn(3, config["pooled_projection_dim"], generator=gen)
+    side = view_latent * 2
+    rects = make_views(side, side, view_latent, view_latent // 2)[:views]
+    windows = torch.randn(views, channels, view_latent, view_latent, generator=gen)
+    allowed = np.ones((views, text_tokens), dtype=bool)
+    allowed[:, 1 : text_tokens // 2] = False
+    base = StageContext(embeds[2:3], embeds[0:1], embeds[1:2], np.zeros(views, dtype=np.int64), pooled[2:3],
+                        pooled[0:1], pooled[1:2], None, None, (side, side), (side * 8, side * 8), 8, 1.0, 1.0, "mix",
+                        "global", distilled_guidance=3.5).to(device, dtype)
+    cases = {"plain": base, "masks": dataclasses_replace(base, token_allowed=allowed),
+             "mix": dataclasses_replace(base, lambda_global=0.5)}
+    guidance = torch.full((views,), 3.5, device=device) if config.get("guidance_embeds") else None
+    packed = pack_latents(windows).to(device, dtype)
+
+    def bare():  # the stock processor is installed around it, outside the timed region
+        transformer(hidden_states=packed, timestep=torch.full((views,), 0.7, device=device, dtype=dtype),
+                    guidance=guidance, pooled_projections=base.global_pooled.expand(views, -1),
+                    encoder_hidden_states=base.global_embeds.expand(views, -1, -1),
+                    txt_ids=torch.zeros(text_tokens, 3, device=device),
+                    img_ids=image_ids(rects[:1], "local")[0].to(device), return_dict=False)
+
+    runs = {"bare": bare, **{name: (lambda c=context: predict_views(backbone, windows, 700.0, 1.0, c,
+                                                                    list(range(views)), rects))
+                             for name, context in cases.items()}}
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    with torch.no_grad():
+        for round_ in range(warmup + repeats):
+            for name, run in runs.items():  # round-robin: drift hits every case alike
+                if name == "bare":
+                    transformer.set_attn_processor(FluxAttnProcessor())
+                sync()
+                start = time.perf_counter()
+                run()
+                sync()
+                if round_ >= warmup:
+                    times[name].append(time.perf_counter() - start)
+                if name == "bare":
+                    install_joint_processors(transformer)
+    per_view = {name: statistics.median(values) / views for name, values in times.items()}
+    flops = flops_per_view(config, (view_latent // 2) ** 2, text_tokens)["tflop_per_view"]
+    return {"device": device, "views_per_call": views, "s_per_view": per_view,
+            "vs_bare": {name: per_view[name] / per_view["bare"] for name in per_view},
+            "achieved_tflops_bare": flops / per_view["bare"]}
+
+
+def dataclasses_replace(context, **changes):
+    import dataclasses
+
+    return dataclasses.replace(context, **changes)
