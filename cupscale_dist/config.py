@@ -151,6 +151,8 @@ class UpscaleConfig:
         "knows where it sits; 'local' restarts at 0 per tile, as peers do (repeated objects, seams)")
     true_cfg: float = knob(1.0, "Flux: real CFG with negative_prompt above 1 (two passes per view); FLUX.1-dev's "
                            "guidance_scale is an input embedding, one pass", min=1.0)
+    max_sequence_length: int = knob(512, "Flux: T5 tokens per prompt; FLUX.1-dev was trained with 512 (schnell's "
+                                    "pipeline uses 256); capped at the tokenizer's own length", min=1, max=512)
     flow_shift_tokens: Literal["view", "stage"] = knob(
         "view", "Flux's dynamic shift mu from the tokens one call sees (a 1024 px view: 4096, its trained range); "
         "'stage' extrapolates mu far past max_image_seq_len at 4K and up")

@@ -125,3 +125,12 @@ def test_flux_lora_on_sdxl_and_sdxl_lora_on_flux_are_refused_from_the_header(flu
     with pytest.raises(UserError, match="UNet .* LoRA"):
         check_lora(sdxl_lora, ModelSpec.read(str(flux_dir)))
     check_lora(flux_lora, ModelSpec.read(str(flux_dir)))  # its own family passes
+
+
+def test_max_sequence_length_sets_the_t5_length_on_the_workers(flux_dir):
+    from cupscale_dist.execution.executor import LocalExecutor
+    from cupscale_dist.pipeline import encode_prompts
+
+    executor = LocalExecutor(ModelWorker.load(str(flux_dir), device="cpu", dtype="float32"), 1)
+    assert encode_prompts(executor, ["a cat"], 16)[0].shape[1] == 16
+    assert encode_prompts(executor, ["a cat"], 512)[0].shape[1] == 32  # capped at the tiny T5 tokenizer's 32

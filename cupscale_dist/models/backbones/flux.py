@@ -87,8 +87,7 @@ class Flux(Backbone):
     denoiser_name = "transformer"
     native_size = 1024  # FLUX.1 was trained around 1024 px (the attention probe's size)
     mask_tokenizer = "tokenizer_2"  # the T5 sequence is what the transformer attends to; CLIP only gives the pooled
-    # T5 tokens per prompt: FLUX.1-dev was trained with 512 (its pipeline's default); capped at the tokenizer's own
-    # model_max_length (schnell's pipeline uses 256; a small test T5 has fewer).
+    # T5 tokens per prompt when a call gives none (config.max_sequence_length does): FLUX.1-dev's 512
     max_sequence_length = 512
 
     @staticmethod
@@ -126,16 +125,17 @@ class Flux(Backbone):
     def dtype(self) -> torch.dtype:
         return self.transformer.dtype
 
-    @property
-    def text_length(self) -> int:
-        return min(self.max_sequence_length, int(self.pipe.tokenizer_2.model_max_length))
+    def text_length(self, requested: int | None = None) -> int:
+        """T5 tokens per prompt: the requested length, capped at the tokenizer's own model_max_length."""
+        return min(requested or self.max_sequence_length, int(self.pipe.tokenizer_2.model_max_length))
 
     # -- step 6 ------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(T5 sequence (U, L, D), CLIP pooled (U, Dp)), float32 (the encoders run on the worker)."""
+    def encode_prompts(self, prompts: list[str], text_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(T5 sequence (U, L, D), CLIP pooled (U, Dp)), float32 (the encoders run on the worker); L =
+        ``text_length`` capped at the tokenizer's length."""
         embeds, pooled, _ = self.pipe.encode_prompt(prompts, prompt_2=None, device=self.pipe.device,
-                                                    max_sequence_length=self.text_length)
+                                                    max_sequence_length=self.text_length(text_length))
         return embeds.float().cpu().numpy(), pooled.float().cpu().numpy()
 
     # -- step 9a -----------------------------------------------------------------------------------------------
