@@ -21,7 +21,7 @@ def flux_dir(request, tmp_path_factory):
 
 def flux_config(model_dir, **changes):
     """Regional prompt weight 0.5 (the composer runs), view masks from the probe, Flux-dev's usual guidance."""
-    return small_config(str(model_dir), steps=3, guidance_scale=3.5, lambda_global=0.5, **changes)
+    return small_config(str(model_dir), **{"steps": 3, "guidance_scale": 3.5, "lambda_global": 0.5, **changes})
 
 
 def as_bytes(image) -> bytes:
@@ -134,3 +134,70 @@ def test_max_sequence_length_sets_the_t5_length_on_the_workers(flux_dir):
     executor = LocalExecutor(ModelWorker.load(str(flux_dir), device="cpu", dtype="float32"), 1)
     assert encode_prompts(executor, ["a cat"], 16)[0].shape[1] == 16
     assert encode_prompts(executor, ["a cat"], 512)[0].shape[1] == 32  # capped at the tiny T5 tokenizer's 32
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_a_resumed_flux_run_gives_the_uninterrupted_bytes(flux_dir, photo, tmp_path):
+    """Killed after step 1 of 3 (the checkpoint holds the latent; the flow scheduler resumes at its step), resumed."""
+    from PIL import Image
+
+    from cupscale_dist.execution.executor import LocalExecutor
+    from cupscale_dist.services.runner import run_upscale
+
+    worker = ModelWorker.load(str(flux_dir), device="cpu", dtype="float32")
+    config = flux_config(flux_dir, steps=4, strength=0.8)
+    run_upscale(photo, config, tmp_path / "ref.png", progress=False, executor=LocalExecutor(worker, 4))
+
+    def stop_after_one(info):
+        if info["step"] == 1:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        run_upscale(photo, config, tmp_path / "out.png", progress=False, executor=LocalExecutor(worker, 4),
+                    checkpoint_dir=str(tmp_path / "ckpt"), callback=stop_after_one)
+    run_upscale(photo, config, tmp_path / "out.png", progress=False, executor=LocalExecutor(worker, 4),
+                checkpoint_dir=str(tmp_path / "ckpt"), resume=True)
+    with Image.open(tmp_path / "ref.png") as ref, Image.open(tmp_path / "out.png") as out:
+        assert np.array_equal(np.asarray(ref), np.asarray(out))
+
+
+@pytest.fixture(scope="module")
+def flux_controlnet(flux_dir, tmp_path_factory):
+    from cupscale_dist.testing.tiny_flux import build_tiny_flux_controlnet
+
+    return str(build_tiny_flux_controlnet(flux_dir, tmp_path_factory.mktemp("flux-controlnet"), seed=5))
+
+
+def test_flux_controlnet_steers_each_view_with_its_own_crop(flux_dir, flux_controlnet, photo):
+    """The ControlNet changes the output; each of its calls gets the packed latents of the batch's own crops."""
+    from cupscale_dist.method.vae import encode_pixels
+    from cupscale_dist.models.backbones.flux import pack_latents
+
+    plain = upscale(photo, flux_config(flux_dir, mask_mode="off"), progress=False)
+    config = flux_config(flux_dir, mask_mode="off", controlnet=flux_controlnet, controlnet_scale=1.0)
+    worker = ModelWorker.for_config(config)
+    seen = []
+    original = worker.backbone.control_latents
+    worker.backbone.control_latents = lambda control: seen.append(control) or original(control)
+    controlled = upscale(photo, config, model=worker, progress=False)
+    assert as_bytes(controlled) != as_bytes(plain)
+    first = seen[0]  # the first batch's crops, [0, 1]
+    assert first.shape[-2:] == (128, 128) and float(first.min()) >= 0 and float(first.max()) <= 1
+    assert torch.equal(original(first), pack_latents(encode_pixels(worker.vae, first * 2 - 1)))
+
+
+def test_controlnets_of_the_other_family_are_refused_from_their_config(flux_dir, flux_controlnet, sdxl_dir, tmp_path):
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from cupscale_dist.models.controlnet import check_controlnet
+
+    with pytest.raises(UserError, match="FluxControlNetModel"):
+        check_controlnet(flux_controlnet, ModelSpec.read(str(sdxl_dir)))
+    unet = UNet2DConditionModel.from_pretrained(sdxl_dir, subfolder="unet")
+    ControlNetModel.from_unet(unet).save_pretrained(tmp_path / "sdxl-cn")
+    with pytest.raises(UserError, match="FluxControlNetModel for Flux"):
+        check_controlnet(str(tmp_path / "sdxl-cn"), ModelSpec.read(str(flux_dir)))
+    check_controlnet(flux_controlnet, ModelSpec.read(str(flux_dir)))  # its own family passes

@@ -163,6 +163,20 @@ class JointRegionalProcessor:
         return attn.to_out[1](attn.to_out[0](image.contiguous())), attn.to_add_out(text.contiguous())
 
 
+class BoundJointProcessor(JointRegionalProcessor):
+    """For a model that does not hand ``joint_attention_kwargs`` to its blocks (diffusers' FluxControlNetModel): the
+    caller binds the call's regional inputs to ``bound`` around the call; unbound, it is the stock processor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bound: JointRegional | None = None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
+                 regional: JointRegional | None = None):
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
+                                regional or self.bound)
+
+
 def install_joint_processors(transformer) -> None:
     """Put JointRegionalProcessor on every attention layer (stock behaviour unless ``regional`` is passed)."""
     transformer.set_attn_processor(JointRegionalProcessor())

@@ -151,3 +151,21 @@ def build_tiny_flux_lora(model_dir: str | os.PathLike, path: str | os.PathLike, 
     FluxPipeline.save_lora_weights(path.parent, weight_name=path.name, safe_serialization=True,
                                    transformer_lora_layers=layers)
     return path
+
+
+@torch.random.fork_rng(devices=[])
+def build_tiny_flux_controlnet(model_dir: str | os.PathLike, directory: str | os.PathLike, seed: int = 0) -> Path:
+    """A FluxControlNetModel for the tiny Flux in ``model_dir`` (one double- and one single-stream block, from its
+    transformer), saved with ``save_pretrained``. diffusers zero-initialises its input embedder and output blocks (a
+    fresh ControlNet changes nothing); here they are random, so the control image visibly steers the output."""
+    from diffusers import FluxControlNetModel, FluxTransformer2DModel
+
+    transformer = FluxTransformer2DModel.from_pretrained(model_dir, subfolder="transformer")
+    controlnet = FluxControlNetModel.from_transformer(transformer, num_layers=1, num_single_layers=1,
+                                                      attention_head_dim=HEAD_DIM, num_attention_heads=HEADS)
+    torch.manual_seed(seed)
+    for module in [controlnet.controlnet_x_embedder, *controlnet.controlnet_blocks,
+                   *controlnet.controlnet_single_blocks]:
+        torch.nn.init.normal_(module.weight, std=0.2)
+    controlnet.save_pretrained(directory, safe_serialization=True)
+    return Path(directory)

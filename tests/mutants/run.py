@@ -176,6 +176,9 @@ MUTATIONS = [
     Mutation("flux-flow-sigma-as-euler", "cupscale_dist/method/schedulers.py",
              "            return 1.0 - sigma, sigma", "            return 1.0, sigma",
              flux("test_flow_zt_prior_pulls_the_next_latent_toward_the_noised_input[dev-J1-full]")),
+    Mutation("flux-resume-restarts-the-schedule", "cupscale_dist/pipeline.py",
+             "scheduler.set_begin_index(start + (resume.step if resume else 0))", "scheduler.set_begin_index(start)",
+             ("tests/test_flux_pipeline.py::test_a_resumed_flux_run_gives_the_uninterrupted_bytes[dev]",)),
 
 ]
 

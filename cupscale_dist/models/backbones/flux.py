@@ -18,7 +18,7 @@ import torch
 
 from ...errors import UserError
 from ...method.attention import RegionalAttention
-from ...method.joint_attention import JointRegional, install_joint_processors
+from ...method.joint_attention import BoundJointProcessor, JointRegional, install_joint_processors
 from ...method.step import StageContext
 from ...method.vae import encode_pixels, tile_to_tensor
 from .base import Backbone, UNetBackbone
@@ -108,14 +108,16 @@ class Flux(Backbone):
                             "even values (e.g. tile 128, stride 64)")
         if config.mask_mode == "pixel":
             raise UserError("config: mask_mode=pixel is not implemented for Flux; use mask_mode=view or off")
-        if config.controlnet:
-            raise UserError("config: a ControlNet is not wired for Flux yet (FluxControlNetModel); drop controlnet")
         if config.scheduler not in ("euler", "flow_euler"):
             raise UserError(f"config: scheduler={config.scheduler!r}: Flux is a flow-matching model; use euler")
 
     def __init__(self, transformer, *, pipe=None, controlnet=None):
         self.transformer, self.pipe, self.controlnet = transformer, pipe, controlnet
         install_joint_processors(transformer)  # stock attention unless a call passes `regional`
+        self.control_processor = None
+        if controlnet is not None:  # its blocks get no joint_attention_kwargs: the call's inputs are bound instead
+            self.control_processor = BoundJointProcessor()
+            controlnet.set_attn_processor(self.control_processor)
 
     @property
     def device(self) -> torch.device:
@@ -149,8 +151,8 @@ class Flux(Backbone):
     def denoise(self, latents: torch.Tensor, timestep, context: StageContext, view_ids: np.ndarray,
                 rects: np.ndarray, regional: RegionalAttention, control: torch.Tensor | None = None) -> torch.Tensor:
         """The velocity prediction of a batch (B, 16, h, w) of view latents (a CFG batch with ``true_cfg``)."""
-        if control is not None or self.controlnet is not None:
-            raise ValueError("the Flux backbone has no ControlNet path yet; run without controlnet")
+        if (control is None) != (self.controlnet is None):
+            raise ValueError("a Flux ControlNet run needs control crops and a worker holding the ControlNet, or neither")
         if regional.token_maps is not None:
             raise ValueError("mask_mode='pixel' is not implemented for Flux; use mask_mode='view'")
         device, dtype = self.device, self.dtype
@@ -180,12 +182,28 @@ class Flux(Backbone):
             guidance = torch.full((rows,), float(context.distilled_guidance), device=device, dtype=torch.float32)
         # Flux's timestep input is sigma = t / 1000 (FluxPipeline passes timestep / 1000)
         sigma = torch.full((rows,), float(timestep) / 1000, device=device, dtype=dtype)
-        out = self.transformer(hidden_states=pack_latents(latents).to(device, dtype), timestep=sigma,
-                               guidance=guidance, pooled_projections=pooled.to(device, dtype),
-                               encoder_hidden_states=states.to(device, dtype),
-                               txt_ids=torch.zeros(states.shape[1], 3, device=device), img_ids=ids[0].to(device),
-                               joint_attention_kwargs={"regional": joint}, return_dict=False)[0]
+        inputs = {"hidden_states": pack_latents(latents).to(device, dtype), "timestep": sigma, "guidance": guidance,
+                  "pooled_projections": pooled.to(device, dtype), "encoder_hidden_states": states.to(device, dtype),
+                  "txt_ids": torch.zeros(states.shape[1], 3, device=device), "img_ids": ids[0].to(device),
+                  "joint_attention_kwargs": {"regional": joint}, "return_dict": False}
+        residuals = {}
+        if self.controlnet is not None:  # each view's own crop, both CFG halves alike
+            cond = self.control_latents(control)
+            self.control_processor.bound = joint
+            try:
+                blocks, singles = self.controlnet(controlnet_cond=torch.cat([cond, cond]) if regional.cfg else cond,
+                                                  conditioning_scale=context.controlnet_scale, **inputs)
+            finally:
+                self.control_processor.bound = None
+            residuals = {"controlnet_block_samples": blocks, "controlnet_single_block_samples": singles}
+        out = self.transformer(**inputs, **residuals)[0]
         return unpack_latents(out, height, width)
+
+    def control_latents(self, control: torch.Tensor) -> torch.Tensor:
+        """Flux ControlNets read the control image as packed VAE latents (FluxControlNetPipeline): [0, 1] crops ->
+        [-1, 1] -> the posterior mean (deterministic, where the pipeline samples) -> shifted, scaled, packed."""
+        latents = encode_pixels(self.pipe.vae, control * 2 - 1)
+        return pack_latents(latents).to(self.device, self.dtype)
 
     # -- step 7 ------------------------------------------------------------------------------------------------
     @torch.no_grad()
