@@ -201,3 +201,16 @@ def test_controlnets_of_the_other_family_are_refused_from_their_config(flux_dir,
     with pytest.raises(UserError, match="FluxControlNetModel for Flux"):
         check_controlnet(str(tmp_path / "sdxl-cn"), ModelSpec.read(str(flux_dir)))
     check_controlnet(flux_controlnet, ModelSpec.read(str(flux_dir)))  # its own family passes
+
+
+def test_flux_knob_refusals_come_before_any_model_loads(flux_dir, monkeypatch):
+    """check_inputs (what the CLI, batch and the service call first) knows the family from the local configs."""
+    from cupscale_dist.plan import check_inputs
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr("cupscale_dist.models.loading.load_pipeline", refuse)
+    with pytest.raises(UserError, match="mask_mode=pixel"):
+        check_inputs((64, 48), flux_config(flux_dir, mask_mode="pixel"))
+    check_inputs((64, 48), flux_config(flux_dir))

@@ -192,6 +192,30 @@ def model_geometry(model: str, model_config: str | None = None) -> tuple[int, in
     return vae_geometry(vae.parent.parent, read_json(vae.parent.parent, "vae/config.json"))
 
 
+def local_family(model: str, model_config: str | None = None) -> str | None:
+    """The model family from configs already on this machine (the demo model, a local directory or single file, a
+    hub id in the local cache), no weights read; None when they are not here yet (a run reads them)."""
+    if model == "demo":
+        from ..demo import demo_model_dir
+
+        model = str(demo_model_dir())
+    path = Path(model).expanduser()
+    if path.is_file() or path.is_dir():
+        try:
+            return model_family(config_dir(str(path), model_config))
+        except UserError:  # a broken model is reported where it is loaded, with its own message
+            return None
+    if model.count("/") != 1:
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(model, "model_index.json")
+    if not isinstance(cached, str):
+        return None
+    class_name = read_json(Path(cached).parent, "model_index.json").get("_class_name")
+    return FAMILIES.get(class_name) if isinstance(class_name, str) else None
+
+
 def config_dir(model_path: str, model_config: str | None = None) -> str:
     """The diffusers config directory of a model: the directory itself, or for a single-file checkpoint
     ``model_config`` (a diffusers directory; its weights, if any, are not read) or the family's shipped configs."""
