@@ -214,3 +214,37 @@ def test_flux_knob_refusals_come_before_any_model_loads(flux_dir, monkeypatch):
     with pytest.raises(UserError, match="mask_mode=pixel"):
         check_inputs((64, 48), flux_config(flux_dir, mask_mode="pixel"))
     check_inputs((64, 48), flux_config(flux_dir))
+
+
+# black-forest-labs/FLUX.1-dev's file list (the repository's layout: BFL single files at the root beside the diffusers
+# folders; sharded T5 and transformer weights)
+FLUX_DEV_FILES = [
+    ".gitattributes", "LICENSE.md", "README.md", "ae.safetensors", "dev_grid.jpg", "flux1-dev.safetensors",
+    "model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
+    "text_encoder/model.safetensors", "text_encoder_2/config.json", "text_encoder_2/model-00001-of-00002.safetensors",
+    "text_encoder_2/model-00002-of-00002.safetensors", "text_encoder_2/model.safetensors.index.json",
+    "tokenizer/merges.txt", "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json",
+    "tokenizer/vocab.json", "tokenizer_2/special_tokens_map.json", "tokenizer_2/spiece.model",
+    "tokenizer_2/tokenizer.json", "tokenizer_2/tokenizer_config.json", "transformer/config.json",
+    "transformer/diffusion_pytorch_model-00001-of-00003.safetensors",
+    "transformer/diffusion_pytorch_model-00002-of-00003.safetensors",
+    "transformer/diffusion_pytorch_model-00003-of-00003.safetensors",
+    "transformer/diffusion_pytorch_model.safetensors.index.json", "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+]
+
+
+def test_hub_selection_fetches_only_the_flux_pipelines_components(flux_dir):
+    """The diffusers folders the method loads, not the BFL single files (ae, flux1-dev: 24 GB more) or the images;
+    FLUX.1 has no fp16 variant, so the default variant falls back to the full-precision files."""
+    import json
+
+    from cupscale_dist.models.hub import select_files
+
+    index = json.loads((flux_dir / "model_index.json").read_text())
+    chosen = select_files(FLUX_DEV_FILES, index, "fp16")
+    assert "flux1-dev.safetensors" not in chosen and "ae.safetensors" not in chosen and "dev_grid.jpg" not in chosen
+    assert {f.split("/")[0] for f in chosen} == {"model_index.json", "scheduler", "text_encoder", "text_encoder_2",
+                                                 "tokenizer", "tokenizer_2", "transformer", "vae"}
+    assert sum(f.startswith("transformer/diffusion_pytorch_model-") for f in chosen) == 3
+    assert "tokenizer_2/spiece.model" in chosen and "text_encoder_2/model.safetensors.index.json" in chosen
