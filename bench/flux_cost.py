@@ -30,9 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from common import load_average, rounded  # noqa: E402
+import numpy as np
+import torch
+from common import load_average, rounded
 
 # black-forest-labs/FLUX.1-dev transformer/config.json
 FLUX_DEV_TRANSFORMER = {"patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38,
@@ -94,7 +94,11 @@ def host_step_8k(runs: int) -> dict:
     from cupscale_dist.method.schedulers import kind_of, make_scheduler
     from cupscale_dist.method.step import reduce_predictions
     from cupscale_dist.method.views import make_views, view_batches
-    from cupscale_dist.models.backbones.flux import image_ids, pack_latents, rotary_tables
+    from cupscale_dist.models.backbones.flux import (
+        image_ids,
+        pack_latents,
+        rotary_tables,
+    )
     from cupscale_dist.testing.tiny_flux import DEV_SCHEDULER
 
     gen = torch.Generator().manual_seed(0)
@@ -172,7 +176,7 @@ def memory_per_actor(flops: dict) -> dict:
     transformer = flops["transformer_parameters"]
     params = {"transformer": transformer, "text_encoder_2_t5": t5, "text_encoder_clip": clip, "vae": vae,
               "largest_block": largest_block}
-    gb = lambda n, width: n * width / 1e9  # noqa: E731
+    gb = lambda n, width: n * width / 1e9
     return {"parameters": params,
             "full_bf16_gb": gb(transformer + t5 + clip + vae, 2),
             "fp8_gb": gb(transformer + t5 + clip, 1) + gb(vae, 2),

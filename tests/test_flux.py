@@ -15,20 +15,44 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, FluxPosEmbed
+from diffusers.models.transformers.transformer_flux import (
+    FluxAttnProcessor,
+    FluxPosEmbed,
+)
 
 from cupscale_dist.execution.executor import LocalExecutor
 from cupscale_dist.execution.worker import ModelWorker
-from cupscale_dist.method.joint_attention import (JointRegional, JointRegionalProcessor, attend, composed_attention,
-                                                 install_joint_processors)
+from cupscale_dist.method.joint_attention import (
+    JointRegional,
+    JointRegionalProcessor,
+    attend,
+    composed_attention,
+    install_joint_processors,
+)
 from cupscale_dist.method.prior import GlobalPrior
 from cupscale_dist.method.schedulers import make_scheduler
-from cupscale_dist.method.step import StageContext, StageSchedule, predict_views, reduce_and_step, reduce_predictions
+from cupscale_dist.method.step import (
+    StageContext,
+    StageSchedule,
+    predict_views,
+    reduce_and_step,
+    reduce_predictions,
+)
 from cupscale_dist.method.views import make_views
 from cupscale_dist.method.wavelets import dwt2, low_band
-from cupscale_dist.models.backbones.flux import Flux, image_ids, pack_latents, unpack_latents
+from cupscale_dist.models.backbones.flux import (
+    Flux,
+    image_ids,
+    pack_latents,
+    unpack_latents,
+)
 from cupscale_dist.pipeline import predict_step
-from cupscale_dist.testing.tiny_flux import AXES_DIMS_ROPE, DEV_SCHEDULER, SCHNELL_SCHEDULER, build_tiny_flux
+from cupscale_dist.testing.tiny_flux import (
+    AXES_DIMS_ROPE,
+    DEV_SCHEDULER,
+    SCHNELL_SCHEDULER,
+    build_tiny_flux,
+)
 
 
 @pytest.fixture(scope="module", params=["dev", "schnell"])
@@ -150,7 +174,7 @@ def test_mix_composer_is_lambda_blend_of_the_two_prompts_attentions():
     allowed[:, 3] = False
     out = composed_attention(query, key, value, JointRegional(g, r, (None, None), lam, "mix", screen(allowed)))
     sl_g, sl_r, sl_i = slice(0, g), slice(g, g + r), slice(g + r, None)
-    cat = lambda t, a: torch.cat([t[:, a], t[:, sl_i]], dim=1)  # noqa: E731
+    cat = lambda t, a: torch.cat([t[:, a], t[:, sl_i]], dim=1)
     bias = torch.cat([screen(allowed), torch.zeros(2, 1, 1, image)], dim=-1)
     expected_i = (lam * attend(query[:, sl_i], cat(key, sl_g), cat(value, sl_g), bias)
                   + (1 - lam) * attend(query[:, sl_i], cat(key, sl_r), cat(value, sl_r)))

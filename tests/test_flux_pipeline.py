@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import small_config
+
 from cupscale_dist import UserError, upscale
 from cupscale_dist.execution.worker import ModelWorker
 from cupscale_dist.models.spec import ModelSpec

@@ -24,7 +24,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_dispatch import dispatch_attention_fn
-from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
+from diffusers.models.transformers.transformer_flux import (
+    FluxAttnProcessor,
+    _get_qkv_projections,
+)
 
 
 @dataclass
@@ -107,7 +110,7 @@ def composed_attention(query, key, value, regional: JointRegional) -> torch.Tens
     elif regional.composer == "mix":
         out_i = lam * attend(q_i, keys_g, values_g, bias_g) + (1 - lam) * attend(q_i, keys_r, values_r)
     else:  # 'joint': one softmax; global keys weighted lambda, regional 1 - lambda, image keys 1
-        log_w = lambda w: math.log(w) if w > 0 else float("-inf")  # noqa: E731
+        log_w = lambda w: math.log(w) if w > 0 else float("-inf")
         weights = torch.cat([torch.full((g,), log_w(lam)), torch.full((r,), log_w(1 - lam)), torch.zeros(image)])
         full = weights.to(query.device, query.dtype).expand(query.shape[0], 1, 1, g + r + image).clone()
         if regional.global_bias is not None:

@@ -22,7 +22,13 @@ from pathlib import Path
 
 import torch
 
-from .tiny import EOS_TOKEN, TEXT_HIDDEN_SIZE, _load_tokenizer, _save_pipeline, _text_encoder
+from .tiny import (
+    EOS_TOKEN,
+    TEXT_HIDDEN_SIZE,
+    _load_tokenizer,
+    _save_pipeline,
+    _text_encoder,
+)
 
 # FLUX.1-dev's VAE (black-forest-labs/FLUX.1-dev, vae/config.json): latents are (z - shift) * scale.
 FLUX_SCALING_FACTOR = 0.3611
@@ -46,8 +52,7 @@ SCHNELL_SCHEDULER = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifti
                          max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
 
 # Words the tiny T5 knows whole; anything else falls apart into single letters (still real tokens, no <unk>).
-T5_WORDS = ("a photo of cat dog on the house red roof under blue sky tree in park with and night dark "
-            "mountain landscape snow street city light detailed high resolution portrait woman man").split()
+T5_WORDS = ["a", "photo", "of", "cat", "dog", "on", "the", "house", "red", "roof", "under", "blue", "sky", "tree", "in", "park", "with", "and", "night", "dark", "mountain", "landscape", "snow", "street", "city", "light", "detailed", "high", "resolution", "portrait", "woman", "man"]
 
 
 def build_t5_tokenizer(directory: str | os.PathLike, max_length: int = T5_MAX_LENGTH):

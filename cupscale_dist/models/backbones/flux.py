@@ -18,7 +18,11 @@ import torch
 
 from ...errors import UserError
 from ...method.attention import RegionalAttention
-from ...method.joint_attention import BoundJointProcessor, JointRegional, install_joint_processors
+from ...method.joint_attention import (
+    BoundJointProcessor,
+    JointRegional,
+    install_joint_processors,
+)
 from ...method.step import StageContext
 from ...method.vae import encode_pixels, tile_to_tensor
 from .base import Backbone, UNetBackbone
