@@ -91,6 +91,9 @@ class Flux(Backbone):
     denoiser_name = "transformer"
     native_size = 1024  # FLUX.1 was trained around 1024 px (the attention probe's size)
     mask_tokenizer = "tokenizer_2"  # the T5 sequence is what the transformer attends to; CLIP only gives the pooled
+    # The attention probe's embedded guidance (a guess: the probe's call carries no config): FluxPipeline's default
+    # guidance_scale, what FLUX.1-dev is mostly run at, so the probe's maps are those of an ordinary pass.
+    probe_guidance = 3.5
     # T5 tokens per prompt when a call gives none (config.max_sequence_length does): FLUX.1-dev's 512
     max_sequence_length = 512
 
@@ -227,7 +230,7 @@ class Flux(Backbone):
         joint = JointRegional(tokens, 0, self.rotary(tokens, ids), probe=maps)
         guidance = None
         if self.transformer.config.guidance_embeds:
-            guidance = torch.full((1,), 3.5, device=self.device, dtype=torch.float32)  # FLUX.1-dev's usual guidance
+            guidance = torch.full((1,), self.probe_guidance, device=self.device, dtype=torch.float32)
         self.transformer(hidden_states=pack_latents(noisy).to(self.device, self.dtype),
                          timestep=torch.full((1,), sigma, device=self.device, dtype=self.dtype), guidance=guidance,
                          pooled_projections=pooled.to(self.device, self.dtype),
