@@ -7,7 +7,10 @@ Sections, each timed and kept in the JSON even when a later one fails or the tim
 1. ``unet``: SDXL-architecture UNet, random weights, bf16: bare batched tiles/s, ``predict_views`` vs bare, view
    masks / pixel masks / lambda-mix overhead (``bench/step_cost.py --full-size``'s measurement).
 2. ``model``: full-size SDXL in the hub's layout (random weights, fp16 files; ``cupscale_dist.testing.fullsize``).
-3. ``upscale``: a real ``upscale()`` 1024 -> 2048 through Ray on that model, ``weights`` full / fp8 / offload and
+3. ``flux``: a FLUX.1-dev-sized transformer (11.9 B parameters, random weights, built on the GPU in bf16): s/view
+   for 4 views of 1024 px, bare (stock processor) vs ``predict_views`` plain (per-view global positions), view
+   masks and the lambda-mix composer, and the achieved TFLOP/s (``bench/flux_cost.py``'s ``transformer_rates``).
+4. ``upscale``: a real ``upscale()`` 1024 -> 2048 through Ray on that model, ``weights`` full / fp8 / offload and
    ``compile`` off / on, 1 actor (a whole GPU) and 2 actors sharing the GPU: seconds, each actor's peak GPU memory,
    and whether 1 and 2 actors gave identical bytes.
 """
@@ -45,6 +48,20 @@ def unet_section(seed: int) -> dict:
     args = SimpleNamespace(device="cuda", dtype="bfloat16", tiles=[4, 8], latent=128, repeats=10, warmup=3,
                            stub_only=False, seed=seed)
     return step_cost.full_size(args)
+
+
+def flux_section(seed: int, device: str = "cuda") -> dict:
+    """Flux rows: the FLUX.1-dev transformer on the GPU; on CPU (the smoke run) the tiny Flux's, figures meaningless."""
+    import torch
+    from flux_cost import transformer_rates  # bench/flux_cost.py
+
+    if device == "cuda":
+        return transformer_rates("cuda", torch.bfloat16, seed=seed)
+    from cupscale_dist.testing.tiny_flux import flux_transformer
+
+    config = {k: v for k, v in flux_transformer(seed, True).config.items() if not k.startswith("_")}
+    return transformer_rates("cpu", torch.float32, config, views=2, view_latent=16, text_tokens=32, repeats=2,
+                             warmup=1, seed=seed)
 
 
 def upscale_section(model: Path | str, deadline: float, device: str = "cuda") -> dict:
@@ -130,11 +147,14 @@ def main() -> None:
         (out / "gpu.json").write_text(json.dumps(rounded(result), indent=1, default=str))  # after every section
 
     if args.smoke_cpu:
+        section("flux", lambda: flux_section(args.seed, device="cpu"))
         section("upscale", lambda: upscale_section("demo", deadline, device="cpu"))
     elif not torch.cuda.is_available():
         result["error"] = "no CUDA GPU visible"
     else:
         section("unet", lambda: unet_section(args.seed))
+        section("flux", lambda: flux_section(args.seed))
+        torch.cuda.empty_cache()  # the 24 GB transformer goes before the SDXL model is built
         with tempfile.TemporaryDirectory() as tmp:
             from cupscale_dist.testing.fullsize import build_full_size
 

@@ -146,6 +146,18 @@ class UpscaleConfig:
         "global", "SDXL time_ids (H, W, 0, 0, H, W) for all views, as DemoFusion and mixture-of-diffusers SDXL: "
         "per-view crop offsets reach ~15,000 px at 16K, unseen in training")
 
+    # --- DiT backbones (Flux, issue 22; method.md "Other backbones") ----------------------------------------------
+    positions: Literal["global", "local"] = knob(
+        "global", "Flux RoPE ids of a view's tokens: 'global' adds the view's offset in the stage latent so each view "
+        "knows where it sits; 'local' restarts at 0 per tile, as peers do (repeated objects, seams)")
+    true_cfg: float = knob(1.0, "Flux: real CFG with negative_prompt above 1 (two passes per view); FLUX.1-dev's "
+                           "guidance_scale is an input embedding, one pass", min=1.0)
+    max_sequence_length: int = knob(512, "Flux: T5 tokens per prompt; FLUX.1-dev was trained with 512 (schnell's "
+                                    "pipeline uses 256); capped at the tokenizer's own length", min=1, max=512)
+    flow_shift_tokens: Literal["view", "stage"] = knob(
+        "view", "Flux's dynamic shift mu from the tokens one call sees (a 1024 px view: 4096, its trained range); "
+        "'stage' extrapolates mu far past max_image_seq_len at 4K and up")
+
     # --- 2./10. VAE and limits ---------------------------------------------------------------------------
     vae_tile: int = knob(1024, "VAE tile in image px; SDXL's VAE is trained at 1024", min=64)
     vae_tile_overlap: float = knob(0.25, "diffusers' default tile overlap; hides VAE seams", min=0.0, max=0.5)

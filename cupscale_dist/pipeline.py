@@ -26,7 +26,7 @@ from .config import UpscaleConfig
 from .execution.contract import Executor
 from .execution.executor import LocalExecutor, open_executor
 from .execution.worker import ModelWorker
-from .method.masks import binarize_maps, content_token_mask, view_token_masks
+from .method.masks import binarize_maps, view_token_masks
 from .method.prior import GlobalPrior
 from .method.resize import resize_input
 from .method.schedulers import kind_of
@@ -34,6 +34,7 @@ from .method.step import StageContext, StageSchedule, reduce_and_step
 from .method.vae import PixelCodec, decode_bands, encode_image, image_to_tensor, read_only_tensor
 from .method.views import jitter_views, view_batches
 from .method.wavelets import low_band
+from .models.backbones import backbone_class
 from .models.controlnet import control_crops
 from .plan import Plan, StagePlan, make_plan
 
@@ -79,14 +80,15 @@ def attention_token_masks(executor, config: UpscaleConfig, image: Image.Image, s
     """Step 7: probe at native size (on a worker) -> binary per-token maps -> per-view masks (view) or the maps
     (pixel). The driver draws the probe's noise from the seed and binarises; the worker runs VAE + UNet."""
     spec = executor.spec
-    content = content_token_mask(spec.token_count(global_prompt), global_embeds.shape[1])
+    content = spec.content_tokens_mask(global_prompt, global_embeds.shape[1])
     if config.mask_mode == "off" or not content.any():
         return None, None
     native = spec.native_size
     pixels = np.asarray(image.resize((native, native), Image.Resampling.BICUBIC))
     scheduler = spec.new_scheduler(config.scheduler, config.timestep_spacing, config.karras_sigmas)
     timestep = int(config.attn_probe_t * (scheduler.config.num_train_timesteps - 1))
-    alpha_bar = float(scheduler.alphas_cumprod[timestep])
+    # a flow-matching probe noises to sigma = timestep / 1000 itself; alpha_bar is a VP schedule's notion
+    alpha_bar = 0.0 if kind_of(scheduler).predicts_velocity else float(scheduler.alphas_cumprod[timestep])
     latent_shape = (1, spec.latent_channels, native // spec.vae_scale_factor, native // spec.vae_scale_factor)
     noise = torch.randn(latent_shape, generator=stage_generator(config.seed, stage, purpose=1)).numpy()
     pooled = None if global_pooled is None else global_pooled.numpy()
@@ -155,9 +157,16 @@ def encode_stage_prompts(executor, config: UpscaleConfig, stage: StagePlan, imag
         prompter.close()  # the captioner pool's GPU memory goes back to the UNet; its cache stays
     unique = sorted(set(prompts))
     view_prompt = np.array([unique.index(p) for p in prompts], dtype=np.int64)
-    regional = encode_prompts(executor, unique)
-    global_ = encode_prompts(executor, [global_prompt])
-    return StagePrompts(view_prompt, regional, global_, encode_negative(executor, config.negative_prompt))
+    length = text_length(config, executor.spec)
+    regional = encode_prompts(executor, unique, length)
+    global_ = encode_prompts(executor, [global_prompt], length)
+    return StagePrompts(view_prompt, regional, global_, encode_negative(executor, config.negative_prompt, length))
+
+
+def text_length(config: UpscaleConfig, spec) -> int | None:
+    """Tokens per prompt where the family's text encoder takes a length (Flux's T5: ``max_sequence_length``);
+    None for the CLIP families (77, fixed)."""
+    return config.max_sequence_length if spec.family == "flux" else None
 
 
 def prepare_latents(executor, config: UpscaleConfig, stage: StagePlan, image: Image.Image, z_low: torch.Tensor,
@@ -169,7 +178,8 @@ def prepare_latents(executor, config: UpscaleConfig, stage: StagePlan, image: Im
     """
     spec = executor.spec
     scheduler = spec.new_scheduler(config.scheduler, config.timestep_spacing, config.karras_sigmas)
-    scheduler.set_timesteps(config.steps, device="cpu")
+    kind = kind_of(scheduler)
+    kind.set_timesteps(scheduler, config.steps, shift_tokens(config, stage))
     start = config.steps - stage.steps
     noise = torch.randn(z_low.shape, generator=stage_generator(config.seed, stage.index))
     # 3. Global structure prior G = LL(z_L) (or of the pixels, prior_space='pixel').
@@ -189,7 +199,27 @@ def prepare_latents(executor, config: UpscaleConfig, stage: StagePlan, image: Im
     if resume is not None:
         kind_of(scheduler).set_state(scheduler, resume.scheduler_state)  # a multistep solver's memory
         return schedule, resume.latents.clone()
-    return schedule, scheduler.add_noise(z_low, noise, scheduler.timesteps[start : start + 1])
+    return schedule, kind.add_noise(scheduler, z_low, noise, scheduler.timesteps[start : start + 1])
+
+
+def shift_tokens(config: UpscaleConfig, stage: StagePlan) -> int:
+    """The image token count that sets a flow scheduler's dynamic shift (``flow_shift_tokens``): one view's packed
+    2x2 patches, or the whole stage latent's."""
+    if config.flow_shift_tokens == "stage":
+        height, width = stage.latent
+    else:
+        top, left, bottom, right = stage.views[0]
+        height, width = bottom - top, right - left
+    return int(height // 2) * int(width // 2)
+
+
+def guidance_fields(config: UpscaleConfig, spec) -> dict:
+    """How guidance reaches the model: a UNet's CFG scale is ``guidance_scale``; Flux takes ``guidance_scale`` as
+    its guidance embedding (FLUX.1-dev) and runs CFG only with ``true_cfg`` > 1 (its negative prompt)."""
+    if spec.family == "flux":
+        return {"guidance_scale": config.true_cfg, "distilled_guidance": config.guidance_scale,
+                "positions": config.positions}
+    return {"guidance_scale": config.guidance_scale}
 
 
 def run_stage(executor, config: UpscaleConfig, stage: StagePlan, image: Image.Image, prompter: Prompter,
@@ -228,9 +258,9 @@ def run_stage(executor, config: UpscaleConfig, stage: StagePlan, image: Image.Im
         negative_embeds=prompts.negative[0], global_embeds=prompts.global_[0], regional_embeds=prompts.regional[0],
         view_prompt=prompts.view_prompt, negative_pooled=prompts.negative[1], global_pooled=prompts.global_[1],
         regional_pooled=prompts.regional[1], token_allowed=token_allowed, token_maps=token_maps, latent_hw=latent_hw,
-        image_hw=(stage.size[1], stage.size[0]), vae_scale_factor=f, guidance_scale=config.guidance_scale,
-        lambda_global=config.lambda_global, composer=config.composer, pooled_prompt=config.pooled_prompt,
-        micro_conditioning=config.micro_conditioning, controlnet_scale=config.controlnet_scale)
+        image_hw=(stage.size[1], stage.size[0]), vae_scale_factor=f, lambda_global=config.lambda_global,
+        composer=config.composer, pooled_prompt=config.pooled_prompt, micro_conditioning=config.micro_conditioning,
+        controlnet_scale=config.controlnet_scale, **guidance_fields(config, spec))
     shared = executor.share(context)  # sent once per stage; each call carries only its windows
     # 9. Denoising loop: predict every view, reduce + prior, one scheduler step on the whole latent.
     first = resume.step if resume else 0
@@ -256,10 +286,11 @@ def run_stage(executor, config: UpscaleConfig, stage: StagePlan, image: Image.Im
     return sink(decode_bands(executor.map, latents, f, vae_tile_px, config.vae_tile_overlap))
 
 
-def encode_negative(executor, negative_prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+def encode_negative(executor, negative_prompt: str,
+                    text_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """CFG's unconditional embeddings; a model whose index says so (SDXL's default) zeroes an empty negative
     prompt, as its pipeline does."""
-    embeds, pooled = encode_prompts(executor, [negative_prompt])
+    embeds, pooled = encode_prompts(executor, [negative_prompt], text_length)
     if not negative_prompt and executor.spec.force_zeros_for_empty_prompt:
         return torch.zeros_like(embeds), None if pooled is None else torch.zeros_like(pooled)
     return embeds, pooled
@@ -305,6 +336,7 @@ def upscale(image: Image.Image, config: UpscaleConfig, *, executor: Executor | N
         if executor is None:
             executor = LocalExecutor(model, config.view_batch_size) if model else open_executor(config)
         executor.check_serves(config)
+        backbone_class(executor.spec.family).check_config(config)  # knobs the model family cannot honour
         geometry = (executor.spec.vae_scale_factor, executor.spec.latent_channels)
         if plan is None or (plan.vae_scale_factor, plan.latent_channels) != geometry:
             plan = make_plan(image.size, config, geometry)
@@ -336,9 +368,12 @@ def upscale(image: Image.Image, config: UpscaleConfig, *, executor: Executor | N
 PROMPT_CHUNK = 16
 
 
-def encode_prompts(executor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Text embeddings of ``prompts`` in :data:`PROMPT_CHUNK`-sized calls (fanned out, gathered in order)."""
-    chunks = [(prompts[i : i + PROMPT_CHUNK],) for i in range(0, len(prompts), PROMPT_CHUNK)]
+def encode_prompts(executor, prompts: list[str],
+                   text_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Text embeddings of ``prompts`` in :data:`PROMPT_CHUNK`-sized calls (fanned out, gathered in order);
+    ``text_length``: tokens per prompt for a family whose encoder takes one (Flux's T5), else None."""
+    extra = () if text_length is None else (text_length,)  # the UNet families' calls stay as they were
+    chunks = [(prompts[i : i + PROMPT_CHUNK], *extra) for i in range(0, len(prompts), PROMPT_CHUNK)]
     parts = list(executor.map("encode_prompts", chunks))
     embeds = torch.from_numpy(np.concatenate([e for e, _ in parts]))
     pooled = None if parts[0][1] is None else torch.from_numpy(np.concatenate([p for _, p in parts]))

@@ -145,6 +145,7 @@ def check_inputs(input_size: tuple[int, int], config: UpscaleConfig, spec=None, 
     """
     plan = make_plan(input_size, config, model_geometry_of(config, spec))
     config.check_output_size(plan.output_size)
+    check_family_knobs(config, spec)
     if output is not None:
         from .files.imageio import check_output_side
 
@@ -156,6 +157,17 @@ def check_inputs(input_size: tuple[int, int], config: UpscaleConfig, spec=None, 
     if checkpoint is not None:
         checkpoint.check_against(plan)
     return plan
+
+
+def check_family_knobs(config: UpscaleConfig, spec=None) -> None:
+    """Knobs the model's family cannot honour (Flux: odd tiles, pixel masks, noise schedulers) as one line before any
+    model loads, where the family is known from configs on this machine (a run checks again once it has the spec)."""
+    from .models.backbones import backbone_class
+    from .models.spec import local_family
+
+    family = spec.family if spec is not None else local_family(config.model, config.model_config)
+    if family is not None:
+        backbone_class(family).check_config(config)
 
 
 def model_parameters_of(config: UpscaleConfig) -> dict[str, int]:

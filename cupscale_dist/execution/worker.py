@@ -56,9 +56,10 @@ class ModelWorker:
         self.weights, self.compiled = weights, compile
         apply_weights_mode(self.pipe, self.controlnet, weights, self.dtype, self.device)
         # the family's calling contract; it installs the regional attention processors (after the LoRAs)
-        self.backbone = backbone_class(self.spec.family)(self.pipe.unet, pipe=self.pipe, controlnet=self.controlnet)
+        family = backbone_class(self.spec.family)
+        self.backbone = family(getattr(self.pipe, family.denoiser_name), pipe=self.pipe, controlnet=self.controlnet)
         if compile:  # after the processors: they are part of what is compiled
-            compile_denoiser(self.pipe.unet)
+            compile_denoiser(self.unet)
         self._upscaler = None  # the upscale model, loaded at its first tile (resize='model')
         self._built_for: tuple | None = None  # the add-on request of the config it was loaded for (for_config)
         self._context: tuple[StageContext, StageContext] | None = None  # (as received, on the device)
@@ -95,7 +96,8 @@ class ModelWorker:
 
     @property
     def unet(self):
-        return self.pipe.unet
+        """The denoiser: the UNet, or a DiT family's transformer."""
+        return getattr(self.pipe, backbone_class(self.spec.family).denoiser_name)
 
     @property
     def vae(self):
@@ -142,9 +144,11 @@ class ModelWorker:
         """10: one latent tile (C, h, w) -> pixels (3, H, W) float32 in [-1, 1]."""
         return decode_latents(self.vae, read_only_tensor(latents)[None])[0].numpy()
 
-    def encode_prompts(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+    def encode_prompts(self, prompts: list[str], text_length: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """6: (embeds (U, 77, D), pooled (U, Dp) or None for SD1.5), float32, cut to 77 tokens."""
-        return self.backbone.encode_prompts(prompts)
+        if text_length is None:
+            return self.backbone.encode_prompts(prompts)
+        return self.backbone.encode_prompts(prompts, text_length)  # a family whose encoder takes a length (T5)
 
     def probe(self, pixels: np.ndarray, noise: np.ndarray, timestep: int, alpha_bar: float, embeds: np.ndarray,
               pooled: np.ndarray | None) -> np.ndarray:

@@ -88,6 +88,23 @@ def inject_global_prior(eps: torch.Tensor, z_t: torch.Tensor, prior: GlobalPrior
     return (z_t - alpha * x0) / sigma
 
 
+def inject_global_prior_flow(velocity: torch.Tensor, z_t: torch.Tensor, prior: GlobalPrior, weight: float,
+                             sigma: float, codec=None) -> torch.Tensor:
+    """Prior on the predicted clean latent under flow matching (method.md "Prior under flow matching").
+
+    ``x_t = (1 - sigma) x0 + sigma eps`` and ``v = eps - x0``, so ``x0 = x_t - sigma v``; ``x0'`` as in
+    :func:`inject_global_prior`; ``v' = (x_t - x0') / sigma``.
+    """
+    x0 = z_t - sigma * velocity
+    if codec is None and prior.wavelet == "haar":  # v' = v - (x0' - x0) / sigma, no x0' kept
+        return velocity - haar_low_band_change(x0, prior.low, weight, prior.levels) / sigma
+    if codec is None:
+        x0 = blend_low_band(x0, prior.low, weight, prior.wavelet, prior.levels)
+    else:
+        x0 = codec.encode(blend_low_band(codec.decode(x0), prior.low, weight, prior.wavelet, prior.levels))
+    return (z_t - x0) / sigma
+
+
 def inject_global_prior_zt(z_prev: torch.Tensor, prior: GlobalPrior, weight: float, alpha: float, sigma: float) -> torch.Tensor:
     """Prior on the next latent (prior_target='zt'): blend toward ``LL(add_noise(z_L, eps, t-1))``.
 

@@ -27,11 +27,13 @@ class SchedulerKind:
 
     ``level``: how ``z_t = alpha_t x0 + sigma_t eps`` is read off the scheduler at a step:
     'sigma' (Euler: ``(1, sigma_t)``, ``z`` unscaled), 'vp_sigma' (DPM-Solver: VP, from its own ``sigmas`` table,
-    Karras-spaced or not) or 'vp_alphas' (DDIM, TCD, LCM: ``(sqrt(abar_t), sqrt(1 - abar_t))`` at the timestep).
+    Karras-spaced or not), 'vp_alphas' (DDIM, TCD, LCM: ``(sqrt(abar_t), sqrt(1 - abar_t))`` at the timestep) or
+    'flow' (flow matching, FlowMatchEuler: ``(1 - sigma_t, sigma_t)``; the model predicts the velocity
+    ``v = eps - x0``, not eps, and its input is not scaled).
     """
 
     class_name: str
-    level: Literal["sigma", "vp_sigma", "vp_alphas"]
+    level: Literal["sigma", "vp_sigma", "vp_alphas", "flow"]
     defaults: dict = field(default_factory=dict)  # options used when the model's config does not give them
     stochastic: bool = False  # its step draws noise: it gets a generator seeded per (seed, stage, step)
     state: tuple[str, ...] = ()  # attributes carried from step to step (a multistep solver's memory)
@@ -42,12 +44,44 @@ class SchedulerKind:
             return 1.0, 0.0
         if self.level == "sigma":
             return 1.0, float(scheduler.sigmas[step_index])
+        if self.level == "flow":  # x_t = (1 - sigma) x0 + sigma noise (FlowMatchEulerDiscreteScheduler.scale_noise)
+            sigma = float(scheduler.sigmas[step_index])
+            return 1.0 - sigma, sigma
         if self.level == "vp_sigma":  # sigma = sqrt((1 - abar) / abar), as DPM-Solver's _sigma_to_alpha_sigma_t
             ratio = float(scheduler.sigmas[step_index])
             alpha = 1.0 / math.sqrt(ratio**2 + 1.0)
             return alpha, ratio * alpha
         alpha_bar = float(scheduler.alphas_cumprod[int(scheduler.timesteps[step_index])])
         return math.sqrt(alpha_bar), math.sqrt(1.0 - alpha_bar)
+
+    @property
+    def predicts_velocity(self) -> bool:
+        """The model output this scheduler steps with is the flow-matching velocity (not the noise)."""
+        return self.level == "flow"
+
+    def input_scale(self, scheduler, timestep) -> float:
+        """The scheduler's own model-input scaling (Euler: 1/sqrt(sigma^2+1); DDIM: 1; flow matching: none)."""
+        if self.level == "flow":
+            return 1.0
+        return float(scheduler.scale_model_input(torch.ones(1), timestep))
+
+    def add_noise(self, scheduler, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
+        """The scheduler's own forward process (``add_noise``; flow matching calls it ``scale_noise``)."""
+        if self.level == "flow":
+            return scheduler.scale_noise(sample, timesteps, noise)
+        return scheduler.add_noise(sample, noise, timesteps)
+
+    def set_timesteps(self, scheduler, steps: int, image_tokens: int | None = None) -> None:
+        """``steps`` timesteps on the CPU; a flow scheduler with dynamic shifting gets FluxPipeline's sigmas
+        (``linspace(1, 1/T, T)``) and ``mu`` from ``image_tokens`` (:func:`flow_shift_mu`)."""
+        if self.level != "flow":
+            scheduler.set_timesteps(steps, device="cpu")
+            return
+        import numpy as np
+
+        sigmas = np.linspace(1.0, 1 / steps, steps)
+        mu = flow_shift_mu(scheduler.config, image_tokens) if scheduler.config.use_dynamic_shifting else None
+        scheduler.set_timesteps(steps, device="cpu", sigmas=sigmas, mu=mu)
 
     def get_state(self, scheduler) -> dict | None:
         """The carried state, detached (None for a single-step scheduler)."""
@@ -75,7 +109,10 @@ KINDS: dict[str, SchedulerKind] = {
                               state=("model_outputs", "lower_order_nums")),
     "tcd": SchedulerKind("TCDScheduler", "vp_alphas", stochastic=True),  # gamma > 0 re-noises each step
     "lcm": SchedulerKind("LCMScheduler", "vp_alphas", stochastic=True),  # re-noises each step but the last
+    # Flux's scheduler (flow matching, first-order Euler in sigma); the only kind a flow model takes.
+    "flow_euler": SchedulerKind("FlowMatchEulerDiscreteScheduler", "flow"),
 }
+FLOW_KINDS = ("flow_euler",)
 BY_CLASS = {kind.class_name: kind for kind in KINDS.values()}
 # Sigma-parametrised classes a caller may build itself (the prior reads them as Euler does).
 for _name in ("EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler",
@@ -118,3 +155,14 @@ def step_generator(seed: int, stage: int, step: int) -> torch.Generator:
     """The noise a stochastic scheduler's step draws: from the seed, per stage and step, so a resumed run and any
     actor count draw the same (nothing carried between steps)."""
     return torch.Generator().manual_seed(seed * 1_000_003 + stage * 10_007 + step * 101 + 7)
+
+
+def flow_shift_mu(scheduler_config: Mapping, image_tokens: int | None) -> float:
+    """FLUX's dynamic shift (FluxPipeline's ``calculate_shift``): ``mu`` linear in the image's token count between
+    (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift)."""
+    if image_tokens is None:
+        raise ValueError("a flow scheduler with dynamic shifting needs the image token count that sets mu")
+    base_len, max_len = scheduler_config.get("base_image_seq_len", 256), scheduler_config.get("max_image_seq_len", 4096)
+    base_shift, max_shift = scheduler_config.get("base_shift", 0.5), scheduler_config.get("max_shift", 1.15)
+    slope = (max_shift - base_shift) / (max_len - base_len)
+    return image_tokens * slope + base_shift - slope * base_len

@@ -17,7 +17,8 @@ import torch
 
 from .attention import RegionalAttention
 from .schedulers import kind_of, step_generator
-from .prior import GlobalPrior, inject_global_prior, inject_global_prior_zt, noise_level, prior_weight
+from .prior import (GlobalPrior, inject_global_prior, inject_global_prior_flow, inject_global_prior_zt, noise_level,
+                    prior_weight)
 
 
 @dataclass
@@ -46,6 +47,11 @@ class StageContext:
     pooled_prompt: str
     micro_conditioning: str = "global"  # SDXL time_ids: 'global' one (H, W, 0, 0, H, W), 'per_view' crop offsets
     controlnet_scale: float = 0.0  # ControlNet residual scale (used when the worker holds a ControlNet)
+    # DiT families (Flux): where each view's image tokens sit ('global': the view's offset in the stage latent,
+    # 'local': from 0 in every view), and the guidance a guidance-distilled model (FLUX.1-dev) takes as an input
+    # embedding (None: the model has none; CFG with guidance_scale is then the only guidance).
+    positions: str = "global"
+    distilled_guidance: float | None = None
 
     def to(self, device, dtype) -> StageContext:
         """The context with its embeddings on the UNet's device and dtype: moved once per stage, not per call."""
@@ -162,8 +168,8 @@ class StageSchedule:
         return self.scheduler.timesteps[self.start_index + step]
 
     def input_scale(self, step: int) -> float:
-        """The scheduler's own model-input scaling (Euler: 1/sqrt(sigma^2+1); DDIM: 1)."""
-        return float(self.scheduler.scale_model_input(torch.ones(1), self.timestep(step)))
+        """The scheduler's own model-input scaling (Euler: 1/sqrt(sigma^2+1); DDIM: 1; flow matching: 1)."""
+        return kind_of(self.scheduler).input_scale(self.scheduler, self.timestep(step))
 
 
 def reduce_and_step(latents: torch.Tensor, batches: Iterable[tuple[Sequence[int], torch.Tensor]], views: np.ndarray,
@@ -174,7 +180,10 @@ def reduce_and_step(latents: torch.Tensor, batches: Iterable[tuple[Sequence[int]
                                                  schedule.prior_schedule)
     if weight > 0 and schedule.prior_target == "x0":
         alpha, sigma = noise_level(schedule.scheduler, schedule.start_index + step)
-        eps = inject_global_prior(eps, latents, schedule.prior, weight, alpha, sigma, schedule.codec)
+        if kind_of(schedule.scheduler).predicts_velocity:  # `eps` holds the reduced velocity here
+            eps = inject_global_prior_flow(eps, latents, schedule.prior, weight, sigma, schedule.codec)
+        else:
+            eps = inject_global_prior(eps, latents, schedule.prior, weight, alpha, sigma, schedule.codec)
     options = {}
     if kind_of(schedule.scheduler).stochastic:  # drawn from the seed per step: any actor count, resumed or not
         options["generator"] = step_generator(schedule.seed, schedule.stage, schedule.start_index + step)

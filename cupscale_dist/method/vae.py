@@ -57,15 +57,23 @@ def to_uint8(pixels: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def encode_pixels(vae, pixels: torch.Tensor) -> torch.Tensor:
-    """(1, 3, H, W) in [-1, 1] -> scaled latent (1, C, H/8, W/8) float32 on CPU, the posterior mean."""
+    """(1, 3, H, W) in [-1, 1] -> scaled latent (1, C, H/8, W/8) float32 on CPU, the posterior mean; a VAE with a
+    ``shift_factor`` (Flux's) is shifted first, as its pipeline does: ``(z - shift) * scale``."""
     posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-    return posterior.mean.float().cpu() * vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None)
+    if shift is None:
+        return posterior.mean.float().cpu() * vae.config.scaling_factor
+    return (posterior.mean.float().cpu() - shift) * vae.config.scaling_factor
 
 
 @torch.no_grad()
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Scaled latent -> (1, 3, H, W) pixels in [-1, 1], float32 on CPU."""
-    pixels = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample
+    """Scaled latent -> (1, 3, H, W) pixels in [-1, 1], float32 on CPU (``z / scale + shift`` with a shift)."""
+    latents = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None)
+    if shift is not None:
+        latents = latents + shift
+    pixels = vae.decode(latents).sample
     return pixels.float().cpu()
 
 

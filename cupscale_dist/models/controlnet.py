@@ -51,6 +51,9 @@ def check_controlnet(folder: str, spec) -> None:
     """Driver-side, from the configs alone: a ControlNet that does not fit the model is one line before any actor
     starts (an SD1.5 tile model on SDXL would fail deep inside the first UNet call on every worker)."""
     config = read_json(folder, "config.json", "--controlnet", "re-save the model")
+    if spec.family == "flux" or config.get("_class_name") == "FluxControlNetModel":
+        check_flux_controlnet(folder, config, spec)
+        return
     if config.get("_class_name") != "ControlNetModel":
         raise UserError(f"--controlnet {folder}: a {config.get('_class_name')!r}, not a ControlNetModel; use a "
                         "ControlNet tile model such as xinsir/controlnet-tile-sdxl-1.0 (SDXL) or "
@@ -62,12 +65,33 @@ def check_controlnet(folder: str, spec) -> None:
                             f"{unet.get(key)} in {spec.name}'s UNet); use a ControlNet of the {spec.family} family")
 
 
-def load_controlnet(folder: str, device: torch.device, dtype: torch.dtype):
-    """The ControlNet on the worker's device and dtype."""
-    from diffusers import ControlNetModel
+# What must agree between a Flux ControlNet and the transformer it steers: its block outputs are added to the
+# transformer's hidden states (width = heads x head dim), it reads the same packed latents, text and positions.
+FLUX_MATCHING_KEYS = ("in_channels", "attention_head_dim", "num_attention_heads", "joint_attention_dim",
+                      "pooled_projection_dim", "axes_dims_rope")
 
+
+def check_flux_controlnet(folder: str, config: dict, spec) -> None:
+    """A Flux ControlNet on a UNet model, a UNet ControlNet on Flux, or one of other widths: one line."""
+    if config.get("_class_name") != "FluxControlNetModel" or spec.family != "flux":
+        raise UserError(f"--controlnet {folder}: a {config.get('_class_name')!r} and {spec.name} is an {spec.family} "
+                        "model; use a ControlNet of the model's family (FluxControlNetModel for Flux)")
+    transformer = spec.denoiser_config()
+    for key in FLUX_MATCHING_KEYS:
+        mine, theirs = config.get(key), transformer.get(key)
+        if (list(mine) if isinstance(mine, (list, tuple)) else mine) != (
+                list(theirs) if isinstance(theirs, (list, tuple)) else theirs):
+            raise UserError(f"--controlnet {folder}: made for another model ({key} {mine} here, {theirs} in "
+                            f"{spec.name}'s transformer); use a Flux ControlNet for this model")
+
+
+def load_controlnet(folder: str, device: torch.device, dtype: torch.dtype):
+    """The ControlNet (a UNet family's, or a FluxControlNetModel) on the worker's device and dtype."""
+    from diffusers import ControlNetModel, FluxControlNetModel
+
+    flux = read_json(folder, "config.json", "--controlnet", "re-save the model").get("_class_name") == "FluxControlNetModel"
     try:
-        model = ControlNetModel.from_pretrained(folder, torch_dtype=dtype)
+        model = (FluxControlNetModel if flux else ControlNetModel).from_pretrained(folder, torch_dtype=dtype)
     except (OSError, ValueError) as exc:
         raise UserError(f"--controlnet {folder}: could not be loaded ({str(exc).splitlines()[0]})") from None
     return model.to(device).eval()

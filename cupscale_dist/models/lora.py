@@ -59,6 +59,13 @@ def check_lora(path: str, spec) -> None:
     header = read_header(path, what)
     if not any(LORA_KEY.search(key) for key in header):
         raise UserError(f"{what}: no LoRA weights in it (no lora_A/lora_B/lora_down/lora_up keys); pass a LoRA file")
+    from .flux_lora import check_flux_lora, is_flux_lora
+
+    if spec.family == "flux" or is_flux_lora(header):  # a DiT's LoRA names transformer blocks, not a UNet's
+        check_flux_lora(header, spec, what)
+        check_factor_pairs(header, what)
+        check_finite(safetensors_tensors(path), what)
+        return
     unet_config = spec.unet_config()
     cross_dim = unet_config["cross_attention_dim"]
     for key, shape in header.items():

@@ -71,6 +71,7 @@ class ModelSpec:
     force_zeros_for_empty_prompt: bool  # an empty negative prompt's embeddings are zeros (the backbone's option)
     tokenizer: object  # the first CLIP tokenizer: token counts for masks and caption budgets
     model_config: str | None = None  # a single file's diffusers config dir; None = the shipped one of its family
+    mask_tokenizer: object | None = None  # the tokenizer of the tokens regional masks screen (Flux: T5); None = CLIP
 
     @classmethod
     def load(cls, model: str, variant: str | None = None, model_config: str | None = None) -> ModelSpec:
@@ -89,16 +90,26 @@ class ModelSpec:
                 raise UserError(f"--model {model_dir} is an {found} checkpoint but model_config {configs} is an "
                                 f"{family} config; give a config directory of the checkpoint's family")
         vae = read_json(configs, "vae/config.json")
-        unet = read_json(configs, "unet/config.json")
+        backbone = backbone_class(family)
+        denoiser = read_json(configs, f"{backbone.denoiser_name}/config.json")
         factor, channels = vae_geometry(configs, vae)
-        if type(unet.get("sample_size")) is not int:
+        if backbone.native_size is not None:  # a DiT's config has no sample size: the family's training size
+            native = backbone.native_size
+        elif type(denoiser.get("sample_size")) is not int:
             raise UserError(f"--model {configs}: unet/config.json has no integer sample_size; re-save the pipeline")
+        else:
+            native = denoiser["sample_size"] * factor
         index = read_json(configs, "model_index.json")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        return cls(name or model_dir, str(model_dir), family, factor, channels, unet["sample_size"] * factor,
+        mask_tokenizer = None
+        if backbone.mask_tokenizer != "tokenizer":  # Flux screens T5 tokens: masks count those
+            from transformers import AutoTokenizer
+
+            mask_tokenizer = AutoTokenizer.from_pretrained(str(Path(configs) / backbone.mask_tokenizer))
+        return cls(name or model_dir, str(model_dir), family, factor, channels, native,
                    read_json(configs, "scheduler/scheduler_config.json"),
-                   bool(backbone_class(family).pipeline_options(index).get("force_zeros_for_empty_prompt", False)),
-                   CLIPTokenizer.from_pretrained(tokenizer_dir(configs, "tokenizer")), model_config)
+                   bool(backbone.pipeline_options(index).get("force_zeros_for_empty_prompt", False)),
+                   CLIPTokenizer.from_pretrained(tokenizer_dir(configs, "tokenizer")), model_config, mask_tokenizer)
 
     @property
     def config_dir(self) -> str:
@@ -108,10 +119,22 @@ class ModelSpec:
     def unet_config(self) -> dict:
         return read_json(self.config_dir, "unet/config.json")
 
+    def denoiser_config(self) -> dict:
+        """The UNet's or the DiT's config."""
+        return read_json(self.config_dir, f"{backbone_class(self.family).denoiser_name}/config.json")
+
     def new_scheduler(self, kind: str, timestep_spacing: str | None = None, karras_sigmas: bool = False):
         """A fresh scheduler of the chosen kind, configured from the model's own scheduler config."""
-        from ..method.schedulers import make_scheduler
+        from ..method.schedulers import FLOW_KINDS, make_scheduler
 
+        if self.scheduler_config.get("_class_name") == "FlowMatchEulerDiscreteScheduler":  # a flow-matching model
+            if kind not in ("euler", *FLOW_KINDS):
+                raise UserError(f"--model {self.name} is a flow-matching model; scheduler={kind!r} is for noise-"
+                                "prediction models: use scheduler=euler (its flow-matching Euler)")
+            return make_scheduler("flow_euler", self.scheduler_config)
+        if kind in FLOW_KINDS:
+            raise UserError(f"scheduler={kind!r} is for flow-matching models (Flux); --model {self.name} predicts "
+                            "noise: use euler, ddim, dpmpp_2m, tcd or lcm")
         scheduler = make_scheduler(kind, self.scheduler_config, timestep_spacing=timestep_spacing,
                                    karras_sigmas=karras_sigmas)
         if scheduler.config.prediction_type != "epsilon":
@@ -122,6 +145,20 @@ class ModelSpec:
     def token_count(self, prompt: str) -> int:
         """Tokens of ``prompt`` including <start> and <end>, as the text encoder sees them (<= 77)."""
         return len(self.tokenizer(prompt, truncation=True, max_length=self.tokenizer.model_max_length).input_ids)
+
+    def content_tokens_mask(self, prompt: str, length: int):
+        """(length,) bool: the positions of the prompt's words in the embeddings the masks screen (CLIP: after
+        <start>, before <end>; T5: before </s>, no start token)."""
+        import numpy as np
+
+        if self.mask_tokenizer is None:
+            from ..method.masks import content_token_mask
+
+            return content_token_mask(self.token_count(prompt), length)
+        count = len(self.mask_tokenizer(prompt, truncation=True, max_length=length).input_ids)  # with </s>
+        mask = np.zeros(length, dtype=bool)
+        mask[: count - 1] = True
+        return mask
 
     def content_tokens(self, text: str) -> int:
         """Untruncated word-piece count of ``text`` (what a caption must fit into 75)."""
@@ -153,6 +190,30 @@ def model_geometry(model: str, model_config: str | None = None) -> tuple[int, in
     if not vae.is_file():
         return UNFETCHED_GEOMETRY
     return vae_geometry(vae.parent.parent, read_json(vae.parent.parent, "vae/config.json"))
+
+
+def local_family(model: str, model_config: str | None = None) -> str | None:
+    """The model family from configs already on this machine (the demo model, a local directory or single file, a
+    hub id in the local cache), no weights read; None when they are not here yet (a run reads them)."""
+    if model == "demo":
+        from ..demo import demo_model_dir
+
+        model = str(demo_model_dir())
+    path = Path(model).expanduser()
+    if path.is_file() or path.is_dir():
+        try:
+            return model_family(config_dir(str(path), model_config))
+        except UserError:  # a broken model is reported where it is loaded, with its own message
+            return None
+    if model.count("/") != 1:
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(model, "model_index.json")
+    if not isinstance(cached, str):
+        return None
+    class_name = read_json(Path(cached).parent, "model_index.json").get("_class_name")
+    return FAMILIES.get(class_name) if isinstance(class_name, str) else None
 
 
 def config_dir(model_path: str, model_config: str | None = None) -> str:

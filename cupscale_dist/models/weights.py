@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 
 FP8 = torch.float8_e4m3fn  # the storage type diffusers' layerwise casting and fp8 checkpoints use
 # Text-encoder layers kept in their dtype under fp8: embeddings (a lookup, not a matmul) and norms, as diffusers
-# skips them in its own models.
-TEXT_ENCODER_SKIP = ("embed", "norm")
+# skips them in its own models. T5 (Flux's text_encoder_2) names its token embedding `shared`, and its feed-forward
+# output `wo` casts its input to the weight's dtype (T5 keeps `wo` in fp32 for 8-bit too: _keep_in_fp32_modules).
+TEXT_ENCODER_SKIP = ("embed", "norm", "shared", r"DenseReluDense\.wo$")
 
 
 def check_weights_mode(mode: str, device: torch.device) -> None:
@@ -50,7 +51,9 @@ def apply_weights_mode(pipe, controlnet, mode: str, compute_dtype: torch.dtype, 
     """Put a loaded pipeline's (and ControlNet's) weights in ``mode``; 'full' leaves them as loaded."""
     if mode == "full":
         return
-    denoisers = [m for m in (pipe.unet, controlnet) if m is not None]
+    # the UNet, or a DiT family's transformer (Flux), and the ControlNet
+    denoisers = [m for m in (getattr(pipe, "unet", None), getattr(pipe, "transformer", None), controlnet)
+                 if m is not None]
     encoders = [getattr(pipe, name) for name in ("text_encoder", "text_encoder_2") if getattr(pipe, name, None)]
     if mode == "fp8":
         from diffusers.hooks import apply_layerwise_casting

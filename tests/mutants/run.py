@@ -47,6 +47,10 @@ def fidelity(*names: str) -> tuple[str, ...]:
     return tuple(FIDELITY + name for name in names)
 
 
+def flux(*names: str) -> tuple[str, ...]:
+    return tuple("tests/test_flux.py::" + name for name in names)
+
+
 X0, ZT = "test_x0_prior_holds_for_the_schedulers_own_x0", "test_zt_prior_pulls_the_next_latent_toward_the_noised_input"
 START = "test_stage_starts_at_round_s_t_with_the_schedulers_add_noise"
 MASKS = "test_masks_and_lambda_reach_cross_attention_only"
@@ -154,6 +158,35 @@ MUTATIONS = [
              "total[..., top:bottom, left:right] += predictions[k]\n                weight[top:bottom, left:right] += 1.0",
              "total[..., top:bottom, left:right] = predictions[k]\n                weight[top:bottom, left:right] = 1.0",
              ("tests/test_invariants.py::test_overlapping_views_that_disagree_are_averaged_not_overwritten[uniform]",)),
+    # issue 22: Flux.1 as a backbone (tests/test_flux.py)
+    Mutation("flux-positions-dropped", "cupscale_dist/models/backbones/flux.py",
+             "ids[..., 1] += float(top) / PATCH", "ids[..., 1] += 0 * float(top) / PATCH",
+             flux("test_positional_stand_in_tiled_equals_untiled_with_global_positions",
+                  "test_image_ids_carry_the_views_global_offset")),
+    Mutation("flux-one-position-table-per-batch", "cupscale_dist/method/joint_attention.py",
+             "cos, sin = regional.rotary\n", "cos, sin = (t[:1].expand_as(t) for t in regional.rotary)\n",
+             flux("test_lambda_one_nothing_screened_is_the_stock_transformer[dev-global]",
+                  "test_lambda_one_nothing_screened_is_the_stock_transformer[schnell-global]")),
+    Mutation("flux-mask-on-image-keys", "cupscale_dist/method/joint_attention.py",
+             "bias_g = torch.cat([bias, bias.new_zeros(*bias.shape[:-1], image)], dim=-1)",
+             "bias_g = torch.cat([bias.new_zeros(*bias.shape[:-1], image), bias], dim=-1)",
+             flux("test_screened_global_tokens_get_zero_weight_from_image_queries_only[mix-0.4]",
+                  "test_mix_composer_is_lambda_blend_of_the_two_prompts_attentions")),
+    Mutation("flux-mask-on-text-queries", "cupscale_dist/method/joint_attention.py",
+             "parts = [attend(q_g, keys_g, values_g)]", "parts = [attend(q_g, keys_g, values_g, bias_g)]",
+             flux("test_screened_global_tokens_get_zero_weight_from_image_queries_only[mix-1.0]",
+                  "test_mix_composer_is_lambda_blend_of_the_two_prompts_attentions")),
+    Mutation("flux-prior-sign", "cupscale_dist/method/prior.py",
+             "x0 = z_t - sigma * velocity", "x0 = z_t + sigma * velocity",
+             flux("test_flow_x0_prior_holds_for_the_schedulers_own_convention[dev-J1-full]",
+                  "test_flow_x0_prior_holds_for_the_schedulers_own_convention[schnell-J2-partial]")),
+    Mutation("flux-flow-sigma-as-euler", "cupscale_dist/method/schedulers.py",
+             "            return 1.0 - sigma, sigma", "            return 1.0, sigma",
+             flux("test_flow_zt_prior_pulls_the_next_latent_toward_the_noised_input[dev-J1-full]")),
+    Mutation("flux-resume-restarts-the-schedule", "cupscale_dist/pipeline.py",
+             "scheduler.set_begin_index(start + (resume.step if resume else 0))", "scheduler.set_begin_index(start)",
+             ("tests/test_flux_pipeline.py::test_a_resumed_flux_run_gives_the_uninterrupted_bytes[dev]",)),
+
 ]
 
 

@@ -22,12 +22,15 @@ from ...method.step import StageContext
 from ...method.vae import encode_pixels, tile_to_tensor
 
 
-class UNetBackbone(ABC):
-    """A Stable Diffusion UNet family: CLIP text encoders, a 4-channel VAE, cross-attention over 77 tokens."""
+class Backbone(ABC):
+    """The calling contract of every model family (a UNet with cross-attention, a DiT with joint attention)."""
 
     family: str
     pipeline_names: tuple[str, ...]  # model_index.json `_class_name`s of this family
     components: tuple[str, ...]  # the pipeline components the method calls (others are neither fetched nor loaded)
+    denoiser_name = "unet"  # the pipeline attribute holding the denoiser ('transformer' for a DiT)
+    native_size: int | None = None  # training size in px when the denoiser's config has no sample_size (a DiT)
+    mask_tokenizer = "tokenizer"  # the pipeline tokenizer whose tokens the regional masks screen
     upcast_vae_in_fp16 = False  # a VAE that overflows in fp16 is kept in fp32 (as the family's diffusers pipeline does)
 
     @staticmethod
@@ -39,6 +42,28 @@ class UNetBackbone(ABC):
     @abstractmethod
     def pipeline_options(cls, model_index: dict) -> dict:
         """Keyword arguments the family's pipeline is built with (besides its components)."""
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        """One-line UserErrors for knobs this family cannot honour, before any work (none for the UNet families)."""
+
+    @abstractmethod
+    def encode_prompts(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Step 6: (embeds (U, L, D), pooled (U, Dp) or None), float32; L is the family's text length."""
+
+    @abstractmethod
+    def denoise(self, latents: torch.Tensor, timestep, context: StageContext, view_ids: np.ndarray,
+                rects: np.ndarray, regional: RegionalAttention, control: torch.Tensor | None = None) -> torch.Tensor:
+        """Step 9a: the model output (the scheduler's parametrisation) of a CFG batch of view latents."""
+
+    @abstractmethod
+    def probe(self, vae, pixels: np.ndarray, noise: torch.Tensor, timestep: int, alpha_bar: float,
+              prompt_embeds: torch.Tensor, pooled: torch.Tensor | None) -> torch.Tensor:
+        """Step 7: (tokens, h, w) attention maps of the global prompt over the native-size stage input."""
+
+
+class UNetBackbone(Backbone):
+    """A Stable Diffusion UNet family: CLIP text encoders, a 4-channel VAE, cross-attention over 77 tokens."""
 
     def __init__(self, unet, *, pipe=None, controlnet=None):
         self.unet, self.pipe, self.controlnet = unet, pipe, controlnet
@@ -53,11 +78,6 @@ class UNetBackbone(ABC):
     @property
     def dtype(self) -> torch.dtype:
         return self.unet.dtype
-
-    # -- step 6 ------------------------------------------------------------------------------------------------
-    @abstractmethod
-    def encode_prompts(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
-        """(embeds (U, 77, D), pooled (U, Dp) or None), float32, cut to 77 tokens."""
 
     # -- step 9a -----------------------------------------------------------------------------------------------
     def added_conditioning(self, context: StageContext, prompt_ids: torch.Tensor, rects: np.ndarray,

@@ -1,0 +1,66 @@
+"""Flux LoRA files (issue 22): told apart from UNet LoRAs by their header, checked against the Flux transformer.
+
+Flux LoRAs name the transformer's blocks: diffusers/peft (``transformer.transformer_blocks.0.attn.to_q.lora_A
+.weight``), kohya (``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight``) or BFL/ComfyUI
+(``diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight``). A Flux LoRA on SDXL/SD1.5 and a UNet LoRA on Flux
+are refused in one line from the header; for peft keys the named layers must exist in the model's transformer (built
+on the meta device from its config) with the factor widths of those layers. Loading is diffusers' own
+``FluxPipeline.load_lora_weights`` (it converts kohya and BFL keys), through :func:`cupscale_dist.models.lora.apply_loras`.
+"""
+
+from __future__ import annotations
+
+import re
+
+from ..errors import UserError
+
+FLUX_KEY = re.compile(r"^(transformer\.|lora_unet_(double|single)_blocks_|lora_transformer_|"
+                      r"(diffusion_model\.)?(double|single)_blocks\.)")
+PEFT_TRANSFORMER_MODULE = re.compile(r"^transformer\.(.+?)\.(?:lora_A|lora_B)(?:\.[^.]+)?\.weight$")
+
+
+def is_flux_lora(header: dict) -> bool:
+    """Whether a LoRA file's keys name Flux transformer blocks (and no UNet)."""
+    return any(FLUX_KEY.match(key) for key in header) and not any(
+        key.startswith(("unet.", "lora_unet_down", "lora_unet_up", "lora_unet_mid", "lora_unet_input",
+                        "lora_unet_output", "lora_unet_middle")) for key in header)
+
+
+def transformer_layers(config: dict) -> dict[str, tuple[int, int] | None]:
+    """Module path -> (in, out) features of every layer of the Flux transformer ``config`` describes."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel.from_config(config)
+    return {name: ((module.in_features, module.out_features) if isinstance(module, torch.nn.Linear) else None)
+            for name, module in model.named_modules() if name}
+
+
+def check_flux_lora(header: dict, spec, what: str) -> None:
+    """One line for a Flux LoRA on a UNet model, a UNet LoRA on Flux, or a Flux LoRA of other layers or sizes."""
+    from .lora import DOWN_FACTORS, FACTOR
+
+    flux_file, flux_model = is_flux_lora(header), spec.family == "flux"
+    if flux_file and not flux_model:
+        raise UserError(f"{what}: is a Flux LoRA (it names transformer blocks) and {spec.name} is an {spec.family} "
+                        "model; use a LoRA trained for this model's family")
+    if flux_model and not flux_file:
+        raise UserError(f"{what}: is a UNet (SD/SDXL) LoRA and {spec.name} is a Flux model; use a LoRA trained for "
+                        "Flux")
+    layers = transformer_layers(spec.denoiser_config())
+    for key, shape in header.items():
+        found, factor = PEFT_TRANSFORMER_MODULE.match(key), FACTOR.search(key)
+        if not found or not factor:
+            continue  # kohya/BFL names: diffusers converts them while loading
+        if found[1] not in layers:
+            raise UserError(f"{what}: names a transformer layer {spec.name} does not have ({found[1]}); use a LoRA "
+                            "trained for this model")
+        widths = layers[found[1]]
+        if widths is None or len(shape) < 2:
+            continue
+        down = factor[1] in DOWN_FACTORS
+        have, want = (shape[1], widths[0]) if down else (shape[0], widths[1])
+        if have != want:
+            raise UserError(f"{what}: its layer {found[1]} has {have} {'inputs' if down else 'outputs'}, "
+                            f"{spec.name}'s has {want}; the LoRA was trained for a Flux model of other sizes")
