@@ -108,6 +108,7 @@ def parameters_of(path) -> dict[str, int]:
         return {**dict.fromkeys(SDXL_PARAMETERS, 0), "unet": file_parameters(path)}
     if path.is_dir():
         counts = {name: folder_parameters(path / name) for name in SDXL_PARAMETERS}
+        counts["unet"] = counts["unet"] or folder_parameters(path / "transformer")  # the denoiser: a DiT's too
         if counts["unet"]:
             return counts
     return SDXL_PARAMETERS
