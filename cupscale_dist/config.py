@@ -322,6 +322,13 @@ class _KnobLoader(yaml.SafeLoader):
         super().__init__(stream)
         self.depth = 0  # nodes being composed, one inside the other
 
+    def fetch_flow_collection_start(self, TokenClass):
+        # Refused while scanning too: the scanner keeps one possible simple key per open bracket and walks them all on
+        # every token, so 3000 '[' cost seconds before the composer ever sees the first node.
+        if self.flow_level >= MAX_YAML_DEPTH:
+            raise RefusedYAML(None, None, f"nested more than {MAX_YAML_DEPTH} levels deep", self.get_mark())
+        super().fetch_flow_collection_start(TokenClass)
+
     def compose_node(self, parent, index):
         event = self.peek_event()
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
