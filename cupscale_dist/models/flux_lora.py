@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 
 from ..errors import UserError
+from .lora_keys import DOWN_FACTORS, FACTOR
 
 FLUX_KEY = re.compile(r"^(transformer\.|lora_unet_(double|single)_blocks_|lora_transformer_|"
                       r"(diffusion_model\.)?(double|single)_blocks\.)")
@@ -39,8 +40,6 @@ def transformer_layers(config: dict) -> dict[str, tuple[int, int] | None]:
 
 def check_flux_lora(header: dict, spec, what: str) -> None:
     """One line for a Flux LoRA on a UNet model, a UNet LoRA on Flux, or a Flux LoRA of other layers or sizes."""
-    from .lora import DOWN_FACTORS, FACTOR
-
     flux_file, flux_model = is_flux_lora(header), spec.family == "flux"
     if flux_file and not flux_model:
         raise UserError(f"{what}: is a Flux LoRA (it names transformer blocks) and {spec.name} is an {spec.family} "

@@ -22,21 +22,16 @@ import logging
 import re
 
 from ..errors import UserError
+from .flux_lora import check_flux_lora, is_flux_lora
+from .lora_keys import DOWN_FACTORS, FACTOR, LORA_KEY
 from .weightfiles import check_finite, safetensors_tensors
 
-# Key fragments that mark LoRA factors: peft (lora_A/lora_B), kohya (lora_down/lora_up), older diffusers
-# attention-processor files (to_k_lora.down), and LoCon/LyCORIS' hada/lokr factors.
-LORA_KEY = re.compile(r"(lora_A|lora_B|lora_down|lora_up|lora\.down|lora\.up|lora_linear_layer|hada_w1|lokr_w1)")
 # The down (A) factor of a cross-attention key or value projection: its input width is the text embedding width.
 CROSS_ATTENTION_DOWN = re.compile(r"attn2[._](to_[kv])(?:_lora)?[._](?:lora_A|lora_down|lora\.down|lora_linear_layer\.down)"
                                   r"\.weight$")
 PEFT_UNET_MODULE = re.compile(r"^unet\.(.+?)\.(?:lora_A|lora_B)(?:\.[^.]+)?\.weight$")
 KOHYA_UNET_MODULE = re.compile(r"^lora_unet_(.+?)\.(?:lora_down|lora_up)\.weight$")
 ORIGINAL_BLOCK_NAMES = ("input_blocks", "middle_block", "output_blocks")  # kohya SDXL: names of the original UNet
-# One factor of a low-rank pair, in every layout LORA_KEY names: group 1 is the factor; the key before it, the layer.
-FACTOR = re.compile(r"[._](lora_A|lora_B|lora_down|lora_up|lora\.down|lora\.up|lora_linear_layer\.down|"
-                    r"lora_linear_layer\.up)(?:\.[^.]+)?\.weight$")
-DOWN_FACTORS = ("lora_A", "lora_down", "lora.down", "lora_linear_layer.down")  # (rank, in): the first matmul
 
 
 def read_header(path: str, what: str) -> dict[str, tuple[int, ...]]:
@@ -59,8 +54,6 @@ def check_lora(path: str, spec) -> None:
     header = read_header(path, what)
     if not any(LORA_KEY.search(key) for key in header):
         raise UserError(f"{what}: no LoRA weights in it (no lora_A/lora_B/lora_down/lora_up keys); pass a LoRA file")
-    from .flux_lora import check_flux_lora, is_flux_lora
-
     if spec.family == "flux" or is_flux_lora(header):  # a DiT's LoRA names transformer blocks, not a UNet's
         check_flux_lora(header, spec, what)
         check_factor_pairs(header, what)
