@@ -81,7 +81,6 @@ def fake_checkpoint(path, keys: dict[str, tuple[int, ...]]) -> str:
       "conditioner.embedders.0.model.text_projection": (1, 1)}, "is an SDXL refiner checkpoint"),
     ({"model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias": (1,)},
      "is a Stable Diffusion 3 checkpoint"),
-    ({"double_blocks.0.img_attn.proj.bias": (1,)}, "is a Flux checkpoint"),
     ({"model.diffusion_model.input_blocks.0.0.weight": (1, 9, 1, 1),
       "cond_stage_model.transformer.text_model.final_layer_norm.bias": (1,)}, "is a SD1.5 inpainting"),
     ({"weight": (3, 3)}, "not a Stable Diffusion checkpoint"),
@@ -92,7 +91,7 @@ def test_other_checkpoints_are_refused_in_one_line_before_any_actor_starts(tmp_p
     with pytest.raises(UserError) as refused:
         ModelWorker.for_config(small_config(path))
     assert named in str(refused.value) and "\n" not in str(refused.value)
-    assert "single files of SDXL and SD1.5 are supported" in str(refused.value) or "not a Stable" in named
+    assert "single files of SDXL, SD1.5 and Flux.1 are supported" in str(refused.value) or "not a Stable" in named
 
 
 def test_unreadable_files_and_misplaced_model_config_are_refused(tmp_path, tiny, sdxl_dir):

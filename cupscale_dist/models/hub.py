@@ -87,7 +87,7 @@ def resolve_model(model: str, variant: str | None = None) -> str:
         from .single_file import SUFFIXES, checkpoint_family
 
         if path.suffix.lower() not in SUFFIXES:
-            raise UserError(f"--model {model}: a file must be a .safetensors or .ckpt checkpoint (SDXL or SD1.5); "
+            raise UserError(f"--model {model}: a file must be a .safetensors or .ckpt checkpoint (SDXL, SD1.5 or Flux.1); "
                             "or point --model at a diffusers directory")
         checkpoint_family(path)
         return str(path.resolve())

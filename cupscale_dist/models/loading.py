@@ -87,13 +87,18 @@ def load_pipeline(model_dir: str, device: torch.device, dtype: torch.dtype, vari
 def load_single_file(path: str, configs: str, family: str, dtype: torch.dtype):
     """A single-file checkpoint through diffusers' ``from_single_file``, configured from ``configs`` only: offline
     (``local_files_only``), tokenizers from :func:`cupscale_dist.models.single_file.tokenizer_dir`."""
-    from transformers import CLIPTokenizer
+    import transformers
 
     backbone = backbone_class(family)
-    tokenizers = {name: CLIPTokenizer.from_pretrained(tokenizer_dir(configs, name))
+    index = read_json(configs, "model_index.json")
+    tokenizers = {name: getattr(transformers, index[name][1]).from_pretrained(tokenizer_dir(configs, name))
                   for name in backbone.components if name.startswith("tokenizer")}
-    options = backbone.pipeline_options(read_json(configs, "model_index.json"))
+    options = backbone.pipeline_options(index)
     try:
+        if family == "flux":  # diffusers' Flux conversion is fixed at FLUX.1's width: ours, any width
+            from .flux_single_file import load_flux_single_file
+
+            return load_flux_single_file(path, configs, dtype, tokenizers, options)
         return backbone.pipeline_class().from_single_file(path, config=configs, local_files_only=True,
                                                           torch_dtype=dtype, **tokenizers, **options)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:

@@ -1,15 +1,18 @@
 """Single-file checkpoints (``--model finetune.safetensors``): A1111/ComfyUI files in the original Stability layout.
 
 The family is read from the file's keys alone (a safetensors header; a ``.ckpt`` is memory-mapped, not read), so
-the driver holds no weights. SDXL base and SD1.5 files are accepted; an SDXL refiner, SD2, SD3, Flux or anything
-else is refused in one line. Their diffusers configs ship with the package (``single_file_configs/sdxl`` and
-``/sd15``: SDXL base 1.0's and SD1.5's own values), so loading never touches the network; ``model_config`` names
-another diffusers config directory for a file of other shapes. The CLIP tokenizers are the demo model's files
-(CLIP's real 49,408-token vocabulary), used wherever a config directory has no tokenizer of its own.
+the driver holds no weights. SDXL base, SD1.5 and Flux.1 (dev, schnell: :mod:`.flux_single_file`) files are
+accepted; an SDXL refiner, SD2, SD3 or anything else is refused in one line. Their diffusers configs ship with the
+package (``single_file_configs/sdxl``, ``/sd15``, ``/flux-dev``, ``/flux-schnell``: the published models' own
+values), so loading never touches the network; ``model_config`` names another diffusers config directory for a
+file of other shapes (and, for a transformer-only Flux file, holds its VAE and text encoders). The CLIP tokenizers
+are the demo model's files (CLIP's real 49,408-token vocabulary), used wherever a config directory has no tokenizer
+of its own; T5's comes from the config directory or the hub cache (:func:`.flux_single_file.t5_tokenizer_dir`).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ..errors import UserError
@@ -17,7 +20,7 @@ from .weightfiles import MAX_ENTRIES, load_pickled, unwrap_state_dict
 
 CONFIGS = Path(__file__).resolve().parent / "single_file_configs"  # {family}/model_index.json, unet/, vae/, ...
 SUFFIXES = (".safetensors", ".ckpt")
-SUPPORTED = "single files of SDXL and SD1.5 are supported"
+SUPPORTED = "single files of SDXL, SD1.5 and Flux.1 are supported"
 
 
 def is_single_file(model: str | Path) -> bool:
@@ -48,7 +51,7 @@ def checkpoint_keys(path: str | Path) -> dict[str, tuple[int, ...]]:
             return safetensors_header(path)
         import torch
 
-        fix = "pass a .safetensors file of an SDXL or SD1.5 model, or a diffusers directory"
+        fix = "pass a .safetensors file of an SDXL, SD1.5 or Flux.1 model, or a diffusers directory"
         state = unwrap_state_dict(load_pickled(path, what, mmap=True, fix=fix), what, fix=fix)
         return {key: tuple(value.shape) for key, value in state.items()
                 if isinstance(key, str) and isinstance(value, torch.Tensor)}
@@ -56,11 +59,16 @@ def checkpoint_keys(path: str | Path) -> dict[str, tuple[int, ...]]:
         raise
     except Exception as exc:  # noqa: BLE001 - a truncated or foreign file: one line either way
         raise UserError(f"--model {path}: not a readable checkpoint ({type(exc).__name__}); pass a .safetensors "
-                        "file of an SDXL or SD1.5 model, or a diffusers directory") from None
+                        "file of an SDXL, SD1.5 or Flux.1 model, or a diffusers directory") from None
 
 
 def checkpoint_family(path: str | Path) -> str:
-    """'sdxl' or 'sd15' from a single file's keys; any other model is one UserError naming what it is."""
+    """'sdxl', 'sd15' or 'flux' from a single file's keys; any other model is one UserError naming what it is."""
+    return checkpoint_kind(path).split("-")[0]
+
+
+def checkpoint_kind(path: str | Path) -> str:
+    """The shipped config a single file needs: 'sdxl', 'sd15', 'flux-dev' or 'flux-schnell', from its keys."""
     keys = checkpoint_keys(path)
     unet = "model.diffusion_model."
 
@@ -85,23 +93,36 @@ def checkpoint_family(path: str | Path) -> str:
     in_channels = keys.get(unet + "input_blocks.0.0.weight", (0, 4))[1]
     if family in ("sdxl", "sd15") and in_channels != 4:
         family = f"{'SDXL' if family == 'sdxl' else 'SD1.5'} inpainting ({in_channels} input channels)"
+    if family == "Flux":
+        from .flux_single_file import flux_variant
+
+        if not str(path).lower().endswith(".safetensors"):
+            raise UserError(f"--model {path}: Flux checkpoints are read as .safetensors only; save it as one")
+
+        return f"flux-{flux_variant(keys)}"
     if family not in ("sdxl", "sd15"):
         raise UserError(f"--model {path}: is {family if family.startswith('an ') else 'a ' + family} checkpoint; "
                         f"{SUPPORTED}")
     return family
 
 
-def shipped_config(family: str) -> str:
-    """The packaged diffusers config directory of ``family`` (no weights)."""
-    return str(CONFIGS / family)
+def shipped_config(kind: str) -> str:
+    """The packaged diffusers config directory of ``kind`` (:func:`checkpoint_kind`; no weights)."""
+    return str(CONFIGS / kind)
 
 
 def tokenizer_dir(config_dir: str | Path, name: str) -> str:
-    """``config_dir/name`` where it holds a tokenizer, else the demo model's (CLIP's real vocabulary and merges;
-    its tokenizer_2 pads with '!' as SDXL's does)."""
+    """``config_dir/name`` where it holds a tokenizer; else, for T5 (Flux's ``tokenizer_2``), the hub cache's; else
+    the demo model's (CLIP's real vocabulary and merges; its tokenizer_2 pads with '!' as SDXL's does)."""
     own = Path(config_dir) / name
     if (own / "vocab.json").is_file():
         return str(own)
+    index = Path(config_dir) / "model_index.json"
+    entry = json.loads(index.read_text()).get(name) if index.is_file() else None
+    if isinstance(entry, list) and str(entry[-1]).startswith("T5"):
+        from .flux_single_file import t5_tokenizer_dir
+
+        return t5_tokenizer_dir(config_dir)
     from ..demo import demo_model_dir
 
     return str(Path(demo_model_dir()) / name)

@@ -18,7 +18,7 @@ from ..errors import UserError
 from ..files.userfile import read_json_object
 from .backbones import FAMILIES, FAMILY_COMPONENTS, backbone_class
 from .hub import pipeline_components, resolve_model
-from .single_file import checkpoint_family, is_single_file, shipped_config, tokenizer_dir
+from .single_file import checkpoint_family, checkpoint_kind, is_single_file, shipped_config, tokenizer_dir
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class ModelSpec:
 
     name: str  # what the user passed to --model
     path: str  # the local directory (or single-file checkpoint) every worker on a node sharing it loads from
-    family: str  # 'sdxl' | 'sd15'
+    family: str  # 'sdxl' | 'sd15' | 'flux'
     vae_scale_factor: int  # pixels per latent pixel (8)
     latent_channels: int
     native_size: int  # the training resolution in pixels (1024 for SDXL, 512 for SD1.5)
@@ -89,6 +89,10 @@ class ModelSpec:
             if found != family:
                 raise UserError(f"--model {model_dir} is an {found} checkpoint but model_config {configs} is an "
                                 f"{family} config; give a config directory of the checkpoint's family")
+        if family == "flux" and is_single_file(model_dir):  # from the header: what loading would need
+            from .flux_single_file import check_flux_file
+
+            check_flux_file(model_dir, model_config, configs)
         vae = read_json(configs, "vae/config.json")
         backbone = backbone_class(family)
         denoiser = read_json(configs, f"{backbone.denoiser_name}/config.json")
@@ -105,7 +109,7 @@ class ModelSpec:
         if backbone.mask_tokenizer != "tokenizer":  # Flux screens T5 tokens: masks count those
             from transformers import AutoTokenizer
 
-            mask_tokenizer = AutoTokenizer.from_pretrained(str(Path(configs) / backbone.mask_tokenizer))
+            mask_tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(configs, backbone.mask_tokenizer))
         return cls(name or model_dir, str(model_dir), family, factor, channels, native,
                    read_json(configs, "scheduler/scheduler_config.json"),
                    bool(backbone.pipeline_options(index).get("force_zeros_for_empty_prompt", False)),
@@ -225,7 +229,7 @@ def config_dir(model_path: str, model_config: str | None = None) -> str:
                             "is a diffusers directory (it has its own configs); drop model_config")
         return model_path
     if model_config is None:
-        return shipped_config(checkpoint_family(model_path))
+        return shipped_config(checkpoint_kind(model_path))
     if not (Path(model_config).expanduser() / "model_index.json").is_file():
         raise UserError(f"model_config={model_config}: not a diffusers config directory (no model_index.json); "
                         "point it at a saved pipeline's folder, or leave it unset for the shipped SDXL/SD1.5 configs")

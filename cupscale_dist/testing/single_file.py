@@ -167,3 +167,56 @@ def copy_configs(model_dir: str | Path, out_dir: str | Path) -> Path:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(file, target)
     return out_dir
+
+
+def bfl_transformer_state(state: dict) -> dict[str, torch.Tensor]:
+    """A diffusers FluxTransformer2DModel state dict in Black Forest Labs' names (the inverse of
+    :func:`cupscale_dist.models.flux_single_file.transformer_state`, through the same layer table)."""
+    from ..models.flux_single_file import layer_table
+
+    def count(prefix: str) -> int:
+        return len({key.split(".")[1] for key in state if key.startswith(prefix)})
+
+    out = {}
+    for name, ours, how in layer_table(count("transformer_blocks."), count("single_transformer_blocks.")):
+        leaves = ("",) if name.endswith(".scale") else (".weight", ".bias")
+        for leaf in leaves:
+            keys = [module + ("" if name.endswith(".scale") else leaf) for module in ours]
+            if keys[0] not in state:
+                continue
+            if how == "swap":
+                scale, shift = state[keys[0]].chunk(2, dim=0)
+                out[name + leaf] = torch.cat([shift, scale], dim=0)
+            else:
+                out[name + leaf] = torch.cat([state[key] for key in keys], dim=0)
+    return out
+
+
+def save_flux_single_file(model_dir: str | Path, path: str | Path, layout: str = "bfl") -> Path:
+    """Write the tiny Flux pipeline in ``model_dir`` as one ``.safetensors`` file: ``bfl`` (the transformer in
+    BFL's names), ``comfy`` (the same under ``model.diffusion_model.``) or ``comfy-all-in-one`` (plus the VAE in the
+    original LDM layout under ``vae.`` and the CLIP-L and T5 encoders under ``text_encoders.*.transformer.``)."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    from ..models.flux_single_file import CLIP_PREFIX, COMFY_PREFIX, T5_PREFIX
+    from ..models.flux_single_file import VAE_PREFIX as FLUX_VAE_PREFIX
+
+    transformer = FluxTransformer2DModel.from_pretrained(model_dir, subfolder="transformer")
+    prefix = "" if layout == "bfl" else COMFY_PREFIX
+    out = {prefix + k: v for k, v in bfl_transformer_state(transformer.state_dict()).items()}
+    if layout == "comfy-all-in-one":
+        vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae")
+        for k, v in vae.state_dict().items():
+            name, conv = vae_key(k, vae.config)
+            out[FLUX_VAE_PREFIX + name] = v[:, :, None, None] if conv else v
+        text = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder").state_dict()
+        out.update(clip_state(text, CLIP_PREFIX))
+        t5 = T5EncoderModel.from_pretrained(model_dir, subfolder="text_encoder_2").state_dict()
+        out.update({T5_PREFIX + k: v for k, v in t5.items() if k != "encoder.embed_tokens.weight"})  # tied to shared
+    elif layout not in ("bfl", "comfy"):
+        raise ValueError(f"layout={layout!r}: use bfl, comfy or comfy-all-in-one")
+    path = Path(path)
+    save_file({k: v.detach().contiguous().clone() for k, v in out.items()}, str(path))
+    return path

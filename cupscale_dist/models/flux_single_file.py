@@ -1,0 +1,261 @@
+"""Single-file Flux checkpoints: BFL's transformer file, ComfyUI's diffusion-model file and ComfyUI's all-in-one.
+
+Three layouts, told apart from the header alone (the driver reads no weights):
+
+* ``bfl``: the transformer in Black Forest Labs' own names (``double_blocks.0.img_attn.qkv.weight``, ...), as
+  ``flux1-dev.safetensors`` ships;
+* ``comfy``: the same keys under ``model.diffusion_model.`` (ComfyUI's ``diffusion_models/`` files);
+* ``comfy-all-in-one``: that plus the VAE in the original LDM layout under ``vae.`` and the two text encoders in
+  transformers' names under ``text_encoders.clip_l.transformer.`` and ``text_encoders.t5xxl.transformer.``
+  (ComfyUI's ``checkpoints/`` files).
+
+FLUX.1-dev is told from -schnell by its guidance embedding (``guidance_in``). A component the file lacks (the VAE
+and text encoders of a transformer-only file) is loaded from ``model_config``, a diffusers Flux directory with
+those weights; without one such a file is refused in one line before any model loads.
+
+The transformer's keys are converted here (:func:`transformer_state`) rather than by diffusers'
+``convert_flux_transformer_checkpoint_to_diffusers``: that one fixes the width at FLUX.1's 3072, so it cannot load
+a model of other widths (the tests' tiny Flux). ``tests/test_flux_single_file.py`` checks that both converters give
+the same tensors at FLUX.1's own width. The VAE goes through diffusers' own LDM conversion.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+
+COMFY_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "vae."
+CLIP_PREFIX = "text_encoders.clip_l.transformer."
+T5_PREFIX = "text_encoders.t5xxl.transformer."
+FILE_COMPONENTS = {"vae": VAE_PREFIX, "text_encoder": CLIP_PREFIX, "text_encoder_2": T5_PREFIX}
+GUIDANCE_KEY = "guidance_in.in_layer.weight"  # FLUX.1-dev's distilled-guidance embedding; -schnell has none
+# Where a T5 tokenizer may already be on this machine when a file's configs have none (the hub's cache, offline).
+T5_TOKENIZER_REPOS = ("black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.1-schnell")
+T5_TOKENIZER_FIX = ("huggingface-cli download black-forest-labs/FLUX.1-dev --include 'tokenizer_2/*', or "
+                    "--set model_config=DIR (a diffusers Flux directory)")
+
+# BFL name -> diffusers names of one transformer layer, and how the tensor maps: "same"; "qkv" (equal thirds, in
+# q, k, v order); "qkv_mlp" (single blocks' linear1: q, k, v of the model width, then the MLP's input); "swap"
+# (the final AdaLN: BFL stores (shift, scale), diffusers (scale, shift)).
+TOP_LAYERS = {
+    "time_in.in_layer": ("time_text_embed.timestep_embedder.linear_1",),
+    "time_in.out_layer": ("time_text_embed.timestep_embedder.linear_2",),
+    "vector_in.in_layer": ("time_text_embed.text_embedder.linear_1",),
+    "vector_in.out_layer": ("time_text_embed.text_embedder.linear_2",),
+    "guidance_in.in_layer": ("time_text_embed.guidance_embedder.linear_1",),
+    "guidance_in.out_layer": ("time_text_embed.guidance_embedder.linear_2",),
+    "txt_in": ("context_embedder",),
+    "img_in": ("x_embedder",),
+    "final_layer.linear": ("proj_out",),
+}
+DOUBLE_BLOCK_LAYERS = {
+    "img_mod.lin": ("norm1.linear",),
+    "txt_mod.lin": ("norm1_context.linear",),
+    "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "img_attn.proj": ("attn.to_out.0",),
+    "txt_attn.proj": ("attn.to_add_out",),
+    "img_mlp.0": ("ff.net.0.proj",),
+    "img_mlp.2": ("ff.net.2",),
+    "txt_mlp.0": ("ff_context.net.0.proj",),
+    "txt_mlp.2": ("ff_context.net.2",),
+}
+DOUBLE_BLOCK_NORMS = {  # RMSNorm scales: BFL ".scale", diffusers ".weight"
+    "img_attn.norm.query_norm": "attn.norm_q", "img_attn.norm.key_norm": "attn.norm_k",
+    "txt_attn.norm.query_norm": "attn.norm_added_q", "txt_attn.norm.key_norm": "attn.norm_added_k",
+}
+SINGLE_BLOCK_LAYERS = {
+    "modulation.lin": ("norm.linear",),
+    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+    "linear2": ("proj_out",),
+}
+SINGLE_BLOCK_NORMS = {"norm.query_norm": "attn.norm_q", "norm.key_norm": "attn.norm_k"}
+
+
+def flux_layout(keys) -> str:
+    """'bfl', 'comfy' or 'comfy-all-in-one' from a Flux file's keys."""
+    keys = set(keys)
+    if not any(key.startswith(COMFY_PREFIX) for key in keys):
+        return "bfl"
+    has = {name: any(key.startswith(prefix) for key in keys) for name, prefix in FILE_COMPONENTS.items()}
+    return "comfy-all-in-one" if all(has.values()) else "comfy"
+
+
+def flux_variant(keys) -> str:
+    """'dev' (a guidance embedding) or 'schnell'."""
+    return "dev" if GUIDANCE_KEY in keys or COMFY_PREFIX + GUIDANCE_KEY in keys else "schnell"
+
+
+def components_in_file(keys) -> set[str]:
+    """The pipeline components whose weights the file holds."""
+    keys = set(keys)
+    return {"transformer"} | {name for name, prefix in FILE_COMPONENTS.items()
+                              if any(key.startswith(prefix) for key in keys)}
+
+
+def layer_table(num_layers: int, num_single_layers: int) -> list[tuple[str, tuple[str, ...], str]]:
+    """Every transformer layer: (BFL module, diffusers modules, how the tensor maps); norms carry their leaf."""
+    table = [(bfl, ours, "same") for bfl, ours in TOP_LAYERS.items()]
+    table.append(("final_layer.adaLN_modulation.1", ("norm_out.linear",), "swap"))
+    for i in range(num_layers):
+        for bfl, ours in DOUBLE_BLOCK_LAYERS.items():
+            table.append((f"double_blocks.{i}.{bfl}", tuple(f"transformer_blocks.{i}.{o}" for o in ours),
+                          "qkv" if len(ours) == 3 else "same"))
+        for bfl, ours in DOUBLE_BLOCK_NORMS.items():
+            table.append((f"double_blocks.{i}.{bfl}.scale", (f"transformer_blocks.{i}.{ours}.weight",), "same"))
+    for i in range(num_single_layers):
+        for bfl, ours in SINGLE_BLOCK_LAYERS.items():
+            table.append((f"single_blocks.{i}.{bfl}", tuple(f"single_transformer_blocks.{i}.{o}" for o in ours),
+                          "qkv_mlp" if len(ours) == 4 else "same"))
+        for bfl, ours in SINGLE_BLOCK_NORMS.items():
+            table.append((f"single_blocks.{i}.{bfl}.scale", (f"single_transformer_blocks.{i}.{ours}.weight",),
+                          "same"))
+    return table
+
+
+def block_counts(keys) -> tuple[int, int]:
+    """(double-stream, single-stream) block counts of BFL-named keys."""
+    def count(prefix: str) -> int:
+        return len({key.split(".")[1] for key in keys if key.startswith(prefix)})
+
+    return count("double_blocks."), count("single_blocks.")
+
+
+def transformer_state(bfl: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A BFL-named Flux transformer state dict in diffusers' names (any width, any number of blocks)."""
+    width = bfl["img_in.weight"].shape[0]  # the model width: x_embedder's output features
+    out = {}
+    for name, ours, how in layer_table(*block_counts(bfl)):
+        leaves = ("",) if name.endswith(".scale") else (".weight", ".bias")
+        for leaf in leaves:
+            if name + leaf not in bfl:
+                continue  # a layer without bias, or guidance_in in -schnell
+            tensor = bfl[name + leaf]
+            if how == "qkv":
+                parts = tensor.chunk(3, dim=0)
+            elif how == "qkv_mlp":
+                parts = tensor.split((width, width, width, tensor.shape[0] - 3 * width), dim=0)
+            elif how == "swap":
+                shift, scale = tensor.chunk(2, dim=0)
+                parts = (torch.cat([scale, shift], dim=0),)
+            else:
+                parts = (tensor,)
+            for module, part in zip(ours, parts):
+                out[module + ("" if name.endswith(".scale") else leaf)] = part
+    return out
+
+
+def read_prefixed(path: str, prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors of ``path`` whose keys start with ``prefix``, prefix removed; only those are read."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return {key[len(prefix):]: f.get_tensor(key) for key in f.keys() if key.startswith(prefix)}
+
+
+def build_from_state(cls, config_dir: Path, state: dict, dtype: torch.dtype, what: str):
+    """``cls`` built from ``config_dir``'s config with empty weights, then given ``state`` (every weight, no other:
+    a file of other shapes or layers is one UserError)."""
+    config = cls.load_config(str(config_dir)) if hasattr(cls, "load_config") else cls.config_class.from_pretrained(
+        str(config_dir))
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():  # weights on meta (never allocated twice); buffers (RoPE, position ids) real
+        model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+    expected = set(model.state_dict())
+    if not any(key.startswith("text_model.") for key in expected):  # transformers 5's CLIP: no text_model wrapper
+        state = {key.removeprefix("text_model."): value for key, value in state.items()}
+    state = {key: value for key, value in state.items() if not key.endswith("position_ids")}  # a buffer, not a weight
+    tied = {"encoder.embed_tokens.weight"} if "shared.weight" in state else set()  # T5: one tensor, two names
+    missing, unexpected = expected - set(state) - tied, set(state) - expected
+    if missing or unexpected:
+        some = min(missing or unexpected)
+        raise UserError(f"{what}: its weights do not fit the config in {config_dir} ({len(missing)} missing, "
+                        f"{len(unexpected)} unexpected, e.g. {some}); give model_config for a model of its shapes")
+    try:
+        model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
+    except RuntimeError as exc:
+        raise UserError(f"{what}: its weights do not fit the config in {config_dir} ({str(exc).splitlines()[1][:160]}"
+                        "); give model_config for a model of its shapes") from None
+    if tied:
+        model.tie_weights()
+    return model.eval()
+
+
+def load_flux_single_file(path: str, configs: str, dtype: torch.dtype, tokenizers: dict, options: dict):
+    """A FluxPipeline from a single Flux file: its transformer (and VAE and text encoders where it holds them),
+    the rest from ``configs`` (``model_config``), the scheduler from ``configs``."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+    )
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    from .loading import load_component
+    from .single_file import checkpoint_keys
+
+    configs_path = Path(configs)
+    keys = checkpoint_keys(path)
+    inside = components_in_file(keys)
+    prefix = "" if flux_layout(keys) == "bfl" else COMFY_PREFIX
+    parts = {"transformer": build_from_state(FluxTransformer2DModel, configs_path / "transformer",
+                                             transformer_state(read_prefixed(path, prefix)), dtype, f"--model {path}")}
+    if "vae" in inside:  # the original LDM layout: diffusers' own conversion
+        parts["vae"] = AutoencoderKL.from_single_file(read_prefixed(path, VAE_PREFIX), config=configs, subfolder="vae",
+                                                      local_files_only=True, torch_dtype=dtype)
+    for name, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", T5EncoderModel)):
+        if name in inside:
+            parts[name] = build_from_state(cls, configs_path / name, read_prefixed(path, FILE_COMPONENTS[name]),
+                                           dtype, f"--model {path} ({name})")
+    for name in ("vae", "text_encoder", "text_encoder_2"):
+        if name not in parts:
+            parts[name] = load_component(configs, name, dtype, None)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(configs, subfolder="scheduler")
+    return FluxPipeline(scheduler=scheduler, **parts, **tokenizers, **options)
+
+
+def check_flux_file(path: str, model_config: str | None, config_dir: str) -> None:
+    """Refuse, from the header, a Flux file that cannot load: its VAE or text encoders missing and no
+    ``model_config`` with them, or a dev file with a schnell config (or the reverse)."""
+    from .single_file import checkpoint_keys
+    from .spec import read_json
+
+    keys = checkpoint_keys(path)
+    missing = {"vae", "text_encoder", "text_encoder_2"} - components_in_file(keys)
+    if missing and model_config is None:
+        raise UserError(f"--model {path}: is a transformer-only Flux checkpoint (no {', '.join(sorted(missing))} "
+                        "in it); --set model_config=DIR, a diffusers Flux directory with those weights (e.g. "
+                        "huggingface-cli download black-forest-labs/FLUX.1-dev --exclude 'transformer/*' 'flux1-dev.safetensors' "
+                        "'ae.safetensors')")
+    for name in sorted(missing):
+        if not any((Path(config_dir) / name).glob("*.safetensors")) and not any(
+                (Path(config_dir) / name).glob("*.bin")):
+            raise UserError(f"--model {path}: holds no {name} and model_config {config_dir} has no {name} weights; "
+                            "point model_config at a diffusers Flux directory with them")
+    guidance = bool(read_json(config_dir, "transformer/config.json").get("guidance_embeds", False))
+    if guidance != (flux_variant(keys) == "dev"):
+        raise UserError(f"--model {path}: is a FLUX.1-{flux_variant(keys)} checkpoint but {config_dir} configures "
+                        f"FLUX.1-{'dev' if guidance else 'schnell'}; give model_config of the checkpoint's variant")
+
+
+def t5_tokenizer_dir(config_dir: str | Path) -> str:
+    """Where the T5 tokenizer of a Flux config directory is: its own ``tokenizer_2``, else the hub cache of
+    FLUX.1-dev / -schnell (offline); none is one UserError with the download command."""
+    own = Path(config_dir) / "tokenizer_2"
+    if any((own / name).is_file() for name in ("tokenizer.json", "spiece.model")):
+        return str(own)
+    from huggingface_hub import try_to_load_from_cache
+
+    for repo in T5_TOKENIZER_REPOS:
+        for name in ("tokenizer.json", "spiece.model"):
+            cached = try_to_load_from_cache(repo, f"tokenizer_2/{name}")
+            if isinstance(cached, str):
+                return str(Path(cached).parent)
+    raise UserError(f"no T5 tokenizer for the Flux checkpoint (none in {own}, none cached from the hub); "
+                    f"{T5_TOKENIZER_FIX}")
