@@ -113,6 +113,27 @@ def test_submit_wait_upscales_on_a_real_head_then_jobs_commands(head, sdxl_dir, 
     assert unknown.returncode == 2 and "no such job" in unknown.stderr
 
 
+def test_a_flux_job_gives_the_bytes_of_a_local_run(head, photo, tmp_path):
+    """A Flux model through Ray Jobs: the job's driver fans out to actors on the head; the in-process run's pixels."""
+    import numpy as np
+
+    from cupscale_dist.testing.tiny_flux import build_tiny_flux
+
+    flux_dir = build_tiny_flux(tmp_path / "flux", variant="schnell")
+    photo.save(tmp_path / "in.png")
+    run = ["--model", flux_dir, "--device", "cpu", "--dtype", "float32", "--scale", "2", "--tile", "16", "--stride",
+           "8", "--steps", "2", "--set", "torch_threads=1", "-q"]
+    local = cupscale("upscale", tmp_path / "in.png", "-o", tmp_path / "local.png", *run, "--actors", "0",
+                     env=head.env, timeout=240)
+    assert local.returncode == 0, local.stderr
+    done = cupscale("submit", "--address", head.address, "--wait", "--working-dir", REPO, "--env", "HF_HUB_OFFLINE=1",
+                    "--entrypoint-num-cpus", "0.5", "--", "upscale", tmp_path / "in.png", "-o", tmp_path / "job.png",
+                    *run, "--cpus-per-actor", "0.5", env=head.env, timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    with Image.open(tmp_path / "local.png") as a, Image.open(tmp_path / "job.png") as b:
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+
+
 def test_stop_a_running_job(head, sdxl_dir, photo, tmp_path):
     address, env = head.address, head.env
     photo.save(tmp_path / "in.png")
