@@ -101,3 +101,21 @@ def test_the_service_upscales_with_flux_and_gives_the_clis_bytes(local_ray, flux
             assert json.loads(served.text["cupscale:config"])["model"] == flux_dir
     finally:
         serve.shutdown()
+
+
+def test_vlm_captions_become_flux_views_prompts(local_ray, flux_dir, photo, tmp_path):
+    """A real (tiny) VLM captions every view's crop in the Ray pool; with Flux those captions become the views' T5
+    and CLIP prompts, each view its own."""
+    from test_pipeline import RecordingExecutor
+
+    from cupscale_dist.execution.worker import ModelWorker
+    from cupscale_dist.testing.vlm import build_tiny_vlm
+
+    config = small_config(flux_dir, captioner="transformers", captioner_model=str(build_tiny_vlm(tmp_path / "vlm")),
+                          captioner_dtype="float32", captioner_gpus=0.0, **FAST)
+    executor = RecordingExecutor(ModelWorker.load(flux_dir, device="cpu", dtype="float32"), 4)
+    upscale(photo, config, executor=executor, progress=False)
+    context = executor.contexts[0]
+    assert len(set(context.view_prompt.tolist())) > 1  # different crops, different captions, different embeddings
+    per_view = context.regional_embeds[context.view_prompt]
+    assert not all(per_view[0].equal(per_view[i]) for i in range(1, len(per_view)))
