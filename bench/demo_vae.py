@@ -1,0 +1,101 @@
+"""Demo VAE round trip (issue 23), side by side in one run: the shipped VAE, a fitted linear autoencoder written into
+`AutoencoderKL` (cupscale_dist.demo.linear_vae), and that VAE after nonlinear fine-tuning.
+
+    PYTHONPATH=$PWD python bench/demo_vae.py > demo-vae.json      # ~12 min on 2 idle cores; progress on stderr
+
+PSNR of encode -> decode (the posterior's mode) on the held-out photos (astronaut, coffee; never sampled), on the
+training crops' last batch, and wall time of each phase. Issue 23's target is >= 32 dB on the held-out photos.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+
+import torch
+
+from cupscale_dist.demo.linear_vae import (
+    LinearAutoencoder,
+    embed_in_autoencoder_kl,
+    fit_linear_autoencoder,
+    whiten_latents,
+)
+from cupscale_dist.demo.photos import HELD_OUT, load_photo, training_photos
+from cupscale_dist.demo.train import VAE_CROP_PX, CropSampler
+
+
+def held_out_psnr(round_trip) -> dict:
+    out = {}
+    with torch.no_grad():
+        for name in HELD_OUT:
+            x = torch.from_numpy(load_photo(name)).permute(2, 0, 1)[None].float() / 127.5 - 1
+            x = x[:, :, : x.shape[2] // 8 * 8, : x.shape[3] // 8 * 8]
+            y = round_trip(x).clamp(-1, 1)
+            out[name] = round(10 * math.log10(4 / ((y - x) ** 2).mean().item()), 2)
+    return out
+
+
+def vae_round_trip(vae):
+    return lambda x: vae.decode(vae.encode(x).latent_dist.mode()).sample
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--linear-steps", type=int, default=750)
+    parser.add_argument("--finetune-steps", type=int, default=300)
+    parser.add_argument("--finetune-lr", type=float, default=2e-4)
+    parser.add_argument("--latent-channels", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    from diffusers import AutoencoderKL
+
+    from cupscale_dist.demo import demo_model_dir
+
+    result = {"args": vars(args), "held_out": list(HELD_OUT)}
+    shipped = AutoencoderKL.from_pretrained(demo_model_dir() / "vae", torch_dtype=torch.float32).eval()
+    result["shipped"] = {"latent_channels": shipped.config.latent_channels, "psnr": held_out_psnr(vae_round_trip(shipped))}
+    print("shipped", result["shipped"], file=sys.stderr, flush=True)
+
+    sampler = CropSampler(training_photos(), 0)
+    model = LinearAutoencoder(args.latent_channels)
+    started = time.time()
+    log = fit_linear_autoencoder(model, lambda: sampler.batch(args.batch, VAE_CROP_PX)[0], args.linear_steps,
+                                 progress=lambda s, loss: s % 50 or print("linear", s, loss, file=sys.stderr, flush=True))
+    probe = sampler.batch(64, VAE_CROP_PX)[0]
+    whiten_latents(model, probe)
+    vae = embed_in_autoencoder_kl(model.eval(), probe).eval()
+    result["linear"] = {"seconds": round(time.time() - started, 1), "final_mse": log[-1]["mse"],
+                        "psnr": held_out_psnr(model), "embedded_psnr": held_out_psnr(vae_round_trip(vae))}
+    print("linear", result["linear"], file=sys.stderr, flush=True)
+
+    started = time.time()
+    vae.train().requires_grad_(True)
+    opt = torch.optim.Adam(vae.parameters(), lr=args.finetune_lr)
+    steps, curve = args.finetune_steps, []
+    for step in range(steps):
+        for group in opt.param_groups:
+            cosine = 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps))
+            group["lr"] = args.finetune_lr * min(1.0, (step + 1) / 50) * cosine
+        x = sampler.batch(16, VAE_CROP_PX)[0]
+        mse = ((vae_round_trip(vae)(x) - x) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        mse.backward()
+        opt.step()
+        if (step + 1) % 100 == 0 or step == steps - 1:
+            vae.eval()
+            curve.append({"step": step + 1, "train_psnr": round(10 * math.log10(4 / mse.item()), 2),
+                          "psnr": held_out_psnr(vae_round_trip(vae))})
+            vae.train()
+            print("finetune", curve[-1], file=sys.stderr, flush=True)
+    result["finetuned"] = {"seconds": round(time.time() - started, 1), "curve": curve}
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
