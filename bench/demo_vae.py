@@ -24,7 +24,8 @@ from cupscale_dist.demo.linear_vae import (
     whiten_latents,
 )
 from cupscale_dist.demo.photos import HELD_OUT, load_photo, training_photos
-from cupscale_dist.demo.train import VAE_CROP_PX, CropSampler
+from cupscale_dist.demo.train import VAE_CROP_PX, CropSampler, cosine_lr
+from cupscale_dist.quality.image_metrics import psnr
 
 
 def held_out_psnr(round_trip) -> dict:
@@ -34,7 +35,7 @@ def held_out_psnr(round_trip) -> dict:
             x = torch.from_numpy(load_photo(name)).permute(2, 0, 1)[None].float() / 127.5 - 1
             x = x[:, :, : x.shape[2] // 8 * 8, : x.shape[3] // 8 * 8]
             y = round_trip(x).clamp(-1, 1)
-            out[name] = round(10 * math.log10(4 / ((y - x) ** 2).mean().item()), 2)
+            out[name] = round(psnr((y[0].permute(1, 2, 0) + 1) * 127.5, (x[0].permute(1, 2, 0) + 1) * 127.5), 2)
     return out
 
 
@@ -80,8 +81,7 @@ def main() -> None:
     steps, curve = args.finetune_steps, []
     for step in range(steps):
         for group in opt.param_groups:
-            cosine = 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps))
-            group["lr"] = args.finetune_lr * min(1.0, (step + 1) / 50) * cosine
+            group["lr"] = cosine_lr(step, steps, args.finetune_lr, warmup=50, floor=0.05)
         x = sampler.batch(16, VAE_CROP_PX)[0]
         mse = ((vae_round_trip(vae)(x) - x) ** 2).mean()
         opt.zero_grad(set_to_none=True)

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .train import cosine_lr
+
 BLOCK_OUT_CHANNELS = (32, 64, 64)  # as the shipped demo VAE: factor 4, ~1 M parameters
 NORM_GROUPS = 8  # 8 channels per group at 64 (2 content pairs + 2 constants), 4 at 32 (1 pair + 2 constants)
 DECODER_CONTENT = 8  # content channels before the decoder's conv_out: one pair per group of the 32-channel stage
@@ -75,8 +77,8 @@ def fit_linear_autoencoder(model: LinearAutoencoder, batches, steps: int, lr: fl
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     log = []
     for step in range(steps):
-        for group in opt.param_groups:  # warm-up, then cosine to 2 % of the peak
-            group["lr"] = lr * min(1.0, (step + 1) / 50) * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, steps, lr, warmup=50, floor=0.02)
         x = batches()
         loss = ((model(x) - x) ** 2).mean()
         opt.zero_grad(set_to_none=True)

@@ -137,10 +137,10 @@ def build_components(tokenizer_dir: Path, seed: int):
                 tokenizer_2=tokenizer_2, unet=unet, scheduler=EulerDiscreteScheduler(**SCHEDULER_CONFIG))
 
 
-def cosine_lr(step: int, steps: int, peak: float) -> float:
-    """Short linear warm-up, then cosine decay to a tenth of the peak."""
-    warm = min(1.0, (step + 1) / 100)
-    return peak * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(1, steps))))
+def cosine_lr(step: int, steps: int, peak: float, warmup: int = 100, floor: float = 0.1) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to ``floor`` times the peak."""
+    warm = min(1.0, (step + 1) / warmup)
+    return peak * warm * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * step / max(1, steps))))
 
 
 def image_gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
