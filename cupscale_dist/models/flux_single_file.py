@@ -26,17 +26,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-
-COMFY_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "vae."
-CLIP_PREFIX = "text_encoders.clip_l.transformer."
-T5_PREFIX = "text_encoders.t5xxl.transformer."
-FILE_COMPONENTS = {"vae": VAE_PREFIX, "text_encoder": CLIP_PREFIX, "text_encoder_2": T5_PREFIX}
-GUIDANCE_KEY = "guidance_in.in_layer.weight"  # FLUX.1-dev's distilled-guidance embedding; -schnell has none
-# Where a T5 tokenizer may already be on this machine when a file's configs have none (the hub's cache, offline).
-T5_TOKENIZER_REPOS = ("black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.1-schnell")
-T5_TOKENIZER_FIX = ("huggingface-cli download black-forest-labs/FLUX.1-dev --include 'tokenizer_2/*', or "
-                    "--set model_config=DIR (a diffusers Flux directory)")
+from .flux_header import COMFY_PREFIX, FILE_COMPONENTS, VAE_PREFIX, components_in_file, flux_layout
 
 # BFL name -> diffusers names of one transformer layer, and how the tensor maps: "same"; "qkv" (equal thirds, in
 # q, k, v order); "qkv_mlp" (single blocks' linear1: q, k, v of the model width, then the MLP's input); "swap"
@@ -74,27 +64,6 @@ SINGLE_BLOCK_LAYERS = {
     "linear2": ("proj_out",),
 }
 SINGLE_BLOCK_NORMS = {"norm.query_norm": "attn.norm_q", "norm.key_norm": "attn.norm_k"}
-
-
-def flux_layout(keys) -> str:
-    """'bfl', 'comfy' or 'comfy-all-in-one' from a Flux file's keys."""
-    keys = set(keys)
-    if not any(key.startswith(COMFY_PREFIX) for key in keys):
-        return "bfl"
-    has = {name: any(key.startswith(prefix) for key in keys) for name, prefix in FILE_COMPONENTS.items()}
-    return "comfy-all-in-one" if all(has.values()) else "comfy"
-
-
-def flux_variant(keys) -> str:
-    """'dev' (a guidance embedding) or 'schnell'."""
-    return "dev" if GUIDANCE_KEY in keys or COMFY_PREFIX + GUIDANCE_KEY in keys else "schnell"
-
-
-def components_in_file(keys) -> set[str]:
-    """The pipeline components whose weights the file holds."""
-    keys = set(keys)
-    return {"transformer"} | {name for name, prefix in FILE_COMPONENTS.items()
-                              if any(key.startswith(prefix) for key in keys)}
 
 
 def layer_table(num_layers: int, num_single_layers: int) -> list[tuple[str, tuple[str, ...], str]]:
@@ -186,18 +155,12 @@ def build_from_state(cls, config_dir: Path, state: dict, dtype: torch.dtype, wha
     return model.eval()
 
 
-def load_flux_single_file(path: str, configs: str, dtype: torch.dtype, tokenizers: dict, options: dict):
-    """A FluxPipeline from a single Flux file: its transformer (and VAE and text encoders where it holds them),
-    the rest from ``configs`` (``model_config``), the scheduler from ``configs``."""
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        FluxPipeline,
-        FluxTransformer2DModel,
-    )
+def flux_file_components(path: str, configs: str, dtype: torch.dtype) -> dict:
+    """The pipeline components a single Flux file holds, loaded: always the transformer, and the VAE and text
+    encoders where it has them (configured from ``configs``); the caller loads the rest from ``configs``."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextModel, T5EncoderModel
 
-    from .loading import load_component
     from .single_file import checkpoint_keys
 
     configs_path = Path(configs)
@@ -213,49 +176,4 @@ def load_flux_single_file(path: str, configs: str, dtype: torch.dtype, tokenizer
         if name in inside:
             parts[name] = build_from_state(cls, configs_path / name, read_prefixed(path, FILE_COMPONENTS[name]),
                                            dtype, f"--model {path} ({name})")
-    for name in ("vae", "text_encoder", "text_encoder_2"):
-        if name not in parts:
-            parts[name] = load_component(configs, name, dtype, None)
-    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(configs, subfolder="scheduler")
-    return FluxPipeline(scheduler=scheduler, **parts, **tokenizers, **options)
-
-
-def check_flux_file(path: str, model_config: str | None, config_dir: str) -> None:
-    """Refuse, from the header, a Flux file that cannot load: its VAE or text encoders missing and no
-    ``model_config`` with them, or a dev file with a schnell config (or the reverse)."""
-    from .single_file import checkpoint_keys
-    from .spec import read_json
-
-    keys = checkpoint_keys(path)
-    missing = {"vae", "text_encoder", "text_encoder_2"} - components_in_file(keys)
-    if missing and model_config is None:
-        raise UserError(f"--model {path}: is a transformer-only Flux checkpoint (no {', '.join(sorted(missing))} "
-                        "in it); --set model_config=DIR, a diffusers Flux directory with those weights (e.g. "
-                        "huggingface-cli download black-forest-labs/FLUX.1-dev --exclude 'transformer/*' 'flux1-dev.safetensors' "
-                        "'ae.safetensors')")
-    for name in sorted(missing):
-        if not any((Path(config_dir) / name).glob("*.safetensors")) and not any(
-                (Path(config_dir) / name).glob("*.bin")):
-            raise UserError(f"--model {path}: holds no {name} and model_config {config_dir} has no {name} weights; "
-                            "point model_config at a diffusers Flux directory with them")
-    guidance = bool(read_json(config_dir, "transformer/config.json").get("guidance_embeds", False))
-    if guidance != (flux_variant(keys) == "dev"):
-        raise UserError(f"--model {path}: is a FLUX.1-{flux_variant(keys)} checkpoint but {config_dir} configures "
-                        f"FLUX.1-{'dev' if guidance else 'schnell'}; give model_config of the checkpoint's variant")
-
-
-def t5_tokenizer_dir(config_dir: str | Path) -> str:
-    """Where the T5 tokenizer of a Flux config directory is: its own ``tokenizer_2``, else the hub cache of
-    FLUX.1-dev / -schnell (offline); none is one UserError with the download command."""
-    own = Path(config_dir) / "tokenizer_2"
-    if any((own / name).is_file() for name in ("tokenizer.json", "spiece.model")):
-        return str(own)
-    from huggingface_hub import try_to_load_from_cache
-
-    for repo in T5_TOKENIZER_REPOS:
-        for name in ("tokenizer.json", "spiece.model"):
-            cached = try_to_load_from_cache(repo, f"tokenizer_2/{name}")
-            if isinstance(cached, str):
-                return str(Path(cached).parent)
-    raise UserError(f"no T5 tokenizer for the Flux checkpoint (none in {own}, none cached from the hub); "
-                    f"{T5_TOKENIZER_FIX}")
+    return parts

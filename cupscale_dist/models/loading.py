@@ -96,9 +96,13 @@ def load_single_file(path: str, configs: str, family: str, dtype: torch.dtype):
     options = backbone.pipeline_options(index)
     try:
         if family == "flux":  # diffusers' Flux conversion is fixed at FLUX.1's width: ours, any width
-            from .flux_single_file import load_flux_single_file
+            from .flux_single_file import flux_file_components
 
-            return load_flux_single_file(path, configs, dtype, tokenizers, options)
+            parts = flux_file_components(path, configs, dtype)
+            for name in backbone.components:  # what the file lacks: from model_config's directory
+                if name not in parts and name not in tokenizers:
+                    parts[name] = load_component(configs, name, dtype, None)
+            return backbone.pipeline_class()(**parts, **tokenizers, **options)
         return backbone.pipeline_class().from_single_file(path, config=configs, local_files_only=True,
                                                           torch_dtype=dtype, **tokenizers, **options)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:

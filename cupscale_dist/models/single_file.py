@@ -7,7 +7,7 @@ package (``single_file_configs/sdxl``, ``/sd15``, ``/flux-dev``, ``/flux-schnell
 values), so loading never touches the network; ``model_config`` names another diffusers config directory for a
 file of other shapes (and, for a transformer-only Flux file, holds its VAE and text encoders). The CLIP tokenizers
 are the demo model's files (CLIP's real 49,408-token vocabulary), used wherever a config directory has no tokenizer
-of its own; T5's comes from the config directory or the hub cache (:func:`.flux_single_file.t5_tokenizer_dir`).
+of its own; T5's comes from the config directory or the hub cache (:func:`.flux_header.t5_tokenizer_dir`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
+from .flux_header import flux_variant, t5_tokenizer_dir
 from .weightfiles import MAX_ENTRIES, load_pickled, unwrap_state_dict
 
 CONFIGS = Path(__file__).resolve().parent / "single_file_configs"  # {family}/model_index.json, unet/, vae/, ...
@@ -94,8 +95,6 @@ def checkpoint_kind(path: str | Path) -> str:
     if family in ("sdxl", "sd15") and in_channels != 4:
         family = f"{'SDXL' if family == 'sdxl' else 'SD1.5'} inpainting ({in_channels} input channels)"
     if family == "Flux":
-        from .flux_single_file import flux_variant
-
         if not str(path).lower().endswith(".safetensors"):
             raise UserError(f"--model {path}: Flux checkpoints are read as .safetensors only; save it as one")
 
@@ -120,8 +119,6 @@ def tokenizer_dir(config_dir: str | Path, name: str) -> str:
     index = Path(config_dir) / "model_index.json"
     entry = json.loads(index.read_text()).get(name) if index.is_file() else None
     if isinstance(entry, list) and str(entry[-1]).startswith("T5"):
-        from .flux_single_file import t5_tokenizer_dir
-
         return t5_tokenizer_dir(config_dir)
     from ..demo import demo_model_dir
 

@@ -17,8 +17,9 @@ from pathlib import Path
 from ..errors import UserError
 from ..files.userfile import read_json_object
 from .backbones import FAMILIES, FAMILY_COMPONENTS, backbone_class
+from .flux_header import check_flux_file
 from .hub import pipeline_components, resolve_model
-from .single_file import checkpoint_family, checkpoint_kind, is_single_file, shipped_config, tokenizer_dir
+from .single_file import checkpoint_family, checkpoint_keys, checkpoint_kind, is_single_file, shipped_config, tokenizer_dir
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +91,7 @@ class ModelSpec:
                 raise UserError(f"--model {model_dir} is an {found} checkpoint but model_config {configs} is an "
                                 f"{family} config; give a config directory of the checkpoint's family")
         if family == "flux" and is_single_file(model_dir):  # from the header: what loading would need
-            from .flux_single_file import check_flux_file
-
-            check_flux_file(model_dir, model_config, configs)
+            check_flux_file(model_dir, checkpoint_keys(model_dir), model_config, configs)
         vae = read_json(configs, "vae/config.json")
         backbone = backbone_class(family)
         denoiser = read_json(configs, f"{backbone.denoiser_name}/config.json")

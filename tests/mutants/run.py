@@ -190,7 +190,7 @@ MUTATIONS = [
              '"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),',
              '"img_attn.qkv": ("attn.to_k", "attn.to_q", "attn.to_v"),',
              ("tests/test_flux_single_file.py::test_our_transformer_conversion_equals_diffusers_at_flux_width",)),
-    Mutation("flux-file-every-file-dev", "cupscale_dist/models/flux_single_file.py",
+    Mutation("flux-file-every-file-dev", "cupscale_dist/models/flux_header.py",
              'return "dev" if GUIDANCE_KEY in keys', 'return "dev" if True or GUIDANCE_KEY in keys',
              ("tests/test_flux_single_file.py::test_the_header_tells_layout_and_variant",
               "tests/test_flux_single_file.py::test_a_single_file_loads_the_weights_of_its_diffusers_directory"
