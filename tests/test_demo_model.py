@@ -70,14 +70,30 @@ def test_shipped_model_loads_in_any_dtype(dtype):
 
 
 def test_training_script_runs_a_few_steps_and_writes_a_loadable_model(tmp_path):
-    out = train(tmp_path / "model", vae_steps=2, unet_steps=3, vae_batch=2, unet_batch=4, threads=2)
+    out = train(tmp_path / "model", vae_linear_steps=2, vae_finetune_steps=2, unet_steps=3, vae_batch=2, unet_batch=4,
+                threads=2)
     record = json.loads((out / "training.json").read_text())
-    assert [e["phase"] for e in record["log"]] == ["vae", "vae", "unet", "unet"]
+    assert [e["phase"] for e in record["log"]] == ["linear vae", "linear vae", "vae fine-tuning", "vae fine-tuning",
+                                                   "unet", "unet"]
     assert all(np.isfinite(e.get("l1", e.get("mse"))) for e in record["log"])
     spec = ModelSpec.read(str(out))
-    assert spec.family == "sdxl" and spec.vae_scale_factor == 4
+    assert spec.family == "sdxl" and spec.vae_scale_factor == 2 and spec.latent_channels == 8
     vae = json.loads((out / "vae" / "config.json").read_text())
     assert 0.05 < vae["scaling_factor"] < 50  # 1/std of the trained VAE's latents, not SDXL's constant
+    with safe_open(next((out / "vae").glob("*.safetensors")), "pt") as f:  # exact: the constants need float32
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
     pipe = load_pipeline(str(out), torch.device("cpu"), torch.float32)
-    assert pipe.unet.config.sample_size * 4 == 128
+    assert pipe.unet.config.sample_size * 2 == 128 and pipe.unet.config.in_channels == 8
     assert not (out / ".tokenizers").exists()
+    # phase 1 alone, then phase 2 on its VAE: the VAE bit for bit, phase 1's record carried over
+    phase1 = train(tmp_path / "phase1", vae_linear_steps=2, vae_finetune_steps=2, vae_batch=2, threads=2, vae_only=True)
+    assert not (phase1 / "unet").exists()
+    again = train(tmp_path / "again", unet_steps=2, unet_batch=4, threads=2, vae_from=phase1)
+    weights = "diffusion_pytorch_model.safetensors"
+    assert (again / "vae" / weights).read_bytes() == (phase1 / "vae" / weights).read_bytes()
+    configs = [{k: v for k, v in json.loads((d / "vae" / "config.json").read_text()).items() if not k.startswith("_")}
+               for d in (again, phase1)]
+    assert configs[0] == configs[1]
+    carried = json.loads((again / "training.json").read_text())
+    assert carried["vae_minutes"] == json.loads((phase1 / "training.json").read_text())["vae_minutes"]
+    assert carried["vae_finetune_steps"] == 2 and carried["unet_steps"] == 2

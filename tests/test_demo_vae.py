@@ -26,10 +26,10 @@ def photo_crops(height: int = 64, width: int = 96) -> torch.Tensor:
     return torch.stack([image[:, 40 : 40 + height, 60 : 60 + width], image[:, 120 : 120 + height, 200 : 200 + width]])
 
 
-@pytest.fixture(scope="module")
-def fitted():
+@pytest.fixture(scope="module", params=[(32, 64), (32, 64, 64)], ids=["factor2", "factor4"])
+def fitted(request):
     torch.manual_seed(0)
-    model = LinearAutoencoder(latent_channels=16)
+    model = LinearAutoencoder(latent_channels=8, blocks=request.param)
     crops = photo_crops()
     fit_linear_autoencoder(model, lambda: crops, steps=30, lr=2e-3)
     whiten_latents(model, crops)
@@ -40,7 +40,7 @@ def test_autoencoder_kl_reproduces_the_linear_round_trip(fitted, tmp_path):
     from diffusers import AutoencoderKL
 
     model, crops = fitted
-    vae = embed_in_autoencoder_kl(model, crops)
+    vae = embed_in_autoencoder_kl(model)
     vae.save_pretrained(tmp_path / "vae")
     loaded = AutoencoderKL.from_pretrained(tmp_path / "vae").eval()
     with torch.no_grad():
@@ -51,12 +51,26 @@ def test_autoencoder_kl_reproduces_the_linear_round_trip(fitted, tmp_path):
             assert float(posterior.std.max()) < 1e-6  # deterministic: sample() == mode()
             pixels = candidate.decode(posterior.mode()).sample
             assert (pixels - expected).abs().max().item() < 1e-3
-    assert loaded.config.latent_channels == 16 and loaded.config.force_upcast
+    assert loaded.config.latent_channels == 8 and loaded.config.force_upcast
+    assert loaded.config.block_out_channels == list(model.blocks)
+
+
+def test_the_embedding_holds_in_bfloat16(fitted):
+    """SiLU(c) - SiLU(-c) = c at any scale: the embedded VAE in bfloat16 stays close to the float32 round trip
+    (an offset-based linearisation, SiLU(20 + c) - 20, loses it to bfloat16's 8 bits)."""
+    model, crops = fitted
+    vae = embed_in_autoencoder_kl(model).eval()
+    with torch.no_grad():
+        expected = model(crops)
+        half = vae.to(torch.bfloat16)
+        pixels = half.decode(half.encode(crops.to(torch.bfloat16)).latent_dist.mode()).sample.float()
+    error = ((pixels - expected) ** 2).mean().item()
+    assert 10 * np.log10(4 / error) > 40, error  # dB over the [-1, 1] range
 
 
 def test_whitening_keeps_the_round_trip_and_gives_unit_latents():
     torch.manual_seed(1)
-    model, crops = LinearAutoencoder(latent_channels=16), photo_crops()
+    model, crops = LinearAutoencoder(latent_channels=8), photo_crops()
     with torch.no_grad():
         before = model(crops)
         whiten_latents(model, crops)
@@ -67,7 +81,7 @@ def test_whitening_keeps_the_round_trip_and_gives_unit_latents():
 
 def test_fitting_lowers_the_reconstruction_error():
     torch.manual_seed(2)
-    model, crops = LinearAutoencoder(latent_channels=16), photo_crops()
+    model, crops = LinearAutoencoder(latent_channels=8), photo_crops()
     log = fit_linear_autoencoder(model, lambda: crops, steps=60, lr=2e-3)
     assert log[-1]["mse"] < 0.5 * log[0]["mse"]
 

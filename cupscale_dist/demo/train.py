@@ -2,16 +2,18 @@
 
     python -m cupscale_dist.demo.train --out cupscale_dist/demo/model      # the shipped weights (see --help for sizes)
 
-Same architecture family as SDXL, so every code path runs as on SDXL: an AutoencoderKL (4 latent channels, factor 4
-rather than SDXL's 8: a tiny VAE trained for minutes reconstructs a factor-4 latent far better), a UNet2DConditionModel
+Same architecture family as SDXL, so every code path runs as on SDXL: an AutoencoderKL (8 latent channels, factor 2
+rather than SDXL's 8: see :mod:`cupscale_dist.demo.linear_vae` for why a small VAE on 2 cores keeps the picture only
+at factor 2), a UNet2DConditionModel
 with `text_time` added conditioning (micro-conditioning and the pooled embedding) and cross-attention over two CLIP
 text encoders' hidden states, CLIP's real BPE tokenizer (openai/CLIP's 49,408-token vocabulary), SDXL's scheduler.
 
-Two phases, both seeded: (1) the VAE on random crops of the training photos (L1 + L1 on image gradients + a small KL);
-(2) the UNet and both text encoders on the frozen VAE's latents (epsilon prediction, min-SNR weighting, 10 % caption
+Two phases, both seeded: (1) the VAE: a linear autoencoder with exactly AutoencoderKL's linear path fitted by least
+squares on random crops of the training photos, its latents whitened, written into AutoencoderKL exactly, then
+fine-tuned as the real (nonlinear) class; (2) the UNet and both text encoders on the frozen VAE's latents (epsilon prediction, min-SNR weighting, 10 % caption
 dropout to zeros as SDXL's `force_zeros_for_empty_prompt` expects, EMA weights). The photos, their captions and
 licences are in :mod:`cupscale_dist.demo.photos`; the held-out ones are never sampled. Weights are saved as float16
-safetensors (the package budget is 25 MB) and load in any dtype.
+safetensors (the package budget is 40 MB), the VAE's as float32 (its constant channels; ~2 MB), and load in any dtype.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import argparse
 import copy
 import gzip
 import json
-import math
 import platform
 import shutil
 import sys
@@ -33,21 +34,24 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..testing.tiny import EOS_TOKEN, SCHEDULER_CONFIG, _save_pipeline, write_clip_tokenizer
+from .linear_vae import LinearAutoencoder, embed_in_autoencoder_kl, fit_linear_autoencoder, whiten_latents
 from .photos import HELD_OUT, Photo, load_photo, training_photos
+from .schedule import cosine_lr
 
 BPE_FILE = Path(__file__).with_name("bpe_simple_vocab_16e6.txt.gz")  # openai/CLIP's BPE, via open_clip (MIT)
 CLIP_MERGES = 49152 - 256 - 2  # openai/CLIP SimpleTokenizer: merges kept so the vocab is 49,408 tokens
 
-VAE_BLOCK_OUT_CHANNELS = (32, 64, 64)  # 3 blocks -> factor 4; ~1 M parameters train in ~20 min on 2 cores
-UNET_CHANNELS = (64, 128)  # ~5.8 M parameters: 0.7 s per 32-crop step on 2 cores
-UNET_SAMPLE_SIZE = 32  # latent side of the native size: 32 x 4 = 128 px (the probe's input size)
+VAE_BLOCK_OUT_CHANNELS = (32, 64)  # 2 blocks -> factor 2: factor 4's decoder capped the round trip near 29-31 dB
+VAE_LATENT_CHANNELS = 8  # PCA of 2x2 patches: 4 components 30.5 / 27.5 dB on the held-out photos, 6: 40, 8: 45
+VAE_FACTOR = 2 ** (len(VAE_BLOCK_OUT_CHANNELS) - 1)
+UNET_CHANNELS = (32, 64, 128)  # 3 levels: the thin first one at factor 2's 4x latent keeps the cost ~1.5x factor 4's
+UNET_SAMPLE_SIZE = 64  # latent side of the native size: 64 x 2 = 128 px (the probe's input size)
 TEXT_HIDDEN_SIZE = 32  # per encoder; cross-attention sees both (64), as SDXL concatenates its two encoders
 TEXT_PROJECTION_DIM = 32
 ADDITION_TIME_EMBED_DIM = 8
 VAE_CROP_PX = 64
 UNET_CROP_PX = (64, 128)  # most steps on 64 px crops (cheap); the last quarter at the native 128 px
-KL_WEIGHT = 1e-6  # as Stable Diffusion's autoencoder: a nearly deterministic latent
-GRADIENT_LOSS_WEIGHT = 0.5  # L1 on image gradients keeps edges from blurring under a plain L1
+VAE_FINETUNE_LR = 2e-4  # Adam from the linear start; 5x lower than the linear fit's: the start is already good
 CAPTION_DROPOUT = 0.1  # CFG's unconditional branch (SDXL zeroes the empty prompt's embeddings)
 MIN_SNR_GAMMA = 5.0  # Hang et al. 2023: faster convergence for epsilon prediction
 LOW_T_SHARE = 0.5  # half the timesteps drawn below LOW_T_MAX: an upscaler starts at strength <= 0.6
@@ -100,8 +104,9 @@ class CropSampler:
 
 
 def build_components(tokenizer_dir: Path, seed: int):
-    """The untrained pipeline: VAE, two CLIP text encoders with CLIP's tokenizer, the SDXL-style UNet, the scheduler."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    """The untrained pipeline but its VAE (phase 1 makes it): two CLIP text encoders with CLIP's tokenizer, the
+    SDXL-style UNet, the scheduler."""
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     merges = clip_merges()
@@ -119,55 +124,50 @@ def build_components(tokenizer_dir: Path, seed: int):
     text_encoder_1 = text_encoder(tokenizer, CLIPTextModel)
     text_encoder_2 = text_encoder(tokenizer_2, CLIPTextModelWithProjection)
     torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * len(VAE_BLOCK_OUT_CHANNELS),
-        up_block_types=("UpDecoderBlock2D",) * len(VAE_BLOCK_OUT_CHANNELS),
-        block_out_channels=VAE_BLOCK_OUT_CHANNELS, layers_per_block=1, latent_channels=4, norm_num_groups=16,
-        sample_size=128)
-    torch.manual_seed(seed)
+    levels = len(UNET_CHANNELS)  # cross-attention at the coarsest level only, as the former 2-level UNet had it
     unet = UNet2DConditionModel(
-        sample_size=UNET_SAMPLE_SIZE, in_channels=4, out_channels=4, block_out_channels=UNET_CHANNELS,
-        layers_per_block=2, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 1),
+        sample_size=UNET_SAMPLE_SIZE, in_channels=VAE_LATENT_CHANNELS, out_channels=VAE_LATENT_CHANNELS,
+        block_out_channels=UNET_CHANNELS, layers_per_block=2,
+        down_block_types=("DownBlock2D",) * (levels - 1) + ("CrossAttnDownBlock2D",),
+        up_block_types=("CrossAttnUpBlock2D",) + ("UpBlock2D",) * (levels - 1), transformer_layers_per_block=1,
         use_linear_projection=True, cross_attention_dim=2 * TEXT_HIDDEN_SIZE,
         attention_head_dim=tuple(c // 32 for c in UNET_CHANNELS), norm_num_groups=32,
         addition_embed_type="text_time", addition_time_embed_dim=ADDITION_TIME_EMBED_DIM,
         projection_class_embeddings_input_dim=6 * ADDITION_TIME_EMBED_DIM + TEXT_PROJECTION_DIM)
-    return dict(vae=vae, text_encoder=text_encoder_1, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+    return dict(text_encoder=text_encoder_1, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
                 tokenizer_2=tokenizer_2, unet=unet, scheduler=EulerDiscreteScheduler(**SCHEDULER_CONFIG))
 
 
-def cosine_lr(step: int, steps: int, peak: float, warmup: int = 100, floor: float = 0.1) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine decay to ``floor`` times the peak."""
-    warm = min(1.0, (step + 1) / warmup)
-    return peak * warm * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * step / max(1, steps))))
+def train_vae(sampler: CropSampler, linear_steps: int, finetune_steps: int, batch: int, lr: float, seed: int,
+              log: list):
+    """Phase 1: the linear fit (least squares by Adam), whitened latents, the exact embedding in AutoencoderKL, then
+    ``finetune_steps`` of MSE on the real class (its GroupNorms and SiLUs now free to bend); returns the VAE."""
+    torch.manual_seed(seed)
+    model = LinearAutoencoder(VAE_LATENT_CHANNELS, VAE_BLOCK_OUT_CHANNELS)
+    bar = tqdm(total=linear_steps + finetune_steps, desc="training the demo VAE", unit="step")
 
+    def progress(step, loss):
+        bar.update()
+        bar.set_postfix(mse=f"{loss:.5f}")
 
-def image_gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return x[..., 1:, :] - x[..., :-1, :], x[..., :, 1:] - x[..., :, :-1]
-
-
-def train_vae(vae, sampler: CropSampler, steps: int, batch: int, lr: float, log: list) -> None:
-    """Phase 1: reconstruction (L1 + gradient L1) with a small KL, on random crops."""
-    vae.train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    bar = tqdm(range(steps), desc="training the demo VAE", unit="step")
-    for step in bar:
+    log += fit_linear_autoencoder(model, lambda: sampler.batch(batch, VAE_CROP_PX)[0], linear_steps, lr,
+                                  progress=progress)
+    whiten_latents(model, sampler.batch(64, VAE_CROP_PX)[0])
+    vae = embed_in_autoencoder_kl(model.eval(), sample_size=UNET_SAMPLE_SIZE * VAE_FACTOR).train()
+    opt = torch.optim.Adam(vae.parameters(), lr=VAE_FINETUNE_LR)
+    for step in range(finetune_steps):
         for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, steps, lr)
-        x, _, _ = sampler.batch(batch, VAE_CROP_PX)
-        posterior = vae.encode(x).latent_dist
-        y = vae.decode(posterior.sample()).sample
-        l1 = (y - x).abs().mean()
-        grads = sum((a - b).abs().mean() for a, b in zip(image_gradients(y), image_gradients(x)))
-        loss = l1 + GRADIENT_LOSS_WEIGHT * grads + KL_WEIGHT * posterior.kl().mean()
+            group["lr"] = cosine_lr(step, finetune_steps, VAE_FINETUNE_LR, warmup=50, floor=0.05)
+        x = sampler.batch(batch // 2, VAE_CROP_PX)[0]
+        mse = ((vae.decode(vae.encode(x).latent_dist.mode()).sample - x) ** 2).mean()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        mse.backward()
         opt.step()
-        bar.set_postfix(l1=f"{l1.item():.4f}")
-        if step % 50 == 0 or step == steps - 1:
-            log.append({"phase": "vae", "step": step, "l1": round(l1.item(), 5), "loss": round(loss.item(), 5)})
-    vae.eval()
+        progress(step, mse.item())
+        if step % 50 == 0 or step == finetune_steps - 1:
+            log.append({"phase": "vae fine-tuning", "step": step, "mse": round(mse.item(), 6)})
+    bar.close()
+    return vae.eval().requires_grad_(False)
 
 
 @torch.no_grad()
@@ -228,10 +228,15 @@ def train_unet(components: dict, sampler: CropSampler, steps: int, batch: int, l
     return ema.state_dict()
 
 
-def train(out: str | Path, *, seed: int = 0, vae_steps: int = 2000, unet_steps: int = 4000, vae_batch: int = 16,
-          unet_batch: int = 32, vae_lr: float = 1e-3, unet_lr: float = 5e-4, threads: int | None = None) -> Path:
-    """Train both phases and `save_pretrained` the pipeline (float16 safetensors) plus `training.json` into ``out``."""
-    from diffusers import StableDiffusionXLPipeline
+def train(out: str | Path, *, seed: int = 0, vae_linear_steps: int = 750, vae_finetune_steps: int = 800,
+          unet_steps: int = 4500, vae_batch: int = 32, unet_batch: int = 32, vae_lr: float = 1e-3,
+          unet_lr: float = 5e-4, threads: int | None = None, vae_from: str | Path | None = None,
+          vae_only: bool = False) -> Path:
+    """Train both phases and `save_pretrained` the pipeline plus `training.json` into ``out``.
+
+    ``vae_only``: phase 1 alone, ``out/vae`` + ``out/training.json``; ``vae_from``: such a directory (or a whole
+    model's), whose VAE phase 2 then trains on, its phase-1 record carried into this one's."""
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 
     if threads:
         torch.set_num_threads(threads)
@@ -244,27 +249,42 @@ def train(out: str | Path, *, seed: int = 0, vae_steps: int = 2000, unet_steps: 
     log: list[dict] = []
     components = build_components(out / ".tokenizers", seed)
 
-    train_vae(components["vae"], sampler, vae_steps, vae_batch, vae_lr, log)
-    components["vae"].requires_grad_(False).register_to_config(
-        scaling_factor=latent_scaling_factor(components["vae"], sampler))
+    phase1 = dict(seed=seed, vae_linear_steps=vae_linear_steps, vae_finetune_steps=vae_finetune_steps,
+                  vae_batch=vae_batch, vae_lr=vae_lr, vae_finetune_lr=VAE_FINETUNE_LR)
+    if vae_from is None:
+        vae = train_vae(sampler, vae_linear_steps, vae_finetune_steps, vae_batch, vae_lr, seed, log)
+        vae.register_to_config(scaling_factor=latent_scaling_factor(vae, sampler))
+        phase1["vae_minutes"] = round((time.time() - started) / 60, 1)
+    else:
+        vae = AutoencoderKL.from_pretrained(Path(vae_from) / "vae", torch_dtype=torch.float32)
+        vae.eval().requires_grad_(False)
+        earlier = json.loads((Path(vae_from) / "training.json").read_text(encoding="utf-8"))
+        phase1 = {k: v for k, v in earlier.items() if k.startswith("vae_") or k == "seed"}
+        phase1["vae_from"] = str(vae_from)
+        log += [entry for entry in earlier.get("log", []) if entry["phase"] != "unet"]
+    components["vae"] = vae
     vae_done = time.time()
+    common = dict(photos=[p.name for p in photos], held_out=list(HELD_OUT), device="cpu",
+                  machine=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
+                  torch=torch.__version__, python=sys.version.split()[0])
+    if vae_only:
+        vae.save_pretrained(out / "vae", safe_serialization=True)
+        shutil.rmtree(out / ".tokenizers", ignore_errors=True)
+        record = dict(**phase1, **common, log=log)
+        (out / "training.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+        return out
 
     ema = train_unet(components, sampler, unet_steps, unet_batch, unet_lr, seed, log)
     for name in ("unet", "text_encoder", "text_encoder_2"):
         prefix = name + "."
         components[name].load_state_dict({k[len(prefix):]: v for k, v in ema.items() if k.startswith(prefix)})
-        components[name].eval()
+        components[name].eval().to(torch.float16)  # the VAE stays float32: 2 MB, and exact
 
-    pipe = StableDiffusionXLPipeline(**components).to(torch.float16)
+    pipe = StableDiffusionXLPipeline(**components)
     _save_pipeline(pipe, out, {"tokenizer": EOS_TOKEN, "tokenizer_2": "!"}, clip_merges())  # the hub's layout
     shutil.rmtree(out / ".tokenizers", ignore_errors=True)
-    record = dict(
-        seed=seed, vae_steps=vae_steps, unet_steps=unet_steps, vae_batch=vae_batch, unet_batch=unet_batch,
-        vae_lr=vae_lr, unet_lr=unet_lr, threads=torch.get_num_threads(),
-        vae_minutes=round((vae_done - started) / 60, 1), unet_minutes=round((time.time() - vae_done) / 60, 1),
-        photos=[p.name for p in photos], held_out=list(HELD_OUT), machine=platform.processor() or platform.machine(),
-        torch=torch.__version__, python=sys.version.split()[0], log=log,
-    )
+    record = dict(**phase1, unet_steps=unet_steps, unet_batch=unet_batch, unet_lr=unet_lr,
+                  unet_minutes=round((time.time() - vae_done) / 60, 1), **common, log=log)
     (out / "training.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     return out
 
@@ -274,14 +294,20 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="directory for the diffusers pipeline")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vae-steps", type=int, default=2000)
-    parser.add_argument("--unet-steps", type=int, default=4000)
-    parser.add_argument("--vae-batch", type=int, default=16)
+    parser.add_argument("--vae-linear-steps", type=int, default=750)
+    parser.add_argument("--vae-finetune-steps", type=int, default=800)
+    parser.add_argument("--unet-steps", type=int, default=4500)
+    parser.add_argument("--vae-batch", type=int, default=32)
     parser.add_argument("--unet-batch", type=int, default=32)
+    parser.add_argument("--vae-only", action="store_true", help="phase 1 only: OUT/vae and OUT/training.json")
+    parser.add_argument("--vae-from", default=None, help="a --vae-only output (or a model directory): train the UNet "
+                                                         "and text encoders on its VAE")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
-    path = train(args.out, seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
-                 vae_batch=args.vae_batch, unet_batch=args.unet_batch, threads=args.threads)
+    path = train(args.out, seed=args.seed, vae_linear_steps=args.vae_linear_steps,
+                 vae_finetune_steps=args.vae_finetune_steps, unet_steps=args.unet_steps, vae_batch=args.vae_batch,
+                 unet_batch=args.unet_batch, threads=args.threads, vae_from=args.vae_from,
+                 vae_only=args.vae_only)
     print(path)
 
 
