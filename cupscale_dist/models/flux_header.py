@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UserError
-from ..files.userfile import read_json_object
 
 COMFY_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "vae."
@@ -46,9 +45,10 @@ def components_in_file(keys) -> set[str]:
                               if any(key.startswith(prefix) for key in keys)}
 
 
-def check_flux_file(path: str, keys, model_config: str | None, config_dir: str) -> None:
+def check_flux_file(path: str, keys, model_config: str | None, config_dir: str, transformer_config: dict) -> None:
     """Refuse, from the header (``keys``), a Flux file that cannot load: its VAE or text encoders missing and no
-    ``model_config`` with them, or a dev file with a schnell config (or the reverse)."""
+    ``model_config`` with them, or a dev file with a schnell config (``transformer_config``, the one in
+    ``config_dir``) or the reverse."""
     missing = {"vae", "text_encoder", "text_encoder_2"} - components_in_file(keys)
     if missing and model_config is None:
         raise UserError(f"--model {path}: is a transformer-only Flux checkpoint (no {', '.join(sorted(missing))} "
@@ -60,9 +60,7 @@ def check_flux_file(path: str, keys, model_config: str | None, config_dir: str) 
                 (Path(config_dir) / name).glob("*.bin")):
             raise UserError(f"--model {path}: holds no {name} and model_config {config_dir} has no {name} weights; "
                             "point model_config at a diffusers Flux directory with them")
-    config = read_json_object(Path(config_dir) / "transformer/config.json",
-                              f"--model {config_dir}: transformer/config.json", "re-save the pipeline")
-    guidance = bool(config.get("guidance_embeds", False))
+    guidance = bool(transformer_config.get("guidance_embeds", False))
     if guidance != (flux_variant(keys) == "dev"):
         raise UserError(f"--model {path}: is a FLUX.1-{flux_variant(keys)} checkpoint but {config_dir} configures "
                         f"FLUX.1-{'dev' if guidance else 'schnell'}; give model_config of the checkpoint's variant")

@@ -90,11 +90,11 @@ class ModelSpec:
             if found != family:
                 raise UserError(f"--model {model_dir} is an {found} checkpoint but model_config {configs} is an "
                                 f"{family} config; give a config directory of the checkpoint's family")
-        if family == "flux" and is_single_file(model_dir):  # from the header: what loading would need
-            check_flux_file(model_dir, checkpoint_keys(model_dir), model_config, configs)
-        vae = read_json(configs, "vae/config.json")
         backbone = backbone_class(family)
         denoiser = read_json(configs, f"{backbone.denoiser_name}/config.json")
+        if family == "flux" and is_single_file(model_dir):  # from the header: what loading would need
+            check_flux_file(model_dir, checkpoint_keys(model_dir), model_config, configs, denoiser)
+        vae = read_json(configs, "vae/config.json")
         factor, channels = vae_geometry(configs, vae)
         if backbone.native_size is not None:  # a DiT's config has no sample size: the family's training size
             native = backbone.native_size
