@@ -23,11 +23,12 @@ import torch
 from cupscale_dist.demo.linear_vae import (
     LinearAutoencoder,
     embed_in_autoencoder_kl,
+    finetune_autoencoder_kl,
     fit_linear_autoencoder,
     whiten_latents,
 )
 from cupscale_dist.demo.photos import HELD_OUT, load_photo, training_photos
-from cupscale_dist.demo.train import VAE_CROP_PX, CropSampler, cosine_lr
+from cupscale_dist.demo.train import VAE_CROP_PX, CropSampler
 from cupscale_dist.quality.image_metrics import psnr
 
 
@@ -80,23 +81,16 @@ def main() -> None:
     print("linear", result["linear"], file=sys.stderr, flush=True)
 
     started = time.time()
-    vae.train().requires_grad_(True)
-    opt = torch.optim.Adam(vae.parameters(), lr=args.finetune_lr)
-    steps, curve = args.finetune_steps, []
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, steps, args.finetune_lr, warmup=50, floor=0.05)
-        x = sampler.batch(16, VAE_CROP_PX)[0]
-        mse = ((vae_round_trip(vae)(x) - x) ** 2).mean()
-        opt.zero_grad(set_to_none=True)
-        mse.backward()
-        opt.step()
-        if (step + 1) % 100 == 0 or step == steps - 1:
-            vae.eval()
-            curve.append({"step": step + 1, "train_psnr": round(10 * math.log10(4 / mse.item()), 2),
+    curve = []
+
+    def checkpoint(step, loss):
+        if (step + 1) % 100 == 0 or step == args.finetune_steps - 1:
+            curve.append({"step": step + 1, "train_psnr": round(10 * math.log10(4 / loss), 2),
                           "psnr": held_out_psnr(vae_round_trip(vae))})
-            vae.train()
             print("finetune", curve[-1], file=sys.stderr, flush=True)
+
+    finetune_autoencoder_kl(vae, lambda: sampler.batch(16, VAE_CROP_PX)[0], args.finetune_steps, args.finetune_lr,
+                            progress=checkpoint)
     result["finetuned"] = {"seconds": round(time.time() - started, 1), "curve": curve}
     print(json.dumps(result, indent=1))
 

@@ -34,7 +34,13 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..testing.tiny import EOS_TOKEN, SCHEDULER_CONFIG, _save_pipeline, write_clip_tokenizer
-from .linear_vae import LinearAutoencoder, embed_in_autoencoder_kl, fit_linear_autoencoder, whiten_latents
+from .linear_vae import (
+    LinearAutoencoder,
+    embed_in_autoencoder_kl,
+    finetune_autoencoder_kl,
+    fit_linear_autoencoder,
+    whiten_latents,
+)
 from .photos import HELD_OUT, Photo, load_photo, training_photos
 from .schedule import cosine_lr
 
@@ -153,19 +159,9 @@ def train_vae(sampler: CropSampler, linear_steps: int, finetune_steps: int, batc
     log += fit_linear_autoencoder(model, lambda: sampler.batch(batch, VAE_CROP_PX)[0], linear_steps, lr,
                                   progress=progress)
     whiten_latents(model, sampler.batch(64, VAE_CROP_PX)[0])
-    vae = embed_in_autoencoder_kl(model.eval(), sample_size=UNET_SAMPLE_SIZE * VAE_FACTOR).train()
-    opt = torch.optim.Adam(vae.parameters(), lr=VAE_FINETUNE_LR)
-    for step in range(finetune_steps):
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, finetune_steps, VAE_FINETUNE_LR, warmup=50, floor=0.05)
-        x = sampler.batch(batch // 2, VAE_CROP_PX)[0]
-        mse = ((vae.decode(vae.encode(x).latent_dist.mode()).sample - x) ** 2).mean()
-        opt.zero_grad(set_to_none=True)
-        mse.backward()
-        opt.step()
-        progress(step, mse.item())
-        if step % 50 == 0 or step == finetune_steps - 1:
-            log.append({"phase": "vae fine-tuning", "step": step, "mse": round(mse.item(), 6)})
+    vae = embed_in_autoencoder_kl(model.eval(), sample_size=UNET_SAMPLE_SIZE * VAE_FACTOR)
+    log += finetune_autoencoder_kl(vae, lambda: sampler.batch(batch // 2, VAE_CROP_PX)[0], finetune_steps,
+                                   VAE_FINETUNE_LR, progress=progress)
     bar.close()
     return vae.eval().requires_grad_(False)
 
@@ -247,7 +243,6 @@ def train(out: str | Path, *, seed: int = 0, vae_linear_steps: int = 750, vae_fi
     assert not {p.name for p in photos} & set(HELD_OUT)
     sampler = CropSampler(photos, seed)
     log: list[dict] = []
-    components = build_components(out / ".tokenizers", seed)
 
     phase1 = dict(seed=seed, vae_linear_steps=vae_linear_steps, vae_finetune_steps=vae_finetune_steps,
                   vae_batch=vae_batch, vae_lr=vae_lr, vae_finetune_lr=VAE_FINETUNE_LR)
@@ -262,18 +257,19 @@ def train(out: str | Path, *, seed: int = 0, vae_linear_steps: int = 750, vae_fi
         phase1 = {k: v for k, v in earlier.items() if k.startswith("vae_") or k == "seed"}
         phase1["vae_from"] = str(vae_from)
         log += [entry for entry in earlier.get("log", []) if entry["phase"] != "unet"]
-    components["vae"] = vae
     vae_done = time.time()
     common = dict(photos=[p.name for p in photos], held_out=list(HELD_OUT), device="cpu",
                   machine=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
                   torch=torch.__version__, python=sys.version.split()[0])
     if vae_only:
         vae.save_pretrained(out / "vae", safe_serialization=True)
-        shutil.rmtree(out / ".tokenizers", ignore_errors=True)
         record = dict(**phase1, **common, log=log)
         (out / "training.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
         return out
 
+    components = build_components(out / ".tokenizers", seed)  # seeded on its own: phase 1 does not shift it
+
+    components["vae"] = vae
     ema = train_unet(components, sampler, unet_steps, unet_batch, unet_lr, seed, log)
     for name in ("unet", "text_encoder", "text_encoder_2"):
         prefix = name + "."
