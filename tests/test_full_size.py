@@ -8,6 +8,7 @@ tests; at most one loaded pipeline is alive at a time (SDXL in 16-bit: about 7 G
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import math
@@ -15,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -47,10 +49,29 @@ SCALING_FACTOR = {"sdxl": 0.13025, "sd15": 0.18215}  # SD1.5's config leaves it 
 # files match the published sizes to the byte.
 TEXT_ENCODER_EXTRA_BYTES = 4096
 
-# The CLI run's dtype. float16 is what the upcast rule is about, but this CPU has no fp16 convolution kernels: one
-# 320-channel 3x3 convolution at 32x32 took 11.8 s in float16 and 0.38 s in bfloat16 here, so one SDXL UNet pass in
-# float16 would take many minutes. The float16 rule is held in-process by test_dtype_rules_of_the_loaded_pipeline.
-CLI_DTYPE = "bfloat16"
+# The CLI run's dtype: the faster of bfloat16 and float32 on this CPU, measured once. float16 is what the upcast rule
+# is about, but CPUs have no fp16 convolution kernels (one 320-channel 3x3 convolution at 32x32: 11.8 s in float16,
+# 0.38 s in bfloat16 on one machine here); and CPUs without AVX-512 have no fast bfloat16 ones either (4.3 s in
+# bfloat16, 0.05 s in float32 on another, where a 600 s CI run timed out), so one SDXL UNet pass in a slow dtype takes
+# many minutes. bfloat16 is preferred (half the memory: SDXL is ~7 GB in 16 bits, ~14 GB in float32) unless it is
+# more than BFLOAT16_SLOWDOWN_LIMIT times slower. The float16 rule is held in-process by
+# test_dtype_rules_of_the_loaded_pipeline.
+BFLOAT16_SLOWDOWN_LIMIT = 4.0
+
+
+@functools.cache
+def cli_dtype() -> str:
+    """'bfloat16' where this CPU convolves it at most BFLOAT16_SLOWDOWN_LIMIT times slower than float32, else 'float32'."""
+    x, w = torch.randn(1, 320, 16, 16), torch.randn(320, 320, 3, 3)
+    seconds = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = x.to(dtype), w.to(dtype)
+        torch.nn.functional.conv2d(a, b, padding=1)  # warm-up: kernel selection
+        start = time.perf_counter()
+        torch.nn.functional.conv2d(a, b, padding=1)
+        seconds[dtype] = time.perf_counter() - start
+    return "bfloat16" if seconds[torch.bfloat16] <= BFLOAT16_SLOWDOWN_LIMIT * seconds[torch.float32] else "float32"
+
 CLI_TIMEOUT_S = 600
 PROMPT = "a photo of a cat"
 
@@ -218,7 +239,7 @@ def test_cli_upscales_one_view_at_one_step(layout, tmp_path):
     ys, xs = np.mgrid[0:64, 0:64]
     Image.fromarray(np.stack([xs * 4, ys * 4, 255 - xs * 2], -1).astype(np.uint8)).save(tmp_path / "in.png")
     output = tmp_path / "out.png"
-    argv = ["upscale", "in.png", "-o", output, "--model", directory, "--device", "cpu", "--dtype", CLI_DTYPE,
+    argv = ["upscale", "in.png", "-o", output, "--model", directory, "--device", "cpu", "--dtype", cli_dtype(),
             "--actors", "0", "--size", "128x128", "--tile", "16", "--stride", "16", "--steps", "1",
             "--strength", "1.0", "--set", "mask_mode=off", "--prompt", PROMPT, "-q"]
     plan = run_cli(*argv, "--dry-run", cwd=tmp_path)
@@ -235,7 +256,7 @@ def test_cli_upscales_one_view_at_one_step(layout, tmp_path):
     assert (meta["model"], meta["tile"], meta["stride"], json.loads(meta["stages"])) == (str(directory), "16", "16", [[128, 128]])
     config = json.loads(meta["config"])
     assert {k: config[k] for k in ("dtype", "variant", "device", "steps", "strength", "mask_mode", "prompt")} == {
-        "dtype": CLI_DTYPE, "variant": "fp16", "device": "cpu", "steps": 1, "strength": 1.0, "mask_mode": "off",
+        "dtype": cli_dtype(), "variant": "fp16", "device": "cpu", "steps": 1, "strength": 1.0, "mask_mode": "off",
         "prompt": PROMPT}
 
 
