@@ -21,15 +21,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import load_average, log, rounded  # noqa: E402
 
+from cupscale_dist.cli.options import parse_set  # noqa: E402
+
 SHOWN = ("psnr", "ssim", "consistency", "detail", "seam")
 
 
-def variants(random_model: str) -> dict[str, dict]:
+def variants(random_model: str, tile: int, stride: int, factor: int) -> dict[str, dict]:
+    """Knob changes from the preset; ``factor``: the model's VAE factor (the random-weight tiny SDXL's is 8, so its
+    tiles are scaled to cover the same pixels)."""
     return {
         "demo (defaults)": {},
-        "random weights": {"model": random_model, "tile": 16, "stride": 8},  # factor-8 VAE: same tiles in pixels
+        "random weights": {"model": random_model, "tile": tile * factor // 8, "stride": stride * factor // 8},
         "prior off": {"prior_fraction": 0.0},
-        "stride = tile": {"stride": 32},
+        "stride = tile": {"stride": tile},
         "lambda = 1": {"lambda_global": 1.0},
     }
 
@@ -51,16 +55,21 @@ def main() -> None:
     parser.add_argument("--scales", default="2,4")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None, help="keep each variant's eval dir (crops, upscales) here")
+    parser.add_argument("--set", dest="overrides", type=parse_set, action="append", default=[], metavar="KEY=VALUE",
+                        help="a knob of every variant, as the CLI's --set (e.g. --set model=DIR)")
     args = parser.parse_args()
 
     import torch
 
     from cupscale_dist import UpscaleConfig
+    from cupscale_dist.config import set_value
+    from cupscale_dist.models.spec import model_geometry
     from cupscale_dist.quality.evaluate import evaluate, held_out_originals
     from cupscale_dist.testing.tiny import build_tiny_sdxl
     from cupscale_dist.execution.worker import ModelWorker
 
     torch.set_num_threads(args.threads)
+    overrides = {key: set_value(key, text) for key, text in args.overrides}
     originals = held_out_originals()
     results: dict[str, dict] = {}
     started = time.time()
@@ -69,8 +78,11 @@ def main() -> None:
         workers: dict[str, ModelWorker] = {}
         for scale in (int(s) for s in args.scales.split(",")):
             results[f"x{scale}"] = {}
-            for name, knobs in variants(random_model).items():
-                config = UpscaleConfig.load("cpu-demo", scale=scale, torch_threads=args.threads, **knobs)
+            base = UpscaleConfig.load("cpu-demo", scale=scale, torch_threads=args.threads, **overrides)
+            factor = model_geometry(base.model)[0]
+            for name, knobs in variants(random_model, base.tile, base.stride, factor).items():
+                config = UpscaleConfig.load("cpu-demo", scale=scale, torch_threads=args.threads,
+                                            **{**overrides, **knobs})
                 worker = workers.get(config.model) or ModelWorker.load(config.model, config.device, config.dtype,
                                                                         config.variant)
                 workers[config.model] = worker
@@ -81,7 +93,7 @@ def main() -> None:
                 results[f"x{scale}"][name] = report["overall"]
                 log(f"  {json.dumps(rounded({k: report['overall'][k] for k in SHOWN}, 4))}")
     print(json.dumps({
-        "bench": "quality", "images": [n for n, *_ in originals], "threads": args.threads,
+        "bench": "quality", "images": [n for n, *_ in originals], "overrides": overrides, "threads": args.threads,
         "seconds": round(time.time() - started, 1), "load_average": load_average(),
         "results": rounded(results, 5), "table": markdown(results),
     }, indent=1))
