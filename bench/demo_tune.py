@@ -19,9 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import load_average, log, rounded  # noqa: E402
-
-from cupscale_dist.cli.options import parse_set  # noqa: E402
+from common import add_set_option, knob_overrides, load_average, log, rounded  # noqa: E402
 
 TUNING_PHOTOS = ("chelsea", "rocket", "sklearn:china.jpg", "sklearn:flower.jpg")  # training photos, in colour
 CROP_PX = 384  # a square centre crop (at most): enough boundary lines for the seam score, a minute per row on 2 cores
@@ -46,22 +44,20 @@ def main() -> None:
     parser.add_argument("--guidance", type=grid, default=grid("2,4"))
     parser.add_argument("--blend", type=grid, default=grid("uniform,gaussian"))
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--set", dest="overrides", type=parse_set, action="append", default=[], metavar="KEY=VALUE",
-                        help="a knob of every row, as the CLI's --set (e.g. --set model=DIR --set tile=64)")
+    add_set_option(parser, "every row")
     args = parser.parse_args()
 
     import torch
     from PIL import Image
 
     from cupscale_dist import UpscaleConfig
-    from cupscale_dist.config import set_value
     from cupscale_dist.demo.photos import HELD_OUT, load_photo, photo
     from cupscale_dist.execution.worker import ModelWorker
     from cupscale_dist.quality.evaluate import evaluate
 
     assert not set(TUNING_PHOTOS) & set(HELD_OUT)
     torch.set_num_threads(args.threads)
-    overrides = {key: set_value(key, text) for key, text in args.overrides}
+    overrides = knob_overrides(args)
     originals = []
     for name in TUNING_PHOTOS:
         image = load_photo(name)
@@ -73,9 +69,11 @@ def main() -> None:
     rows, started = [], time.time()
     for strength, guidance, blend in itertools.product(args.strength, args.guidance, args.blend):
         knobs = {"strength": strength, "guidance_scale": guidance, "blend": blend}
-        config = UpscaleConfig.load("cpu-demo", scale=args.scale, torch_threads=args.threads, **{**overrides, **knobs})
+        config = UpscaleConfig.load("cpu-demo", scale=args.scale, torch_threads=args.threads,
+                                    **{**overrides, **knobs})
         overall = evaluate(originals, config, worker=worker, progress=False)["overall"]
-        row = {**knobs, **rounded({k: overall[k] for k in ("psnr", "psnr_bicubic", "consistency", "detail", "seam")}, 4)}
+        shown = ("psnr", "psnr_bicubic", "consistency", "detail", "seam")
+        row = {**knobs, **rounded({k: overall[k] for k in shown}, 4)}
         row["shortfall"] = round(shortfall(overall), 4)
         rows.append(row)
         log(json.dumps(row))
@@ -83,7 +81,8 @@ def main() -> None:
     choice = max(meeting, key=lambda r: r["detail"]) if meeting else min(rows, key=lambda r: r["shortfall"])
     print(json.dumps({
         "bench": "demo_tune", "photos": list(TUNING_PHOTOS), "crop_px": CROP_PX, "scale": args.scale,
-        "preset": "cpu-demo", "overrides": overrides, "targets": TARGETS, "threads": args.threads, "seconds": round(time.time() - started, 1),
+        "preset": "cpu-demo", "overrides": overrides, "targets": TARGETS, "threads": args.threads,
+        "seconds": round(time.time() - started, 1),
         "load_average": load_average(), "rows": rows, "choice": choice, "all_targets_met": bool(meeting),
     }, indent=1))
 

@@ -19,9 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import load_average, log, rounded  # noqa: E402
-
-from cupscale_dist.cli.options import parse_set  # noqa: E402
+from common import add_set_option, knob_overrides, load_average, log, rounded  # noqa: E402
 
 SHOWN = ("psnr", "ssim", "consistency", "detail", "seam")
 
@@ -55,21 +53,19 @@ def main() -> None:
     parser.add_argument("--scales", default="2,4")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None, help="keep each variant's eval dir (crops, upscales) here")
-    parser.add_argument("--set", dest="overrides", type=parse_set, action="append", default=[], metavar="KEY=VALUE",
-                        help="a knob of every variant, as the CLI's --set (e.g. --set model=DIR)")
+    add_set_option(parser, "every variant")
     args = parser.parse_args()
 
     import torch
 
     from cupscale_dist import UpscaleConfig
-    from cupscale_dist.config import set_value
     from cupscale_dist.models.spec import model_geometry
     from cupscale_dist.quality.evaluate import evaluate, held_out_originals
     from cupscale_dist.testing.tiny import build_tiny_sdxl
     from cupscale_dist.execution.worker import ModelWorker
 
     torch.set_num_threads(args.threads)
-    overrides = {key: set_value(key, text) for key, text in args.overrides}
+    overrides = knob_overrides(args)
     originals = held_out_originals()
     results: dict[str, dict] = {}
     started = time.time()
