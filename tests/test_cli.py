@@ -282,7 +282,7 @@ def test_dry_run_of_a_preset(ws, tmp_path, capsys):
                             "--dry-run")
     assert code == 0, err
     plan = json.loads(stdout)
-    assert plan["model"] == "demo" and plan["tile"] == 32 and plan["stride"] == 16
+    assert plan["model"] == "demo" and plan["tile"] == 64 and plan["stride"] == 32
     assert plan["stages"][0]["steps"] == 3 and plan["output"] == [128, 96]
     assert list(tmp_path.iterdir()) == []
 

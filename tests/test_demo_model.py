@@ -13,7 +13,8 @@ from cupscale_dist.demo.train import CropSampler, train
 from cupscale_dist.models.spec import ModelSpec
 from cupscale_dist.models.loading import load_pipeline
 
-PACKAGE_BUDGET = 25 * 2**20  # bytes of safetensors the issue allows in the package
+PACKAGE_BUDGET = 40 * 10**6  # bytes of safetensors issue 23 allows in the package
+HELD_OUT_ROUND_TRIP_DB = 32.0  # issue 23: the demo VAE keeps the picture
 
 
 def test_every_photo_has_a_licence_and_loads_without_a_download():
@@ -39,17 +40,38 @@ def test_shipped_model_is_a_small_sdxl_family_pipeline():
     weights = sorted(path.rglob("*.safetensors"))
     assert {w.parent.name for w in weights} == {"unet", "vae", "text_encoder", "text_encoder_2"}
     assert sum(w.stat().st_size for w in weights) <= PACKAGE_BUDGET
-    for file in weights:
+    for file in weights:  # the VAE in float32 (its linear path's constants need it), the rest in float16
         with safe_open(file, "pt") as f:
-            assert all(f.get_slice(k).get_dtype() == "F16" for k in f.keys())
+            dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+        assert dtypes == ({"F32"} if file.parent.name == "vae" else {"F16"}), file
     spec = ModelSpec.read(str(path))
-    assert spec.family == "sdxl" and spec.vae_scale_factor == 4 and spec.latent_channels == 4
+    assert spec.family == "sdxl" and spec.vae_scale_factor == 2 and spec.latent_channels == 8
     unet = json.loads((path / "unet" / "config.json").read_text())
     assert unet["addition_embed_type"] == "text_time" and unet["cross_attention_dim"] == 64
+    assert unet["sample_size"] * spec.vae_scale_factor == 128  # the cpu-demo preset's tile 64 is its native size
     record = json.loads((path / "training.json").read_text())
     assert set(record["held_out"]) == set(HELD_OUT) and not set(record["photos"]) & set(HELD_OUT)
-    assert record["vae_steps"] >= 1000 and record["unet_steps"] >= 1000
-    assert record["vae_minutes"] + record["unet_minutes"] <= 120  # the issue's training budget
+    assert record["vae_linear_steps"] >= 500 and record["vae_finetune_steps"] >= 500 and record["unet_steps"] >= 1000
+    assert record["device"] == "cpu" and record["threads"] == 2  # made where the issue asks: 2 CPU cores
+    assert record["vae_minutes"] + record["unet_minutes"] <= 180  # the issue's training budget
+
+
+def test_shipped_vae_round_trips_the_held_out_photos():
+    """Issue 23: the demo VAE keeps the picture, >= 32 dB PSNR from 8-bit photo to 8-bit photo on photos training
+    never sampled (the previous VAE: 25.3 / 25.7 dB, which made the main job worse than bicubic)."""
+    from diffusers import AutoencoderKL
+
+    from cupscale_dist.quality.image_metrics import psnr
+
+    vae = AutoencoderKL.from_pretrained(demo_model_dir() / "vae", torch_dtype=torch.float32).eval()
+    for name in HELD_OUT:
+        photo = load_photo(name)
+        photo = photo[: photo.shape[0] // 8 * 8, : photo.shape[1] // 8 * 8]
+        x = torch.from_numpy(photo).permute(2, 0, 1)[None].float() / 127.5 - 1
+        with torch.no_grad():
+            y = vae.decode(vae.encode(x).latent_dist.mode()).sample
+        back = ((y[0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+        assert psnr(back, photo) >= HELD_OUT_ROUND_TRIP_DB, name
 
 
 def test_shipped_model_uses_clips_real_tokenizer():
