@@ -242,7 +242,7 @@ def test_preset_loads_and_flags_override_it(ws, sdxl_dir, tmp_path, capsys):
                        "--steps", "4", "--actors", "0", "-q")
     assert code == 0, err
     config = json.loads(read_png_metadata(output)["config"])
-    assert config["tile"] == 32 and config["stride"] == 16  # from configs/cpu-demo.yaml
+    assert config["tile"] == 64 and config["stride"] == 32  # from configs/cpu-demo.yaml
     assert config["prompt"] == "a photo of an astronaut" and config["device"] == "cpu"
     assert config["steps"] == 4 and config["model"] == sdxl_dir  # the flags win
     assert Image.open(output).size == (128, 96)

@@ -130,8 +130,8 @@ MUTATIONS = [
              "token_allowed = torch.cat([torch.ones(count, tokens, dtype=torch.bool), token_allowed])",
              "token_allowed = torch.cat([token_allowed, token_allowed])",
              fidelity(f"{MASKS}[masks]")),
-    # Views that are summed, not averaged (the per-pixel count ignored). A subtler "last view wins" (no blending)
-    # was tried and survives: at the demo's strength 0.3 the overlapping views agree too closely for any gate.
+    # Views that are summed, not averaged (the per-pixel count ignored). The subtler "last view wins" (no blending)
+    # is below: the gates cannot see it (overlapping views agree closely at strength 0.3), the invariant test can.
     Mutation("views-summed-not-averaged", "cupscale_dist/method/step.py",
              "    return total / weight\n", "    return total\n",
              (GATE + "test_defaults_keep_the_input_and_its_detail_and_hide_seams",)),
