@@ -283,7 +283,7 @@ def test_dry_run_of_a_preset(ws, tmp_path, capsys):
     assert code == 0, err
     plan = json.loads(stdout)
     assert plan["model"] == "demo" and plan["tile"] == 64 and plan["stride"] == 32
-    assert plan["stages"][0]["steps"] == 3 and plan["output"] == [128, 96]
+    assert plan["stages"][0]["steps"] == 2 and plan["output"] == [128, 96]  # strength 0.2 of 10 steps
     assert list(tmp_path.iterdir()) == []
 
 

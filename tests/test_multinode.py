@@ -35,8 +35,8 @@ CHECKPOINT_WAIT_S = 120  # the driver's first checkpoint: imports, joining, two 
 STOP_START_TIMEOUT_S = 5  # --start-timeout of the run that loses its only worker: how long a replacement may wait
 # The tiny demo run: 96 px -> 192 px, one stage of 3 steps x 4 views, one view per call (12 calls over the actors).
 # 64 px VAE tiles: 16 encode and 16 decode calls, so a node can be lost in the middle of either.
-RUN = ["--config", "cpu-demo", "--steps", "10", "--set", "view_batch_size=1", "--set", "torch_threads=1", "--set",
-       "vae_tile=64", "-q"]
+RUN = ["--config", "cpu-demo", "--steps", "10", "--set", "strength=0.3", "--set", "view_batch_size=1", "--set",
+       "torch_threads=1", "--set", "vae_tile=64", "-q"]
 WORKER_LINE = re.compile(r"worker (\d+) on node (\w+) pid")
 CALLS_LINE = re.compile(r"(\w+) calls start \(first on worker (\d+)\)")  # the driver's -v line when a phase starts
 
@@ -314,7 +314,7 @@ from cupscale_dist.services.serve import SLOW_START_ENV, ServiceOptions, Upscale
 
 results, port, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 ray.init(address="auto", log_to_driver=False)
-config = UpscaleConfig.load("cpu-demo", steps=10, view_batch_size=1, torch_threads=1, vae_tile=64)
+config = UpscaleConfig.load("cpu-demo", steps=10, strength=0.3, view_batch_size=1, torch_threads=1, vae_tile=64)
 options = ServiceOptions(results, config, cluster=ClusterOptions(actors=2, cpus_per_actor=0.45),
                          request_timeout_s=timeout)
 serve.start(http_options=http_options(options, "127.0.0.1", port), proxy_location="HeadOnly",

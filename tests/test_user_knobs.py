@@ -37,7 +37,7 @@ def test_explicit_method_knobs_win(tmp_path):
     assert UpscaleConfig.load(creativity=1.0, strength=0.3).strength == 0.3
     assert UpscaleConfig.load(resemblance=1.0, prior_fraction=0.1).prior_fraction == 0.1
     assert UpscaleConfig.load(resemblance=1.0, prior_fraction=0.1).controlnet_scale == pytest.approx(1.2)
-    # A preset's strength is a default the user's creativity moves (cpu-demo sets strength 0.3) ...
+    # A preset's strength is a default the user's creativity moves (cpu-demo sets strength 0.2) ...
     assert UpscaleConfig.load("cpu-demo", creativity=1.0).strength == pytest.approx(0.75)
     # ... but within one layer (a YAML file, or one set of overrides) the explicit knob wins.
     path = tmp_path / "mine.yaml"
