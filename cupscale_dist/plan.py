@@ -125,6 +125,10 @@ def make_plan(input_size: tuple[int, int], config: UpscaleConfig, geometry: tupl
     except ValueError as exc:
         raise UserError(f"{exc}; ask for a larger size or a scale of 2, 4, 8 or 16") from None
     steps, passes = denoising_steps(config), 2 if uses_cfg(config.guidance_scale) else 1
+    if steps == 0:  # as diffusers' img2img refuses it: the run would return the VAE round trip, silently
+        fix = ("set a strength above 0" if config.strength == 0 else
+               f"use --steps {math.floor(0.5 / config.strength) + 1} or more, or a higher --strength")
+        raise UserError(f"strength {config.strength} x steps {config.steps} rounds to 0 denoising steps; {fix}")
     stages = []
     for index, (width, height) in enumerate(sizes):
         latent = (height // factor, width // factor)

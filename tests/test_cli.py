@@ -392,6 +392,7 @@ BAD = {
     "set-bad-yaml": Bad(extra=["--set", "lambda_global=[0.5"], words="lambda_global"),
     "strength-out-of-range": Bad(extra=["--strength", "2"], words="strength"),
     "steps-zero": Bad(extra=["--steps", "0"], words="steps"),
+    "strength-rounds-to-no-step": Bad(extra=["--steps", "2", "--strength", "0.2"], words="--steps 3"),
     "seed-negative": Bad(extra=["--seed", "-1"], words="seed"),
     "seed-too-big": Bad(extra=["--seed", "99999999999999999999"], words="seed"),
     # model and device

@@ -321,7 +321,7 @@ def test_cupscale_eval_adds_the_distribution_metrics(tmp_path, sdxl_dir, incepti
         paths.append(str(tmp_path / f"orig{i}.png"))
         image.save(paths[-1])
     common = ["eval", *paths, "--config", "cpu-demo", "--model", str(sdxl_dir), "--scale", "2", "--tile", "8",
-              "--stride", "4", "--steps", "2", "--json", "-q", "--crops-per-image", "2"]
+              "--stride", "4", "--steps", "3", "--json", "-q", "--crops-per-image", "2"]
     assert main([*common, "--inception", inception_path, "--clip", clip_dir]) == 0
     overall = json.loads(capsys.readouterr().out)["overall"]
     for key in ("fid", "kid_mean", "is_mean", "fid_patch", "kid_patch_mean", "is_patch_mean", "clip_score"):

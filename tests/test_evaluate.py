@@ -86,7 +86,7 @@ def test_eval_cli_writes_report_and_side_by_side(tmp_path, sdxl_dir, capsys):
     photo((256, 256)).save(tmp_path / "orig.png")
     out = tmp_path / "eval"
     code = main(["eval", str(tmp_path / "orig.png"), "--config", "cpu-demo", "--model", str(sdxl_dir), "--scale", "2",
-                 "--tile", "8", "--stride", "4", "--steps", "2", "--out", str(out), "--json", "-q"])
+                 "--tile", "8", "--stride", "4", "--steps", "3", "--out", str(out), "--json", "-q"])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     row = report["images"][0]

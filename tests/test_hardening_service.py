@@ -318,7 +318,7 @@ def test_18_replica_runs_with_the_cli_torch_threads(tmp_path, monkeypatch):
     try:
         torch.set_num_threads(cli_threads)  # this process plays both CLI processes
         assert main(["upscale", str(source), "-o", str(out), "--tile", FAST["tile"], "--stride", FAST["stride"],
-                     "--steps", FAST["steps"], "--seed", "3", "-q", *knobs]) == 0
+                     "--steps", FAST["steps"], "--strength", FAST["strength"], "--seed", "3", "-q", *knobs]) == 0
         assert main(["serve", "--results", str(tmp_path / "results"), "--token-file", str(token_file(tmp_path)),
                      *knobs]) == 0
         torch.set_num_threads(1)  # what Ray gives the replica's process
