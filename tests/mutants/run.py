@@ -131,7 +131,7 @@ MUTATIONS = [
              "token_allowed = torch.cat([token_allowed, token_allowed])",
              fidelity(f"{MASKS}[masks]")),
     # Views that are summed, not averaged (the per-pixel count ignored). The subtler "last view wins" (no blending)
-    # is below: the gates cannot see it (overlapping views agree closely at strength 0.3), the invariant test can.
+    # is below: the gates cannot see it (overlapping views agree closely at strength 0.2), the invariant test can.
     Mutation("views-summed-not-averaged", "cupscale_dist/method/step.py",
              "    return total / weight\n", "    return total\n",
              (GATE + "test_defaults_keep_the_input_and_its_detail_and_hide_seams",)),
