@@ -63,6 +63,8 @@ MIN_SNR_GAMMA = 5.0  # Hang et al. 2023: faster convergence for epsilon predicti
 LOW_T_SHARE = 0.5  # half the timesteps drawn below LOW_T_MAX: an upscaler starts at strength <= 0.6
 LOW_T_MAX = 650
 EMA_DECAY = 0.999
+TIMING_STEPS = (5, 25)  # a time budget is turned into a step count over these steps (the first ones warm caches up)
+TIME_MARGIN = 0.9  # of a time budget: the native-size quarter runs a little slower per step than the timed start
 PYRAMID_STEP = 0.8  # photos are seen at scales 1, 0.8, 0.64, ... down to the crop size: detail at every scale
 COLOUR_WEIGHT = 2.0  # colour photos sampled twice as often as grey ones
 
@@ -173,41 +175,68 @@ def latent_scaling_factor(vae, sampler: CropSampler, batches: int = 8) -> float:
     return float(1.0 / torch.cat(latents).std())
 
 
-def train_unet(components: dict, sampler: CropSampler, steps: int, batch: int, lr: float, seed: int, log: list) -> dict:
-    """Phase 2: the UNet and both text encoders on the frozen VAE's latents; returns the EMA weights."""
+def train_unet(components: dict, sampler: CropSampler, steps: int, batch: int, lr: float, seed: int, log: list,
+               device: str = "cpu", minutes: float | None = None, low_t_share: float = LOW_T_SHARE,
+               low_t_max: int = LOW_T_MAX, unet_from: str | Path | None = None) -> tuple[dict, int]:
+    """Phase 2: the UNet and both text encoders on the frozen VAE's latents; returns the EMA weights (on the CPU) and
+    the number of steps run: ``steps``, or with ``minutes`` as many as fit in that time (measured over the first
+    steps; re-running with that number as ``steps`` replays the same schedule)."""
     from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 
-    pipe = StableDiffusionXLPipeline(**components)
+    pipe = StableDiffusionXLPipeline(**components).to(device)
     vae, unet = components["vae"], components["unet"]
     trained = torch.nn.ModuleDict({k: components[k] for k in ("unet", "text_encoder", "text_encoder_2")}).train()
+    if unet_from is not None:  # continue from a trained model's UNet and text encoders (its EMA weights)
+        for name in trained:
+            weights = type(components[name]).from_pretrained(Path(unet_from) / name, torch_dtype=torch.float32)
+            trained[name].load_state_dict(weights.state_dict())
+    trained.to(device)
     ema = copy.deepcopy(trained).eval().requires_grad_(False)
     noise_schedule = DDPMScheduler(**{k: SCHEDULER_CONFIG[k] for k in ("num_train_timesteps", "beta_start",
                                                                         "beta_end", "beta_schedule")})
     alpha_bar = noise_schedule.alphas_cumprod
     snr = alpha_bar / (1 - alpha_bar)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # on the CPU whatever the device: one random stream for both
     opt = torch.optim.AdamW(trained.parameters(), lr=lr, weight_decay=1e-4)
     scaling = vae.config.scaling_factor
-    bar = tqdm(range(steps), desc="training the demo UNet + text encoders", unit="step")
-    for step in bar:
+    bar = tqdm(total=steps, desc=f"training the demo UNet + text encoders ({device})", unit="step")
+    step, started = 0, time.perf_counter()
+    while step < steps:
+        if minutes and step == TIMING_STEPS[1]:  # the budget fixes the schedule's length once, early
+            per_step = (time.perf_counter() - timed_from) / (TIMING_STEPS[1] - TIMING_STEPS[0])
+            left = minutes * 60 * TIME_MARGIN - (time.perf_counter() - started)
+            steps = min(steps, step + max(1, int(left / per_step)))
+            bar.total = steps
+            bar.refresh()
+        if step == TIMING_STEPS[0]:
+            timed_from = time.perf_counter()
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, steps, lr)
         crop = UNET_CROP_PX[0] if step < 0.75 * steps else UNET_CROP_PX[1]
         size = batch if crop == UNET_CROP_PX[0] else max(1, batch * UNET_CROP_PX[0] ** 2 // crop ** 2)
         pixels, captions, time_ids = sampler.batch(size, crop)
+        pixels, time_ids = pixels.to(device), time_ids.to(device)
         with torch.no_grad():
-            latents = vae.encode(pixels).latent_dist.sample(generator) * scaling
-        embeds, _, pooled, _ = pipe.encode_prompt(captions, device=torch.device("cpu"),
+            moments = vae.encode(pixels).latent_dist
+            latents = (moments.mean + moments.std * torch.randn(moments.mean.shape, generator=generator).to(device))
+            latents = latents * scaling
+        # the text encoders run once per distinct caption (14 photos), then gather: same gradients, far fewer tokens
+        distinct = sorted(set(captions))
+        embeds, _, pooled, _ = pipe.encode_prompt(distinct, device=torch.device(device),
                                                   do_classifier_free_guidance=False)
-        keep = (torch.rand(size, generator=generator) >= CAPTION_DROPOUT).float()
+        index = torch.tensor([distinct.index(c) for c in captions], device=device)
+        embeds, pooled = embeds[index], pooled[index]
+        keep = (torch.rand(size, generator=generator) >= CAPTION_DROPOUT).float().to(device)
         embeds, pooled = embeds * keep[:, None, None], pooled * keep[:, None]
-        low = torch.rand(size, generator=generator) < LOW_T_SHARE
-        t = torch.where(low, torch.randint(0, LOW_T_MAX, (size,), generator=generator),
+        low = torch.rand(size, generator=generator) < low_t_share
+        t = torch.where(low, torch.randint(0, low_t_max, (size,), generator=generator),
                         torch.randint(0, 1000, (size,), generator=generator))
-        noise = torch.randn(latents.shape, generator=generator)
-        noisy = noise_schedule.add_noise(latents, noise, t)
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        noisy = noise_schedule.add_noise(latents, noise, t.to(device))
+        t_snr = snr[t].to(device)
+        t = t.to(device)
         pred = unet(noisy, t, embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
-        weight = torch.clamp(snr[t], max=MIN_SNR_GAMMA) / snr[t]
+        weight = torch.clamp(t_snr, max=MIN_SNR_GAMMA) / t_snr
         mse = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
         loss = (weight * mse).mean()
         opt.zero_grad(set_to_none=True)
@@ -216,22 +245,28 @@ def train_unet(components: dict, sampler: CropSampler, steps: int, batch: int, l
         opt.step()
         decay = min(EMA_DECAY, (1 + step) / (10 + step))
         with torch.no_grad():
-            for e, p in zip(ema.parameters(), trained.parameters()):
-                e.lerp_(p, 1 - decay)
-        bar.set_postfix(mse=f"{mse.mean().item():.4f}")
+            torch._foreach_lerp_(list(ema.parameters()), list(trained.parameters()), 1 - decay)
         if step % 50 == 0 or step == steps - 1:
+            bar.set_postfix(mse=f"{mse.mean().item():.4f}")
             log.append({"phase": "unet", "step": step, "mse": round(mse.mean().item(), 5), "crop": crop})
-    return ema.state_dict()
+        step += 1
+        bar.update()
+    bar.close()
+    return {k: v.cpu() for k, v in ema.state_dict().items()}, steps
 
 
 def train(out: str | Path, *, seed: int = 0, vae_linear_steps: int = 750, vae_finetune_steps: int = 800,
           unet_steps: int = 4500, vae_batch: int = 32, unet_batch: int = 32, vae_lr: float = 1e-3,
           unet_lr: float = 5e-4, threads: int | None = None, vae_from: str | Path | None = None,
-          vae_only: bool = False) -> Path:
+          vae_only: bool = False, device: str = "cpu", unet_minutes: float | None = None,
+          unet_from: str | Path | None = None, low_t_share: float = LOW_T_SHARE, low_t_max: int = LOW_T_MAX) -> Path:
     """Train both phases and `save_pretrained` the pipeline plus `training.json` into ``out``.
 
     ``vae_only``: phase 1 alone, ``out/vae`` + ``out/training.json``; ``vae_from``: such a directory (or a whole
-    model's), whose VAE phase 2 then trains on, its phase-1 record carried into this one's."""
+    model's), whose VAE phase 2 then trains on, its phase-1 record carried into this one's. ``unet_from``: a whole
+    model's directory whose UNet and text encoders phase 2 continues from (its VAE too, unless ``vae_from`` is given);
+    its record is kept under ``continued_from``. ``device``: where phase 2 runs ("cuda" on a GPU); phase 1 runs on the
+    CPU. ``unet_minutes``: phase 2 runs as many steps as fit (the count is recorded)."""
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 
     if threads:
@@ -246,6 +281,8 @@ def train(out: str | Path, *, seed: int = 0, vae_linear_steps: int = 750, vae_fi
 
     phase1 = dict(seed=seed, vae_linear_steps=vae_linear_steps, vae_finetune_steps=vae_finetune_steps,
                   vae_batch=vae_batch, vae_lr=vae_lr, vae_finetune_lr=VAE_FINETUNE_LR)
+    if unet_from is not None and vae_from is None:
+        vae_from = unet_from
     if vae_from is None:
         vae = train_vae(sampler, vae_linear_steps, vae_finetune_steps, vae_batch, vae_lr, seed, log)
         vae.register_to_config(scaling_factor=latent_scaling_factor(vae, sampler))
@@ -258,8 +295,9 @@ def train(out: str | Path, *, seed: int = 0, vae_linear_steps: int = 750, vae_fi
         phase1["vae_from"] = str(vae_from)
         log += [entry for entry in earlier.get("log", []) if entry["phase"] != "unet"]
     vae_done = time.time()
-    common = dict(photos=[p.name for p in photos], held_out=list(HELD_OUT), device="cpu",
+    common = dict(photos=[p.name for p in photos], held_out=list(HELD_OUT), device=device,
                   machine=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
+                  **({"gpu": torch.cuda.get_device_name(0)} if device.startswith("cuda") else {}),
                   torch=torch.__version__, python=sys.version.split()[0])
     if vae_only:
         vae.save_pretrained(out / "vae", safe_serialization=True)
@@ -270,17 +308,23 @@ def train(out: str | Path, *, seed: int = 0, vae_linear_steps: int = 750, vae_fi
     components = build_components(out / ".tokenizers", seed)  # seeded on its own: phase 1 does not shift it
 
     components["vae"] = vae
-    ema = train_unet(components, sampler, unet_steps, unet_batch, unet_lr, seed, log)
+    ema, unet_steps = train_unet(components, sampler, unet_steps, unet_batch, unet_lr, seed, log, device=device,
+                                 minutes=unet_minutes, low_t_share=low_t_share, low_t_max=low_t_max, unet_from=unet_from)
     for name in ("unet", "text_encoder", "text_encoder_2"):
         prefix = name + "."
         components[name].load_state_dict({k[len(prefix):]: v for k, v in ema.items() if k.startswith(prefix)})
-        components[name].eval().to(torch.float16)  # the VAE stays float32: 2 MB, and exact
+        components[name].eval().to("cpu", torch.float16)  # the VAE stays float32: 2 MB, and exact
 
+    components["vae"] = vae.to("cpu")
     pipe = StableDiffusionXLPipeline(**components)
     _save_pipeline(pipe, out, {"tokenizer": EOS_TOKEN, "tokenizer_2": "!"}, clip_merges())  # the hub's layout
     shutil.rmtree(out / ".tokenizers", ignore_errors=True)
     record = dict(**phase1, unet_steps=unet_steps, unet_batch=unet_batch, unet_lr=unet_lr,
-                  unet_minutes=round((time.time() - vae_done) / 60, 1), **common, log=log)
+                  unet_minutes=round((time.time() - vae_done) / 60, 1), unet_low_t=[low_t_share, low_t_max],
+                  **common, log=log)
+    if unet_from is not None:  # the earlier run's record: which device made which part
+        earlier = json.loads((Path(unet_from) / "training.json").read_text(encoding="utf-8"))
+        record["continued_from"] = {k: v for k, v in earlier.items() if k != "log"}
     (out / "training.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     return out
 
@@ -299,11 +343,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vae-from", default=None, help="a --vae-only output (or a model directory): train the UNet "
                                                          "and text encoders on its VAE")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu", help="where phase 2 trains: cpu (the shipped recipe) or cuda")
+    parser.add_argument("--unet-minutes", type=float, default=None, help="phase 2: as many steps as fit in this "
+                        "many minutes, at most --unet-steps (the count run is recorded in training.json)")
+    parser.add_argument("--unet-from", default=None, help="a model directory: phase 2 continues from its UNet and "
+                        "text encoders (and uses its VAE)")
+    parser.add_argument("--unet-lr", type=float, default=5e-4)
+    parser.add_argument("--low-t-share", type=float, default=LOW_T_SHARE, help="share of phase 2's timesteps drawn "
+                        "below --low-t-max (an upscaler denoises from low noise)")
+    parser.add_argument("--low-t-max", type=int, default=LOW_T_MAX)
     args = parser.parse_args(argv)
     path = train(args.out, seed=args.seed, vae_linear_steps=args.vae_linear_steps,
                  vae_finetune_steps=args.vae_finetune_steps, unet_steps=args.unet_steps, vae_batch=args.vae_batch,
                  unet_batch=args.unet_batch, threads=args.threads, vae_from=args.vae_from,
-                 vae_only=args.vae_only)
+                 vae_only=args.vae_only, device=args.device, unet_minutes=args.unet_minutes, unet_from=args.unet_from,
+                 unet_lr=args.unet_lr, low_t_share=args.low_t_share, low_t_max=args.low_t_max)
     print(path)
 
 
