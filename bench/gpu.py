@@ -46,7 +46,7 @@ def unet_section(seed: int) -> dict:
     import step_cost  # bench/step_cost.py: the measurement the issue names, reused as is
 
     args = SimpleNamespace(device="cuda", dtype="bfloat16", tiles=[4, 8], latent=128, repeats=10, warmup=3,
-                           stub_only=False, seed=seed)
+                           stub_only=False, seed=seed, profile=True)
     return step_cost.full_size(args)
 
 
@@ -95,11 +95,13 @@ def upscale_section(model: Path | str, deadline: float, device: str = "cuda") ->
             try:
                 start = time.perf_counter()
                 executor = open_executor(config, cluster, keep=True)
-                loaded = time.perf_counter()
-                out = upscale(photo, config, executor=executor, progress=False)
-                done = time.perf_counter()
-                usage = executor.pool.usage()
-                executor.release()
+                try:  # released whatever happens: a failed case must not keep the GPU from the next ones
+                    loaded = time.perf_counter()
+                    out = upscale(photo, config, executor=executor, progress=False)
+                    done = time.perf_counter()
+                    usage = executor.pool.usage()
+                finally:
+                    executor.release()
                 outputs[name] = np.asarray(out).tobytes()
                 results[name] = {"load_s": loaded - start, "upscale_s": done - loaded, "actors": actors,
                                  "gpu_peak_gb_per_actor": [u.get("gpu_peak_bytes", 0) / 1e9 for u in usage]}

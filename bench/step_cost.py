@@ -399,6 +399,32 @@ def predict_views_overhead(args, device, dtype, sync) -> list[dict]:
     return rows
 
 
+def profile_call(call, install, device: torch.device, top: int = 12) -> dict:
+    """torch.profiler over two calls of one variant: where its time goes, host and device, to find what a gap
+    between two variants is made of (the first GPU run left a fixed ~21 ms per call unexplained)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    install()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(2):
+            call()
+    wall = (time.perf_counter() - start) / 2
+    events = prof.key_averages()
+    device_time = lambda e: getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))  # noqa: E731
+
+    def rows(key):
+        ranked = sorted(events, key=key, reverse=True)[:top]
+        return [{"op": e.key[:80], "calls": e.count // 2, "self_cpu_ms": e.self_cpu_time_total / 2e3,
+                 "self_device_ms": device_time(e) / 2e3} for e in ranked]
+
+    syncs = {e.key: e.count // 2 for e in events if "Synchronize" in e.key or "Memcpy" in e.key.replace("memcpy", "Memcpy")}
+    return {"wall_ms_per_call": wall * 1e3, "self_cpu_ms_per_call": sum(e.self_cpu_time_total for e in events) / 2e3,
+            "self_device_ms_per_call": sum(device_time(e) for e in events) / 2e3, "sync_and_copy_calls": syncs,
+            "top_by_device": rows(device_time), "top_by_cpu": rows(lambda e: e.self_cpu_time_total)}
+
+
 def full_size(args) -> dict:
     from diffusers.models.attention_processor import AttnProcessor2_0
 
@@ -489,6 +515,8 @@ def full_size(args) -> dict:
                 times[name].append(time.perf_counter() - t0)
             log(f"tiles={tiles} repeat {r + 1}/{args.repeats}: " +
                 ", ".join(f"{n} {times[n][-1] * 1e3:.1f} ms" for n in calls))
+        profiles = {name: profile_call(calls[name], lambda n=name: install(n), device)
+                    for name in ("bare", "predict_views_plain")} if getattr(args, "profile", False) else None
         install("ours")
         median = {name: statistics.median(v) for name, v in times.items()}
         spread = {name: (max(v) - min(v)) / statistics.median(v) for name, v in times.items()}
@@ -503,6 +531,7 @@ def full_size(args) -> dict:
             "overhead_vs_predict_views_plain": {name: median[name] / median["predict_views_plain"] - 1
                                                 for name in VARIANTS if name != "predict_views_plain"},
             "outputs_finite": finite,
+            **({"profile": profiles} if profiles else {}),
         })
 
     on_gpu = device.type == "cuda"
@@ -550,6 +579,8 @@ def main() -> None:
     full.add_argument("--latent", type=int, default=128, help="view side in latent px (128 = a 1024 px SDXL tile)")
     full.add_argument("--repeats", type=int, default=10)
     full.add_argument("--warmup", type=int, default=3)
+    full.add_argument("--profile", action="store_true", help="add a torch.profiler summary of the bare call and "
+                      "predict_views plain (host vs device time, top ops, synchronising copies) to each row")
     full.add_argument("--stub-only", action="store_true",
                       help="only predict_views' own cost around a zero-cost UNet (no 2.6 B-param model is built)")
     args = parser.parse_args()

@@ -47,7 +47,7 @@ def view_token_masks(maps: np.ndarray, latent_hw: tuple[int, int], views: np.nda
 def probe_attention_maps(unet, latents: torch.Tensor, timestep: int, prompt_embeds: torch.Tensor,
                          added_cond_kwargs: dict | None) -> torch.Tensor:
     """One UNet pass with the attention probe: (tokens, h, w) head- and layer-averaged probabilities at the
-    lowest attention resolution of a square native-size input."""
+    lowest attention resolution of a square native-size input, float32 on the CPU (as every step's core returns)."""
     probe = AttentionProbe()
     unet.set_attn_processor(probe_processors(unet, probe))
     try:
@@ -55,6 +55,6 @@ def probe_attention_maps(unet, latents: torch.Tensor, timestep: int, prompt_embe
              added_cond_kwargs=added_cond_kwargs)
     finally:
         install_regional_processors(unet)
-    probs = probe.lowest_resolution_map()[0].float()  # (Lq, tokens)
+    probs = probe.lowest_resolution_map()[0].float().cpu()  # (Lq, tokens); the caller hands it on as numpy
     side = int(round(probs.shape[0] ** 0.5))
     return probs.T.reshape(-1, side, side)
