@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 
 from cupscale_dist.demo import MODEL_DIR, demo_model_dir
-from cupscale_dist.demo.photos import HELD_OUT, PHOTOS, load_photo, training_photos
+from cupscale_dist.demo.photos import HELD_OUT, PHOTOS, held_out_round_trip_psnr, load_photo, training_photos
 from cupscale_dist.demo.train import CropSampler, train
 from cupscale_dist.models.spec import ModelSpec
 from cupscale_dist.models.loading import load_pipeline
@@ -51,9 +51,16 @@ def test_shipped_model_is_a_small_sdxl_family_pipeline():
     assert unet["sample_size"] * spec.vae_scale_factor == 128  # the cpu-demo preset's tile 64 is its native size
     record = json.loads((path / "training.json").read_text())
     assert set(record["held_out"]) == set(HELD_OUT) and not set(record["photos"]) & set(HELD_OUT)
-    assert record["vae_linear_steps"] >= 500 and record["vae_finetune_steps"] >= 500 and record["unet_steps"] >= 1000
-    assert record["device"] == "cpu" and record["threads"] == 2  # made where the issue asks: 2 CPU cores
-    assert record["vae_minutes"] + record["unet_minutes"] <= 180  # the issue's training budget
+    # Issue 23: the script rebuilds the weights on 2 CPU cores in at most 3 hours; where a GPU is lent it may train
+    # further there, and the record says which device made which part. The CPU run is the record itself, or the
+    # run a GPU continuation started from (``continued_from``).
+    base = record.get("continued_from", record)
+    assert base["device"] == "cpu" and base["threads"] == 2
+    assert base["vae_linear_steps"] >= 500 and base["vae_finetune_steps"] >= 500 and base["unet_steps"] >= 1000
+    assert base["vae_minutes"] + base["unet_minutes"] <= 180
+    if base is not record:  # a continuation: on which device, how long, and from the same VAE (not retrained)
+        assert record["device"].startswith("cuda") and record["gpu"] and record["unet_steps"] >= 100
+        assert record["vae_minutes"] == base["vae_minutes"] and record["unet_minutes"] > 0
 
 
 def test_shipped_vae_round_trips_the_held_out_photos():
@@ -61,17 +68,11 @@ def test_shipped_vae_round_trips_the_held_out_photos():
     never sampled (the previous VAE: 25.3 / 25.7 dB, which made the main job worse than bicubic)."""
     from diffusers import AutoencoderKL
 
-    from cupscale_dist.quality.image_metrics import psnr
-
     vae = AutoencoderKL.from_pretrained(demo_model_dir() / "vae", torch_dtype=torch.float32).eval()
-    for name in HELD_OUT:
-        photo = load_photo(name)
-        photo = photo[: photo.shape[0] // 8 * 8, : photo.shape[1] // 8 * 8]
-        x = torch.from_numpy(photo).permute(2, 0, 1)[None].float() / 127.5 - 1
-        with torch.no_grad():
-            y = vae.decode(vae.encode(x).latent_dist.mode()).sample
-        back = ((y[0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
-        assert psnr(back, photo) >= HELD_OUT_ROUND_TRIP_DB, name
+    measured = held_out_round_trip_psnr(lambda x: vae.decode(vae.encode(x).latent_dist.mode()).sample)
+    assert set(measured) == set(HELD_OUT)
+    for name, db in measured.items():
+        assert db >= HELD_OUT_ROUND_TRIP_DB, (name, db)
 
 
 def test_shipped_model_uses_clips_real_tokenizer():
@@ -119,3 +120,19 @@ def test_training_script_runs_a_few_steps_and_writes_a_loadable_model(tmp_path):
     carried = json.loads((again / "training.json").read_text())
     assert carried["vae_minutes"] == json.loads((phase1 / "training.json").read_text())["vae_minutes"]
     assert carried["vae_finetune_steps"] == 2 and carried["unet_steps"] == 2
+
+
+def test_training_continues_a_model_within_a_time_budget(tmp_path):
+    """`--unet-from` starts phase 2 from a model's UNet and text encoders (the GPU continuation's path, here on CPU)
+    and keeps that model's record; `--unet-minutes` turns a time budget into a step count, recorded."""
+    out = train(tmp_path / "more", unet_from=MODEL_DIR, unet_steps=10_000, unet_minutes=0.05, unet_batch=2,
+                unet_lr=1e-12, threads=2)  # a learning rate of ~0: the EMA must stay at the weights it started from
+    record = json.loads((out / "training.json").read_text())
+    shipped = json.loads((MODEL_DIR / "training.json").read_text())
+    assert record["continued_from"]["unet_steps"] == shipped["unet_steps"] and record["device"] == "cpu"
+    assert 25 < record["unet_steps"] < 10_000  # stopped by the budget, measured after the first 25 steps
+    weights = "diffusion_pytorch_model.safetensors"
+    assert (out / "vae" / weights).read_bytes() == (MODEL_DIR / "vae" / weights).read_bytes()
+    with safe_open(out / "unet" / weights, "pt") as ours, safe_open(MODEL_DIR / "unet" / weights, "pt") as theirs:
+        for key in list(ours.keys())[::20]:
+            assert torch.allclose(ours.get_tensor(key).float(), theirs.get_tensor(key).float(), atol=2e-3), key

@@ -84,3 +84,22 @@ def photo(name: str) -> Photo:
 def training_photos() -> list[Photo]:
     """Every photo except the held-out ones."""
     return [p for p in PHOTOS if p.name not in HELD_OUT]
+
+
+def held_out_round_trip_psnr(round_trip, quantise: bool = True) -> dict[str, float]:
+    """PSNR (dB) of each held-out photo through ``round_trip`` ((1, 3, H, W) in [-1, 1] -> the same; sides cut to
+    multiples of 8); ``quantise``: from the 8-bit photo to the output rounded to 8 bits, as a saved picture is judged
+    (False: the float output, as the VAE experiments compare)."""
+    import torch
+
+    from ..quality.image_metrics import psnr
+
+    out = {}
+    with torch.no_grad():
+        for name in HELD_OUT:
+            array = load_photo(name)
+            array = array[: array.shape[0] // 8 * 8, : array.shape[1] // 8 * 8]
+            x = torch.from_numpy(array.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
+            y = (round_trip(x).clamp(-1, 1)[0].permute(1, 2, 0) + 1) * 127.5
+            out[name] = psnr(y.round().to(torch.uint8).numpy() if quantise else y.numpy(), array)
+    return out

@@ -324,7 +324,7 @@ def train(out: str | Path, *, seed: int = 0, vae_linear_steps: int = 750, vae_fi
                   **common, log=log)
     if unet_from is not None:  # the earlier run's record: which device made which part
         earlier = json.loads((Path(unet_from) / "training.json").read_text(encoding="utf-8"))
-        record["continued_from"] = {k: v for k, v in earlier.items() if k != "log"}
+        record["continued_from"] = earlier
     (out / "training.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     return out
 
