@@ -113,3 +113,43 @@ def test_view_masks_keep_start_end_and_padding_tokens():
     assert allowed[:, 0].all() and allowed[:, 5:].all()
     assert not allowed[:, 1].any()
     assert allowed[0, 2] and not allowed[1, 2]
+
+
+def test_a_prompt_weighted_zero_is_not_handed_to_the_layer(layer):
+    """lambda 1 under 'mix' never reads the regional prompt: the backbones then pass the global tokens alone (as a
+    plain pipeline does: no unread half projected or copied per layer, what the first GPU run's fixed cost per call
+    pointed at), and the layer's output is the one it gives with both halves present, masks or not."""
+    hidden, states = inputs()
+    allowed = torch.ones(2, TOKENS, dtype=torch.bool)
+    allowed[1, 5:30] = False
+    for token_allowed in (None, allowed):
+        regional = RegionalAttention(TOKENS, 1.0, "mix", token_allowed=token_allowed)
+        assert not regional.reads_regional
+        with torch.no_grad():
+            both = run(layer, hidden, states, regional)
+            alone = run(layer, hidden, states[:, :TOKENS],
+                        RegionalAttention(TOKENS, 1.0, "mix", token_allowed=token_allowed))
+        torch.testing.assert_close(alone, both, rtol=0, atol=1e-6)
+    assert RegionalAttention(TOKENS, 0.5, "mix").reads_regional
+    assert RegionalAttention(TOKENS, 1.0, "joint").reads_regional  # weight 0 inside one softmax: still read
+
+
+def test_backbones_build_the_global_tokens_alone_when_the_regional_prompt_is_unread():
+    from types import SimpleNamespace
+
+    from cupscale_dist.models.backbones.base import UNetBackbone
+
+    gen = torch.Generator().manual_seed(2)
+    context = SimpleNamespace(global_embeds=torch.randn(1, TOKENS, CROSS, generator=gen),
+                              negative_embeds=torch.randn(1, TOKENS, CROSS, generator=gen),
+                              regional_embeds=torch.randn(3, TOKENS, CROSS, generator=gen))
+    prompt_ids = torch.tensor([2, 0])
+    full = UNetBackbone.encoder_states(context, prompt_ids)  # CFG rows [uncond views; cond views]
+    alone = UNetBackbone.encoder_states(context, prompt_ids, regional=False)
+    assert full.shape == (4, 2 * TOKENS, CROSS) and alone.shape == (4, TOKENS, CROSS)
+    assert torch.equal(alone, full[:, :TOKENS])
+    assert torch.equal(full[2, TOKENS:], context.regional_embeds[2])  # cond rows: each view's own regional prompt
+    assert torch.equal(full[3, TOKENS:], context.regional_embeds[0])
+    assert torch.equal(full[0, TOKENS:], context.negative_embeds[0])  # uncond rows: [negative; negative]
+    assert torch.equal(alone[0], context.negative_embeds[0])
+    assert UNetBackbone.encoder_states(context, prompt_ids, cfg=False, regional=False).shape == (2, TOKENS, CROSS)

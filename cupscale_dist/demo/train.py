@@ -309,7 +309,8 @@ def train(out: str | Path, *, seed: int = 0, vae_linear_steps: int = 750, vae_fi
 
     components["vae"] = vae
     ema, unet_steps = train_unet(components, sampler, unet_steps, unet_batch, unet_lr, seed, log, device=device,
-                                 minutes=unet_minutes, low_t_share=low_t_share, low_t_max=low_t_max, unet_from=unet_from)
+                                 minutes=unet_minutes, low_t_share=low_t_share, low_t_max=low_t_max,
+                                 unet_from=unet_from)
     for name in ("unet", "text_encoder", "text_encoder_2"):
         prefix = name + "."
         components[name].load_state_dict({k[len(prefix):]: v for k, v in ema.items() if k.startswith(prefix)})

@@ -42,6 +42,13 @@ class RegionalAttention:
     cfg: bool = True
     _bias_cache: dict = field(default_factory=dict, repr=False)
 
+    @property
+    def reads_regional(self) -> bool:
+        """Whether the composer reads the regional prompt at all: not when 'mix' weights it 0 (lambda 1). Then the
+        backbones hand the model the global tokens alone: no regional keys and values projected, and no per-layer
+        copy of a sliced half (the first GPU run counted 140 such copies per SDXL call)."""
+        return not (self.lambda_global == 1.0 and self.composer == "mix")
+
     def global_bias(self, query_len: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
         """Additive bias over the global tokens, (B, 1, Lq or 1, G): 0 where allowed, -inf where screened.
 
@@ -135,14 +142,21 @@ class RegionalAttnProcessor:
 
         batch = hidden_states.shape[0]
         heads = lambda x: x.view(batch, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)  # noqa: E731
-        if attn.norm_cross:
-            global_states = attn.norm_encoder_hidden_states(global_states)
-            regional_states = attn.norm_encoder_hidden_states(regional_states)
+        states = encoder_hidden_states  # [global; regional], or the global tokens alone (not reads_regional)
+        if attn.norm_cross:  # each half on its own, as two prompts (a GroupNorm here would pool their statistics)
+            halves = (global_states, regional_states) if regional.reads_regional else (global_states,)
+            states = torch.cat([attn.norm_encoder_hidden_states(h) for h in halves], dim=1)
         query = heads(attn.to_q(hidden_states))
-        key_g, value_g = heads(attn.to_k(global_states)), heads(attn.to_v(global_states))
-        key_r, value_r = heads(attn.to_k(regional_states)), heads(attn.to_v(regional_states))
+        # Keys and values of both halves in one projection each (per token, so the same as two), then split as
+        # views: no copy of a sliced half per layer, half the GEMM launches.
+        keys, values = heads(attn.to_k(states)), heads(attn.to_v(states))
+        key_g, value_g = keys[:, :, :n], values[:, :, :n]
+        key_r = value_r = None  # absent where the composer never reads them (the states hold no such half)
+        if regional.reads_regional:
+            key_r, value_r = keys[:, :, n:], values[:, :, n:]
         if attn.norm_q is not None:
-            query, key_g, key_r = attn.norm_q(query), attn.norm_k(key_g), attn.norm_k(key_r)
+            query, key_g = attn.norm_q(query), attn.norm_k(key_g)
+            key_r = None if key_r is None else attn.norm_k(key_r)
 
         if regional.composer == "mix" and regional.lambda_global in (0.0, 1.0):
             # One prompt has weight 0: skip its attention entirely (masks-only runs cost one SDPA, not two).

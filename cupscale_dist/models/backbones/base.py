@@ -87,16 +87,21 @@ class UNetBackbone(Backbone):
         return None
 
     @staticmethod
-    def encoder_states(context: StageContext, prompt_ids: torch.Tensor, cfg: bool = True) -> torch.Tensor:
+    def encoder_states(context: StageContext, prompt_ids: torch.Tensor, cfg: bool = True,
+                       regional: bool = True) -> torch.Tensor:
         """Cross-attention states of a CFG batch: uncond rows [negative; negative], cond rows [global; regional]
         (the composer of :mod:`cupscale_dist.method.attention` splits them again); the cond rows alone without
-        ``cfg``."""
+        ``cfg``. ``regional`` False (:attr:`RegionalAttention.reads_regional`): the global tokens alone (uncond rows
+        [negative]), as a plain pipeline's, so no layer projects or slices an unread half."""
         count = len(prompt_ids)
-        cond = torch.cat([context.global_embeds.expand(count, -1, -1), context.regional_embeds[prompt_ids]], dim=1)
+        cond = context.global_embeds.expand(count, -1, -1)
+        uncond = context.negative_embeds
+        if regional:
+            cond = torch.cat([cond, context.regional_embeds[prompt_ids]], dim=1)
+            uncond = torch.cat([uncond, uncond], dim=1)
         if not cfg:
             return cond
-        uncond = torch.cat([context.negative_embeds, context.negative_embeds], dim=1).expand(count, -1, -1)
-        return torch.cat([uncond, cond])
+        return torch.cat([uncond.expand(count, -1, -1), cond])
 
     def denoise(self, latents: torch.Tensor, timestep, context: StageContext, view_ids: np.ndarray,
                 rects: np.ndarray, regional: RegionalAttention, control: torch.Tensor | None = None) -> torch.Tensor:
@@ -108,7 +113,7 @@ class UNetBackbone(Backbone):
         """
         device, dtype = self.device, self.dtype
         prompt_ids = torch.from_numpy(context.view_prompt[view_ids]).to(context.regional_embeds.device)
-        states = self.encoder_states(context, prompt_ids, regional.cfg).to(device, dtype)
+        states = self.encoder_states(context, prompt_ids, regional.cfg, regional.reads_regional).to(device, dtype)
         added = self.added_conditioning(context, prompt_ids, rects, regional.cfg)
         residuals = {}
         if self.controlnet is not None:  # both CFG halves see the view's crop, as diffusers' ControlNet pipelines do

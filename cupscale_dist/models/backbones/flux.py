@@ -166,13 +166,7 @@ class Flux(Backbone):
         count, (height, width) = len(view_ids), latents.shape[-2:]
         prompt_ids = torch.from_numpy(context.view_prompt[view_ids]).to(context.regional_embeds.device)
         bias = regional.global_bias(1, dtype, device)  # (B, 1, 1, G) or None when nothing is screened
-        compose = not (regional.lambda_global == 1.0 and regional.composer == "mix")
-        if compose:  # [global | regional] text streams (negative twice for CFG's unconditional rows)
-            states = UNetBackbone.encoder_states(context, prompt_ids, regional.cfg)
-        else:  # the regional prompt has weight 0: the global prompt alone
-            states = context.global_embeds.expand(count, -1, -1)
-            if regional.cfg:
-                states = torch.cat([context.negative_embeds.expand(count, -1, -1), states])
+        states = UNetBackbone.encoder_states(context, prompt_ids, regional.cfg, regional.reads_regional)
         pooled = (context.global_pooled.expand(count, -1) if context.pooled_prompt == "global"
                   else context.regional_pooled[prompt_ids])
         if regional.cfg:
