@@ -46,7 +46,7 @@ class RegionalAttention:
     def reads_regional(self) -> bool:
         """Whether the composer reads the regional prompt at all: not when 'mix' weights it 0 (lambda 1). Then the
         backbones hand the model the global tokens alone: no regional keys and values projected, and no per-layer
-        copy of a sliced half (the first GPU run counted 140 such copies per SDXL call)."""
+        copy of a sliced half (140 such copies per SDXL call, bench/op_count.py)."""
         return not (self.lambda_global == 1.0 and self.composer == "mix")
 
     def global_bias(self, query_len: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
