@@ -419,7 +419,7 @@ def profile_call(call, install, device: torch.device, top: int = 12) -> dict:
         return [{"op": e.key[:80], "calls": e.count // 2, "self_cpu_ms": e.self_cpu_time_total / 2e3,
                  "self_device_ms": device_time(e) / 2e3} for e in ranked]
 
-    syncs = {e.key: e.count // 2 for e in events if "Synchronize" in e.key or "Memcpy" in e.key.replace("memcpy", "Memcpy")}
+    syncs = {e.key: e.count // 2 for e in events if "synchronize" in e.key.lower() or "memcpy" in e.key.lower()}
     return {"wall_ms_per_call": wall * 1e3, "self_cpu_ms_per_call": sum(e.self_cpu_time_total for e in events) / 2e3,
             "self_device_ms_per_call": sum(device_time(e) for e in events) / 2e3, "sync_and_copy_calls": syncs,
             "top_by_device": rows(device_time), "top_by_cpu": rows(lambda e: e.self_cpu_time_total)}

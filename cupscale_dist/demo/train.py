@@ -216,10 +216,8 @@ def train_unet(components: dict, sampler: CropSampler, steps: int, batch: int, l
         size = batch if crop == UNET_CROP_PX[0] else max(1, batch * UNET_CROP_PX[0] ** 2 // crop ** 2)
         pixels, captions, time_ids = sampler.batch(size, crop)
         pixels, time_ids = pixels.to(device), time_ids.to(device)
-        with torch.no_grad():
-            moments = vae.encode(pixels).latent_dist
-            latents = (moments.mean + moments.std * torch.randn(moments.mean.shape, generator=generator).to(device))
-            latents = latents * scaling
+        with torch.no_grad():  # diffusers draws from the CPU generator and moves the sample to the VAE's device
+            latents = vae.encode(pixels).latent_dist.sample(generator) * scaling
         # the text encoders run once per distinct caption (14 photos), then gather: same gradients, far fewer tokens
         distinct = sorted(set(captions))
         embeds, _, pooled, _ = pipe.encode_prompt(distinct, device=torch.device(device),
@@ -231,10 +229,9 @@ def train_unet(components: dict, sampler: CropSampler, steps: int, batch: int, l
         low = torch.rand(size, generator=generator) < low_t_share
         t = torch.where(low, torch.randint(0, low_t_max, (size,), generator=generator),
                         torch.randint(0, 1000, (size,), generator=generator))
+        t_snr, t = snr[t].to(device), t.to(device)
         noise = torch.randn(latents.shape, generator=generator).to(device)
-        noisy = noise_schedule.add_noise(latents, noise, t.to(device))
-        t_snr = snr[t].to(device)
-        t = t.to(device)
+        noisy = noise_schedule.add_noise(latents, noise, t)
         pred = unet(noisy, t, embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
         weight = torch.clamp(t_snr, max=MIN_SNR_GAMMA) / t_snr
         mse = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
