@@ -40,7 +40,7 @@ def main() -> None:
 
     from cupscale_dist.method.attention import install_regional_processors
     from cupscale_dist.method.step import predict_views
-    from cupscale_dist.models.backbones.sdxl import SDXL, micro_conditioning
+    from cupscale_dist.models.backbones.sdxl import SDXL
 
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
@@ -48,17 +48,8 @@ def main() -> None:
     unet = UNet2DConditionModel(**config).eval()
     backbone = SDXL(unet)
     tiles, latent = args.tiles, args.latent
-    base = step_cost.full_context(tiles, latent, args.seed)
-    rects = np.array([[0, i * latent, latent, (i + 1) * latent] for i in range(tiles)])
-    windows = torch.randn(tiles, 4, latent, latent, generator=torch.Generator().manual_seed(args.seed))
-    time_ids = micro_conditioning(base, rects)
-    bare_inputs = dict(
-        sample=torch.cat([windows * 0.5] * 2), timestep=500,
-        encoder_hidden_states=torch.cat([base.negative_embeds.expand(tiles, -1, -1),
-                                         base.global_embeds.expand(tiles, -1, -1)]),
-        added_cond_kwargs={"text_embeds": torch.cat([base.negative_pooled.expand(tiles, -1),
-                                                     base.global_pooled.expand(tiles, -1)]),
-                           "time_ids": torch.cat([time_ids, time_ids])})
+    base, rects, windows, bare_inputs = step_cost.side_by_side_inputs(tiles, latent, args.seed, torch.device("cpu"),
+                                                                      torch.float32)
 
     def count(call) -> Counter:
         call()  # warm
@@ -73,7 +64,8 @@ def main() -> None:
         install_regional_processors(unet)
         for name, spec in step_cost.VARIANTS.items():
             context = step_cost.variant_context(base, *spec)
-            rows[name] = count(lambda c=context: predict_views(backbone, windows, 500, 0.5, c, np.arange(tiles), rects))
+            rows[name] = count(lambda c=context: predict_views(backbone, windows, step_cost.TIMESTEP,
+                                                               step_cost.INPUT_SCALE, c, np.arange(tiles), rects))
     bare = rows["bare"]
     result = {"bench": "op_count", "unet": {"block_out_channels": SMALL_CHANNELS, "transformer_layers_per_block":
                                             config["transformer_layers_per_block"]},

@@ -277,6 +277,7 @@ POOLED_DIM = 1280  # text_encoder_2 projection; 2816 = 6 * 256 + 1280
 TOKENS = 77
 
 # name -> (lambda_global, composer, view masks, pixel masks)
+TIMESTEP, INPUT_SCALE = 500, 0.5  # one mid-schedule step: the bare call and predict_views see the same inputs
 VARIANTS = {
     "predict_views_plain": (1.0, "mix", False, False),
     "view_masks": (1.0, "mix", True, False),
@@ -387,7 +388,7 @@ def predict_views_overhead(args, device, dtype, sync) -> list[dict]:
             for r in range(args.warmup + args.repeats):
                 sync()
                 t0 = time.perf_counter()
-                predict_views(stub, windows, 500, 0.5, context, np.arange(tiles), rects)
+                predict_views(stub, windows, TIMESTEP, INPUT_SCALE, context, np.arange(tiles), rects)
                 sync()
                 if r >= args.warmup:
                     times.append(time.perf_counter() - t0)
@@ -397,6 +398,27 @@ def predict_views_overhead(args, device, dtype, sync) -> list[dict]:
                      "h100_bare_call_seconds_modelled": anchor,
                      "fraction_of_h100_bare_call": {k: v / anchor for k, v in medians.items()} if anchor else None})
     return rows
+
+
+def side_by_side_inputs(tiles: int, latent: int, seed: int, device: torch.device, dtype: torch.dtype):
+    """What the bare call and ``predict_views`` are compared on: the stage context, ``tiles`` side-by-side view rects,
+    their windows, and the bare reference's UNet inputs (a CFG batch [negative; global], prepared on the device)."""
+    from cupscale_dist.models.backbones.sdxl import micro_conditioning
+
+    base = full_context(tiles, latent, seed)
+    rects = np.array([[0, i * latent, latent, (i + 1) * latent] for i in range(tiles)])
+    windows = torch.randn(tiles, 4, latent, latent, generator=torch.Generator().manual_seed(seed))
+    time_ids = micro_conditioning(base, rects)
+    bare_inputs = dict(
+        sample=torch.cat([windows * INPUT_SCALE] * 2).to(device, dtype),
+        timestep=TIMESTEP,
+        encoder_hidden_states=torch.cat([base.negative_embeds.expand(tiles, -1, -1),
+                                         base.global_embeds.expand(tiles, -1, -1)]).to(device, dtype),
+        added_cond_kwargs={"text_embeds": torch.cat([base.negative_pooled.expand(tiles, -1),
+                                                     base.global_pooled.expand(tiles, -1)]).to(device, dtype),
+                           "time_ids": torch.cat([time_ids, time_ids]).to(device, dtype)},
+    )
+    return base, rects, windows, bare_inputs
 
 
 def profile_call(call, install, device: torch.device, top: int = 12) -> dict:
@@ -430,7 +452,7 @@ def full_size(args) -> dict:
 
     from cupscale_dist.method.attention import install_regional_processors
     from cupscale_dist.method.step import predict_views
-    from cupscale_dist.models.backbones.sdxl import SDXL, micro_conditioning
+    from cupscale_dist.models.backbones.sdxl import SDXL
 
     device = torch.device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
@@ -457,24 +479,11 @@ def full_size(args) -> dict:
     results = []
     for tiles in args.tiles:
         latent = args.latent
-        base = full_context(tiles, latent, args.seed)
-        rects = np.array([[0, i * latent, latent, (i + 1) * latent] for i in range(tiles)])
-        view_ids = np.arange(tiles)
-        windows = torch.randn(tiles, 4, latent, latent, generator=torch.Generator().manual_seed(args.seed))
-        timestep, input_scale = 500, 0.5
-        contexts = {name: variant_context(base, *spec) for name, spec in VARIANTS.items()}
-
         # The bare reference: inputs prepared on the device once, one plain batched call per repeat.
-        time_ids = micro_conditioning(base, rects)
-        bare_inputs = dict(
-            sample=torch.cat([windows * input_scale] * 2).to(device, dtype),
-            timestep=timestep,
-            encoder_hidden_states=torch.cat([base.negative_embeds.expand(tiles, -1, -1),
-                                             base.global_embeds.expand(tiles, -1, -1)]).to(device, dtype),
-            added_cond_kwargs={"text_embeds": torch.cat([base.negative_pooled.expand(tiles, -1),
-                                                         base.global_pooled.expand(tiles, -1)]).to(device, dtype),
-                               "time_ids": torch.cat([time_ids, time_ids]).to(device, dtype)},
-        )
+        base, rects, windows, bare_inputs = side_by_side_inputs(tiles, latent, args.seed, device, dtype)
+        view_ids = np.arange(tiles)
+        timestep, input_scale = TIMESTEP, INPUT_SCALE
+        contexts = {name: variant_context(base, *spec) for name, spec in VARIANTS.items()}
 
         def bare():
             with torch.no_grad():
