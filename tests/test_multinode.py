@@ -328,6 +328,23 @@ CURL_TIMEOUT_S = 10  # an answer, any answer, comes within this; curl's "000" me
 # While no replica is up (a lost one not yet replaced: 30-40 s here) Serve's proxy holds each request up to the
 # service's request timeout, then answers 408; the test's is short, so that a held request shows within the bound.
 REQUEST_TIMEOUT_S = 10
+# A replica back after its node was lost: 21-35 s alone on this host (docs/distributed.md); CI ran out of 120 s once
+# (2 cores shared with the other xdist worker's Ray clusters: node death seen, the replica's placement group removed,
+# a new replica and its two workers started, the demo model loaded twice). The property is "every request is
+# answered, and a replica comes back", not a speed: the bound only ends a test that would wait forever.
+REPLICA_BACK_S = 300
+# What Serve and Ray hold when the replica is late: the assertion shows it (one failed CI run had nothing to go on).
+SERVE_STATE = """
+import ray
+from ray import serve
+from ray.util import placement_group_table
+ray.init(address="auto", log_to_driver=False)
+print(serve.status().applications)
+print("nodes", [(node["NodeManagerAddress"], node["Alive"]) for node in ray.nodes()])
+print("available", ray.available_resources())
+for group in placement_group_table().values():
+    print("placement group", group["state"], group["bundles"], group["bundles_to_node_id"])
+"""
 
 
 class Service:
@@ -396,13 +413,16 @@ def check_service_survives_its_replicas_node(cluster: netns.Cluster, reference: 
     service.wait(running, lambda r: r["status"] == "running" and (r.get("progress") or {}).get("step", 0) >= 1)
     cluster.kill_node(victim)
     lost = time.monotonic()
-    deadline = lost + NEVER_HANGS_S
+    deadline = lost + REPLICA_BACK_S
     codes = []  # (seconds since the loss, HTTP status)
     while not codes or codes[-1][1] != 200:  # answered all along: 408 while no replica is up, then 200
         codes.append((round(time.monotonic() - lost, 1),
                       service.call("/v1/health", timeout=REQUEST_TIMEOUT_S + CURL_TIMEOUT_S)[0]))
         assert codes[-1][1] != 0, f"the service hung on /v1/health after its replica's node was lost: {codes}"
-        assert time.monotonic() < deadline, f"no replica came back within {NEVER_HANGS_S} s: {codes}"
+        if time.monotonic() >= deadline:
+            state = cluster.run(cluster.head, [cluster.python, "-c", SERVE_STATE], timeout=CHECKPOINT_WAIT_S)
+            pytest.fail(f"no replica came back within {REPLICA_BACK_S} s: {codes}\n{state.stdout[-4000:]}"
+                        f"{state.stderr[-2000:]}")
         time.sleep(0.5)
     print("after the replica's node was lost, /v1/health answered:", codes)
     record = service.wait(running, lambda r: r["status"] not in ("queued", "running"))
