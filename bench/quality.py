@@ -79,8 +79,7 @@ def main() -> None:
             for name, knobs in variants(random_model, base.tile, base.stride, factor).items():
                 config = UpscaleConfig.load("cpu-demo", scale=scale, torch_threads=args.threads,
                                             **{**overrides, **knobs})
-                worker = workers.get(config.model) or ModelWorker.load(config.model, config.device, config.dtype,
-                                                                        config.variant)
+                worker = workers.get(config.model) or ModelWorker.for_config(config)  # with its add-ons
                 workers[config.model] = worker
                 out = Path(args.out) / f"x{scale}-{name.replace(' ', '_')}" if args.out else None
                 log(f"x{scale} {name} ...")

