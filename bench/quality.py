@@ -1,6 +1,6 @@
 """Quality of the demo model, side by side in one run: `cupscale eval` on the held-out photos at x2 and x4.
 
-    PYTHONPATH=$PWD python bench/quality.py > quality.json          # ~10 min on 2 cores; progress on stderr
+    PYTHONPATH=$PWD python bench/quality.py > quality.json          # ~16 min on 2 cores; progress on stderr
 
 Variants (each a knob change from the cpu-demo preset): the trained demo model at the defaults; the random-weight
 tiny SDXL (`cupscale_dist.testing.tiny.build_tiny_sdxl`) with the same knobs; the global prior off (`prior_fraction=0`);
