@@ -77,7 +77,8 @@ def svc(tmp_path_factory):
     from cupscale_dist.services import serve as service
 
     results = tmp_path_factory.mktemp("hardening-results")
-    config = UpscaleConfig.load("cpu-demo", model=MODEL, torch_threads=1)
+    # resize bicubic: an operator who did not choose the SR network (cpu-demo's step 1), so a request may not (test 12)
+    config = UpscaleConfig.load("cpu-demo", model=MODEL, torch_threads=1, resize="bicubic")
     options = service.ServiceOptions(str(results), config, 2, TOKEN, MAX_BODY, ClusterOptions(actors=0))
     options.max_inflight_bytes = INFLIGHT  # set after construction: today's ServiceOptions has no such field
     with in_process_service(options) as client:
@@ -160,7 +161,7 @@ def test_12_knobs_that_lift_memory_bounds_have_ceilings(svc):
     from cupscale_dist.errors import UserError
     from cupscale_dist.services.servelimits import check_request_ceilings
 
-    service = UpscaleConfig.load("cpu-demo", model=MODEL)
+    service = UpscaleConfig.load("cpu-demo", model=MODEL, resize="bicubic")
     check_request_ceilings({"view_batch_size": 8, "tile": 128, "vae_tile": 512, "resize": "lanczos"}, service)
     raised = service.replace(view_batch_size=32, resize="model")  # the operator's --set raises a knob's ceiling
     check_request_ceilings({"view_batch_size": 32, "resize": "model"}, raised)
