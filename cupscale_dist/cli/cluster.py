@@ -101,6 +101,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..execution.raycluster import ClusterOptions, connect
     from ..services.jobstore import JobStore
     from ..services.serve import ServiceOptions, check_bind, read_token, retention_seconds
+    from ..services.servelimits import request_megabytes
 
     token = read_token(args.token_file)
     check_bind(args.host, token)
@@ -108,10 +109,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UserError(f"--port {args.port}: use 1..65535")
     if args.queue < 1:
         raise UserError(f"--queue {args.queue}: use 1 or more")
-    if not args.max_request_mb > 0:
-        raise UserError(f"--max-request-mb {args.max_request_mb}: use a positive number")
-    if args.max_inflight_mb is not None and not args.max_inflight_mb > 0:
-        raise UserError(f"--max-inflight-mb {args.max_inflight_mb}: use a positive number")
+    max_request_bytes = request_megabytes("--max-request-mb", args.max_request_mb)  # inf, nan, 0, 1e300: one line
+    max_inflight_bytes = (request_megabytes("--max-inflight-mb", args.max_inflight_mb)
+                          if args.max_inflight_mb is not None else None)
     retention_s = retention_seconds(args.retention_days)
     config = config_from_args(args)
     results = Path(args.results).expanduser().resolve() if args.results else default_results()
@@ -125,8 +125,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     JobStore(results).check_free()  # a second service on this folder: refused now, naming the lock's holder
     cluster = ClusterOptions(args.actors, args.address, args.gpus_per_actor, args.cpus_per_actor, args.start_timeout)
     url = f"http://{args.host}:{args.port}"
-    options = ServiceOptions(str(results), config, args.queue, token, int(args.max_request_mb * 2**20), cluster,
-                             max_inflight_bytes=int(args.max_inflight_mb * 2**20) if args.max_inflight_mb else None,
+    options = ServiceOptions(str(results), config, args.queue, token, max_request_bytes, cluster,
+                             max_inflight_bytes=max_inflight_bytes,
                              retention_s=retention_s, torch_threads=cli_torch_threads(config),
                              owner=f" (the replica of cupscale serve pid {os.getpid()} at {url})")
     if args.dry_run:

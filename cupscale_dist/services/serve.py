@@ -14,19 +14,21 @@ Request knobs have the CLI's names and checks (``--set KNOB=VALUE``: a query par
 the knobs that pick the model, the device and the limits belong to the service (``cupscale serve --config ...
 --set ...``) and a request that names one is refused. ``source`` (not a knob) names the input in the result's
 metadata, as the CLI's input path does. Limits are enforced before decoding: the query's text (valid UTF-8), the
-ceilings of knobs that lift memory bounds (:mod:`.servelimits`), the bytes of bodies in flight (a 429 before the body
-is read), the body's size (``Content-Length`` and while reading), then the pixel count from the image header
-(``max_input_pixels``). Every refusal is a 4xx whose JSON body is ``{"error": "one line"}`` (no server paths in it);
+ceilings of knobs that lift memory bounds (:mod:`.servelimits`), the bytes of bodies in flight (reserved as they
+arrive; a 429 when a body would pass the bound), the body's size (``Content-Length`` and while reading) and its
+progress (a 408 when it stalls), then the pixel count from the image header (``max_input_pixels``). Every refusal is a 4xx whose JSON body is ``{"error": "one line"}`` (no server paths in it);
 a full queue or too many bytes in flight is 429 with ``Retry-After`` and leaves no job behind. Finished jobs expire
 after ``retention_s``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field, fields
 
 from fastapi import FastAPI, Request
@@ -35,25 +37,26 @@ from fastapi.responses import FileResponse, JSONResponse
 from ray import serve
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect
 
 from .. import __version__
 from ..config import UpscaleConfig, parse_size, set_value
-from ..errors import UserError
+from ..errors import UserError, shown
 from .jobrunner import JobRunner, QueueFull, RunnerOptions
 from .jobstore import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobStore
 from ..execution.raycluster import LOOPBACK_HOSTS, ClusterOptions
-from .servelimits import (DECODES_AT_ONCE, INFLIGHT_BODIES, INFLIGHT_RETRY_AFTER_S, InFlight, check_query_utf8,
-                          check_request_ceilings, read_token_file, scrub_paths, server_paths)
+from .servelimits import (BODY_PROGRESS_BYTES, BODY_STALL_S, DECODES_AT_ONCE, INFLIGHT_BODIES, INFLIGHT_RETRY_AFTER_S,
+                          BodyReservation, InFlight, check_query_utf8, check_request_ceilings, read_token_file,
+                          request_megabytes, scrub_paths, server_paths)
 
 log = logging.getLogger(__name__)
 
 APP_NAME = "cupscale"
 # Knobs that belong to the service, not to a request: the model, its add-ons (LoRAs, ControlNet, upscale model) and
-# where it runs (the workers are loaded once), files on the server (regional_prompts), the captioner pool, and the
-# limits that protect the service itself.
+# where and how it runs (the workers are loaded once: weights, compile), files on the server (regional_prompts), the
+# captioner pool, and the limits that protect the service itself.
 SERVICE_KNOBS = frozenset({
     "model", "model_config", "variant", "lora", "controlnet", "upscale_model", "device", "dtype", "torch_threads",
+    "weights", "compile",
     "regional_prompts", "captioner", "captioner_model",
     "captioner_actors", "captioner_gpus", "captioner_dtype", "keep_captioner", "caption_timeout_s",
     "max_input_pixels", "min_input_side", "max_output_pixels"})
@@ -91,6 +94,7 @@ class ServiceOptions:
     torch_threads: int | None = None
     owner: str = ""  # written after the replica's pid in the folder's lock file: who started the service, its URL
     request_timeout_s: float = REQUEST_TIMEOUT_S  # a request unanswered by then gets 408 (e.g. while no replica is up)
+    body_stall_s: float = BODY_STALL_S  # a body bringing under BODY_PROGRESS_BYTES in this long is 408
 
     def __post_init__(self) -> None:
         if self.max_inflight_bytes is not None and self.max_inflight_bytes < self.max_request_bytes:
@@ -252,18 +256,16 @@ class UpscaleService:
             raise refuse(429, f"the queue is full ({self.options.queue_size} jobs waiting); retry later",
                          **{"Retry-After": str(self.runner.retry_after())})
         # 2. The body, under the size limit (the header's length first, then what really arrives), and under the
-        # bound on bodies in flight: reserved from the header (a chunked body: the largest) before it is read.
+        # bound on bodies in flight: admitted if its length (a chunked body: the largest) fits in what is free now,
+        # then reserved as its bytes arrive, so a slow client holds only what it sent.
         declared = request.headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            raise refuse(413, f"the body is {declared[:20]} bytes, over the {limit}-byte limit; send a smaller image")
-        reserved = int(declared) if declared is not None else limit
-        if not self.inflight.reserve(reserved):
-            raise refuse(429, f"the service is receiving other uploads (over {self.inflight.limit} bytes in flight "
-                         "with this one); retry later", **{"Retry-After": str(INFLIGHT_RETRY_AFTER_S)})
-        try:
-            record = await self._receive_and_create(request, min(reserved, limit), config, knobs, extra)
-        finally:
-            self.inflight.release(reserved)
+            raise refuse(413, f"the body is {shown(declared, 20)} bytes, over the {limit}-byte limit; send a smaller "
+                         "image")
+        if not self.inflight.has_room(int(declared) if declared is not None else limit):
+            raise self._busy()
+        with BodyReservation(self.inflight) as held:
+            record = await self._receive_and_create(request, limit, held, config, knobs, extra)
         try:
             self.runner.submit(record["id"])
         except QueueFull as full:
@@ -271,19 +273,40 @@ class UpscaleService:
                          **{"Retry-After": str(full.retry_after)}) from None
         return JSONResponse(status_view(record) | {"url": f"/v1/jobs/{record['id']}"}, status_code=202)
 
-    async def _receive_and_create(self, request: Request, limit: int, config: UpscaleConfig, knobs: dict,
-                                  extra: dict) -> dict:
+    def _busy(self) -> HTTPException:
+        return refuse(429, f"the service is receiving other uploads (over {self.inflight.limit} bytes in flight with "
+                      "this one); retry later", **{"Retry-After": str(INFLIGHT_RETRY_AFTER_S)})
+
+    async def _read_body(self, request: Request, limit: int, held: BodyReservation) -> bytes:
+        """The body's bytes (at most ``limit``), each reserved in the bound on bodies in flight as it arrives; a body
+        that brings under BODY_PROGRESS_BYTES in ``body_stall_s`` is a 408."""
+        stall_s, body, size = self.options.body_stall_s, [], 0
+        window_end, window_bytes = time.monotonic() + stall_s, 0  # the current progress window and what it brought
+        while True:
+            try:
+                message = await asyncio.wait_for(request.receive(), max(window_end - time.monotonic(), 0.0))
+            except asyncio.TimeoutError:
+                raise refuse(408, f"the body stalled: under {BODY_PROGRESS_BYTES} bytes arrived in {stall_s:g} s; "
+                             "send the file at once (curl --data-binary @in.png)") from None
+            if message["type"] == "http.disconnect":  # went away mid-upload: its reservation is released by the caller
+                raise refuse(400, "the client disconnected before the body arrived")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise refuse(413, f"the body is over the {limit}-byte limit; send a smaller image")
+            if not held.add(len(chunk)):
+                raise self._busy()
+            body.append(chunk)
+            window_bytes += len(chunk)
+            if window_bytes >= BODY_PROGRESS_BYTES:
+                window_end, window_bytes = time.monotonic() + stall_s, 0
+            if not message.get("more_body", False):
+                return b"".join(body)
+
+    async def _receive_and_create(self, request: Request, limit: int, held: BodyReservation, config: UpscaleConfig,
+                                  knobs: dict, extra: dict) -> dict:
         """Read the body (at most ``limit`` bytes), decode it and create its job record."""
-        body, size = [], 0
-        try:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise refuse(413, f"the body is over the {limit}-byte limit; send a smaller image")
-                body.append(chunk)
-        except ClientDisconnect:  # a client that went away mid-upload: its reservation is released by the caller
-            raise refuse(400, "the client disconnected before the body arrived") from None
-        upload = b"".join(body)
+        upload = await self._read_body(request, limit, held)
         if not upload:
             raise refuse(400, "the body is empty; send the image file's bytes (curl --data-binary @in.png)")
         # 3. Decode under the pixel limit (checked from the header first), plan the run, queue it.
@@ -393,8 +416,9 @@ def app_from_args(args: dict):
                              cpus_per_actor=float(args.get("cpus_per_actor", 1.0)))
     inflight = args.get("max_inflight_mb")
     return build_app(ServiceOptions(str(args["results"]), config, int(args.get("queue", 16)), token,
-                                    int(float(args.get("max_request_mb", MAX_REQUEST_MB)) * 2**20), cluster,
-                                    max_inflight_bytes=int(float(inflight) * 2**20) if inflight else None,
+                                    request_megabytes("max_request_mb", args.get("max_request_mb", MAX_REQUEST_MB)),
+                                    cluster, max_inflight_bytes=(request_megabytes("max_inflight_mb", inflight)
+                                                                 if inflight is not None else None),
                                     retention_s=retention_seconds(float(args.get("retention_days",
                                                                                   DEFAULT_RETENTION_DAYS)))))
 

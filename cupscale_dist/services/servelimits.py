@@ -7,18 +7,28 @@ higher value of that knob (``cupscale serve --set view_batch_size=16``: the serv
 
 from __future__ import annotations
 
+import math
 import threading
 from pathlib import Path
 from urllib.parse import unquote_to_bytes
 
 from ..config import UpscaleConfig
-from ..errors import UserError
+from ..errors import UserError, shown
 
 MAX_TOKEN_FILE_BYTES = 4096  # a bearer token is tens of characters; a bigger file is no token file (/dev/zero)
 # Bodies being received and decoded at once, in units of the largest body: 4 x 64 MB by default. A request reserves
-# its Content-Length (a chunked one: the largest body) before any of its body is read; past the bound it is a 429.
+# its bytes as they arrive (a reservation of what it only announced let 4 slow clients hold the whole bound with a
+# byte each, issue 35); it is admitted only if its Content-Length (a chunked one: the largest body) fits in what is
+# free, and a body whose bytes would pass the bound is a 429, before or while it is read.
 INFLIGHT_BODIES = 4
 INFLIGHT_RETRY_AFTER_S = 2  # an upload of 64 MB takes about a second on a LAN: retry soon
+# A body must make progress: at least BODY_PROGRESS_BYTES every BODY_STALL_S, else 408. A 64 MB body at 1 MB/s brings
+# 10 MB per window; a client dripping a byte every 5 s (which holds an HTTP slot until Serve's 120 s) brings 2 bytes.
+BODY_STALL_S = 10.0
+BODY_PROGRESS_BYTES = 4096  # 410 B/s: below any real link, above any drip
+# Largest --max-request-mb: 16-bit TIFFs of the default 16 Mpx are ~100 MB; a bound of GBs per body times
+# INFLIGHT_BODIES is no bound (and inf, which int() can't take, is none at all).
+MAX_REQUEST_MB_CEILING = 4096.0
 # Decoded pixels (3 B a pixel: 48 MB at the default 16-Mpx max_input_pixels) held by at most this many requests at
 # once; more wait their turn. With INFLIGHT_BODIES this bounds the memory of requests not yet queued.
 DECODES_AT_ONCE = 2
@@ -76,19 +86,48 @@ def check_query_utf8(query: bytes) -> None:
 
 
 def read_token_file(path: str) -> str:
-    """The token file's text, read up to :data:`MAX_TOKEN_FILE_BYTES` (``/dev/zero`` is refused, not read on)."""
+    """The token file's one line of text, read up to :data:`MAX_TOKEN_FILE_BYTES` (``/dev/zero`` is refused, not
+    read on); a file of several lines, an empty one or one that is not UTF-8 holds no token."""
+    where = f"--token-file {path if len(path) <= 40 else shown(path)}"
     try:
         with open(path, "rb") as handle:
             data = handle.read(MAX_TOKEN_FILE_BYTES + 1)
     except OSError as exc:
-        raise UserError(f"--token-file {path}: can't read it ({exc.strerror or exc}); fix the path") from None
+        raise UserError(f"{where}: can't read it ({exc.strerror or type(exc).__name__}); fix the path") from None
+    except ValueError:  # a NUL in the path
+        raise UserError(f"{where}: not a usable path; fix the path") from None
     if len(data) > MAX_TOKEN_FILE_BYTES:
-        raise UserError(f"--token-file {path}: over {MAX_TOKEN_FILE_BYTES} bytes, which no token is; pass the file "
+        raise UserError(f"{where}: over {MAX_TOKEN_FILE_BYTES} bytes, which no token is; pass the file "
                         "that holds only the token")
     try:
-        return data.decode("utf-8").strip()
+        text = data.decode("utf-8").strip()
     except UnicodeDecodeError:
-        raise UserError(f"--token-file {path}: not UTF-8 text; the token is one line of text") from None
+        raise UserError(f"{where}: not UTF-8 text; the token is one line of text") from None
+    if not text:
+        raise UserError(f"{where}: the file is empty; write the token into it (e.g. `python -c 'import secrets; "
+                        "print(secrets.token_urlsafe(32))' > FILE`)")
+    if len(text.splitlines()) > 1:
+        raise UserError(f"{where}: {len(text.splitlines())} lines, and the token is one line (a header can't "
+                        "carry a line break); keep only the token in the file")
+    if not text.isprintable() or any(c.isspace() for c in text):
+        raise UserError(f"{where}: the token holds spaces or control characters, which clients can't send in "
+                        "'Authorization: Bearer TOKEN'; use e.g. `secrets.token_urlsafe(32)`")
+    return text
+
+
+def request_megabytes(flag: str, value) -> int:
+    """``--max-request-mb`` / ``--max-inflight-mb`` (a number, or its text from a RayService's args) as bytes: a
+    finite positive number up to :data:`MAX_REQUEST_MB_CEILING` (inf, nan, 0 and negatives are no bound)."""
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if not 0 < number <= MAX_REQUEST_MB_CEILING:  # also false for nan
+        raise UserError(f"{flag} {shown(value)}: use a number of megabytes in (0, {MAX_REQUEST_MB_CEILING:g}]")
+    size = int(number * 2**20)
+    if size < 1:
+        raise UserError(f"{flag} {shown(value)}: under one byte; use a number of megabytes such as 64")
+    return size
 
 
 def scrub_paths(message: str, paths: dict[str, str]) -> str:
@@ -111,12 +150,17 @@ def server_paths(config: UpscaleConfig, results: Path) -> dict[str, str]:
 
 
 class InFlight:
-    """Bytes of request bodies being received and decoded, bounded; a request reserves before reading its body."""
+    """Bytes of request bodies being received and decoded, bounded; a request reserves its bytes as they arrive."""
 
     def __init__(self, limit: int):
         self.limit = limit  # bytes of bodies in flight at most
-        self.used = 0  # bytes reserved by requests now being received or decoded
+        self.used = 0  # bytes that arrived for requests now being received or decoded
         self._lock = threading.Lock()  # handlers of one replica may run on several threads
+
+    def has_room(self, size: int) -> bool:
+        """Whether ``size`` more bytes would fit now (a request's admission: nothing is reserved)."""
+        with self._lock:
+            return self.used + size <= self.limit
 
     def reserve(self, size: int) -> bool:
         with self._lock:
@@ -128,3 +172,25 @@ class InFlight:
     def release(self, size: int) -> None:
         with self._lock:
             self.used -= size
+
+
+class BodyReservation:
+    """One request's bytes reserved in an :class:`InFlight` as they arrive, released together at its end."""
+
+    def __init__(self, inflight: InFlight):
+        self.inflight = inflight  # the replica's bound
+        self.size = 0  # bytes this request holds
+
+    def add(self, size: int) -> bool:
+        """Reserve ``size`` more bytes; False (nothing reserved) when they would pass the bound."""
+        if not self.inflight.reserve(size):
+            return False
+        self.size += size
+        return True
+
+    def __enter__(self) -> BodyReservation:
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.inflight.release(self.size)
+        self.size = 0
