@@ -9,6 +9,7 @@ from dataclasses import fields
 
 from ..config import UpscaleConfig, preset_names
 from ..errors import UserError
+from ..files.userfile import check_path_text
 from .options import add_cluster_options, add_run_options, config_from_args
 
 
@@ -28,6 +29,29 @@ EVAL_EXAMPLES = """examples:
   cupscale eval originals/*.png --config sdxl-4k --inception pt_inception-2015-12-05-6726825d.pth --clip clip-vit-l-14/
 Each original is centre-cropped to a multiple of 32 x scale px, downscaled by the scale (bicubic) and upscaled back.
 """
+
+
+# Arguments and knobs that name a file or folder: a name no file system takes (5,000 characters, a NUL) is one line
+# before anything opens it, not `OSError: File name too long` from deep inside (issue 35).
+PATH_ARGS = {"input": "input", "output": "--output", "config": "--config", "checkpoint_dir": "--checkpoint-dir",
+             "originals": "original", "out": "--out", "inception": "--inception", "clip": "--clip"}
+PATH_KNOBS = ("model", "model_config", "lora", "controlnet", "upscale_model", "captioner_model", "regional_prompts")
+
+
+def check_path_args(args: argparse.Namespace, config: UpscaleConfig | None = None) -> None:
+    """Every path argument (and, given ``config``, every path knob) of a command: one UserError for a name no file
+    can have. Without ``config`` the knobs come from their flags and ``--set``."""
+    values = [("--input" if name == "input" and getattr(args, "command", None) == "batch" else flag,
+               getattr(args, name, None)) for name, flag in PATH_ARGS.items()]
+    if config is None:
+        values += [(f"--{name.replace('_', '-')}", getattr(args, name, None)) for name in PATH_KNOBS]
+        values += [(f"--set {key}", text) for key, text in getattr(args, "overrides", []) if key in PATH_KNOBS]
+    else:
+        values += [(name, getattr(config, name, None)) for name in PATH_KNOBS]
+    for flag, value in values:
+        for one in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(one, str):
+                check_path_text(one, flag)
 
 
 def add_eval_parser(sub) -> None:
@@ -71,7 +95,9 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     from ..services.checkpoint import Checkpointer, image_sha
     from ..services.runner import run_upscale
 
+    check_path_args(args)  # before the config file is read
     config = config_from_args(args)
+    check_path_args(args, config)  # the path knobs a config file set
     output = check_output_path(args.output, args.overwrite or args.dry_run, source=args.input)  # a dry run writes nothing
     image, carried = load_input(args.input, config.max_input_pixels, config.min_input_side)
     if args.dry_run:  # the plan, checked as the run checks it (a checkpoint only matters to a run)
@@ -97,7 +123,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..quality.evaluate import check_out_dir, evaluate, format_table, held_out_originals
     from ..files.imageio import load_image
 
+    check_path_args(args)  # before the config file is read
     config = config_from_args(args)
+    check_path_args(args, config)  # the path knobs a config file set
     if args.crops_per_image < 1:
         raise UserError(f"--crops-per-image {args.crops_per_image}: give at least 1")
     if args.out:
@@ -115,7 +143,9 @@ def cmd_caption(args: argparse.Namespace) -> int:
     from ..files.imageio import load_image
     from ..plan import check_inputs
 
+    check_path_args(args)  # before the config file is read
     config = config_from_args(args)
+    check_path_args(args, config)  # the path knobs a config file set
     image = load_image(args.input, config.max_input_pixels, config.min_input_side)
     plan = check_inputs(image.size, config)
     print(json.dumps(caption_views(image, config, plan if args.tiles else None), indent=2))
@@ -126,7 +156,9 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from ..services.batch.run import run_batch, summarize_errors
     from ..execution.raycluster import ClusterOptions
 
+    check_path_args(args)  # before the config file is read
     config = config_from_args(args)
+    check_path_args(args, config)  # the path knobs a config file set
     cluster = ClusterOptions(args.actors, args.address, args.gpus_per_actor, args.cpus_per_actor, args.start_timeout)
     summary = run_batch(args.input, args.output, config, cluster=cluster, workers=args.workers,
                         tile_parallel=args.tile_parallel, retry_errors=args.retry_errors, progress=not args.quiet,

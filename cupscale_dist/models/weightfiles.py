@@ -17,7 +17,7 @@ import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import UserError, shown
 
 ZIP_MAGIC = b"PK\x03\x04"  # what torch.load tests (serialization._is_zipfile) to read a file as a zip archive
 TORCHSCRIPT_ENTRIES = ("constants.pkl", "code/")  # entries torch.jit.save writes and torch.save never does
@@ -26,8 +26,9 @@ MAX_ENTRIES = 100_000  # tensors in one file: a full SDXL checkpoint with an EMA
 FIX = "pass a .safetensors file"  # the fix a message names unless its caller knows a better one
 
 
-def refuse_code_archive(path: str | Path, what: str, fix: str = FIX) -> None:
-    """One UserError if ``path`` is a zip archive that holds TorchScript code, or a zip whose entries can't be listed.
+def refuse_code_archive(path: str | Path, what: str, fix: str = FIX, script_fix: str | None = None) -> None:
+    """One UserError if ``path`` is a zip archive that holds TorchScript code (its fix ``script_fix``, by default:
+    pass the weights), or a zip whose entries can't be listed (its fix ``fix``).
 
     Read with :mod:`zipfile` (names only, nothing extracted) before torch sees the file: torch reads a file that
     starts with the zip magic as an archive, so one that Python can't list is refused too.
@@ -43,8 +44,9 @@ def refuse_code_archive(path: str | Path, what: str, fix: str = FIX) -> None:
     for name in names:
         inner = name.split("/", 1)[-1]  # entries live under the archive's own folder name
         if inner == TORCHSCRIPT_ENTRIES[0] or inner.startswith(TORCHSCRIPT_ENTRIES[1]):
-            raise UserError(f"{what}: is a TorchScript archive (it holds {name}), which would run code when loaded; "
-                            "pass the model's weights as .safetensors (or a plain torch.save'd state dict)")
+            raise UserError(f"{what}: is a TorchScript archive (it holds {shown(name, 80)}), which would run code when "
+                            "loaded; " + (script_fix or "pass the model's weights as .safetensors (or a plain "
+                                                        "torch.save'd state dict)"))
 
 
 def load_pickled(path: str | Path, what: str, *, mmap: bool = False, fix: str = FIX) -> object:

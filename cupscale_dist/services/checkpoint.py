@@ -20,13 +20,16 @@ import torch
 from PIL import Image
 
 from ..files.atomic import atomic_file
-from ..errors import UserError
+from ..errors import UserError, shown
+from ..files.userfile import check_regular_file, named
 from ..models.weightfiles import refuse_code_archive
 from ..pipeline import StageState
 from ..plan import Plan
 
 FILE_NAME = "checkpoint.pt"
 FIELDS = ("config_hash", "input_sha", "stage", "step", "latents", "scheduler_state", "stage_input")
+DELETE_FIX = "delete it to start over"  # the fix for a checkpoint that can't be used: the run redoes its steps
+LATENT_DTYPE = torch.float32  # what the driver's latent is (noise, windows and blends are float32); all a run writes
 MAX_SOLVER_ORDER = 4  # a multistep scheduler's memory holds at most this many past predictions (DPM-Solver: 1-3)
 
 
@@ -69,18 +72,21 @@ class Checkpointer:
         """The saved state (and the stage input it needs), or None if there is no checkpoint yet."""
         if not self.path.exists():
             return None
-        refuse_code_archive(self.path, f"checkpoint {self.path}")  # a folder the user names: never run its code
+        what = named(f"checkpoint {self.path}")
+        # a folder, a FIFO (open would wait for a writer forever) or a device where the file should be: one line
+        check_regular_file(self.path, what, f"{DELETE_FIX}, or give another --checkpoint-dir")
+        refuse_code_archive(self.path, what, DELETE_FIX, DELETE_FIX)  # a folder the user names: never run its code
         try:
-            payload = torch.load(self.path, weights_only=True)
-        except Exception as exc:
-            raise UserError(f"checkpoint {self.path} is unreadable ({type(exc).__name__}); delete it to start over") from None
+            payload = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - truncated, damaged or foreign: the fix is the same
+            raise UserError(f"{what} is unreadable ({type(exc).__name__}); {DELETE_FIX}") from None
         if not isinstance(payload, dict) or set(payload) != set(FIELDS):
             raise self._bad("does not hold the fields " + ", ".join(FIELDS))
         if payload["config_hash"] != self.config_hash:
-            raise UserError(f"checkpoint {self.path} was written with another config ({payload['config_hash']!r:.40} != "
+            raise UserError(f"{what} was written with another config ({shown(payload['config_hash'])} != "
                             f"{self.config_hash}); use the same options, or another --checkpoint-dir")
         if payload["input_sha"] != self.input_sha:
-            raise UserError(f"checkpoint {self.path} belongs to another input image; use another --checkpoint-dir")
+            raise UserError(f"{what} belongs to another input image; use another --checkpoint-dir")
         stage, step = self._position(payload["stage"], payload["step"])
         latents = self._latents(payload["latents"], stage)
         scheduler_state = self._scheduler_state(payload["scheduler_state"], latents.shape)
@@ -90,13 +96,13 @@ class Checkpointer:
 
     # -- the checks of load(), one per field ---------------------------------------------------------------------
     def _bad(self, problem: str) -> UserError:
-        return UserError(f"checkpoint {self.path} {problem}; it is damaged or from another version: delete it to "
-                         "start over")
+        return UserError(f"{named(f'checkpoint {self.path}')} {problem}; it is damaged or from another version: "
+                         f"{DELETE_FIX}")
 
     def _position(self, stage, step) -> tuple[int, int]:
         """A stage of this run and a step within it (0..steps: the latent before that step)."""
         if type(stage) is not int or type(step) is not int or stage < 0 or step < 0:
-            raise self._bad(f"has stage={stage!r:.20}, step={step!r:.20} (expected non-negative integers)")
+            raise self._bad(f"has stage={shown(stage, 20)}, step={shown(step, 20)} (expected non-negative integers)")
         if self.plan is not None and stage >= len(self.plan.stages):
             raise self._bad(f"is at stage {stage}, but this run has {len(self.plan.stages)} stage(s)")
         if self.plan is not None and step > self.plan.steps:
@@ -104,10 +110,10 @@ class Checkpointer:
         return stage, step
 
     def _latents(self, latents, stage: int) -> torch.Tensor:
-        """A finite float latent of the stage's shape: (1, 4, H/8, W/8)."""
-        if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
-            raise self._bad(f"holds latents of type {getattr(latents, 'dtype', type(latents).__name__)} (expected "
-                            "a float tensor)")
+        """A finite float32 latent of the stage's shape, (1, 4, H/8, W/8), dense and in memory."""
+        problem = tensor_problem(latents)
+        if problem:
+            raise self._bad(f"holds latents that are {problem} (expected a float tensor: dense float32, in memory)")
         expected = (1, self.plan.latent_channels, *self.plan.stages[stage].latent) if self.plan else None
         if latents.dim() != 4 or latents.shape[0] != 1 or (expected and latents.shape != expected):
             raise self._bad(f"holds latents of shape {tuple(latents.shape)} (expected {expected or '(1, C, h, w)'})")
@@ -124,11 +130,11 @@ class Checkpointer:
             raise self._bad(f"holds a scheduler state of type {type(state).__name__} or unknown keys")
         outputs, count = state.get("model_outputs", []), state.get("lower_order_nums", 0)
         if not isinstance(outputs, list) or len(outputs) > MAX_SOLVER_ORDER or any(
-                o is not None and not (isinstance(o, torch.Tensor) and o.shape == shape and o.is_floating_point()
-                                       and bool(torch.isfinite(o).all())) for o in outputs):
+                o is not None and (tensor_problem(o) or o.shape != shape or not bool(torch.isfinite(o).all()))
+                for o in outputs):
             raise self._bad(f"holds scheduler predictions that are not finite latents of shape {tuple(shape)}")
         if type(count) is not int or not 0 <= count <= MAX_SOLVER_ORDER:
-            raise self._bad(f"holds lower_order_nums={count!r:.20} (expected 0..{MAX_SOLVER_ORDER})")
+            raise self._bad(f"holds lower_order_nums={shown(count, 20)} (expected 0..{MAX_SOLVER_ORDER})")
         return state
 
     def _stage_input(self, data, stage: int) -> Image.Image:
@@ -150,3 +156,17 @@ class Checkpointer:
             raise
         except Exception as exc:  # noqa: BLE001 - PIL raises many kinds on garbage
             raise self._bad(f"holds a stage input that is not a readable image ({type(exc).__name__})") from None
+
+
+def tensor_problem(value) -> str | None:
+    """Why ``value`` is no latent the run could continue from (None if it is a dense float32 CPU tensor): half
+    precision would change the picture, a meta tensor holds no numbers, a sparse one no dense latent."""
+    if not isinstance(value, torch.Tensor):
+        return f"of type {type(value).__name__}"
+    if value.layout != torch.strided:
+        return f"a {str(value.layout).removeprefix('torch.')} tensor"
+    if value.device.type != "cpu":
+        return f"on the {value.device.type} device (no values)"
+    if value.dtype != LATENT_DTYPE:
+        return f"of dtype {str(value.dtype).removeprefix('torch.')}"
+    return None
