@@ -37,6 +37,7 @@ class PipelineWorker:
         self.worker = ModelWorker(path, device, dtype, variant, addons=addons, model_config=model_config,
                                   weights=weights, compile=compile)
         self.shared: tuple[object, object] = (None, None)  # (object ref, the value) of the current stage
+        self.owner = None  # the PartOwner of this worker's bands of the stage latent (step_design='actors')
 
     def __repr__(self) -> str:
         return f"PipelineWorker(index={self.index}, pid={os.getpid()})"
@@ -52,6 +53,22 @@ class PipelineWorker:
 
         args = [self._fetch(a.ref) if isinstance(a, Shared) else a for a in args]
         return getattr(self.worker, method)(*args)
+
+    def own(self, method: str, *args):
+        """A :class:`~cupscale_dist.execution.partowner.PartOwner` call; references among ``args`` (halos, other
+        workers' predictions) are resolved by Ray before the call, from wherever they were made. Returns Ray's
+        ``num_returns`` objects: the messages for other workers, then a status."""
+        import dataclasses
+
+        from cupscale_dist.execution.contract import Shared
+        from cupscale_dist.execution.partowner import PartOwner
+
+        if getattr(self, "owner", None) is None:  # (bench stand-ins skip __init__)
+            self.owner = PartOwner(self.worker.predict, self.index)
+        if method == "load" and isinstance(args[1].context, Shared):  # the stage context, fetched once per stage
+            args = (args[0], dataclasses.replace(args[1], context=self._fetch(args[1].context.ref)), *args[2:])
+        out = getattr(self.owner, method)(*args)
+        return out[0] if len(out) == 1 else tuple(out)
 
     def _fetch(self, ref):
         if self.shared[0] != ref:

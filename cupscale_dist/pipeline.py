@@ -25,12 +25,13 @@ from .captions.prompts import Prompter, make_prompter, pixel_boxes
 from .config import UpscaleConfig
 from .execution.contract import Executor
 from .execution.executor import LocalExecutor, open_executor
+from .execution.partloop import DenoiseJob
 from .execution.worker import ModelWorker
 from .method.masks import binarize_maps, view_token_masks
 from .method.prior import GlobalPrior
 from .method.resize import prior_picture, resize_input
 from .method.schedulers import kind_of
-from .method.step import StageContext, StageSchedule, reduce_and_step
+from .method.step import StageContext, StageSchedule, check_finite_latent, reduce_and_step
 from .method.vae import PixelCodec, decode_bands, encode_image, image_to_tensor, read_only_tensor
 from .method.views import jitter_views, view_batches
 from .method.wavelets import low_band
@@ -48,8 +49,9 @@ class StepInfo(TypedDict):
     step: int
     num_steps: int
     timestep: torch.Tensor | None  # of the step just done; None at the stage's start
-    latents: torch.Tensor | None  # the whole latent after ``step`` steps; None at the stage's start
-    scheduler_state: dict | None  # what a multistep scheduler carries to the next step (None: nothing, or the start)
+    # () -> (the whole latent after ``step`` steps, what a multistep scheduler carries to the next step or None);
+    # None at the stage's start. A call, not a value: with the latent on the workers it is gathered (a checkpoint).
+    gather: Callable[[], tuple[torch.Tensor, dict | None]] | None
     stage_input: Image.Image | None  # the image the stage starts from (what a resume redoes steps 1-8 from); start only
 
 
@@ -235,8 +237,8 @@ def run_stage(executor, config: UpscaleConfig, stage: StagePlan, image: Image.Im
     spec = executor.spec
     f, vae_tile_px, sink = spec.vae_scale_factor, config.vae_tile, sink or collect_image
     if callback is not None:
-        callback(StepInfo(stage=stage.index, step=0, num_steps=stage.steps, timestep=None, latents=None,
-                          scheduler_state=None, stage_input=image))
+        callback(StepInfo(stage=stage.index, step=0, num_steps=stage.steps, timestep=None, gather=None,
+                          stage_input=image))
     # 1. Resize (+ sharpen) the stage input; the prior's own picture where it is not this one (prior_source).
     prior_image = prior_picture(image, stage.size, config)
     image = resize_input(image, stage.size, config, executor.map, progress)
@@ -281,21 +283,50 @@ def run_stage(executor, config: UpscaleConfig, stage: StagePlan, image: Image.Im
                          control)
     bar = tqdm(total=schedule.num_steps, initial=first, disable=not progress, unit="step",
                desc=f"stage {stage.index + 1} {stage.size[0]}x{stage.size[1]} ({len(views)} views)")
-    for step in range(first, schedule.num_steps):
-        step_views = jitter_views(views, *latent_hw, config.jitter,
-                                  np.random.default_rng([config.seed, stage.index, step]))
-        batches = predict_step(executor, shared, latents, step_views, schedule.timestep(step),
-                               schedule.input_scale(step), control)
-        latents = reduce_and_step(latents, batches, step_views, schedule, step, config.blend, config.gaussian_sigma)
+
+    def on_step(done: int, gather) -> None:
         bar.update(1)
         if callback is not None:
-            callback(StepInfo(stage=stage.index, step=step + 1, num_steps=schedule.num_steps,
-                              timestep=schedule.timestep(step), latents=latents,
-                              scheduler_state=kind_of(schedule.scheduler).get_state(schedule.scheduler),
-                              stage_input=None))
+            callback(StepInfo(stage=stage.index, step=done, num_steps=schedule.num_steps,
+                              timestep=schedule.timestep(done - 1), gather=gather, stage_input=None))
+
+    job = DenoiseJob(latents=latents, schedule=schedule, views=views, context=shared, control=control, first=first,
+                     jitter=config.jitter, seed=config.seed, stage=stage.index, blend=config.blend,
+                     sigma_fraction=config.gaussian_sigma, batch_size=executor.batch_size,
+                     dwt_levels=config.dwt_levels, vae_scale_factor=f, snapshot_every=config.snapshot_every,
+                     on_step=on_step)
+    denoise = owners_denoise(executor, config) or (lambda job: denoise_on_driver(executor, job))
+    latents = denoise(job)
     bar.close()
     # 10. Decode with the tiled VAE (on the workers), band by band into 8 bits.
     return sink(decode_bands(executor.map, latents, f, vae_tile_px, config.vae_tile_overlap))
+
+
+def owners_denoise(executor, config: UpscaleConfig):
+    """The executor's loop with the latent on the workers (step_design='actors'), or None: the driver's loop, for
+    an in-process reference, step_design='driver', or a prior that is not local to a row band (a pixel-space prior
+    decodes the whole latent; a non-Haar wavelet's filters reach across bands)."""
+    local_prior = config.prior_space == "latent" and config.wavelet == "haar"
+    if config.step_design != "actors" or not local_prior:
+        return None
+    return getattr(executor, "denoise_on_owners", None)
+
+
+def denoise_on_driver(executor, job: DenoiseJob) -> torch.Tensor:
+    """Step 9 with the whole latent here: each step every view's prediction from the executor (9a), then
+    MultiDiffusion, the prior and ONE scheduler step on the whole latent (:func:`reduce_and_step`)."""
+    schedule, latents = job.schedule, job.latents
+    latent_hw = tuple(latents.shape[-2:])
+    for step in range(job.first, schedule.num_steps):
+        step_views = jitter_views(job.views, *latent_hw, job.jitter, np.random.default_rng([job.seed, job.stage, step]))
+        batches = predict_step(executor, job.context, latents, step_views, schedule.timestep(step),
+                               schedule.input_scale(step), job.control)
+        latents = reduce_and_step(latents, batches, step_views, schedule, step, job.blend, job.sigma_fraction)
+        check_finite_latent(bool(torch.isfinite(latents).all()), job.stage, step)
+        if job.on_step is not None:
+            state = latents  # the callback's gather reads this step's latent and the scheduler's memory now
+            job.on_step(step + 1, lambda: (state, kind_of(schedule.scheduler).get_state(schedule.scheduler)))
+    return latents
 
 
 def encode_negative(executor, negative_prompt: str,

@@ -23,8 +23,20 @@ class LocalExecutor:
 
     start_timeout_s = None  # nothing to place here (a captioner pool uses its own default)
 
-    def __init__(self, worker: ModelWorker, batch_size: int, keep: bool = False):
+    def __init__(self, worker: ModelWorker, batch_size: int, keep: bool = False, owners: int = 0,
+                 bounds: tuple[int, ...] | None = None):
         self.worker, self.batch_size, self.keep = worker, batch_size, keep
+        if owners:  # tests: the step on ``owners`` in-process part owners (any ``bounds``), no Ray
+            self.owners, self.bounds = owners, bounds
+            self.denoise_on_owners = self._denoise_on_owners
+
+    def _denoise_on_owners(self, job):
+        """Step 9 as the Ray driver runs it with step_design='actors' (:mod:`.partloop`), the owners here."""
+        from .partloop import InProcessTransport, PartLoop
+        from .partowner import PartOwner
+
+        owners = {slot: PartOwner(self.worker.predict, slot) for slot in range(self.owners)}
+        return PartLoop(InProcessTransport(owners), job, self.bounds).run()
 
     @property
     def spec(self) -> ModelSpec:

@@ -281,6 +281,88 @@ class WorkerPool:
         self.actors = []
 
 
+class RayTransport:
+    """How :class:`~cupscale_dist.execution.partloop.PartLoop` reaches the pool's workers: ``PartOwner`` calls on the
+    actors (``PipelineWorker.own``), results fetched with the pool's health checks, losses classified."""
+
+    def __init__(self, pool: WorkerPool):
+        self.pool = pool
+        self.slot_of: dict = {}  # object ref -> the slot whose call made it (which worker a failure names)
+
+    def workers(self) -> list[int]:
+        """The slots that take parts now: the live ones (a loaded replacement is admitted here, at a re-layout);
+        with none left, the pool waits for a replacement or stops in one line naming --resume."""
+        pool = self.pool
+        pool._admit_replacements()
+        live = [index for index in range(pool.count) if pool.live[index]]
+        if not live:
+            live = [pool._no_worker_left()]
+        return live
+
+    def submit(self, worker: int, method: str, count: int, *args) -> list:
+        refs = self.pool.actors[worker].own.options(num_returns=count).remote(method, *args)
+        refs = [refs] if count == 1 else list(refs)
+        for ref in refs:
+            self.slot_of[ref] = worker
+        return refs
+
+    def fetch(self, refs: list) -> list:
+        """The values of ``refs``; a worker's node declared dead while waiting, its process gone, or its state lost
+        (restarted by Ray) is a :class:`WorkerLost`; a failure of the model itself is one line."""
+        import ray
+
+        from .partloop import WorkerLost
+
+        slots = sorted({self.slot_of.get(ref) for ref in refs} - {None})
+        pending = list(refs)
+        while pending:
+            _ready, pending = ray.wait(pending, num_returns=len(pending), timeout=HEALTH_POLL_S)
+            for slot in slots:
+                if self.pool.group is not None and (node := self.pool.group.lost_node(slot)):
+                    raise WorkerLost(slot, f"{node} lost")
+        try:
+            return ray.get(list(refs))
+        except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.RayTaskError) as exc:
+            from .partowner import PartsMissing
+
+            slot = self._lost_slot(exc, slots)
+            if slot is None:
+                raise UserError(f"model worker failed in a step on the actors: {root_cause(exc)}") from None
+            restarted = isinstance(getattr(exc, "cause", None), PartsMissing)
+            raise WorkerLost(slot, root_cause(exc), restarted) from None
+        finally:
+            for ref in refs:
+                self.slot_of.pop(ref, None)
+
+    def _lost_slot(self, exc, slots: list[int]) -> int | None:
+        """Which worker a failure means is gone, or None when it is the model's own error."""
+        import ray
+
+        from .partowner import PartsMissing
+
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, PartsMissing) or isinstance(exc, PartsMissing):
+            return getattr(cause, "slot", None)
+        actor_id = getattr(exc, "actor_id", None) or getattr(cause, "actor_id", None)
+        if isinstance(exc, ray.exceptions.RayActorError) or isinstance(cause, ray.exceptions.RayActorError):
+            for slot, actor in enumerate(self.pool.actors):
+                if actor is not None and actor_id and actor._actor_id.hex() == actor_id:
+                    return slot
+            return slots[0] if slots else None
+        if isinstance(exc, ray.exceptions.ObjectLostError) or isinstance(cause, ray.exceptions.ObjectLostError):
+            for slot in slots:
+                if self.pool.group is not None and self.pool.group.lost_node(slot):
+                    return slot
+            return slots[0] if slots else None
+        return None
+
+    def lose(self, lost) -> None:
+        """A worker owning parts is gone: a replacement starts in its bundle (admitted at a later re-layout)."""
+        pool = self.pool
+        if pool.live[lost.slot] and not lost.restarted:  # a process Ray restarted is up: it takes parts again
+            pool.replace(lost.slot, pool.actors[lost.slot], lost.reason, "step")
+
+
 class RayExecutor:
     """The executor of :func:`cupscale_dist.pipeline.upscale` in Ray mode: calls go to a :class:`WorkerPool`."""
 
@@ -288,6 +370,13 @@ class RayExecutor:
         self.pool, self.spec, self.batch_size = pool, spec, batch_size
         self.start_timeout_s = pool.start_timeout_s
         self.keep = keep  # `batch --tile-parallel`, `serve`: one pool serves every image
+        self.bounds: tuple[int, ...] | None = None  # a fixed part layout (tests: uneven parts); None = even bands
+
+    def denoise_on_owners(self, job):
+        """Step 9 with the latent on the workers (step_design='actors'): see :mod:`.partloop`."""
+        from .partloop import PartLoop
+
+        return PartLoop(RayTransport(self.pool), job, self.bounds).run()
 
     def check_serves(self, config) -> None:
         pool = self.pool

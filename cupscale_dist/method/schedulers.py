@@ -10,7 +10,9 @@ published SDXL and SD1.5 configs set both to False; those are the defaults here,
 
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -151,10 +153,41 @@ def make_scheduler(kind: str, scheduler_config: Mapping, *, timestep_spacing: st
     return getattr(diffusers, adapter.class_name).from_config(options)
 
 
-def step_generator(seed: int, stage: int, step: int) -> torch.Generator:
-    """The noise a stochastic scheduler's step draws: from the seed, per stage and step, so a resumed run and any
-    actor count draw the same (nothing carried between steps)."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + stage * 10_007 + step * 101 + 7)
+def step_noise(seed: int, stage: int, step: int, shape, row0: int = 0) -> torch.Tensor:
+    """The noise a stochastic scheduler's step draws (TCD, LCM), for latent rows ``row0 ..`` of a latent of
+    ``shape`` (1, C, rows, W): each latent row from its own generator seeded by (seed, stage, step, row), so a
+    resumed run, any actor count and any split of the latent into row bands (method/parts.py) draw the same values
+    for the same pixel, with nothing carried between steps."""
+    _, channels, rows, width = shape
+    out = torch.empty(shape, dtype=torch.float32)
+    generator = torch.Generator()
+    for row in range(rows):
+        generator.manual_seed(seed * 1_000_003 + stage * 10_007 + step * 101 + 7 + (row0 + row) * 7_919_113)
+        out[0, :, row] = torch.randn((channels, width), generator=generator)
+    return out
+
+
+@contextlib.contextmanager
+def supplied_noise(scheduler, noise: torch.Tensor):
+    """While stepping ``scheduler``, its own ``randn_tensor`` returns ``noise``: the scheduler's formula with the
+    noise of :func:`step_noise` (diffusers draws it inside ``step`` from a generator over the tensor it is given,
+    which would tie the values to the shape of a worker's band)."""
+    module = sys.modules[type(scheduler).__module__]
+    original = getattr(module, "randn_tensor", None)
+    if original is None:
+        yield
+        return
+
+    def drawn(shape, generator=None, device=None, dtype=None, layout=None):
+        if tuple(shape) != tuple(noise.shape):
+            raise ValueError(f"supplied noise of shape {tuple(noise.shape)} for a draw of {tuple(shape)}")
+        return noise.to(device=device, dtype=dtype)
+
+    module.randn_tensor = drawn
+    try:
+        yield
+    finally:
+        module.randn_tensor = original
 
 
 def flow_shift_mu(scheduler_config: Mapping, image_tokens: int | None) -> float:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .attention import RegionalAttention
-from .schedulers import kind_of, step_generator
+from .schedulers import kind_of, step_noise, supplied_noise
 from .prior import (GlobalPrior, inject_global_prior, inject_global_prior_flow, inject_global_prior_zt, noise_level,
                     prior_weight)
 
@@ -119,6 +119,40 @@ def window_weights(height: int, width: int, blend: str, sigma_fraction: float) -
     return torch.exp(-(ys[:, None] ** 2 / (2 * (sigma_fraction * height) ** 2) + xs[None] ** 2 / (2 * (sigma_fraction * width) ** 2)))
 
 
+def add_view(total: torch.Tensor, weight: torch.Tensor, rect, rows: tuple[int, int], prediction: torch.Tensor,
+             window: torch.Tensor | None, row0: int = 0) -> None:
+    """Adds one view's prediction over latent rows ``rows`` (global, within the view) into ``total`` / ``weight``,
+    whose first row is global row ``row0`` (method.md 9b).
+
+    The one accumulation of MultiDiffusion, for the whole latent (``row0`` 0, the whole view) and for a worker's row
+    band (the rows of the view inside it): each pixel gets the same elementwise operations in the same order (its
+    views in global view order), so a part holds the whole latent's bytes for its rows (method/parts.py).
+    """
+    top, left, bottom, right = (int(v) for v in rect)
+    lo, hi = rows
+    target = (slice(lo - row0, hi - row0), slice(left, right))
+    if window is None:
+        total[(..., *target)] += prediction
+        weight[target] += 1.0
+    else:
+        w = window[lo - top : hi - top]
+        total[(..., *target)] += prediction * w
+        weight[target] += w
+
+
+class ViewWindows:
+    """Each view size's blend window, made once (:func:`window_weights`): one per size, not per view."""
+
+    def __init__(self, blend: str, sigma_fraction: float):
+        self.blend, self.sigma_fraction, self.cache = blend, sigma_fraction, {}
+
+    def __call__(self, rect) -> torch.Tensor | None:
+        size = (int(rect[2] - rect[0]), int(rect[3] - rect[1]))
+        if size not in self.cache:
+            self.cache[size] = window_weights(*size, self.blend, self.sigma_fraction)
+        return self.cache[size]
+
+
 def reduce_predictions(batches: Iterable[tuple[Sequence[int], torch.Tensor]], views: np.ndarray,
                        latent_shape: Sequence[int], blend: str = "uniform", sigma_fraction: float = 0.3) -> torch.Tensor:
     """MultiDiffusion (method.md 9b): per-pixel weighted sum of view predictions / per-pixel weight.
@@ -128,20 +162,11 @@ def reduce_predictions(batches: Iterable[tuple[Sequence[int], torch.Tensor]], vi
     """
     total = torch.zeros(latent_shape, dtype=torch.float32)
     weight = torch.zeros(latent_shape[-2:], dtype=torch.float32)
-    windows: dict[tuple[int, int], torch.Tensor | None] = {}  # one window per view size, not per view
+    windows = ViewWindows(blend, sigma_fraction)
     for view_ids, predictions in batches:
         for k, view in enumerate(view_ids):
-            top, left, bottom, right = (int(v) for v in views[view])
-            size = (bottom - top, right - left)
-            if size not in windows:
-                windows[size] = window_weights(*size, blend, sigma_fraction)
-            w = windows[size]
-            if w is None:
-                total[..., top:bottom, left:right] += predictions[k]
-                weight[top:bottom, left:right] += 1.0
-            else:
-                total[..., top:bottom, left:right] += predictions[k] * w
-                weight[top:bottom, left:right] += w
+            rect = views[view]
+            add_view(total, weight, rect, (int(rect[0]), int(rect[2])), predictions[k], windows(rect))
     return total / weight
 
 
@@ -157,7 +182,7 @@ class StageSchedule:
     prior_schedule: str
     codec: object | None = None  # prior_space='pixel': decode/encode around the low-band swap
     prior_scale: float = 1.0  # peak prior weight (config.prior_scale; resemblance sets it)
-    seed: int = 0  # with ``stage``: the noise of a stochastic scheduler's steps (schedulers.step_generator)
+    seed: int = 0  # with ``stage``: the noise of a stochastic scheduler's steps (schedulers.step_noise)
     stage: int = 0
 
     @property
@@ -172,10 +197,31 @@ class StageSchedule:
         return kind_of(self.scheduler).input_scale(self.scheduler, self.timestep(step))
 
 
+def check_finite_latent(finite: bool, stage: int, step: int) -> None:
+    """Stop in one line when a step left NaN or inf in the latent: the picture would be black with exit 0."""
+    if not finite:
+        from ..errors import UserError
+
+        raise UserError(f"stage {stage + 1}, step {step + 1}: the latent is no longer finite (NaN or inf); likely "
+                        "causes: a LoRA or ControlNet with huge weights or scale, a model file with NaN/inf weights, "
+                        "float16 overflow (use --dtype bfloat16 or float32)")
+
+
 def reduce_and_step(latents: torch.Tensor, batches: Iterable[tuple[Sequence[int], torch.Tensor]], views: np.ndarray,
                     schedule: StageSchedule, step: int, blend: str = "uniform", sigma_fraction: float = 0.3) -> torch.Tensor:
     """One denoising step of the whole latent from its views' predictions (method.md 9b-9c) -> next latent."""
     eps = reduce_predictions(batches, views, latents.shape, blend, sigma_fraction)
+    return prior_and_step(latents, eps, schedule, step)
+
+
+def prior_and_step(latents: torch.Tensor, eps: torch.Tensor, schedule: StageSchedule, step: int,
+                   row0: int = 0) -> torch.Tensor:
+    """9c and the step: the global prior on the reduced prediction, then ONE scheduler step -> next latent.
+
+    ``latents`` / ``eps`` are the whole latent, or a worker's row band starting at global row ``row0`` with
+    ``schedule`` holding that band's prior and its own scheduler (method/parts.py): every operation here is
+    elementwise (the Haar prior on 2^J-aligned blocks), so a band gets the whole latent's bytes for its rows.
+    """
     weight = schedule.prior_scale * prior_weight(step, schedule.num_steps, schedule.prior_fraction,
                                                  schedule.prior_schedule)
     if weight > 0 and schedule.prior_target == "x0":
@@ -184,10 +230,12 @@ def reduce_and_step(latents: torch.Tensor, batches: Iterable[tuple[Sequence[int]
             eps = inject_global_prior_flow(eps, latents, schedule.prior, weight, sigma, schedule.codec)
         else:
             eps = inject_global_prior(eps, latents, schedule.prior, weight, alpha, sigma, schedule.codec)
-    options = {}
-    if kind_of(schedule.scheduler).stochastic:  # drawn from the seed per step: any actor count, resumed or not
-        options["generator"] = step_generator(schedule.seed, schedule.stage, schedule.start_index + step)
-    latents = schedule.scheduler.step(eps, schedule.timestep(step), latents, **options).prev_sample
+    if kind_of(schedule.scheduler).stochastic:  # drawn from the seed per step and row: any layout, resumed or not
+        noise = step_noise(schedule.seed, schedule.stage, schedule.start_index + step, latents.shape, row0)
+        with supplied_noise(schedule.scheduler, noise):
+            latents = schedule.scheduler.step(eps, schedule.timestep(step), latents).prev_sample
+    else:
+        latents = schedule.scheduler.step(eps, schedule.timestep(step), latents).prev_sample
     if weight > 0 and schedule.prior_target == "zt":
         alpha, sigma = noise_level(schedule.scheduler, schedule.start_index + step + 1)
         latents = inject_global_prior_zt(latents, schedule.prior, weight, alpha, sigma)

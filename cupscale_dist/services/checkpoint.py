@@ -60,7 +60,8 @@ class Checkpointer:
             state["stage_input"].save(buffer, format="PNG")
             self.stage_input = buffer.getvalue()
         elif state["step"] % self.every == 0 or state["step"] == state["num_steps"]:
-            self.write(state["stage"], state["step"], state["latents"], state["scheduler_state"])
+            latents, scheduler_state = state["gather"]()  # with the latent on the workers: gathered here
+            self.write(state["stage"], state["step"], latents, scheduler_state)
 
     def write(self, stage: int, step: int, latents: torch.Tensor, scheduler_state: dict | None = None) -> None:
         payload = {"config_hash": self.config_hash, "input_sha": self.input_sha, "stage": stage, "step": step,

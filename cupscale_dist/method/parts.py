@@ -1,0 +1,208 @@
+"""The stage latent in row bands ("parts") owned by the workers (issue 34, docs/distributed.md "The step on the
+actors"): which rows each part holds, which view batches each worker predicts, what moves between workers at a
+step, and the per-part blend that gives the whole latent's bytes.
+
+Why the bytes do not depend on the layout (any worker count, any bounds): every per-pixel operation of a step is
+elementwise (the blend's sums and its division, the Haar prior on 2^J-aligned blocks, the scheduler's step), and a
+pixel's contributions are summed in global view order wherever it lives (:func:`cupscale_dist.method.step.add_view`
+is the one accumulation, for the whole latent and for a part). View batches stay the fixed units of the reference
+(``view_batches``), so each batch's predictions are the reference's too.
+
+Pure: numpy/torch in, numpy/torch out; the worker side is :class:`cupscale_dist.execution.partowner.PartOwner`, the
+driver side :mod:`cupscale_dist.execution.partloop`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import torch
+
+from .step import ViewWindows, add_view
+from .views import jitter_views, view_batches
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Who owns what
+# ---------------------------------------------------------------------------------------------------------------
+def split_rows(height: int, count: int, align: int) -> tuple[int, ...]:
+    """Bounds of ``count`` row bands over ``height`` latent rows, as even as multiples of ``align`` allow
+    (``align`` = 2^J: the Haar prior's blocks never straddle two parts). Fewer bands when rows run out."""
+    blocks = height // align
+    count = max(1, min(count, blocks))
+    return tuple(int(round(k * blocks / count)) * align for k in range(count)) + (height,)
+
+
+@dataclass(frozen=True)
+class StageLayout:
+    """One stage's split of the latent among workers, and everything a worker needs to plan a step alone.
+
+    Part ``p`` holds rows ``[bounds[p], bounds[p + 1])`` and lives on worker slot ``owners[p]``; the view batches
+    (``view_batches(len(views), batch_size)``, the reference's units) are dealt to the workers in contiguous runs,
+    in the row order of their first part, so each worker predicts views near the rows it holds.
+    """
+
+    bounds: tuple[int, ...]
+    owners: tuple[int, ...]  # worker slot of each part
+    views: np.ndarray  # (N, 4) the stage's views before jitter
+    latent_hw: tuple[int, int]
+    batch_size: int
+    jitter: int = 0
+    seed: int = 0
+    stage: int = 0
+
+    def __post_init__(self):
+        if len(self.bounds) != len(self.owners) + 1 or self.bounds[0] != 0 or self.bounds[-1] != self.latent_hw[0]:
+            raise ValueError(f"layout bounds {self.bounds} do not cover {self.latent_hw[0]} rows in "
+                             f"{len(self.owners)} parts")
+        if any(b <= a for a, b in zip(self.bounds, self.bounds[1:])):
+            raise ValueError(f"layout bounds {self.bounds} hold an empty part")
+
+    @classmethod
+    def even(cls, workers: list[int], views: np.ndarray, latent_hw, batch_size: int, align: int,
+             **options) -> StageLayout:
+        """One part per worker, even row bands aligned to ``align`` (fewer workers own parts when rows run out)."""
+        bounds = split_rows(latent_hw[0], len(workers), align)
+        return cls(bounds, tuple(workers[: len(bounds) - 1]), views, tuple(latent_hw), batch_size, **options)
+
+    # -- parts ----------------------------------------------------------------------------------------------
+    @property
+    def num_parts(self) -> int:
+        return len(self.owners)
+
+    def rows(self, part: int) -> tuple[int, int]:
+        return self.bounds[part], self.bounds[part + 1]
+
+    @cached_property
+    def workers(self) -> tuple[int, ...]:
+        """The slots that own parts, in the row order of their first part."""
+        return tuple(dict.fromkeys(self.owners))
+
+    def parts_of(self, worker: int) -> list[int]:
+        return [p for p, owner in enumerate(self.owners) if owner == worker]
+
+    def parts_in(self, lo: int, hi: int) -> list[int]:
+        """Parts holding any of rows ``[lo, hi)``."""
+        return [p for p in range(self.num_parts) if self.bounds[p] < hi and lo < self.bounds[p + 1]]
+
+    # -- work --------------------------------------------------------------------------------------------------
+    @cached_property
+    def batches(self) -> list[range]:
+        return view_batches(len(self.views), self.batch_size)
+
+    @cached_property
+    def batch_worker(self) -> np.ndarray:
+        """The worker slot of each batch: contiguous, balanced runs over :attr:`workers`."""
+        count, workers = len(self.batches), self.workers
+        runs = np.floor(np.arange(count) * len(workers) / count).astype(int)
+        return np.asarray([workers[r] for r in runs], dtype=np.int64)
+
+    def batches_of(self, worker: int) -> list[range]:
+        return [batch for batch, w in zip(self.batches, self.batch_worker) if w == worker]
+
+    def rects(self, step: int) -> np.ndarray:
+        """The views at ``step``: jittered from the seed exactly as the reference does (method.md step 5)."""
+        return jitter_views(self.views, *self.latent_hw, self.jitter,
+                            np.random.default_rng([self.seed, self.stage, step]))
+
+    # -- what moves at a step ----------------------------------------------------------------------------------
+    def reach(self, worker: int, rects: np.ndarray) -> tuple[int, int] | None:
+        """Rows ``[lo, hi)`` the views of ``worker``'s batches cover at a step (None: it predicts nothing)."""
+        ids = [i for batch in self.batches_of(worker) for i in batch]
+        if not ids:
+            return None
+        return int(rects[ids, 0].min()), int(rects[ids, 2].max())
+
+    def halo(self, step: int) -> dict[tuple[int, int], list[tuple[int, int, int]]]:
+        """What each worker reads of others' parts at ``step``: ``{(source, reader): [(part, lo, hi), ...]}``."""
+        rects, moves = self.rects(step), defaultdict(list)
+        for reader in self.workers:
+            span = self.reach(reader, rects)
+            if span is None:
+                continue
+            for part in self.parts_in(*span):
+                source = self.owners[part]
+                if source != reader:
+                    a, b = self.rows(part)
+                    moves[(source, reader)].append((part, max(a, span[0]), min(b, span[1])))
+        return dict(moves)
+
+    def contributions(self, step: int) -> set[tuple[int, int]]:
+        """``(predictor, owner)`` pairs whose predictions cross workers at ``step``."""
+        rects, pairs = self.rects(step), set()
+        for batch, worker in zip(self.batches, self.batch_worker):
+            for view in batch:
+                for part in self.parts_in(int(rects[view, 0]), int(rects[view, 2])):
+                    if self.owners[part] != worker:
+                        pairs.add((int(worker), self.owners[part]))
+        return pairs
+
+    def memory(self, channels: int, step: int = 0) -> dict[int, dict[str, int]]:
+        """Bytes each worker holds at ``step``: its parts, the halo rows it reads (float32); what ``--dry-run``
+        prints per actor."""
+        width, row_bytes = self.latent_hw[1], channels * self.latent_hw[1] * 4
+        halo = self.halo(step)
+        out = {}
+        for worker in self.workers:
+            own = sum(self.rows(p)[1] - self.rows(p)[0] for p in self.parts_of(worker))
+            read = sum(hi - lo for (src, dst), moves in halo.items() if dst == worker for _, lo, hi in moves)
+            out[worker] = {"part_rows": own, "part_bytes": own * row_bytes, "halo_rows": read,
+                           "halo_bytes": read * row_bytes, "width": width}
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The blend of one part
+# ---------------------------------------------------------------------------------------------------------------
+Contribution = tuple[int, np.ndarray, int, int, np.ndarray]  # (view id, rect (4,), row lo, row hi, prediction rows)
+
+
+def crop_rows(view: int, rect: np.ndarray, prediction: np.ndarray, lo: int, hi: int) -> Contribution:
+    """The rows ``[lo, hi)`` (global) of one view's prediction ``(C, h, w)``, as a contribution to a part."""
+    top = int(rect[0])
+    return view, np.asarray(rect), lo, hi, np.ascontiguousarray(prediction[:, lo - top : hi - top])
+
+
+def reduce_part(contributions: list[Contribution], rows: tuple[int, int], shape: tuple[int, ...], blend: str,
+                sigma_fraction: float) -> torch.Tensor:
+    """MultiDiffusion for one part (method.md 9b): the contributions summed in global view order -> ``eps`` of
+    rows ``[lo, hi)``, bit for bit the whole latent's ``reduce_predictions`` there."""
+    lo, hi = rows
+    total = torch.zeros((*shape[:-2], hi - lo, shape[-1]), dtype=torch.float32)
+    weight = torch.zeros((hi - lo, shape[-1]), dtype=torch.float32)
+    windows = ViewWindows(blend, sigma_fraction)
+    for view, rect, a, b, prediction in sorted(contributions, key=lambda c: c[0]):
+        add_view(total, weight, rect, (a, b), torch.from_numpy(np.asarray(prediction)), windows(rect), row0=lo)
+    if not torch.all(weight > 0):
+        raise ValueError(f"rows {lo}..{hi}: some pixels got no view's prediction")
+    return total / weight
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A multistep scheduler's memory, split and joined by rows
+# ---------------------------------------------------------------------------------------------------------------
+def slice_state(state, lo: int, hi: int, height: int):
+    """A scheduler's carried state (``SchedulerKind.get_state``) cut to rows ``[lo, hi)``: latent-shaped tensors
+    (rows = ``height``) are cut, everything else is kept as it is."""
+    if isinstance(state, dict):
+        return {k: slice_state(v, lo, hi, height) for k, v in state.items()}
+    if isinstance(state, list):
+        return [slice_state(v, lo, hi, height) for v in state]
+    if isinstance(state, torch.Tensor) and state.dim() == 4 and state.shape[-2] == height:
+        return state[..., lo:hi, :].clone()
+    return state
+
+
+def join_states(states: list):
+    """The inverse of :func:`slice_state` over the parts in row order."""
+    first = states[0]
+    if isinstance(first, dict):
+        return {k: join_states([s[k] for s in states]) for k in first}
+    if isinstance(first, list):
+        return [join_states([s[i] for s in states]) for i in range(len(first))]
+    if isinstance(first, torch.Tensor) and first.dim() == 4:
+        return torch.cat(states, dim=-2)
+    return first
