@@ -32,6 +32,12 @@ MAX_SHOWN = 60  # characters of a bad cell quoted in its error row: enough to fi
 HIDDEN_INPUT = "hidden file (a name in its path starts with '.'), skipped; rename it to upscale it"
 
 
+# A folder or glob is a boundary: a symlink in it that leads out (to ~/.ssh, another user's photos) is not followed,
+# or `cupscale batch --input shared/` would read, upscale and copy into --output whatever a link points at (issue 35).
+SYMLINK_OUT = ("a symlink to a file outside the input folder, skipped; copy the file into the folder, or list it in "
+               "a parquet --input to upscale it")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 1. Inputs
 # ---------------------------------------------------------------------------------------------------------------
@@ -85,6 +91,10 @@ def list_inputs(spec: str, output_dir: Path, produced: Iterable[str] = ()) -> li
     for item in items if path.is_dir() else []:  # a glob names hidden files only on purpose; a folder finds debris too
         if any(part.startswith(".") for part in PurePosixPath(item.rel).parts):
             item.error = f"input {item.input_path}: {HIDDEN_INPUT}"
+    real_root = root.resolve()  # the folder itself may be a link: what it leads to is the boundary
+    for item in items if not path.is_file() else []:  # one file named on its own is the user's explicit choice
+        if item.error is None and not is_inside(Path(item.input_path).resolve(), real_root):
+            item.error = f"input {item.input_path}: {SYMLINK_OUT}"
     return items
 
 

@@ -4,18 +4,23 @@ finish), what is already done, and the lock that gives an output folder to one b
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ...files.atomic import atomic_file
-from ...errors import UserError
+from ...errors import UserError, shown
 from ...files.folderlock import hold_lock_file
+from ...files.userfile import check_regular_file, kind_problem, named
 from .inputs import Item
+
+
+log = logging.getLogger(__name__)
 
 
 MANIFEST_NAME = "manifest.parquet"
@@ -60,6 +65,46 @@ MANIFEST_SCHEMA = pa.schema([
 ])
 
 
+MAX_JOURNAL_LINE = 1 << 20  # bytes of one journal row: paths and two prompts (16 KiB each at most) are far under
+INT_RANGES = {pa.int32(): 2**31, pa.int64(): 2**63}  # what a parquet column of the type holds
+
+
+def value_problem(name: str, value: object) -> str | None:
+    """Why ``value`` can't be the manifest column ``name`` (its type in :data:`MANIFEST_SCHEMA`), or None."""
+    if value is None:
+        return None if name != "input_path" else "input_path is missing"
+    kind = MANIFEST_SCHEMA.field(name).type
+    if kind == pa.string():
+        fits = isinstance(value, str) and "\0" not in value
+    elif kind in INT_RANGES:
+        fits = type(value) is int and -INT_RANGES[kind] <= value < INT_RANGES[kind]
+    else:  # float64: a number, finite or not
+        fits = type(value) in (int, float)
+    return None if fits else f"{name} is {shown(value)} (expected {kind})"
+
+
+def is_output_path(name: str) -> bool:
+    """A recorded output name the batch may trust: relative, inside the output folder, a PNG."""
+    path = PurePosixPath(name)
+    return not path.is_absolute() and ".." not in path.parts and name.endswith(".png") and "\0" not in name
+
+
+def clean_row(row: object, where: str, fix: str) -> dict:
+    """``row`` as a manifest row: its columns only, each of its type (else one UserError saying ``where`` and ``fix``),
+    and an ``output_path`` outside the output folder dropped: a row is a claim, never a path to trust."""
+    if not isinstance(row, dict):
+        raise UserError(f"{where} holds a row that is {shown(row)}, not an object; {fix}")
+    row = {name: row.get(name) for name in MANIFEST_SCHEMA.names}
+    problem = next(filter(None, (value_problem(name, value) for name, value in row.items())), None)
+    if problem:
+        raise UserError(f"{where} holds a row whose {problem}; {fix}")
+    if row["output_path"] is not None and not is_output_path(row["output_path"]):
+        log.warning("%s: the row of %s names an output outside the output folder (%s); ignored, the input is redone",
+                    where, shown(row["input_path"]), shown(row["output_path"]))
+        row["output_path"] = None
+    return row
+
+
 def is_done(item: Item, row: dict | None, output_dir: Path, retry_errors: bool) -> bool:
     """Same config hash and same input file, and either written (file present) or a bad input (kept unless retried)."""
     if row is None or row.get("config_hash") != item.config_hash:
@@ -87,12 +132,21 @@ def read_manifest(path: Path) -> dict[str, dict]:
     """``{input_path: row}`` of an existing manifest (empty if there is none), with the rows of its journal
     (a run that was killed) on top: they are newer than the parquet."""
     rows = {}
-    if path.exists():
+    what, fix = named(f"manifest {path}"), "move it away to start over (finished outputs are kept and redone)"
+    if path.exists() or path.is_symlink():
+        check_regular_file(path, what, fix)  # a folder reads as a parquet dataset, a FIFO would block
         try:
-            rows = {row["input_path"]: row for row in pq.read_table(path).to_pylist()}
-        except (OSError, pa.ArrowException, KeyError) as exc:
-            raise UserError(f"manifest {path} is unreadable ({str(exc).splitlines()[0]}); move it away to start "
-                            "over") from None
+            table = pq.read_table(path)
+        except (OSError, pa.ArrowException) as exc:
+            reason = (str(exc).splitlines() or [type(exc).__name__])[0][:80]
+            raise UserError(f"{what} is unreadable ({reason}); {fix}") from None
+        for name in table.column_names:
+            if name in MANIFEST_SCHEMA.names and table.schema.field(name).type != MANIFEST_SCHEMA.field(name).type:
+                raise UserError(f"{what} has a column {name} of type {table.schema.field(name).type} (expected "
+                                f"{MANIFEST_SCHEMA.field(name).type}); {fix}")
+        if "input_path" not in table.column_names:
+            raise UserError(f"{what} has no input_path column; {fix}")
+        rows = {row["input_path"]: row for row in (clean_row(r, what, fix) for r in table.to_pylist())}
     rows.update((row["input_path"], row) for row in Journal(path.parent).rows())
     return rows
 
@@ -114,16 +168,38 @@ class Journal:
             os.fsync(handle.fileno())
 
     def rows(self) -> list[dict]:
-        """Every complete line, oldest file first (a line cut short by a kill is skipped: that row is redone)."""
-        files = sorted(self.directory.glob("*.jsonl"), key=lambda p: p.stat().st_mtime_ns) if self.directory.is_dir() else []
+        """Every complete line, oldest file first (a line cut short by a kill is skipped: that row is redone), each a
+        manifest row (:func:`clean_row`). A file that is no journal (a folder, a FIFO) or a line that is no row (deep
+        JSON, wrong types, over :data:`MAX_JOURNAL_LINE`) poisons every rerun: one UserError naming the file and how
+        to clear it."""
+        if not self.directory.is_dir():
+            if self.directory.exists() or self.directory.is_symlink():  # a file there: appends would fail later
+                raise UserError(f"{named(f'batch journal folder {self.directory}')} is not a folder; delete it "
+                                "(rm it; it holds no finished rows)")
+            return []
+        files = sorted(self.directory.glob("*.jsonl"), key=lambda p: p.lstat().st_mtime_ns)
         rows = []
         for path in files:
-            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-                try:
-                    rows.append(json.loads(line))
-                except ValueError:
-                    continue
-        return [row for row in rows if isinstance(row, dict) and isinstance(row.get("input_path"), str)]
+            what = f"batch journal {shown(path.name)}"  # the fix names the whole path, once
+            fix = f"delete it to clear it: rm '{path}' (the rows it holds are redone)"
+            problem = kind_problem(path.lstat().st_mode) if not path.is_symlink() else "is a symlink, not a file"
+            if problem:
+                raise UserError(f"{what} {problem}; {fix}")
+            with open(path, "rb") as handle:
+                lines = iter(lambda: handle.readline(MAX_JOURNAL_LINE + 1), b"")
+                for number, line in enumerate(lines, 1):
+                    if len(line) > MAX_JOURNAL_LINE:
+                        raise UserError(f"{what}: line {number} is over {MAX_JOURNAL_LINE} bytes, which no row is; {fix}")
+                    if not line.endswith(b"\n"):
+                        continue  # cut short by a kill: that row is redone
+                    try:
+                        row = json.loads(line.decode("utf-8"))
+                    except RecursionError:
+                        raise UserError(f"{what}: line {number} is JSON nested too deeply to be a row; {fix}") from None
+                    except ValueError:
+                        continue  # a line a kill left half-written before the next append: that row is redone
+                    rows.append(clean_row(row, f"{what}: line {number}", fix))
+        return rows
 
     def clear(self) -> None:
         """After the rows are in the parquet."""
