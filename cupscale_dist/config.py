@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -19,6 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from .errors import UserError
+from .errors import shown as errors_shown
 from .files.userfile import read_capped
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"  # the `configs` package (presets as data)
@@ -31,6 +33,20 @@ MAX_CONFIG_BYTES = 64 << 10  # a config of every knob with long prompts is a few
 MAX_YAML_DEPTH = 16  # a knob value nests once ([W, H], a list of LoRAs); PyYAML recurses once per level
 MAX_KNOB_INT = 2**63  # no knob means an int this big; numpy, torch and Ray hold 64 bits
 SHOWN_CHARS = 40  # an error line shows at most this much of a bad value (it may be megabytes)
+# Sane ranges of the scales that multiply what a model predicts (issue 35): past them nothing better comes out, and far
+# past them the extrapolation overflows into an all-black picture (guidance_scale=1e308, --lora FILE:1e30).
+GUIDANCE_SCALE_MAX = 30.0  # SDXL is run at 3-12 (DemoFusion 7.5, FLUX.1-dev's embedded 3.5); A1111's CFG slider ends at 30
+TRUE_CFG_MAX = 30.0  # the same CFG formula as guidance_scale; diffusers' Flux true_cfg_scale examples use 1.5-4
+LORA_SCALE_RANGE = (-5.0, 5.0)  # style LoRAs run at 0.3-1.5, slider LoRAs at about -3..3; past 5 the delta swamps the weights
+CONTROLNET_SCALE_RANGE = (0.0, 2.0)  # diffusers' controlnet_conditioning_scale is used at 0.3-1 (default 1); 2 = twice the trained residual
+# Schedulers whose diffusers class (0.42.1) has `use_karras_sigmas`: DDIM, TCD and LCM have none, so karras_sigmas would
+# change nothing but the metadata.
+KARRAS_SCHEDULERS = ("euler", "dpmpp_2m")
+# Bounds on what a plan builds, not only on its output (issue 35: `--size 268435456x1` planned 22 stages up to 17.2 Gpx,
+# ~885 GB of host memory and 8.4 M UNet evaluations). Defaults: the 16K presets with room to spare.
+MAX_STAGE_PIXELS = 16448 * 16448  # the 16K preset's last stage (16384 px a side) with one 64-px rounding step per side
+MAX_PLAN_MEMORY_MB = 16 << 10  # the 16K presets plan 1.9 GB (SDXL) / 3.1 GB (FLUX.1) of host buffers; 16 GiB is a small node
+MAX_MODEL_EVALUATIONS = 1_000_000  # 4x a 1K -> 16K SDXL run at strength 1 and 100 steps (248,800): a day on one H100
 
 
 def knob(default: Any, why: str, **limits: Any) -> Any:
@@ -60,9 +76,10 @@ class UpscaleConfig:
         "euler", "SDXL's default sampler; 'ddim' the VP alternative; 'dpmpp_2m' DPM-Solver++(2M), the most used SDXL "
         "sampler; 'tcd'/'lcm' for distilled few-step LoRAs (Hyper-SD, TCD, LCM)")
     timestep_spacing: Literal["leading", "trailing", "linspace"] | None = knob(
-        None, "None = the model's scheduler config ('leading' for SDXL); 'trailing' is what few-step distilled "
-        "models (SDXL-Lightning, Hyper-SD) were trained with")
-    karras_sigmas: bool = knob(False, "Karras sigma spacing for euler/dpmpp_2m (A1111's and ComfyUI's 'Karras')")
+        None, "None (or 'none') = the model's scheduler config ('leading' for SDXL); 'trailing' is what few-step "
+        "distilled models (SDXL-Lightning, Hyper-SD) were trained with")
+    karras_sigmas: bool = knob(False, "Karras sigma spacing for euler/dpmpp_2m (A1111's and ComfyUI's 'Karras'); the "
+                               "other schedulers have none")
     weights: Literal["full", "fp8", "offload"] = knob(
         "full", "how each worker holds the model: 'fp8' stores UNet/ControlNet/text-encoder weights as float8 (about "
         "half of bf16, computed in dtype), 'offload' keeps them in CPU memory and streams blocks onto the GPU")
@@ -83,7 +100,8 @@ class UpscaleConfig:
     controlnet: str | None = knob(None, "ControlNet tile model (local dir or hub id); each view gets its own crop "
                                   "of the stage input as the control image")
     controlnet_scale: float = knob(0.6, "ControlNet residual scale; a guess: under 1 the tile model guides the "
-                                   "layout without pinning every pixel (resemblance sets it)", min=0.0, max=2.0)
+                                   "layout without pinning every pixel (resemblance sets it)",
+                                   min=CONTROLNET_SCALE_RANGE[0], max=CONTROLNET_SCALE_RANGE[1])
 
     # --- 1. resize ---------------------------------------------------------------------------------------
     resize: Literal["bicubic", "lanczos", "model"] = knob(
@@ -100,7 +118,8 @@ class UpscaleConfig:
     # --- 4. start point ----------------------------------------------------------------------------------
     steps: int = knob(30, "T, scheduler steps of a full run (method.md step 4)", min=1, max=1000)
     strength: float = knob(0.6, "s: start at S = round(s*T) remaining steps; more = more new detail", min=0.0, max=1.0)
-    guidance_scale: float = knob(7.5, "CFG scale used by DemoFusion/AccDiffusion at high resolution", min=0.0)
+    guidance_scale: float = knob(7.5, "CFG scale used by DemoFusion/AccDiffusion at high resolution", min=0.0,
+                                 max=GUIDANCE_SCALE_MAX)
 
     # --- 3./9c. global structure prior --------------------------------------------------------------------
     wavelet: str = knob("haar", "Haar: exact 2x2 low band, fast torch path on any device")
@@ -154,7 +173,7 @@ class UpscaleConfig:
         "global", "Flux RoPE ids of a view's tokens: 'global' adds the view's offset in the stage latent so each view "
         "knows where it sits; 'local' restarts at 0 per tile, as peers do (repeated objects, seams)")
     true_cfg: float = knob(1.0, "Flux: real CFG with negative_prompt above 1 (two passes per view); FLUX.1-dev's "
-                           "guidance_scale is an input embedding, one pass", min=1.0)
+                           "guidance_scale is an input embedding, one pass", min=1.0, max=TRUE_CFG_MAX)
     max_sequence_length: int = knob(512, "Flux: T5 tokens per prompt; FLUX.1-dev was trained with 512 (schnell's "
                                     "pipeline uses 256); capped at the tokenizer's own length", min=1, max=512)
     flow_shift_tokens: Literal["view", "stage"] = knob(
@@ -167,10 +186,18 @@ class UpscaleConfig:
     max_input_pixels: int = knob(4096 * 4096, "refuse bigger inputs (decompression bombs)", min=1)
     min_input_side: int = knob(16, "refuse degenerate inputs such as 1x1", min=1)
     max_output_pixels: int = knob(16384 * 16384, "refuse bigger outputs (a typo in --size); the 16K preset's output", min=1)
+    max_stage_pixels: int = knob(MAX_STAGE_PIXELS, "refuse a plan with a bigger stage: a thin --size plans stages "
+                                 "far over the output (64-px rounding); the 16K preset's last stage", min=1)
+    max_plan_memory_mb: int = knob(MAX_PLAN_MEMORY_MB, "refuse a plan whose stage holds more host memory (latent "
+                                   "buffers and pixels, as --dry-run estimates); the 16K presets plan 1.9-3.1 GB", min=1)
+    max_model_evaluations: int = knob(MAX_MODEL_EVALUATIONS, "refuse a plan of more UNet/transformer evaluations; "
+                                      "4x a 1K -> 16K run at strength 1 and 100 steps", min=1)
 
     def __post_init__(self) -> None:
         if isinstance(self.variant, str) and self.variant.lower() in ("", "none", "null"):
             self.variant = None  # `--set variant=none`: the full-precision files
+        if isinstance(self.timestep_spacing, str) and self.timestep_spacing.lower() in ("none", "null"):
+            self.timestep_spacing = None  # `--set timestep_spacing=none`: back to the model's own (None means "keep")
         for f in fields(self):
             setattr(self, f.name, _coerce(f.name, f.type, getattr(self, f.name)))
             value, lo, hi = getattr(self, f.name), f.metadata.get("min"), f.metadata.get("max")
@@ -203,6 +230,12 @@ class UpscaleConfig:
         if self.weights == "offload" and self.device == "cpu":
             raise UserError("config: weights=offload streams blocks from CPU memory onto a GPU, and device=cpu has "
                             "none; use weights=full or weights=fp8 (fp8 also runs on CPU)")
+        for entry in self.lora:
+            check_lora_scale(entry)
+        if self.karras_sigmas and self.scheduler not in KARRAS_SCHEDULERS:
+            raise UserError(f"config: karras_sigmas=true with scheduler={self.scheduler}: {self.scheduler} has no "
+                            f"Karras spacing and would ignore it; set karras_sigmas=false or use scheduler="
+                            f"{' or '.join(KARRAS_SCHEDULERS)}")
         if self.scheduler == "lcm" and self.guidance_scale > 2:
             raise UserError(f"config: scheduler=lcm with guidance_scale={self.guidance_scale:g}: LCM is distilled "
                             "for guidance 1-2 (a CFG-preserved LoRA wants ddim/euler); lower guidance_scale or change "
@@ -280,6 +313,27 @@ def with_user_knobs(values: dict[str, Any]) -> dict[str, Any]:
     return {**{k: v for k, v in derived.items() if k not in values}, **values}
 
 
+def split_lora(text: str) -> tuple[str, float]:
+    """``PATH[:SCALE]`` -> (PATH, scale): the scale is the part after the last colon when it parses as a number (so
+    ``C:/loras/x.safetensors`` keeps its drive letter); 1 if there is none. The rule of ``models.addons.parse_lora``."""
+    head, sep, tail = text.rpartition(":")
+    if sep and head:
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def check_lora_scale(text: str) -> None:
+    """A LoRA's scale within :data:`LORA_SCALE_RANGE`, checked with the config (before any file is read)."""
+    low, high = LORA_SCALE_RANGE
+    _, scale = split_lora(text)
+    if not (math.isfinite(scale) and low <= scale <= high):
+        raise UserError(f"config: lora {errors_shown(text)} has scale {scale:g}, outside [{low:g}, {high:g}]; use "
+                        f"PATH:SCALE with a scale in that range, e.g. style.safetensors:0.8")
+
+
 def check_finite(name: str, value: float, fix: str) -> None:
     """NaN passes every ``<``/``>`` bound check and inf every lower one: refuse both by name (they give black images)."""
     if not math.isfinite(value):
@@ -348,12 +402,21 @@ class _KnobLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: {...}` inline: merged silently by SafeLoader
+                raise RefusedYAML(None, None, "merge keys (<<) are not accepted; write the knobs out",
+                                  key_node.start_mark)
             key = (key_node.tag, key_node.value) if isinstance(key_node, yaml.ScalarNode) else None
             if key is not None and key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key_node.value!r}",
                                                         key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep)
+
+
+# YAML 1.1 (PyYAML) reads `1e308` and `1.0e9` as text: numbers with an exponent and no dot are floats here, as in
+# YAML 1.2 and Python, so `--set guidance_scale=1e308` meets the knob's range, not a type error.
+_KnobLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+                                  list("-+0123456789"))
 
 
 def preset_names() -> list[str]:

@@ -17,7 +17,7 @@ import numpy as np
 from .config import UpscaleConfig
 from .errors import UserError
 from .method.step import uses_cfg
-from .method.views import make_views
+from .method.views import make_views, window_starts
 
 SIZE_MULTIPLE = 64  # stage sizes in px: latent divisible by 2**3, the deepest DWT allowed (dwt_levels <= 3)
 # Host float32 buffers of the full latent a stage holds at once: z_L, noise, z_t, eps sum, weights, next z.
@@ -32,8 +32,8 @@ def plan_stages(input_size: tuple[int, int], config: UpscaleConfig) -> list[tupl
     width, height = input_size
     target = config.size or (width * config.scale, height * config.scale)
     ratio = max(target[0] / width, target[1] / height)
-    if ratio <= 1:
-        raise ValueError(f"size {target[0]}x{target[1]} is not larger than the input {width}x{height}")
+    if ratio <= 1 or target[0] < width or target[1] < height:  # a shrink on one axis: stages x2 the other up to it
+        raise ValueError(f"size {target[0]}x{target[1]} is not larger than the input {width}x{height} on both axes")
     count = max(1, math.ceil(math.log2(ratio) - 1e-9))
     rounded = lambda v: max(SIZE_MULTIPLE, int(round(v / SIZE_MULTIPLE)) * SIZE_MULTIPLE)  # noqa: E731
     return [(rounded(target[0] / 2 ** (count - k)), rounded(target[1] / 2 ** (count - k))) for k in range(1, count + 1)]
@@ -69,10 +69,14 @@ class StagePlan:
 
     def describe(self) -> dict:
         width, height = self.size
-        latent_bytes = self.latent_channels * self.latent[0] * self.latent[1] * 4
         return {"stage": self.index, "size": [width, height], "latent": list(self.latent),
                 "views_per_step": len(self.views), "steps": self.steps, "unet_evaluations": self.unet_evaluations,
-                "est_host_memory_mb": round((LATENT_BUFFERS * latent_bytes + 2 * 3 * width * height) / 2**20, 1)}
+                "est_host_memory_mb": round(stage_host_bytes(self.size, self.latent, self.latent_channels) / 2**20, 1)}
+
+
+def stage_host_bytes(size: tuple[int, int], latent: tuple[int, int], channels: int) -> int:
+    """Host memory a stage holds at once: :data:`LATENT_BUFFERS` float32 latents and two uint8 RGB pictures."""
+    return LATENT_BUFFERS * channels * latent[0] * latent[1] * 4 + 2 * 3 * size[0] * size[1]
 
 
 @dataclass(frozen=True)
@@ -129,12 +133,40 @@ def make_plan(input_size: tuple[int, int], config: UpscaleConfig, geometry: tupl
         fix = ("set a strength above 0" if config.strength == 0 else
                f"use --steps {math.floor(0.5 / config.strength) + 1} or more, or a higher --strength")
         raise UserError(f"strength {config.strength} x steps {config.steps} rounds to 0 denoising steps; {fix}")
+    check_plan_bounds(sizes, config, geometry, steps * passes)  # before any view is laid out
     stages = []
     for index, (width, height) in enumerate(sizes):
         latent = (height // factor, width // factor)
         stages.append(StagePlan(index, (width, height), latent, make_views(*latent, config.tile, config.stride), steps,
                                 channels, passes))
     return Plan(tuple(input_size), target_size(input_size, config), tuple(stages), factor, channels, config)
+
+
+def check_plan_bounds(sizes: list[tuple[int, int]], config: UpscaleConfig, geometry: tuple[int, int],
+                      evaluations_per_view: int) -> None:
+    """Bound what a plan builds, not only its output (issue 35): every stage's pixels (``max_stage_pixels``), the
+    host memory of its biggest stage (``max_plan_memory_mb``) and its model evaluations (``max_model_evaluations``),
+    from the stage sizes alone: a refused plan never lays out its views."""
+    factor, channels = geometry
+    evaluations = 0
+    for width, height in sizes:
+        latent = (height // factor, width // factor)
+        if width * height > config.max_stage_pixels:
+            raise UserError(f"the plan has a {width}x{height} stage, over the {config.max_stage_pixels}-pixel limit "
+                            "(max_stage_pixels); ask for a smaller or less elongated --size/--scale, or raise "
+                            "max_stage_pixels")
+        memory_mb = stage_host_bytes((width, height), latent, channels) / 2**20
+        if memory_mb > config.max_plan_memory_mb:
+            raise UserError(f"the plan's {width}x{height} stage needs about {memory_mb:.0f} MB of host memory, over "
+                            f"the {config.max_plan_memory_mb} MB limit (max_plan_memory_mb); ask for a smaller "
+                            "--size/--scale, or raise max_plan_memory_mb")
+        views = len(window_starts(latent[0], config.tile, config.stride)) * len(
+            window_starts(latent[1], config.tile, config.stride))
+        evaluations += views * evaluations_per_view
+    if evaluations > config.max_model_evaluations:
+        raise UserError(f"the plan needs {evaluations} model evaluations, over the {config.max_model_evaluations} "
+                        "limit (max_model_evaluations); use fewer --steps, a lower --strength, a larger --stride or a "
+                        "smaller --size/--scale, or raise max_model_evaluations")
 
 
 def check_inputs(input_size: tuple[int, int], config: UpscaleConfig, spec=None, *, output: str | Path | None = None,

@@ -92,15 +92,42 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    warnings_to_log()
     quiet_libraries(args.verbose)
     try:
         return COMMANDS[args.command](args)
     except UserError as exc:
-        print(f"cupscale: error: {exc}", file=sys.stderr)
+        release_ray()  # Ray logs as it shuts down: now, above the error line, not after it at exit
+        sys.stderr.flush()
+        print(f"cupscale: error: {exc}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
         print("cupscale: interrupted; no output was written", file=sys.stderr)
         return 130
+
+
+def warnings_to_log() -> None:
+    """Python warnings (torch's, Ray's) become one-line log records (logger ``py.warnings``), not the multi-line
+    text ``warnings`` prints: an error stays one line, and the last one on stderr."""
+    import warnings
+
+    log = logging.getLogger("py.warnings")
+
+    def to_log(message, category, filename, lineno, file=None, line=None):  # noqa: ARG001 - warnings' signature
+        text = (str(message).strip().splitlines() or [""])[0]
+        log.warning("%s:%s: %s: %s", filename, lineno, category.__name__, text)
+
+    warnings.showwarning = to_log
+
+
+def release_ray() -> None:
+    """Shut down the Ray this process started or joined, if any (its atexit hook would log after our last line)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        try:
+            ray.shutdown()
+        except Exception:  # noqa: BLE001 - the user's error is what matters now
+            logging.getLogger(__name__).debug("ray.shutdown failed", exc_info=True)
 
 
 def quiet_libraries(verbose: bool) -> None:

@@ -117,6 +117,14 @@ class Flux(Backbone):
             raise UserError("config: mask_mode=pixel is not implemented for Flux; use mask_mode=view or off")
         if config.scheduler not in ("euler", "flow_euler"):
             raise UserError(f"config: scheduler={config.scheduler!r}: Flux is a flow-matching model; use euler")
+        # FluxPipeline's sigmas (linspace(1, 1/T, T), shifted by mu) are passed to the scheduler: its own spacing and
+        # Karras option are never read, so these knobs would change only the metadata.
+        if config.karras_sigmas:
+            raise UserError("config: karras_sigmas=true: Flux's sigmas are FluxPipeline's shifted linspace and "
+                            "ignore it; set karras_sigmas=false")
+        if config.timestep_spacing is not None:
+            raise UserError(f"config: timestep_spacing={config.timestep_spacing!r}: Flux's sigmas are FluxPipeline's "
+                            "shifted linspace and ignore it; set timestep_spacing=none")
 
     def __init__(self, transformer, *, pipe=None, controlnet=None):
         self.transformer, self.pipe, self.controlnet = transformer, pipe, controlnet
