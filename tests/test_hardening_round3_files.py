@@ -358,3 +358,35 @@ def test_batch_refuses_symlinks_out_of_the_input_folder(tmp_path, capsys):
     assert errors == [f"input {tmp_path / 'in' / 'link.png'}: {SYMLINK_OUT}"]
     alone = list_inputs(str(tmp_path / "in" / "link.png"), tmp_path / "out")  # named on its own: the user's choice
     assert [i.error for i in alone] == [None]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# hf:// specs: checked here, never a huggingface_hub traceback
+# ---------------------------------------------------------------------------------------------------------------
+BAD_HUB_SPECS = {
+    "dotdot-owner": ("hf://../repo/f.safetensors", "the owner '..' is no hub name"),
+    "dotdot-repo": ("hf://o/../f.safetensors", "the repository '..' is no hub name"),
+    "dotdot-file": ("hf://o/r/../../x.safetensors", "not a plain path inside the repository"),
+    "absolute-file": ("hf://o/r//etc/passwd.safetensors", "not a plain path inside the repository"),
+    "non-ascii-owner": ("hf://ö/r/f.safetensors", "the owner 'ö' is no hub name"),
+    "owner-of-300": ("hf://" + "a" * 300 + "/r/f.safetensors", "is no hub name"),
+    "double-dash": ("hf://o/r--x/f.safetensors", "the repository 'r--x' is no hub name"),
+    "file-of-5000": ("hf://o/r/" + "x" * 5000, "over 1024 characters"),
+}
+
+
+@pytest.mark.parametrize("ref, words", BAD_HUB_SPECS.values(), ids=BAD_HUB_SPECS.keys())
+def test_bad_hf_specs_are_one_line_not_a_hub_traceback(ref, words, monkeypatch):
+    from cupscale_dist.models.addons import parse_lora
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError) as error:
+        parse_lora(ref + ":0.5")
+    line = refused(error)
+    assert words in line and "give hf://OWNER/REPO/FILE" in line, line
+
+
+def test_bad_hf_spec_through_the_cli_is_exit_2(capsys):
+    assert main(["upscale", IMAGE, "-o", "/tmp/o-hf.png", *DEMO, "--lora", "hf://ö/r/f.safetensors", "--actors", "0"]) == 2
+    assert "the owner 'ö' is no hub name" in one_line(capsys.readouterr().err)
+    assert not Path("/tmp/o-hf.png").exists()

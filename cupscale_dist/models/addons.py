@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import UserError, shown
 from .hub import HUB_FILE, resolve_hub_file
 
 
@@ -75,9 +75,9 @@ def parse_lora(text: str) -> Lora:
         except ValueError:
             pass
     if not math.isfinite(scale):
-        raise UserError(f"--lora {text}: scale {tail!r} is not a finite number; use PATH[:SCALE], e.g. style.safetensors:0.8")
+        raise UserError(f"--lora {shown(text)}: scale {shown(tail, 20)} is not a finite number; use PATH[:SCALE], e.g. style.safetensors:0.8")
     if path.startswith(HUB_FILE):
         path = resolve_hub_file(path, "--lora")
     if not Path(path).expanduser().is_file():
-        raise UserError(f"--lora {text}: {path} is not a file; pass a LoRA .safetensors file as PATH[:SCALE]")
+        raise UserError(f"--lora {shown(text)}: not a file; pass a LoRA .safetensors file as PATH[:SCALE]")
     return Lora(str(Path(path).expanduser().resolve()), scale)

@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import UserError, shown
 from .backbones import FAMILIES, FAMILY_COMPONENTS
 
 log = logging.getLogger(__name__)
@@ -126,6 +126,26 @@ def fetch_from_hub(repo_id: str, variant: str | None) -> str:
 
 
 HUB_FILE = "hf://"  # a file of a hub repository: hf://OWNER/REPO/FILE (a preset names its LoRA this way)
+HUB_EXAMPLE = "hf://ByteDance/SDXL-Lightning/sdxl_lightning_4step_lora.safetensors"
+# The hub's own rule for an owner or a repository name (huggingface_hub's validate_repo_id): ASCII letters, digits,
+# '-', '_', '.', at most 96 characters, not starting or ending with '-' or '.', no '--' or '..' inside.
+HUB_NAME = re.compile(r"^(?!.*(--|\.\.))[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?$")
+MAX_HUB_FILENAME = 1024  # characters of a file's path in a repository: real ones are under 200
+
+
+def hub_file_problem(owner: str, repo: str, filename: str) -> str | None:
+    """Why ``hf://owner/repo/filename`` names no file of the hub (checked here, not by huggingface_hub, whose
+    validation errors are tracebacks), or None."""
+    for what, name in (("owner", owner), ("repository", repo)):
+        if not HUB_NAME.match(name):
+            return (f"the {what} {shown(name)} is no hub name (ASCII letters, digits, '-', '_', '.', at most 96, "
+                    "no '--' or '..')")
+    parts = filename.split("/")
+    if filename.startswith("/") or "\\" in filename or any(part in ("", ".", "..") for part in parts):
+        return f"the file {shown(filename)} is not a plain path inside the repository (no '..', '/x' or '//')"
+    if len(filename) > MAX_HUB_FILENAME or any(ord(ch) < 32 for ch in filename):
+        return f"the file {shown(filename)} is over {MAX_HUB_FILENAME} characters or holds control characters"
+    return None
 
 
 def resolve_hub_file(ref: str, flag: str) -> str:
@@ -133,13 +153,20 @@ def resolve_hub_file(ref: str, flag: str) -> str:
     hundreds of MB behind the user's back). Not cached: one line with the command that fetches it."""
     parts = ref[len(HUB_FILE):].split("/", 2)
     if len(parts) != 3 or not all(parts):
-        raise UserError(f"{flag} {ref}: not hf://OWNER/REPO/FILE; e.g. hf://ByteDance/SDXL-Lightning/"
-                        "sdxl_lightning_4step_lora.safetensors")
+        raise UserError(f"{flag} {shown(ref)}: not hf://OWNER/REPO/FILE; e.g. {HUB_EXAMPLE}")
+    problem = hub_file_problem(*parts)
+    if problem:
+        raise UserError(f"{flag} {shown(ref)}: {problem}; give hf://OWNER/REPO/FILE, e.g. {HUB_EXAMPLE}")
     from huggingface_hub import try_to_load_from_cache
 
     repo, filename = f"{parts[0]}/{parts[1]}", parts[2]
-    cached = try_to_load_from_cache(repo, filename)
+    try:
+        cached = try_to_load_from_cache(repo, filename)
+    except ValueError as exc:  # huggingface_hub's own validation (HFValidationError is a ValueError): still one line
+        raise UserError(f"{flag} {shown(ref)}: not a valid hub file ({(str(exc).splitlines() or [''])[0][:80]}); "
+                        f"give hf://OWNER/REPO/FILE, e.g. {HUB_EXAMPLE}") from None
     if not isinstance(cached, str):
-        raise UserError(f"{flag} {ref}: not in the Hugging Face cache; fetch it once with `hf download {repo} "
-                        f"{filename}` (or give a local file)")
+        raise UserError(f"{flag} {shown(ref)}: not in the Hugging Face cache; fetch it once with `hf download {repo} "
+                        f"{filename if len(filename) <= 100 else shown(filename, 100)}` (or give a "
+                        "local file)")
     return cached
