@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import UserError, shown
+from ..files.userfile import named
 
 COMFY_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "vae."
@@ -48,7 +49,8 @@ def components_in_file(keys) -> set[str]:
 def check_flux_file(path: str, keys, model_config: str | None, config_dir: str, transformer_config: dict) -> None:
     """Refuse, from the header (``keys``), a Flux file that cannot load: its VAE or text encoders missing and no
     ``model_config`` with them, or a dev file with a schnell config (``transformer_config``, the one in
-    ``config_dir``) or the reverse."""
+    ``config_dir``) or the reverse; and one whose transformer would not convert exactly (block gaps, keys the
+    conversion would drop, wrong ranks or width, non-float tensors: :func:`check_flux_tensors`)."""
     missing = {"vae", "text_encoder", "text_encoder_2"} - components_in_file(keys)
     if missing and model_config is None:
         raise UserError(f"--model {path}: is a transformer-only Flux checkpoint (no {', '.join(sorted(missing))} "
@@ -64,6 +66,35 @@ def check_flux_file(path: str, keys, model_config: str | None, config_dir: str, 
     if guidance != (flux_variant(keys) == "dev"):
         raise UserError(f"--model {path}: is a FLUX.1-{flux_variant(keys)} checkpoint but {config_dir} configures "
                         f"FLUX.1-{'dev' if guidance else 'schnell'}; give model_config of the checkpoint's variant")
+    check_flux_tensors(path, keys)
+
+
+def check_flux_tensors(path: str, keys: dict) -> None:
+    """One UserError, from the header, for a Flux file whose weights would not load as they are: its transformer keys
+    (:func:`.flux_single_file.transformer_key_problem`), keys of no component (another family's), and non-float
+    tensors (:func:`.flux_single_file.dtype_problem`)."""
+    from .flux_single_file import dtype_problem, transformer_key_problem
+
+    fix = "pass a FLUX.1 file as BFL or ComfyUI save it (or a diffusers Flux directory)"
+    if flux_layout(keys) == "bfl":
+        transformer = dict(keys)
+    else:
+        transformer = {key[len(COMFY_PREFIX):]: shape for key, shape in keys.items() if key.startswith(COMFY_PREFIX)}
+        other = sorted(key for key in keys if not key.startswith((COMFY_PREFIX, VAE_PREFIX, "text_encoders.")))
+        if other:
+            raise UserError(f"{named('--model ' + path)}: holds {len(other)} key(s) of no Flux component (e.g. "
+                            f"{shown(other[0])}), which loading would drop; {fix}")
+    problem = transformer_key_problem(transformer) or dtype_problem(safetensors_dtypes(path))
+    if problem:
+        raise UserError(f"{named('--model ' + path)}: {problem}; {fix}")
+
+
+def safetensors_dtypes(path: str) -> dict[str, str]:
+    """Key -> dtype name ('F32', 'I64', ...) of a safetensors file, from its header alone."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return {key: handle.get_slice(key).get_dtype() for key in handle.keys()}  # noqa: SIM118
 
 
 def t5_tokenizer_dir(config_dir: str | Path) -> str:

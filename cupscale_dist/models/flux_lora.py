@@ -17,6 +17,7 @@ from .lora_keys import DOWN_FACTORS, FACTOR
 
 FLUX_KEY = re.compile(r"^(transformer\.|lora_unet_(double|single)_blocks_|lora_transformer_|"
                       r"(diffusion_model\.)?(double|single)_blocks\.)")
+BLOCK_INDEX = re.compile(r"^(?:lora_unet_|(?:diffusion_model\.)?)(double|single)_blocks[._](\d+)[._]")  # kohya, BFL
 PEFT_TRANSFORMER_MODULE = re.compile(r"^transformer\.(.+?)\.(?:lora_A|lora_B)(?:\.[^.]+)?\.weight$")
 
 
@@ -47,7 +48,14 @@ def check_flux_lora(header: dict, spec, what: str) -> None:
     if flux_model and not flux_file:
         raise UserError(f"{what}: is a UNet (SD/SDXL) LoRA and {spec.name} is a Flux model; use a LoRA trained for "
                         "Flux")
-    layers = transformer_layers(spec.denoiser_config())
+    config = spec.denoiser_config()
+    for key in header:  # kohya/BFL names: diffusers converts them, and drops a block the model lacks without a word
+        found = BLOCK_INDEX.match(key)
+        count = config.get("num_layers" if found and found[1] == "double" else "num_single_layers")
+        if found and type(count) is int and int(found[2]) >= count:
+            raise UserError(f"{what}: names {found[1]}_blocks {found[2]}, and {spec.name} has {count} of them; use a "
+                            "LoRA trained for this model")
+    layers = transformer_layers(config)
     for key, shape in header.items():
         found, factor = PEFT_TRANSFORMER_MODULE.match(key), FACTOR.search(key)
         if not found or not factor:

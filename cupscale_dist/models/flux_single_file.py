@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, shown
 from .flux_header import COMFY_PREFIX, FILE_COMPONENTS, VAE_PREFIX, components_in_file, flux_layout
 
 # BFL name -> diffusers names of one transformer layer, and how the tensor maps: "same"; "qkv" (equal thirds, in
@@ -84,6 +84,61 @@ def layer_table(num_layers: int, num_single_layers: int) -> list[tuple[str, tupl
             table.append((f"single_blocks.{i}.{bfl}.scale", (f"single_transformer_blocks.{i}.{ours}.weight",),
                           "same"))
     return table
+
+
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")  # safetensors' names of what a weight may be
+
+
+def expected_ranks(num_layers: int, num_single_layers: int) -> dict[str, int]:
+    """Every key the conversion reads (BFL names) -> the rank its tensor must have: linear weights 2, biases and
+    RMSNorm scales 1."""
+    ranks = {}
+    for name, _, _ in layer_table(num_layers, num_single_layers):
+        ranks.update({name: 1} if name.endswith(".scale") else {f"{name}.weight": 2, f"{name}.bias": 1})
+    return ranks
+
+
+def transformer_key_problem(keys: dict[str, tuple[int, ...]]) -> str | None:
+    """Why a Flux file's transformer keys (BFL names, any prefix removed; key -> shape, from the header) would not
+    convert as they are, or None: blocks numbered with gaps, keys the conversion would silently drop (another
+    family's, ComfyUI's scaled-fp8 scales), tensors of the wrong rank (a 0-d ``img_in.weight``) or fused layers that
+    do not split by the file's width. Shapes against the model's config are the workers' load's to check."""
+    counts = []
+    for prefix in ("double_blocks.", "single_blocks."):
+        found = {key.split(".")[1] for key in keys if key.startswith(prefix) and key.count(".") >= 2}
+        if any(not index.isdigit() or len(index) > 6 for index in found):
+            odd = next(index for index in sorted(found) if not index.isdigit() or len(index) > 6)
+            return f"names a block {prefix}{shown(odd)}, which is no block number"
+        numbers = sorted(int(index) for index in found)
+        if numbers != list(range(len(numbers))):
+            gap = next(n for n in range(len(numbers) + 1) if n not in numbers)
+            return f"numbers its {prefix[:-1]} with a gap ({prefix}{gap} is missing of {len(numbers)})"
+        counts.append(len(numbers))  # other counts than the config's: the workers' load says so in one line
+    ranks = expected_ranks(*counts)
+    unknown = sorted(set(keys) - set(ranks))
+    if unknown:
+        return (f"holds {len(unknown)} key(s) no FLUX.1 transformer has (e.g. {shown(unknown[0])}), which the "
+                "conversion would drop")
+    for key, shape in keys.items():
+        if len(shape) != ranks[key]:
+            return f"has {key} of shape {shown(tuple(shape), 30)} (expected {ranks[key]} dimensions)"
+    if "img_in.weight" not in keys:
+        return "holds no img_in.weight (the patch embedding)"
+    width = keys["img_in.weight"][0]  # what transformer_state splits the fused layers by
+    for key, shape in keys.items():
+        if key.endswith(("_attn.qkv.weight", "_attn.qkv.bias")) and shape[0] != 3 * width:
+            return f"has {key} of {shape[0]} rows, not 3 x its width {width} (img_in.weight)"
+        if key.endswith(("linear1.weight", "linear1.bias")) and shape[0] <= 3 * width:
+            return f"has {key} of {shape[0]} rows, not more than 3 x its width {width} (img_in.weight)"
+    return None
+
+
+def dtype_problem(dtypes: dict[str, str]) -> str | None:
+    """Why a Flux file's tensors (key -> safetensors dtype) can't be weights: integers or booleans, or None."""
+    bad = sorted(key for key, dtype in dtypes.items() if dtype not in FLOAT_DTYPES)
+    if bad:
+        return f"holds {len(bad)} non-float tensor(s) (e.g. {shown(bad[0])} of {dtypes[bad[0]]}), which no weight is"
+    return None
 
 
 def block_counts(keys) -> tuple[int, int]:

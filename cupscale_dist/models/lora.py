@@ -54,6 +54,7 @@ def check_lora(path: str, spec) -> None:
     header = read_header(path, what)
     if not any(LORA_KEY.search(key) for key in header):
         raise UserError(f"{what}: no LoRA weights in it (no lora_A/lora_B/lora_down/lora_up keys); pass a LoRA file")
+    check_float_tensors(path, what)
     if spec.family == "flux" or is_flux_lora(header):  # a DiT's LoRA names transformer blocks, not a UNet's
         check_flux_lora(header, spec, what)
         check_factor_pairs(header, what)
@@ -75,6 +76,17 @@ def check_lora(path: str, spec) -> None:
     check_factor_pairs(header, what)  # after the family checks: "made for another model" is the likelier news
     check_factor_widths(header, layers, what, spec.name)
     check_finite(safetensors_tensors(path), what)  # reads the weights, one tensor at a time
+
+
+def check_float_tensors(path: str, what: str) -> None:
+    """One UserError for a LoRA with an integer or boolean tensor (from the header): peft would cast it and apply
+    it, where no trained factor or alpha is an integer (check_finite skips such tensors)."""
+    from .flux_header import safetensors_dtypes
+    from .flux_single_file import dtype_problem
+
+    problem = dtype_problem(safetensors_dtypes(path))
+    if problem:
+        raise UserError(f"{what}: {problem}; pass the LoRA as its trainer saved it")
 
 
 def factor_layers(header: dict) -> dict[str, dict[str, tuple[int, ...]]]:
