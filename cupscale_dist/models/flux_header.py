@@ -101,7 +101,7 @@ def t5_tokenizer_dir(config_dir: str | Path) -> str:
     """Where the T5 tokenizer of a Flux config directory is: its own ``tokenizer_2``, else the hub cache of
     FLUX.1-dev / -schnell (offline); none is one UserError with the download command."""
     own = Path(config_dir) / "tokenizer_2"
-    if any((own / name).is_file() for name in ("tokenizer.json", "spiece.model")):
+    if any((own / name).exists() for name in ("tokenizer.json", "spiece.model")):  # the loader checks what it is
         return str(own)
     from huggingface_hub import try_to_load_from_cache
 

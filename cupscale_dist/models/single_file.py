@@ -12,10 +12,10 @@ of its own; T5's comes from the config directory or the hub cache (:func:`.flux_
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..errors import UserError
+from ..files.userfile import read_json_object
 from .flux_header import flux_variant, t5_tokenizer_dir
 from .weightfiles import MAX_ENTRIES, load_pickled, unwrap_state_dict
 
@@ -114,10 +114,11 @@ def tokenizer_dir(config_dir: str | Path, name: str) -> str:
     """``config_dir/name`` where it holds a tokenizer; else, for T5 (Flux's ``tokenizer_2``), the hub cache's; else
     the demo model's (CLIP's real vocabulary and merges; its tokenizer_2 pads with '!' as SDXL's does)."""
     own = Path(config_dir) / name
-    if (own / "vocab.json").is_file():
+    if (own / "vocab.json").exists():  # a FIFO or folder there is refused by the loader, not swapped for the demo's
         return str(own)
     index = Path(config_dir) / "model_index.json"
-    entry = json.loads(index.read_text()).get(name) if index.is_file() else None
+    entry = (read_json_object(index, f"--model {config_dir}: model_index.json", "re-save the pipeline").get(name)
+             if index.is_file() else None)
     if isinstance(entry, list) and str(entry[-1]).startswith("T5"):
         return t5_tokenizer_dir(config_dir)
     from ..demo import demo_model_dir

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from ..errors import UserError
-from ..files.userfile import read_json_object
+from ..errors import UserError, shown
+from ..files.userfile import check_regular_file, named, read_capped, read_json_object, MAX_JSON_CONFIG_BYTES
 from .backbones import FAMILIES, FAMILY_COMPONENTS, backbone_class
 from .flux_header import check_flux_file
 from .hub import pipeline_components, resolve_model
@@ -29,6 +29,55 @@ def read_json(model_dir: str | Path, name: str, flag: str = "--model", fix: str 
     :data:`~cupscale_dist.files.userfile.MAX_JSON_CONFIG_BYTES`, nested too deeply or not an object is one UserError
     naming ``flag``, the file and ``fix``."""
     return read_json_object(Path(model_dir) / name, f"{flag} {model_dir}: {name}", fix)
+
+
+# A tokenizer's files; every one present is checked before transformers (or sentencepiece) opens it.
+TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                  "added_tokens.json")
+TOKENIZER_TEXT = ("merges.txt",)
+TOKENIZER_BINARY = ("spiece.model",)
+T5_TOKENIZER_AGAIN = ("get a fresh copy: huggingface-cli download black-forest-labs/FLUX.1-dev --include "
+                      "'tokenizer_2/*'")
+MAX_MODEL_MAX_LENGTH = int(1e30)  # transformers' own "no limit" value (VERY_LARGE_INTEGER)
+
+
+def check_tokenizer_files(directory: str | Path, what: str, fix: str) -> None:
+    """One UserError (``what``, the file, ``fix``) for a tokenizer file that is no file (a FIFO: the load would
+    block), JSON that is not an object (too big, too deep, a list), merges that are not text, or a
+    ``model_max_length`` that is no positive integer (Flux's T5 length is taken from it)."""
+    directory = Path(directory)
+    for name in TOKENIZER_JSON + TOKENIZER_TEXT + TOKENIZER_BINARY:
+        path = directory / name
+        check_regular_file(path, f"{what}: {name}", fix)
+        if not path.is_file():
+            continue
+        if name in TOKENIZER_JSON:
+            data = read_json_object(path, f"{what}: {name}", fix)
+            length = data.get("model_max_length") if name == "tokenizer_config.json" else None
+            if length is not None and not (type(length) is int and 1 <= length <= MAX_MODEL_MAX_LENGTH):
+                raise UserError(f"{named(what)}: tokenizer_config.json has model_max_length={shown(length)} (expected "
+                                f"a positive integer); {fix}")
+        elif name in TOKENIZER_TEXT:
+            try:
+                read_capped(path, MAX_JSON_CONFIG_BYTES, f"{what}: {name}", fix).decode("utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{named(what)}: {name} is not UTF-8 text; {fix}") from None
+
+
+def load_tokenizer(cls, directory: str | Path, what: str, fix: str):
+    """``cls.from_pretrained(directory)`` after :func:`check_tokenizer_files`, tried on a short text: whatever a
+    damaged file makes transformers, tokenizers or sentencepiece raise is one UserError naming ``what`` and ``fix``."""
+    check_tokenizer_files(directory, what, fix)
+    try:
+        tokenizer = cls.from_pretrained(str(directory))
+        ids = tokenizer("a photo of a cat").input_ids
+        if not ids or not all(type(i) is int for i in ids):
+            raise ValueError("it gives no token ids")
+    except Exception as exc:  # noqa: BLE001 - garbage reaches three libraries, each with its own errors
+        reason = (str(exc).strip().splitlines() or [""])[0][:80]
+        raise UserError(f"{named(what)}: the tokenizer does not load ({type(exc).__name__}"
+                        f"{': ' + reason[:60] if reason else ''}); {fix}") from None
+    return tokenizer
 
 
 def vae_geometry(model_dir: str | Path, vae: dict) -> tuple[int, int]:
@@ -108,11 +157,15 @@ class ModelSpec:
         if backbone.mask_tokenizer != "tokenizer":  # Flux screens T5 tokens: masks count those
             from transformers import AutoTokenizer
 
-            mask_tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(configs, backbone.mask_tokenizer))
+            where = tokenizer_dir(configs, backbone.mask_tokenizer)
+            mask_tokenizer = load_tokenizer(AutoTokenizer, where, f"tokenizer {where}", T5_TOKENIZER_AGAIN)
+        where = tokenizer_dir(configs, "tokenizer")
+        tokenizer = load_tokenizer(CLIPTokenizer, where, f"tokenizer {where}",
+                                   "re-save the tokenizer (save_pretrained) or download it again")
         return cls(name or model_dir, str(model_dir), family, factor, channels, native,
                    read_json(configs, "scheduler/scheduler_config.json"),
                    bool(backbone.pipeline_options(index).get("force_zeros_for_empty_prompt", False)),
-                   CLIPTokenizer.from_pretrained(tokenizer_dir(configs, "tokenizer")), model_config, mask_tokenizer)
+                   tokenizer, model_config, mask_tokenizer)
 
     @property
     def config_dir(self) -> str:
