@@ -251,13 +251,14 @@ def test_hub_selection_fetches_only_the_flux_pipelines_components(flux_dir):
 
 
 def test_flux_three_actors_one_killed_mid_predict_give_the_local_bytes(local_ray, flux_dir, photo):
-    """3 actors, one of them killed for good during a predict call: the driver replaces it, the bytes stay."""
+    """3 actors owning bands of the latent, one killed for good during its predict call of step 2: the bands are
+    rebuilt from the stage-start snapshot over the two left and the steps replay; the bytes stay."""
     from test_orchestrator import KillingPool, ray_executor
 
     if "schnell" in flux_dir.name:  # the pool's kill path does not depend on the variant; dev's run covers it
         pytest.skip("run for FLUX.1-dev only (minutes of Ray on 2 cores)")
     config = flux_config(flux_dir, view_batch_size=2)
     reference = as_bytes(upscale(photo, config, progress=False))
-    executor = ray_executor(config, 3, pool_class=KillingPool, method="predict", kill_at=4, hard=False)
+    executor = ray_executor(config, 3, pool_class=KillingPool, method="own:predict", kill_at=4, hard=False)
     assert as_bytes(upscale(photo, config, executor=executor, progress=False)) == reference
     assert executor.pool.killed

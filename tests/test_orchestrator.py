@@ -39,6 +39,10 @@ class CountingPool(WorkerPool):
         self.calls[method] = self.calls.get(method, 0) + 1
         return super()._submit(method, args, slot)
 
+    def own(self, slot, method, count, args):  # step_design='actors': the step's calls on the part owners
+        self.calls["own:" + method] = self.calls.get("own:" + method, 0) + 1
+        return super().own(slot, method, count, args)
+
 
 def ray_executor(config, actors, pool_class=CountingPool, **pool_kwargs):
     spec = ModelSpec.load(config.model)
@@ -66,8 +70,15 @@ def test_output_bytes_identical_for_0_1_2_3_actors_with_every_forward_pass_on_th
         calls = executor.pool.calls  # the driver ran none of them itself
         vae_tiles = len(make_views(24, 32, *latent_tiles(64, 0.25, 8)))  # the 256x192 stage's latent
         assert calls["encode_tile"] == vae_tiles and calls["decode_tile"] == vae_tiles and calls["probe"] == 1
-        assert calls["predict"] == 3 * 3 and calls["encode_prompts"] == 3  # 3 steps x 3 batches; regional, global, negative
+        assert calls["encode_prompts"] == 3  # regional, global, negative
+        # the step on the actors: each worker owns a band and takes one predict and one reduce_step call per step
+        assert "predict" not in calls and calls["own:predict"] == calls["own:reduce_step"] == 3 * actors
+    executor = ray_executor(config.replace(step_design="driver"), 2)  # every window through the driver
+    results["driver"] = as_bytes(upscale(photo, config.replace(step_design="driver"), executor=executor,
+                                         progress=False))
+    assert executor.pool.calls["predict"] == 3 * 3 and "own:predict" not in executor.pool.calls  # 3 steps x 3 batches
     assert results[1] == results[0] and results[2] == results[0] and results[3] == results[0]
+    assert results["driver"] == results[0]
 
 
 class KillingPool(CountingPool):
@@ -80,16 +91,25 @@ class KillingPool(CountingPool):
     def _submit(self, method, args, slot):
         submitted = super()._submit(method, args, slot)
         if method == self.method and self.calls[method] == self.kill_at and not self.killed:
-            actor = submitted[3]
-            if self.hard:  # SIGKILL the worker process: Ray restarts the actor and retries the call
-                os.kill(ray.get(actor.where.remote())["pid"], signal.SIGKILL)
-            else:  # gone for good: the driver must start a replacement and resubmit
-                ray.kill(actor, no_restart=True)
-            self.killed = True
+            self._kill(submitted[3])
         return submitted
 
+    def own(self, slot, method, count, args):  # the step on the actors: kill the owner that just got a step call
+        refs = super().own(slot, method, count, args)
+        if "own:" + method == self.method and self.calls[self.method] == self.kill_at and not self.killed:
+            self._kill(self.actors[slot])
+        return refs
 
-@pytest.mark.parametrize("method,kill_at", [("predict", 5), ("encode_tile", 3), ("decode_tile", 4), ("probe", 1)])
+    def _kill(self, actor):
+        if self.hard:  # SIGKILL the worker process: Ray restarts the actor (its parts are gone) and retries the call
+            os.kill(ray.get(actor.where.remote())["pid"], signal.SIGKILL)
+        else:  # gone for good: the driver must start a replacement and rebuild its parts
+            ray.kill(actor, no_restart=True)
+        self.killed = True
+
+
+@pytest.mark.parametrize("method,kill_at", [("own:predict", 3), ("own:reduce_step", 4), ("encode_tile", 3),
+                                            ("decode_tile", 4), ("probe", 1)])
 @pytest.mark.parametrize("hard", [True, False], ids=["sigkill-restart", "killed-for-good"])
 def test_killed_actor_mid_call_gives_identical_output(local_ray, sdxl_model, photo, hard, method, kill_at):
     config = small_config(sdxl_model.name, view_batch_size=2, vae_tile=64)

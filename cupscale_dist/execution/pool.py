@@ -213,6 +213,12 @@ class WorkerPool:
         self.in_flight[slot] += 1
         return args, ref, slot, actor
 
+    def own(self, slot: int, method: str, count: int, args: tuple) -> list:
+        """A ``PartOwner`` call on the actor of ``slot`` (``PipelineWorker.own``): its ``count`` result references.
+        Ray resolves the references among ``args`` before the call, fetching them from where they were made."""
+        refs = self.actors[slot].own.options(num_returns=count).remote(method, *args)
+        return [refs] if count == 1 else list(refs)
+
     def _collect(self, method: str, args: tuple, ref, slot: int, actor):
         """Wait for one call; if its actor is gone for good (or its node lost), replace it and run the call again
         on a live worker. Never waits on a dead node: :meth:`_lost` is asked every ``HEALTH_POLL_S``."""
@@ -300,8 +306,7 @@ class RayTransport:
         return live
 
     def submit(self, worker: int, method: str, count: int, *args) -> list:
-        refs = self.pool.actors[worker].own.options(num_returns=count).remote(method, *args)
-        refs = [refs] if count == 1 else list(refs)
+        refs = self.pool.own(worker, method, count, args)
         for ref in refs:
             self.slot_of[ref] = worker
         return refs
