@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import UserError
-from ..files.userfile import read_capped
+from ..errors import UserError, shown
+from ..files.userfile import named, read_capped
 
 # A 16K run's file (about 1,300 views at the default tile/stride, one ~75-token caption each) is under 1 MB; 16 MiB
 # leaves room for denser views and bounds what a wrong path (/dev/zero, a video) costs before it is refused.
@@ -24,19 +24,21 @@ MAX_PROMPT_FILE_BYTES = 16 << 20
 
 def read_prompt_file(path: Path) -> dict:
     """Read the regional-prompts JSON and check its schema (module docstring); every problem is one UserError."""
+    what = named(f"--regional-prompts {path}")
     try:
         data = json.loads(read_capped(path, MAX_PROMPT_FILE_BYTES, f"--regional-prompts {path}",
                                       "pass the JSON `cupscale caption --tiles` writes").decode("utf-8"))
     except FileNotFoundError:
-        raise UserError(f"--regional-prompts {path}: no such file; check the path") from None
+        raise UserError(f"{what}: no such file; check the path") from None
     except RecursionError:  # json recurses once per nesting level
-        raise UserError(f"--regional-prompts {path}: nested too deeply to be a prompts file; write it with "
+        raise UserError(f"{what}: nested too deeply to be a prompts file; write it with "
                         "`cupscale caption --tiles`") from None
     except (OSError, ValueError) as exc:
-        raise UserError(f"--regional-prompts {path}: not valid JSON ({exc}); fix the file") from None
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:60]
+        raise UserError(f"{what}: not valid JSON ({reason}); fix the file") from None
     problem = _schema_problem(data)
     if problem:
-        raise UserError(f"--regional-prompts {path}: {problem}; expected {{'prompt': str, 'stages': [{{'stage': "
+        raise UserError(f"{what}: {problem}; expected {{'prompt': str, 'stages': [{{'stage': "
                         "k, 'views': [{'box': [l, t, r, b], 'prompt': str}]}]} (write it with `cupscale caption "
                         "--tiles`)")
     return data
@@ -71,7 +73,8 @@ def _mapping_problem(value, where: str, types: dict[str, type], required: tuple[
         return f"{where} must be an object, got {type(value).__name__}"
     unknown = sorted(set(value) - set(types))
     if unknown:
-        return f"{where} has unknown key(s) {', '.join(map(repr, unknown))}"
+        more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+        return f"{where} has unknown key(s) {', '.join(shown(key) for key in unknown[:3])}{more}"
     for key, kind in types.items():
         if key not in value:
             if key in required:
@@ -94,18 +97,18 @@ def check_prompt_file(path, data: dict, plan) -> None:
     for entry in data.get("stages", []):
         stage = entry["stage"]
         if stage >= len(stages):
-            raise UserError(f"--regional-prompts {path}: stage {stage} does not exist, this run has {len(stages)} "
-                            f"stage(s) (0..{len(stages) - 1}); regenerate it with `cupscale caption --tiles` using "
+            raise UserError(f"{named(f'--regional-prompts {path}')}: stage {stage} does not exist, this run has "
+                            f"{len(stages)} stage(s) (0..{len(stages) - 1}); regenerate it with `cupscale caption --tiles` using "
                             "the same scale/size")
         planned = stages[stage]
         if entry.get("size") not in (None, list(planned.size)):
-            raise UserError(f"--regional-prompts {path}: stage {stage} is {entry['size'][0]}x{entry['size'][1]} in "
-                            f"the file but {planned.size[0]}x{planned.size[1]} in this run; regenerate it with "
+            raise UserError(f"{named(f'--regional-prompts {path}')}: stage {stage} is "
+                            f"{entry['size'][0]}x{entry['size'][1]} in the file but {planned.size[0]}x{planned.size[1]} in this run; regenerate it with "
                             "`cupscale caption --tiles` using the same scale/size")
         check_view_count(path, stage, len(entry["views"]), len(planned.views))
 
 
 def check_view_count(path, stage: int, listed: int, expected: int) -> None:
     if listed != expected:
-        raise UserError(f"--regional-prompts {path}: stage {stage} lists {listed} views but this run has {expected}; "
-                        "regenerate it with `cupscale caption --tiles` using the same tile/stride/scale")
+        raise UserError(f"{named(f'--regional-prompts {path}')}: stage {stage} lists {listed} views but this run "
+                        f"has {expected}; regenerate it with `cupscale caption --tiles` using the same tile/stride/scale")

@@ -44,10 +44,12 @@ def named(what: str) -> str:
 
 def path_text_problem(path: str | os.PathLike) -> str | None:
     """Why no file can have the name ``path`` (a NUL byte, a part over :data:`MAX_NAME_BYTES` or the whole over
-    :data:`MAX_PATH_BYTES` bytes), or None."""
+    :data:`MAX_PATH_BYTES` bytes), or why the CLI takes no such name (a control character), or None."""
     text = os.fsencode(os.fspath(path))
     if b"\0" in text:
         return "contains a NUL byte, which no file name can"
+    if any(byte < 32 or byte == 127 for byte in text):  # a newline in a name would split every one-line error
+        return "contains a control character (a newline, a tab, ...); rename the file"
     if len(text) > MAX_PATH_BYTES:
         return f"is {len(text)} bytes long, over the {MAX_PATH_BYTES} a path may have"
     longest = max((len(part) for part in text.split(b"/")), default=0)
