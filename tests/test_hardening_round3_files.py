@@ -574,3 +574,13 @@ def test_a_tokenizer_file_that_is_a_fifo_is_refused_not_waited_on(tiny_dirs, tmp
             print(exc)
         """)
     assert "merges.txt is a named pipe (FIFO), not a file" in one_line(out), out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Found by tests/test_fuzz_files.py, kept as plain regression tests
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["\r", "a\nb.json", "tab\there.json"])
+def test_fuzz_found_a_path_with_a_control_character_split_the_error_line(name, tmp_path, capsys):
+    path = str(tmp_path / name)
+    assert main(["upscale", IMAGE, "-o", str(tmp_path / "o.png"), *DEMO, "--regional-prompts", path, "--dry-run"]) == 2
+    assert "contains a control character" in one_line(capsys.readouterr().err)
