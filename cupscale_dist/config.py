@@ -260,7 +260,9 @@ class UpscaleConfig:
         """
         unknown = sorted(set(changes) - {f.name for f in fields(self)})
         if unknown:
-            raise UserError(f"config: unknown key(s) {', '.join(unknown)}; see `cupscale knobs` for the list")
+            listed = ", ".join(key_shown(key) for key in unknown[:5]) + (
+                f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+            raise UserError(f"config: unknown key(s) {listed}; see `cupscale knobs` for the list")
         return dataclasses.replace(self, **with_user_knobs({k: v for k, v in changes.items() if v is not None}))
 
     def to_dict(self) -> dict[str, Any]:
@@ -334,6 +336,14 @@ def check_lora_scale(text: str) -> None:
                         f"PATH:SCALE with a scale in that range, e.g. style.safetensors:0.8")
 
 
+def key_shown(key: object) -> str:
+    """An unknown key for an error line: as typed when it is short printable text, else its cut repr (a key of
+    `\r` or `\n` would break the one-line error)."""
+    if isinstance(key, str) and key and key.isprintable():
+        return key[:SHOWN_CHARS]
+    return errors_shown(key)
+
+
 def check_finite(name: str, value: float, fix: str) -> None:
     """NaN passes every ``<``/``>`` bound check and inf every lower one: refuse both by name (they give black images)."""
     if not math.isfinite(value):
@@ -399,6 +409,17 @@ class _KnobLoader(yaml.SafeLoader):
         finally:
             self.depth -= 1
 
+    def construct_object(self, node, deep=False):
+        # PyYAML's constructors fail with plain exceptions on some tagged values (`!!float ''`: IndexError, `!!bool x`:
+        # KeyError, `!!timestamp x`: AttributeError): one YAML error like any other.
+        try:
+            return super().construct_object(node, deep)
+        except yaml.YAMLError:
+            raise
+        except (ArithmeticError, AttributeError, IndexError, KeyError, TypeError) as exc:
+            raise yaml.constructor.ConstructorError(None, None, f"{node.tag.rpartition(':')[2]} value is not valid "
+                                                    f"({type(exc).__name__})", node.start_mark) from None
+
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
@@ -429,7 +450,8 @@ def read_yaml(preset_or_path: str) -> dict[str, Any]:
     if not path.suffix and (PRESET_DIR / f"{preset_or_path}.yaml").exists():
         path = PRESET_DIR / f"{preset_or_path}.yaml"
     if not path.is_file():
-        raise UserError(f"config: {preset_or_path!r} is neither a file nor a preset; presets: {', '.join(preset_names())}")
+        raise UserError(f"config: {errors_shown(preset_or_path)} is neither a file nor a preset; check the path, or "
+                        "name a preset (`cupscale presets` lists them)")
     try:
         text = read_capped(path, MAX_CONFIG_BYTES, f"config: {path}", "a config is a short mapping of knob: value "
                            "(see `cupscale knobs`); check the path").decode("utf-8")
@@ -444,7 +466,7 @@ def read_yaml(preset_or_path: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UserError(f"config: {path} must be a mapping of knob: value, got {type(data).__name__}")
     known = {f.name for f in fields(UpscaleConfig)}
-    unknown = sorted(key[:SHOWN_CHARS] if isinstance(key, str) else shown(key) for key in data if key not in known)
+    unknown = sorted(key_shown(key) for key in data if key not in known)
     if unknown:
         listed = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
         raise UserError(f"config: {path} has unknown key(s) {listed}; see `cupscale knobs`")

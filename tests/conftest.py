@@ -67,3 +67,18 @@ def local_ray(tmp_path_factory):
     yield ray
     ray.shutdown()
     shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+# Hypothesis profiles for the fuzz tests (tests/test_fuzz_*.py), chosen by HYPOTHESIS_PROFILE (default `ci`). `ci`: a
+# small fixed budget, derandomized (the same examples every run, so CI is reproducible), no deadline (2 shared cores
+# make any per-example time bound flaky). `nightly`: many more examples, drawn fresh each run.
+try:
+    from hypothesis import HealthCheck, settings
+
+    settings.register_profile("ci", max_examples=150, deadline=None, derandomize=True, print_blob=True,
+                              suppress_health_check=[HealthCheck.too_slow])
+    settings.register_profile("nightly", max_examples=2000, deadline=None, print_blob=True,
+                              suppress_health_check=[HealthCheck.too_slow])
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+except ImportError:  # hypothesis is in the dev extra; without it the fuzz tests skip (pytest.importorskip)
+    pass

@@ -38,7 +38,16 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse whose usage errors are one line on stderr, like every other error (exit code 2)."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"cupscale: error: {message}; see `{self.prog} --help`\n")
+        self.exit(2, f"cupscale: error: {one_line(message)}; see `{self.prog} --help`\n")
+
+
+# What str.splitlines (and a terminal) breaks a line at: never inside an error line, whatever a value held.
+LINE_BREAKS = frozenset("\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")
+
+
+def one_line(text: str) -> str:
+    """``text`` with every line break written as its escape (``\\r``): the error contract is one line on stderr."""
+    return "".join(repr(char)[1:-1] if char in LINE_BREAKS else char for char in text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         release_ray()  # Ray logs as it shuts down: now, above the error line, not after it at exit
         sys.stderr.flush()
-        print(f"cupscale: error: {exc}", file=sys.stderr, flush=True)
+        print(f"cupscale: error: {one_line(str(exc))}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
         print("cupscale: interrupted; no output was written", file=sys.stderr)
