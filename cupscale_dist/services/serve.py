@@ -27,6 +27,7 @@ import asyncio
 import hmac
 import logging
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass, field, fields
@@ -46,7 +47,7 @@ from .jobstore import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobStore
 from ..execution.raycluster import LOOPBACK_HOSTS, ClusterOptions
 from .servelimits import (BODY_PROGRESS_BYTES, BODY_STALL_S, DECODES_AT_ONCE, INFLIGHT_BODIES, INFLIGHT_RETRY_AFTER_S,
                           BodyReservation, InFlight, check_query_utf8, check_request_ceilings, read_token_file,
-                          request_megabytes, scrub_paths, server_paths)
+                          one_line, request_megabytes, scrub_paths, server_paths)
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ SERVICE_KNOBS = frozenset({
     "captioner_actors", "captioner_gpus", "captioner_dtype", "keep_captioner", "caption_timeout_s",
     "max_input_pixels", "min_input_side", "max_output_pixels"})
 REQUEST_FIELDS = ("source",)  # request parameters that are not knobs
+SIZE_TEXT = re.compile(r"[0-9]{1,12}[xX][0-9]{1,12}")  # size=WxH; more digits are past any max_output_pixels
 MAX_REQUEST_MB = 64  # a 16-Mpx PNG (the default max_input_pixels) is at most ~48 MB
 # Serve's proxy must answer a readiness check within 5 s of starting, else it is killed and started again; on a busy
 # machine (measured: 2 loaded cores) it never makes it. Set in this process before it starts a local cluster.
@@ -131,7 +133,7 @@ def request_knobs(params) -> tuple[dict, dict]:
     for key in params.keys():
         values = params.getlist(key)
         if len(values) > 1:
-            raise UserError(f"{key} is given {len(values)} times; give it once")
+            raise UserError(f"{shown(key)} is given {len(values)} times; give it once")
         value = values[0]
         if key in REQUEST_FIELDS:
             extra[key] = value
@@ -139,11 +141,17 @@ def request_knobs(params) -> tuple[dict, dict]:
             raise UserError(f"{key} is set by the service (cupscale serve --config/--set), not per request; "
                             "drop it from the request")
         elif key not in names:
-            raise UserError(f"unknown knob {key!r}; see GET /v1/knobs for the ones a request may set")
+            raise UserError(f"unknown knob {shown(key)}; see GET /v1/knobs for the ones a request may set")
         elif key == "size" and "x" in value.lower():
+            if not SIZE_TEXT.fullmatch(value.strip()):
+                raise UserError(f"size={shown(value)} is not WxH (sides of at most 12 digits); use e.g. "
+                                "size=4096x4096, or scale")
             knobs[key] = parse_size(value)
         else:
             knobs[key] = set_value(key, value)
+            if knobs[key] is None:  # `tile=` or `tile=null`: UpscaleConfig.replace would keep the service's value
+                raise UserError(f"{key}={shown(value)} gives no value; give one (see GET /v1/knobs) or leave {key} "
+                                "out for the service's")
     return knobs, extra
 
 
@@ -174,14 +182,14 @@ app = FastAPI(title="cupscale", version=__version__,
 
 @app.exception_handler(HTTPException)
 async def _one_line(_request: Request, exc: HTTPException) -> JSONResponse:
-    return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+    return JSONResponse({"error": one_line(str(exc.detail))}, status_code=exc.status_code, headers=exc.headers)
 
 
 @app.exception_handler(RequestValidationError)
 async def _one_line_validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0] if exc.errors() else {}
     where = ".".join(str(p) for p in first.get("loc", ()))
-    return JSONResponse({"error": f"{where}: {first.get('msg', 'invalid request')}"}, status_code=400)
+    return JSONResponse({"error": one_line(f"{where}: {first.get('msg', 'invalid request')}")}, status_code=400)
 
 
 def refuse(status: int, message: str, **headers: str) -> HTTPException:

@@ -29,6 +29,9 @@ BODY_PROGRESS_BYTES = 4096  # 410 B/s: below any real link, above any drip
 # Largest --max-request-mb: 16-bit TIFFs of the default 16 Mpx are ~100 MB; a bound of GBs per body times
 # INFLIGHT_BODIES is no bound (and inf, which int() can't take, is none at all).
 MAX_REQUEST_MB_CEILING = 4096.0
+# A refusal is one line a person reads (issue 35): every echoed value is cut where the message is made; this is the
+# HTTP boundary's own guarantee, for a message from deeper code that did not.
+MAX_ERROR_CHARS = 300
 # Decoded pixels (3 B a pixel: 48 MB at the default 16-Mpx max_input_pixels) held by at most this many requests at
 # once; more wait their turn. With INFLIGHT_BODIES this bounds the memory of requests not yet queued.
 DECODES_AT_ONCE = 2
@@ -128,6 +131,13 @@ def request_megabytes(flag: str, value) -> int:
     if size < 1:
         raise UserError(f"{flag} {shown(value)}: under one byte; use a number of megabytes such as 64")
     return size
+
+
+def one_line(message: str) -> str:
+    """``message`` as one line (every run of white space, line breaks included, becomes one space) of at most
+    :data:`MAX_ERROR_CHARS` characters."""
+    text = " ".join(message.split())
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
 
 
 def scrub_paths(message: str, paths: dict[str, str]) -> str:
