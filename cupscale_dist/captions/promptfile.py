@@ -38,9 +38,8 @@ def read_prompt_file(path: Path) -> dict:
         raise UserError(f"{what}: not valid JSON ({reason}); fix the file") from None
     problem = _schema_problem(data)
     if problem:
-        raise UserError(f"{what}: {problem}; expected {{'prompt': str, 'stages': [{{'stage': "
-                        "k, 'views': [{'box': [l, t, r, b], 'prompt': str}]}]} (write it with `cupscale caption "
-                        "--tiles`)")
+        raise UserError(f"{what}: {problem}; expected {{'prompt', 'stages': [{{'stage', 'size', 'views': "
+                        "[{'box', 'prompt'}]}]} (write it with `cupscale caption --tiles`)")
     return data
 
 
@@ -73,8 +72,8 @@ def _mapping_problem(value, where: str, types: dict[str, type], required: tuple[
         return f"{where} must be an object, got {type(value).__name__}"
     unknown = sorted(set(value) - set(types))
     if unknown:
-        more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
-        return f"{where} has unknown key(s) {', '.join(shown(key) for key in unknown[:3])}{more}"
+        more = f" and {len(unknown) - 2} more" if len(unknown) > 2 else ""
+        return f"{where} has unknown key(s) {', '.join(shown(key, 24) for key in unknown[:2])}{more}"
     for key, kind in types.items():
         if key not in value:
             if key in required:
