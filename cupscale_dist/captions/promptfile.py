@@ -72,8 +72,8 @@ def _mapping_problem(value, where: str, types: dict[str, type], required: tuple[
         return f"{where} must be an object, got {type(value).__name__}"
     unknown = sorted(set(value) - set(types))
     if unknown:
-        more = f" and {len(unknown) - 2} more" if len(unknown) > 2 else ""
-        return f"{where} has unknown key(s) {', '.join(shown(key, 24) for key in unknown[:2])}{more}"
+        more = f" and {len(unknown) - 1} more" if len(unknown) > 1 else ""
+        return f"{where} has unknown key(s) {shown(unknown[0], 30)}{more}"
     for key, kind in types.items():
         if key not in value:
             if key in required:
