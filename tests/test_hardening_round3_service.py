@@ -240,6 +240,19 @@ def test_5_serve_request_limits_are_finite_and_positive(tmp_path, capsys, flags)
     assert len(lines[0]) <= 300 and "Traceback" not in lines[0]
 
 
+def test_5_rayservice_request_limits_are_checked(monkeypatch):
+    """A RayService's args take the same bounds as the flags (`max_request_mb: inf` was an OverflowError)."""
+    from cupscale_dist.errors import UserError
+    from cupscale_dist.services import serve as service
+
+    monkeypatch.setenv(service.TOKEN_ENV, TOKEN)
+    for args in ({"max_request_mb": "inf"}, {"max_request_mb": 0}, {"max_inflight_mb": "nan"},
+                 {"max_inflight_mb": 1e300}):
+        with pytest.raises(UserError, match="megabytes") as refused:
+            service.app_from_args({"results": "/nonexistent-results", **args})
+        assert len(str(refused.value).splitlines()) == 1
+
+
 @pytest.mark.parametrize("content, needle", [
     (f"{TOKEN}\nsecond-line-0123456789\n".encode(), "2 lines"),
     (b"", "empty"), (b"  \n\n", "empty"),

@@ -30,6 +30,7 @@ SERVE_EXAMPLES = """examples:
   cupscale serve --host 0.0.0.0 --token-file ~/.cupscale-token --results /data/jobs --config sdxl-4k --actors 4
 Request knobs are the CLI's (`cupscale knobs`); model, device, dtype and limits are the service's (--config/--set).
 Knobs that lift memory bounds have per-request ceilings (docs/security.md); --set KNOB=VALUE raises that knob's.
+Uploads hold only the bytes that arrived; a body bringing under 4 KiB in 10 s is answered 408.
 SIGTERM stops it as Ctrl-C does: running jobs are recorded as interrupted, Ray is shut down, exit 0.
 """
 
@@ -47,7 +48,7 @@ def add_serve_parser(sub) -> None:
     srv.add_argument("--token-file", dest="token_file", metavar="FILE",
                      help="bearer token every /v1 request must send (required off loopback)")
     srv.add_argument("--max-request-mb", dest="max_request_mb", type=float, default=64.0, metavar="MB",
-                     help="largest request body (default 64)")
+                     help="largest request body, in (0, 4096] (default 64)")
     srv.add_argument("--max-inflight-mb", dest="max_inflight_mb", type=float, metavar="MB",
                      help="request bodies being received at once, all together; past it 429 before a body is read "
                           "(default 4 x --max-request-mb)")
