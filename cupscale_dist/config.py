@@ -142,6 +142,16 @@ class UpscaleConfig:
     gaussian_sigma: float = knob(0.3, "gaussian blend window std as a fraction of the tile", min=0.01, max=10.0)
     view_batch_size: int = knob(4, "views per UNet call (x2 with CFG); tile rate saturates near 4 on H100", min=1)
 
+    # --- 9. where the step runs (Ray mode; issue 34, docs/distributed.md) ----------------------------------------
+    step_design: Literal["actors", "driver"] = knob(
+        "actors", "'actors': each worker owns a row band of the latent and blends, injects the prior and steps it, "
+        "only halos move between actors (the driver's 16K step moved 507 MB and ran the tail on one thread); "
+        "'driver': every window and prediction through the driver (kept for comparison, and used where the prior is "
+        "not local: prior_space='pixel' or a non-Haar wavelet)")
+    snapshot_every: int = knob(
+        0, "steps between snapshots of the owners' parts on the driver (a lost worker replays from the last one); "
+        "0 = at the stage start and at checkpoints only: a gather moves the whole latent, 67 MB at 16K", min=0)
+
     # --- 6./7./8. regional priors -------------------------------------------------------------------------
     captioner: Literal["none", "vllm", "transformers"] = knob("none", "'none': regional prompt = global prompt")
     captioner_model: str = knob("llava-hf/llava-v1.6-mistral-7b-hf", "LLaVA-NeXT, as in the paper")

@@ -193,6 +193,58 @@ def test_every_worker_node_lost_stops_with_one_line_then_resume_finishes(referen
     assert np.array_equal(pixels(out), reference.pixels())
 
 
+def test_node_lost_while_the_pool_starts_stops_within_the_start_timeout(cluster, image, tmp_path):
+    """Issue 34: a worker's node lost while the workers are still loading, no room left for its bundle: the driver
+    stops with one line naming the node within --start-timeout (it waited on the model load's 15 minutes before)."""
+    grow(cluster, 2)
+    out = tmp_path / "out.png"
+    driver = Driver(cluster, cluster.head, str(image), "-o", str(out), *RUN, "--actors", "2", "--cpus-per-actor", "1",
+                    "--start-timeout", str(STOP_START_TIMEOUT_S))
+    deadline = time.monotonic() + CHECKPOINT_WAIT_S
+    while not (starting := processes_named(cluster, b"PipelineWorker")):  # an actor process is up, still loading
+        assert driver.proc.poll() is None and time.monotonic() < deadline, "".join(driver.lines[-20:])
+        time.sleep(0.02)
+    assert not any(WORKER_LINE.search(line) for line in driver.lines)  # the pool has not finished starting
+    victim = next(iter(starting.values()))
+    lost_at = time.monotonic()
+    cluster.kill_node(victim)
+    assert driver.finish() == 2, "".join(driver.lines[-20:])
+    last = driver.lines[-1]
+    assert last.startswith(f"cupscale: error: model workers: node {victim.address} (") and "--start-timeout" in last
+    # Ray's detection (3 missed health checks here) + the start timeout + the poll, on a loaded 2-core host
+    assert time.monotonic() - lost_at < STOP_START_TIMEOUT_S + 60 and not out.exists()
+
+
+@pytest.mark.slow
+def test_node_lost_mid_denoise_with_rays_default_health_checks_gives_the_reference_bytes(reference, image, tmp_path):
+    """Issue 34: the same loss on a cluster with Ray's default health-check timings (a dead node is declared after
+    ~60 s, not ~5 s): the worker's bands are rebuilt from the snapshot once Ray says so, the bytes stay."""
+    reason = netns.unavailable()
+    if reason:
+        pytest.skip(reason)
+    slow = netns.Cluster(sys.executable, str(REPO), fast_health_checks=False)
+    try:
+        slow.add_node(0, "head")
+        slow.add_node(1, "b")
+        slow.add_node(1, "c")
+        out, checkpoints = tmp_path / "out.png", tmp_path / "ckpt"
+        driver = Driver(slow, slow.head, str(image), "-o", str(out), *RUN, "--actors", "2", "--cpus-per-actor", "1",
+                        "--checkpoint-dir", str(checkpoints))
+        driver.wait_for(checkpoints / "checkpoint.pt", CHECKPOINT_WAIT_S)
+        victim = driver.worker_nodes(slow)[0]
+        slow.kill_node(victim)
+        try:
+            code = driver.proc.wait(timeout=NEVER_HANGS_S + 120)  # + Ray's default detection (~60 s)
+        except subprocess.TimeoutExpired:
+            driver.proc.kill()
+            pytest.fail("the driver hung with Ray's default health checks\n" + "".join(driver.lines[-20:]))
+        assert code == 0, "".join(driver.lines[-20:])
+        assert any(f"model worker 0 lost (node {victim.address}" in line for line in driver.lines)
+        assert np.array_equal(pixels(out), reference.pixels())
+    finally:
+        slow.close()
+
+
 def worker_nodes_alive(cluster: netns.Cluster) -> list[netns.Node]:
     return [node for node in cluster.nodes[1:] if node.alive and node.cpus]
 

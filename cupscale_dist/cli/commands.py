@@ -101,7 +101,12 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     output = check_output_path(args.output, args.overwrite or args.dry_run, source=args.input)  # a dry run writes nothing
     image, carried = load_input(args.input, config.max_input_pixels, config.min_input_side)
     if args.dry_run:  # the plan, checked as the run checks it (a checkpoint only matters to a run)
-        print(json.dumps(check_inputs(image.size, config, output=output).describe(), indent=2))
+        from ..method.parts import describe_parts
+
+        plan = check_inputs(image.size, config, output=output)
+        described = plan.describe()  # + each actor's band and halo (with --actors N, else for 1 actor)
+        described["parts"] = describe_parts(plan.stages, config, args.actors or 1)
+        print(json.dumps(described, indent=2))
         return 0
     resuming = args.resume and args.checkpoint_dir
     checkpoint = (Checkpointer(args.checkpoint_dir, args.checkpoint_every, config.config_hash(), image_sha(image))

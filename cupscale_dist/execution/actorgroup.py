@@ -37,6 +37,14 @@ def _node_id(actor) -> str:
     return ray.get_runtime_context().get_node_id()
 
 
+class NotPlaced(Exception):
+    """A node holding some bundles was lost while the actors started, and the nodes left had no room for them."""
+
+    def __init__(self, lost: list[str]):
+        super().__init__(", ".join(dict.fromkeys(lost)))
+        self.lost = list(dict.fromkeys(lost))
+
+
 class ActorGroup:
     """``count`` actors of ``actor_class``, one per bundle of (``num_cpus``, ``num_gpus``, ``memory_bytes``) in one
     placement group.
@@ -58,6 +66,7 @@ class ActorGroup:
         self.located: list = [None] * count  # per slot: a ref to its actor's node id, answered once the actor is up
         self.nodes: list[str | None] = [None] * count  # per slot: the node its actor lives on, once known
         self._table: dict[str, dict] = {}  # the GCS's node table, read at most once per HEALTH_POLL_S
+        self.bundle_nodes: dict[int, str] = {}  # per slot: the live node its bundle was last seen on (names a loss)
         self._table_at = float("-inf")
 
     def start(self, slot: int, *args):
@@ -73,21 +82,61 @@ class ActorGroup:
         self.located[slot] = actor.__ray_call__.remote(_node_id)  # queued behind __init__: answers once it is up
         return actor
 
-    def wait_ready(self, method: str, timeout_s: float) -> list:
-        """Every actor's answer to ``method()`` once all are up. On a timeout (:class:`NotReady`) or an actor that
-        failed to start (Ray's error), the group is released before the error goes up."""
+    def wait_ready(self, method: str, timeout_s: float, placement_timeout_s: float | None = None) -> list:
+        """Every actor's answer to ``method()`` once all are up. On a timeout (:class:`NotReady`), a bundle whose node
+        was lost and that is not placed again on a live node within ``placement_timeout_s`` (:class:`NotPlaced`), or
+        an actor that failed to start (Ray's error), the group is released before the error goes up.
+
+        Why the bundles are watched: an actor whose node is lost while it loads is restarted by Ray only once its
+        bundle is placed again, which never happens when the nodes left have no room; the wait would last the whole
+        model-load limit (15 minutes) with nothing to show."""
         import ray
 
         answers = [getattr(actor, method).remote() for actor in self.actors]
+        deadline = time.monotonic() + timeout_s
+        unplaced_since: float | None = None
         try:
-            ready, pending = ray.wait(answers + self.located, num_returns=2 * len(answers), timeout=timeout_s)
-            if pending:
-                raise NotReady(len([ref for ref in answers if ref in ready]), len(answers))
+            if placement_timeout_s is not None:
+                self.unplaced_bundles()  # where each bundle is now: names the node if one is lost later
+            pending = answers + self.located
+            while pending:
+                _ready, pending = ray.wait(pending, num_returns=len(pending), timeout=HEALTH_POLL_S)
+                if not pending:
+                    break
+                if time.monotonic() > deadline:
+                    raise NotReady(len([ref for ref in answers if ref not in pending]), len(answers))
+                lost = self.unplaced_bundles() if placement_timeout_s is not None else []
+                if not lost:
+                    unplaced_since = None
+                    continue
+                unplaced_since = unplaced_since or time.monotonic()
+                if time.monotonic() - unplaced_since > placement_timeout_s:
+                    raise NotPlaced(lost)
             self.nodes = ray.get(self.located)
             return ray.get(answers)
         except BaseException:
             self.release()
             raise
+
+    def unplaced_bundles(self) -> list[str]:
+        """The bundles that are not on a live node now (``"node IP (id)"`` of the node each was on when first seen
+        placed): their actors wait for Ray to place them again. Every bundle was placed when ``reserve`` returned."""
+        from ray.util import placement_group_table
+
+        if self.group is None:
+            return []
+        where = placement_group_table(self.group).get("bundles_to_node_id", {})
+        nodes = self._node_table(fresh=True)
+        lost = []
+        for slot in range(len(self.actors)):
+            node = where.get(slot)
+            if nodes.get(node, {}).get("Alive"):
+                self.bundle_nodes[slot] = node
+                continue
+            was = self.bundle_nodes.get(slot) or node or "?"
+            entry = nodes.get(was, {})
+            lost.append(f"node {entry.get('NodeManagerAddress', '?')} ({str(was)[:12]})")
+        return lost
 
     def up(self, slot: int, timeout_s: float = 0) -> bool:
         """Whether the actor of ``slot`` has started (its node is known), waiting up to ``timeout_s``; Ray's error

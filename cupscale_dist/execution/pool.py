@@ -29,7 +29,7 @@ from ..config import UpscaleConfig
 from ..errors import UserError
 from ..models.spec import ModelSpec
 from .contract import Shared
-from .actorgroup import HEALTH_POLL_S, ActorGroup, NotReady
+from .actorgroup import HEALTH_POLL_S, ActorGroup, NotPlaced, NotReady
 from ..models.weights import parameters_of, worker_memory_gb
 from .placement import memory_fraction, model_worker_share, worker_count
 from .raycluster import ClusterOptions, connect, root_cause
@@ -93,8 +93,13 @@ class WorkerPool:
         import ray
 
         try:
-            for where in self.group.wait_ready("where", MODEL_LOAD_TIMEOUT_S):
+            for where in self.group.wait_ready("where", MODEL_LOAD_TIMEOUT_S, self.start_timeout_s):
                 log.info("worker %(index)s on node %(node)s pid %(pid)s gpus %(gpus)s (%(device)s)", where)
+        except NotPlaced as lost:
+            self.actors = []
+            raise UserError(f"model workers: {lost} lost while the workers started, and the nodes left had no room "
+                            f"for them within {self.start_timeout_s:.0f} s (--start-timeout); add a node or free "
+                            "resources, then rerun the same command (with --resume if it checkpointed)") from None
         except NotReady as late:
             self.actors = []
             raise UserError(f"only {late.ready} of {self.count} model workers loaded {self.load_args[1]} within "

@@ -206,3 +206,20 @@ def join_states(states: list):
     if isinstance(first, torch.Tensor) and first.dim() == 4:
         return torch.cat(states, dim=-2)
     return first
+
+
+def describe_parts(stages, config, actors: int) -> dict:
+    """What ``--dry-run`` prints of the step on the actors: per stage, each actor's band and halo (rows and MB of
+    float32 latent at the first step), the bound of its memory beyond its weights (docs/distributed.md)."""
+    if config.step_design != "actors" or config.prior_space != "latent" or config.wavelet != "haar":
+        return {"step_design": "driver", "why": "step_design='driver'" if config.step_design != "actors" else
+                "the prior is not local to a band (prior_space='pixel' or a non-Haar wavelet)"}
+    out = []
+    for stage in stages:
+        layout = StageLayout.even(list(range(actors)), stage.views, stage.latent, config.view_batch_size,
+                                  2**config.dwt_levels, jitter=config.jitter, seed=config.seed, stage=stage.index)
+        rows = [{"actor": worker, "part_rows": m["part_rows"], "part_mb": round(m["part_bytes"] / 2**20, 2),
+                 "halo_rows": m["halo_rows"], "halo_mb": round(m["halo_bytes"] / 2**20, 2)}
+                for worker, m in layout.memory(stage.latent_channels).items()]
+        out.append({"stage": stage.index, "actors": rows})
+    return {"step_design": "actors", "actors": actors, "stages": out}

@@ -160,9 +160,16 @@ MUTATIONS = [
              ("tests/test_user_knobs.py::test_prior_scale_scales_the_injected_prior",)),
     # issue 23: each view overwriting the overlap instead of the average (a pointwise denoiser cannot tell)
     Mutation("last-view-wins", "cupscale_dist/method/step.py",
-             "total[..., top:bottom, left:right] += predictions[k]\n                weight[top:bottom, left:right] += 1.0",
-             "total[..., top:bottom, left:right] = predictions[k]\n                weight[top:bottom, left:right] = 1.0",
+             "total[(..., *target)] += prediction\n        weight[target] += 1.0",
+             "total[(..., *target)] = prediction\n        weight[target] = 1.0",
              ("tests/test_invariants.py::test_overlapping_views_that_disagree_are_averaged_not_overwritten[uniform]",)),
+    # issue 34: the step on the actors must keep the reference's bytes for any layout
+    Mutation("parts-summed-out-of-view-order", "cupscale_dist/method/parts.py",
+             "in sorted(contributions, key=lambda c: c[0]):", "in contributions[::-1]:",
+             ("tests/test_parts.py::test_owned_bands_give_the_reference_latent_for_any_layout[jitter-gaussian]",)),
+    Mutation("step-noise-ignores-the-band-offset", "cupscale_dist/method/schedulers.py",
+             "+ (row0 + row) * 7_919_113)", "+ row * 7_919_113)",
+             ("tests/test_parts.py::test_owned_bands_give_the_reference_latent_for_any_layout[lcm]",)),
     # issue 22: Flux.1 as a backbone (tests/test_flux.py)
     Mutation("flux-positions-dropped", "cupscale_dist/models/backbones/flux.py",
              "ids[..., 1] += float(top) / PATCH", "ids[..., 1] += 0 * float(top) / PATCH",
