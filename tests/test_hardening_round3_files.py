@@ -595,3 +595,23 @@ def test_fuzz_found_unknown_keys_in_a_prompts_file_made_a_301_character_line(tmp
         with pytest.raises(UserError) as error:
             read_prompt_file(path)
         assert "has unknown key(s)" in refused(error)
+
+
+def test_fuzz_found_a_tensor_in_a_checkpoints_hash_or_position_split_the_error_line(tmp_path):
+    for fields in ({"config_hash": torch.zeros(1, 4, 2, 2)}, {"stage": torch.zeros(3, 3)},
+                   {"scheduler_state": {"model_outputs": [], "lower_order_nums": torch.zeros(2, 2)}}):
+        write_payload(tmp_path, **fields)
+        with pytest.raises(UserError) as error:
+            checkpointer(tmp_path).load()
+        assert "tensor(" in refused(error), str(error.value)
+
+
+def test_fuzz_found_a_path_of_an_unknown_users_home_raised_runtimeerror(tmp_path, capsys):
+    from cupscale_dist.models.addons import parse_lora  # noqa: F401 - pathlib's expanduser raised in here
+
+    for argv in (["upscale", IMAGE, "-o", str(tmp_path / "o.png"), *DEMO, "--lora", "~0", "--dry-run"],
+                 ["upscale", IMAGE, "-o", str(tmp_path / "o.png"), *DEMO, "--model", "~nosuchuser9/m", "--dry-run"],
+                 ["batch", "--input", "~nosuchuser9/in", "--output", str(tmp_path / "out"), *DEMO, "--dry-run"]):
+        assert main(argv) == 2
+        assert "this machine has no such user; give the full path" in one_line(capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()

@@ -55,6 +55,8 @@ def path_text_problem(path: str | os.PathLike) -> str | None:
     longest = max((len(part) for part in text.split(b"/")), default=0)
     if longest > MAX_NAME_BYTES:
         return f"has a name of {longest} bytes, over the {MAX_NAME_BYTES} a file name may have"
+    if text.startswith(b"~") and os.path.expanduser(text) == text:  # pathlib's expanduser raises RuntimeError
+        return "starts with ~NAME, and this machine has no such user; give the full path"
     return None
 
 

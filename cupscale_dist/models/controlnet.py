@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, shown
 from .spec import read_json
 
 log = logging.getLogger(__name__)
@@ -55,14 +55,14 @@ def check_controlnet(folder: str, spec) -> None:
         check_flux_controlnet(folder, config, spec)
         return
     if config.get("_class_name") != "ControlNetModel":
-        raise UserError(f"--controlnet {folder}: a {config.get('_class_name')!r}, not a ControlNetModel; use a "
+        raise UserError(f"--controlnet {folder}: a {shown(config.get('_class_name'))}, not a ControlNetModel; use a "
                         "ControlNet tile model such as xinsir/controlnet-tile-sdxl-1.0 (SDXL) or "
                         "lllyasviel/control_v11f1e_sd15_tile (SD1.5)")
     unet = spec.unet_config()  # from the model's config directory (a single-file checkpoint's too)
     for key in MATCHING_KEYS:
         if config.get(key) != unet.get(key):
-            raise UserError(f"--controlnet {folder}: made for another model ({key} {config.get(key)} here, "
-                            f"{unet.get(key)} in {spec.name}'s UNet); use a ControlNet of the {spec.family} family")
+            raise UserError(f"--controlnet {folder}: made for another model ({key} {shown(config.get(key))} here, "
+                            f"{shown(unet.get(key))} in {spec.name}'s UNet); use a ControlNet of the {spec.family} family")
 
 
 # What must agree between a Flux ControlNet and the transformer it steers: its block outputs are added to the
@@ -74,14 +74,14 @@ FLUX_MATCHING_KEYS = ("in_channels", "attention_head_dim", "num_attention_heads"
 def check_flux_controlnet(folder: str, config: dict, spec) -> None:
     """A Flux ControlNet on a UNet model, a UNet ControlNet on Flux, or one of other widths: one line."""
     if config.get("_class_name") != "FluxControlNetModel" or spec.family != "flux":
-        raise UserError(f"--controlnet {folder}: a {config.get('_class_name')!r} and {spec.name} is an {spec.family} "
+        raise UserError(f"--controlnet {folder}: a {shown(config.get('_class_name'))} and {spec.name} is an {spec.family} "
                         "model; use a ControlNet of the model's family (FluxControlNetModel for Flux)")
     transformer = spec.denoiser_config()
     for key in FLUX_MATCHING_KEYS:
         mine, theirs = config.get(key), transformer.get(key)
         if (list(mine) if isinstance(mine, (list, tuple)) else mine) != (
                 list(theirs) if isinstance(theirs, (list, tuple)) else theirs):
-            raise UserError(f"--controlnet {folder}: made for another model ({key} {mine} here, {theirs} in "
+            raise UserError(f"--controlnet {folder}: made for another model ({key} {shown(mine)} here, {shown(theirs)} in "
                             f"{spec.name}'s transformer); use a Flux ControlNet for this model")
 
 
@@ -93,7 +93,7 @@ def load_controlnet(folder: str, device: torch.device, dtype: torch.dtype):
     try:
         model = (FluxControlNetModel if flux else ControlNetModel).from_pretrained(folder, torch_dtype=dtype)
     except (OSError, ValueError) as exc:
-        raise UserError(f"--controlnet {folder}: could not be loaded ({str(exc).splitlines()[0]})") from None
+        raise UserError(f"--controlnet {folder}: could not be loaded ({(str(exc).splitlines() or [''])[0][:120]})") from None
     return model.to(device).eval()
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from ..errors import UserError
+from ..errors import UserError, shown
 from .lora_keys import DOWN_FACTORS, FACTOR
 
 FLUX_KEY = re.compile(r"^(transformer\.|lora_unet_(double|single)_blocks_|lora_transformer_|"
@@ -53,7 +53,7 @@ def check_flux_lora(header: dict, spec, what: str) -> None:
         found = BLOCK_INDEX.match(key)
         count = config.get("num_layers" if found and found[1] == "double" else "num_single_layers")
         if found and type(count) is int and int(found[2]) >= count:
-            raise UserError(f"{what}: names {found[1]}_blocks {found[2]}, and {spec.name} has {count} of them; use a "
+            raise UserError(f"{what}: names {found[1]}_blocks {found[2][:12]}, and {spec.name} has {count} of them; use a "
                             "LoRA trained for this model")
     layers = transformer_layers(config)
     for key, shape in header.items():
@@ -61,7 +61,7 @@ def check_flux_lora(header: dict, spec, what: str) -> None:
         if not found or not factor:
             continue  # kohya/BFL names: diffusers converts them while loading
         if found[1] not in layers:
-            raise UserError(f"{what}: names a transformer layer {spec.name} does not have ({found[1]}); use a LoRA "
+            raise UserError(f"{what}: names a transformer layer {spec.name} does not have ({shown(found[1])}); use a LoRA "
                             "trained for this model")
         widths = layers[found[1]]
         if widths is None or len(shape) < 2:
@@ -69,5 +69,5 @@ def check_flux_lora(header: dict, spec, what: str) -> None:
         down = factor[1] in DOWN_FACTORS
         have, want = (shape[1], widths[0]) if down else (shape[0], widths[1])
         if have != want:
-            raise UserError(f"{what}: its layer {found[1]} has {have} {'inputs' if down else 'outputs'}, "
+            raise UserError(f"{what}: its layer {shown(found[1])} has {have} {'inputs' if down else 'outputs'}, "
                             f"{spec.name}'s has {want}; the LoRA was trained for a Flux model of other sizes")

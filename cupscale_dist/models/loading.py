@@ -73,7 +73,7 @@ def load_pipeline(model_dir: str, device: torch.device, dtype: torch.dtype, vari
             parts = {name: load_component(model_dir, name, dtype, variant, streamed_fp8=name in streamed)
                      for name in backbone.components}
         except (OSError, ValueError, KeyError) as exc:
-            raise UserError(f"--model {model_dir}: could not be loaded ({str(exc).splitlines()[0]}); "
+            raise UserError(f"--model {model_dir}: could not be loaded ({(str(exc).splitlines() or [''])[0][:120]}); "
                             "check the directory or use --model demo") from None
         pipe = backbone.pipeline_class()(**parts, **backbone.pipeline_options(read_json(model_dir, "model_index.json")))
     pipe.set_progress_bar_config(disable=True)

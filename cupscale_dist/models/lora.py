@@ -21,7 +21,8 @@ from __future__ import annotations
 import logging
 import re
 
-from ..errors import UserError
+from ..errors import UserError, shown
+from ..files.userfile import named
 from .flux_lora import check_flux_lora, is_flux_lora
 from .lora_keys import DOWN_FACTORS, FACTOR, LORA_KEY
 from .weightfiles import check_finite, safetensors_tensors
@@ -50,7 +51,7 @@ def read_header(path: str, what: str) -> dict[str, tuple[int, ...]]:
 def check_lora(path: str, spec) -> None:
     """Refuse (one line) a file that is not a LoRA, a LoRA for another model family or other layer sizes than
     ``spec``'s, one with a factor missing, or one with NaN/inf weights (the only check that reads the weights)."""
-    what = f"--lora {path}"
+    what = named(f"--lora {path}")
     header = read_header(path, what)
     if not any(LORA_KEY.search(key) for key in header):
         raise UserError(f"{what}: no LoRA weights in it (no lora_A/lora_B/lora_down/lora_up keys); pass a LoRA file")
@@ -71,7 +72,7 @@ def check_lora(path: str, spec) -> None:
     layers = unet_layers(unet_config)
     missing = sorted(set(unet_modules_named(header)) - set(layers))
     if missing:
-        raise UserError(f"{what}: names UNet layers {spec.name} does not have (e.g. {missing[0]}); use a LoRA "
+        raise UserError(f"{what}: names UNet layers {spec.name} does not have (e.g. {shown(missing[0])}); use a LoRA "
                         "trained for this model's family")
     check_factor_pairs(header, what)  # after the family checks: "made for another model" is the likelier news
     check_factor_widths(header, layers, what, spec.name)
@@ -105,11 +106,12 @@ def check_factor_pairs(header: dict, what: str) -> None:
     for layer, factors in sorted(factor_layers(header).items()):
         if len(factors) < 2:
             have, lack = ("down (lora_A)", "up (lora_B)") if "down" in factors else ("up (lora_B)", "down (lora_A)")
-            raise UserError(f"{what}: layer {layer} has a {have} factor but no {lack} factor; the file is "
+            raise UserError(f"{what}: layer {shown(layer)} has a {have} factor but no {lack} factor; the file is "
                             "incomplete: export the LoRA again")
         down, up = factors["down"], factors["up"]
         if len(down) < 2 or len(up) < 2 or down[0] != up[1]:
-            raise UserError(f"{what}: the factors of layer {layer} do not fit together (down {down}, up {up}); "
+            raise UserError(f"{what}: the factors of layer {shown(layer)} do not fit together (down {shown(down, 30)}, "
+                            f"up {shown(up, 30)}); "
                             "the file is damaged: export the LoRA again")
 
 
@@ -127,7 +129,7 @@ def check_factor_widths(header: dict, layers: dict[str, tuple[int, int] | None],
         have, want = (shape[1], width_in) if down else (shape[0], width_out)
         if have != want:
             side = "inputs" if down else "outputs"
-            raise UserError(f"{what}: its layer {found[1]} has {have} {side}, {model}'s has {want}; the LoRA was "
+            raise UserError(f"{what}: its layer {shown(found[1])} has {have} {side}, {model}'s has {want}; the LoRA was "
                             "trained for a model of other layer sizes: use one trained for this model")
 
 

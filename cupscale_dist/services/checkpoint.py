@@ -84,7 +84,7 @@ class Checkpointer:
         if not isinstance(payload, dict) or set(payload) != set(FIELDS):
             raise self._bad("does not hold the fields " + ", ".join(FIELDS))
         if payload["config_hash"] != self.config_hash:
-            raise UserError(f"{what} was written with another config ({shown(payload['config_hash'])} != "
+            raise UserError(f"{what} was written with another config ({one_line(payload['config_hash'], 40)} != "
                             f"{self.config_hash}); use the same options, or another --checkpoint-dir")
         if payload["input_sha"] != self.input_sha:
             raise UserError(f"{what} belongs to another input image; use another --checkpoint-dir")
@@ -103,7 +103,7 @@ class Checkpointer:
     def _position(self, stage, step) -> tuple[int, int]:
         """A stage of this run and a step within it (0..steps: the latent before that step)."""
         if type(stage) is not int or type(step) is not int or stage < 0 or step < 0:
-            raise self._bad(f"has stage={shown(stage, 20)}, step={shown(step, 20)} (expected non-negative integers)")
+            raise self._bad(f"has stage={one_line(stage)}, step={one_line(step)} (expected non-negative integers)")
         if self.plan is not None and stage >= len(self.plan.stages):
             raise self._bad(f"is at stage {stage}, but this run has {len(self.plan.stages)} stage(s)")
         if self.plan is not None and step > self.plan.steps:
@@ -135,7 +135,7 @@ class Checkpointer:
                 for o in outputs):
             raise self._bad(f"holds scheduler predictions that are not finite latents of shape {tuple(shape)}")
         if type(count) is not int or not 0 <= count <= MAX_SOLVER_ORDER:
-            raise self._bad(f"holds lower_order_nums={shown(count, 20)} (expected 0..{MAX_SOLVER_ORDER})")
+            raise self._bad(f"holds lower_order_nums={one_line(count)} (expected 0..{MAX_SOLVER_ORDER})")
         return state
 
     def _stage_input(self, data, stage: int) -> Image.Image:
@@ -171,3 +171,8 @@ def tensor_problem(value) -> str | None:
     if value.dtype != LATENT_DTYPE:
         return f"of dtype {str(value.dtype).removeprefix('torch.')}"
     return None
+
+
+def one_line(value, limit: int = 20) -> str:
+    """:func:`~cupscale_dist.errors.shown` of a value from the file, on one line (a tensor's repr has newlines)."""
+    return shown(value, limit).replace("\n", " ")

@@ -120,8 +120,8 @@ def _parquet_inputs(path: Path) -> list[Item]:
             items.append(Item(f"{path}#row{number}", "", overrides, error=f"--input {path} row {number}: {problem}"))
             continue
         if overrides.get("regional_prompts"):
-            overrides["regional_prompts"] = str(base / Path(overrides["regional_prompts"]).expanduser())
-        resolved = absolute_path(base / Path(raw).expanduser())
+            overrides["regional_prompts"] = str(base / os.path.expanduser(overrides["regional_prompts"]))
+        resolved = absolute_path(base / os.path.expanduser(raw))  # os.path's: an unknown ~user stays as written
         if str(resolved) in seen:
             items.append(Item(f"{resolved}#row{number}", "", overrides,
                               error=f"--input {path} row {number}: {raw} is listed again (first at row "
