@@ -14,8 +14,9 @@ driver side :mod:`cupscale_dist.execution.partloop`.
 
 from __future__ import annotations
 
+import bisect
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
@@ -53,6 +54,8 @@ class StageLayout:
     jitter: int = 0
     seed: int = 0
     stage: int = 0
+    # per step: its rects, halo and contribution plans (each worker and the driver ask for them several times a step)
+    _plans: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
         if len(self.bounds) != len(self.owners) + 1 or self.bounds[0] != 0 or self.bounds[-1] != self.latent_hw[0]:
@@ -84,9 +87,9 @@ class StageLayout:
     def parts_of(self, worker: int) -> list[int]:
         return [p for p, owner in enumerate(self.owners) if owner == worker]
 
-    def parts_in(self, lo: int, hi: int) -> list[int]:
+    def parts_in(self, lo: int, hi: int) -> range:
         """Parts holding any of rows ``[lo, hi)``."""
-        return [p for p in range(self.num_parts) if self.bounds[p] < hi and lo < self.bounds[p + 1]]
+        return range(bisect.bisect_right(self.bounds, lo) - 1, bisect.bisect_left(self.bounds, hi))
 
     # -- work --------------------------------------------------------------------------------------------------
     @cached_property
@@ -101,12 +104,27 @@ class StageLayout:
         return np.asarray([workers[r] for r in runs], dtype=np.int64)
 
     def batches_of(self, worker: int) -> list[range]:
-        return [batch for batch, w in zip(self.batches, self.batch_worker) if w == worker]
+        return self._by_worker.get(worker, [])
+
+    @cached_property
+    def _by_worker(self) -> dict[int, list[range]]:
+        out = defaultdict(list)
+        for batch, worker in zip(self.batches, self.batch_worker):
+            out[int(worker)].append(batch)
+        return dict(out)
+
+    def _plan(self, what: str, step: int, make):
+        key = (what, step)
+        if key not in self._plans:
+            if len(self._plans) > 64:  # a stage's steps come in order: old plans are not asked for again
+                self._plans.clear()
+            self._plans[key] = make()
+        return self._plans[key]
 
     def rects(self, step: int) -> np.ndarray:
         """The views at ``step``: jittered from the seed exactly as the reference does (method.md step 5)."""
-        return jitter_views(self.views, *self.latent_hw, self.jitter,
-                            np.random.default_rng([self.seed, self.stage, step]))
+        return self._plan("rects", step, lambda: jitter_views(
+            self.views, *self.latent_hw, self.jitter, np.random.default_rng([self.seed, self.stage, step])))
 
     # -- what moves at a step ----------------------------------------------------------------------------------
     def reach(self, worker: int, rects: np.ndarray) -> tuple[int, int] | None:
@@ -118,6 +136,9 @@ class StageLayout:
 
     def halo(self, step: int) -> dict[tuple[int, int], list[tuple[int, int, int]]]:
         """What each worker reads of others' parts at ``step``: ``{(source, reader): [(part, lo, hi), ...]}``."""
+        return self._plan("halo", step, lambda: self._halo(step))
+
+    def _halo(self, step: int) -> dict[tuple[int, int], list[tuple[int, int, int]]]:
         rects, moves = self.rects(step), defaultdict(list)
         for reader in self.workers:
             span = self.reach(reader, rects)
@@ -132,6 +153,9 @@ class StageLayout:
 
     def contributions(self, step: int) -> set[tuple[int, int]]:
         """``(predictor, owner)`` pairs whose predictions cross workers at ``step``."""
+        return self._plan("contributions", step, lambda: self._contributions(step))
+
+    def _contributions(self, step: int) -> set[tuple[int, int]]:
         rects, pairs = self.rects(step), set()
         for batch, worker in zip(self.batches, self.batch_worker):
             for view in batch:
