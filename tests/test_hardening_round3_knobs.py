@@ -206,3 +206,24 @@ def test_warnings_and_ray_shutdown_stay_above_the_error_line(capsys, caplog, mon
     records = [r.getMessage() for r in caplog.records if r.name == "py.warnings"]
     assert len(records) == 1 and "UserWarning: torch says something" in records[0], records
     assert "\n" not in records[0]
+
+
+# -- the service: a request's knobs are typed by set_value and checked by the same UpscaleConfig ---------------------
+@pytest.mark.parametrize("query, words", [("guidance_scale=1e308", "guidance_scale=1e+308"),
+                                          ("true_cfg=1e9", "true_cfg="),
+                                          ("scheduler=tcd&karras_sigmas=true", "karras_sigmas=true with scheduler=tcd")])
+def test_a_request_is_refused_by_the_same_checks(query, words):
+    datastructures = pytest.importorskip("starlette.datastructures")
+    from cupscale_dist.services.serve import request_knobs
+
+    knobs, _ = request_knobs(datastructures.QueryParams(query))
+    with pytest.raises(UserError, match=words.replace("+", r"\+")):
+        UpscaleConfig().replace(**knobs)
+
+
+def test_a_request_sets_timestep_spacing_back_to_the_models():
+    datastructures = pytest.importorskip("starlette.datastructures")
+    from cupscale_dist.services.serve import request_knobs
+
+    knobs, _ = request_knobs(datastructures.QueryParams("timestep_spacing=none"))
+    assert UpscaleConfig.load("sdxl-4k-fast").replace(**knobs).timestep_spacing is None
