@@ -43,7 +43,9 @@ log = logging.getLogger(__name__)
 
 class StepInfo(TypedDict):
     """What a step callback receives, one shape: at a stage's start (``step`` 0) its input image and no latent;
-    after each step the latent it produced (``step`` = steps done in the stage) and that step's timestep."""
+    while the stage is prepared (``step`` 0, no input, no ``gather``) between its forward passes, so a cancel raised
+    there stops it; after each step the latent it produced (``step`` = steps done in the stage) and that step's
+    timestep."""
 
     stage: int
     step: int
@@ -239,16 +241,20 @@ def run_stage(executor, config: UpscaleConfig, stage: StagePlan, image: Image.Im
     if callback is not None:
         callback(StepInfo(stage=stage.index, step=0, num_steps=stage.steps, timestep=None, gather=None,
                           stage_input=image))
+    # The preparation's forward passes (upscale-model and VAE tiles: hundreds at 16K) call the callback between
+    # results, so a cancel or a stop raised there takes effect while the stage is being prepared.
+    tile_map = executor.map if callback is None else ticking(executor.map, lambda: callback(StepInfo(
+        stage=stage.index, step=0, num_steps=stage.steps, timestep=None, gather=None, stage_input=None)))
     # 1. Resize (+ sharpen) the stage input; the prior's own picture where it is not this one (prior_source).
     prior_image = prior_picture(image, stage.size, config)
-    image = resize_input(image, stage.size, config, executor.map, progress)
+    image = resize_input(image, stage.size, config, tile_map, progress)
     # 2. Encode with the tiled VAE (tile by tile from the 8-bit image, on the workers).
-    z_low = encode_image(executor.map, image, f, spec.latent_channels, vae_tile_px, config.vae_tile_overlap)
+    z_low = encode_image(tile_map, image, f, spec.latent_channels, vae_tile_px, config.vae_tile_overlap)
     latent_hw = tuple(z_low.shape[-2:])
     assert latent_hw == stage.latent, (latent_hw, stage.latent)  # the plan's geometry is the model's
     prior_input = (image, z_low)
     if prior_image is not None:
-        z_prior = (encode_image(executor.map, prior_image, f, spec.latent_channels, vae_tile_px,
+        z_prior = (encode_image(tile_map, prior_image, f, spec.latent_channels, vae_tile_px,
                                 config.vae_tile_overlap) if config.prior_space == "latent" else None)
         prior_input = (prior_image, z_prior)
     # 3-4. Global structure prior and start point.
@@ -260,6 +266,9 @@ def run_stage(executor, config: UpscaleConfig, stage: StagePlan, image: Image.Im
     views = stage.views
     # 6. Regional prompts.
     prompts = encode_stage_prompts(executor, config, stage, image, prompter, global_prompt)
+    if callback is not None:  # between the preparation's phases too (the captioner may take minutes)
+        callback(StepInfo(stage=stage.index, step=0, num_steps=stage.steps, timestep=None, gather=None,
+                          stage_input=None))
     # 7. Regional attention masks from the attention probe.
     token_allowed, token_maps = attention_token_masks(executor, config, image, stage.index, global_prompt,
                                                       *prompts.global_, latent_hw, views)
@@ -300,6 +309,16 @@ def run_stage(executor, config: UpscaleConfig, stage: StagePlan, image: Image.Im
     bar.close()
     # 10. Decode with the tiled VAE (on the workers), band by band into 8 bits.
     return sink(decode_bands(executor.map, latents, f, vae_tile_px, config.vae_tile_overlap))
+
+
+def ticking(tile_map, tick: Callable[[], None]):
+    """An executor's ``map`` that calls ``tick`` before handing over each result (what it raises goes up)."""
+    def mapped(method: str, calls):
+        for result in tile_map(method, calls):
+            tick()
+            yield result
+
+    return mapped
 
 
 def owners_denoise(executor, config: UpscaleConfig):

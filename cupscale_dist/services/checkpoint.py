@@ -59,6 +59,8 @@ class Checkpointer:
             buffer = io.BytesIO()
             state["stage_input"].save(buffer, format="PNG")
             self.stage_input = buffer.getvalue()
+        elif state["gather"] is None:  # the stage is being prepared: nothing to keep yet
+            return
         elif state["step"] % self.every == 0 or state["step"] == state["num_steps"]:
             latents, scheduler_state = state["gather"]()  # with the latent on the workers: gathered here
             self.write(state["stage"], state["step"], latents, scheduler_state)
