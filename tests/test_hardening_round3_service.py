@@ -211,6 +211,34 @@ def test_3_admission_and_the_token_come_before_the_body(svc, svc_port):
     assert status == 401 and "rejected" in body["error"], (status, body)
 
 
+def test_3_a_length_of_latin1_digits_is_413(svc):
+    """`Content-Length: ²` (the byte 0xb2: a digit to str.isdigit, not to int) raised ValueError in the handler, a 500.
+    uvicorn's parser refuses such a header before the app, httpx re-encodes it: the ASGI call is made directly."""
+    from cupscale_dist.services import serve as service
+
+    for length in (b"\xb2", b"1\xb9"):
+        sent = []
+
+        async def receive():
+            return {"type": "http.request", "body": png_bytes(), "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+                 "path": "/v1/upscale", "raw_path": b"/v1/upscale", "root_path": "", "query_string": b"",
+                 "headers": [(b"host", b"127.0.0.1"), (b"authorization", f"Bearer {TOKEN}".encode()),
+                             (b"content-length", length)],
+                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+        try:
+            asyncio.run(asyncio.wait_for(service.app(scope, receive, send), 30))
+        except ValueError as exc:
+            pytest.fail(f"Content-Length {length!r}: {exc!r} out of the app (a 500)")
+        status = sent[0]["status"]
+        body = json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+        assert status == 413 and len(body["error"].splitlines()) == 1, (length, status, body)
+
+
 # -- 5 ----------------------------------------------------------------------------------------------------------
 def test_5_weights_and_compile_are_the_services(svc):
     """The workers are loaded once with the service's weights and compile: a request setting them is a 400 at submit

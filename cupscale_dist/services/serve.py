@@ -16,9 +16,10 @@ the knobs that pick the model, the device and the limits belong to the service (
 metadata, as the CLI's input path does. Limits are enforced before decoding: the query's text (valid UTF-8), the
 ceilings of knobs that lift memory bounds (:mod:`.servelimits`), the bytes of bodies in flight (reserved as they
 arrive; a 429 when a body would pass the bound), the body's size (``Content-Length`` and while reading) and its
-progress (a 408 when it stalls), then the pixel count from the image header (``max_input_pixels``). Every refusal is a 4xx whose JSON body is ``{"error": "one line"}`` (no server paths in it);
-a full queue or too many bytes in flight is 429 with ``Retry-After`` and leaves no job behind. Finished jobs expire
-after ``retention_s``.
+progress (a 408 when it stalls), then the pixel count from the image header (``max_input_pixels``). Every refusal
+is a 4xx whose JSON body is ``{"error": "one line"}`` (at most 300 characters, no server paths in it); a full queue
+or too many bytes in flight is 429 with ``Retry-After`` and leaves no job behind. Finished jobs expire after
+``retention_s``.
 """
 
 from __future__ import annotations
@@ -267,7 +268,7 @@ class UpscaleService:
         # bound on bodies in flight: admitted if its length (a chunked body: the largest) fits in what is free now,
         # then reserved as its bytes arrive, so a slow client holds only what it sent.
         declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        if declared is not None and not (declared.isascii() and declared.isdigit() and int(declared) <= limit):
             raise refuse(413, f"the body is {shown(declared, 20)} bytes, over the {limit}-byte limit; send a smaller "
                          "image")
         if not self.inflight.has_room(int(declared) if declared is not None else limit):
