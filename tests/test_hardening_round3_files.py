@@ -615,3 +615,26 @@ def test_fuzz_found_a_path_of_an_unknown_users_home_raised_runtimeerror(tmp_path
         assert main(argv) == 2
         assert "this machine has no such user; give the full path" in one_line(capsys.readouterr().err)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_lock_file_that_is_a_fifo_or_a_folder_is_one_line(tmp_path):
+    from cupscale_dist.services.batch.manifest import LOCK_NAME, OutputLock
+
+    (tmp_path / "dir" / LOCK_NAME).mkdir(parents=True)
+    (tmp_path / "fifo").mkdir()
+    os.mkfifo(tmp_path / "fifo" / LOCK_NAME)
+    for folder, words in (("dir", "is a directory, not a lock file"), ("fifo", "is a named pipe (FIFO), not a lock")):
+        with pytest.raises(UserError) as error:
+            with OutputLock(tmp_path / folder):
+                pass
+        assert words in refused(error) and "delete it" in str(error.value)
+    out = bounded(f"""
+        from pathlib import Path
+        from cupscale_dist import UserError
+        from cupscale_dist.files.folderlock import probe_lock_file
+        try:
+            probe_lock_file(Path({str(tmp_path / "fifo" / LOCK_NAME)!r}), "a service", "held by {{holder}}")
+        except UserError as exc:
+            print(exc)
+        """)
+    assert "is a named pipe (FIFO), not a lock file" in one_line(out), out  # the service's probe waited forever

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 from pathlib import Path
 
 from ..errors import UserError
+from .userfile import kind_problem, named
 
 
 def hold_lock_file(path: Path, owner: str, refusal: str, note: str = "") -> int:
@@ -18,7 +20,7 @@ def hold_lock_file(path: Path, owner: str, refusal: str, note: str = "") -> int:
     holder that has not written its line yet ("a batch" -> "a batch that is just starting")."""
     import fcntl
 
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_lock_file(path, os.O_RDWR)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -35,13 +37,31 @@ def probe_lock_file(path: Path, owner: str, refusal: str) -> None:
     for the real owner to take later with :func:`hold_lock_file` (a command checks before it starts its workers)."""
     import fcntl
 
-    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+    fd = open_lock_file(path, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         raise UserError(refusal.format(holder=read_holder(fd, owner))) from None
     finally:
         os.close(fd)  # closing drops the probe's own lock
+
+
+def open_lock_file(path: Path, mode: int) -> int:
+    """``path`` opened (created if missing) without blocking: a FIFO or a folder in its place (opening a FIFO waits
+    for a writer) is one UserError naming it and the fix, not a hang or a traceback."""
+    try:
+        fd = os.open(path, mode | os.O_CREAT | os.O_NONBLOCK, 0o644)
+    except IsADirectoryError:
+        fd = None
+    mode = None if fd is None else os.fstat(fd).st_mode
+    problem = "is a directory" if fd is None else ("is a device" if stat.S_ISCHR(mode) else kind_problem(mode))
+    if problem:
+        if fd is not None:
+            os.close(fd)
+        raise UserError(f"{named(f'lock file {path}')} {problem.split(',')[0].split(':')[0]}, not a lock file; "
+                        "delete it (nothing is lost: it only names its holder)")
+    os.set_blocking(fd, True)
+    return fd
 
 
 def read_holder(fd: int, owner: str) -> str:
