@@ -15,26 +15,16 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from cupscale_dist.cli.main import main
 from cupscale_dist.config import (CONTROLNET_SCALE_RANGE, GUIDANCE_SCALE_MAX, LORA_SCALE_RANGE, MAX_MODEL_EVALUATIONS,
                                   MAX_PLAN_MEMORY_MB, MAX_STAGE_PIXELS, TRUE_CFG_MAX, UpscaleConfig, set_value)
 from cupscale_dist.errors import UserError
 from cupscale_dist.models.backbones import backbone_class
 from cupscale_dist.plan import check_family_knobs, make_plan
 
-from test_cli import structured
+from test_cli import cli, structured
 
 MAX_LINE = 300  # the bound on one error line
 SDXL, FLUX = (8, 4), (8, 16)  # (VAE factor, latent channels)
-
-
-def cli(capsys, *argv) -> tuple[int, str, str]:
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:  # argparse exits by itself
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def refused(code: int, err: str, *words: str) -> str:
