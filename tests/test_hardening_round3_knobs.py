@@ -217,3 +217,19 @@ def test_a_request_sets_timestep_spacing_back_to_the_models():
 
     knobs, _ = request_knobs(datastructures.QueryParams("timestep_spacing=none"))
     assert UpscaleConfig.load("sdxl-4k-fast").replace(**knobs).timestep_spacing is None
+
+
+def test_an_open_progress_bar_does_not_share_the_error_line(capsys, monkeypatch):
+    """A stage that fails mid-loop leaves its tqdm bar open (drawn with \\r, no newline): the error got appended to
+    the bar's text, so stderr's last line did not start with `cupscale: error:`."""
+    from tqdm.auto import tqdm
+
+    def failing_stage(_args):
+        bar = tqdm(total=4, desc="stage 1 128x96 (6 views)", unit="step")
+        bar.update(1)
+        raise UserError("the latent is not finite after step 1; lower guidance_scale")
+
+    monkeypatch.setitem(sys.modules["cupscale_dist.cli.main"].COMMANDS, "knobs", failing_stage)
+    code, _, err = cli(capsys, "knobs")
+    assert code == 2
+    assert err.splitlines()[-1] == "cupscale: error: the latent is not finite after step 1; lower guidance_scale", err

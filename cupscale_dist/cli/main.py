@@ -107,10 +107,12 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except UserError as exc:
         release_ray()  # Ray logs as it shuts down: now, above the error line, not after it at exit
+        close_progress_bars()
         sys.stderr.flush()
         print(f"cupscale: error: {one_line(str(exc))}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
+        close_progress_bars()
         print("cupscale: interrupted; no output was written", file=sys.stderr)
         return 130
 
@@ -127,6 +129,14 @@ def warnings_to_log() -> None:
         log.warning("%s:%s: %s: %s", filename, lineno, category.__name__, text)
 
     warnings.showwarning = to_log
+
+
+def close_progress_bars() -> None:
+    """End the lines of progress bars a failed step left open (tqdm draws with ``\\r`` and no newline until it
+    closes), so that the error is a line of its own."""
+    std = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(std, "tqdm", None), "_instances", ())):
+        bar.close()
 
 
 def release_ray() -> None:
