@@ -638,3 +638,38 @@ def test_a_lock_file_that_is_a_fifo_or_a_folder_is_one_line(tmp_path):
             print(exc)
         """)
     assert "is a named pipe (FIFO), not a lock file" in one_line(out), out  # the service's probe waited forever
+
+
+def safetensors_raw(path: Path, header: dict) -> None:
+    import struct
+
+    text = json.dumps(header).encode()
+    size = max((end for entry in header.values() for end in entry["data_offsets"]), default=0)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + bytes(size))
+
+
+def test_fuzz_found_a_0d_unet_conv_in_a_flux_named_file_raised_indexerror(tmp_path):
+    from cupscale_dist.models.single_file import checkpoint_kind
+
+    path = tmp_path / "m.safetensors"  # the example Hypothesis found (nightly profile)
+    safetensors_raw(path, {"double_blocks.0.img_attn.qkv.weight": {"dtype": "F32", "shape": [], "data_offsets": [0, 4]},
+                           "model.diffusion_model.input_blocks.0.0.weight": {"dtype": "F32", "shape": [],
+                                                                             "data_offsets": [4, 8]}})
+    assert checkpoint_kind(path) == "flux-schnell"  # the Flux checks of its header come next (and refuse it)
+    sdxl = {"conditioner.embedders.1.model.x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+            "model.diffusion_model.input_blocks.0.0.weight": {"dtype": "F32", "shape": [4], "data_offsets": [4, 20]}}
+    safetensors_raw(path, sdxl)
+    with pytest.raises(UserError) as error:
+        checkpoint_kind(path)
+    assert "a convolution has 4 dimensions" in refused(error)
+
+
+def test_fuzz_found_a_zip_that_python_cannot_read_raised_notimplementederror(tmp_path):
+    path = write_payload(tmp_path)
+    data = bytearray(path.read_bytes())
+    central = data.rindex(b"PK\x01\x02")  # the central directory's first entry: its "version needed" field
+    data[central + 6] = 0xFF  # zipfile: NotImplementedError("zip file version 25.5")
+    path.write_bytes(bytes(data))
+    with pytest.raises(UserError) as error:
+        checkpointer(tmp_path).load()
+    assert "delete it to start over" in refused(error)

@@ -91,7 +91,11 @@ def checkpoint_kind(path: str | Path) -> str:
     else:
         raise UserError(f"--model {path}: not a Stable Diffusion checkpoint (no model.diffusion_model / text "
                         f"encoder keys in the original layout); {SUPPORTED}, or pass a diffusers directory")
-    in_channels = keys.get(unet + "input_blocks.0.0.weight", (0, 4))[1]
+    conv_in = keys.get(unet + "input_blocks.0.0.weight", (0, 4, 3, 3))
+    if family in ("sdxl", "sd15") and len(conv_in) != 4:
+        raise UserError(f"--model {path}: its {unet}input_blocks.0.0.weight has shape {tuple(conv_in)!r:.30} "
+                        "(a convolution has 4 dimensions); the file is damaged: pass a sound checkpoint")
+    in_channels = conv_in[1] if len(conv_in) > 1 else 4
     if family in ("sdxl", "sd15") and in_channels != 4:
         family = f"{'SDXL' if family == 'sdxl' else 'SD1.5'} inpainting ({in_channels} input channels)"
     if family == "Flux":

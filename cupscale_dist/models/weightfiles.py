@@ -39,7 +39,7 @@ def refuse_code_archive(path: str | Path, what: str, fix: str = FIX, script_fix:
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - BadZipFile, NotImplementedError (a version byte), EOFError, ...
         raise UserError(f"{what}: not a readable weights archive ({type(exc).__name__}); {fix}") from None
     for name in names:
         inner = name.split("/", 1)[-1]  # entries live under the archive's own folder name
