@@ -3,8 +3,9 @@ bytes, multipart bodies and job ids against the very FastAPI app of `cupscale se
 process, ``--actors 0``, called through TestClient as tests/test_serve_app.py does: no Ray).
 
 The property, for every generated request: the answer is 2xx, or a 4xx whose JSON body is ``{"error": "one line"}``
-of at most 300 characters (no traceback, no server path); never a 5xx or an exception out of the app; no file is
-written outside the results folder (an audit hook sees every open for writing, rename, link and mkdir); every
+of at most 300 characters (no traceback, no server path); never a 5xx or an exception out of the app; a refusal
+leaves no record and no partial file, an accepted job its record and input only; no file is written outside the
+results folder (an audit hook sees every open for writing, rename, link and mkdir); every
 request is answered within a generous bound. Accepted jobs are recorded but not run (the job thread's ``submit`` is
 a no-op here): what a job does with its knobs is the pipeline's checks, tested elsewhere.
 
@@ -130,11 +131,24 @@ def check_answer(client, response, began: float) -> None:
     assert "Traceback" not in message and str(client.results) not in message and ".upload." not in message, message
 
 
+def stored(client) -> set[str]:
+    """The job records and inputs in the results folder (temp files of an upload being decoded included)."""
+    return {f"{sub}/{p.name}" for sub in ("jobs", "inputs") for p in (client.results / sub).iterdir()}
+
+
 def post(client, params=None, body: bytes = b"", headers: dict | None = None, raw_query: str | None = None):
+    """POST /v1/upscale and check the answer; a refusal leaves no record and no partial file, an accepted job
+    exactly its record and its input."""
     url = "/v1/upscale" + (f"?{raw_query}" if raw_query is not None else "")
-    began = time.monotonic()
+    before, began = stored(client), time.monotonic()
     response = client.http.post(url, params=params, content=body, headers=client.headers() | (headers or {}))
     check_answer(client, response, began)
+    added = stored(client) - before
+    if response.status_code == 202:
+        job = response.json()["id"]
+        assert added == {f"jobs/{job}.json", f"inputs/{job}"}, added
+    else:
+        assert not added, f"a refused request ({response.status_code}) left {sorted(added)}"
     return response
 
 
@@ -277,6 +291,27 @@ content_lengths = st.one_of(st.none(), st.sampled_from(["-1", "abc", "1e3", " 5"
 def test_fuzz_knob_values(fuzz_svc, pairs):
     """Generated knob names and values on a valid image: 202, or a one-line 4xx naming the problem."""
     post(fuzz_svc, params=[(name, value) for name, value in pairs], body=png_bytes())
+
+
+plan_knobs = st.fixed_dictionaries({}, optional={
+    "size": st.tuples(st.integers(1, 2**28), st.integers(1, 2**28)).map(lambda wh: f"{wh[0]}x{wh[1]}"),
+    "scale": st.sampled_from(["2", "4", "8", "16"]),
+    "tile": st.sampled_from(["8", "16", "32", "64", "128"]),
+    "stride": st.integers(1, 128).map(str),
+    "jitter": st.integers(0, 64).map(str),
+    "steps": st.integers(1, 1000).map(str),
+    "strength": st.floats(0, 1).map(str),
+    "view_batch_size": st.integers(1, 8).map(str),
+    "vae_tile": st.sampled_from(["64", "128", "512", "1024"]),
+    "dwt_levels": st.integers(1, 3).map(str),
+})
+
+
+@given(params=plan_knobs, size=st.tuples(st.integers(16, 200), st.integers(16, 200)))
+def test_fuzz_plan_knobs(fuzz_svc, params, size):
+    """Knob values each valid alone, on images of any size: what reaches the plan's checks (sizes of any stage,
+    views, the plan's cost) is 202 or a one-line 4xx, and a refusal there leaves nothing behind."""
+    post(fuzz_svc, params=params, body=png_bytes(size=size))
 
 
 @given(raw=st.one_of(st.binary(max_size=300).map(quote_from_bytes),
