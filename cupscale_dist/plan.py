@@ -9,7 +9,7 @@ pipeline runs the same plan (:func:`make_plan` with the loaded model's spec): it
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,7 @@ from .errors import UserError
 from .method.step import uses_cfg
 from .method.views import make_views, window_starts
 
+STEPS_MAX = next(f.metadata["max"] for f in fields(UpscaleConfig) if f.name == "steps")  # the steps knob's bound
 SIZE_MULTIPLE = 64  # stage sizes in px: latent divisible by 2**3, the deepest DWT allowed (dwt_levels <= 3)
 # Host float32 buffers of the full latent a stage holds at once: z_L, noise, z_t, eps sum, weights, next z.
 LATENT_BUFFERS = 6
@@ -130,7 +131,9 @@ def make_plan(input_size: tuple[int, int], config: UpscaleConfig, geometry: tupl
         raise UserError(f"{exc}; ask for a larger size or a scale of 2, 4, 8 or 16") from None
     steps, passes = denoising_steps(config), 2 if uses_cfg(config.guidance_scale) else 1
     if steps == 0:  # as diffusers' img2img refuses it: the run would return the VAE round trip, silently
+        most = STEPS_MAX  # no --steps past the knob's maximum can help a strength this small (and 0.5/s may overflow)
         fix = ("set a strength above 0" if config.strength == 0 else
+               f"use a --strength above {0.5 / most:g}" if config.strength * most <= 0.5 else
                f"use --steps {math.floor(0.5 / config.strength) + 1} or more, or a higher --strength")
         raise UserError(f"strength {config.strength} x steps {config.steps} rounds to 0 denoising steps; {fix}")
     check_plan_bounds(sizes, config, geometry, steps * passes)  # before any view is laid out

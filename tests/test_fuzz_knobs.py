@@ -143,6 +143,8 @@ def test_set_any_knob(work, sets):
 @example(flags=[("--lora", "a.safetensors:1e30")])
 @example(flags=[("--config", "\x1f\x1f\x1f\x1f\x1f\x08")])  # found: the preset list made the line 302 characters
 @example(flags=[("--config", "x" * 5000)])
+@example(flags=[("--strength", "2.4190365753323646e-296")])  # found: the fix named --steps of 296 digits
+@example(flags=[("--strength", "1e-320")])  # 0.5 / strength overflows
 def test_typed_flags(work, flags):
     argv = upscale(work, *(arg for flag, value in flags for arg in (flag, value)))
     assert_contract(*run_cli(argv, work))
@@ -214,3 +216,17 @@ def test_a_bad_tagged_value_is_a_yaml_error(text):
 
     with pytest.raises(UserError, match="not a number"):
         set_value("steps", text)
+
+
+@pytest.mark.parametrize("strength", [2.4190365753323646e-296, 1e-320, 1e-4])
+def test_a_tiny_strength_names_a_strength_not_a_huge_step_count(strength):
+    """Found by test_typed_flags: strength 2.4e-296 asked for `--steps` of 296 digits (a 430-character line; the
+    steps knob stops at 1000)."""
+    from cupscale_dist.errors import UserError
+    from cupscale_dist.plan import make_plan
+
+    with pytest.raises(UserError, match=r"use a --strength above 0\.0005$") as caught:
+        make_plan((64, 48), UpscaleConfig(strength=strength, model="demo"), (8, 4))
+    assert len(str(caught.value)) < 200
+    with pytest.raises(UserError, match="use --steps 2 or more"):  # a fix that the steps knob can reach
+        make_plan((64, 48), UpscaleConfig(strength=0.4, steps=1), (8, 4))
