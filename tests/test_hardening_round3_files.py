@@ -673,3 +673,12 @@ def test_fuzz_found_a_zip_that_python_cannot_read_raised_notimplementederror(tmp
     with pytest.raises(UserError) as error:
         checkpointer(tmp_path).load()
     assert "delete it to start over" in refused(error)
+
+
+@pytest.mark.parametrize("text", ["~\x80", "~\udcff/x", "~é/x.png"])
+def test_fuzz_found_a_non_ascii_user_name_after_a_tilde_raised_unicodedecodeerror(text):
+    from cupscale_dist.files.userfile import check_path_text
+
+    with pytest.raises(UserError) as error:  # the example Hypothesis found (nightly profile), then two more
+        check_path_text(text, "--lora")
+    assert "no such user" in refused(error)

@@ -55,9 +55,17 @@ def path_text_problem(path: str | os.PathLike) -> str | None:
     longest = max((len(part) for part in text.split(b"/")), default=0)
     if longest > MAX_NAME_BYTES:
         return f"has a name of {longest} bytes, over the {MAX_NAME_BYTES} a file name may have"
-    if text.startswith(b"~") and os.path.expanduser(text) == text:  # pathlib's expanduser raises RuntimeError
+    if text.startswith(b"~") and not home_of(os.fsdecode(text)):  # pathlib's expanduser raises RuntimeError
         return "starts with ~NAME, and this machine has no such user; give the full path"
     return None
+
+
+def home_of(path: str) -> bool:
+    """Whether ``~`` or ``~NAME`` at the start of ``path`` names a home this machine has."""
+    try:
+        return os.path.expanduser(path) != path
+    except (ValueError, UnicodeError):  # a name pwd can't look up (surrogates from undecodable argv bytes)
+        return False
 
 
 def check_path_text(path: str | os.PathLike, flag: str, fix: str = "give a shorter path") -> None:
