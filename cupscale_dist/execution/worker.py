@@ -16,7 +16,9 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import torch
 
+from ..errors import UserError
 from ..models.addons import Addons, addon_request
 from ..models.backbones import backbone_class
 from ..models.controlnet import control_tensor
@@ -27,6 +29,15 @@ from ..method.step import StageContext, predict_views
 from ..method.vae import decode_latents, encode_pixels, read_only_tensor, tile_to_tensor
 
 log = logging.getLogger(__name__)
+
+
+def finite_vae_output(tensor, what: str):
+    """A VAE tile with NaN or inf stops the run in one line (checked here, on the worker: the clamp to 8 bits would
+    turn it into a black or white picture written with exit 0)."""
+    if not torch.isfinite(tensor).all():
+        raise UserError(f"the VAE {what} a tile to NaN or inf; likely causes: a VAE file with NaN/inf weights, "
+                        "float16 overflow (use --dtype bfloat16 or float32, or a VAE made for float16)")
+    return tensor
 
 
 class ModelWorker:
@@ -138,11 +149,11 @@ class ModelWorker:
 
     def encode_tile(self, pixels: np.ndarray) -> np.ndarray:
         """2: one pixel tile (uint8 HxWx3, or float32 3xHxW in [-1, 1]) -> its scaled latent (C, h, w) float32."""
-        return encode_pixels(self.vae, tile_to_tensor(pixels))[0].numpy()
+        return finite_vae_output(encode_pixels(self.vae, tile_to_tensor(pixels))[0], "encoded").numpy()
 
     def decode_tile(self, latents: np.ndarray) -> np.ndarray:
         """10: one latent tile (C, h, w) -> pixels (3, H, W) float32 in [-1, 1]."""
-        return decode_latents(self.vae, read_only_tensor(latents)[None])[0].numpy()
+        return finite_vae_output(decode_latents(self.vae, read_only_tensor(latents)[None])[0], "decoded").numpy()
 
     def encode_prompts(self, prompts: list[str], text_length: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """6: (embeds (U, 77, D), pooled (U, Dp) or None for SD1.5), float32, cut to 77 tokens."""
