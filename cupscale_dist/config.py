@@ -346,6 +346,13 @@ def check_lora_scale(text: str) -> None:
                         f"PATH:SCALE with a scale in that range, e.g. style.safetensors:0.8")
 
 
+def path_shown(path: object) -> str:
+    """A path for an error line: at most its last :data:`SHOWN_CHARS` characters (the file's name): a path may be
+    thousands of characters long."""
+    text = str(path)
+    return text if len(text) <= SHOWN_CHARS else "..." + text[-(SHOWN_CHARS - 3):]
+
+
 def key_shown(key: object) -> str:
     """An unknown key for an error line: as typed when it is short printable text, else its cut repr (a key of
     `\r` or `\n` would break the one-line error)."""
@@ -460,7 +467,7 @@ def read_yaml(preset_or_path: str) -> dict[str, Any]:
     if not path.suffix and (PRESET_DIR / f"{preset_or_path}.yaml").exists():
         path = PRESET_DIR / f"{preset_or_path}.yaml"
     if not path.is_file():
-        raise UserError(f"config: {errors_shown(preset_or_path)} is neither a file nor a preset; check the path, or "
+        raise UserError(f"config: {path_shown(preset_or_path)} is neither a file nor a preset; check the path, or "
                         "name a preset (`cupscale presets` lists them)")
     try:
         text = read_capped(path, MAX_CONFIG_BYTES, f"config: {path}", "a config is a short mapping of knob: value "
