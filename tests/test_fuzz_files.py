@@ -367,3 +367,45 @@ def test_fuzz_paths_through_the_path_check_and_the_readers(text):
             else:
                 accepted_or_one_line(lambda: parse_lora(value))
         assert files_under(folder) == before
+
+
+# -- generated input folders: output names stay inside the output folder ----------------------------------------
+NAME_PART = st.text(st.characters(codec="utf-8", exclude_characters="/\x00"), min_size=1, max_size=30).filter(
+    lambda name: name not in (".", "..") and len(name.encode()) <= 200)
+SUFFIX = st.sampled_from([".png", ".JPG", ".webp", ".txt", ".png.png", ""])
+
+
+@given(names=st.lists(st.tuples(st.lists(NAME_PART, max_size=2), NAME_PART, SUFFIX), min_size=1, max_size=6),
+       links_out=st.integers(0, 2), output_inside=st.booleans())
+def test_fuzz_batch_input_folders_name_outputs_inside_the_output_folder(names, links_out, output_inside):
+    from cupscale_dist.services.batch.inputs import SYMLINK_OUT, is_inside, list_inputs
+    from cupscale_dist.services.batch.naming import assign_outputs
+
+    with example_dir() as folder:
+        inputs, elsewhere = folder / "in", folder / "elsewhere"
+        inputs.mkdir(), elsewhere.mkdir()
+        for parts, stem, suffix in names:
+            target = inputs.joinpath(*parts, stem + suffix)
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(b"x")
+            except OSError:
+                continue  # a name this file system refuses (the parts of a path that is a file already, ...)
+        for number in range(links_out):
+            (elsewhere / f"secret{number}.png").write_bytes(b"x")
+            (inputs / f"link{number}.png").symlink_to(elsewhere / f"secret{number}.png")
+        out = inputs / "up" if output_inside else folder / "out"
+        before = files_under(folder)
+        items = accepted_or_one_line(lambda: list_inputs(str(inputs), out))
+        if items is None:
+            return
+        assign_outputs(items, out, {})
+        for item in items:
+            assert item.input_path.startswith(str(inputs))
+            if Path(item.input_path).name.startswith("link"):
+                assert item.error == f"input {item.input_path}: {SYMLINK_OUT}", item
+            if item.output_path is not None:
+                target = (out / item.output_path).resolve()
+                assert is_inside(target, out.resolve()) and target != Path(item.input_path).resolve(), item
+                assert not any(part.startswith(".") for part in Path(item.output_path).parts), item
+        assert files_under(folder) == before  # naming writes nothing
