@@ -279,6 +279,9 @@ def test_5_rayservice_request_limits_are_checked(monkeypatch):
         with pytest.raises(UserError, match="megabytes") as refused:
             service.app_from_args({"results": "/nonexistent-results", **args})
         assert len(str(refused.value).splitlines()) == 1
+    monkeypatch.setenv(service.TOKEN_ENV, f"{TOKEN}\n{TOKEN}")  # a Secret of two lines: no client could send it
+    with pytest.raises(UserError, match="2 lines"):
+        service.app_from_args({"results": "/nonexistent-results"})
 
 
 @pytest.mark.parametrize("content, needle", [

@@ -47,7 +47,8 @@ from .jobrunner import JobRunner, QueueFull, RunnerOptions
 from .jobstore import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobStore
 from ..execution.raycluster import LOOPBACK_HOSTS, ClusterOptions
 from .servelimits import (BODY_PROGRESS_BYTES, BODY_STALL_S, DECODES_AT_ONCE, INFLIGHT_BODIES, INFLIGHT_RETRY_AFTER_S,
-                          BodyReservation, InFlight, check_query_utf8, check_request_ceilings, read_token_file,
+                          BodyReservation, InFlight, check_query_utf8, check_request_ceilings, check_token_text,
+                          read_token_file,
                           one_line, request_megabytes, scrub_paths, server_paths)
 
 log = logging.getLogger(__name__)
@@ -420,6 +421,7 @@ def app_from_args(args: dict):
     if len(token) < 16:
         raise UserError(f"${TOKEN_ENV} must hold the service's bearer token (>= 16 characters): the proxy of a "
                         "RayService listens on every interface")
+    check_token_text(f"${TOKEN_ENV}", token)
     config = UpscaleConfig.load(args.get("config"), **dict(args.get("knobs") or {}))
     cluster = ClusterOptions(actors=args.get("actors"), gpus_per_actor=args.get("gpus_per_actor"),
                              cpus_per_actor=float(args.get("cpus_per_actor", 1.0)))

@@ -109,13 +109,19 @@ def read_token_file(path: str) -> str:
     if not text:
         raise UserError(f"{where}: the file is empty; write the token into it (e.g. `python -c 'import secrets; "
                         "print(secrets.token_urlsafe(32))' > FILE`)")
+    check_token_text(where, text)
+    return text
+
+
+def check_token_text(where: str, text: str) -> None:
+    """A bearer token is one line of printable characters without spaces: what a client can send in
+    ``Authorization: Bearer TOKEN`` (a token with a line break would let no client in)."""
     if len(text.splitlines()) > 1:
         raise UserError(f"{where}: {len(text.splitlines())} lines, and the token is one line (a header can't "
-                        "carry a line break); keep only the token in the file")
+                        "carry a line break); keep only the token")
     if not text.isprintable() or any(c.isspace() for c in text):
         raise UserError(f"{where}: the token holds spaces or control characters, which clients can't send in "
                         "'Authorization: Bearer TOKEN'; use e.g. `secrets.token_urlsafe(32)`")
-    return text
 
 
 def request_megabytes(flag: str, value) -> int:
