@@ -682,3 +682,18 @@ def test_fuzz_found_a_non_ascii_user_name_after_a_tilde_raised_unicodedecodeerro
     with pytest.raises(UserError) as error:  # the example Hypothesis found (nightly profile), then two more
         check_path_text(text, "--lora")
     assert "no such user" in refused(error)
+
+
+def test_fuzz_found_a_local_file_named_tilde_something_raised_runtimeerror(tmp_path, monkeypatch, capsys):
+    from cupscale_dist.models.addons import parse_lora
+
+    monkeypatch.chdir(tmp_path)  # './~0' is a file here, not a home: pathlib dropped the './' and looked up user '0'
+    with pytest.raises(UserError, match="not a file"):
+        parse_lora("./~0")
+    from cupscale_dist.models.hub import resolve_model
+    from cupscale_dist.models.spec import local_family, model_geometry
+
+    assert local_family("./~0") is None and model_geometry("./~0") == model_geometry("./missing/x")
+    with pytest.raises(UserError, match="not a diffusers model directory"):
+        resolve_model("./~0")
+    # (`--model ./~0 --dry-run` still raises in models/weights.py's parameters_of: not this change's file)

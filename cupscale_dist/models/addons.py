@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+import os
 from pathlib import Path
 
 from ..errors import UserError, shown
@@ -78,6 +79,6 @@ def parse_lora(text: str) -> Lora:
         raise UserError(f"--lora {shown(text)}: scale {shown(tail, 20)} is not a finite number; use PATH[:SCALE], e.g. style.safetensors:0.8")
     if path.startswith(HUB_FILE):
         path = resolve_hub_file(path, "--lora")
-    if not Path(path).expanduser().is_file():
+    if not Path(os.path.expanduser(path)).is_file():
         raise UserError(f"--lora {shown(text)}: not a file; pass a LoRA .safetensors file as PATH[:SCALE]")
-    return Lora(str(Path(path).expanduser().resolve()), scale)
+    return Lora(str(Path(os.path.expanduser(path)).resolve()), scale)

@@ -30,7 +30,7 @@ MATCHING_KEYS = ("block_out_channels", "cross_attention_dim", "in_channels", "ad
 def resolve_controlnet(name: str) -> str:
     """A local ControlNet directory (``config.json`` + weights) as it is; a hub id -> a local snapshot of its config
     and safetensors weights (fetched once; offline, the cached snapshot)."""
-    path = Path(name).expanduser()
+    path = Path(os.path.expanduser(name))
     if path.exists() or name.startswith((".", "/", "~")):
         if not (path / "config.json").is_file():
             raise UserError(f"--controlnet {name}: not a diffusers ControlNet directory (no config.json); save it with "

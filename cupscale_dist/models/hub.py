@@ -82,7 +82,7 @@ def resolve_model(model: str, variant: str | None = None) -> str:
         from ..demo import demo_model_dir
 
         return str(demo_model_dir())
-    path = Path(model).expanduser()
+    path = Path(os.path.expanduser(model))
     if path.is_file():  # a single-file checkpoint: its family is checked from its keys (no weights read)
         from .single_file import SUFFIXES, checkpoint_family
 
@@ -131,6 +131,12 @@ HUB_EXAMPLE = "hf://ByteDance/SDXL-Lightning/sdxl_lightning_4step_lora.safetenso
 # '-', '_', '.', at most 96 characters, not starting or ending with '-' or '.', no '--' or '..' inside.
 HUB_NAME = re.compile(r"^(?!.*(--|\.\.))[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?$")
 MAX_HUB_FILENAME = 1024  # characters of a file's path in a repository: real ones are under 200
+
+
+def is_hub_id(text: str) -> bool:
+    """Whether ``text`` is OWNER/REPO by the hub's rule (:data:`HUB_NAME`), so huggingface_hub takes it."""
+    parts = text.split("/")
+    return len(parts) == 2 and all(HUB_NAME.match(part) for part in parts)
 
 
 def hub_file_problem(owner: str, repo: str, filename: str) -> str | None:

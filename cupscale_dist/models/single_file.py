@@ -12,6 +12,7 @@ of its own; T5's comes from the config directory or the hub cache (:func:`.flux_
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..errors import UserError
@@ -26,7 +27,7 @@ SUPPORTED = "single files of SDXL, SD1.5 and Flux.1 are supported"
 
 def is_single_file(model: str | Path) -> bool:
     """A path to a ``.safetensors`` / ``.ckpt`` file (not a diffusers directory)."""
-    path = Path(model).expanduser()
+    path = Path(os.path.expanduser(model))
     return path.suffix.lower() in SUFFIXES and path.is_file()
 
 

@@ -18,7 +18,7 @@ from ..errors import UserError, shown
 from ..files.userfile import check_regular_file, named, read_capped, read_json_object, MAX_JSON_CONFIG_BYTES
 from .backbones import FAMILIES, FAMILY_COMPONENTS, backbone_class
 from .flux_header import check_flux_file
-from .hub import pipeline_components, resolve_model
+from .hub import is_hub_id, pipeline_components, resolve_model
 from .single_file import checkpoint_family, checkpoint_keys, checkpoint_kind, is_single_file, shipped_config, tokenizer_dir
 
 log = logging.getLogger(__name__)
@@ -233,7 +233,7 @@ def model_geometry(model: str, model_config: str | None = None) -> tuple[int, in
         from ..demo import demo_model_dir
 
         model = str(demo_model_dir())
-    path = Path(model).expanduser()
+    path = Path(os.path.expanduser(model))
     if path.is_file():
         vae = Path(config_dir(str(path), model_config)) / "vae" / "config.json"
     elif path.is_dir():
@@ -241,7 +241,7 @@ def model_geometry(model: str, model_config: str | None = None) -> tuple[int, in
     else:
         from huggingface_hub import try_to_load_from_cache
 
-        cached = try_to_load_from_cache(model, "vae/config.json") if model.count("/") == 1 else None
+        cached = try_to_load_from_cache(model, "vae/config.json") if is_hub_id(model) else None
         vae = Path(cached) if isinstance(cached, str) else path / "vae" / "config.json"
     if not vae.is_file():
         return UNFETCHED_GEOMETRY
@@ -255,13 +255,13 @@ def local_family(model: str, model_config: str | None = None) -> str | None:
         from ..demo import demo_model_dir
 
         model = str(demo_model_dir())
-    path = Path(model).expanduser()
+    path = Path(os.path.expanduser(model))
     if path.is_file() or path.is_dir():
         try:
             return model_family(config_dir(str(path), model_config))
         except UserError:  # a broken model is reported where it is loaded, with its own message
             return None
-    if model.count("/") != 1:
+    if not is_hub_id(model):  # './x' or '~u/x' that is not here: huggingface_hub's validation would raise
         return None
     from huggingface_hub import try_to_load_from_cache
 
@@ -282,9 +282,9 @@ def config_dir(model_path: str, model_config: str | None = None) -> str:
         return model_path
     if model_config is None:
         return shipped_config(checkpoint_kind(model_path))
-    if not (Path(model_config).expanduser() / "model_index.json").is_file():
+    if not (Path(os.path.expanduser(model_config)) / "model_index.json").is_file():
         raise UserError(f"model_config={model_config}: not a diffusers config directory (no model_index.json); "
                         "point it at a saved pipeline's folder, or leave it unset for the shipped SDXL/SD1.5 configs")
-    return str(Path(model_config).expanduser())
+    return str(Path(os.path.expanduser(model_config)))
 
 

@@ -66,7 +66,7 @@ def list_inputs(spec: str, output_dir: Path, produced: Iterable[str] = ()) -> li
     Our own outputs are never inputs: files under ``output_dir`` when it lies inside the input folder, and the
     files of ``produced`` (the manifest's outputs; this covers ``--output`` equal to the input folder).
     """
-    path = Path(spec).expanduser()
+    path = Path(os.path.expanduser(spec))
     if path.suffix.lower() == ".parquet" and path.is_file():
         return _parquet_inputs(path)
     if path.is_dir():

@@ -96,7 +96,7 @@ def run_batch(input_spec: str, output_dir: str | os.PathLike, config: UpscaleCon
     if not tile_parallel and cluster.actors is not None:
         raise UserError("--actors sets the denoisers of one image and needs --tile-parallel; "
                         "for images in parallel use --workers N")
-    output_dir = _prepare_output_dir(Path(output_dir).expanduser(), create=not dry_run)
+    output_dir = _prepare_output_dir(Path(os.path.expanduser(output_dir)), create=not dry_run)
     if dry_run:
         return _plan_batch(input_spec, output_dir, config, retry_errors, dry_run=True)
     with OutputLock(output_dir):  # before reading the manifest: what it says must not change under us
