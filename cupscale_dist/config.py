@@ -235,7 +235,7 @@ class UpscaleConfig:
             import pywt
 
             if self.wavelet not in pywt.wavelist(kind="discrete"):
-                raise UserError(f"config: wavelet={self.wavelet!r} is not a discrete pywavelets wavelet; use 'haar', "
+                raise UserError(f"config: wavelet={shown(self.wavelet)} is not a discrete pywavelets wavelet; use 'haar', "
                                 "'db2', 'sym4', ... (pywt.wavelist(kind='discrete'))")
         if self.weights == "offload" and self.device == "cpu":
             raise UserError("config: weights=offload streams blocks from CPU memory onto a GPU, and device=cpu has "
@@ -527,9 +527,9 @@ def parse_size(text: str) -> tuple[int, int]:
     try:
         width, height = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise UserError(f"--size {text!r} is not WxH; use e.g. --size 4096x4096") from None
+        raise UserError(f"--size {shown(text)} is not WxH; use e.g. --size 4096x4096") from None
     if width < 1 or height < 1:
-        raise UserError(f"--size {text!r} must be positive; use e.g. --size 4096x4096")
+        raise UserError(f"--size {shown(text)} must be positive; use e.g. --size 4096x4096")
     return width, height
 
 

@@ -245,7 +245,9 @@ def test_5_weights_and_compile_are_the_services(svc):
     (unfixed: 202, then the job failed naming ModelWorker.for_config); they are not offered in /v1/knobs or the
     OpenAPI parameters."""
     before = sorted(p.name for p in (svc.results / "jobs").iterdir())
-    for knob, value in (("weights", "fp8"), ("weights", "full"), ("compile", "true"), ("compile", "false")):
+    for knob, value in (("weights", "fp8"), ("weights", "full"), ("compile", "true"), ("compile", "false"),
+                        ("max_model_evaluations", "1000000000000"), ("max_stage_pixels", "1e18"),
+                        ("max_plan_memory_mb", "1e12"), ("step_design", "driver")):
         assert_one_line_error(svc.submit(png_bytes(), **{knob: value}), 400, f"{knob} is set by the service")
     assert sorted(p.name for p in (svc.results / "jobs").iterdir()) == before  # no record left
     offered = svc.http.get("/v1/knobs", headers=svc.headers()).json()

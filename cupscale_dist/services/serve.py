@@ -55,14 +55,16 @@ log = logging.getLogger(__name__)
 
 APP_NAME = "cupscale"
 # Knobs that belong to the service, not to a request: the model, its add-ons (LoRAs, ControlNet, upscale model) and
-# where and how it runs (the workers are loaded once: weights, compile), files on the server (regional_prompts), the
-# captioner pool, and the limits that protect the service itself.
+# where and how it runs (the workers are loaded once: weights, compile; how its pool steps: step_design,
+# snapshot_every), files on the server (regional_prompts), the captioner pool, and the limits that protect the
+# service itself (a request must not lift the plan bounds: max_model_evaluations=1e12 was accepted).
 SERVICE_KNOBS = frozenset({
     "model", "model_config", "variant", "lora", "controlnet", "upscale_model", "device", "dtype", "torch_threads",
     "weights", "compile",
     "regional_prompts", "captioner", "captioner_model",
     "captioner_actors", "captioner_gpus", "captioner_dtype", "keep_captioner", "caption_timeout_s",
-    "max_input_pixels", "min_input_side", "max_output_pixels"})
+    "max_input_pixels", "min_input_side", "max_output_pixels", "max_stage_pixels", "max_plan_memory_mb",
+    "max_model_evaluations", "step_design", "snapshot_every"})
 REQUEST_FIELDS = ("source",)  # request parameters that are not knobs
 SIZE_TEXT = re.compile(r"[0-9]{1,12}[xX][0-9]{1,12}")  # size=WxH; more digits are past any max_output_pixels
 MAX_REQUEST_MB = 64  # a 16-Mpx PNG (the default max_input_pixels) is at most ~48 MB
