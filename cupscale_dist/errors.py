@@ -11,6 +11,12 @@ class UserError(Exception):
 
 def shown(value, limit: int = SHOWN_CHARS) -> str:
     """``repr(value)`` for an error message, cut to ``limit`` characters (an ellipsis marks the cut)."""
-    text = value if isinstance(value, str) else repr(value)
-    text = repr(text) if isinstance(value, str) else text
+    if isinstance(value, str):
+        text = repr(value[: limit + 1])  # cut before repr: a value may be megabytes
+    else:
+        try:
+            text = repr(value)
+        except ValueError:  # an int of over 4300 digits has no repr
+            text = f"<{type(value).__name__} too long to show>"
+    text = " ".join(text.split())  # one line: a tensor's repr has line breaks
     return text if len(text) <= limit else text[: limit - 3] + "..."

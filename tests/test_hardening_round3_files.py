@@ -67,6 +67,7 @@ LONG_PATH_ARGS = {
     "eval-inception": (["eval", IMAGE, "--inception", LONG, *DEMO], "--inception '"),
     "eval-clip": (["eval", IMAGE, "--clip", LONG, *DEMO], "--clip '"),
     "caption-input": (["caption", LONG, *DEMO], "input '"),
+    "serve-results": (["serve", "--results", LONG, *DEMO], "--results '"),
 }
 
 

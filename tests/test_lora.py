@@ -122,7 +122,7 @@ def test_parse_lora(tmp_path):
     assert parse_lora(str(file)) == Lora(str(file.resolve()), 1.0)
     with pytest.raises(UserError, match="is not a finite number"):
         parse_lora(f"{file}:nan")
-    with pytest.raises(UserError, match="is not a file"):
+    with pytest.raises(UserError, match="not a file; pass a LoRA"):
         parse_lora(str(tmp_path / "missing.safetensors:0.5"))
 
 

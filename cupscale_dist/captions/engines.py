@@ -214,7 +214,7 @@ def check_model(backend: str, model: str) -> None:
 
 def _read_config(model: str) -> dict:
     """config.json of a local model dir or a hub id (the hub fetches that one small file, or reads its cache)."""
-    path = Path(model).expanduser()
+    path = Path(os.path.expanduser(model))  # Path.expanduser raises for '~name' of no user
     if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
         if not (path / "config.json").is_file():
             what = "has no config.json" if path.is_dir() else "does not exist"

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import UserError, shown
 from .options import add_cluster_options, add_run_options, config_from_args
 
 
@@ -115,14 +115,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           if args.max_inflight_mb is not None else None)
     retention_s = retention_seconds(args.retention_days)
     config = config_from_args(args)
-    results = Path(args.results).expanduser().resolve() if args.results else default_results()
+    if args.results:  # a path no file system takes (5,000 characters, NUL): one line, the path cut
+        from ..files.userfile import check_path_text
+
+        check_path_text(args.results, "--results")
+    results = Path(os.path.expanduser(args.results)).resolve() if args.results else default_results()
     if not args.results:
         print(f"cupscale serve: no --results given; jobs and results are kept in {results}", file=sys.stderr)
     try:
         results.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UserError(f"--results {results}: can't create it ({exc.strerror or exc}); choose another "
-                        "folder") from None
+        raise UserError(f"--results {shown(str(results))}: can't create it ({exc.strerror or exc}); choose "
+                        "another folder") from None
     JobStore(results).check_free()  # a second service on this folder: refused now, naming the lock's holder
     cluster = ClusterOptions(args.actors, args.address, args.gpus_per_actor, args.cpus_per_actor, args.start_timeout)
     url = f"http://{args.host}:{args.port}"

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import os
 from pathlib import Path
 
+from ..config import split_lora
 from ..errors import UserError, shown
 from .hub import HUB_FILE, resolve_hub_file
 
@@ -67,16 +68,10 @@ def addon_request(config) -> tuple:
 def parse_lora(text: str) -> Lora:
     """``PATH[:SCALE]`` -> :class:`Lora`; the scale is the part after the last colon when it parses as a number
     (so ``C:/loras/x.safetensors`` keeps its drive letter). PATH may be ``hf://OWNER/REPO/FILE`` (from the cache)."""
-    path, scale = text, 1.0
-    head, sep, tail = text.rpartition(":")
-    if sep and head:
-        try:
-            scale = float(tail)
-            path = head
-        except ValueError:
-            pass
+    path, scale = split_lora(text)
     if not math.isfinite(scale):
-        raise UserError(f"--lora {shown(text)}: scale {shown(tail, 20)} is not a finite number; use PATH[:SCALE], e.g. style.safetensors:0.8")
+        raise UserError(f"--lora {shown(text)}: scale {shown(text.rpartition(':')[2], 20)} is not a finite number; use "
+                        "PATH[:SCALE], e.g. style.safetensors:0.8")
     if path.startswith(HUB_FILE):
         path = resolve_hub_file(path, "--lora")
     if not Path(os.path.expanduser(path)).is_file():

@@ -113,7 +113,7 @@ def resolve_upscale_model(name_or_path: str) -> str:
     conversion of its ncnn weights (converted at the first use)."""
     if name_or_path in BUNDLED:
         return str(bundled_model(name_or_path))
-    path = Path(name_or_path).expanduser()
+    path = Path(os.path.expanduser(name_or_path))  # Path.expanduser raises for '~name' of no user
     if path.suffix.lower() in MODEL_SUFFIXES or path.exists():
         if not path.is_file():
             raise UserError(f"upscale_model={name_or_path!r}: no such file; pass an existing .pth/.safetensors "

@@ -9,6 +9,7 @@ to the GPU for their forward, on a CUDA stream so the copy overlaps compute) and
 
 from __future__ import annotations
 
+import os
 import json
 import logging
 import math
@@ -103,7 +104,7 @@ def parameters_of(path) -> dict[str, int]:
     """Parameters per component, from what is on disk without reading weights: a diffusers directory's headers, a
     single file's (all of it counted as the UNet); SDXL base's published counts for what is not here (a hub id not
     fetched) or a directory without a UNet."""
-    path = Path(path).expanduser()
+    path = Path(os.path.expanduser(path))  # Path.expanduser raises for '~name' of no user (or './~0')
     if path.is_file():
         return {**dict.fromkeys(SDXL_PARAMETERS, 0), "unet": file_parameters(path)}
     if path.is_dir():

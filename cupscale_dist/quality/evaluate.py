@@ -136,7 +136,7 @@ def check_out_dir(out_dir: str | os.PathLike) -> Path:
     """``--out`` before any work: a folder, or one that can be created, that takes new files (proved by creating
     one: permission bits don't, see :func:`cupscale_dist.files.imageio.check_output_path`). Folders created for the
     proof are removed again, so a run refused later leaves nothing behind."""
-    out = Path(out_dir).expanduser()
+    out = Path(os.path.expanduser(out_dir))  # Path.expanduser raises for '~name' of no user
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder for {REPORT_NAME}, the upscales and the side-by-side "
                         "crops")
