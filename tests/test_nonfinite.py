@@ -46,3 +46,31 @@ def test_a_run_that_stops_on_nan_writes_no_file(fresh_model, photo, tmp_path):
         run_upscale(photo, small_config(fresh_model.name), out, progress=False,
                     executor=LocalExecutor(fresh_model, 4))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_checkpoint_latents_times_1e30_stop_in_one_line_and_write_nothing(sdxl_model, photo, tmp_path):
+    """A checkpoint's latents are finite but 1e30 times too large (the file passes the finite-tensor check): the
+    resumed run overflows and stops in one line instead of writing a black picture."""
+    from cupscale_dist.services.runner import run_upscale
+
+    config = small_config(sdxl_model.name, steps=6, strength=0.8)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(info):
+        if info["step"] == 2:
+            raise Stop
+
+    checkpoints, out = tmp_path / "ckpt", tmp_path / "out" / "out.png"
+    out.parent.mkdir()
+    with pytest.raises(Stop):
+        run_upscale(photo, config, out, progress=False, callback=stop_after_two, checkpoint_dir=str(checkpoints),
+                    executor=LocalExecutor(sdxl_model, 4))
+    payload = torch.load(checkpoints / "checkpoint.pt", weights_only=True)
+    payload["latents"] = payload["latents"] * 1e30
+    torch.save(payload, checkpoints / "checkpoint.pt")
+    with pytest.raises(UserError, match=r"no longer finite|VAE decoded a tile to NaN or inf") as caught:
+        run_upscale(photo, config, out, progress=False, checkpoint_dir=str(checkpoints), resume=True,
+                    executor=LocalExecutor(sdxl_model, 4))
+    assert "\n" not in str(caught.value) and list(out.parent.iterdir()) == []
