@@ -75,7 +75,7 @@ def check_flux_tensors(path: str, keys: dict) -> None:
     tensors (:func:`.flux_single_file.dtype_problem`)."""
     from .flux_single_file import dtype_problem, transformer_key_problem
 
-    fix = "pass a FLUX.1 file as BFL or ComfyUI save it (or a diffusers Flux directory)"
+    fix = "pass a FLUX.1 file as BFL or ComfyUI saves it"  # short: the message must fit one 300-character line
     if flux_layout(keys) == "bfl":
         transformer = dict(keys)
     else:
@@ -83,7 +83,7 @@ def check_flux_tensors(path: str, keys: dict) -> None:
         other = sorted(key for key in keys if not key.startswith((COMFY_PREFIX, VAE_PREFIX, "text_encoders.")))
         if other:
             raise UserError(f"{named('--model ' + path)}: holds {len(other)} key(s) of no Flux component (e.g. "
-                            f"{shown(other[0])}), which loading would drop; {fix}")
+                            f"{shown(other[0])}), dropped on loading; {fix}")
     problem = transformer_key_problem(transformer) or dtype_problem(safetensors_dtypes(path))
     if problem:
         raise UserError(f"{named('--model ' + path)}: {problem}; {fix}")

@@ -36,8 +36,7 @@ TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map
                   "added_tokens.json")
 TOKENIZER_TEXT = ("merges.txt",)
 TOKENIZER_BINARY = ("spiece.model",)
-T5_TOKENIZER_AGAIN = ("get a fresh copy: huggingface-cli download black-forest-labs/FLUX.1-dev --include "
-                      "'tokenizer_2/*'")
+T5_TOKENIZER_AGAIN = "again: huggingface-cli download black-forest-labs/FLUX.1-dev --include 'tokenizer_2/*'"
 MAX_MODEL_MAX_LENGTH = int(1e30)  # transformers' own "no limit" value (VERY_LARGE_INTEGER)
 
 
@@ -76,7 +75,7 @@ def load_tokenizer(cls, directory: str | Path, what: str, fix: str):
     except Exception as exc:  # noqa: BLE001 - garbage reaches three libraries, each with its own errors
         reason = (str(exc).strip().splitlines() or [""])[0][:80]
         raise UserError(f"{named(what)}: the tokenizer does not load ({type(exc).__name__}"
-                        f"{': ' + reason[:60] if reason else ''}); {fix}") from None
+                        f"{': ' + reason[:40] if reason else ''}); {fix}") from None
     return tokenizer
 
 
