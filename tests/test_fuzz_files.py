@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import resource
 import shutil
 import struct
 import tempfile
@@ -38,17 +37,12 @@ MAX_LINE = 300  # the issue's bound on an error line
 HEADROOM = 2 << 30  # bytes an example may map beyond what the process holds: every reader's cap is far under
 
 
-@contextlib.contextmanager
 def address_space_ceiling(headroom: int = HEADROOM):
-    """This process may map at most ``headroom`` more bytes meanwhile: an unbounded read fails at once."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    in_use = int(Path("/proc/self/statm").read_text().split()[0]) * resource.getpagesize()
-    ceiling = in_use + headroom if hard == resource.RLIM_INFINITY else min(in_use + headroom, hard)
-    resource.setrlimit(resource.RLIMIT_AS, (ceiling, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    """This process may map at most ``headroom`` more bytes meanwhile: an unbounded read fails at once (the
+    hardening tests' ceiling, with the fuzz harness's headroom)."""
+    from test_hardening_parsing import address_space_ceiling as ceiling
+
+    return ceiling(headroom)
 
 
 def accepted_or_one_line(call):
