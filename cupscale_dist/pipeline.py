@@ -31,9 +31,9 @@ from .method.masks import binarize_maps, view_token_masks
 from .method.prior import GlobalPrior
 from .method.resize import prior_picture, resize_input
 from .method.schedulers import kind_of
-from .method.step import StageContext, StageSchedule, check_finite_latent, reduce_and_step
+from .method.step import StageContext, StageSchedule, check_finite_latent, is_finite, reduce_and_step
 from .method.vae import PixelCodec, decode_bands, encode_image, image_to_tensor, read_only_tensor
-from .method.views import jitter_views, view_batches
+from .method.views import step_views, view_batches
 from .method.wavelets import low_band
 from .models.backbones import backbone_class
 from .models.controlnet import control_crops
@@ -243,8 +243,11 @@ def run_stage(executor, config: UpscaleConfig, stage: StagePlan, image: Image.Im
                           stage_input=image))
     # The preparation's forward passes (upscale-model and VAE tiles: hundreds at 16K) call the callback between
     # results, so a cancel or a stop raised there takes effect while the stage is being prepared.
-    tile_map = executor.map if callback is None else ticking(executor.map, lambda: callback(StepInfo(
-        stage=stage.index, step=0, num_steps=stage.steps, timestep=None, gather=None, stage_input=None)))
+    def preparing() -> None:
+        callback(StepInfo(stage=stage.index, step=0, num_steps=stage.steps, timestep=None, gather=None,
+                          stage_input=None))
+
+    tile_map = executor.map if callback is None else ticking(executor.map, preparing)
     # 1. Resize (+ sharpen) the stage input; the prior's own picture where it is not this one (prior_source).
     prior_image = prior_picture(image, stage.size, config)
     image = resize_input(image, stage.size, config, tile_map, progress)
@@ -267,8 +270,7 @@ def run_stage(executor, config: UpscaleConfig, stage: StagePlan, image: Image.Im
     # 6. Regional prompts.
     prompts = encode_stage_prompts(executor, config, stage, image, prompter, global_prompt)
     if callback is not None:  # between the preparation's phases too (the captioner may take minutes)
-        callback(StepInfo(stage=stage.index, step=0, num_steps=stage.steps, timestep=None, gather=None,
-                          stage_input=None))
+        preparing()
     # 7. Regional attention masks from the attention probe.
     token_allowed, token_maps = attention_token_masks(executor, config, image, stage.index, global_prompt,
                                                       *prompts.global_, latent_hw, views)
@@ -337,11 +339,11 @@ def denoise_on_driver(executor, job: DenoiseJob) -> torch.Tensor:
     schedule, latents = job.schedule, job.latents
     latent_hw = tuple(latents.shape[-2:])
     for step in range(job.first, schedule.num_steps):
-        step_views = jitter_views(job.views, *latent_hw, job.jitter, np.random.default_rng([job.seed, job.stage, step]))
-        batches = predict_step(executor, job.context, latents, step_views, schedule.timestep(step),
+        rects = step_views(job.views, *latent_hw, job.jitter, job.seed, job.stage, step)
+        batches = predict_step(executor, job.context, latents, rects, schedule.timestep(step),
                                schedule.input_scale(step), job.control)
-        latents = reduce_and_step(latents, batches, step_views, schedule, step, job.blend, job.sigma_fraction)
-        check_finite_latent(bool(torch.isfinite(latents).all()), job.stage, step)
+        latents = reduce_and_step(latents, batches, rects, schedule, step, job.blend, job.sigma_fraction)
+        check_finite_latent(is_finite(latents), job.stage, step)
         if job.on_step is not None:
             state = latents  # the callback's gather reads this step's latent and the scheduler's memory now
             job.on_step(step + 1, lambda: (state, kind_of(schedule.scheduler).get_state(schedule.scheduler)))

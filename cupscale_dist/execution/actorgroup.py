@@ -41,8 +41,8 @@ class NotPlaced(Exception):
     """A node holding some bundles was lost while the actors started, and the nodes left had no room for them."""
 
     def __init__(self, lost: list[str]):
-        super().__init__(", ".join(dict.fromkeys(lost)))
         self.lost = list(dict.fromkeys(lost))
+        super().__init__(", ".join(self.lost))
 
 
 class ActorGroup:

@@ -22,6 +22,7 @@ the driver runs the callback; a gather asked for by the callback still reads the
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from collections.abc import Callable
@@ -171,8 +172,8 @@ class PartLoop:
                 parts[index] = (snapshot.latents[..., lo:hi, :].numpy(),
                                 part_schedule(job.schedule, (lo, hi), job.dwt_levels, snapshot.step, state))
             control = self._control_band(worker)
-            worker_job = shared if control is None else PartJob(layout, job.context, job.blend, job.sigma_fraction,
-                                                                 job.vae_scale_factor, *control)
+            worker_job = shared if control is None else dataclasses.replace(shared, control=control[0],
+                                                                            control_row0=control[1])
             readers = sorted(dst for src, dst in layout.halo(snapshot.step) if src == worker)
             out = self.transport.submit(worker, "load", len(readers) + 1, self.generation, worker_job, parts,
                                         snapshot.step)

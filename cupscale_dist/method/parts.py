@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .step import ViewWindows, add_view
-from .views import jitter_views, view_batches
+from .views import step_views, view_batches
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -135,8 +135,8 @@ class StageLayout:
 
     def rects(self, step: int) -> np.ndarray:
         """The views at ``step``: jittered from the seed exactly as the reference does (method.md step 5)."""
-        return self._plan("rects", step, lambda: jitter_views(
-            self.views, *self.latent_hw, self.jitter, np.random.default_rng([self.seed, self.stage, step])))
+        return self._plan("rects", step, lambda: step_views(self.views, *self.latent_hw, self.jitter, self.seed,
+                                                            self.stage, step))
 
     # -- what moves at a step ----------------------------------------------------------------------------------
     def reach(self, worker: int, rects: np.ndarray) -> tuple[int, int] | None:

@@ -8,8 +8,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
 import dataclasses
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -197,6 +198,12 @@ class StageSchedule:
         return kind_of(self.scheduler).input_scale(self.scheduler, self.timestep(step))
 
 
+def is_finite(latents: torch.Tensor) -> bool:
+    """Whether a latent (or a band of it) holds no NaN or inf: a NaN or inf anywhere makes the sum non-finite, one
+    reduction and no mask (an isfinite pass was 0.14 s of a 16K step's owner work on 2 cores)."""
+    return bool(torch.isfinite(latents.sum()))
+
+
 def check_finite_latent(finite: bool, stage: int, step: int) -> None:
     """Stop in one line when a step left NaN or inf in the latent: the picture would be black with exit 0."""
     if not finite:
@@ -230,11 +237,11 @@ def prior_and_step(latents: torch.Tensor, eps: torch.Tensor, schedule: StageSche
             eps = inject_global_prior_flow(eps, latents, schedule.prior, weight, sigma, schedule.codec)
         else:
             eps = inject_global_prior(eps, latents, schedule.prior, weight, alpha, sigma, schedule.codec)
+    noise = contextlib.nullcontext()
     if kind_of(schedule.scheduler).stochastic:  # drawn from the seed per step and row: any layout, resumed or not
-        noise = step_noise(schedule.seed, schedule.stage, schedule.start_index + step, latents.shape, row0)
-        with supplied_noise(schedule.scheduler, noise):
-            latents = schedule.scheduler.step(eps, schedule.timestep(step), latents).prev_sample
-    else:
+        drawn = step_noise(schedule.seed, schedule.stage, schedule.start_index + step, latents.shape, row0)
+        noise = supplied_noise(schedule.scheduler, drawn)
+    with noise:
         latents = schedule.scheduler.step(eps, schedule.timestep(step), latents).prev_sample
     if weight > 0 and schedule.prior_target == "zt":
         alpha, sigma = noise_level(schedule.scheduler, schedule.start_index + step + 1)

@@ -47,6 +47,12 @@ def jitter_views(views: np.ndarray, height: int, width: int, jitter: int, rng: n
     return out
 
 
+def step_views(views: np.ndarray, height: int, width: int, jitter: int, seed: int, stage: int, step: int) -> np.ndarray:
+    """The views of one denoising step: jittered from (seed, stage, step) alone, so the driver's loop, every part
+    owner and a resumed run draw the same shifts."""
+    return jitter_views(views, height, width, jitter, np.random.default_rng([seed, stage, step]))
+
+
 def coverage(views: np.ndarray, height: int, width: int) -> np.ndarray:
     """How many views cover each latent pixel, (height, width) int."""
     count = np.zeros((height, width), dtype=np.int64)
