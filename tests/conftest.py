@@ -1,4 +1,6 @@
-"""Shared fixtures: tiny real diffusers pipelines saved to disk, the same config used across tests."""
+"""Fixtures every test folder sees: the tiny real models saved to disk (built once per test process), a photo, a
+local Ray cluster, the Hypothesis profiles. Plain helpers (the fast config, the CLI, the service client) are in
+tests/helpers.py."""
 
 from __future__ import annotations
 
@@ -31,6 +33,14 @@ def sd15_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory) -> str:
+    """The tiny seeded Idefics3 captioner (cupscale_dist.testing.vlm), built once per test process."""
+    from cupscale_dist.testing.vlm import build_tiny_vlm
+
+    return str(build_tiny_vlm(tmp_path_factory.mktemp("vlm") / "tiny-idefics3", seed=0))
+
+
+@pytest.fixture(scope="session")
 def sdxl_model(sdxl_dir):
     from cupscale_dist.execution.worker import ModelWorker
 
@@ -44,15 +54,6 @@ def photo() -> Image.Image:
     disc = ((ys - 48) ** 2 + (xs - 70) ** 2 < 20**2)[..., None]
     rgb = np.stack([xs * 2, ys * 2, 255 - xs], axis=-1) * (1 - disc) + disc * np.array([250, 200, 40])
     return Image.fromarray(rgb.clip(0, 255).astype(np.uint8))
-
-
-def small_config(model: str, **changes):
-    """A fast config on the tiny model: 2 x3 views per step, 3 steps, CPU float32, threads pinned."""
-    from cupscale_dist import UpscaleConfig
-
-    base = dict(model=model, scale=2, tile=16, stride=8, steps=5, strength=0.6, device="cpu", dtype="float32",
-                prompt="a photo of a cat on a house", view_batch_size=4, torch_threads=1)
-    return UpscaleConfig(**{**base, **changes})
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,26 @@ def local_ray(tmp_path_factory):
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-# Hypothesis profiles for the fuzz tests (tests/test_fuzz_*.py), chosen by HYPOTHESIS_PROFILE (default `ci`). `ci`: a
+@pytest.fixture(scope="module")
+def parse_ws(tmp_path_factory):
+    """A folder holding one input image for the tests of bad input (knob text, config files, metadata, prompt files);
+    tests write their bad files in their own tmp_path. The CLI has run once in it, so that no timed run pays the
+    CLI's first imports."""
+    import contextlib
+    import io
+
+    from helpers import structured, upscale_argv
+
+    from cupscale_dist.cli.main import main
+
+    ws = tmp_path_factory.mktemp("parsing")
+    Image.fromarray(structured(64, 48)).save(ws / "in.png")
+    with contextlib.redirect_stderr(io.StringIO()):
+        main(upscale_argv(ws, ws / "out.png", "--set", "steps=many"))
+    return ws
+
+
+# Hypothesis profiles for the fuzz tests (tests/*/test_fuzz_*.py), chosen by HYPOTHESIS_PROFILE (default `ci`). `ci`: a
 # small fixed budget, derandomized (the same examples every run, so CI is reproducible), no deadline (2 shared cores
 # make any per-example time bound flaky). `nightly`: many more examples, drawn fresh each run.
 try:

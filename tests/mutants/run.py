@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 COPIED = ("cupscale_dist", "actors", "configs")
 RUN_TIMEOUT_S = 600  # a run past this is broken, not slow (the baseline: ~2 min on 2 idle cores)
-FIDELITY = "tests/test_fidelity.py::"
+FIDELITY = "tests/method/test_fidelity.py::"
 
 
 @dataclass(frozen=True)
@@ -48,13 +48,13 @@ def fidelity(*names: str) -> tuple[str, ...]:
 
 
 def flux(*names: str) -> tuple[str, ...]:
-    return tuple("tests/test_flux.py::" + name for name in names)
+    return tuple("tests/models/test_flux.py::" + name for name in names)
 
 
 X0, ZT = "test_x0_prior_holds_for_the_schedulers_own_x0", "test_zt_prior_pulls_the_next_latent_toward_the_noised_input"
 START = "test_stage_starts_at_round_s_t_with_the_schedulers_add_noise"
 MASKS = "test_masks_and_lambda_reach_cross_attention_only"
-GATE = "tests/test_quality_gate.py::"  # issue 10: what only the picture shows (a pointwise denoiser cannot tell)
+GATE = "tests/quality/test_quality_gate.py::"  # issue 10: what only the picture shows (a pointwise denoiser cannot tell)
 
 MUTATIONS = [
     Mutation("ddim-alpha-sigma-one-step-off", "cupscale_dist/method/schedulers.py",
@@ -121,7 +121,7 @@ MUTATIONS = [
     Mutation("lambda-swapped", "cupscale_dist/method/attention.py",
              "return lambda_global * both[:batch] + (1 - lambda_global) * both[batch:]",
              "return (1 - lambda_global) * both[:batch] + lambda_global * both[batch:]",
-             ("tests/test_attention.py::test_mix_composer_is_the_lambda_blend_of_two_attentions[0.3]",
+             ("tests/method/test_attention.py::test_mix_composer_is_the_lambda_blend_of_two_attentions[0.3]",
               *fidelity(f"{MASKS}[lambda]"))),
     Mutation("mask-screens-regional-prompt", "cupscale_dist/method/attention.py",
              "bias = torch.cat([bias, torch.zeros_like(bias)])", "bias = torch.cat([bias, bias])",
@@ -151,26 +151,26 @@ MUTATIONS = [
     Mutation("controlnet-same-crop-for-every-view", "cupscale_dist/models/controlnet.py",
              "pixels[top * factor : bottom * factor, left * factor : right * factor]",
              "pixels[: (bottom - top) * factor, : (right - left) * factor]",
-             ("tests/test_controlnet.py::test_each_view_gets_its_own_crop_of_the_stage_input",)),
+             ("tests/models/test_controlnet.py::test_each_view_gets_its_own_crop_of_the_stage_input",)),
     Mutation("controlnet-scale-ignored", "cupscale_dist/models/backbones/base.py",
              "conditioning_scale=context.controlnet_scale", "conditioning_scale=1.0",
-             ("tests/test_controlnet.py::test_scale_0_is_the_run_without_controlnet_bit_for_bit",)),
+             ("tests/models/test_controlnet.py::test_scale_0_is_the_run_without_controlnet_bit_for_bit",)),
     Mutation("prior-scale-ignored", "cupscale_dist/method/step.py",
              "weight = schedule.prior_scale * prior_weight(", "weight = 1.0 * prior_weight(",
-             ("tests/test_user_knobs.py::test_prior_scale_scales_the_injected_prior",)),
+             ("tests/method/test_user_knobs.py::test_prior_scale_scales_the_injected_prior",)),
     # issue 23: each view overwriting the overlap instead of the average (a pointwise denoiser cannot tell)
     Mutation("last-view-wins", "cupscale_dist/method/step.py",
              "total[(..., *target)] += prediction\n        weight[target] += 1.0",
              "total[(..., *target)] = prediction\n        weight[target] = 1.0",
-             ("tests/test_invariants.py::test_overlapping_views_that_disagree_are_averaged_not_overwritten[uniform]",)),
+             ("tests/method/test_invariants.py::test_overlapping_views_that_disagree_are_averaged_not_overwritten[uniform]",)),
     # issue 34: the step on the actors must keep the reference's bytes for any layout
     Mutation("parts-summed-out-of-view-order", "cupscale_dist/method/parts.py",
              "in sorted(contributions, key=lambda c: c[0]):", "in contributions[::-1]:",
-             ("tests/test_parts.py::test_owned_bands_give_the_reference_latent_for_any_layout[jitter-gaussian]",)),
+             ("tests/execution/test_parts.py::test_owned_bands_give_the_reference_latent_for_any_layout[jitter-gaussian]",)),
     Mutation("step-noise-ignores-the-band-offset", "cupscale_dist/method/schedulers.py",
              "+ (row0 + row) * 7_919_113)", "+ row * 7_919_113)",
-             ("tests/test_parts.py::test_owned_bands_give_the_reference_latent_for_any_layout[lcm]",)),
-    # issue 22: Flux.1 as a backbone (tests/test_flux.py)
+             ("tests/execution/test_parts.py::test_owned_bands_give_the_reference_latent_for_any_layout[lcm]",)),
+    # issue 22: Flux.1 as a backbone (tests/models/test_flux.py)
     Mutation("flux-positions-dropped", "cupscale_dist/models/backbones/flux.py",
              "ids[..., 1] += float(top) / PATCH", "ids[..., 1] += 0 * float(top) / PATCH",
              flux("test_positional_stand_in_tiled_equals_untiled_with_global_positions",
@@ -197,16 +197,16 @@ MUTATIONS = [
              flux("test_flow_zt_prior_pulls_the_next_latent_toward_the_noised_input[dev-J1-full]")),
     Mutation("flux-resume-restarts-the-schedule", "cupscale_dist/pipeline.py",
              "scheduler.set_begin_index(start + (resume.step if resume else 0))", "scheduler.set_begin_index(start)",
-             ("tests/test_flux_pipeline.py::test_a_resumed_flux_run_gives_the_uninterrupted_bytes[dev]",)),
+             ("tests/models/test_flux_pipeline.py::test_a_resumed_flux_run_gives_the_uninterrupted_bytes[dev]",)),
     Mutation("flux-file-q-and-k-swapped", "cupscale_dist/models/flux_single_file.py",
              '"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),',
              '"img_attn.qkv": ("attn.to_k", "attn.to_q", "attn.to_v"),',
-             ("tests/test_flux_single_file.py::test_our_transformer_conversion_equals_diffusers_at_flux_width",)),
+             ("tests/models/test_flux_single_file.py::test_our_transformer_conversion_equals_diffusers_at_flux_width",)),
     Mutation("flux-file-every-file-dev", "cupscale_dist/models/flux_header.py",
              'return "dev" if GUIDANCE_KEY in keys', 'return "dev" if True or GUIDANCE_KEY in keys',
-             ("tests/test_flux_single_file.py::test_the_header_tells_layout_and_variant",
-              "tests/test_flux_single_file.py::test_a_single_file_loads_the_weights_of_its_diffusers_directory"
-              "[schnell-bfl]")),
+             ("tests/models/test_flux_single_file.py::test_the_header_tells_layout_and_variant",
+              ("tests/models/test_flux_single_file.py::test_a_single_file_loads_the_weights_of_its_diffusers_directory"
+               "[schnell-bfl]"))),
 ]
 
 

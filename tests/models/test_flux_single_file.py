@@ -1,0 +1,249 @@
+"""Single-file Flux checkpoints (issue 22): BFL's transformer file, ComfyUI's diffusion-model and all-in-one files.
+Each loads every weight of the diffusers directory it was written from; Ray actors give the in-process bytes; our
+transformer conversion equals diffusers' own at FLUX.1's width; every file that cannot load is refused in one line
+from its header, before any model loads."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from helpers import RUN, as_bytes, assert_one_error_line, cli, small_config
+
+from cupscale_dist import UserError, upscale
+from cupscale_dist.execution.worker import ModelWorker
+from cupscale_dist.models.flux_header import flux_layout
+from cupscale_dist.models.flux_single_file import transformer_state
+from cupscale_dist.models.single_file import checkpoint_kind, shipped_config
+from cupscale_dist.models.spec import ModelSpec
+from cupscale_dist.testing.single_file import (
+    bfl_transformer_state,
+    copy_configs,
+    save_flux_single_file,
+)
+from cupscale_dist.testing.tiny_flux import build_tiny_flux
+
+LAYOUTS = ("bfl", "comfy", "comfy-all-in-one")
+
+
+def flux_config(model, **changes):
+    return small_config(str(model), **{"steps": 2, "guidance_scale": 3.5, "lambda_global": 0.5, **changes})
+
+
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory):
+    """Tiny dev and schnell: the diffusers directory, its configs alone (no weights), and one file per layout."""
+    root = tmp_path_factory.mktemp("flux-single-file")
+    models = {}
+    for variant in ("dev", "schnell"):
+        directory = build_tiny_flux(root / variant, variant=variant)
+        models[variant] = dict(dir=str(directory), config=str(copy_configs(directory, root / f"{variant}-config")),
+                               **{layout: str(save_flux_single_file(directory, root / f"{variant}-{layout}.safetensors",
+                                                                    layout)) for layout in LAYOUTS})
+    return models
+
+
+@pytest.fixture(scope="module")
+def references(flux, photo_module):
+    return {variant: as_bytes(upscale(photo_module, flux_config(flux[variant]["dir"]), progress=False))
+            for variant in ("dev", "schnell")}
+
+
+@pytest.fixture(scope="module")
+def photo_module():
+    ys, xs = np.mgrid[0:48, 0:64]
+    rgb = np.stack([xs * 3, ys * 4, 255 - xs * 2], axis=-1)
+    from PIL import Image
+
+    return Image.fromarray(rgb.clip(0, 255).astype(np.uint8))
+
+
+def model_config_for(model: dict, layout: str) -> str:
+    """A transformer-only file takes its VAE and text encoders from a directory with weights; an all-in-one file
+    needs only configs (it holds every weight), so it gets the weightless copy."""
+    return model["config"] if layout == "comfy-all-in-one" else model["dir"]
+
+
+def test_the_header_tells_layout_and_variant(flux):
+    from cupscale_dist.models.single_file import checkpoint_keys
+
+    for variant in ("dev", "schnell"):
+        for layout in LAYOUTS:
+            path = flux[variant][layout]
+            assert flux_layout(checkpoint_keys(path)) == layout
+            assert checkpoint_kind(path) == f"flux-{variant}"
+
+
+@pytest.fixture(scope="module")
+def directory_pipes(flux):
+    return {variant: ModelWorker.load(flux[variant]["dir"], device="cpu", dtype="float32").pipe
+            for variant in ("dev", "schnell")}
+
+
+@pytest.mark.parametrize("variant,layout", [("dev", "bfl"), ("dev", "comfy"), ("dev", "comfy-all-in-one"),
+                                            ("schnell", "bfl"), ("schnell", "comfy-all-in-one")])
+def test_a_single_file_loads_the_weights_of_its_diffusers_directory(flux, directory_pipes, references, photo_module,
+                                                                     variant, layout):
+    """Every tensor of every component equal to the directory's. The pictures agree to one level in a few pixels:
+    not bytes, because from_pretrained leaves weights where the file's offsets put them (measured: 24 bytes past a
+    64-byte boundary) and CPU BLAS rounds by operand alignment; Ray == local bytes is checked from the file."""
+    model = flux[variant]
+    config = flux_config(model[layout], model_config=model_config_for(model, layout))
+    worker = ModelWorker.for_config(config)
+    assert worker.spec.family == "flux" and worker.spec.path == model[layout]
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        ours, theirs = getattr(worker.pipe, name).state_dict(), getattr(directory_pipes[variant], name).state_dict()
+        assert ours.keys() == theirs.keys(), name
+        assert [key for key in ours if not torch.equal(ours[key], theirs[key])] == [], name
+    picture = np.asarray(upscale(photo_module, config, model=worker, progress=False)).astype(int)
+    reference = np.frombuffer(references[variant], dtype=np.uint8).reshape(picture.shape).astype(int)
+    assert np.abs(picture - reference).max() <= 1 and (picture != reference).mean() < 1e-3
+
+
+def test_ray_actors_load_a_single_flux_file(local_ray, flux, photo_module):
+    from cupscale_dist.execution.pool import RayExecutor, WorkerPool
+    from cupscale_dist.execution.raycluster import ClusterOptions
+
+    model = flux["dev"]
+    config = flux_config(model["comfy-all-in-one"], model_config=model["config"], view_batch_size=2)
+    local = as_bytes(upscale(photo_module, config, progress=False))
+    spec = ModelSpec.load(config.model, model_config=config.model_config)
+    pool = WorkerPool(config, ClusterOptions(actors=2, cpus_per_actor=0.5), spec)
+    assert as_bytes(upscale(photo_module, config, executor=RayExecutor(pool, spec, config.view_batch_size),
+                            progress=False)) == local
+
+
+def test_our_transformer_conversion_equals_diffusers_at_flux_width():
+    """At FLUX.1's own width (3072; diffusers' converter knows no other) with one block of each kind: every tensor
+    the same. Each BFL tensor holds its key's number and its row index, so a swapped q/k, a wrong split or an
+    unswapped (shift, scale) shows; stride-0 columns keep it small."""
+    from diffusers import FluxTransformer2DModel
+    from diffusers.loaders.single_file_utils import (
+        convert_flux_transformer_checkpoint_to_diffusers,
+    )
+
+    config = FluxTransformer2DModel.load_config(shipped_config("flux-dev"), subfolder="transformer")
+    config = {k: v for k, v in config.items() if not k.startswith("_")} | {"num_layers": 1, "num_single_layers": 1}
+    with torch.device("meta"):
+        shapes = bfl_transformer_state(FluxTransformer2DModel(**config).state_dict())
+    bfl = {}
+    for number, (key, tensor) in enumerate(sorted(shapes.items())):
+        rows = torch.arange(tensor.shape[0], dtype=torch.float64) + number * 1_000_000
+        bfl[key] = rows.view(-1, *([1] * (tensor.dim() - 1))).expand(tensor.shape)
+    ours = transformer_state(dict(bfl))
+    theirs = convert_flux_transformer_checkpoint_to_diffusers(dict(bfl))
+    assert ours.keys() == theirs.keys()
+    assert [key for key in ours if not torch.equal(ours[key], theirs[key])] == []
+
+
+def test_shipped_flux_configs_are_the_published_models():
+    """FLUX.1-dev's transformer has 11,901,408,320 parameters (its published config, built on the meta device)."""
+    from diffusers import FluxTransformer2DModel
+
+    for kind, guidance in (("flux-dev", True), ("flux-schnell", False)):
+        config = FluxTransformer2DModel.load_config(shipped_config(kind), subfolder="transformer")
+        assert config["guidance_embeds"] is guidance
+        with torch.device("meta"):
+            model = FluxTransformer2DModel.from_config(config)
+        guidance_embedder = 256 * 3072 + 3072 * 3072 + 2 * 3072  # schnell has none
+        assert sum(p.numel() for p in model.parameters()) == 11_901_408_320 - (0 if guidance else guidance_embedder)
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty hub cache (the machine's own is never read by these tests)."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def test_no_t5_tokenizer_is_refused_then_found_in_the_hub_cache(flux, photo_module, hub_cache, tmp_path):
+    model = flux["dev"]
+    configs = tmp_path / "configs"
+    shutil.copytree(model["config"], configs)
+    shutil.rmtree(configs / "tokenizer_2")
+    config = flux_config(model["comfy-all-in-one"], model_config=str(configs))
+    with pytest.raises(UserError, match="huggingface-cli download black-forest-labs/FLUX.1-dev") as refused:
+        ModelSpec.load(config.model, model_config=config.model_config)
+    assert "\n" not in str(refused.value)
+    snapshot = hub_cache / "models--black-forest-labs--FLUX.1-dev" / "snapshots" / ("0" * 40)
+    shutil.copytree(model["dir"] + "/tokenizer_2", snapshot / "tokenizer_2")
+    (hub_cache / "models--black-forest-labs--FLUX.1-dev" / "refs").mkdir()
+    (hub_cache / "models--black-forest-labs--FLUX.1-dev" / "refs" / "main").write_text("0" * 40)
+    own = flux_config(model["comfy-all-in-one"], model_config=model["config"])  # its tokenizer in its configs
+    assert as_bytes(upscale(photo_module, config, progress=False)) == as_bytes(upscale(photo_module, own,
+                                                                                       progress=False))
+
+
+def test_the_shipped_configs_serve_a_flux_file_when_t5s_tokenizer_is_cached(flux, hub_cache):
+    """No model_config: the spec comes from the shipped FLUX.1 configs (16 latent channels, factor 8)."""
+    snapshot = hub_cache / "models--black-forest-labs--FLUX.1-schnell" / "snapshots" / ("1" * 40)
+    shutil.copytree(flux["schnell"]["dir"] + "/tokenizer_2", snapshot / "tokenizer_2")
+    (hub_cache / "models--black-forest-labs--FLUX.1-schnell" / "refs").mkdir()
+    (hub_cache / "models--black-forest-labs--FLUX.1-schnell" / "refs" / "main").write_text("1" * 40)
+    spec = ModelSpec.read(flux["schnell"]["comfy-all-in-one"])
+    assert spec.family == "flux" and spec.config_dir == shipped_config("flux-schnell")
+    assert (spec.vae_scale_factor, spec.latent_channels, spec.native_size) == (8, 16, 1024)
+    assert spec.scheduler_config["use_dynamic_shifting"] is False
+
+
+def no_model_loads(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr("cupscale_dist.execution.worker.load_pipeline", refuse)
+
+
+@pytest.mark.parametrize("case,named", [
+    ("transformer-only", "is a transformer-only Flux checkpoint"),
+    ("configs-without-weights", "has no text_encoder weights"),
+    ("dev-file-schnell-config", "is a FLUX.1-dev checkpoint but"),
+    ("ckpt", "read as .safetensors only"),
+])
+def test_flux_files_that_cannot_load_are_refused_in_one_line_before_any_model_loads(flux, tmp_path, monkeypatch,
+                                                                                   case, named):
+    no_model_loads(monkeypatch)
+    model = flux["dev"]
+    path, model_config = model["bfl"], None
+    if case == "configs-without-weights":
+        model_config = model["config"]
+    elif case == "dev-file-schnell-config":
+        model_config = flux["schnell"]["dir"]
+    elif case == "ckpt":
+        path = str(tmp_path / "flux.ckpt")
+        torch.save({"double_blocks.0.img_attn.proj.bias": torch.zeros(1)}, path)
+    with pytest.raises(UserError) as refused:
+        ModelWorker.for_config(flux_config(path, model_config=model_config))
+    assert named in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_sd3_stays_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "sd3.safetensors"
+    save_file({"model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias": torch.zeros(1)}, path)
+    with pytest.raises(UserError, match="is a Stable Diffusion 3 checkpoint"):
+        checkpoint_kind(path)
+
+
+def test_the_cli_refuses_a_transformer_only_file_with_exit_2_and_writes_nothing(flux, photo_module, tmp_path, capsys):
+    source, out = tmp_path / "in.png", tmp_path / "out.png"
+    photo_module.save(source)
+    code, _, err = cli(capsys, "upscale", source, "-o", out, "--model", flux["dev"]["bfl"], "--scale", "2", *RUN,
+                       "-q")
+    line = assert_one_error_line(code, err)
+    assert code == 2 and "model_config" in line and not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png"]
+
+
+def test_weights_fp8_stores_a_single_files_transformer_in_float8(flux, photo_module):
+    model = flux["dev"]
+    config = flux_config(model["comfy-all-in-one"], model_config=model["config"], weights="fp8", mask_mode="off")
+    worker = ModelWorker.for_config(config)
+    assert worker.unet.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn
+    assert upscale(photo_module, config, model=worker, progress=False).size == (128, 96)
