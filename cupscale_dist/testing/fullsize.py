@@ -36,7 +36,7 @@ SD15_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 # ---------------------------------------------------------------------------------------------------------------
 # The published configs. Written back as diffusers and transformers write them (sorted keys, indent 2), SDXL's come
-# out at the sizes the hub lists to the byte (tests/test_hub.py SDXL_BASE_FILES; asserted in tests/test_full_size.py)
+# out at the sizes the hub lists to the byte (tests/models/test_hub.py SDXL_BASE_FILES; asserted in tests/models/test_full_size.py)
 # ---------------------------------------------------------------------------------------------------------------
 # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json without `_class_name` / `_diffusers_version`: the
 # architecture, as `UNet2DConditionModel(**SDXL_UNET_CONFIG)` takes it (bench/step_cost.py builds its UNet from it).
