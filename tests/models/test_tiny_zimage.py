@@ -10,7 +10,9 @@
    (b) positions past ``axes_lens`` (the precomputed RoPE table) raise an IndexError; ``zimage_facts.rope_freqs``, the
        same formula without a table, equals the table inside it and a longer table past it;
    (c) the transformer is fed t = 1 - sigma and its output negated is what FlowMatchEuler steps with; Turbo's sigmas;
-   (d) prompt embeds: Qwen3's second-to-last hidden layer over the ChatML text, pad tokens dropped.
+   (d) prompt embeds: Qwen3's second-to-last hidden layer over the ChatML text, pad tokens dropped;
+   (e) the refiners see the image alone and the caption alone, the single-stream layers [image; caption]; attention
+       processors get no call inputs beyond mask and RoPE (regional inputs must be bound to them).
 """
 
 from __future__ import annotations
@@ -199,6 +201,48 @@ def test_the_image_position_and_the_caption_pad_tokens_change_the_output():
     finally:
         with torch.no_grad():
             model.cap_pad_token.zero_()
+
+
+def test_the_layers_see_image_then_caption_and_processors_get_no_call_inputs():
+    """For the regional processors: the refiners see the image alone and the caption alone, the single-stream layers
+    [image; caption] in that order (Flux's joint attention is [text; image]); a processor is called with the hidden
+    states, the batch-padding mask and per-row RoPE rotations only: ``joint_attention_kwargs`` reach no block, and the
+    model has no ``set_attn_processor`` (each block's ``attention.set_processor``)."""
+    from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor
+
+    model = zimage_transformer(0)
+    assert not hasattr(model, "set_attn_processor")
+    seen = {}
+
+    class Recording(ZSingleStreamAttnProcessor):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, freqs_cis=None,
+                     **extra):
+            seen[self.name] = (hidden_states.shape[1], freqs_cis, attention_mask, encoder_hidden_states, extra)
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, freqs_cis)
+
+    t = torch.tensor([0.6])
+    with torch.no_grad():
+        stock = model(image(), t, caption(5), return_dict=False)[0][0]
+        for group in ("noise_refiner", "context_refiner", "layers"):
+            for index, block in enumerate(getattr(model, group)):
+                block.attention.set_processor(Recording(f"{group}.{index}"))
+        recorded = model(image(), t, caption(5), joint_attention_kwargs={"regional": "ignored"},
+                         return_dict=False)[0][0]
+    assert torch.equal(recorded, stock)
+    assert set(seen) == {"noise_refiner.0", "context_refiner.0", "layers.0", "layers.1"}
+    assert all(mask is None and states is None and extra == {} for _, _, mask, states, extra in seen.values())
+    rope = model.rope_embedder
+    image_rot = rope(facts.image_position_ids(5, 4, 3))
+    caption_rot = rope(facts.caption_position_ids(5))
+    assert seen["noise_refiner.0"][0] == 32 and torch.equal(seen["noise_refiner.0"][1][0, :12], image_rot)
+    assert seen["context_refiner.0"][0] == 32 and torch.equal(seen["context_refiner.0"][1][0], caption_rot)
+    length, rotations = seen["layers.0"][:2]
+    assert length == 64  # 12 image tokens padded to 32, then the 5-token caption padded to 32
+    assert torch.equal(rotations[0, :12], image_rot) and torch.equal(rotations[0, 32:], caption_rot)
 
 
 # -- 2b. positions past the RoPE table -----------------------------------------------------------------------------
