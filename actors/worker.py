@@ -64,7 +64,8 @@ class PipelineWorker:
         from cupscale_dist.execution.partowner import PartOwner
 
         if getattr(self, "owner", None) is None:  # (bench stand-ins skip __init__)
-            self.owner = PartOwner(self.worker.predict, self.index)
+            self.owner = PartOwner(self.worker.predict, self.index, getattr(self.worker, "decode_tile", None),
+                                   getattr(self.worker, "encode_tile", None))
         if method == "load" and isinstance(args[1].context, Shared):  # the stage context, fetched once per stage
             args = (args[0], dataclasses.replace(args[1], context=self._fetch(args[1].context.ref)), *args[2:])
         out = getattr(self.owner, method)(*args)

@@ -26,13 +26,15 @@ from .config import UpscaleConfig
 from .execution.contract import Executor
 from .execution.executor import LocalExecutor, open_executor
 from .execution.partloop import DenoiseJob
+from .execution.partowner import PixelStart
 from .execution.worker import ModelWorker
 from .method.masks import binarize_maps, view_token_masks
-from .method.prior import GlobalPrior
+from .method.prior import GlobalPrior, stage_generator, stage_noise, stage_start
 from .method.resize import prior_picture, resize_input
 from .method.schedulers import kind_of
 from .method.step import StageContext, StageSchedule, check_finite_latent, is_finite, reduce_and_step
-from .method.vae import PixelCodec, decode_bands, encode_image, image_to_tensor, read_only_tensor
+from .method.vae import (TileGrid, PixelCodec, decode_bands, encode_image, image_to_tensor, latent_tiles,
+                         read_only_tensor)
 from .method.views import step_views, view_batches
 from .method.wavelets import low_band
 from .models.backbones import backbone_class
@@ -72,11 +74,6 @@ class StageState:
     step: int
     latents: torch.Tensor
     scheduler_state: dict | None = None  # a multistep scheduler's memory (schedulers.SchedulerKind.state)
-
-
-def stage_generator(seed: int, stage: int, purpose: int = 0) -> torch.Generator:
-    """Noise source for one stage: drawn once for the whole latent from the seed, never per actor."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + stage * 101 + purpose)
 
 
 def attention_token_masks(executor, config: UpscaleConfig, image: Image.Image, stage: int, global_prompt: str,
@@ -126,7 +123,7 @@ def predict_step(executor, context, latents: torch.Tensor, views: np.ndarray, ti
         yield batch, read_only_tensor(eps)  # only read by the reduction
 
 
-def warm_up_compiled(executor, context, latents: torch.Tensor, views: np.ndarray, timestep, input_scale: float,
+def warm_up_compiled(executor, context, channels: int, views: np.ndarray, timestep, input_scale: float,
                      control: np.ndarray | None) -> None:
     """compile=true: every worker runs one batch of each size the loop sends (zeros, results dropped), so inductor
     compiles before the progress bar starts and the bar's rate is the compiled one."""
@@ -134,9 +131,10 @@ def warm_up_compiled(executor, context, latents: torch.Tensor, views: np.ndarray
     calls = []
     for size in sorted({len(batch) for batch in view_batches(len(views), executor.batch_size)}):
         rects = views[:size]
-        windows = np.zeros((size, latents.shape[1], bottom - top, right - left), dtype=np.float32)
+        windows = np.zeros((size, channels, bottom - top, right - left), dtype=np.float32)
         args = (context, windows, float(timestep), input_scale, np.arange(size), rects)
-        calls.append(args if control is None else (*args, control_crops(control, rects, executor.spec.vae_scale_factor)))
+        crops = () if control is None else (control_crops(control, rects, executor.spec.vae_scale_factor),)
+        calls.append((*args, *crops))
     log.info("compiling the UNet's repeated blocks on every worker (batch sizes %s)", [len(c[1]) for c in calls])
     executor.broadcast("warm_up", calls)
 
@@ -185,30 +183,37 @@ def prepare_latents(executor, config: UpscaleConfig, stage: StagePlan,
     to denoise: ``z_S = add_noise(z_L, eps, t_S)``, ``S = round(s T)`` steps from the end, or the resumed one.
     """
     spec = executor.spec
-    scheduler = spec.new_scheduler(config.scheduler, config.timestep_spacing, config.karras_sigmas)
+    schedule = stage_schedule(executor, config, stage, resume)
+    scheduler, start = schedule.scheduler, schedule.start_index
+    noise = stage_noise(z_low.shape, config.seed, stage.index)
+    # 3. Global structure prior G = LL(z_L) (or of the pixels, prior_space='pixel'); 4. the start point.
+    prior_image, z_prior = prior_input
+    if config.prior_space == "latent":
+        schedule.prior, z_start = stage_start(scheduler, start, z_low, z_prior, noise, config.wavelet,
+                                              config.dwt_levels)
+    else:  # the pixel-space prior needs full float pixels (and a VAE round trip per step)
+        low = low_band(image_to_tensor(prior_image), config.wavelet, config.dwt_levels)
+        schedule.prior = GlobalPrior(low, torch.zeros_like(low), config.wavelet, config.dwt_levels)
+        schedule.codec = PixelCodec(executor.map, spec.vae_scale_factor, spec.latent_channels, config.vae_tile,
+                                    config.vae_tile_overlap)
+        z_start = kind_of(scheduler).add_noise(scheduler, z_low, noise, scheduler.timesteps[start : start + 1])
+    return schedule, resume.latents.clone() if resume is not None else z_start
+
+
+def stage_schedule(executor, config: UpscaleConfig, stage: StagePlan, resume: StageState | None) -> StageSchedule:
+    """The stage's one scheduler, positioned at the first step to run (``S = round(s T)`` steps from the end, or
+    the resumed step, with a multistep solver's memory); its prior is set by steps 3-4."""
+    scheduler = executor.spec.new_scheduler(config.scheduler, config.timestep_spacing, config.karras_sigmas)
     kind = kind_of(scheduler)
     kind.set_timesteps(scheduler, config.steps, shift_tokens(config, stage))
     start = config.steps - stage.steps
-    noise = torch.randn(z_low.shape, generator=stage_generator(config.seed, stage.index))
-    # 3. Global structure prior G = LL(z_L) (or of the pixels, prior_space='pixel').
-    prior_image, z_prior = prior_input
-    if config.prior_space == "latent":
-        prior, codec = GlobalPrior.from_latent(z_prior, noise, config.wavelet, config.dwt_levels), None
-    else:  # the pixel-space prior needs full float pixels (and a VAE round trip per step)
-        low = low_band(image_to_tensor(prior_image), config.wavelet, config.dwt_levels)
-        prior = GlobalPrior(low, torch.zeros_like(low), config.wavelet, config.dwt_levels)
-        codec = PixelCodec(executor.map, spec.vae_scale_factor, spec.latent_channels, config.vae_tile,
-                           config.vae_tile_overlap)
-    schedule = StageSchedule(scheduler=scheduler, start_index=start, prior=prior, prior_target=config.prior_target,
-                             prior_fraction=config.prior_fraction, prior_schedule=config.prior_schedule, codec=codec,
-                             prior_scale=config.prior_scale, seed=config.seed, stage=stage.index)
-    # 4. Start point.
     if hasattr(scheduler, "set_begin_index"):  # stateful (Euler, DPM-Solver) schedulers count steps from here
         scheduler.set_begin_index(start + (resume.step if resume else 0))
     if resume is not None:
-        kind_of(scheduler).set_state(scheduler, resume.scheduler_state)  # a multistep solver's memory
-        return schedule, resume.latents.clone()
-    return schedule, kind.add_noise(scheduler, z_low, noise, scheduler.timesteps[start : start + 1])
+        kind.set_state(scheduler, resume.scheduler_state)  # a multistep solver's memory
+    return StageSchedule(scheduler=scheduler, start_index=start, prior=None, prior_target=config.prior_target,
+                         prior_fraction=config.prior_fraction, prior_schedule=config.prior_schedule,
+                         prior_scale=config.prior_scale, seed=config.seed, stage=stage.index)
 
 
 def shift_tokens(config: UpscaleConfig, stage: StagePlan) -> int:
@@ -248,21 +253,32 @@ def run_stage(executor, config: UpscaleConfig, stage: StagePlan, image: Image.Im
                           stage_input=None))
 
     tile_map = executor.map if callback is None else ticking(executor.map, preparing)
+    on_owners = owners_denoise(executor, config)
     # 1. Resize (+ sharpen) the stage input; the prior's own picture where it is not this one (prior_source).
     prior_image = prior_picture(image, stage.size, config)
     image = resize_input(image, stage.size, config, tile_map, progress)
-    # 2. Encode with the tiled VAE (tile by tile from the 8-bit image, on the workers).
-    z_low = encode_image(tile_map, image, f, spec.latent_channels, vae_tile_px, config.vae_tile_overlap)
-    latent_hw = tuple(z_low.shape[-2:])
-    assert latent_hw == stage.latent, (latent_hw, stage.latent)  # the plan's geometry is the model's
-    prior_input = (image, z_low)
-    if prior_image is not None:
-        z_prior = (encode_image(tile_map, prior_image, f, spec.latent_channels, vae_tile_px,
-                                config.vae_tile_overlap) if config.prior_space == "latent" else None)
-        prior_input = (prior_image, z_prior)
-    # 3-4. Global structure prior and start point.
-    schedule, latents = prepare_latents(executor, config, stage, prior_input, z_low, resume)
-    prior_input = prior_image = None
+    latent_hw = stage.latent
+    grid = TileGrid(*latent_hw, *latent_tiles(vae_tile_px, config.vae_tile_overlap, f))
+    if on_owners is None:
+        # 2. Encode with the tiled VAE (tile by tile from the 8-bit image, on the workers, blended here).
+        z_low = encode_image(tile_map, image, f, spec.latent_channels, vae_tile_px, config.vae_tile_overlap)
+        assert tuple(z_low.shape[-2:]) == latent_hw, (z_low.shape, latent_hw)  # the plan's geometry is the model's
+        prior_input = (image, z_low)
+        if prior_image is not None:
+            z_prior = (encode_image(tile_map, prior_image, f, spec.latent_channels, vae_tile_px,
+                                    config.vae_tile_overlap) if config.prior_space == "latent" else None)
+            prior_input = (prior_image, z_prior)
+        # 3-4. Global structure prior and start point.
+        schedule, latents = prepare_latents(executor, config, stage, prior_input, z_low, resume)
+        pixels = prior_input = None
+    else:
+        # 2-4 on the workers that own the latent's bands: each encodes its rows of the stage input and makes its
+        # rows of the prior and the start point (PartOwner.load); only their prior's rows come back here.
+        schedule = stage_schedule(executor, config, stage, resume)
+        latents = resume.latents.clone() if resume is not None else None
+        pixels = PixelStart(np.asarray(image), None if prior_image is None else np.asarray(prior_image), grid,
+                            (1, spec.latent_channels, *latent_hw), config.seed, stage.index, config.dwt_levels, f)
+    prior_image = None
     if schedule.num_steps == 0:
         return sink(iter([np.asarray(image)]))
     # 5. Views: the plan's windows of `tile` latent px every `stride` (jittered per step in 9).
@@ -276,7 +292,7 @@ def run_stage(executor, config: UpscaleConfig, stage: StagePlan, image: Image.Im
                                                       *prompts.global_, latent_hw, views)
     # The stage input is not needed past here (a 16K stage's input is as big as its output), except as the
     # ControlNet's control image, cropped per view at every step.
-    control = np.asarray(image) if config.controlnet else None
+    control = (np.asarray(image) if pixels is None else pixels.image) if config.controlnet else None
     image = None
     # 8. The composer's inputs travel in the stage context (used inside every cross-attention layer).
     context = StageContext(
@@ -290,8 +306,8 @@ def run_stage(executor, config: UpscaleConfig, stage: StagePlan, image: Image.Im
     # 9. Denoising loop: predict every view, reduce + prior, one scheduler step on the whole latent.
     first = resume.step if resume else 0
     if config.compile:
-        warm_up_compiled(executor, shared, latents, views, schedule.timestep(first), schedule.input_scale(first),
-                         control)
+        warm_up_compiled(executor, shared, spec.latent_channels, views, schedule.timestep(first),
+                         schedule.input_scale(first), control)
     bar = tqdm(total=schedule.num_steps, initial=first, disable=not progress, unit="step",
                desc=f"stage {stage.index + 1} {stage.size[0]}x{stage.size[1]} ({len(views)} views)")
 
@@ -305,12 +321,25 @@ def run_stage(executor, config: UpscaleConfig, stage: StagePlan, image: Image.Im
                      jitter=config.jitter, seed=config.seed, stage=stage.index, blend=config.blend,
                      sigma_fraction=config.gaussian_sigma, batch_size=executor.batch_size,
                      dwt_levels=config.dwt_levels, vae_scale_factor=f, snapshot_every=config.snapshot_every,
-                     on_step=on_step)
-    denoise = owners_denoise(executor, config) or (lambda job: denoise_on_driver(executor, job))
-    latents = denoise(job)
-    bar.close()
-    # 10. Decode with the tiled VAE (on the workers), band by band into 8 bits.
-    return sink(decode_bands(executor.map, latents, f, vae_tile_px, config.vae_tile_overlap))
+                     on_step=on_step, decode=grid, pixels=pixels)
+    # 10. Decode with the tiled VAE (on the workers), band by band into 8 bits, into the sink.
+    bands = denoise_and_decode(executor, config, job)
+    try:
+        return sink(bands)
+    finally:  # a sink that stops early (a full disk) ends the decode at once: the workers free their bands
+        bands.close()
+        bar.close()
+
+
+def denoise_and_decode(executor, config: UpscaleConfig, job: DenoiseJob) -> Iterator[np.ndarray]:
+    """Steps 9 and 10: the stage output's uint8 bands, top to bottom. With the latent on the workers they denoise
+    and decode their own bands (the latent never comes to the driver); else the driver's loop, then the tiled
+    decode from the whole latent (tiles on the workers, the blend here)."""
+    on_owners = owners_denoise(executor, config)
+    if on_owners is not None:
+        return on_owners(job)
+    latents = denoise_on_driver(executor, job)
+    return decode_bands(executor.map, latents, job.vae_scale_factor, config.vae_tile, config.vae_tile_overlap)
 
 
 def ticking(tile_map, tick: Callable[[], None]):
@@ -345,8 +374,10 @@ def denoise_on_driver(executor, job: DenoiseJob) -> torch.Tensor:
         latents = reduce_and_step(latents, batches, rects, schedule, step, job.blend, job.sigma_fraction)
         check_finite_latent(is_finite(latents), job.stage, step)
         if job.on_step is not None:
-            state = latents  # the callback's gather reads this step's latent and the scheduler's memory now
-            job.on_step(step + 1, lambda: (state, kind_of(schedule.scheduler).get_state(schedule.scheduler)))
+            def gather(state=latents):  # this step's latent and the scheduler's memory now
+                return state, kind_of(schedule.scheduler).get_state(schedule.scheduler)
+
+            job.on_step(step + 1, gather)
     return latents
 
 

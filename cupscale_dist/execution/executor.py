@@ -31,12 +31,15 @@ class LocalExecutor:
             self.denoise_on_owners = self._denoise_on_owners
 
     def _denoise_on_owners(self, job):
-        """Step 9 as the Ray driver runs it with step_design='actors' (:mod:`.partloop`), the owners here."""
+        """Steps 9-10 as the Ray driver runs them with step_design='actors' (:mod:`.partloop`), the owners here:
+        the stage output's uint8 bands."""
         from .partloop import InProcessTransport, PartLoop
         from .partowner import PartOwner
 
-        owners = {slot: PartOwner(self.worker.predict, slot) for slot in range(self.owners)}
-        return PartLoop(InProcessTransport(owners), job, self.bounds).run()
+        worker = self.worker
+        owners = {slot: PartOwner(worker.predict, slot, worker.decode_tile, worker.encode_tile)
+                  for slot in range(self.owners)}
+        return PartLoop(InProcessTransport(owners), job, self.bounds).bands()
 
     @property
     def spec(self) -> ModelSpec:

@@ -22,10 +22,11 @@ the driver runs the callback; a gather asked for by the callback still reads the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,7 +36,9 @@ from ..errors import UserError
 from ..method.parts import StageLayout, join_states, slice_state
 from ..method.schedulers import kind_of
 from ..method.step import check_finite_latent
-from .partowner import PartJob, part_schedule
+from ..method.vae import TileGrid
+from ..method.prior import GlobalPrior
+from .partowner import PartJob, PixelStart, part_schedule
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +67,7 @@ class Snapshot:
 class DenoiseJob:
     """One stage's denoising loop (method.md step 9), whoever runs it."""
 
-    latents: torch.Tensor  # z at step ``first`` (1, C, h, w)
+    latents: torch.Tensor | None  # z at step ``first`` (1, C, h, w); None: the owners make it from ``pixels``
     schedule: object  # the driver's StageSchedule, positioned at ``first``
     views: np.ndarray  # the stage's views before jitter
     context: object  # the stage context as the executor shares it
@@ -80,6 +83,12 @@ class DenoiseJob:
     vae_scale_factor: int
     snapshot_every: int = 0
     on_step: Callable[[int, Callable[[], tuple]], None] | None = None  # (steps done, gather) after each step
+    decode: TileGrid | None = None  # the VAE's tiles, for :meth:`PartLoop.bands` (the owners decode, step 10)
+    pixels: PixelStart | None = None  # steps 2-4 on the owners (schedule.prior None until they made it), else None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.latents.shape) if self.latents is not None else self.pixels.shape
 
 
 class PartLoop:
@@ -91,7 +100,9 @@ class PartLoop:
         self.bounds = bounds  # a fixed layout (tests: uneven parts); None = even bands over the live workers
         self.kind = kind_of(job.schedule.scheduler)
         self.reported = job.first  # steps the callback has seen (a replay does not report them twice)
+        # None latents: the stage's start, made again from the pixels (kept here until a gather replaces it)
         self.snapshot = Snapshot(job.first, job.latents, self.kind.get_state(job.schedule.scheduler))
+        self.pixels = job.pixels
         self.layout: StageLayout | None = None
         self.generation = None
         self.done = job.first  # steps of the stage the bands have taken
@@ -102,20 +113,65 @@ class PartLoop:
         return self.job.schedule.num_steps
 
     def run(self) -> torch.Tensor:
-        """The stage's latent after its last step."""
+        """The stage's latent after its last step, gathered here (benches, tests; :meth:`bands` decodes it where
+        it lives)."""
         while True:
             try:
-                return self._run_from(self.snapshot)
+                self._run_from(self.snapshot)
+                latents, _state = self.gather()
+                self._drop()
+                return latents
             except WorkerLost as lost:
-                log.warning("worker %d lost (%s) at stage %d; its parts are rebuilt from the snapshot of step %d "
-                            "over the workers left and the steps since replay", lost.slot, lost.reason,
-                            self.job.stage, self.snapshot.step)
-                self.transport.lose(lost)
+                self._lost(lost)
+
+    def bands(self) -> Iterator[np.ndarray]:
+        """Steps 9 and 10: the stage's steps, then its output decoded by the owners of the latent's bands, as uint8
+        pixel rows top to bottom (what a file writer streams); the latent never comes here.
+
+        A worker lost while decoding: the steps since the last snapshot replay over the workers left and the decode
+        goes on from the first row not yet handed on (the replay gives the same bytes, so the rows handed on stand).
+        """
+        job = self.job
+        f, handed = job.vae_scale_factor, 0  # output rows (latent px) already yielded
+        finished = False
+        while not finished:
+            try:
+                halos = self._run_from(self.snapshot)
+                layout, generation, pieces, statuses = self.layout, self.generation, [], []
+                for worker in layout.workers:  # every worker decodes at once ...
+                    sources = sorted(src for src, dst in layout.decode_halo(job.decode) if dst == worker)
+                    chunks = [c for p in layout.parts_of(worker) for c in job.decode.chunks(*layout.rows(p))]
+                    out = self.transport.submit(worker, "decode", len(chunks) + 1, generation,
+                                                *[halos[(src, worker)] for src in sources])
+                    pieces += zip(chunks, out)
+                    statuses.append(out[-1])
+                for (lo, hi), ref in sorted(pieces, key=lambda piece: piece[0]):  # ... the chunks come one at a time
+                    if hi > handed:
+                        (band,) = self.transport.fetch([ref])
+                        yield band[(max(lo, handed) - lo) * f :]
+                        handed = hi
+                self.statuses += self.transport.fetch(statuses)
+                finished = True
+            except WorkerLost as lost:
+                self._lost(lost)
+            finally:  # done, lost (the survivors free the old generation) or closed early by the sink
+                if self.layout is not None:
+                    with contextlib.suppress(Exception):  # a lost worker's drop fails: that is not the run's failure
+                        self._drop()
+
+    def _lost(self, lost: WorkerLost) -> None:
+        log.warning("worker %d lost (%s) at stage %d; its parts are rebuilt from the snapshot of step %d over the "
+                    "workers left and the steps since replay", lost.slot, lost.reason, self.job.stage,
+                    self.snapshot.step)
+        self.transport.lose(lost)
+
+    def _drop(self) -> None:
+        self.transport.fetch([self.transport.submit(w, "drop", 1, self.generation)[0] for w in self.layout.workers])
 
     # -- one generation of the stage's layout ----------------------------------------------------------------------
     def _layout(self) -> StageLayout:
         job, workers = self.job, self.transport.workers()
-        hw = tuple(job.latents.shape[-2:])
+        hw = job.shape[-2:]
         options = dict(jitter=job.jitter, seed=job.seed, stage=job.stage)
         if self.bounds is not None and len(self.bounds) - 1 == len(workers):
             if any(b % 2**job.dwt_levels for b in self.bounds):
@@ -124,7 +180,9 @@ class PartLoop:
             return StageLayout(self.bounds, tuple(workers), job.views, hw, job.batch_size, **options)
         return StageLayout.even(workers, job.views, hw, job.batch_size, 2**job.dwt_levels, **options)
 
-    def _run_from(self, snapshot: Snapshot) -> torch.Tensor:
+    def _run_from(self, snapshot: Snapshot) -> dict:
+        """The stage from ``snapshot`` to its last step on a fresh layout; returns the halos sent after the last
+        step (the decode's, with ``job.decode``)."""
         job = self.job
         self.layout, self.generation = self._layout(), (job.stage, next(_generations))
         layout, generation = self.layout, self.generation
@@ -142,7 +200,7 @@ class PartLoop:
             if previous:
                 self._barrier(step - 1, previous)
             halos, reduced = {}, []
-            nxt = layout.halo(step + 1) if step + 1 < self.num_steps else {}
+            nxt = self._moves(step + 1)
             for worker in layout.workers:
                 sources = sorted(src for src, dst in layout.contributions(step) if dst == worker)
                 readers = sorted(dst for src, dst in nxt if src == worker)
@@ -153,15 +211,24 @@ class PartLoop:
             previous = predicted + reduced
         if previous:
             self._barrier(self.num_steps - 1, previous)
-        latents, _state = self.gather()
-        self.transport.fetch([self.transport.submit(w, "drop", 1, generation)[0] for w in layout.workers])
-        return latents
+        return halos
+
+    def _moves(self, step: int) -> dict:
+        """What workers read of each other's parts before ``step`` (views' halos; after the last, the decode's)."""
+        return self._shared_job().moves(step, self.num_steps)
+
+    def _shared_job(self) -> PartJob:
+        job = self.job
+        return PartJob(self.layout, job.context, job.blend, job.sigma_fraction, job.vae_scale_factor,
+                       decode=job.decode)
 
     def _load(self, snapshot: Snapshot) -> dict:
-        """Every worker gets its bands of ``snapshot`` (rows of the latent, of the solver's memory, of the prior)."""
+        """Every worker gets its bands of ``snapshot`` (rows of the latent, of the solver's memory, of the prior);
+        at the stage's start (or before the prior is known: a resume) the pixel rows it encodes them from instead."""
         job, layout = self.job, self.layout
-        height = snapshot.latents.shape[-2]
-        shared = PartJob(layout, job.context, job.blend, job.sigma_fraction, job.vae_scale_factor)
+        height = job.shape[-2]
+        from_pixels = snapshot.latents is None or job.schedule.prior is None
+        shared = self._shared_job()
         halos = {}
         loads = []
         for worker in layout.workers:
@@ -169,17 +236,25 @@ class PartLoop:
             for index in layout.parts_of(worker):
                 lo, hi = layout.rows(index)
                 state = slice_state(snapshot.state, lo, hi, height)
-                parts[index] = (snapshot.latents[..., lo:hi, :].numpy(),
-                                part_schedule(job.schedule, (lo, hi), job.dwt_levels, snapshot.step, state))
+                rows = None if snapshot.latents is None else snapshot.latents[..., lo:hi, :].numpy()
+                parts[index] = (rows, part_schedule(job.schedule, (lo, hi), job.dwt_levels, snapshot.step, state))
             control = self._control_band(worker)
             worker_job = shared if control is None else dataclasses.replace(shared, control=control[0],
                                                                             control_row0=control[1])
-            readers = sorted(dst for src, dst in layout.halo(snapshot.step) if src == worker)
+            span = [layout.rows(p) for p in layout.parts_of(worker)]
+            pixels = self.pixels.rows(span[0][0], span[-1][1]) if from_pixels else None
+            readers = sorted(dst for src, dst in self._moves(snapshot.step) if src == worker)
             out = self.transport.submit(worker, "load", len(readers) + 1, self.generation, worker_job, parts,
-                                        snapshot.step)
+                                        snapshot.step, pixels)
             halos.update({(worker, reader): ref for reader, ref in zip(readers, out)})
             loads.append(out[-1])
-        self.statuses += self.transport.fetch(loads)
+        statuses = self.transport.fetch(loads)
+        self.statuses += statuses
+        if from_pixels and job.schedule.prior is None:  # the bands' prior rows, joined: later layouts slice it
+            rows = {index: low for status in statuses for index, low in status["priors"].items()}
+            low, noise_low = (torch.cat([torch.from_numpy(rows[p][k]) for p in range(layout.num_parts)], dim=-2)
+                              for k in (0, 1))
+            job.schedule.prior = GlobalPrior(low, noise_low, "haar", job.dwt_levels)
         self.done = snapshot.step
         return halos
 
@@ -219,6 +294,7 @@ class PartLoop:
         states = [held[p][1] for p in range(layout.num_parts)]
         state = None if states[0] is None else join_states(states)
         self.snapshot = Snapshot(self.done, latents, state)
+        self.pixels = None  # the prior is known and the snapshot holds the latent: the stage input is not needed
         return latents, state
 
 

@@ -22,6 +22,8 @@ import torch
 from ..method.parts import Contribution, StageLayout, crop_rows, reduce_part
 from ..method.schedulers import kind_of
 from ..method.step import StageSchedule, is_finite, prior_and_step
+from ..method.prior import stage_noise, stage_start
+from ..method.vae import TileGrid, decode_float_rows, encode_rows, to_uint8
 
 
 class PartsMissing(RuntimeError):
@@ -52,14 +54,50 @@ class PartJob:
     vae_scale_factor: int
     control: np.ndarray | None = None  # uint8 rows of the stage input from ``control_row0`` (ControlNet only)
     control_row0: int = 0  # latent row of ``control``'s first pixel row / vae_scale_factor
+    decode: TileGrid | None = None  # the VAE's tiles when the owners decode their bands (step 10), else None
+
+    def moves(self, step: int, last: int) -> dict:
+        """The rows workers read of each other's parts before ``step``: its views' halos, or after the last step
+        the decode's (none when the driver gathers the latent instead)."""
+        if step < last:
+            return self.layout.halo(step)
+        return self.layout.decode_halo(self.decode) if self.decode is not None else {}
+
+
+@dataclass(frozen=True)
+class PixelStart:
+    """Steps 2-4 on the owners: the 8-bit stage input (and the prior's own picture under prior_source='input'),
+    whose rows each worker is sent to encode its bands, and what makes a band's prior and start point."""
+
+    image: np.ndarray  # uint8 (H, W, 3) rows of the stage input from latent row ``row0`` (the driver's: all of it)
+    prior_image: np.ndarray | None  # the same rows of the prior's picture, or None: the prior is of ``image``
+    grid: TileGrid  # the VAE's tiles over the stage latent
+    shape: tuple[int, ...]  # the stage latent's (1, C, h, w)
+    seed: int
+    stage: int
+    levels: int  # J of the Haar prior
+    factor: int  # image px per latent px
+    row0: int = 0
+
+    def rows(self, lo: int, hi: int) -> PixelStart:
+        """What a worker whose bands span latent rows ``[lo, hi)`` is sent: the pixel rows their tiles read."""
+        a, b = self.grid.span(lo, hi)
+        f = self.factor
+
+        def cut(pixels):
+            return None if pixels is None else pixels[(a - self.row0) * f : (b - self.row0) * f]
+
+        return dataclasses.replace(self, image=cut(self.image), prior_image=cut(self.prior_image), row0=a)
 
 
 class PartOwner:
     """This worker's parts of the current stage generation; ``predict`` is the worker's view prediction call
     (``ModelWorker.predict``'s signature)."""
 
-    def __init__(self, predict: Callable, slot: int):
+    def __init__(self, predict: Callable, slot: int, decode_tile: Callable | None = None,
+                 encode_tile: Callable | None = None):
         self.predict_views, self.slot = predict, slot
+        self.decode_tile, self.encode_tile = decode_tile, encode_tile
         self.generation: object = None  # the driver's key of the stage generation held
         self.job: PartJob | None = None
         self.parts: dict[int, Part] = {}
@@ -69,13 +107,47 @@ class PartOwner:
         return f"PartOwner(slot={self.slot}, parts={sorted(self.parts)})"
 
     # -- a stage generation ------------------------------------------------------------------------------------
-    def load(self, generation, job: PartJob, parts: dict[int, tuple[np.ndarray, StageSchedule]], step: int) -> list:
+    def load(self, generation, job: PartJob, parts: dict[int, tuple[np.ndarray | None, StageSchedule]], step: int,
+             pixels: PixelStart | None = None) -> list:
         """Take the bands ``parts`` ({index: (latent rows, the band's schedule)}) of a stage at ``step``; returns
-        the halo rows the others read at ``step``."""
+        the halo rows the others read at ``step``, then a status.
+
+        With ``pixels`` (steps 2-4 here): each band's rows of the stage input are encoded (the VAE tiles that reach
+        it), and its prior ``G`` and start point ``z_S`` made from them and its rows of the stage's noise; a band
+        sent without latent rows (a fresh stage) starts from ``z_S``. The status then carries each band's prior
+        rows, which the driver keeps for later layouts."""
+        started = time.perf_counter()
         self.generation, self.job, self.local = generation, job, {}
-        self.parts = {index: Part(index, job.layout.rows(index), torch.from_numpy(np.array(latents)), schedule)
-                      for index, (latents, schedule) in parts.items()}
-        return self._halos(step) + [self._status(step, "load", 0, 0.0)]
+        self.parts, priors = {}, {}
+        for index, (latents, schedule) in parts.items():
+            rows = job.layout.rows(index)
+            if pixels is not None:
+                start, schedule = self._start(pixels, rows, schedule)
+                priors[index] = (schedule.prior.low.numpy(), schedule.prior.noise_low.numpy())
+                latents = start if latents is None else latents
+            self.parts[index] = Part(index, rows, torch.from_numpy(np.array(latents)), schedule)
+        status = self._status(step, "load", 0, time.perf_counter() - started)
+        return self._halos(step) + [{**status, "priors": priors} if priors else status]
+
+    def _start(self, pixels: PixelStart, rows: tuple[int, int], schedule: StageSchedule):
+        """Steps 2-4 for the band ``rows``: (its start point, its schedule with its rows of the prior)."""
+        f = pixels.factor
+
+        def cut(image):
+            return lambda t, l, b, r: image[(t - pixels.row0) * f : (b - pixels.row0) * f, l * f : r * f]
+
+        def tile_map(method: str, calls):
+            assert method == "encode_tile", method
+            return (self.encode_tile(*call) for call in calls)
+
+        channels = pixels.shape[1]
+        z_low = encode_rows(tile_map, cut(pixels.image), pixels.grid, channels, rows)
+        z_prior = z_low if pixels.prior_image is None else encode_rows(tile_map, cut(pixels.prior_image),
+                                                                       pixels.grid, channels, rows)
+        noise = stage_noise(pixels.shape, pixels.seed, pixels.stage, rows)
+        prior, start = stage_start(schedule.scheduler, schedule.start_index, z_low, z_prior, noise, "haar",
+                                   pixels.levels)
+        return start.numpy(), dataclasses.replace(schedule, prior=prior)
 
     def gather(self, generation) -> list[dict[int, tuple[np.ndarray, dict | None]]]:
         """Each band's latent rows and its scheduler's carried state (a snapshot, a checkpoint, the stage's end)."""
@@ -140,9 +212,27 @@ class PartOwner:
             part.latents = prior_and_step(part.latents, eps, part.schedule, step, row0=part.rows[0])
             finite = finite and is_finite(part.latents)
         self.local = {}
+        return self._halos(step + 1) + [self._status(step, "reduce_step", 0, time.perf_counter() - started, finite)]
+
+    def decode(self, generation, *halos: dict) -> list:
+        """Step 10 for this worker's bands: the VAE tiles that reach them, cut from its bands and the halo rows it
+        received, blended into 8-bit pixel rows; returns each chunk of :meth:`TileGrid.chunks` of each part (row
+        order), byte for byte the whole decode's rows there (:func:`decode_float_rows`)."""
+        self._check(generation)
+        started, job = time.perf_counter(), self.job
+        grid, f = job.decode, job.vae_scale_factor
+        spans = [grid.span(*part.rows) for _, part in sorted(self.parts.items())]
+        lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+        rows = torch.from_numpy(self._rows(lo, hi, halos))[None]
+
+        def tile_map(method: str, calls):
+            assert method == "decode_tile", method
+            return (self.decode_tile(*call) for call in calls)
+
+        chunks = [to_uint8(band) for _, part in sorted(self.parts.items())
+                  for _rows, band in decode_float_rows(tile_map, rows, lo, grid, f, part.rows)]
         last = next(iter(self.parts.values())).schedule.num_steps
-        halos = self._halos(step + 1) if step + 1 < last else []
-        return halos + [self._status(step, "reduce_step", 0, time.perf_counter() - started, finite)]
+        return chunks + [self._status(last, "decode", 0, time.perf_counter() - started)]
 
     # -- helpers -------------------------------------------------------------------------------------------------
     def _check(self, generation) -> None:
@@ -171,8 +261,9 @@ class PartOwner:
         return rows
 
     def _halos(self, step: int) -> list[dict]:
-        """For each worker that reads rows of this one's bands at ``step`` (in slot order): ``{part: ((lo, hi), rows)}``."""
-        moves = self.job.layout.halo(step)
+        """For each worker that reads rows of this one's bands at ``step`` (in slot order):
+        ``{part: ((lo, hi), rows)}``; after the last step, the rows of the decode's tiles."""
+        moves = self.job.moves(step, next(iter(self.parts.values())).schedule.num_steps)
         readers = sorted(reader for source, reader in moves if source == self.slot)
         messages = []
         for reader in readers:
@@ -196,9 +287,9 @@ def part_schedule(schedule: StageSchedule, rows: tuple[int, int], levels: int, s
 
     f = 2**levels
     lo, hi = rows[0] // f, rows[1] // f
-    prior = schedule.prior
-    band = dataclasses.replace(prior, low=prior.low[..., lo:hi, :].clone(),
-                               noise_low=prior.noise_low[..., lo:hi, :].clone())
+    prior = schedule.prior  # None until the owners have made it from the pixels (PixelStart)
+    band = None if prior is None else dataclasses.replace(prior, low=prior.low[..., lo:hi, :].clone(),
+                                                          noise_low=prior.noise_low[..., lo:hi, :].clone())
     scheduler = copy.deepcopy(schedule.scheduler)
     if hasattr(scheduler, "set_begin_index"):  # stateful schedulers count their steps from here
         scheduler.set_begin_index(schedule.start_index + step)

@@ -383,10 +383,11 @@ class RayExecutor:
         self.bounds: tuple[int, ...] | None = None  # a fixed part layout (tests: uneven parts); None = even bands
 
     def denoise_on_owners(self, job):
-        """Step 9 with the latent on the workers (step_design='actors'): see :mod:`.partloop`."""
+        """Steps 9-10 with the latent on the workers (step_design='actors'): they denoise and decode their bands;
+        the stage output's uint8 bands come here, top to bottom (:meth:`.partloop.PartLoop.bands`)."""
         from .partloop import PartLoop
 
-        return PartLoop(RayTransport(self.pool), job, self.bounds).run()
+        return PartLoop(RayTransport(self.pool), job, self.bounds).bands()
 
     def check_serves(self, config) -> None:
         pool = self.pool

@@ -151,9 +151,26 @@ class StageLayout:
         return self._plan("halo", step, lambda: self._halo(step))
 
     def _halo(self, step: int) -> dict[tuple[int, int], list[tuple[int, int, int]]]:
-        rects, moves = self.rects(step), defaultdict(list)
-        for reader in self.workers:
-            span = self.reach(reader, rects)
+        rects = self.rects(step)
+        return self._reads({reader: self.reach(reader, rects) for reader in self.workers})
+
+    def decode_halo(self, grid) -> dict[tuple[int, int], list[tuple[int, int, int]]]:
+        """What each worker reads of others' parts to decode its own (step 10 on the owners): the rows of the VAE
+        tiles that reach its parts (``grid``: :class:`~cupscale_dist.method.vae.TileGrid`)."""
+        def make():
+            spans = {}
+            for reader in self.workers:
+                reads = [grid.span(*self.rows(part)) for part in self.parts_of(reader)]
+                spans[reader] = min(a for a, _ in reads), max(b for _, b in reads)
+            return self._reads(spans)
+
+        return self._plan("decode", grid, make)
+
+    def _reads(self, spans: dict[int, tuple[int, int] | None]) -> dict[tuple[int, int], list[tuple[int, int, int]]]:
+        """``{(source, reader): [(part, lo, hi), ...]}``: the rows of ``spans`` (reader -> rows it reads) that
+        other workers' parts hold."""
+        moves = defaultdict(list)
+        for reader, span in spans.items():
             if span is None:
                 continue
             for part in self.parts_in(*span):
@@ -228,7 +245,7 @@ def reduce_part(contributions: list[Contribution], rows: tuple[int, int], shape:
     total = torch.zeros((*shape[:-2], hi - lo, shape[-1]), dtype=torch.float32)
     weight = torch.zeros((hi - lo, shape[-1]), dtype=torch.float32)
     windows = ViewWindows(blend, sigma_fraction)
-    for view, rect, a, b, prediction in sorted(contributions, key=lambda c: c[0]):
+    for _view, rect, a, b, prediction in sorted(contributions, key=lambda c: c[0]):
         add_view(total, weight, rect, (a, b), torch.from_numpy(np.asarray(prediction)), windows(rect), row0=lo)
     if not torch.all(weight > 0):
         raise ValueError(f"rows {lo}..{hi}: some pixels got no view's prediction")

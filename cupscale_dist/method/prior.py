@@ -32,6 +32,28 @@ class GlobalPrior:
         return cls(low_band(z_low, wavelet, levels), low_band(noise, wavelet, levels), wavelet, levels)
 
 
+def stage_generator(seed: int, stage: int, purpose: int = 0) -> torch.Generator:
+    """Noise source for one stage: drawn once for the whole latent from the seed, never per actor."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + stage * 101 + purpose)
+
+
+def stage_noise(shape, seed: int, stage: int, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """The stage's one noise draw ``eps`` (steps 3-4), or its rows ``[lo, hi)``: drawn whole and cut, so a worker's
+    band holds the same numbers as the whole latent's (a 16K SDXL latent's draw is 64 MB, a fraction of a second)."""
+    noise = torch.randn(tuple(shape), generator=stage_generator(seed, stage))
+    return noise if rows is None else noise[..., rows[0] : rows[1], :].clone()
+
+
+def stage_start(scheduler, start_index: int, z_low: torch.Tensor, z_prior: torch.Tensor, noise: torch.Tensor,
+                wavelet: str, levels: int) -> tuple[GlobalPrior, torch.Tensor]:
+    """Steps 3 and 4 in latent space, for the whole latent or a band of it aligned to 2^J rows (Haar is local to its
+    blocks, ``add_noise`` is elementwise): ``G = LL_J(z_prior)`` with ``LL_J(eps)``, and the start point
+    ``z_S = add_noise(z_L, eps, t_S)``."""
+    prior = GlobalPrior.from_latent(z_prior, noise, wavelet, levels)
+    timesteps = scheduler.timesteps[start_index : start_index + 1]
+    return prior, kind_of(scheduler).add_noise(scheduler, z_low, noise, timesteps)
+
+
 def noise_level(scheduler, step_index: int) -> tuple[float, float]:
     """``(alpha, sigma)`` of the scheduler's latent at ``timesteps[step_index]``; past the end = clean (1, 0)."""
     return kind_of(scheduler).noise_level(scheduler, step_index)
@@ -73,7 +95,8 @@ def inject_global_prior(eps: torch.Tensor, z_t: torch.Tensor, prior: GlobalPrior
                         alpha: float, sigma: float, codec=None) -> torch.Tensor:
     """Prior on the predicted clean latent (prior_target='x0', method.md 9c); returns the adjusted eps.
 
-    ``x0 = (z_t - sigma * eps) / alpha``; ``x0' = IDWT(w G + (1 - w) LL(x0), HF(x0))``; ``eps' = (z_t - alpha x0') / sigma``.
+    ``x0 = (z_t - sigma * eps) / alpha``; ``x0' = IDWT(w G + (1 - w) LL(x0), HF(x0))``;
+    ``eps' = (z_t - alpha x0') / sigma``.
     With a ``codec`` (prior_space='pixel') the swap happens on decoded pixels, then x0' is encoded back.
     """
     if codec is None and prior.wavelet == "haar":
@@ -105,7 +128,8 @@ def inject_global_prior_flow(velocity: torch.Tensor, z_t: torch.Tensor, prior: G
     return (z_t - x0) / sigma
 
 
-def inject_global_prior_zt(z_prev: torch.Tensor, prior: GlobalPrior, weight: float, alpha: float, sigma: float) -> torch.Tensor:
+def inject_global_prior_zt(z_prev: torch.Tensor, prior: GlobalPrior, weight: float, alpha: float,
+                           sigma: float) -> torch.Tensor:
     """Prior on the next latent (prior_target='zt'): blend toward ``LL(add_noise(z_L, eps, t-1))``.
 
     The DWT is linear, so that low band is ``alpha * G + sigma * LL(eps)`` with no per-step transform of z_L.

@@ -43,22 +43,24 @@ def test_output_bytes_identical_for_0_1_2_3_actors_with_every_forward_pass_on_th
         results[actors] = as_bytes(upscale(photo, config, executor=executor, progress=False))
         calls = executor.pool.calls  # the driver ran none of them itself
         vae_tiles = len(make_views(24, 32, *latent_tiles(64, 0.25, 8)))  # the 256x192 stage's latent
-        assert calls["encode_tile"] == vae_tiles and calls["probe"] == 1
-        assert calls["encode_prompts"] == 3  # regional, global, negative
-        # the step on the actors: each worker owns a band and takes one predict and one reduce_step call per step,
-        # then decodes its band (the VAE tiles that reach it) in one call: no tile of the latent leaves the workers
+        assert calls["probe"] == 1 and calls["encode_prompts"] == 3  # regional, global, negative
+        # the step on the actors: each worker encodes its band from pixel rows (the VAE tiles that reach it) in its
+        # load call, takes one predict and one reduce_step call per step, then decodes its band in one call: the
+        # latent never comes to the driver
         assert "predict" not in calls and calls["own:predict"] == calls["own:reduce_step"] == 3 * actors
-        assert "decode_tile" not in calls and calls["own:decode"] == actors and "own:gather" not in calls
+        assert calls["own:load"] == calls["own:decode"] == actors and "own:gather" not in calls
+        assert "encode_tile" not in calls and "decode_tile" not in calls
     executor = ray_executor(config.replace(step_design="driver"), 2)  # every window through the driver
     results["driver"] = as_bytes(upscale(photo, config.replace(step_design="driver"), executor=executor,
                                          progress=False))
     assert executor.pool.calls["predict"] == 3 * 3 and "own:predict" not in executor.pool.calls  # 3 steps x 3 batches
-    assert executor.pool.calls["decode_tile"] == vae_tiles  # the driver's decode: tiles out, pixels back
+    calls = executor.pool.calls  # the driver's encode and decode: every tile through the driver
+    assert calls["encode_tile"] == calls["decode_tile"] == vae_tiles
     assert results[1] == results[0] and results[2] == results[0] and results[3] == results[0]
     assert results["driver"] == results[0]
 
 
-@pytest.mark.parametrize("method,kill_at", [("own:predict", 3), ("own:reduce_step", 4), ("encode_tile", 3),
+@pytest.mark.parametrize("method,kill_at", [("own:load", 2), ("own:predict", 3), ("own:reduce_step", 4),
                                             ("own:decode", 2), ("probe", 1)])
 @pytest.mark.parametrize("hard", [True, False], ids=["sigkill-restart", "killed-for-good"])
 def test_killed_actor_mid_call_gives_identical_output(local_ray, sdxl_model, photo, hard, method, kill_at):
