@@ -1,4 +1,4 @@
-"""Run a workflow through a real ComfyUI core's node loader and executor (a subprocess of tests/test_serve.py).
+"""Run a workflow through a real ComfyUI core's node loader and executor (a subprocess of tests/services/test_serve.py).
 
 argv: COMFYUI_DIR NODE_PACKAGE_DIR INPUT_DIR OUT_DIR WORKFLOW_JSON. Loads the node package with ComfyUI's own
 ``nodes.load_custom_node``, validates the workflow with ``execution.validate_prompt`` and runs it with
@@ -27,7 +27,8 @@ import nodes  # noqa: E402
 folder_paths.set_input_directory(input_dir)
 folder_paths.set_output_directory(out_dir)
 progress = []
-comfy.utils.set_progress_bar_global_hook(lambda value, total, preview=None, node_id=None: progress.append([value, total]))
+comfy.utils.set_progress_bar_global_hook(
+    lambda value, total, preview=None, node_id=None: progress.append([value, total]))
 
 
 class Server:

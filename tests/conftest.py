@@ -4,9 +4,13 @@ tests/helpers.py."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import sys
 import tempfile
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +20,8 @@ from PIL import Image
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download at test time
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(1)  # CPU matmul bits depend on the thread count: pin it everywhere we compare bytes
+# tests/helpers.py for the processes the tests start (Ray workers run code that uses it: test_fidelity's stand-in actor)
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(Path(__file__).parent)]))
 
 
 @pytest.fixture(scope="session")
@@ -56,18 +62,73 @@ def photo() -> Image.Image:
     return Image.fromarray(rgb.clip(0, 255).astype(np.uint8))
 
 
-@pytest.fixture(scope="module")
-def local_ray(tmp_path_factory):
-    """A real local Ray cluster for one test module, bound to 127.0.0.1 as `cupscale` binds it (token auth on)."""
-    ray = pytest.importorskip("ray")
-    from cupscale_dist.execution.raycluster import start_local
+class SharedRay:
+    """One local Ray cluster per test process (per pytest-xdist worker), bound to 127.0.0.1 as `cupscale` binds it
+    (token auth on): started by the first module that asks for ``local_ray`` and kept for the next ones, as a
+    cluster start costs 10-25 s on 2 busy cores. A module starts from a clean cluster: one that holds resources
+    (an actor or placement group a failed test left) or that someone shut down (the CLI's error path shuts Ray
+    down) is started afresh. A module that needs a cluster of its own (other resources, nodes it kills) calls
+    ``stop`` first (the ``no_shared_ray`` fixture)."""
 
-    # short: Ray's socket paths must fit 107 bytes (a pytest-xdist worker's tmp path is longer than plain pytest's)
-    temp_dir = tempfile.mkdtemp(prefix="cupscale-ray-", dir="/tmp")
-    start_local(num_cpus=4, log_to_driver=False, _temp_dir=temp_dir)
-    yield ray
-    ray.shutdown()
-    shutil.rmtree(temp_dir, ignore_errors=True)
+    def __init__(self):
+        self.temp_dir: str | None = None
+        self.address: str | None = None
+
+    def ensure(self):
+        ray = pytest.importorskip("ray")
+        if ray.is_initialized() and not (self.ours(ray) and self.idle(ray)):
+            self.stop()
+        if not ray.is_initialized():
+            self.stop()  # the temp dir of a cluster someone else shut down
+            from cupscale_dist.execution.raycluster import start_local
+
+            # short: Ray's socket paths must fit 107 bytes (a pytest-xdist worker's tmp path is longer)
+            self.temp_dir = tempfile.mkdtemp(prefix="cupscale-ray-", dir="/tmp")
+            start_local(num_cpus=4, log_to_driver=False, _temp_dir=self.temp_dir)
+            self.address = ray.get_runtime_context().gcs_address
+        return ray
+
+    def ours(self, ray) -> bool:
+        return self.address is not None and ray.get_runtime_context().gcs_address == self.address
+
+    @staticmethod
+    def idle(ray, wait_s: float = 10.0) -> bool:
+        """Every resource free (actors and placement groups are returned asynchronously: wait a little)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            total, free = ray.cluster_resources(), ray.available_resources()
+            if all(free.get(key, 0) >= value for key, value in total.items() if not key.startswith("node:")):
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
+
+    def stop(self):
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()
+        if self.temp_dir:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+        self.temp_dir = self.address = None
+
+
+@pytest.fixture(scope="session")
+def shared_ray():
+    shared = SharedRay()
+    yield shared
+    shared.stop()
+
+
+@pytest.fixture(scope="module")
+def local_ray(shared_ray):
+    """A real local Ray cluster for the module's tests: the test process's shared one (SharedRay)."""
+    return shared_ray.ensure()
+
+
+@pytest.fixture(scope="module")
+def no_shared_ray(shared_ray):
+    """For a module with a cluster of its own, or none and a big memory peak: the shared cluster is stopped first."""
+    shared_ray.stop()
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +148,33 @@ def parse_ws(tmp_path_factory):
     with contextlib.redirect_stderr(io.StringIO()):
         main(upscale_argv(ws, ws / "out.png", "--set", "steps=many"))
     return ws
+
+
+# Test files heaviest first. pytest-xdist (--dist loadfile) hands each worker a whole file at a time, in collection
+# order (we turn off its own reordering by test count): the long files start first and the short ones fill in at the
+# end, so no worker starts a 5-minute file while the other has finished. tests/durations.json holds each file's
+# seconds from a full run (`python tests/durations.py JUNIT.xml` rewrites it); a file not in it counts as
+# DEFAULT_FILE_S. Only the order changes: every test still runs, each file's tests in their own order.
+DURATIONS = Path(__file__).with_name("durations.json")
+DEFAULT_FILE_S = 20.0
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    seconds = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
+    first: dict[str, int] = {}
+    for index, item in enumerate(items):
+        first.setdefault(item.nodeid.split("::")[0], index)
+
+    def key(item):
+        path = item.nodeid.split("::")[0]
+        return -seconds.get(path, DEFAULT_FILE_S), first[path]
+
+    items.sort(key=key)
 
 
 # Hypothesis profiles for the fuzz tests (tests/*/test_fuzz_*.py), chosen by HYPOTHESIS_PROFILE (default `ci`). `ci`: a

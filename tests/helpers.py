@@ -448,7 +448,8 @@ def ray_executor(config, actors, pool_class=None, **pool_kwargs):
 # -- one line errors and bounds --------------------------------------------------------------------------------------
 MAX_LINE = 300  # the bound on one error line (issue 35, item 6: the fuzz harness and hardening round 3)
 HANG_BOUND_S = 120  # a FIFO case that still blocks is killed here and fails the test; it takes seconds when fixed
-QUICK_S = 2.0  # a refusal or a metadata skip takes milliseconds (deep YAML too: refused while scanning); the defects took 7 s or more
+# a refusal or a metadata skip takes milliseconds (deep YAML too: refused while scanning); the defects took 7 s or more
+QUICK_S = 2.0
 FAST_S = 1.0  # "refused in well under a second": the bound a hostile 1 KB file gets
 
 

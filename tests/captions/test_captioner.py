@@ -17,8 +17,8 @@ from PIL import Image
 ray = pytest.importorskip("ray")
 pytest.importorskip("transformers")
 
-from cupscale_dist.captions.captioner import VLMCaptioner, fit_caption, region_position
-from cupscale_dist.errors import UserError
+from cupscale_dist.captions.captioner import VLMCaptioner, fit_caption, region_position  # noqa: E402
+from cupscale_dist.errors import UserError  # noqa: E402
 
 GLOBAL_PROMPT = "a cat on a table"
 # Overlapping views like the pipeline's (tile 128 px, stride 64), plus a repeat of the first box.
@@ -34,7 +34,7 @@ def make_image(seed: int = 0) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
+def ray_cluster(no_shared_ray):
     # Short path: Ray's socket paths must stay under the Unix limit (~107 chars).
     temp_dir = tempfile.mkdtemp(prefix="ray-cap-")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache per engine; the pool forwards it

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from helpers import MAX_LINE
 from PIL import Image
 
 hypothesis = pytest.importorskip("hypothesis")
-from helpers import MAX_LINE
 from hypothesis import example, given, strategies as st  # noqa: E402
 
 from cupscale_dist.cli.main import main  # noqa: E402

@@ -119,7 +119,8 @@ def test_every_stage_is_bounded(capsys, ws):
 
 
 def test_plan_memory_and_evaluations_are_bounded(capsys, ws):
-    refused(*dry_run(capsys, ws, "--scale", "16", "--set", "max_plan_memory_mb=1")[::2], "max_plan_memory_mb", "MB of host memory")
+    refused(*dry_run(capsys, ws, "--scale", "16", "--set", "max_plan_memory_mb=1")[::2], "max_plan_memory_mb",
+            "MB of host memory")
     refused(*dry_run(capsys, ws, "--set", "max_model_evaluations=10")[::2], "max_model_evaluations", "--steps")
     line = refused(*dry_run(capsys, ws, "--scale", "16", "--tile", "8", "--stride", "1")[::2])
     assert "model evaluations, over the 1000000 limit" in line
@@ -185,7 +186,7 @@ def test_warnings_and_ray_shutdown_stay_above_the_error_line(capsys, caplog, mon
     said = []
 
     def failing_command(_args):
-        warnings.warn("torch says something\nover two lines", UserWarning)
+        warnings.warn("torch says something\nover two lines", UserWarning, stacklevel=1)
         raise UserError("the thing is wrong; fix it")
 
     def noisy_shutdown():
@@ -208,7 +209,8 @@ def test_warnings_and_ray_shutdown_stay_above_the_error_line(capsys, caplog, mon
 # -- the service: a request's knobs are typed by set_value and checked by the same UpscaleConfig ---------------------
 @pytest.mark.parametrize("query, words", [("guidance_scale=1e308", "guidance_scale=1e+308"),
                                           ("true_cfg=1e9", "true_cfg="),
-                                          ("scheduler=tcd&karras_sigmas=true", "karras_sigmas=true with scheduler=tcd")])
+                                          ("scheduler=tcd&karras_sigmas=true",
+                                           "karras_sigmas=true with scheduler=tcd")])
 def test_a_request_is_refused_by_the_same_checks(query, words):
     datastructures = pytest.importorskip("starlette.datastructures")
     from cupscale_dist.services.serve import request_knobs

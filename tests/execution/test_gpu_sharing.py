@@ -25,7 +25,7 @@ ray = pytest.importorskip("ray")
 
 
 @pytest.fixture(scope="module")
-def one_gpu_cluster():
+def one_gpu_cluster(no_shared_ray):
     temp_dir = tempfile.mkdtemp(prefix="ray-gpu-")  # short: Ray's socket paths must stay under ~107 chars
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     ray.init(num_cpus=4, num_gpus=1, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
@@ -121,9 +121,11 @@ def test_workers_reserve_their_weights_modes_memory_on_a_node(one_gpu_cluster, s
     for weights in ("full", "fp8"):
         start = time.monotonic()
         with pytest.raises(UserError, match=r"model workers: 1 x \(1 CPU, ([0-9.]+) GB memory\) could not be placed "
-                                            r"within 3 s; the cluster has .* free .*weights=fp8 for less memory") as err:
-            WorkerPool(small_config(model, weights=weights), ClusterOptions(actors=1, cpus_per_actor=1, gpus_per_actor=0,
-                                                                            start_timeout_s=3), ModelSpec.load(model))
+                                            r"within 3 s; the cluster has .* free "
+                                            r".*weights=fp8 for less memory") as err:
+            WorkerPool(small_config(model, weights=weights),
+                       ClusterOptions(actors=1, cpus_per_actor=1, gpus_per_actor=0, start_timeout_s=3),
+                       ModelSpec.load(model))
         assert time.monotonic() - start < 30
         asked[weights] = float(err.value.args[0].split("CPU, ")[1].split(" GB")[0])
     assert asked["full"] == pytest.approx(4000, rel=0.01) and asked["fp8"] == pytest.approx(asked["full"] / 4, rel=0.01)

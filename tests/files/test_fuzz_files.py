@@ -11,7 +11,7 @@ a reader that slurps a file fails as MemoryError) and time bounded (sizes are bo
 readers by their caps); nothing written outside the example's own folder (only ``ManifestWriter`` writes, into the
 output folder it is given). Examples come from the Hypothesis profile in conftest.py (``HYPOTHESIS_PROFILE=ci``:
 a fixed, derandomized budget; ``nightly``: many more). Failing examples found are plain regression tests in
-tests/test_hardening_round3_files.py.
+the round-3 hardening tests (tests/files/test_user_paths.py and its siblings).
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import MAX_LINE
 from PIL import Image
 
 hypothesis = pytest.importorskip("hypothesis")
-from helpers import MAX_LINE
 from hypothesis import given, strategies as st  # noqa: E402
 
 from cupscale_dist import UserError  # noqa: E402
@@ -169,7 +169,8 @@ TENSOR_NAMES = st.sampled_from([
     "model.diffusion_model.img_in.weight", "vae.encoder.conv_in.weight", "first_stage_model.decoder.conv_out.bias",
     "conditioner.embedders.1.model.ln_final.weight", "cond_stage_model.transformer.text_model.embeddings.x",
     "model.diffusion_model.input_blocks.0.0.weight", "joint_blocks.0.x", "unet.down_blocks.0.lora_A.weight",
-    "transformer.transformer_blocks.0.attn.to_q.lora_A.weight", "lora_unet_double_blocks_3_img_attn_qkv.lora_down.weight",
+    "transformer.transformer_blocks.0.attn.to_q.lora_A.weight",
+    "lora_unet_double_blocks_3_img_attn_qkv.lora_down.weight",
     "__metadata__"]) | st.text(max_size=30)
 DTYPES = st.sampled_from(["F32", "F16", "BF16", "F64", "I64", "I32", "I8", "U8", "BOOL", "F8_E4M3", "XX"])
 SIZES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1}
@@ -359,12 +360,12 @@ def test_fuzz_paths_through_the_path_check_and_the_readers(text):
         before = files_under(folder)
         for flag, value in (("--regional-prompts", str(folder / text)), ("--lora", text),
                             ("--lora", "hf://" + text), ("--lora", str(folder / text) + ":0.5")):
-            if accepted_or_one_line(lambda: check_path_text(value, flag) or True) is None:
+            if accepted_or_one_line(lambda: check_path_text(value, flag) or True) is None:  # noqa: B023 - called at once
                 continue  # the CLI stops here (check_path_args), before any reader
             if flag == "--regional-prompts":
-                accepted_or_one_line(lambda: read_prompt_file(Path(value)))
+                accepted_or_one_line(lambda: read_prompt_file(Path(value)))  # noqa: B023 - called at once
             else:
-                accepted_or_one_line(lambda: parse_lora(value))
+                accepted_or_one_line(lambda: parse_lora(value))  # noqa: B023 - called at once
         assert files_under(folder) == before
 
 

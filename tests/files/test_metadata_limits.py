@@ -80,7 +80,8 @@ def test_metadata_gh21_class3_that_cannot_be_used_is_skipped_with_a_warning(case
 def test_metadata_gh21_class3_cli_run_goes_on_past_it(sdxl_dir, parse_ws, tmp_path, capsys):
     source = tmp_path / "in.jpg"
     packet = f"<x:xmpmeta><cupscale:metadata>{deep_json(30000)}</cupscale:metadata></x:xmpmeta>".encode()
-    Image.fromarray(structured(64, 48)).save(source, xmp=packet, exif=user_comment_exif(TiffImagePlugin.IFDRational(1, 3)))
+    Image.fromarray(structured(64, 48)).save(source, xmp=packet,
+                                             exif=user_comment_exif(TiffImagePlugin.IFDRational(1, 3)))
     out = tmp_path / "up.png"
     code, _, err = cli(capsys, "upscale", source, "-o", out, "--model", sdxl_dir, "--scale", "2", *RUN, "-q")
     assert code == 0, err

@@ -77,12 +77,13 @@ def test_fifos_and_directories_are_refused_where_a_file_is_read(tmp_path):
     lines = out.strip().splitlines()
     assert len(lines) == 6, out
     for fifo_line, dir_line in zip(lines[0::2], lines[1::2]):  # config.py asks is_file() first: its own words
-        assert "is a named pipe (FIFO), not a file" in fifo_line or "neither a file nor a preset" in fifo_line, fifo_line
+        assert ("is a named pipe (FIFO), not a file" in fifo_line
+                or "neither a file nor a preset" in fifo_line), fifo_line
         assert "is a directory, not a file" in dir_line or "neither a file nor a preset" in dir_line, dir_line
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Found by tests/test_fuzz_files.py, kept as plain regression tests
+# Found by tests/files/test_fuzz_files.py, kept as plain regression tests
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["\r", "a\nb.json", "tab\there.json"])
 def test_fuzz_found_a_path_with_a_control_character_split_the_error_line(name, tmp_path, capsys):

@@ -71,7 +71,8 @@ def test_screened_tokens_get_exactly_zero_attention(layer, composer, mode):
 def test_lambda_one_and_nothing_screened_is_the_plain_layer(layer):
     hidden, states = inputs()
     with torch.no_grad():
-        ours = run(layer, hidden, states, RegionalAttention(TOKENS, 1.0, "mix", torch.ones(2, TOKENS, dtype=torch.bool)))
+        ours = run(layer, hidden, states,
+                   RegionalAttention(TOKENS, 1.0, "mix", torch.ones(2, TOKENS, dtype=torch.bool)))
         plain = AttnProcessor2_0()(layer, hidden, states[:, :TOKENS].contiguous())
     assert torch.equal(ours, plain)
 

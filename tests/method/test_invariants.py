@@ -16,7 +16,8 @@ from cupscale_dist.method.wavelets import dwt2, idwt2, low_band
 
 
 # --- views -----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("shape,tile,stride", [((64, 64), 16, 8), ((37, 53), 16, 8), ((12, 40), 16, 5), ((40, 40), 16, 16)])
+@pytest.mark.parametrize("shape,tile,stride",
+                         [((64, 64), 16, 8), ((37, 53), 16, 8), ((12, 40), 16, 5), ((40, 40), 16, 16)])
 def test_views_cover_every_pixel_and_clamp_to_border(shape, tile, stride):
     views = make_views(*shape, tile, stride)
     assert coverage(views, *shape).min() >= 1

@@ -24,7 +24,8 @@ def test_a_unet_with_nan_weights_stops_at_the_first_step_in_one_line(fresh_model
     with torch.no_grad():
         next(fresh_model.unet.parameters()).view(-1)[0] = float("nan")
     config = small_config(fresh_model.name)
-    with pytest.raises(UserError, match=r"^stage 1, step 1: the latent is no longer finite \(NaN or inf\); likely") as e:
+    with pytest.raises(UserError,
+                       match=r"^stage 1, step 1: the latent is no longer finite \(NaN or inf\); likely") as e:
         upscale(photo, config, executor=LocalExecutor(fresh_model, 4, owners=owners), progress=False)
     assert "\n" not in str(e.value)
 

@@ -66,9 +66,11 @@ def test_lambda_one_without_masks_is_the_plain_unet(sdxl_model, photo):
         with torch.no_grad():
             states = torch.cat([context.negative_embeds.expand(2, -1, -1), context.global_embeds.expand(2, -1, -1)])
             time_ids = micro_conditioning(context, views)
-            added = {"text_embeds": torch.cat([context.negative_pooled.expand(2, -1), context.global_pooled.expand(2, -1)]),
+            added = {"text_embeds": torch.cat([context.negative_pooled.expand(2, -1),
+                                               context.global_pooled.expand(2, -1)]),
                      "time_ids": torch.cat([time_ids, time_ids])}
-            eps = unet(torch.cat([windows * 0.5] * 2), 500, encoder_hidden_states=states, added_cond_kwargs=added).sample
+            eps = unet(torch.cat([windows * 0.5] * 2), 500, encoder_hidden_states=states,
+                       added_cond_kwargs=added).sample
     finally:
         from cupscale_dist.method.attention import install_regional_processors
 
@@ -122,7 +124,8 @@ def test_sd15_model_dir_loads_and_upscales(sd15_dir, photo):
 def test_stage_plan_doubles_until_the_target():
     config = UpscaleConfig(scale=8)
     assert plan_stages((1024, 1024), config) == [(2048, 2048), (4096, 4096), (8192, 8192)]
-    assert plan_stages((1000, 750), config.replace(scale=2)) == [(1984, 1472)]  # nearest multiples of 64; the result is resized to 2000x1500
+    # nearest multiples of 64; the result is resized to 2000x1500
+    assert plan_stages((1000, 750), config.replace(scale=2)) == [(1984, 1472)]
     assert plan_stages((1024, 768), config.replace(size=(3000, 2000))) == [(1472, 1024), (3008, 1984)]
 
 

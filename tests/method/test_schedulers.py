@@ -17,7 +17,8 @@ from cupscale_dist.method.schedulers import FLOW_KINDS, KINDS, make_scheduler
 from cupscale_dist.method.step import reduce_and_step
 from cupscale_dist.testing.tiny import SCHEDULER_CONFIG
 
-# noise-prediction kinds on the SDXL scheduler config; the flow-matching kind is tested on Flux (test_flux.py)
+# noise-prediction kinds on the SDXL scheduler config; the flow-matching kind is tested on Flux
+# (tests/models/test_flux.py)
 VARIANTS = [pytest.param(kind, {}, id=kind) for kind in KINDS if kind not in FLOW_KINDS] + [
     pytest.param("dpmpp_2m", {"karras_sigmas": True}, id="dpmpp_2m-karras"),
     pytest.param("euler", {"karras_sigmas": True, "timestep_spacing": "trailing"}, id="euler-karras-trailing"),

@@ -1,4 +1,5 @@
-"""The trained demo model (issue #10): the shipped weights, and the script that reproduces them (run for a few steps)."""
+"""The trained demo model (issue #10): the shipped weights, and the script that reproduces them (run for a few
+steps)."""
 
 import json
 

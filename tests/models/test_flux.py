@@ -78,7 +78,8 @@ def flux_context(backbone, view_count: int, latent_hw, **changes) -> StageContex
 def test_tiny_flux_has_flux_shapes(flux_pipe):
     pipe = flux_pipe.pipe
     assert type(pipe).__name__ == "FluxPipeline" and pipe.vae.config.latent_channels == 16
-    assert pipe.vae.config.shift_factor == pytest.approx(0.1159) and pipe.vae.config.scaling_factor == pytest.approx(0.3611)
+    assert (pipe.vae.config.shift_factor == pytest.approx(0.1159)
+            and pipe.vae.config.scaling_factor == pytest.approx(0.3611))
     assert pipe.transformer.config.in_channels == 64  # packed 2x2 patches of 16 channels
     assert pipe.transformer.config.guidance_embeds is (flux_pipe.variant == "dev")
     assert type(pipe.tokenizer_2).__name__.startswith("T5") and type(pipe.text_encoder_2).__name__ == "T5EncoderModel"
@@ -174,7 +175,9 @@ def test_mix_composer_is_lambda_blend_of_the_two_prompts_attentions():
     allowed[:, 3] = False
     out = composed_attention(query, key, value, JointRegional(g, r, (None, None), lam, "mix", screen(allowed)))
     sl_g, sl_r, sl_i = slice(0, g), slice(g, g + r), slice(g + r, None)
-    cat = lambda t, a: torch.cat([t[:, a], t[:, sl_i]], dim=1)
+    def cat(t, a):
+        return torch.cat([t[:, a], t[:, sl_i]], dim=1)
+
     bias = torch.cat([screen(allowed), torch.zeros(2, 1, 1, image)], dim=-1)
     expected_i = (lam * attend(query[:, sl_i], cat(key, sl_g), cat(value, sl_g), bias)
                   + (1 - lam) * attend(query[:, sl_i], cat(key, sl_r), cat(value, sl_r)))
@@ -210,7 +213,8 @@ def test_view_masks_reach_every_attention_layer_of_the_transformer(flux_pipe):
     assert len(seen) == len(processor) == 2  # one double- and one single-stream block
     for bias in seen:
         assert torch.equal(torch.isinf(bias[:, 0, 0]), torch.from_numpy(~allowed))
-    plain = predict_views(backbone, windows, 700.0, 1.0, dataclasses.replace(context, token_allowed=None), [0, 1], rects)
+    plain = predict_views(backbone, windows, 700.0, 1.0, dataclasses.replace(context, token_allowed=None), [0, 1],
+                          rects)
     assert torch.equal(screened[0], plain[0]) and not torch.allclose(screened[1], plain[1], atol=1e-5)
 
 

@@ -45,7 +45,8 @@ def flux_cases(bfl: dict, comfy: dict) -> dict:
         "sdxl-unet-key": ({**bfl, "input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}, "no FLUX.1 transformer has"),
         "scaled-fp8-scale": ({**bfl, "double_blocks.0.img_attn.qkv.scale_weight": torch.ones(1)},
                              "no FLUX.1 transformer has"),
-        "qkv-not-3x-width": ({**bfl, "double_blocks.0.img_attn.qkv.weight": bfl["double_blocks.0.img_attn.qkv.weight"][:-1]},
+        "qkv-not-3x-width": ({**bfl,
+                              "double_blocks.0.img_attn.qkv.weight": bfl["double_blocks.0.img_attn.qkv.weight"][:-1]},
                              "not 3 x its width"),
         "comfy-foreign-prefix": ({**comfy, "first_stage_model.encoder.conv_in.weight": torch.zeros(4, 3, 3, 3)},
                                  "of no Flux component"),
@@ -90,7 +91,8 @@ def test_flux_loras_with_integer_weights_or_blocks_the_model_lacks_are_refused(t
     kohya = "lora_unet_double_blocks_5_img_attn_qkv"
     cases = {
         "int": ({**lora, some: lora[some].to(torch.int64)}, "non-float tensor(s)"),
-        "block-5": ({**lora, f"{kohya}.lora_down.weight": torch.zeros(4, 32), f"{kohya}.lora_up.weight": torch.zeros(96, 4)},
+        "block-5": ({**lora, f"{kohya}.lora_down.weight": torch.zeros(4, 32),
+                     f"{kohya}.lora_up.weight": torch.zeros(96, 4)},
                     "names double_blocks 5, and"),
     }
     for name, (state, words) in cases.items():

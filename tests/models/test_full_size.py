@@ -34,7 +34,8 @@ from cupscale_dist.models.loading import load_component
 from cupscale_dist.models.spec import ModelSpec
 from cupscale_dist.testing.fullsize import LAYOUTS, build_full_size, write_random_weights
 
-pytestmark = pytest.mark.slow
+# slow; and the test process's shared Ray cluster is stopped first (its memory: SDXL peaks at 12.6 GB RSS here)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_shared_ray")]
 
 # Parameters of the published checkpoints: what the configs must reproduce (text_encoder_2 with its projection).
 PARAMETERS = {
@@ -61,7 +62,8 @@ BFLOAT16_SLOWDOWN_LIMIT = 4.0
 
 @functools.cache
 def cli_dtype() -> str:
-    """'bfloat16' where this CPU convolves it at most BFLOAT16_SLOWDOWN_LIMIT times slower than float32, else 'float32'."""
+    """'bfloat16' where this CPU convolves it at most BFLOAT16_SLOWDOWN_LIMIT times slower than float32, else
+    'float32'."""
     x, w = torch.randn(1, 320, 16, 16), torch.randn(320, 320, 3, 3)
     seconds = {}
     for dtype in (torch.float32, torch.bfloat16):
@@ -136,7 +138,7 @@ def test_weights_have_the_published_parameter_counts_and_file_sizes(layout):
             itemsize = FILE_DTYPES[variant].itemsize
             assert path.stat().st_size == header_bytes(path) + parameters * itemsize  # nothing but those tensors
             if family != "sdxl":
-                continue  # the hub's file sizes are recorded for SDXL base only (tests/test_hub.py)
+                continue  # the hub's file sizes are recorded for SDXL base only (tests/models/test_hub.py)
             published = SDXL_BASE_FILES[path.relative_to(directory).as_posix()]
             if component == "text_encoder":
                 assert 0 < published - path.stat().st_size < TEXT_ENCODER_EXTRA_BYTES
@@ -147,7 +149,7 @@ def test_weights_have_the_published_parameter_counts_and_file_sizes(layout):
 def test_sdxl_configs_have_the_published_file_sizes(layout):
     family, directory = layout
     if family != "sdxl":
-        pytest.skip("the hub's file sizes are recorded for SDXL base only (tests/test_hub.py)")
+        pytest.skip("the hub's file sizes are recorded for SDXL base only (tests/models/test_hub.py)")
     configs = [f for f in files_of(directory) if f.endswith(".json") and not f.endswith("vocab.json")]
     assert len(configs) == 10  # model_index, scheduler, 4 models, 2 x (tokenizer_config, special_tokens_map)
     assert {f: SDXL_BASE_FILES[f] for f in configs} == {f: (directory / f).stat().st_size for f in configs}
@@ -253,7 +255,8 @@ def test_cli_upscales_one_view_at_one_step(layout, tmp_path):
     image = Image.open(output)
     assert image.size == (128, 128) and np.asarray(image).std() > 0  # a NaN decode would come out flat
     meta = read_png_metadata(output)
-    assert (meta["model"], meta["tile"], meta["stride"], json.loads(meta["stages"])) == (str(directory), "16", "16", [[128, 128]])
+    assert (meta["model"], meta["tile"], meta["stride"], json.loads(meta["stages"])) == (str(directory), "16", "16",
+                                                                                         [[128, 128]])
     config = json.loads(meta["config"])
     assert {k: config[k] for k in ("dtype", "variant", "device", "steps", "strength", "mask_mode", "prompt")} == {
         "dtype": cli_dtype(), "variant": "fp16", "device": "cpu", "steps": 1, "strength": 1.0, "mask_mode": "off",
@@ -265,4 +268,5 @@ def test_hub_fetch_of_sd15_leaves_out_the_safety_checker():
     listed = ["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.fp16.safetensors",
               "safety_checker/config.json", "safety_checker/model.fp16.safetensors",
               "feature_extractor/preprocessor_config.json"]
-    assert not [f for f in select_files(listed, index, "fp16") if f.startswith(("safety_checker/", "feature_extractor/"))]
+    assert not [f for f in select_files(listed, index, "fp16")
+                if f.startswith(("safety_checker/", "feature_extractor/"))]

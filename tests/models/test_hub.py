@@ -39,16 +39,19 @@ SDXL_BASE_FILES = {
     "tokenizer_2/merges.txt": 524_619, "tokenizer_2/special_tokens_map.json": 460,
     "tokenizer_2/tokenizer_config.json": 725, "tokenizer_2/vocab.json": 1_059_962,
     "unet/config.json": 1_680, "unet/diffusion_flax_model.msgpack": 10_269_957_466,
-    "unet/diffusion_pytorch_model.fp16.safetensors": 5_135_149_760, "unet/diffusion_pytorch_model.safetensors": 10_270_077_736,
+    "unet/diffusion_pytorch_model.fp16.safetensors": 5_135_149_760,
+    "unet/diffusion_pytorch_model.safetensors": 10_270_077_736,
     "unet/model.onnx": 7_293_842, "unet/model.onnx_data": 10_269_900_800, "unet/openvino_model.bin": 10_269_899_024,
     "unet/openvino_model.xml": 25_128_414,
     "vae/config.json": 642, "vae/diffusion_flax_model.msgpack": 334_595_328,
     "vae/diffusion_pytorch_model.fp16.safetensors": 167_335_342, "vae/diffusion_pytorch_model.safetensors": 334_643_268,
     "vae_1_0/config.json": 607, "vae_1_0/diffusion_pytorch_model.fp16.safetensors": 167_335_342,
     "vae_1_0/diffusion_pytorch_model.safetensors": 334_643_268,
-    "vae_decoder/config.json": 607, "vae_decoder/model.onnx": 198_079_602, "vae_decoder/openvino_model.bin": 197_968_868,
+    "vae_decoder/config.json": 607, "vae_decoder/model.onnx": 198_079_602,
+    "vae_decoder/openvino_model.bin": 197_968_868,
     "vae_decoder/openvino_model.xml": 1_013_414,
-    "vae_encoder/config.json": 607, "vae_encoder/model.onnx": 136_760_487, "vae_encoder/openvino_model.bin": 136_655_872,
+    "vae_encoder/config.json": 607, "vae_encoder/model.onnx": 136_760_487,
+    "vae_encoder/openvino_model.bin": 136_655_872,
     "vae_encoder/openvino_model.xml": 882_906,
 }
 SDXL_BASE_INDEX = LAYOUTS["sdxl"].model_index  # as published
@@ -137,7 +140,8 @@ def test_hub_download_asks_for_exactly_the_selected_files(tmp_path, monkeypatch)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name: str(tmp_path / name))
     monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, repo: list(SDXL_BASE_FILES))
     monkeypatch.setattr(huggingface_hub, "snapshot_download",
-                        lambda repo, allow_patterns=None, **kw: asked.setdefault("files", allow_patterns) and str(tmp_path))
+                        lambda repo, allow_patterns=None, **kw: (asked.setdefault("files", allow_patterns)
+                                                                 and str(tmp_path)))
     assert resolve_model("stabilityai/stable-diffusion-xl-base-1.0", "fp16") == str(tmp_path)
     assert asked["files"] == select_files(SDXL_BASE_FILES, SDXL_BASE_INDEX, "fp16")
 
@@ -145,9 +149,11 @@ def test_hub_download_asks_for_exactly_the_selected_files(tmp_path, monkeypatch)
 def test_sdxl_refiner_is_refused_with_the_fix(tmp_path):
     index = {"_class_name": "StableDiffusionXLImg2ImgPipeline", "requires_aesthetics_score": True,
              "text_encoder": [None, None], "tokenizer": [None, None],
-             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+             "tokenizer_2": ["transformers", "CLIPTokenizer"],
              "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
              "scheduler": ["diffusers", "EulerDiscreteScheduler"]}
     (tmp_path / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(UserError, match=r"an SDXL refiner \(no text_encoder, tokenizer\) refines a base model's output; use a base model"):
+    with pytest.raises(UserError, match=r"an SDXL refiner \(no text_encoder, tokenizer\) refines a base model's "
+                                        r"output; use a base model"):
         model_family(tmp_path)

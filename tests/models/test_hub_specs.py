@@ -38,6 +38,7 @@ def test_bad_hf_specs_are_one_line_not_a_hub_traceback(ref, words, monkeypatch):
 
 
 def test_bad_hf_spec_through_the_cli_is_exit_2(capsys):
-    assert main(["upscale", IMAGE, "-o", "/tmp/o-hf.png", *DEMO, "--lora", "hf://ö/r/f.safetensors", "--actors", "0"]) == 2
+    assert main(["upscale", IMAGE, "-o", "/tmp/o-hf.png", *DEMO, "--lora", "hf://ö/r/f.safetensors",
+                 "--actors", "0"]) == 2
     assert "the owner 'ö' is no hub name" in short_line(capsys.readouterr().err)
     assert not Path("/tmp/o-hf.png").exists()

@@ -66,7 +66,8 @@ def test_ray_actors_give_the_same_bytes_as_the_reference(local_ray, sdxl_dir, lo
 
 
 def test_a_lora_of_another_family_is_refused_before_any_actor_starts(sdxl_dir, loras, monkeypatch):
-    monkeypatch.setattr("cupscale_dist.execution.worker.load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr("cupscale_dist.execution.worker.load_pipeline",
+                        lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(UserError) as refused:
         Addons.from_config(small_config(sdxl_dir, lora=(loras["sd15"],)))
     message = str(refused.value)

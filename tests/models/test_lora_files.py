@@ -49,14 +49,15 @@ def test_broken_loras_are_refused_in_one_line_before_any_model_loads(sdxl_dir, l
         "wide": ({**lora_state, down: torch.zeros(lora_state[down].shape[0], 2 * lora_state[down].shape[1])},
                  f"has {2 * lora_state[down].shape[1]} inputs"),
     }
-    for name, (state, problem) in files.items():
+    for name, (state, _problem) in files.items():
         save_file(state, str(tmp_path / f"{name}.safetensors"))
     with monkeypatch.context() as patched:
         patched.setattr("cupscale_dist.execution.worker.load_pipeline", lambda *a, **k: pytest.fail("a model loaded"))
         for name, (_, problem) in files.items():
             with pytest.raises(UserError) as error:
                 Addons.from_config(small_config(sdxl_dir, lora=(str(tmp_path / f"{name}.safetensors"),)))
-            assert problem in exception_line(error) and str(tmp_path / name) in str(error.value), (name, str(error.value))
+            assert problem in exception_line(error) and str(tmp_path / name) in str(error.value), \
+                (name, str(error.value))
 
     # A worker given a mismatched LoRA unchecked (the driver's check bypassed) still says it in one line: diffusers'
     # multi-line error log is not printed (its logger does not propagate to pytest's, so listen on it directly).

@@ -56,7 +56,8 @@ def test_ray_actors_load_the_single_file(local_ray, tiny, photo, monkeypatch):
     reference = as_bytes(upscale(photo, small_config(model["dir"], steps=3), progress=False))
     config = small_config(model["file"], steps=3, model_config=model["config"])
     spec = ModelSpec.load(config.model, config.variant, config.model_config)
-    monkeypatch.setattr("cupscale_dist.models.loading.load_pipeline", lambda *a, **k: pytest.fail("the driver loaded weights"))
+    monkeypatch.setattr("cupscale_dist.models.loading.load_pipeline",
+                        lambda *a, **k: pytest.fail("the driver loaded weights"))
     executor = RayExecutor(WorkerPool(config, ClusterOptions(actors=2, cpus_per_actor=0.5), spec), spec,
                            config.view_batch_size)
     assert as_bytes(upscale(photo, config, executor=executor, progress=False)) == reference
@@ -81,7 +82,8 @@ def fake_checkpoint(path, keys: dict[str, tuple[int, ...]]) -> str:
     ({"weight": (3, 3)}, "not a Stable Diffusion checkpoint"),
 ])
 def test_other_checkpoints_are_refused_in_one_line_before_any_actor_starts(tmp_path, monkeypatch, keys, named):
-    monkeypatch.setattr("cupscale_dist.execution.worker.load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr("cupscale_dist.execution.worker.load_pipeline",
+                        lambda *a, **k: pytest.fail("a model was loaded"))
     path = fake_checkpoint(tmp_path / "other.safetensors", keys)
     with pytest.raises(UserError) as refused:
         ModelWorker.for_config(small_config(path))
@@ -131,7 +133,8 @@ def test_shipped_configs_are_the_real_models(family, unet_parameters):
     assert spec.family == family and spec.native_size == {"sdxl": 1024, "sd15": 512}[family]
     assert len(spec.tokenizer) == 49408
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(shipped_config(family), subfolder="unet"))
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(shipped_config(family),
+                                                                                 subfolder="unet"))
     assert sum(p.numel() for p in unet.parameters()) == unet_parameters
 
 

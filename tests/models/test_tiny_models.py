@@ -1,4 +1,5 @@
-"""The tiny random pipelines of `cupscale_dist.testing.tiny` load back through diffusers' and transformers' real paths."""
+"""The tiny random pipelines of `cupscale_dist.testing.tiny` load back through diffusers' and transformers' real
+paths."""
 
 import json
 from pathlib import Path

@@ -112,7 +112,7 @@ def test_cluster_launcher_config_is_complete():
     assert any("g5" in t["node_config"]["InstanceType"] or t.get("resources", {}).get("GPU")
                for name, t in config["available_node_types"].items() if name != config["head_node_type"])
     assert config["docker"]["image"] == f"rayproject/ray:{RAY_VERSION}-py311-gpu"
-    for remote, local in config["file_mounts"].items():
+    for _remote, local in config["file_mounts"].items():
         if not local.startswith("~"):  # paths in this checkout (`ray up` runs from the repository root)
             assert (REPO / local).exists(), local
     checkout = next(r for r, l in config["file_mounts"].items() if l == ".")

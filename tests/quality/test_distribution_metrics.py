@@ -58,7 +58,8 @@ def inception_path(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory) -> str:
-    """A tiny CLIPModel (2-layer towers, 32-d) with a real small CLIP BPE tokenizer and a CLIP image-processor config."""
+    """A tiny CLIPModel (2-layer towers, 32-d) with a real small CLIP BPE tokenizer and a CLIP image-processor
+    config."""
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
     from cupscale_dist.testing.tiny import write_clip_tokenizer
@@ -100,8 +101,9 @@ def smooth_images(count: int = 3, size=SIZE) -> list[Image.Image]:
 def perturbed(images: list[Image.Image], amplitude: int = 4) -> list[Image.Image]:
     """The same pictures with seeded +-`amplitude` noise."""
     rng = np.random.default_rng(2)
-    return [Image.fromarray((np.array(image, dtype=np.int16) + rng.integers(-amplitude, amplitude, (*image.size[::-1], 3),
-                                                                           endpoint=True)).clip(0, 255).astype(np.uint8))
+    return [Image.fromarray((np.array(image, dtype=np.int16)
+                             + rng.integers(-amplitude, amplitude, (*image.size[::-1], 3), endpoint=True))
+                            .clip(0, 255).astype(np.uint8))
             for image in images]
 
 
@@ -203,7 +205,7 @@ def test_crops_of_an_original_of_another_size_cover_the_same_region():
     original = output.resize((352, 320), Image.Resampling.BICUBIC)
     boxes = crop_boxes(output.size, 5, seed=0, index=0)
     assert len(boxes) == 5 and all(0 <= l and 0 <= t and r <= 704 and b <= 640 for l, t, r, b in boxes)
-    for box, original_crop, output_crop in zip(boxes, crops(original, boxes, output.size),
+    for _box, original_crop, output_crop in zip(boxes, crops(original, boxes, output.size),
                                                crops(output, boxes, output.size)):
         assert original_crop.shape == output_crop.shape == (CROP_SIZE, CROP_SIZE, 3)
         # red = x, green = y: equal means at the same region, whatever the source size

@@ -60,7 +60,8 @@ def make_folder(root: Path) -> tuple[dict[str, tuple[int, int]], dict[str, str]]
 
 def manifest_rows(out: Path, root: Path) -> dict[str, dict]:
     """The manifest keyed by the input's path relative to ``root``."""
-    return {Path(r["input_path"]).relative_to(root).as_posix(): r for r in pq.read_table(out / MANIFEST_NAME).to_pylist()}
+    return {Path(r["input_path"]).relative_to(root).as_posix(): r
+            for r in pq.read_table(out / MANIFEST_NAME).to_pylist()}
 
 
 def test_folder_of_good_and_bad_images_then_resume_then_config_change(local_ray, sdxl_dir, tmp_path):

@@ -106,7 +106,8 @@ def test_a_rerun_redoes_an_output_that_no_longer_matches_its_row(sdxl_model, tmp
     config = small_config(sdxl_model.name)
     assert run_batch(str(inputs), out, config, cluster=IN_PROCESS, tile_parallel=True, progress=False).done == 2
     row = pq.read_table(out / MANIFEST_NAME).to_pylist()[0]
-    save_png(noisy_picture(9), out / row["output_path"], {**read_png_metadata(out / row["output_path"]), "config_hash": "0" * 16})
+    save_png(noisy_picture(9), out / row["output_path"],
+             {**read_png_metadata(out / row["output_path"]), "config_hash": "0" * 16})
     again = run_batch(str(inputs), out, config, cluster=IN_PROCESS, tile_parallel=True, progress=False)
     assert (again.done, again.skipped) == (1, 1)
     assert outputs_match_manifest(out) == [0, 0]
@@ -141,7 +142,8 @@ def test_a_killed_batch_driver_loses_no_finished_image(sdxl_dir, tmp_path):
 
     rerun = run_batch(str(inputs), out, cli_config(argv), cluster=IN_PROCESS, tile_parallel=True, progress=False)
     assert (rerun.skipped, rerun.done) == (len(written), 8 - len(written))
-    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("img*.png") if p.name in written} == written
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("img*.png")
+            if p.name in written} == written
     assert len(pq.read_table(out / MANIFEST_NAME)) == 8 and not list((out / JOURNAL_DIR).glob("*.jsonl"))
 
 

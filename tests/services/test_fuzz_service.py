@@ -1,6 +1,6 @@
 """Issue 35 item 6, the service's part of the fuzz harness: generated knob values and query strings, headers, image
 bytes, multipart bodies and job ids against the very FastAPI app of `cupscale serve` (its replica made in this
-process, ``--actors 0``, called through TestClient as tests/test_serve_app.py does: no Ray).
+process, ``--actors 0``, called through TestClient as tests/services/test_serve_app.py does: no Ray).
 
 The property, for every generated request: the answer is 2xx, or a 4xx whose JSON body is ``{"error": "one line"}``
 of at most 300 characters (no traceback, no server path); never a 5xx or an exception out of the app; a refusal

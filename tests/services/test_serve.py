@@ -30,7 +30,8 @@ from helpers import (
 from PIL import Image
 
 # On a busy 2-core machine Serve's proxy takes longer than its 5 s readiness check to start (measured: killed and
-# restarted in a loop); the service's own defaults (cupscale_dist.services.serve.SLOW_START_ENV) apply to the test cluster.
+# restarted in a loop); the service's own defaults (cupscale_dist.services.serve.SLOW_START_ENV) apply to the test
+# cluster.
 from cupscale_dist.services.serve import SLOW_START_ENV  # noqa: E402
 
 for _key, _value in SLOW_START_ENV.items():
@@ -216,7 +217,8 @@ def test_comfyui_node_class_against_the_service(service, cli_bytes):
         getattr(node, node.FUNCTION)(batch, **{**base, "token": "wrong-token-0123456789"})
 
 
-@pytest.mark.skipif(not COMFYUI_DIR, reason="no ComfyUI core: set CUPSCALE_COMFYUI_DIR (docs/layout.md 'The service and the ComfyUI node')")
+@pytest.mark.skipif(not COMFYUI_DIR, reason="no ComfyUI core: set CUPSCALE_COMFYUI_DIR "
+                                             "(docs/layout.md 'The service and the ComfyUI node')")
 def test_comfyui_node_in_a_real_comfyui(service, cli_bytes, tmp_path):
     """ComfyUI's own loader and executor: LoadImage -> CupscaleUpscale -> SaveImage. The saved pixels are the CLI's;
     a bad knob fails the node with the service's message as ComfyUI's execution_error."""

@@ -1,6 +1,6 @@
 """The service's HTTP semantics without a Ray cluster: the very FastAPI app of `cupscale serve`, bound to one
 replica object made in this process (``--actors 0``: the model in the replica) and called through FastAPI's
-TestClient. tests/test_serve.py runs the same checks against a real Serve instance on a local Ray; this layer
+TestClient. tests/services/test_serve.py runs the same checks against a real Serve instance on a local Ray; this layer
 runs in seconds and needs no Ray processes (on a loaded machine a local Ray may not start within Ray's 30 s)."""
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ def app_http(app_service):
         yield f"http://127.0.0.1:{port}"
 
 
-@pytest.mark.skipif(not COMFYUI_DIR, reason="no ComfyUI core: set CUPSCALE_COMFYUI_DIR (docs/layout.md 'The service and the ComfyUI node')")
+@pytest.mark.skipif(not COMFYUI_DIR, reason="no ComfyUI core: set CUPSCALE_COMFYUI_DIR "
+                                             "(docs/layout.md 'The service and the ComfyUI node')")
 def test_app_comfyui_node_in_a_real_comfyui(app_http, cli_bytes, tmp_path):
     """ComfyUI's own loader and executor run the node against the service's app over HTTP: the CLI's pixels come
     out of SaveImage; a bad knob is the node's execution_error with the service's message."""

@@ -3,7 +3,7 @@ paths, 14 the token file's size, 15 a second service on one results folder, 16 i
 17 SIGTERM, 18 the replica's torch threads, 19 the default results folder.
 
 Most run against the very FastAPI app of `cupscale serve` with its replica made in this process (``--actors 0``, as
-tests/test_serve_app.py), served through TestClient or, where a test needs a held-open connection, uvicorn on
+tests/services/test_serve_app.py), served through TestClient or, where a test needs a held-open connection, uvicorn on
 127.0.0.1. Only SIGTERM needs a real `cupscale serve` process (one test, which also starts a second one on its
 results folder)."""
 
@@ -72,8 +72,10 @@ def test_11_bytes_in_flight_are_bounded_before_a_body_is_read(svc, svc_url):
     """One upload of the largest size is held with all but its last byte sent; a second of that size (and a chunked
     one, which may be that large) gets 429 with Retry-After before any of its body is sent; small bodies still fit;
     once the first went away, a large one is received again. (Issue 35: bytes are reserved as they arrive, so the
-    held upload sends them; one that only announced its size holds nothing, see test_hardening_round3_service.)"""
-    inflight = lambda: getattr(getattr(svc.replica, "inflight", None), "used", None)
+    held upload sends them; one that only announced its size holds nothing, see test_serve_uploads.py.)"""
+    def inflight():
+        return getattr(getattr(svc.replica, "inflight", None), "used", None)
+
     held = post_head(svc_url, MAX_BODY)
     try:
         held.sendall(b"\0" * (MAX_BODY - 1))
@@ -129,7 +131,9 @@ def test_13_a_429_leaves_no_job_record(svc, monkeypatch):
     full: queue.Queue = queue.Queue(maxsize=1)
     full.put_nowait("f" * 32)
     monkeypatch.setattr(runner, "queue", full)
-    files = lambda: sorted(p.name for sub in ("jobs", "inputs") for p in (svc.results / sub).iterdir())
+    def files():
+        return sorted(p.name for sub in ("jobs", "inputs") for p in (svc.results / sub).iterdir())
+
     before = files()
     assert_one_line_error(svc.submit(png_bytes()), 429, "queue is full")
     monkeypatch.setattr(runner, "has_room", lambda: True)
@@ -152,7 +156,9 @@ def test_13_finished_jobs_expire_after_the_retention(svc):
     svc.replica.runner.next_sweep = 0.0  # the thread sweeps every SWEEP_EVERY_S; now, for the test
     svc.replica.runner.queue.put(None)  # wake it
     try:
-        gone = lambda: store.get(old["id"]) is None and not orphan.exists()  # the sweep runs in the job thread
+        def gone():  # the sweep runs in the job thread
+            return store.get(old["id"]) is None and not orphan.exists()
+
         assert wait_until(gone, 10), "an 8-day-old job or result was kept"
         assert not store.result_path(old["id"]).exists()
         assert store.get(recent["id"])["status"] == "failed"

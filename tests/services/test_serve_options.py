@@ -16,7 +16,8 @@ def test_request_knobs_are_typed_like_set_and_service_knobs_refused():
     from cupscale_dist.services.serve import request_knobs
 
     knobs, extra = request_knobs(QueryParams("seed=3&strength=0.5&prompt=a+cat&size=256x128&source=in.png"))
-    assert knobs == {"seed": 3, "strength": 0.5, "prompt": "a cat", "size": (256, 128)} and extra == {"source": "in.png"}
+    assert (knobs == {"seed": 3, "strength": 0.5, "prompt": "a cat", "size": (256, 128)}
+            and extra == {"source": "in.png"})
     for query, needle in (("colour=red", "unknown knob 'colour'"), ("model=/etc", "set by the service"),
                           ("seed=1&seed=2", "given 2 times"), ("size=0x5", "must be positive")):
         with pytest.raises(UserError, match=needle):
@@ -59,7 +60,8 @@ def test_rayservice_manifest_builds_the_app(monkeypatch):
     module, _, name = application["import_path"].partition(":")
     builder = getattr(importlib.import_module(module), name)
     head = manifest["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
-    assert any(e["name"] == "CUPSCALE_SERVE_TOKEN" and "secretKeyRef" in e["valueFrom"] for e in head["env"] if "valueFrom" in e)
+    assert any(e["name"] == "CUPSCALE_SERVE_TOKEN" and "secretKeyRef" in e["valueFrom"] for e in head["env"]
+               if "valueFrom" in e)
     assert application["args"]["results"].startswith("/data/")
     monkeypatch.delenv("CUPSCALE_SERVE_TOKEN", raising=False)
     with pytest.raises(UserError, match="CUPSCALE_SERVE_TOKEN"):

@@ -3,7 +3,8 @@ reserved as they arrive, a stalled body is 408), 5 knobs the workers load with (
 service's, `serve --max-request-mb` and the token file are checked, 1 non-finite or huge knobs are 400 at submit.
 
 The app is the very FastAPI app of `cupscale serve` with its replica made in this process (``--actors 0``, as
-tests/test_hardening_service.py), behind TestClient or, for the slow clients, uvicorn on 127.0.0.1 with raw sockets."""
+tests/services/test_serve_limits.py), behind TestClient or, for the slow clients, uvicorn on 127.0.0.1 with raw
+sockets."""
 
 from __future__ import annotations
 
@@ -231,7 +232,7 @@ def test_3_a_length_of_latin1_digits_is_413(svc):
             return {"type": "http.request", "body": png_bytes(), "more_body": False}
 
         async def send(message):
-            sent.append(message)
+            sent.append(message)  # noqa: B023 - called within this iteration (the app runs below)
 
         scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
                  "path": "/v1/upscale", "raw_path": b"/v1/upscale", "root_path": "", "query_string": b"",
