@@ -97,7 +97,9 @@ class SharedRay:
         deadline = time.monotonic() + wait_s
         while True:
             total, free = ray.cluster_resources(), ray.available_resources()
-            if all(free.get(key, 0) >= value for key, value in total.items() if not key.startswith("node:")):
+            held = [key for key, value in total.items()  # CPUs, GPUs, custom resources; not memory (objects stay)
+                    if not key.startswith("node:") and "memory" not in key and free.get(key, 0) < value]
+            if not held:
                 return True
             if time.monotonic() > deadline:
                 return False
