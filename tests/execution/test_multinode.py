@@ -28,6 +28,10 @@ from PIL import Image
 
 from cupscale_dist.testing import netns
 
+# slow: minutes of Ray nodes coming and going, and root for the network namespaces (a developer's `-m "not slow"`
+# leaves it out; CI runs it)
+pytestmark = pytest.mark.slow
+
 # "Never hangs": a run here takes 15-40 s on a loaded 2-core host, node-loss detection adds a few seconds (the test
 # cluster's health checks); the unfixed driver waited forever (still hanging after 500 s in issue 24).
 NEVER_HANGS_S = 120
