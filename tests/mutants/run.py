@@ -440,21 +440,25 @@ def table_row(row: dict) -> str:
 
 
 def main() -> int:
+    global RUN_TIMEOUT_S, ZYGOTE_PROCESS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these mutations")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="mutants tested at once (each pytest runs its model on one thread)")
+    parser.add_argument("--timeout", type=float, default=RUN_TIMEOUT_S, metavar="S",
+                        help=f"seconds one pytest run may take before it counts as broken (default {RUN_TIMEOUT_S}; "
+                             "raise it on a machine loaded by other work)")
     parser.add_argument("--no-fork", action="store_true",
                         help="each mutant's pytest in a fresh interpreter (default: forked from one that imported "
                              "the heavy libraries once)")
     args = parser.parse_args()
+    RUN_TIMEOUT_S = args.timeout
     unknown = sorted(set(args.only or ()) - {m.name for m in MUTATIONS})
     if unknown:
         parser.error(f"unknown mutation(s) {', '.join(unknown)}; known: {', '.join(m.name for m in MUTATIONS)}")
     mutations = [m for m in MUTATIONS if not args.only or m.name in args.only]
     started = time.monotonic()
     print(TABLE_HEADER, file=sys.stderr, flush=True)
-    global ZYGOTE_PROCESS
     ZYGOTE_PROCESS = None if args.no_fork else Zygote()
     try:
         with tempfile.TemporaryDirectory(prefix="cupscale-mutants-") as base:
