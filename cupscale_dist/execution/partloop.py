@@ -48,9 +48,9 @@ _generations = itertools.count()
 class WorkerLost(Exception):
     """A worker that owns parts is gone (its process, its node, or its state after a restart by Ray)."""
 
-    def __init__(self, slot: int, reason: str, restarted: bool = False):
+    def __init__(self, slot: int, reason: str, restarted: bool = False, call: str = "step"):
         super().__init__(f"worker {slot}: {reason}")
-        self.slot, self.reason = slot, reason
+        self.slot, self.reason, self.call = slot, reason, call  # call: the PartOwner method it was lost in
         self.restarted = restarted  # Ray restarted its process: it is up (model loaded) but holds no parts
 
 
@@ -85,6 +85,7 @@ class DenoiseJob:
     on_step: Callable[[int, Callable[[], tuple]], None] | None = None  # (steps done, gather) after each step
     decode: TileGrid | None = None  # the VAE's tiles, for :meth:`PartLoop.bands` (the owners decode, step 10)
     pixels: PixelStart | None = None  # steps 2-4 on the owners (schedule.prior None until they made it), else None
+    on_loaded: Callable[[], None] | None = None  # after the workers took their bands (a cancel raised there stops)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -143,6 +144,8 @@ class PartLoop:
                     chunks = [c for p in layout.parts_of(worker) for c in job.decode.chunks(*layout.rows(p))]
                     out = self.transport.submit(worker, "decode", len(chunks) + 1, generation,
                                                 *[halos[(src, worker)] for src in sources])
+                    if not pieces:  # -v: which phase is on the workers now (the multi-node tests time losses by it)
+                        log.info("decode calls start (first on worker %d)", worker)
                     pieces += zip(chunks, out)
                     statuses.append(out[-1])
                 for (lo, hi), ref in sorted(pieces, key=lambda piece: piece[0]):  # ... the chunks come one at a time
@@ -246,10 +249,14 @@ class PartLoop:
             readers = sorted(dst for src, dst in self._moves(snapshot.step) if src == worker)
             out = self.transport.submit(worker, "load", len(readers) + 1, self.generation, worker_job, parts,
                                         snapshot.step, pixels)
+            if not loads:  # -v: as for decode (a load with pixels is the stage's VAE encode)
+                log.info("load calls start (first on worker %d)", worker)
             halos.update({(worker, reader): ref for reader, ref in zip(readers, out)})
             loads.append(out[-1])
         statuses = self.transport.fetch(loads)
         self.statuses += statuses
+        if job.on_loaded is not None:  # the load may have been the stage's VAE encode: a cancel can stop here
+            job.on_loaded()
         if from_pixels and job.schedule.prior is None:  # the bands' prior rows, joined: later layouts slice it
             rows = {index: low for status in statuses for index, low in status["priors"].items()}
             low, noise_low = (torch.cat([torch.from_numpy(rows[p][k]) for p in range(layout.num_parts)], dim=-2)

@@ -14,12 +14,14 @@ attaches to that node's raylet, not the head's.
 
 Losing a machine (:meth:`Cluster.kill_node`): its link is cut first (its address stops answering, as a machine
 that lost power: no connection reset reaches anyone), then every process of its namespace gets SIGKILL at once
-(raylet, object store, agents, workers, a driver there), then the namespace is deleted. Ray marks the node dead after its health checks fail: ``HEALTH_CHECKS`` shortens
-that from Ray's ~30 s to a few seconds; the code paths are the same.
+(raylet, object store, agents, workers, a driver there), then the namespace is deleted. Ray marks the node dead
+after its health checks fail: ``HEALTH_CHECKS`` shortens that from Ray's ~30 s to a few seconds; the code paths are
+the same.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import secrets
@@ -110,6 +112,9 @@ class Node:
     node_id: str = ""  # Ray's id for it, once it joined
 
 
+_clusters = itertools.count()
+
+
 class Cluster:
     """A Ray cluster of nodes in network namespaces; :meth:`close` removes every process, link and namespace.
 
@@ -118,8 +123,8 @@ class Cluster:
     defaults; ``system_config``: more of Ray's system settings for the head.
     """
 
-    def __init__(self, python: str = sys.executable, pythonpath: str | None = None, *, system_config: dict | None = None,
-                 fast_health_checks: bool = True):
+    def __init__(self, python: str = sys.executable, pythonpath: str | None = None, *,
+                 system_config: dict | None = None, fast_health_checks: bool = True):
         remove_stale()
         self.python, self.ray = python, str(Path(python).with_name("ray"))
         self.root = Path(tempfile.mkdtemp(prefix=PREFIX, dir="/tmp"))  # short: Ray's socket paths must fit 107 chars
@@ -129,7 +134,9 @@ class Cluster:
         self.pythonpath = pythonpath or str(Path(__file__).resolve().parents[2])
         self.system_config = {"enable_metrics_collection": False, **(HEALTH_CHECKS if fast_health_checks else {}),
                               **(system_config or {})}
-        self.hub = f"{PREFIX}{os.getpid()}-hub"
+        # PREFIX<pid>-<k>...: the k-th cluster of this process (two in one test process must not share names)
+        self.tag = f"{PREFIX}{os.getpid()}-{next(_clusters)}"
+        self.hub = f"{self.tag}hub"
         self.nodes: list[Node] = []
         self.procs: list[subprocess.Popen] = []  # drivers started by popen(), ended by close()
         try:
@@ -159,7 +166,7 @@ class Cluster:
         """One more machine: a namespace on the bridge and ``ray start`` in it (the first one is the head)."""
         index = len(self.nodes)
         name = name or f"n{index}"
-        node = Node(name, f"{PREFIX}{os.getpid()}-{name}", f"{SUBNET}.{index + 1}", self.root / name, cpus)
+        node = Node(name, f"{self.tag}{name}", f"{SUBNET}.{index + 1}", self.root / name, cpus)
         self.nodes.append(node)
         ip("netns", "add", node.ns)
         ip("-n", node.ns, "link", "set", "lo", "up")

@@ -188,3 +188,27 @@ def test_a_sink_closed_early_frees_the_owners_bands(sdxl_model, photo):
         with pytest.raises(Full):
             upscale(photo, config, executor=LocalExecutor(sdxl_model, 2, owners=2), progress=False, sink=failing_sink)
     assert len(owners) == 2 and all(not owner.parts and owner.generation is None for owner in owners)
+
+
+def test_a_cancel_after_the_owners_encoded_their_bands_stops_before_any_step(sdxl_model, photo, monkeypatch):
+    """The encode is one load call per worker: the preparation's last tick comes after it, so a cancel raised
+    there stops the stage before any prediction (issue 35's cancel while preparing, with the VAE on the owners)."""
+    config = small_config(sdxl_model.name, view_batch_size=2, vae_tile=64)
+    events = []
+    real_load, real_predict = PartOwner.load, PartOwner.predict
+    monkeypatch.setattr(PartOwner, "load", lambda self, *a: events.append("load") or real_load(self, *a))
+    monkeypatch.setattr(PartOwner, "predict", lambda self, *a: events.append("predict") or real_predict(self, *a))
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel_after_load(info):
+        if info["step"] == 0 and info["stage_input"] is None:
+            events.append("tick")
+            if "load" in events:
+                raise Cancelled
+
+    with pytest.raises(Cancelled):
+        upscale(photo, config, executor=LocalExecutor(sdxl_model, 2, owners=2), callback=cancel_after_load,
+                progress=False)
+    assert events[-3:] == ["load", "load", "tick"] and "predict" not in events
