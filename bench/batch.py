@@ -45,11 +45,11 @@ def make_images(folder: Path, count: int, size: int) -> None:
 
 
 def plain_loop(folder: Path, out: Path, config) -> tuple[float, list[float]]:
+    from cupscale_dist.execution.executor import open_executor
     from cupscale_dist.files.imageio import load_image, save_png
     from cupscale_dist.pipeline import upscale
-    from cupscale_dist.services.runner import run_metadata
-    from cupscale_dist.execution.executor import open_executor
     from cupscale_dist.plan import check_inputs
+    from cupscale_dist.services.runner import run_metadata
 
     out.mkdir()
     start = time.perf_counter()
@@ -66,8 +66,8 @@ def plain_loop(folder: Path, out: Path, config) -> tuple[float, list[float]]:
 
 
 def ray_data(folder: Path, out: Path, config, workers: int, cpus: float) -> tuple[float, dict]:
-    from cupscale_dist.services.batch.run import run_batch
     from cupscale_dist.execution.raycluster import ClusterOptions
+    from cupscale_dist.services.batch.run import run_batch
 
     start = time.perf_counter()
     summary = run_batch(str(folder), out, config, cluster=ClusterOptions(gpus_per_actor=0, cpus_per_actor=cpus),
@@ -113,7 +113,8 @@ def main() -> None:
     per_hour = lambda seconds: round(args.images * 3600 / seconds, 1)  # noqa: E731
     report = {
         "bench": "batch", "images": args.images, "input": [args.size, args.size],
-        "output": [2 * args.size, 2 * args.size], "config": "cpu-demo", "model": "demo (small trained SDXL-family model)",
+        "output": [2 * args.size, 2 * args.size], "config": "cpu-demo",
+        "model": "demo (small trained SDXL-family model)",
         "torch_threads": args.threads, "cpus_per_worker": args.cpus_per_worker,
         "plain_loop": {"seconds": round(plain, 2), "images_per_hour": per_hour(plain),
                        "median_s_per_image": round(median(plain_images), 3)},

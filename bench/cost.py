@@ -157,7 +157,8 @@ from pathlib import Path
 from cupscale_dist.execution.worker import ModelWorker
 worker = ModelWorker(sys.argv[1], device="cpu", dtype="bfloat16", weights=sys.argv[2])
 status = Path("/proc/self/status").read_text().splitlines()
-print(json.dumps({k: int(v.split()[0]) * 1024 for k, v in (l.split(":", 1) for l in status) if k in ("VmHWM", "VmRSS")}))
+fields = (line.split(":", 1) for line in status)
+print(json.dumps({k: int(v.split()[0]) * 1024 for k, v in fields if k in ("VmHWM", "VmRSS")}))
 """
 
 

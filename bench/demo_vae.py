@@ -1,7 +1,8 @@
 """Demo VAE round trip (issue 23), side by side in one run: the shipped VAE, a fitted linear autoencoder written into
 `AutoencoderKL` (cupscale_dist.demo.linear_vae), and that VAE after nonlinear fine-tuning.
 
-    PYTHONPATH=$PWD python bench/demo_vae.py --finetune-steps 800 > demo-vae.json   # ~25 min on 2 cores; progress on stderr
+    # ~25 min on 2 cores; progress on stderr
+    PYTHONPATH=$PWD python bench/demo_vae.py --finetune-steps 800 > demo-vae.json
 
 Defaults: factor 2 (`--blocks 32,64`), 8 latent channels, as `cupscale_dist.demo.train` builds it; the factor-4
 results came from `--blocks 32,64,64 --latent-channels 16` (before the embedding took SiLU(c) - SiLU(-c)).
@@ -29,7 +30,6 @@ from cupscale_dist.demo.linear_vae import (
 )
 from cupscale_dist.demo.photos import HELD_OUT, held_out_round_trip_psnr, training_photos
 from cupscale_dist.demo.train import VAE_CROP_PX, CropSampler
-from cupscale_dist.quality.image_metrics import psnr
 
 
 def held_out_psnr(round_trip) -> dict:
@@ -59,14 +59,18 @@ def main() -> None:
 
     result = {"args": vars(args), "held_out": list(HELD_OUT)}
     shipped = AutoencoderKL.from_pretrained(demo_model_dir() / "vae", torch_dtype=torch.float32).eval()
-    result["shipped"] = {"latent_channels": shipped.config.latent_channels, "psnr": held_out_psnr(vae_round_trip(shipped))}
+    result["shipped"] = {"latent_channels": shipped.config.latent_channels,
+                         "psnr": held_out_psnr(vae_round_trip(shipped))}
     print("shipped", result["shipped"], file=sys.stderr, flush=True)
 
     sampler = CropSampler(training_photos(), 0)
     model = LinearAutoencoder(args.latent_channels, tuple(int(b) for b in args.blocks.split(",")))
     started = time.time()
+    def progress(s, loss):
+        return s % 50 or print("linear", s, loss, file=sys.stderr, flush=True)
+
     log = fit_linear_autoencoder(model, lambda: sampler.batch(args.batch, VAE_CROP_PX)[0], args.linear_steps,
-                                 progress=lambda s, loss: s % 50 or print("linear", s, loss, file=sys.stderr, flush=True))
+                                 progress=progress)
     probe = sampler.batch(64, VAE_CROP_PX)[0]
     whiten_latents(model, probe)
     vae = embed_in_autoencoder_kl(model.eval()).eval()

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
 import torch
+
 from common import load_average, rounded
 
 # black-forest-labs/FLUX.1-dev transformer/config.json
@@ -140,7 +141,8 @@ def host_step_8k(runs: int) -> dict:
     parts = {name: statistics.median(values) for name, values in times.items()}
     driver = sum(parts[name] for name in ("cut", "reduce", "prior", "step"))
     # pack and positions run in the worker's process beside the transformer (on its device in a real run)
-    return {"views": len(views), "seconds": parts, "driver_s": driver, "worker_prelude_s": parts["pack"] + parts["positions"]}
+    return {"views": len(views), "seconds": parts, "driver_s": driver,
+            "worker_prelude_s": parts["pack"] + parts["positions"]}
 
 
 def plan_evaluations(flops: dict) -> dict:
@@ -176,7 +178,10 @@ def memory_per_actor(flops: dict) -> dict:
     transformer = flops["transformer_parameters"]
     params = {"transformer": transformer, "text_encoder_2_t5": t5, "text_encoder_clip": clip, "vae": vae,
               "largest_block": largest_block}
-    gb = lambda n, width: n * width / 1e9
+
+    def gb(n, width):
+        return n * width / 1e9
+
     return {"parameters": params,
             "full_bf16_gb": gb(transformer + t5 + clip + vae, 2),
             "fp8_gb": gb(transformer + t5 + clip, 1) + gb(vae, 2),

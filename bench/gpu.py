@@ -53,6 +53,7 @@ def unet_section(seed: int) -> dict:
 def flux_section(seed: int, device: str = "cuda") -> dict:
     """Flux rows: the FLUX.1-dev transformer on the GPU; on CPU (the smoke run) the tiny Flux's, figures meaningless."""
     import torch
+
     from flux_cost import transformer_rates  # bench/flux_cost.py
 
     if device == "cuda":

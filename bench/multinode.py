@@ -67,12 +67,12 @@ def link_bytes(device: str = "eth0") -> int:
 def drive(args) -> dict:
     import ray
     import torch
-    from orchestrator import InstantWorker
 
     from cupscale_dist import UpscaleConfig
     from cupscale_dist.execution.pool import RayExecutor, WorkerPool
     from cupscale_dist.execution.raycluster import ClusterOptions
     from cupscale_dist.models.spec import ModelSpec
+    from orchestrator import InstantWorker
 
     torch.set_num_threads(1)
     spec = ModelSpec.load("demo")  # configs and tokenizer only: no weights are loaded
@@ -89,7 +89,6 @@ def drive(args) -> dict:
 def one_size(executor, side: int, args) -> dict:
     """One step's time and link bytes through the executor (after a warm-up), and the serial tail in process."""
     import torch
-    from orchestrator import euler_schedule, median_time
 
     from cupscale_dist.method.prior import (
         inject_global_prior,
@@ -99,6 +98,7 @@ def one_size(executor, side: int, args) -> dict:
     from cupscale_dist.method.step import reduce_and_step, reduce_predictions
     from cupscale_dist.method.views import make_views, view_batches
     from cupscale_dist.pipeline import predict_step
+    from orchestrator import euler_schedule, median_time
 
     latents = torch.randn(1, CHANNELS, side, side, generator=torch.Generator().manual_seed(0))
     views = make_views(side, side, TILE, STRIDE)

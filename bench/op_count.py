@@ -17,8 +17,8 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import rounded  # noqa: E402
 import step_cost  # noqa: E402  (the full-size benchmark's context, variants and UNet config)
+from common import rounded  # noqa: E402
 
 SMALL_CHANNELS = (64, 128, 256)  # SDXL's (320, 640, 1280) / 5; heads of 64 as SDXL's
 SMALL_HEADS = (1, 2, 4)

@@ -122,9 +122,9 @@ class InstantWorker(PipelineWorker):
 def instant_executor(args, count: int, batch_size: int):
     """A RayExecutor over a real WorkerPool (placement, in-flight caps, ordered fan-out) of ``count`` InstantWorkers."""
     from cupscale_dist import UpscaleConfig
-    from cupscale_dist.models.spec import ModelSpec
     from cupscale_dist.execution.pool import RayExecutor, WorkerPool
     from cupscale_dist.execution.raycluster import ClusterOptions
+    from cupscale_dist.models.spec import ModelSpec
 
     spec = ModelSpec.load("demo")  # configs and tokenizer only: the pool needs a model name; no weights are loaded
     config = UpscaleConfig.load("cpu-demo", view_batch_size=batch_size, torch_threads=args.threads)
@@ -148,9 +148,8 @@ def median_time(fn, repeats: int, warmup: int = 1) -> float:
 def stage_context(executor, views: np.ndarray, latent_hw, config, seed: int):
     """A StageContext as run_stage builds it: real prompt encodings, distinct regional prompts, view token masks."""
     from cupscale_dist.method.masks import content_token_mask
-    from cupscale_dist.pipeline import encode_negative
     from cupscale_dist.method.step import StageContext
-    from cupscale_dist.pipeline import encode_prompts
+    from cupscale_dist.pipeline import encode_negative, encode_prompts
 
     spec = executor.spec
     prompts = [f"a photo of a cat, detail {i}" for i in range(len(views))]
@@ -178,14 +177,14 @@ def actors_bench(args) -> dict:
 
 def _actors_bench(args, tmp: str) -> dict:
     from cupscale_dist import UpscaleConfig
-    from cupscale_dist.execution.pool import RayExecutor, WorkerPool
-    from cupscale_dist.pipeline import predict_step
-    from cupscale_dist.execution.raycluster import ClusterOptions
-    from cupscale_dist.method.step import reduce_predictions
-    from cupscale_dist.testing.tiny import build_tiny_sdxl
-    from cupscale_dist.method.views import make_views
     from cupscale_dist.execution.executor import LocalExecutor
+    from cupscale_dist.execution.pool import RayExecutor, WorkerPool
+    from cupscale_dist.execution.raycluster import ClusterOptions
     from cupscale_dist.execution.worker import ModelWorker
+    from cupscale_dist.method.step import reduce_predictions
+    from cupscale_dist.method.views import make_views
+    from cupscale_dist.pipeline import predict_step
+    from cupscale_dist.testing.tiny import build_tiny_sdxl
 
     log(f"building the tiny SDXL (unet_channels={args.unet_channels}) ...")
     model_dir = str(build_tiny_sdxl(Path(tmp) / "model", seed=0, unet_channels=args.unet_channels))
@@ -311,10 +310,10 @@ def euler_schedule(latents: torch.Tensor, seed: int):
 
 def host_side(args, side: int) -> dict:
     """One latent size: the driver's work per step, part by part in process, then end to end through Ray."""
-    from cupscale_dist.pipeline import predict_step
     from cupscale_dist.method.prior import inject_global_prior, noise_level, prior_weight
     from cupscale_dist.method.step import reduce_and_step, reduce_predictions
     from cupscale_dist.method.views import make_views, view_batches
+    from cupscale_dist.pipeline import predict_step
 
     channels = 4
     latents = torch.randn(1, channels, side, side, generator=torch.Generator().manual_seed(args.seed))
@@ -419,9 +418,9 @@ def vae_driver(args) -> dict:
     from PIL import Image
 
     from cupscale_dist import UpscaleConfig
+    from cupscale_dist.execution.executor import LocalExecutor
     from cupscale_dist.method.vae import decode_bands, encode_image, latent_tiles
     from cupscale_dist.method.views import make_views
-    from cupscale_dist.execution.executor import LocalExecutor
 
     side, f, channels = args.vae_latent, SDXL_VAE_FACTOR, SDXL_LATENT_CHANNELS
     tile, stride = latent_tiles(args.vae_tile, args.vae_overlap, f)

@@ -37,7 +37,8 @@ def variants(random_model: str, tile: int, stride: int, factor: int) -> dict[str
 
 
 def markdown(results: dict) -> str:
-    lines = ["| variant | scale | PSNR | SSIM | consistency (dB) | detail vs bicubic | seam |", "|---|---|---|---|---|---|---|"]
+    lines = ["| variant | scale | PSNR | SSIM | consistency (dB) | detail vs bicubic | seam |",
+             "|---|---|---|---|---|---|---|"]
     for scale, by_variant in results.items():
         first = next(iter(by_variant.values()))
         lines.append(f"| bicubic | {scale} | {first['psnr_bicubic']:.2f} | {first['ssim_bicubic']:.3f} | – | 1.00 | "
@@ -59,10 +60,10 @@ def main() -> None:
     import torch
 
     from cupscale_dist import UpscaleConfig
+    from cupscale_dist.execution.worker import ModelWorker
     from cupscale_dist.models.spec import model_geometry
     from cupscale_dist.quality.evaluate import evaluate, held_out_originals
     from cupscale_dist.testing.tiny import build_tiny_sdxl
-    from cupscale_dist.execution.worker import ModelWorker
 
     torch.set_num_threads(args.threads)
     overrides = knob_overrides(args)

@@ -111,11 +111,11 @@ def main() -> None:
     import torch
 
     from cupscale_dist import UpscaleConfig, upscale
+    from cupscale_dist.execution.pool import RayExecutor, WorkerPool
+    from cupscale_dist.execution.raycluster import ClusterOptions
     from cupscale_dist.files.imageio import write_image
     from cupscale_dist.models.spec import ModelSpec
-    from cupscale_dist.execution.pool import RayExecutor, WorkerPool
     from cupscale_dist.plan import check_inputs
-    from cupscale_dist.execution.raycluster import ClusterOptions
 
     torch.set_num_threads(args.threads)
     config = UpscaleConfig.load("cpu-demo", scale=args.scale, steps=1, strength=1.0, tile=args.tile,

@@ -75,11 +75,11 @@ from actors.worker import PipelineWorker  # noqa: E402
 from common import load_average, log, rounded  # noqa: E402  (bench/common.py)
 
 MODELS = {  # seconds per view on one GPU, and where the figure comes from
-    "sdxl-cfg": (1 / 28.4, "SDXL UNet with CFG: 28.4 views/s on one H100 (architecture.md 'Performance anchors', "
-                           "bare batched UNet; 26.9 at 4 per batch, so 28.4 is the pessimistic side)"),
+    "sdxl-cfg": (1 / 28.4, ("SDXL UNet with CFG: 28.4 views/s on one H100 (architecture.md 'Performance anchors', "
+                            "bare batched UNet; 26.9 at 4 per batch, so 28.4 is the pessimistic side)")),
     "sdxl-one-pass": (1 / 56.8, "SDXL UNet, one pass per view (no CFG): 56.8 views/s on one H100 (twice the CFG rate)"),
-    "flux": (0.17097, "FLUX.1-dev, 1024-px view, bare: 0.171 s on one H200 (bench/results/gpu-h200.json, "
-                      "sections.flux.s_per_view.bare, 4 views per call); an H200 figure, not an H100 one"),
+    "flux": (0.17097, ("FLUX.1-dev, 1024-px view, bare: 0.171 s on one H200 (bench/results/gpu-h200.json, "
+                       "sections.flux.s_per_view.bare, 4 views per call); an H200 figure, not an H100 one")),
 }
 TILE, STRIDE, CHANNELS, BATCH, DWT_LEVELS = 128, 64, 4, 4, 1
 STAGE_STEPS = 18  # the default preset's stage: 30 steps at strength 0.6 (what the per-stage bytes amortise over)
@@ -112,9 +112,9 @@ ASSUMPTIONS = {
                       "owner's share sits on its critical path, the driver's in the driver loop. "
                       "'actors-cached-layout' is a what-if with both computed once per step",
     "driver_design": "driver: the step cannot be shorter than the driver's CPU per step measured here at the same "
-                     "latent (cut, copy, reduce, prior, Euler step, Ray; the same for any G) nor than its bytes per step "
-                     "over one 25 Gb/s link; the serial tail (prior + step, measured here with the driver CPU) is added "
-                     "since the GPUs wait for it",
+                     "latent (cut, copy, reduce, prior, Euler step, Ray; the same for any G) nor than its bytes per "
+                     "step over one 25 Gb/s link; the serial tail (prior + step, measured here with the driver CPU) "
+                     "is added since the GPUs wait for it",
     "not_modelled": "GPU-side Ray object transfers inside one node (NVLink / shared memory: faster than the 25 Gb/s "
                     "used), stragglers, the VAE phases, checkpoints/snapshots (snapshot_every 0)",
 }
@@ -573,13 +573,14 @@ def ray_call_costs(executor, gpus: int, repeats: int = 200) -> dict:
     call_cpu = (time.process_time() - c0) / repeats  # the driver's CPU per call: submit + fetch
     # a chained dependency: an actor call that takes another actor's result (what predict / reduce_step do)
     chain = []
-    for k in range(repeats // 8):
+    for _ in range(repeats // 8):
         t0 = time.perf_counter()
         first = actors[0].noop.remote()
         ray.get(actors[-1].noop.remote(first))
         chain.append(time.perf_counter() - t0)
     return {"noop_round_trip_s": statistics.median(latency), "driver_cpu_per_submit_s": submit_cpu,
-            "driver_cpu_per_call_s": call_cpu, "pipelined_s_per_call": total, "two_call_chain_s": statistics.median(chain), "actors": gpus}
+            "driver_cpu_per_call_s": call_cpu, "pipelined_s_per_call": total,
+            "two_call_chain_s": statistics.median(chain), "actors": gpus}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -620,7 +621,8 @@ def layout_costs(side: int, gpus: int, repeats: int) -> dict:
     """CPU seconds per step of the layout queries, measured here, in process: what ``PartLoop._run_from`` asks the
     StageLayout per step on the driver (``halo`` and ``contributions`` once per worker and call), what one
     ``PartOwner`` asks per step (``rects``, ``reach``, ``batches_of``, ``parts_in`` per view, ``contributions`` in
-    predict, ``halo`` in reduce_step's ``_halos``), and one ``contributions`` + ``halo`` (what a per-step cache costs)."""
+    predict, ``halo`` in reduce_step's ``_halos``), and one ``contributions`` + ``halo`` (what a per-step cache
+    costs)."""
     layout, step = layout_of(side, gpus), 1
 
     def driver():

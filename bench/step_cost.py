@@ -39,6 +39,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,8 +47,8 @@ sys.path.insert(0, str(ROOT))  # run from a checkout (or the GPU box) without in
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import load_average, log, rounded  # noqa: E402  (bench/common.py)
 
+from common import load_average, log, rounded  # noqa: E402  (bench/common.py)
 from cupscale_dist.testing.fullsize import SDXL_UNET_CONFIG  # noqa: E402  (SDXL base's published UNet config)
 
 
@@ -114,12 +115,11 @@ STAGE_TOTALS = {"vae_encode": ("vae_encode_forward", "vae_encode_blend"),  # inc
 def demo_breakdown(args) -> dict:
     from PIL import Image
 
-    from cupscale_dist import UpscaleConfig, upscale
-    from cupscale_dist import pipeline as pipeline_mod
-    from cupscale_dist.method import step as step_mod
-    from cupscale_dist.testing.tiny import build_tiny_sdxl
+    from cupscale_dist import UpscaleConfig, pipeline as pipeline_mod, upscale
     from cupscale_dist.execution.executor import LocalExecutor
     from cupscale_dist.execution.worker import ModelWorker
+    from cupscale_dist.method import step as step_mod
+    from cupscale_dist.testing.tiny import build_tiny_sdxl
 
     timer = Timer()
     steps: list[dict] = []  # per step: exclusive seconds per part + inclusive total
@@ -215,8 +215,8 @@ def demo_breakdown(args) -> dict:
             for module, name, fn in saved:
                 setattr(module, name, fn)
 
-    from cupscale_dist.plan import plan_stages
     from cupscale_dist.method.views import make_views
+    from cupscale_dist.plan import plan_stages
 
     sizes = plan_stages(image.size, config)
     latent = [(h // 8, w // 8) for w, h in sizes]
@@ -447,11 +447,42 @@ def profile_call(call, install, device: torch.device, top: int = 12) -> dict:
             "top_by_device": rows(device_time), "top_by_cpu": rows(lambda e: e.self_cpu_time_total)}
 
 
-def full_size(args) -> dict:
+def variant_calls(unet, backbone, sync, bare_inputs, windows, contexts, view_ids, rects):
+    """One tile count's timed calls: the bare batched UNet call and predict_views per variant (name -> call), and
+    install(name), which puts that call's attention processors on the UNet."""
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     from cupscale_dist.method.attention import install_regional_processors
     from cupscale_dist.method.step import predict_views
+
+    timestep, input_scale = TIMESTEP, INPUT_SCALE
+
+    def bare():
+        with torch.no_grad():
+            out = unet(**bare_inputs).sample
+        sync()
+        return out
+
+    def ours(name):
+        def call():
+            out = predict_views(backbone, windows, timestep, input_scale, contexts[name], view_ids, rects)
+            sync()
+            return out
+        return call
+
+    calls = {"bare": bare, **{name: ours(name) for name in VARIANTS}}
+    plain = AttnProcessor2_0()
+
+    def install(name):
+        if name == "bare":
+            unet.set_attn_processor(plain)
+        else:
+            install_regional_processors(unet)
+
+    return calls, install
+
+
+def full_size(args) -> dict:
     from cupscale_dist.models.backbones.sdxl import SDXL
 
     device = torch.device(args.device)
@@ -481,32 +512,8 @@ def full_size(args) -> dict:
         latent = args.latent
         # The bare reference: inputs prepared on the device once, one plain batched call per repeat.
         base, rects, windows, bare_inputs = side_by_side_inputs(tiles, latent, args.seed, device, dtype)
-        view_ids = np.arange(tiles)
-        timestep, input_scale = TIMESTEP, INPUT_SCALE
         contexts = {name: variant_context(base, *spec) for name, spec in VARIANTS.items()}
-
-        def bare():
-            with torch.no_grad():
-                out = unet(**bare_inputs).sample
-            sync()
-            return out
-
-        def ours(name):
-            def call():
-                out = predict_views(backbone, windows, timestep, input_scale, contexts[name], view_ids, rects)
-                sync()
-                return out
-            return call
-
-        calls = {"bare": bare, **{name: ours(name) for name in VARIANTS}}
-        plain = AttnProcessor2_0()
-
-        def install(name):
-            if name == "bare":
-                unet.set_attn_processor(plain)
-            else:
-                install_regional_processors(unet)
-
+        calls, install = variant_calls(unet, backbone, sync, bare_inputs, windows, contexts, np.arange(tiles), rects)
         finite = {}
         for name, call in calls.items():  # warm-up (kernels, autotuning, allocator) per variant
             install(name)
@@ -524,7 +531,7 @@ def full_size(args) -> dict:
                 times[name].append(time.perf_counter() - t0)
             log(f"tiles={tiles} repeat {r + 1}/{args.repeats}: " +
                 ", ".join(f"{n} {times[n][-1] * 1e3:.1f} ms" for n in calls))
-        profiles = {name: profile_call(calls[name], lambda n=name: install(n), device)
+        profiles = {name: profile_call(calls[name], partial(install, name), device)
                     for name in ("bare", "predict_views_plain")} if getattr(args, "profile", False) else None
         install("ours")
         median = {name: statistics.median(v) for name, v in times.items()}

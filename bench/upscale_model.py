@@ -23,9 +23,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import load_average, log, rounded  # noqa: E402
-
-from cupscale_dist.models import upscale_models as um  # noqa: E402
 from cupscale_dist.method.resize import upscale_with_model  # noqa: E402
+from cupscale_dist.models import upscale_models as um  # noqa: E402
 from cupscale_dist.quality.evaluate import held_out_originals, prepare_pair
 from cupscale_dist.quality.image_metrics import psnr, ssim  # noqa: E402
 

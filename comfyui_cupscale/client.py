@@ -24,7 +24,8 @@ class ServiceClient:
         self.url = url.rstrip("/")
         self.token = (token or "").strip() or None
 
-    def _call(self, method: str, path: str, body: bytes | None = None, params: dict | None = None) -> tuple[int, dict, bytes]:
+    def _call(self, method: str, path: str, body: bytes | None = None,
+              params: dict | None = None) -> tuple[int, dict, bytes]:
         query = f"?{urllib.parse.urlencode(params)}" if params else ""
         request = urllib.request.Request(f"{self.url}{path}{query}", data=body, method=method)
         if body is not None:

@@ -19,8 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .errors import UserError
-from .errors import shown as errors_shown
+from .errors import UserError, shown as errors_shown
 from .files.userfile import read_capped
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"  # the `configs` package (presets as data)
@@ -35,17 +34,21 @@ MAX_KNOB_INT = 2**63  # no knob means an int this big; numpy, torch and Ray hold
 SHOWN_CHARS = 40  # an error line shows at most this much of a bad value (it may be megabytes)
 # Sane ranges of the scales that multiply what a model predicts (issue 35): past them nothing better comes out, and far
 # past them the extrapolation overflows into an all-black picture (guidance_scale=1e308, --lora FILE:1e30).
-GUIDANCE_SCALE_MAX = 30.0  # SDXL is run at 3-12 (DemoFusion 7.5, FLUX.1-dev's embedded 3.5); A1111's CFG slider ends at 30
+# SDXL is run at 3-12 (DemoFusion 7.5, FLUX.1-dev's embedded 3.5); A1111's CFG slider ends at 30
+GUIDANCE_SCALE_MAX = 30.0
 TRUE_CFG_MAX = 30.0  # the same CFG formula as guidance_scale; diffusers' Flux true_cfg_scale examples use 1.5-4
-LORA_SCALE_RANGE = (-5.0, 5.0)  # style LoRAs run at 0.3-1.5, slider LoRAs at about -3..3; past 5 the delta swamps the weights
-CONTROLNET_SCALE_RANGE = (0.0, 2.0)  # diffusers' controlnet_conditioning_scale is used at 0.3-1 (default 1); 2 = twice the trained residual
+# style LoRAs run at 0.3-1.5, slider LoRAs at about -3..3; past 5 the delta swamps the weights
+LORA_SCALE_RANGE = (-5.0, 5.0)
+# diffusers' controlnet_conditioning_scale is used at 0.3-1 (default 1); 2 = twice the trained residual
+CONTROLNET_SCALE_RANGE = (0.0, 2.0)
 # Schedulers whose diffusers class (0.42.1) has `use_karras_sigmas`: DDIM, TCD and LCM have none, so karras_sigmas would
 # change nothing but the metadata.
 KARRAS_SCHEDULERS = ("euler", "dpmpp_2m")
 # Bounds on what a plan builds, not only on its output (issue 35: `--size 268435456x1` planned 22 stages up to 17.2 Gpx,
 # ~885 GB of host memory and 8.4 M UNet evaluations). Defaults: the 16K presets with room to spare.
 MAX_STAGE_PIXELS = 16448 * 16448  # the 16K preset's last stage (16384 px a side) with one 64-px rounding step per side
-MAX_PLAN_MEMORY_MB = 16 << 10  # the 16K presets plan 1.9 GB (SDXL) / 3.1 GB (FLUX.1) of host buffers; 16 GiB is a small node
+# the 16K presets plan 1.9 GB (SDXL) / 3.1 GB (FLUX.1) of host buffers; 16 GiB is a small node
+MAX_PLAN_MEMORY_MB = 16 << 10
 MAX_MODEL_EVALUATIONS = 1_000_000  # 4x a 1K -> 16K SDXL run at strength 1 and 100 steps (248,800): a day on one H100
 
 
@@ -113,7 +116,8 @@ class UpscaleConfig:
     upscale_model_overlap: int = knob(16, "context px around each upscale-model tile: RRDBNet's receptive field "
                                       "makes the borders of a tile depend on ~10 px beyond it", min=0)
     sharpen: float = knob(0.0, "unsharp-mask amount after resizing; 0 = off (method.md step 1)", min=0.0, max=5.0)
-    sharpen_radius: float = knob(2.0, "unsharp-mask radius in px: about the blur a x2 bicubic resize adds", min=0.1, max=20.0)
+    sharpen_radius: float = knob(2.0, "unsharp-mask radius in px: about the blur a x2 bicubic resize adds",
+                                 min=0.1, max=20.0)
 
     # --- 4. start point ----------------------------------------------------------------------------------
     steps: int = knob(30, "T, scheduler steps of a full run (method.md step 4)", min=1, max=1000)
@@ -158,22 +162,29 @@ class UpscaleConfig:
     regional_prompts: str | None = knob(None, "JSON file of per-view prompts (format of `cupscale caption --tiles`)")
     captioner_actors: int = knob(1, "captioner engines in the Ray pool; crops are split across them in order", min=1)
     captioner_gpus: float | None = knob(None, "GPU share per captioner actor; None = 0.4 beside the model workers "
-                                        "(a 7B VLM + KV cache in 0.4 of an 80 GB card), 1 alone, 0 without GPUs", min=0.0)
+                                        "(a 7B VLM + KV cache in 0.4 of an 80 GB card), 1 alone, 0 without GPUs",
+                                        min=0.0)
     captioner_dtype: str = knob("auto", "captioner weights dtype; 'auto' = the model's own (float32 on CPU tests)")
     caption_max_new_tokens: int = knob(48, "generation cap: words past the 77-token text encoder are wasted", min=1)
-    caption_token_budget: int = knob(75, "CLIP tokens a caption may use (77 minus start/end), cut at a word", min=1, max=75)
+    caption_token_budget: int = knob(75, "CLIP tokens a caption may use (77 minus start/end), cut at a word",
+                                     min=1, max=75)
     caption_instruction: str = knob("Describe this photo in one detailed sentence.", "user turn for the global caption")
     caption_region_context: str = knob(
         "This is the {position} part of a photo of {global_prompt}. Describe what this part shows in one detailed "
         "sentence.", "user turn per crop: where it sits and what the whole shows, so fur is 'the cat's back'")
-    caption_timeout_s: float = knob(600.0, "per-call limit; past it those views fall back to the global prompt", min=1.0)
-    keep_captioner: bool = knob(False, "keep the captioner pool between stages (else its GPU memory goes back to the UNet)")
+    caption_timeout_s: float = knob(600.0, "per-call limit; past it those views fall back to the global prompt",
+                                    min=1.0)
+    keep_captioner: bool = knob(False, "keep the captioner pool between stages (else its GPU memory goes back to the "
+                                "UNet)")
     mask_mode: Literal["view", "pixel", "off"] = knob("view", "'view': one token mask per view (cheapest)")
     mask_threshold: float = knob(0.3, "c: a token is kept in a view if its map covers >= 30% of it", min=0.0, max=1.0)
-    attn_probe_t: float = knob(0.5, "probe timestep as a fraction of T: layout is formed, details are not", min=0.0, max=1.0)
-    lambda_global: float = knob(0.5, "lambda: equal weight to the screened global and the regional prompt", min=0.0, max=1.0)
+    attn_probe_t: float = knob(0.5, "probe timestep as a fraction of T: layout is formed, details are not",
+                               min=0.0, max=1.0)
+    lambda_global: float = knob(0.5, "lambda: equal weight to the screened global and the regional prompt",
+                                min=0.0, max=1.0)
     composer: Literal["mix", "joint"] = knob("mix", "'mix': two softmaxes blended by lambda (method.md step 8)")
-    pooled_prompt: Literal["global", "regional"] = knob("global", "SDXL pooled embedding: global keeps one style across views")
+    pooled_prompt: Literal["global", "regional"] = knob("global",
+                                                        "SDXL pooled embedding: global keeps one style across views")
     micro_conditioning: Literal["global", "per_view"] = knob(
         "global", "SDXL time_ids (H, W, 0, 0, H, W) for all views, as DemoFusion and mixture-of-diffusers SDXL: "
         "per-view crop offsets reach ~15,000 px at 16K, unseen in training")
@@ -195,11 +206,13 @@ class UpscaleConfig:
     vae_tile_overlap: float = knob(0.25, "diffusers' default tile overlap; hides VAE seams", min=0.0, max=0.5)
     max_input_pixels: int = knob(4096 * 4096, "refuse bigger inputs (decompression bombs)", min=1)
     min_input_side: int = knob(16, "refuse degenerate inputs such as 1x1", min=1)
-    max_output_pixels: int = knob(16384 * 16384, "refuse bigger outputs (a typo in --size); the 16K preset's output", min=1)
+    max_output_pixels: int = knob(16384 * 16384, "refuse bigger outputs (a typo in --size); the 16K preset's output",
+                                  min=1)
     max_stage_pixels: int = knob(MAX_STAGE_PIXELS, "refuse a plan with a bigger stage: a thin --size plans stages "
                                  "far over the output (64-px rounding); the 16K preset's last stage", min=1)
     max_plan_memory_mb: int = knob(MAX_PLAN_MEMORY_MB, "refuse a plan whose stage holds more host memory (latent "
-                                   "buffers and pixels, as --dry-run estimates); the 16K presets plan 1.9-3.1 GB", min=1)
+                                   "buffers and pixels, as --dry-run estimates); the 16K presets plan 1.9-3.1 GB",
+                                   min=1)
     max_model_evaluations: int = knob(MAX_MODEL_EVALUATIONS, "refuse a plan of more UNet/transformer evaluations; "
                                       "4x a 1K -> 16K run at strength 1 and 100 steps", min=1)
 
@@ -213,7 +226,8 @@ class UpscaleConfig:
             value, lo, hi = getattr(self, f.name), f.metadata.get("min"), f.metadata.get("max")
             bounds = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
             if isinstance(value, float):
-                check_finite(f"config: {f.name}", value, f"use a value in {bounds}" if lo is not None else "use a number")
+                check_finite(f"config: {f.name}", value,
+                             f"use a value in {bounds}" if lo is not None else "use a number")
             for text in (value if isinstance(value, tuple) else (value,)):
                 if isinstance(text, str):
                     check_utf8(f"config: {f.name}", text)
@@ -235,8 +249,8 @@ class UpscaleConfig:
             import pywt
 
             if self.wavelet not in pywt.wavelist(kind="discrete"):
-                raise UserError(f"config: wavelet={shown(self.wavelet)} is not a discrete pywavelets wavelet; use 'haar', "
-                                "'db2', 'sym4', ... (pywt.wavelist(kind='discrete'))")
+                raise UserError(f"config: wavelet={shown(self.wavelet)} is not a discrete pywavelets wavelet; use "
+                                "'haar', 'db2', 'sym4', ... (pywt.wavelist(kind='discrete'))")
         if self.weights == "offload" and self.device == "cpu":
             raise UserError("config: weights=offload streams blocks from CPU memory onto a GPU, and device=cpu has "
                             "none; use weights=full or weights=fp8 (fp8 also runs on CPU)")
@@ -362,7 +376,8 @@ def key_shown(key: object) -> str:
 
 
 def check_finite(name: str, value: float, fix: str) -> None:
-    """NaN passes every ``<``/``>`` bound check and inf every lower one: refuse both by name (they give black images)."""
+    """NaN passes every ``<``/``>`` bound check and inf every lower one: refuse both by name (they give black
+    images)."""
     if not math.isfinite(value):
         raise UserError(f"{name}={value} is not a finite number; {fix}")
 
@@ -453,7 +468,8 @@ class _KnobLoader(yaml.SafeLoader):
 
 # YAML 1.1 (PyYAML) reads `1e308` and `1.0e9` as text: numbers with an exponent and no dot are floats here, as in
 # YAML 1.2 and Python, so `--set guidance_scale=1e308` meets the knob's range, not a type error.
-_KnobLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+_KnobLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                  re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
                                   list("-+0123456789"))
 
 
@@ -474,7 +490,8 @@ def read_yaml(preset_or_path: str) -> dict[str, Any]:
                            "(see `cupscale knobs`); check the path").decode("utf-8")
         data = yaml.load(text, Loader=_KnobLoader) or {}  # noqa: S506 - a SafeLoader subclass
     except OSError as exc:
-        raise UserError(f"config: {path} is unreadable ({exc.strerror or type(exc).__name__}); check the path") from None
+        raise UserError(f"config: {path} is unreadable ({exc.strerror or type(exc).__name__}); "
+                        "check the path") from None
     except (yaml.YAMLError, ValueError) as exc:  # ValueError: not UTF-8, an int of over 4300 digits
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

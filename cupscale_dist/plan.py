@@ -215,7 +215,7 @@ def model_parameters_of(config: UpscaleConfig) -> dict[str, int]:
 
     path = config.model
     if path == "demo":
-        from .demo import demo_model_dir
+        from .models.demo_dir import demo_model_dir
 
         path = str(demo_model_dir())
     return parameters_of(path)

@@ -22,8 +22,8 @@ import pyarrow.parquet as pq  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from cupscale_dist import UpscaleConfig  # noqa: E402
-from cupscale_dist.services.batch.run import run_batch  # noqa: E402
 from cupscale_dist.execution.raycluster import ClusterOptions  # noqa: E402
+from cupscale_dist.services.batch.run import run_batch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 

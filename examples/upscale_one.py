@@ -19,8 +19,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo model is built locally;
 from PIL import Image  # noqa: E402
 
 from cupscale_dist import UpscaleConfig  # noqa: E402
-from cupscale_dist.files.imageio import load_image  # noqa: E402
 from cupscale_dist.execution.raycluster import ClusterOptions  # noqa: E402
+from cupscale_dist.files.imageio import load_image  # noqa: E402
 from cupscale_dist.services.runner import run_upscale  # noqa: E402
 
 HERE = Path(__file__).resolve().parent

@@ -185,7 +185,8 @@ class VLMCaptioner:
 
             from ..execution.raycluster import ClusterOptions, connect
 
-            connect(ClusterOptions())  # `cupscale caption` and `upscale --actors 0` have no Ray yet: RAY_ADDRESS or local
+            # `cupscale caption` and `upscale --actors 0` have no Ray yet: RAY_ADDRESS or local
+            connect(ClusterOptions())
 
             return CaptionerPool(self.backend, self.model, pool_size=self.pool_size,
                                  gpus_per_actor=self.gpus_per_actor, cpus_per_actor=self.cpus_per_actor,
@@ -195,7 +196,8 @@ class VLMCaptioner:
 
 
 class InProcessRunner:
-    """One engine in this process (no Ray); same `caption`/`close` contract as `cupscale_dist.captions.pool.CaptionerPool`.
+    """One engine in this process (no Ray); same `caption`/`close` contract as
+    `cupscale_dist.captions.pool.CaptionerPool`.
 
     `timeout_s` is not enforced here: a Python thread can't be stopped, so a hung engine would leak it.
     """

@@ -10,7 +10,8 @@ none) and each view's crop (one regional prompt per view). Two engines share one
 
 Both render the prompt with the model's own chat template (through its processor) and decode with its
 tokenizer, so the same model gives the same captions in either engine. What the pipeline needs around an engine
-(the instructions, a cache, the cut to 77 tokens, the fallback) is :class:`cupscale_dist.captions.captioner.VLMCaptioner`.
+(the instructions, a cache, the cut to 77 tokens, the fallback) is
+:class:`cupscale_dist.captions.captioner.VLMCaptioner`.
 """
 
 from __future__ import annotations
@@ -145,7 +146,8 @@ def engine_root_cause(exc: BaseException) -> str:
             tail = log.read().decode(errors="replace").splitlines()
     except OSError:
         return own
-    causes = [f"{m.group(1)}: {m.group(2)}" for m in map(_ERROR_LINE.search, tail) if m and "Engine core" not in m.group(2)]
+    causes = [f"{m.group(1)}: {m.group(2)}" for m in map(_ERROR_LINE.search, tail)
+              if m and "Engine core" not in m.group(2)]
     return causes[-1] if causes else own
 
 

@@ -1,4 +1,4 @@
-"""The captioner pool's policy, on the driver (method.md step 6): N :class:`actors.captioner.CaptionerActor` engines.
+"""The captioner pool's policy, on the driver (method.md step 6): N :class:`.actor.CaptionerActor` engines.
 
 How many actors and what each may hold, the startup wait, the split of crops across actors in order and their
 re-assembly in order, and what a failed or late call turns into (None per crop, which ``VLMCaptioner`` replaces by
@@ -14,12 +14,11 @@ from itertools import pairwise
 import ray
 from ray.exceptions import RayActorError, RayError
 
-from actors.captioner import CaptionerActor
-
 from ..errors import UserError
 from ..execution.actorgroup import ActorGroup, NotReady
 from ..execution.placement import captioner_share
 from ..execution.raycluster import root_cause
+from .actor import CaptionerActor
 
 logger = logging.getLogger(__name__)
 

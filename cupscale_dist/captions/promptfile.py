@@ -51,7 +51,8 @@ def _schema_problem(data) -> str | None:
     seen: set[int] = set()
     for s, stage in enumerate(data.get("stages", [])):
         where = f"stages[{s}]"
-        problem = (_mapping_problem(stage, where, {"stage": int, "size": list, "views": list}, required=("stage", "views"))
+        problem = (_mapping_problem(stage, where, {"stage": int, "size": list, "views": list},
+                                    required=("stage", "views"))
                    or _ints_problem(stage.get("size"), f"{where}.size", 2))
         if problem:
             return problem
@@ -97,12 +98,13 @@ def check_prompt_file(path, data: dict, plan) -> None:
         stage = entry["stage"]
         if stage >= len(stages):
             raise UserError(f"{named(f'--regional-prompts {path}')}: stage {stage} does not exist, this run has "
-                            f"{len(stages)} stage(s) (0..{len(stages) - 1}); regenerate it with `cupscale caption --tiles` using "
-                            "the same scale/size")
+                            f"{len(stages)} stage(s) (0..{len(stages) - 1}); regenerate it with "
+                            "`cupscale caption --tiles` using the same scale/size")
         planned = stages[stage]
         if entry.get("size") not in (None, list(planned.size)):
             raise UserError(f"{named(f'--regional-prompts {path}')}: stage {stage} is "
-                            f"{entry['size'][0]}x{entry['size'][1]} in the file but {planned.size[0]}x{planned.size[1]} in this run; regenerate it with "
+                            f"{entry['size'][0]}x{entry['size'][1]} in the file but "
+                            f"{planned.size[0]}x{planned.size[1]} in this run; regenerate it with "
                             "`cupscale caption --tiles` using the same scale/size")
         check_view_count(path, stage, len(entry["views"]), len(planned.views))
 
@@ -110,4 +112,5 @@ def check_prompt_file(path, data: dict, plan) -> None:
 def check_view_count(path, stage: int, listed: int, expected: int) -> None:
     if listed != expected:
         raise UserError(f"{named(f'--regional-prompts {path}')}: stage {stage} lists {listed} views but this run "
-                        f"has {expected}; regenerate it with `cupscale caption --tiles` using the same tile/stride/scale")
+                        f"has {expected}; regenerate it with `cupscale caption --tiles` using the same "
+                        "tile/stride/scale")

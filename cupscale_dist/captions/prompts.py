@@ -87,7 +87,8 @@ class VLMPrompter:
         self.captioner.close()
 
 
-def make_prompter(config, count_tokens=None, beside_workers: bool = True, start_timeout_s: float | None = None) -> Prompter:
+def make_prompter(config, count_tokens=None, beside_workers: bool = True,
+                  start_timeout_s: float | None = None) -> Prompter:
     """The prompter the config asks for; a prompts file takes precedence over the captioner.
 
     ``count_tokens`` (text -> content tokens of the diffusion model's text encoder) fits captions to 77 tokens.

@@ -11,7 +11,6 @@ from pathlib import Path
 from ..errors import UserError, shown
 from .options import add_cluster_options, add_run_options, config_from_args
 
-
 SUBMIT_EXAMPLES = """examples:
   cluster/start-local-head.sh /tmp/ray-head                      # a local head; prints the addresses
   cupscale submit --wait -- upscale /data/in.png -o /data/out.png --config cpu-demo
@@ -182,16 +181,19 @@ def add_jobs_parsers(sub) -> None:
     submit.add_argument("--wait", action="store_true", help="follow the job's log until it ends; exit 1 if it failed")
     submit.add_argument("--timeout", type=float, metavar="S", help="with --wait: give up waiting after S seconds")
     submit.add_argument("--working-dir", dest="working_dir", metavar="DIR", help="folder shipped to the job (its cwd)")
-    submit.add_argument("--pip", action="append", default=[], metavar="SPEC", help="pip package for the job, repeatable")
-    submit.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment variable, repeatable")
+    submit.add_argument("--pip", action="append", default=[], metavar="SPEC",
+                        help="pip package for the job, repeatable")
+    submit.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment variable, repeatable")
     submit.add_argument("--entrypoint-num-cpus", dest="entrypoint_num_cpus", type=float, metavar="N",
                         help="CPUs reserved for the job's driver")
     submit.add_argument("--entrypoint-num-gpus", dest="entrypoint_num_gpus", type=float, metavar="N",
-                        help="GPUs reserved for the job's driver (default: 1 for `upscale --actors 0`, whose driver runs the "
-                             "models; else none: drivers in Ray mode run no model)")
+                        help="GPUs reserved for the job's driver (default: 1 for `upscale --actors 0`, whose "
+                             "driver runs the models; else none: drivers in Ray mode run no model)")
     submit.add_argument("--entrypoint-memory", dest="entrypoint_memory", type=int, metavar="BYTES",
                         help="memory reserved for the job's driver")
-    submit.add_argument("--dry-run", action="store_true", help="print the submission (entrypoint, runtime_env) and exit")
+    submit.add_argument("--dry-run", action="store_true",
+                        help="print the submission (entrypoint, runtime_env) and exit")
     submit.add_argument("-q", "--quiet", action="store_true", help="with --wait: don't echo the job's log")
     submit.add_argument("job", nargs=argparse.REMAINDER, metavar="-- upscale|batch ARGS",
                         help="the cupscale command the job runs")
@@ -268,5 +270,6 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     else:
         stopped = jobs.stop_job(args.job_id, args.address)
         status = jobs.job_info(args.job_id, args.address).status
-        print(f"stop requested for {args.job_id} ({status})" if stopped else f"{args.job_id} had already ended ({status})")
+        print(f"stop requested for {args.job_id} ({status})" if stopped
+              else f"{args.job_id} had already ended ({status})")
     return 0

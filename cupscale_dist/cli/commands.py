@@ -12,7 +12,6 @@ from ..errors import UserError
 from ..files.userfile import check_path_text
 from .options import add_cluster_options, add_run_options, config_from_args
 
-
 BATCH_EXAMPLES = """examples:
   cupscale batch --input photos/ --output up/ --config cpu-demo --gpus-per-actor 0 --cpus-per-actor 0.5 --workers 2
   cupscale batch --input 'photos/**/*.jpg' --output /data/up --config sdxl-4k          # one GPU per worker
@@ -57,13 +56,15 @@ def check_path_args(args: argparse.Namespace, config: UpscaleConfig | None = Non
 def add_eval_parser(sub) -> None:
     ev = sub.add_parser("eval", help="quality figures: downscale originals, upscale them back, compare (table or JSON)",
                         epilog=EVAL_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ev.add_argument("originals", nargs="*", help="high-resolution originals (default: the demo model's held-out photos)")
-    ev.add_argument("--out", metavar="DIR", help="write eval.json, the upscales and side-by-side crops (bicubic | ours | "
-                                                  "original) here (created if missing)")
+    ev.add_argument("originals", nargs="*",
+                    help="high-resolution originals (default: the demo model's held-out photos)")
+    ev.add_argument("--out", metavar="DIR", help="write eval.json, the upscales and side-by-side crops (bicubic | "
+                                                  "ours | original) here (created if missing)")
     ev.add_argument("--overwrite", action="store_true", help="replace files an earlier eval wrote in --out (an "
                                                              "original is never replaced)")
     ev.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
-    ev.add_argument("--inception", metavar="FILE", help="FID Inception weights file: adds FID, KID and IS (whole and crops)")
+    ev.add_argument("--inception", metavar="FILE",
+                    help="FID Inception weights file: adds FID, KID and IS (whole and crops)")
     ev.add_argument("--clip", metavar="DIR", help="local transformers CLIP model directory: adds CLIP score")
     ev.add_argument("--crops-per-image", dest="crops_per_image", type=int, default=10, metavar="N",
                     help="random crops per image for the patch FID/KID/IS (default 10)")
@@ -98,7 +99,8 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     check_path_args(args)  # before the config file is read
     config = config_from_args(args)
     check_path_args(args, config)  # the path knobs a config file set
-    output = check_output_path(args.output, args.overwrite or args.dry_run, source=args.input)  # a dry run writes nothing
+    # a dry run writes nothing
+    output = check_output_path(args.output, args.overwrite or args.dry_run, source=args.input)
     image, carried = load_input(args.input, config.max_input_pixels, config.min_input_side)
     if args.dry_run:  # the plan, checked as the run checks it (a checkpoint only matters to a run)
         from ..method.parts import describe_parts
@@ -125,8 +127,8 @@ def cmd_upscale(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ..quality.evaluate import check_out_dir, evaluate, format_table, held_out_originals
     from ..files.imageio import load_image
+    from ..quality.evaluate import check_out_dir, evaluate, format_table, held_out_originals
 
     check_path_args(args)  # before the config file is read
     config = config_from_args(args)
@@ -144,9 +146,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
-    from ..services.caption import caption_views
     from ..files.imageio import load_image
     from ..plan import check_inputs
+    from ..services.caption import caption_views
 
     check_path_args(args)  # before the config file is read
     config = config_from_args(args)
@@ -158,8 +160,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from ..services.batch.run import run_batch, summarize_errors
     from ..execution.raycluster import ClusterOptions
+    from ..services.batch.run import run_batch, summarize_errors
 
     check_path_args(args)  # before the config file is read
     config = config_from_args(args)

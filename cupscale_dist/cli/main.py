@@ -22,8 +22,16 @@ from typing import NoReturn
 
 from ..errors import UserError
 from .cluster import add_jobs_parsers, add_serve_parser, cmd_jobs, cmd_serve, cmd_submit
-from .commands import (add_batch_parser, add_eval_parser, cmd_batch, cmd_caption, cmd_eval, cmd_knobs, cmd_presets,
-                       cmd_upscale)
+from .commands import (
+    add_batch_parser,
+    add_eval_parser,
+    cmd_batch,
+    cmd_caption,
+    cmd_eval,
+    cmd_knobs,
+    cmd_presets,
+    cmd_upscale,
+)
 from .options import add_cluster_options, add_run_options
 
 EXAMPLES = """examples:
@@ -58,7 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("upscale", help="upscale one image", epilog=EXAMPLES,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     up.add_argument("input", help="input image (PNG, JPEG, WebP, TIFF, ...)")
-    up.add_argument("-o", "--output", required=True, help="output .png or .tif/.tiff (tiled BigTIFF), written band by band, or .webp/.jpg (whole, through PIL; WebP up to 16383 px a side); carries the run's parameters and the input's A1111/ComfyUI metadata")
+    up.add_argument("-o", "--output", required=True,
+                    help="output .png or .tif/.tiff (tiled BigTIFF), written band by band, or .webp/.jpg (whole, "
+                         "through PIL; WebP up to 16383 px a side); carries the run's parameters and the input's "
+                         "A1111/ComfyUI metadata")
     up.add_argument("--overwrite", action="store_true", help="replace an existing output")
     up.add_argument("--dry-run", action="store_true", help="print the plan (stages, views, UNet evaluations) and exit")
     up.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -71,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     ckpt.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
     cap = sub.add_parser("caption", help="print the global caption (and, with --tiles, one prompt per view) as JSON")
     cap.add_argument("input", help="input image")
-    cap.add_argument("--tiles", action="store_true", help="caption every view of every stage (the --regional-prompts format)")
+    cap.add_argument("--tiles", action="store_true",
+                     help="caption every view of every stage (the --regional-prompts format)")
     add_run_options(cap)
     add_batch_parser(sub)
     add_jobs_parsers(sub)
@@ -100,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cupscale: error: unknown command {argv[0]!r}{hint}", file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     warnings_to_log()
     quiet_libraries(args.verbose)
     try:

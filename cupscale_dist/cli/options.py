@@ -1,4 +1,5 @@
-"""Options every command that runs the method shares, defined once (like huggingface_hub's cli/_cli_utils.py), and the config and cluster they make."""
+"""Options every command that runs the method shares, defined once (like huggingface_hub's cli/_cli_utils.py), and
+the config and cluster they make."""
 
 from __future__ import annotations
 

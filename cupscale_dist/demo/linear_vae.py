@@ -176,7 +176,8 @@ def _group_layout(content: int, channels: int, groups: int) -> tuple[list[int], 
     size = channels // groups
     per_group = math.ceil(content / groups)
     if 2 * per_group + 2 > size:
-        raise ValueError(f"{content} content channels do not fit {groups} groups of {size} with their mirrors and constants")
+        raise ValueError(f"{content} content channels do not fit {groups} groups of {size} with their mirrors "
+                         "and constants")
     values, mirrors, constants = [], [], []
     for g in range(groups):
         start = g * size

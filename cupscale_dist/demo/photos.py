@@ -4,7 +4,8 @@ Every photo ships inside a pip package (scikit-image's `skimage.data`, scikit-le
 training needs no download. Licences are the packages' own statements (the `skimage.data` docstrings and
 `sklearn/datasets/images/README.txt`), copied here so the record travels with the weights.
 
-Held out: the bundled example (astronaut) and the coffee cup are never seen in training; `cupscale eval` measures on them.
+Held out: the bundled example (astronaut) and the coffee cup are never seen in training; `cupscale eval` measures
+on them.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Train the embedded demo model (`--model demo`): a small SDXL-family latent diffusion model, on CPU, from a fixed seed.
+"""Train the embedded demo model (`--model demo`): a small SDXL-family latent diffusion model, on CPU, from a fixed
+seed.
 
     python -m cupscale_dist.demo.train --out cupscale_dist/demo/model      # the shipped weights (see --help for sizes)
 
@@ -10,8 +11,9 @@ text encoders' hidden states, CLIP's real BPE tokenizer (openai/CLIP's 49,408-to
 
 Two phases, both seeded: (1) the VAE: a linear autoencoder with exactly AutoencoderKL's linear path fitted by least
 squares on random crops of the training photos, its latents whitened, written into AutoencoderKL exactly, then
-fine-tuned as the real (nonlinear) class; (2) the UNet and both text encoders on the frozen VAE's latents (epsilon prediction, min-SNR weighting, 10 % caption
-dropout to zeros as SDXL's `force_zeros_for_empty_prompt` expects, EMA weights). The photos, their captions and
+fine-tuned as the real (nonlinear) class; (2) the UNet and both text encoders on the frozen VAE's latents (epsilon
+prediction, min-SNR weighting, 10 % caption dropout to zeros as SDXL's `force_zeros_for_empty_prompt` expects, EMA
+weights). The photos, their captions and
 licences are in :mod:`cupscale_dist.demo.photos`; the held-out ones are never sampled. Weights are saved as float16
 safetensors (the package budget is 40 MB), the VAE's as float32 (its constant channels; ~2 MB), and load in any dtype.
 """
@@ -201,6 +203,7 @@ def train_unet(components: dict, sampler: CropSampler, steps: int, batch: int, l
     scaling = vae.config.scaling_factor
     bar = tqdm(total=steps, desc=f"training the demo UNet + text encoders ({device})", unit="step")
     step, started = 0, time.perf_counter()
+    timed_from = None  # set at TIMING_STEPS[0], read at TIMING_STEPS[1]
     while step < steps:
         if minutes and step == TIMING_STEPS[1]:  # the budget fixes the schedule's length once, early
             per_step = (time.perf_counter() - timed_from) / (TIMING_STEPS[1] - TIMING_STEPS[0])

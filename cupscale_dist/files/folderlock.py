@@ -1,7 +1,7 @@
 """One owner per folder: an ``flock`` on a lock file in it, which the kernel releases when the holder exits or dies
 (no stale lock after a kill). The file names its holder, so a refused second owner is told who has the folder.
-Used by a batch's output folder (:class:`cupscale_dist.services.batch.manifest.OutputLock`) and the service's results folder
-(:meth:`cupscale_dist.services.jobstore.JobStore.claim`, probed by `cupscale serve` before it starts Ray)."""
+Used by a batch's output folder (:class:`cupscale_dist.services.batch.manifest.OutputLock`) and the service's results
+folder (:meth:`cupscale_dist.services.jobstore.JobStore.claim`, probed by `cupscale serve` before it starts Ray)."""
 
 from __future__ import annotations
 

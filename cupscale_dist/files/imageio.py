@@ -8,10 +8,10 @@ import io
 import logging
 import os
 import struct
-import zlib
 import tempfile
 import threading
 import warnings
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -40,10 +40,10 @@ def load_image(path: str | os.PathLike, max_pixels: int, min_side: int) -> Image
 
 
 def load_input(path: str | os.PathLike, max_pixels: int, min_side: int) -> tuple[Image.Image, dict[str, str]]:
-    """:func:`load_image`, plus the generator keys its result carries (:func:`cupscale_dist.files.metadata.carried_text`),
-    read from the same open. A PNG whose text chunks PIL's zip-bomb guard refuses (one over 1 MB inflated, 64 MB
-    in all) is opened again with only the text it can carry, within those limits (:func:`png_without_big_text`),
-    with a warning: the rest is not carried."""
+    """:func:`load_image`, plus the generator keys its result carries
+    (:func:`cupscale_dist.files.metadata.carried_text`), read from the same open. A PNG whose text chunks PIL's
+    zip-bomb guard refuses (one over 1 MB inflated, 64 MB in all) is opened again with only the text it can carry,
+    within those limits (:func:`png_without_big_text`), with a warning: the rest is not carried."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"input {path}: no such file; check the path")
@@ -228,7 +228,7 @@ def check_output_side(path: str | os.PathLike, size: tuple[int, int]) -> None:
 
 def temp_beside(path: str | os.PathLike) -> Path:
     """An empty private file beside ``path`` (same filesystem, so placing it is a rename) for a result to be written
-    to, then :func:`place`\ d under its name; one UserError if the folder takes no new files."""
+    to, then moved under its name by :func:`place`; one UserError if the folder takes no new files."""
     path = Path(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

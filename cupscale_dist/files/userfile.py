@@ -141,7 +141,8 @@ def read_json_object(path: str | os.PathLike, what: str, fix: str, cap: int = MA
     except RecursionError:  # the decoder recurses once per level: past Python's limit this is no config
         raise UserError(f"{named(what)} is nested too deeply to be a config file; {fix}") from None
     except ValueError as exc:  # JSONDecodeError, bytes that are not UTF-8, an int of over 4300 digits
-        raise UserError(f"{named(what)} is unreadable, not valid JSON ({str(exc).splitlines()[0][:40]}); {fix}") from None
+        reason = str(exc).splitlines()[0][:40]
+        raise UserError(f"{named(what)} is unreadable, not valid JSON ({reason}); {fix}") from None
     if not isinstance(data, dict):
         raise UserError(f"{named(what)} must be a JSON object {{...}}, got {json_kind(data)}; {fix}")
     return data

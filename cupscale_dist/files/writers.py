@@ -4,8 +4,8 @@
 rows, IEND), readable by any PNG reader; ``.tif``/``.tiff``: a tiled BigTIFF through tifffile with the keys as
 JSON in the ImageDescription tag. ``.webp``/``.jpg``/``.jpeg`` are *not* streamed: the bands are gathered into one
 image that PIL encodes (XMP + EXIF UserComment, :mod:`cupscale_dist.files.metadata`). Every encoder takes the file's
-keys as :func:`cupscale_dist.files.metadata.file_text` builds them. :func:`cupscale_dist.files.imageio.write_image` puts them in
-a temp file and then in place, so a file appears only when complete.
+keys as :func:`cupscale_dist.files.metadata.file_text` builds them. :func:`cupscale_dist.files.imageio.write_image`
+puts them in a temp file and then in place, so a file appears only when complete.
 """
 
 from __future__ import annotations
@@ -106,9 +106,9 @@ def write_tiff(handle, bands: Iterable[np.ndarray], width: int, height: int, tex
     import tifffile
 
     description = json.dumps(text)
-    tifffile.imwrite(handle, tiff_tiles(bands, width), shape=(height, width, 3), dtype=np.uint8, tile=(TIFF_TILE, TIFF_TILE),
-                     bigtiff=True, photometric="rgb", compression="zlib", compressionargs={"level": ZLIB_LEVEL},
-                     predictor=True, description=description, metadata=None)
+    tifffile.imwrite(handle, tiff_tiles(bands, width), shape=(height, width, 3), dtype=np.uint8,
+                     tile=(TIFF_TILE, TIFF_TILE), bigtiff=True, photometric="rgb", compression="zlib",
+                     compressionargs={"level": ZLIB_LEVEL}, predictor=True, description=description, metadata=None)
 
 
 def gather(bands: Iterable[np.ndarray], width: int, height: int) -> np.ndarray:

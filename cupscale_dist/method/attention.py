@@ -137,7 +137,8 @@ class RegionalAttnProcessor:
         if regional.lambda_global == 1.0 and bias is None:
             # Regional prompt weighted 0, nothing screened: exactly the plain UNet (method.md invariant).
             return self.plain(attn, hidden_states, global_states, attention_mask, temb)
-        if attention_mask is not None or hidden_states.ndim != 3 or attn.spatial_norm is not None or attn.group_norm is not None:
+        if (attention_mask is not None or hidden_states.ndim != 3 or attn.spatial_norm is not None
+                or attn.group_norm is not None):
             raise ValueError("RegionalAttnProcessor supports the UNet's transformer cross-attention layers only")
 
         batch = hidden_states.shape[0]

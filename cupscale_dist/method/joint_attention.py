@@ -110,7 +110,9 @@ def composed_attention(query, key, value, regional: JointRegional) -> torch.Tens
     elif regional.composer == "mix":
         out_i = lam * attend(q_i, keys_g, values_g, bias_g) + (1 - lam) * attend(q_i, keys_r, values_r)
     else:  # 'joint': one softmax; global keys weighted lambda, regional 1 - lambda, image keys 1
-        log_w = lambda w: math.log(w) if w > 0 else float("-inf")
+        def log_w(w):
+            return math.log(w) if w > 0 else float("-inf")
+
         weights = torch.cat([torch.full((g,), log_w(lam)), torch.full((r,), log_w(1 - lam)), torch.zeros(image)])
         full = weights.to(query.device, query.dtype).expand(query.shape[0], 1, 1, g + r + image).clone()
         if regional.global_bias is not None:
@@ -138,7 +140,8 @@ class JointRegionalProcessor:
             raise ValueError("JointRegionalProcessor takes no attention_mask: screening is the regional bias")
         query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
             attn, hidden_states, encoder_hidden_states)
-        query, key = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim))), attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
+        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
         value = value.unflatten(-1, (-1, attn.head_dim))
         double_stream = encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
         if double_stream:  # the text stream has its own projections here; single-stream blocks get [text; image]
@@ -161,8 +164,8 @@ class JointRegionalProcessor:
         out = out.flatten(2, 3).to(query.dtype)
         if encoder_hidden_states is None:
             return out
-        text, image = out.split_with_sizes([encoder_hidden_states.shape[1], out.shape[1] - encoder_hidden_states.shape[1]],
-                                           dim=1)
+        text_len = encoder_hidden_states.shape[1]
+        text, image = out.split_with_sizes([text_len, out.shape[1] - text_len], dim=1)
         return attn.to_out[1](attn.to_out[0](image.contiguous())), attn.to_add_out(text.contiguous())
 
 

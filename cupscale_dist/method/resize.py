@@ -1,4 +1,5 @@
-"""Step 1 of every stage: bring the previous stage's image to this stage's size (Lanczos or an upscale model), then sharpen.
+"""Step 1 of every stage: bring the previous stage's image to this stage's size (Lanczos or an upscale model), then
+sharpen.
 
 The upscale model runs on the workers (``ModelWorker.upscale_tile``); cutting its input into tiles of
 ``upscale_model_tile`` input px with context, and pasting the cores back, is driver work and lives here: a tile's
@@ -6,7 +7,6 @@ output does not depend on which worker ran it.
 """
 
 from __future__ import annotations
-
 
 import numpy as np
 from PIL import Image, ImageFilter
@@ -29,7 +29,8 @@ def resize_input(image: Image.Image, size: tuple[int, int], config: UpscaleConfi
                 "model": Image.Resampling.LANCZOS}[config.resize]
     out = image.resize(size, resample)
     if config.sharpen > 0:
-        out = out.filter(ImageFilter.UnsharpMask(radius=config.sharpen_radius, percent=int(config.sharpen * 100), threshold=0))
+        out = out.filter(ImageFilter.UnsharpMask(radius=config.sharpen_radius, percent=int(config.sharpen * 100),
+                                                 threshold=0))
     return out
 
 
@@ -74,7 +75,8 @@ def upscale_with_model(tile_map: TileMap, image: Image.Image, tile_px: int, over
             if scale < 1 or result.shape != (height * scale, width * scale, 3):
                 raise RuntimeError(f"upscale_tile returned {result.shape} for a {width}x{height} tile; expected "
                                    f"({height * scale}, {width * scale}, 3) (scale {scale} from the first tile)")
-            core = result[(top - c_top) * scale : (bottom - c_top) * scale, (left - c_left) * scale : (right - c_left) * scale]
+            core = result[(top - c_top) * scale : (bottom - c_top) * scale,
+                          (left - c_left) * scale : (right - c_left) * scale]
             out[top * scale : bottom * scale, left * scale : right * scale] = core
             bar.update()
     return Image.fromarray(out)

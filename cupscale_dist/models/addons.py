@@ -9,8 +9,8 @@ and load it (:mod:`cupscale_dist.execution.worker`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import split_lora

@@ -62,7 +62,8 @@ def check_controlnet(folder: str, spec) -> None:
     for key in MATCHING_KEYS:
         if config.get(key) != unet.get(key):
             raise UserError(f"--controlnet {folder}: made for another model ({key} {shown(config.get(key))} here, "
-                            f"{shown(unet.get(key))} in {spec.name}'s UNet); use a ControlNet of the {spec.family} family")
+                            f"{shown(unet.get(key))} in {spec.name}'s UNet); use a ControlNet of the "
+                            f"{spec.family} family")
 
 
 # What must agree between a Flux ControlNet and the transformer it steers: its block outputs are added to the
@@ -74,26 +75,28 @@ FLUX_MATCHING_KEYS = ("in_channels", "attention_head_dim", "num_attention_heads"
 def check_flux_controlnet(folder: str, config: dict, spec) -> None:
     """A Flux ControlNet on a UNet model, a UNet ControlNet on Flux, or one of other widths: one line."""
     if config.get("_class_name") != "FluxControlNetModel" or spec.family != "flux":
-        raise UserError(f"--controlnet {folder}: a {shown(config.get('_class_name'))} and {spec.name} is an {spec.family} "
-                        "model; use a ControlNet of the model's family (FluxControlNetModel for Flux)")
+        raise UserError(f"--controlnet {folder}: a {shown(config.get('_class_name'))} and {spec.name} is an "
+                        f"{spec.family} model; use a ControlNet of the model's family (FluxControlNetModel for Flux)")
     transformer = spec.denoiser_config()
     for key in FLUX_MATCHING_KEYS:
         mine, theirs = config.get(key), transformer.get(key)
         if (list(mine) if isinstance(mine, (list, tuple)) else mine) != (
                 list(theirs) if isinstance(theirs, (list, tuple)) else theirs):
-            raise UserError(f"--controlnet {folder}: made for another model ({key} {shown(mine)} here, {shown(theirs)} in "
-                            f"{spec.name}'s transformer); use a Flux ControlNet for this model")
+            raise UserError(f"--controlnet {folder}: made for another model ({key} {shown(mine)} here, "
+                            f"{shown(theirs)} in {spec.name}'s transformer); use a Flux ControlNet for this model")
 
 
 def load_controlnet(folder: str, device: torch.device, dtype: torch.dtype):
     """The ControlNet (a UNet family's, or a FluxControlNetModel) on the worker's device and dtype."""
     from diffusers import ControlNetModel, FluxControlNetModel
 
-    flux = read_json(folder, "config.json", "--controlnet", "re-save the model").get("_class_name") == "FluxControlNetModel"
+    class_name = read_json(folder, "config.json", "--controlnet", "re-save the model").get("_class_name")
+    flux = class_name == "FluxControlNetModel"
     try:
         model = (FluxControlNetModel if flux else ControlNetModel).from_pretrained(folder, torch_dtype=dtype)
     except (OSError, ValueError) as exc:
-        raise UserError(f"--controlnet {folder}: could not be loaded ({(str(exc).splitlines() or [''])[0][:120]})") from None
+        reason = (str(exc).splitlines() or [""])[0][:120]
+        raise UserError(f"--controlnet {folder}: could not be loaded ({reason})") from None
     return model.to(device).eval()
 
 

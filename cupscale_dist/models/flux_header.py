@@ -55,8 +55,8 @@ def check_flux_file(path: str, keys, model_config: str | None, config_dir: str, 
     if missing and model_config is None:
         raise UserError(f"--model {path}: is a transformer-only Flux checkpoint (no {', '.join(sorted(missing))} "
                         "in it); --set model_config=DIR, a diffusers Flux directory with those weights (e.g. "
-                        "huggingface-cli download black-forest-labs/FLUX.1-dev --exclude 'transformer/*' 'flux1-dev.safetensors' "
-                        "'ae.safetensors')")
+                        "huggingface-cli download black-forest-labs/FLUX.1-dev --exclude 'transformer/*' "
+                        "'flux1-dev.safetensors' 'ae.safetensors')")
     for name in sorted(missing):
         if not any((Path(config_dir) / name).glob("*.safetensors")) and not any(
                 (Path(config_dir) / name).glob("*.bin")):

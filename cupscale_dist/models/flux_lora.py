@@ -5,7 +5,8 @@ Flux LoRAs name the transformer's blocks: diffusers/peft (``transformer.transfor
 (``diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight``). A Flux LoRA on SDXL/SD1.5 and a UNet LoRA on Flux
 are refused in one line from the header; for peft keys the named layers must exist in the model's transformer (built
 on the meta device from its config) with the factor widths of those layers. Loading is diffusers' own
-``FluxPipeline.load_lora_weights`` (it converts kohya and BFL keys), through :func:`cupscale_dist.models.lora.apply_loras`.
+``FluxPipeline.load_lora_weights`` (it converts kohya and BFL keys), through
+:func:`cupscale_dist.models.lora.apply_loras`.
 """
 
 from __future__ import annotations
@@ -53,16 +54,16 @@ def check_flux_lora(header: dict, spec, what: str) -> None:
         found = BLOCK_INDEX.match(key)
         count = config.get("num_layers" if found and found[1] == "double" else "num_single_layers")
         if found and type(count) is int and int(found[2]) >= count:
-            raise UserError(f"{what}: names {found[1]}_blocks {found[2][:12]}, and {spec.name} has {count} of them; use a "
-                            "LoRA trained for this model")
+            raise UserError(f"{what}: names {found[1]}_blocks {found[2][:12]}, and {spec.name} has {count} of them; "
+                            "use a LoRA trained for this model")
     layers = transformer_layers(config)
     for key, shape in header.items():
         found, factor = PEFT_TRANSFORMER_MODULE.match(key), FACTOR.search(key)
         if not found or not factor:
             continue  # kohya/BFL names: diffusers converts them while loading
         if found[1] not in layers:
-            raise UserError(f"{what}: names a transformer layer {spec.name} does not have ({shown(found[1])}); use a LoRA "
-                            "trained for this model")
+            raise UserError(f"{what}: names a transformer layer {spec.name} does not have ({shown(found[1])}); "
+                            "use a LoRA trained for this model")
         widths = layers[found[1]]
         if widths is None or len(shape) < 2:
             continue

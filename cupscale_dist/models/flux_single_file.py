@@ -15,8 +15,8 @@ those weights; without one such a file is refused in one line before any model l
 
 The transformer's keys are converted here (:func:`transformer_state`) rather than by diffusers'
 ``convert_flux_transformer_checkpoint_to_diffusers``: that one fixes the width at FLUX.1's 3072, so it cannot load
-a model of other widths (the tests' tiny Flux). ``tests/models/test_flux_single_file.py`` checks that both converters give
-the same tensors at FLUX.1's own width. The VAE goes through diffusers' own LDM conversion.
+a model of other widths (the tests' tiny Flux). ``tests/models/test_flux_single_file.py`` checks that both converters
+give the same tensors at FLUX.1's own width. The VAE goes through diffusers' own LDM conversion.
 """
 
 from __future__ import annotations

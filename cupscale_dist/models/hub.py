@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..errors import UserError, shown
 from .backbones import FAMILIES, FAMILY_COMPONENTS
+from .demo_dir import demo_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -79,16 +80,14 @@ def resolve_model(model: str, variant: str | None = None) -> str:
     """'demo' -> the embedded model dir; a local dir or single-file checkpoint -> checked; a hub id -> a local
     snapshot of the needed files."""
     if model == "demo":
-        from ..demo import demo_model_dir
-
         return str(demo_model_dir())
     path = Path(os.path.expanduser(model))
     if path.is_file():  # a single-file checkpoint: its family is checked from its keys (no weights read)
         from .single_file import SUFFIXES, checkpoint_family
 
         if path.suffix.lower() not in SUFFIXES:
-            raise UserError(f"--model {model}: a file must be a .safetensors or .ckpt checkpoint (SDXL, SD1.5 or Flux.1); "
-                            "or point --model at a diffusers directory")
+            raise UserError(f"--model {model}: a file must be a .safetensors or .ckpt checkpoint (SDXL, SD1.5 or "
+                            "Flux.1); or point --model at a diffusers directory")
         checkpoint_family(path)
         return str(path.resolve())
     if path.exists() or model.startswith((".", "/", "~")):

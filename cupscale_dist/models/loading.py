@@ -1,4 +1,5 @@
-"""How a worker loads a model's modules (the driver never does): device, dtype, a diffusers directory or a single file."""
+"""How a worker loads a model's modules (the driver never does): device, dtype, a diffusers directory or a single
+file."""
 
 from __future__ import annotations
 

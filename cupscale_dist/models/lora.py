@@ -28,8 +28,8 @@ from .lora_keys import DOWN_FACTORS, FACTOR, LORA_KEY
 from .weightfiles import check_finite, safetensors_tensors
 
 # The down (A) factor of a cross-attention key or value projection: its input width is the text embedding width.
-CROSS_ATTENTION_DOWN = re.compile(r"attn2[._](to_[kv])(?:_lora)?[._](?:lora_A|lora_down|lora\.down|lora_linear_layer\.down)"
-                                  r"\.weight$")
+CROSS_ATTENTION_DOWN = re.compile(r"attn2[._](to_[kv])(?:_lora)?[._]"
+                                  r"(?:lora_A|lora_down|lora\.down|lora_linear_layer\.down)\.weight$")
 PEFT_UNET_MODULE = re.compile(r"^unet\.(.+?)\.(?:lora_A|lora_B)(?:\.[^.]+)?\.weight$")
 KOHYA_UNET_MODULE = re.compile(r"^lora_unet_(.+?)\.(?:lora_down|lora_up)\.weight$")
 ORIGINAL_BLOCK_NAMES = ("input_blocks", "middle_block", "output_blocks")  # kohya SDXL: names of the original UNet
@@ -65,7 +65,8 @@ def check_lora(path: str, spec) -> None:
     cross_dim = unet_config["cross_attention_dim"]
     for key, shape in header.items():
         match = CROSS_ATTENTION_DOWN.search(key)
-        if match and (key.startswith("unet") or key.startswith("lora_unet")) and len(shape) >= 2 and shape[1] != cross_dim:
+        if (match and (key.startswith("unet") or key.startswith("lora_unet")) and len(shape) >= 2
+                and shape[1] != cross_dim):
             family = {768: "SD1.5", 2048: "SDXL", 1024: "SD2"}.get(shape[1], f"a {shape[1]}-wide text encoder")
             raise UserError(f"{what}: its cross-attention {match[1]} takes {shape[1]} inputs ({family}), "
                             f"{spec.name} has {cross_dim}; use a LoRA trained for this model's family")
@@ -129,8 +130,8 @@ def check_factor_widths(header: dict, layers: dict[str, tuple[int, int] | None],
         have, want = (shape[1], width_in) if down else (shape[0], width_out)
         if have != want:
             side = "inputs" if down else "outputs"
-            raise UserError(f"{what}: its layer {shown(found[1])} has {have} {side}, {model}'s has {want}; the LoRA was "
-                            "trained for a model of other layer sizes: use one trained for this model")
+            raise UserError(f"{what}: its layer {shown(found[1])} has {have} {side}, {model}'s has {want}; the LoRA "
+                            "was trained for a model of other layer sizes: use one trained for this model")
 
 
 def unet_modules_named(header: dict) -> list[str]:

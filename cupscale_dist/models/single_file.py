@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..files.userfile import read_json_object
+from .demo_dir import demo_model_dir
 from .flux_header import flux_variant, t5_tokenizer_dir
 from .weightfiles import MAX_ENTRIES, load_pickled, unwrap_state_dict
 
@@ -126,6 +127,4 @@ def tokenizer_dir(config_dir: str | Path, name: str) -> str:
              if index.is_file() else None)
     if isinstance(entry, list) and str(entry[-1]).startswith("T5"):
         return t5_tokenizer_dir(config_dir)
-    from ..demo import demo_model_dir
-
     return str(Path(demo_model_dir()) / name)

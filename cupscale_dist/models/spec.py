@@ -1,9 +1,10 @@
 """The SDXL and SD1.5 families: what the driver knows of a model (configs, no weights) and how workers load it.
 
 ``--model`` is a hub id, a local diffusers directory, a single-file checkpoint (:mod:`cupscale_dist.models.single_file`)
-or ``demo`` (:mod:`cupscale_dist.models.hub` turns it into a local path once, on the driver). The driver reads only configs and the tokenizer (:class:`ModelSpec`): in Ray mode it
-holds no weights, so a CPU-only head scales. Workers (:mod:`cupscale_dist.execution.worker`) load the modules with
-:func:`load_pipeline`, each component in the chosen ``variant`` where its files exist.
+or ``demo`` (:mod:`cupscale_dist.models.hub` turns it into a local path once, on the driver). The driver reads only
+configs and the tokenizer (:class:`ModelSpec`): in Ray mode it holds no weights, so a CPU-only head scales. Workers
+(:mod:`cupscale_dist.execution.worker`) load the modules with :func:`load_pipeline`, each component in the chosen
+``variant`` where its files exist.
 """
 
 from __future__ import annotations
@@ -13,13 +14,20 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from ..errors import UserError, shown
-from ..files.userfile import check_regular_file, named, read_capped, read_json_object, MAX_JSON_CONFIG_BYTES
+from ..files.userfile import MAX_JSON_CONFIG_BYTES, check_regular_file, named, read_capped, read_json_object
 from .backbones import FAMILIES, FAMILY_COMPONENTS, backbone_class
+from .demo_dir import demo_model_dir
 from .flux_header import check_flux_file
 from .hub import is_hub_id, pipeline_components, resolve_model
-from .single_file import checkpoint_family, checkpoint_keys, checkpoint_kind, is_single_file, shipped_config, tokenizer_dir
+from .single_file import (
+    checkpoint_family,
+    checkpoint_keys,
+    checkpoint_kind,
+    is_single_file,
+    shipped_config,
+    tokenizer_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -229,8 +237,6 @@ def model_geometry(model: str, model_config: str | None = None) -> tuple[int, in
     """(VAE factor, latent channels) of ``model`` from its VAE config, no weights read: the demo model, a local
     directory, a single file's configs, a hub id already in the local cache; :data:`UNFETCHED_GEOMETRY` otherwise."""
     if model == "demo":
-        from ..demo import demo_model_dir
-
         model = str(demo_model_dir())
     path = Path(os.path.expanduser(model))
     if path.is_file():
@@ -251,8 +257,6 @@ def local_family(model: str, model_config: str | None = None) -> str | None:
     """The model family from configs already on this machine (the demo model, a local directory or single file, a
     hub id in the local cache), no weights read; None when they are not here yet (a run reads them)."""
     if model == "demo":
-        from ..demo import demo_model_dir
-
         model = str(demo_model_dir())
     path = Path(os.path.expanduser(model))
     if path.is_file() or path.is_dir():

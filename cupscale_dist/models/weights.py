@@ -9,10 +9,10 @@ to the GPU for their forward, on a CUDA stream so the copy overlaps compute) and
 
 from __future__ import annotations
 
-import os
 import json
 import logging
 import math
+import os
 import struct
 from pathlib import Path
 

@@ -40,8 +40,14 @@ from torch import nn
 
 from ..errors import UserError
 from ..files.userfile import MAX_JSON_CONFIG_BYTES, read_capped
-from .inception import (INCEPTION_CLASSES, INCEPTION_FEATURES, INCEPTION_SIZE, FidInceptionV3, load_fid_inception,
-                        read_inception_weights)
+from .inception import (
+    INCEPTION_CLASSES,
+    INCEPTION_FEATURES,
+    INCEPTION_SIZE,
+    FidInceptionV3,
+    load_fid_inception,
+    read_inception_weights,
+)
 
 METRICS_EXTRA = "pip install 'cupscale-dist[metrics]'"
 MIN_TORCHMETRICS = (1, 7)  # CLIPScore takes a (model, processor) callable from 1.7 on; earlier versions only hub ids
@@ -279,9 +285,9 @@ def check_image_sets(originals: list[Image.Image], outputs: list[Image.Image], p
 def distribution_metrics(originals: list[Image.Image], outputs: list[Image.Image], prompts: list[str], *,
                          inception: str | None, clip: str | None, crops_per_image: int = 10, seed: int = 0,
                          progress: bool = False, device: str | torch.device = "cpu") -> dict[str, float]:
-    """FID/KID/IS on whole images resized to the extractor's input and on `crops_per_image` seeded random crops per image
-    (fid, kid_mean, kid_std, is_mean, is_std, fid_patch, kid_patch_mean, kid_patch_std, is_patch_mean, is_patch_std)
-    when `inception` is given; clip_score (mean over outputs vs prompts) when `clip` is given.
+    """FID/KID/IS on whole images resized to the extractor's input and on `crops_per_image` seeded random crops per
+    image (fid, kid_mean, kid_std, is_mean, is_std, fid_patch, kid_patch_mean, kid_patch_std, is_patch_mean,
+    is_patch_std) when `inception` is given; clip_score (mean over outputs vs prompts) when `clip` is given.
 
     Args:
         originals (`list[PIL.Image.Image]`): the reference images ("real"), paired with `outputs` by position.

@@ -1,4 +1,5 @@
-"""`cupscale eval`: how good is an upscale? Downscale high-resolution originals by the scale, upscale them back, compare.
+"""`cupscale eval`: how good is an upscale? Downscale high-resolution originals by the scale, upscale them back,
+compare.
 
 Per image and overall (issue #10):
 - ``psnr`` / ``ssim``: the upscale against the original (RGB; SSIM with an 11-tap Gaussian window, Wang et al. 2004);
@@ -251,7 +252,7 @@ def evaluate(originals: list[tuple], config: UpscaleConfig, *, out_dir: str | Pa
         from .distribution import check_metric_sources
 
         check_metric_sources(inception, clip)  # before any upscaling
-    for name, original, *_ in originals:
+    for _, original, *_ in originals:
         prepare_pair(original, config.scale)  # too small -> one line before any model loads
     executor = LocalExecutor(worker, config.view_batch_size, keep=True) if worker else open_executor(config, keep=True)
     prompts = [prompt[0] if prompt else config.prompt for _, _, *prompt in originals]

@@ -1,4 +1,5 @@
-"""Full-reference and no-reference figures of one image: PSNR, SSIM, high-frequency detail, seam contrast at view boundaries."""
+"""Full-reference and no-reference figures of one image: PSNR, SSIM, high-frequency detail, seam contrast at view
+boundaries."""
 
 from __future__ import annotations
 

@@ -11,7 +11,6 @@ from torch import nn
 from ..errors import UserError
 from ..models.weightfiles import plain_state_dict, refuse_code_archive
 
-
 INCEPTION_SIZE = 299  # the FID InceptionV3's input side (TF graph inception-2015-12-05)
 
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from PIL import Image
 
+from ..captions.prompts import make_prompter, pixel_boxes
 from ..config import UpscaleConfig
 from ..method.resize import resize_input
 from ..plan import Plan
-from ..captions.prompts import make_prompter, pixel_boxes
 
 
 def caption_views(image: Image.Image, config: UpscaleConfig, plan: Plan | None) -> dict:

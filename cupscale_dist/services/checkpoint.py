@@ -6,7 +6,8 @@ continues bit-identically: noise, views and prompts are all re-derived from the 
 
 The hashes say whose checkpoint it is, not that its contents are sound: a file edited or written by another
 version could hold a latent of the wrong shape, NaNs, a step past the stage's end or a stage that does not exist.
-:meth:`Checkpointer.load` checks every field (against the run's :class:`~cupscale_dist.plan.Plan` when given) before resuming.
+:meth:`Checkpointer.load` checks every field (against the run's :class:`~cupscale_dist.plan.Plan` when given) before
+resuming.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..files.atomic import atomic_file
 from ..errors import UserError, shown
+from ..files.atomic import atomic_file
 from ..files.userfile import check_regular_file, named
 from ..models.weightfiles import refuse_code_archive
 from ..pipeline import StageState

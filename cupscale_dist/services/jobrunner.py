@@ -24,11 +24,11 @@ from dataclasses import dataclass
 
 from ..config import UpscaleConfig
 from ..errors import UserError
-from ..files.imageio import load_input
-from .jobstore import CANCELLED, FAILED, INTERRUPTED, QUEUED, RUNNING, SUCCEEDED, JobStore, now
-from ..plan import check_inputs
 from ..execution.executor import open_executor
 from ..execution.raycluster import ClusterOptions, root_cause
+from ..files.imageio import load_input
+from ..plan import check_inputs
+from .jobstore import CANCELLED, FAILED, INTERRUPTED, QUEUED, RUNNING, SUCCEEDED, JobStore, now
 
 log = logging.getLogger(__name__)
 

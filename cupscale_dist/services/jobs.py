@@ -120,7 +120,8 @@ def _requests_as_user_errors(address: str, job_id: str | None = None) -> Iterato
             raise UserError(f"job {job_id}: no such job on {address}; see `cupscale jobs list`") from None
         raise UserError(f"job server {address}: {_first_line(exc)}") from None
     except (ConnectionError, OSError) as exc:
-        raise UserError(f"--address {address}: lost the job server ({_first_line(exc)}); is the head still up?") from None
+        raise UserError(f"--address {address}: lost the job server ({_first_line(exc)}); "
+                        "is the head still up?") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -249,7 +250,8 @@ def follow(job_id: str, address: str | None = None, *, echo: bool = True, timeou
                 return info
             if deadline is not None and time.monotonic() > deadline:
                 raise UserError(f"job {job_id} still {info.status} after {timeout_s:g} s; it keeps running: follow it "
-                                f"with `cupscale jobs logs {job_id} --follow` or stop it with `cupscale jobs stop {job_id}`")
+                                f"with `cupscale jobs logs {job_id} --follow` or stop it with "
+                                f"`cupscale jobs stop {job_id}`")
             time.sleep(POLL_S)
 
 

@@ -1,10 +1,10 @@
 """The service's job records and results on disk (`cupscale serve --results DIR`).
 
 Layout of ``DIR``: ``jobs/ID.json`` (the record, replaced atomically on every change), ``inputs/ID`` (the uploaded
-bytes, deleted when the job ends), ``results/ID.png`` (written by :func:`cupscale_dist.files.imageio.write_image` with the
-run's parameters in its text chunks, like every `cupscale upscale` output). Nothing lives only in memory: a replica
-that restarts finds every finished result, and :meth:`JobStore.recover` marks what was queued or running when the
-old one died as failed ("interrupted"), never lost. Finished jobs expire after the service's retention
+bytes, deleted when the job ends), ``results/ID.png`` (written by :func:`cupscale_dist.files.imageio.write_image`
+with the run's parameters in its text chunks, like every `cupscale upscale` output). Nothing lives only in memory:
+a replica that restarts finds every finished result, and :meth:`JobStore.recover` marks what was queued or running
+when the old one died as failed ("interrupted"), never lost. Finished jobs expire after the service's retention
 (:meth:`JobStore.expire`: the record and its result go together); a job refused for a full queue leaves nothing.
 
 One service owns a results folder at a time (``flock`` on ``DIR/.cupscale-serve.lock``, dropped by the kernel when

@@ -8,15 +8,15 @@ from pathlib import Path
 from PIL import Image
 
 from .. import __version__
-from .checkpoint import Checkpointer, image_sha
 from ..config import UpscaleConfig
 from ..errors import UserError
-from ..files.imageio import write_image
 from ..execution.contract import Executor
 from ..execution.executor import open_executor
-from ..plan import Plan, check_inputs
-from ..pipeline import upscale
 from ..execution.raycluster import ClusterOptions
+from ..files.imageio import write_image
+from ..pipeline import upscale
+from ..plan import Plan, check_inputs
+from .checkpoint import Checkpointer, image_sha
 
 log = logging.getLogger(__name__)
 

@@ -43,13 +43,26 @@ from starlette.exceptions import HTTPException
 from .. import __version__
 from ..config import UpscaleConfig, parse_size, set_value
 from ..errors import UserError, shown
+from ..execution.raycluster import LOOPBACK_HOSTS, ClusterOptions
 from .jobrunner import JobRunner, QueueFull, RunnerOptions
 from .jobstore import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobStore
-from ..execution.raycluster import LOOPBACK_HOSTS, ClusterOptions
-from .servelimits import (BODY_PROGRESS_BYTES, BODY_STALL_S, DECODES_AT_ONCE, INFLIGHT_BODIES, INFLIGHT_RETRY_AFTER_S,
-                          BodyReservation, InFlight, check_query_utf8, check_request_ceilings, check_token_text,
-                          read_token_file,
-                          one_line, request_megabytes, scrub_paths, server_paths)
+from .servelimits import (
+    BODY_PROGRESS_BYTES,
+    BODY_STALL_S,
+    DECODES_AT_ONCE,
+    INFLIGHT_BODIES,
+    INFLIGHT_RETRY_AFTER_S,
+    BodyReservation,
+    InFlight,
+    check_query_utf8,
+    check_request_ceilings,
+    check_token_text,
+    one_line,
+    read_token_file,
+    request_megabytes,
+    scrub_paths,
+    server_paths,
+)
 
 log = logging.getLogger(__name__)
 

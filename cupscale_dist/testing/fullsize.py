@@ -12,8 +12,8 @@ initialiser runs over 2.6 B parameters); every tensor is drawn from a seeded gen
 so at most one tensor (<= 253 MB) is in memory, not a 10 GB state dict.
 
 The real CLIP vocabulary (49,408 BPE tokens) can't be downloaded here: tokenizer folders hold the project's small
-trained BPE (:func:`cupscale_dist.testing.tiny.write_clip_vocab`) with the published tokenizer configs; the text encoders
-keep ``vocab_size`` 49,408, and every id the small tokenizer makes is a valid row of their embedding.
+trained BPE (:func:`cupscale_dist.testing.tiny.write_clip_vocab`) with the published tokenizer configs; the text
+encoders keep ``vocab_size`` 49,408, and every id the small tokenizer makes is a valid row of their embedding.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ SD15_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 # ---------------------------------------------------------------------------------------------------------------
 # The published configs. Written back as diffusers and transformers write them (sorted keys, indent 2), SDXL's come
-# out at the sizes the hub lists to the byte (tests/models/test_hub.py SDXL_BASE_FILES; asserted in tests/models/test_full_size.py)
+# out at the sizes the hub lists to the byte (tests/models/test_hub.py SDXL_BASE_FILES; asserted in
+# tests/models/test_full_size.py)
 # ---------------------------------------------------------------------------------------------------------------
 # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json without `_class_name` / `_diffusers_version`: the
 # architecture, as `UNet2DConditionModel(**SDXL_UNET_CONFIG)` takes it (bench/step_cost.py builds its UNet from it).
@@ -155,7 +156,8 @@ LAYOUTS = {
                      "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
                      "tokenizer": CLIP_TOKENIZER, "tokenizer_2": CLIP_TOKENIZER,
                      "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]},
-        models={"unet": {"_class_name": "UNet2DConditionModel", "_diffusers_version": "0.19.0.dev0", **SDXL_UNET_CONFIG},
+        models={"unet": {"_class_name": "UNet2DConditionModel", "_diffusers_version": "0.19.0.dev0",
+                         **SDXL_UNET_CONFIG},
                 "vae": SDXL_VAE_CONFIG,
                 "text_encoder": {**CLIP_VIT_L_TEXT, **SDXL_TRANSFORMERS},
                 "text_encoder_2": {**CLIP_VIT_BIGG_TEXT, **SDXL_TRANSFORMERS}},
@@ -231,7 +233,8 @@ def safetensors_header(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype) -
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name in sorted(shapes):
         size = math.prod(shapes[name]) * itemsize
-        header[name] = {"dtype": SAFETENSORS_DTYPE[dtype], "shape": list(shapes[name]), "data_offsets": [offset, offset + size]}
+        header[name] = {"dtype": SAFETENSORS_DTYPE[dtype], "shape": list(shapes[name]),
+                        "data_offsets": [offset, offset + size]}
         offset += size
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)

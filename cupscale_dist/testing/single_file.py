@@ -200,8 +200,7 @@ def save_flux_single_file(model_dir: str | Path, path: str | Path, layout: str =
     from safetensors.torch import save_file
     from transformers import CLIPTextModel, T5EncoderModel
 
-    from ..models.flux_header import CLIP_PREFIX, COMFY_PREFIX, T5_PREFIX
-    from ..models.flux_header import VAE_PREFIX as FLUX_VAE_PREFIX
+    from ..models.flux_header import CLIP_PREFIX, COMFY_PREFIX, T5_PREFIX, VAE_PREFIX as FLUX_VAE_PREFIX
 
     transformer = FluxTransformer2DModel.from_pretrained(model_dir, subfolder="transformer")
     prefix = "" if layout == "bfl" else COMFY_PREFIX

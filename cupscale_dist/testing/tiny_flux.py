@@ -52,7 +52,9 @@ SCHNELL_SCHEDULER = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifti
                          max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
 
 # Words the tiny T5 knows whole; anything else falls apart into single letters (still real tokens, no <unk>).
-T5_WORDS = ["a", "photo", "of", "cat", "dog", "on", "the", "house", "red", "roof", "under", "blue", "sky", "tree", "in", "park", "with", "and", "night", "dark", "mountain", "landscape", "snow", "street", "city", "light", "detailed", "high", "resolution", "portrait", "woman", "man"]
+T5_WORDS = ["a", "photo", "of", "cat", "dog", "on", "the", "house", "red", "roof", "under", "blue", "sky", "tree", "in",
+            "park", "with", "and", "night", "dark", "mountain", "landscape", "snow", "street", "city", "light",
+            "detailed", "high", "resolution", "portrait", "woman", "man"]
 
 
 def build_t5_tokenizer(directory: str | os.PathLike, max_length: int = T5_MAX_LENGTH):

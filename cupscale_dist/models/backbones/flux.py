@@ -167,7 +167,8 @@ class Flux(Backbone):
                 rects: np.ndarray, regional: RegionalAttention, control: torch.Tensor | None = None) -> torch.Tensor:
         """The velocity prediction of a batch (B, 16, h, w) of view latents (a CFG batch with ``true_cfg``)."""
         if (control is None) != (self.controlnet is None):
-            raise ValueError("a Flux ControlNet run needs control crops and a worker holding the ControlNet, or neither")
+            raise ValueError("a Flux ControlNet run needs control crops and a worker holding the ControlNet, or "
+                             "neither")
         if regional.token_maps is not None:
             raise ValueError("mask_mode='pixel' is not implemented for Flux; use mask_mode='view'")
         device, dtype = self.device, self.dtype

@@ -15,7 +15,6 @@ import pyarrow.parquet as pq
 
 from ...errors import UserError
 
-
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif")
 
 
@@ -102,7 +101,8 @@ def _parquet_inputs(path: Path) -> list[Item]:
     try:
         rows = pq.read_table(path).to_pylist()
     except (OSError, pa.ArrowException) as exc:
-        raise UserError(f"--input {path}: not a readable parquet file ({str(exc).splitlines()[0]}); fix the file") from None
+        reason = str(exc).splitlines()[0]
+        raise UserError(f"--input {path}: not a readable parquet file ({reason}); fix the file") from None
     columns = set(rows[0]) if rows else set()
     column = next((c for c in PARQUET_PATH_COLUMNS if c in columns), None)
     if column is None:

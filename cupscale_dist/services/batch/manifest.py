@@ -13,12 +13,11 @@ from pathlib import Path, PurePosixPath
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ...files.atomic import atomic_file
 from ...errors import UserError, shown
+from ...files.atomic import atomic_file
 from ...files.folderlock import hold_lock_file
 from ...files.userfile import check_regular_file, kind_problem, named
 from .inputs import Item
-
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +188,8 @@ class Journal:
                 lines = iter(lambda: handle.readline(MAX_JOURNAL_LINE + 1), b"")
                 for number, line in enumerate(lines, 1):
                     if len(line) > MAX_JOURNAL_LINE:
-                        raise UserError(f"{what}: line {number} is over {MAX_JOURNAL_LINE} bytes, which no row is; {fix}")
+                        raise UserError(f"{what}: line {number} is over {MAX_JOURNAL_LINE} bytes, which no row "
+                                        f"is; {fix}")
                     if not line.endswith(b"\n"):
                         continue  # cut short by a kill: that row is redone
                     try:
@@ -244,7 +244,8 @@ class OutputLock:
 
     def __enter__(self) -> OutputLock:
         self.fd = hold_lock_file(self.path, "a batch", f"--output {self.path.parent} is in use by another batch "
-                                 "({holder}); wait for it to finish or choose another --output", f", started {utc_now()}")
+                                 "({holder}); wait for it to finish or choose another --output",
+                                 f", started {utc_now()}")
         return self
 
     def __exit__(self, *exc) -> None:

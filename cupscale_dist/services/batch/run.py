@@ -25,12 +25,21 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 from ...config import UpscaleConfig
 from ...errors import UserError
 from .inputs import Item, list_inputs
-from .manifest import (MANIFEST_NAME, STATUS_ERROR, STATUS_FAILED, STATUS_OK, Journal, ManifestWriter, OutputLock,
-                       is_done, read_manifest, utc_now)
+from .manifest import (
+    MANIFEST_NAME,
+    STATUS_ERROR,
+    STATUS_FAILED,
+    STATUS_OK,
+    Journal,
+    ManifestWriter,
+    OutputLock,
+    is_done,
+    read_manifest,
+    utc_now,
+)
 from .naming import assign_outputs
 from .worker import AttemptLedger, UpscaleWorker, base_row, item_config, process_item
 
@@ -126,7 +135,8 @@ def _plan_batch(input_spec: str, output_dir: Path, config: UpscaleConfig, retry_
         except OSError:
             pass
     # 3. What is left to do.
-    todo = [i for i in items if i.error is None and not is_done(i, previous.get(i.input_path), output_dir, retry_errors)]
+    todo = [i for i in items
+            if i.error is None and not is_done(i, previous.get(i.input_path), output_dir, retry_errors)]
     bad = [i for i in items if i.error is not None]
     summary = BatchSummary(manifest, len(items), 0, len(items) - len(todo) - len(bad), 0, 0)
     todo_paths = {i.input_path for i in todo}
@@ -183,7 +193,8 @@ def _prepare_output_dir(path: Path, create: bool) -> Path:
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise UserError(f"--output {path}: can't create it ({exc.strerror or exc}); choose another directory") from None
+            raise UserError(f"--output {path}: can't create it ({exc.strerror or exc}); "
+                            "choose another directory") from None
         if not os.access(path, os.W_OK | os.X_OK):
             raise UserError(f"--output {path} is not writable; choose another directory")
     return path
@@ -225,9 +236,13 @@ def _run_pool(todo: list[Item], config: UpscaleConfig, output_dir: Path, cluster
         time.sleep(1.0)
         resources = ray.cluster_resources()
     count = worker_count(resources.get("GPU", 0), gpus, workers)
-    fits = min(int(resources.get("GPU", 0) // gpus) if gpus else count, int(resources.get("CPU", 0) // cpus) if cpus else count)
+    fits = min(int(resources.get("GPU", 0) // gpus) if gpus else count,
+               int(resources.get("CPU", 0) // cpus) if cpus else count)
     # All workers fit: a fixed pool. Otherwise start what fits and let the pool grow as an autoscaler adds nodes.
-    compute = ActorPoolStrategy(size=count) if fits >= count else ActorPoolStrategy(min_size=max(1, fits), max_size=count)
+    if fits >= count:
+        compute = ActorPoolStrategy(size=count)
+    else:
+        compute = ActorPoolStrategy(min_size=max(1, fits), max_size=count)
     context = DataContext.get_current()
     context.enable_progress_bars = False  # one bar (ours) counting images, not Ray Data's per-operator bars
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "bars disabled": we know

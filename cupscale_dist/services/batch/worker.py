@@ -4,8 +4,8 @@ Data worker and the tile-parallel driver), and :class:`UpscaleWorker`, the thin 
 from __future__ import annotations
 
 import hashlib
-import logging
 import json
+import logging
 import os
 import socket
 import time
@@ -152,4 +152,5 @@ class UpscaleWorker:
             self.journal.append(row)  # durable before the driver hears of it: a killed driver loses nothing
             self.ledger.end(item["input_path"])
             rows.append(row)
-        return pa.Table.from_pylist([{n: r.get(n) for n in MANIFEST_SCHEMA.names} for r in rows], schema=MANIFEST_SCHEMA)
+        return pa.Table.from_pylist([{n: r.get(n) for n in MANIFEST_SCHEMA.names} for r in rows],
+                                    schema=MANIFEST_SCHEMA)

@@ -1,10 +1,11 @@
 """Caption actors: a pool of vision-language engines for method.md step 6 (regional prompts).
 
 `CaptionerActor` is a thin shell (the shape of Ray Data's `_MapWorker`): it loads one engine of
-`cupscale_dist.captions.engines` in `__init__`, and its work method only calls it. The policy lives on the driver in
-`CaptionerPool`: how many actors, what each may hold, the startup wait, the split of crops across actors
-in order and their re-assembly in order, and what a failed or late call turns into (None per crop, which
-`VLMCaptioner` replaces by the global prompt).
+:mod:`cupscale_dist.captions.engines` in `__init__`, and its work method only calls it. The policy lives on the
+driver in :class:`cupscale_dist.captions.pool.CaptionerPool`: how many actors, what each may hold, the startup wait,
+the split of crops across actors in order and their re-assembly in order, and what a failed or late call turns into
+(None per crop, which `VLMCaptioner` replaces by the global prompt). It lives beside the pool that starts it (it was
+`actors/captioner.py`), so the pool imports nothing above its layer.
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ from __future__ import annotations
 import logging
 import os
 
-
-from cupscale_dist.captions.engines import load_engine
+from .engines import load_engine
 
 logger = logging.getLogger(__name__)
 
