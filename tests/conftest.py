@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+pytest.register_assert_rewrite("helpers")  # its asserts explain themselves like the tests' own (imported after this)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download at test time
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(1)  # CPU matmul bits depend on the thread count: pin it everywhere we compare bytes
