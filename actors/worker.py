@@ -17,25 +17,26 @@ import torch
 
 
 class PipelineWorker:
-    def __init__(self, model_dir: str, model: str, device: str, dtype: str, variant: str | None,
-                 torch_threads: int | None, memory_fraction: float | None, addons, model_config: str | None,
-                 weights: str, compile: bool, device_gb: float, index: int):
+    def __init__(self, load, index: int):
+        """``load``: the driver's :class:`~cupscale_dist.execution.contract.WorkerLoad`; ``index``: this worker's
+        slot in the pool."""
         from cupscale_dist.models.hub import resolve_model
         from cupscale_dist.execution.worker import ModelWorker
 
-        if torch_threads:  # same thread count as the reference => same CPU bits (architecture.md)
-            torch.set_num_threads(torch_threads)
-        if memory_fraction and device == "cuda":  # a GPU shared with a captioner: stay inside this actor's share
+        if load.torch_threads:  # same thread count as the reference => same CPU bits (architecture.md)
+            torch.set_num_threads(load.torch_threads)
+        if load.memory_fraction and load.device == "cuda":  # a GPU shared with a captioner: stay inside the share
             from cupscale_dist.models.weights import check_fits_share
 
-            check_fits_share(device_gb, memory_fraction, torch.cuda.get_device_properties(0).total_memory, weights)
-            torch.cuda.set_per_process_memory_fraction(memory_fraction)
+            check_fits_share(load.device_gb, load.memory_fraction, torch.cuda.get_device_properties(0).total_memory,
+                             load.weights)
+            torch.cuda.set_per_process_memory_fraction(load.memory_fraction)
         self.index = index
         # The driver resolved the model once; on a node that does not share its path, resolve (fetch) it here.
-        here = Path(model_dir).is_file() or Path(model_dir, "model_index.json").is_file()
-        path = model_dir if here else resolve_model(model, variant)
-        self.worker = ModelWorker(path, device, dtype, variant, addons=addons, model_config=model_config,
-                                  weights=weights, compile=compile)
+        here = Path(load.model_dir).is_file() or Path(load.model_dir, "model_index.json").is_file()
+        path = load.model_dir if here else resolve_model(load.model, load.variant)
+        self.worker = ModelWorker(path, load.device, load.dtype, load.variant, addons=load.addons,
+                                  model_config=load.model_config, weights=load.weights, compile=load.compile)
         self.shared: tuple[object, object] = (None, None)  # (object ref, the value) of the current stage
         self.owner = None  # the PartOwner of this worker's bands of the stage latent (step_design='actors')
 

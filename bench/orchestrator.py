@@ -113,8 +113,8 @@ class InstantWorker(PipelineWorker):
     """The real actor shell (``call``, ``where``, ``usage``, the per-stage ``Shared`` fetch) around InstantModel:
     loads no model."""
 
-    def __init__(self, *load_args):
-        self.index = load_args[-1]
+    def __init__(self, load, index: int):
+        self.index = index
         self.worker = InstantModel()
         self.shared = (None, None)
 

@@ -163,9 +163,9 @@ class SleepWorker(PipelineWorker):
     """The real actor shell (``call``, ``own`` -> ``PartOwner``, ``where``, the per-stage ``Shared`` fetch) around a
     SleepModel: loads no model. One torch thread, as the driver."""
 
-    def __init__(self, *load_args):
+    def __init__(self, load, index: int):
         torch.set_num_threads(1)
-        self.index = load_args[-1]
+        self.index = index
         self.worker = SleepModel()
         self.shared = (None, None)
         self.owner = None

@@ -15,6 +15,25 @@ from ..models.spec import ModelSpec
 
 
 @dataclass(frozen=True)
+class WorkerLoad:
+    """What the driver sends each model worker to load (the same for every worker of a pool; its slot travels
+    beside it): where the model is, how to place and load it, and its add-ons."""
+
+    model_dir: str  # the model as the driver resolved it (a directory or a single file)
+    model: str  # the name the user gave (``--model``): resolved again on a node that lacks ``model_dir``
+    device: str  # 'cuda' or 'cpu' (Ray shows each actor only its own GPU share)
+    dtype: str
+    variant: str | None
+    torch_threads: int | None  # the driver's thread count on CPU: the same CPU bits as the reference
+    memory_fraction: float | None  # this actor's share of a GPU shared with others (None: the whole device)
+    addons: object  # the checked :class:`~cupscale_dist.models.addons.Addons`
+    model_config: str | None
+    weights: str  # 'full' | 'fp8' | 'offload'
+    compile: bool
+    device_gb: float  # the weights' device footprint, checked against the share on the actor
+
+
+@dataclass(frozen=True)
 class Shared:
     """A per-stage value (the stage context) in the object store: sent once, each actor fetches it once."""
 

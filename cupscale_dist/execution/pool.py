@@ -28,7 +28,7 @@ from ..models.addons import Addons, addon_request
 from ..config import UpscaleConfig
 from ..errors import UserError
 from ..models.spec import ModelSpec
-from .contract import Shared
+from .contract import Shared, WorkerLoad
 from .actorgroup import HEALTH_POLL_S, ActorGroup, NotPlaced, NotReady
 from ..models.weights import parameters_of, worker_memory_gb
 from .placement import memory_fraction, model_worker_share, worker_count
@@ -68,8 +68,10 @@ class WorkerPool:
         # Each weights mode's footprint: the GPU share must hold the device part (checked on the actor, which knows
         # its GPU's size), the node's memory the host part (a Ray `memory` reservation).
         device_gb, host_gb = worker_memory_gb(parameters_of(spec.path), config.weights, config.dtype, device)
-        self.load_args = (spec.path, spec.name, device, config.dtype, config.variant, threads, fraction, addons,
-                          spec.model_config, config.weights, config.compile, device_gb)
+        self.load = WorkerLoad(model_dir=spec.path, model=spec.name, device=device, dtype=config.dtype,
+                               variant=config.variant, torch_threads=threads, memory_fraction=fraction, addons=addons,
+                               model_config=spec.model_config, weights=config.weights, compile=config.compile,
+                               device_gb=device_gb)
         # benches pass a stand-in subclass as actor_class
         self.group = ActorGroup(actor_class or PipelineWorker, self.count, num_cpus=self.num_cpus,
                                 num_gpus=self.num_gpus, placement_timeout_s=options.start_timeout_s,
@@ -87,7 +89,7 @@ class WorkerPool:
 
     def _start(self, index: int):
         """One actor in its reserved bundle (a replacement takes the same bundle)."""
-        return self.group.start(index, *self.load_args, index)
+        return self.group.start(index, self.load, index)
 
     def _wait_loaded(self) -> None:
         import ray
@@ -102,7 +104,7 @@ class WorkerPool:
                             "resources, then rerun the same command (with --resume if it checkpointed)") from None
         except NotReady as late:
             self.actors = []
-            raise UserError(f"only {late.ready} of {self.count} model workers loaded {self.load_args[1]} within "
+            raise UserError(f"only {late.ready} of {self.count} model workers loaded {self.load.model} within "
                             f"{MODEL_LOAD_TIMEOUT_S:.0f} s (placed, still loading: a slow disk or a hub download?); "
                             "see the Ray logs") from None
         except ray.exceptions.RayError as exc:
