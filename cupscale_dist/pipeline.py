@@ -159,16 +159,10 @@ def encode_stage_prompts(executor, config: UpscaleConfig, stage: StagePlan, imag
         prompter.close()  # the captioner pool's GPU memory goes back to the UNet; its cache stays
     unique = sorted(set(prompts))
     view_prompt = np.array([unique.index(p) for p in prompts], dtype=np.int64)
-    length = text_length(config, executor.spec)
-    regional = encode_prompts(executor, unique, length)
-    global_ = encode_prompts(executor, [global_prompt], length)
-    return StagePrompts(view_prompt, regional, global_, encode_negative(executor, config.negative_prompt, length))
-
-
-def text_length(config: UpscaleConfig, spec) -> int | None:
-    """Tokens per prompt where the family's text encoder takes a length (Flux's T5: ``max_sequence_length``);
-    None for the CLIP families (77, fixed)."""
-    return config.max_sequence_length if spec.family == "flux" else None
+    tokens = config.max_sequence_length  # each family takes what its encoder can use of it (CLIP: 77, fixed)
+    regional = encode_prompts(executor, unique, tokens)
+    global_ = encode_prompts(executor, [global_prompt], tokens)
+    return StagePrompts(view_prompt, regional, global_, encode_negative(executor, config.negative_prompt, tokens))
 
 
 def prepare_latents(executor, config: UpscaleConfig, stage: StagePlan,
@@ -382,10 +376,10 @@ def denoise_on_driver(executor, job: DenoiseJob) -> torch.Tensor:
 
 
 def encode_negative(executor, negative_prompt: str,
-                    text_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                    max_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """CFG's unconditional embeddings; a model whose index says so (SDXL's default) zeroes an empty negative
     prompt, as its pipeline does."""
-    embeds, pooled = encode_prompts(executor, [negative_prompt], text_length)
+    embeds, pooled = encode_prompts(executor, [negative_prompt], max_tokens)
     if not negative_prompt and executor.spec.force_zeros_for_empty_prompt:
         return torch.zeros_like(embeds), None if pooled is None else torch.zeros_like(pooled)
     return embeds, pooled
@@ -464,11 +458,11 @@ PROMPT_CHUNK = 16
 
 
 def encode_prompts(executor, prompts: list[str],
-                   text_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   max_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Text embeddings of ``prompts`` in :data:`PROMPT_CHUNK`-sized calls (fanned out, gathered in order);
-    ``text_length``: tokens per prompt for a family whose encoder takes one (Flux's T5), else None."""
-    extra = () if text_length is None else (text_length,)  # the UNet families' calls stay as they were
-    chunks = [(prompts[i : i + PROMPT_CHUNK], *extra) for i in range(0, len(prompts), PROMPT_CHUNK)]
+    ``max_tokens``: the run's cap on tokens per prompt (``max_sequence_length``), which each family's
+    :meth:`~cupscale_dist.models.backbones.base.Backbone.encode_prompts` applies as its encoder allows."""
+    chunks = [(prompts[i : i + PROMPT_CHUNK], max_tokens) for i in range(0, len(prompts), PROMPT_CHUNK)]
     parts = list(executor.map("encode_prompts", chunks))
     embeds = torch.from_numpy(np.concatenate([e for e, _ in parts]))
     pooled = None if parts[0][1] is None else torch.from_numpy(np.concatenate([p for _, p in parts]))

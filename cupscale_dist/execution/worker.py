@@ -155,11 +155,10 @@ class ModelWorker:
         """10: one latent tile (C, h, w) -> pixels (3, H, W) float32 in [-1, 1]."""
         return finite_vae_output(decode_latents(self.vae, read_only_tensor(latents)[None])[0], "decoded").numpy()
 
-    def encode_prompts(self, prompts: list[str], text_length: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-        """6: (embeds (U, 77, D), pooled (U, Dp) or None for SD1.5), float32, cut to 77 tokens."""
-        if text_length is None:
-            return self.backbone.encode_prompts(prompts)
-        return self.backbone.encode_prompts(prompts, text_length)  # a family whose encoder takes a length (T5)
+    def encode_prompts(self, prompts: list[str], max_tokens: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """6: (embeds (U, L, D), pooled (U, Dp) or None), float32; L is the family's text length for ``max_tokens``
+        (:meth:`~cupscale_dist.models.backbones.base.Backbone.encode_prompts`)."""
+        return self.backbone.encode_prompts(prompts, max_tokens)
 
     def probe(self, pixels: np.ndarray, noise: np.ndarray, timestep: int, alpha_bar: float, embeds: np.ndarray,
               pooled: np.ndarray | None) -> np.ndarray:

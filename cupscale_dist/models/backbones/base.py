@@ -46,11 +46,12 @@ class Backbone(ABC):
     @classmethod
     def check_config(cls, config) -> None:
         """One-line UserErrors for knobs this family cannot honour, before any work (none for the UNet families)."""
-        return  # a hook with a default, not an abstract method: a family with nothing to refuse keeps it
 
     @abstractmethod
-    def encode_prompts(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
-        """Step 6: (embeds (U, L, D), pooled (U, Dp) or None), float32; L is the family's text length."""
+    def encode_prompts(self, prompts: list[str], max_tokens: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Step 6: (embeds (U, L, D), pooled (U, Dp) or None), float32. L is the family's text length: the family
+        decides it from ``max_tokens`` (the run's ``max_sequence_length``; None: the family's default) and its
+        encoder (a fixed-length encoder such as CLIP's 77 tokens ignores ``max_tokens``)."""
 
     @abstractmethod
     def denoise(self, latents: torch.Tensor, timestep, context: StageContext, view_ids: np.ndarray,

@@ -148,11 +148,11 @@ class Flux(Backbone):
 
     # -- step 6 ------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str], text_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def encode_prompts(self, prompts: list[str], max_tokens: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(T5 sequence (U, L, D), CLIP pooled (U, Dp)), float32 (the encoders run on the worker); L =
-        ``text_length`` capped at the tokenizer's length."""
+        :meth:`text_length` of ``max_tokens``."""
         embeds, pooled, _ = self.pipe.encode_prompt(prompts, prompt_2=None, device=self.pipe.device,
-                                                    max_sequence_length=self.text_length(text_length))
+                                                    max_sequence_length=self.text_length(max_tokens))
         return embeds.float().cpu().numpy(), pooled.float().cpu().numpy()
 
     # -- step 9a -----------------------------------------------------------------------------------------------

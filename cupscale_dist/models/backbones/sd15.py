@@ -24,6 +24,7 @@ class SD15(UNetBackbone):
         return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> tuple[np.ndarray, None]:
+    def encode_prompts(self, prompts: list[str], max_tokens: int | None = None) -> tuple[np.ndarray, None]:
+        """CLIP's 77 tokens (``max_tokens`` does not apply)."""
         embeds, _ = self.pipe.encode_prompt(prompts, self.pipe.device, 1, False)
         return embeds.float().cpu().numpy(), None

@@ -42,7 +42,8 @@ class SDXL(UNetBackbone):
         return {"force_zeros_for_empty_prompt": zeros, "add_watermarker": False}
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    def encode_prompts(self, prompts: list[str], max_tokens: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Both CLIP encoders' 77 tokens (``max_tokens`` does not apply)."""
         embeds, _, pooled, _ = self.pipe.encode_prompt(prompts, device=self.pipe.device,
                                                        do_classifier_free_guidance=False)
         return embeds.float().cpu().numpy(), pooled.float().cpu().numpy()
