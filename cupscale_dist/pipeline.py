@@ -315,7 +315,7 @@ def run_stage(executor, config: UpscaleConfig, stage: StagePlan, image: Image.Im
                      jitter=config.jitter, seed=config.seed, stage=stage.index, blend=config.blend,
                      sigma_fraction=config.gaussian_sigma, batch_size=executor.batch_size,
                      dwt_levels=config.dwt_levels, vae_scale_factor=f, snapshot_every=config.snapshot_every,
-                     on_step=on_step, decode=grid, pixels=pixels)
+                     on_step=on_step, decode=grid, pixels=pixels, on_loaded=preparing if callback else None)
     # 10. Decode with the tiled VAE (on the workers), band by band into 8 bits, into the sink.
     bands = denoise_and_decode(executor, config, job)
     try:

@@ -301,6 +301,7 @@ class RayTransport:
     def __init__(self, pool: WorkerPool):
         self.pool = pool
         self.slot_of: dict = {}  # object ref -> the slot whose call made it (which worker a failure names)
+        self.call_of: dict = {}  # object ref -> the PartOwner method that made it (what the warning names)
 
     def workers(self) -> list[int]:
         """The slots that take parts now: the live ones (a loaded replacement is admitted here, at a re-layout);
@@ -315,7 +316,7 @@ class RayTransport:
     def submit(self, worker: int, method: str, count: int, *args) -> list:
         refs = self.pool.own(worker, method, count, args)
         for ref in refs:
-            self.slot_of[ref] = worker
+            self.slot_of[ref], self.call_of[ref] = worker, method
         return refs
 
     def fetch(self, refs: list) -> list:
@@ -326,12 +327,13 @@ class RayTransport:
         from .partloop import WorkerLost
 
         slots = sorted({self.slot_of.get(ref) for ref in refs} - {None})
+        call = next((self.call_of[ref] for ref in refs if ref in self.call_of), "step")
         pending = list(refs)
         while pending:
             _ready, pending = ray.wait(pending, num_returns=len(pending), timeout=HEALTH_POLL_S)
             for slot in slots:
                 if self.pool.group is not None and (node := self.pool.group.lost_node(slot)):
-                    raise WorkerLost(slot, f"{node} lost")
+                    raise WorkerLost(slot, f"{node} lost", call=call)
         try:
             return ray.get(list(refs))
         except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.RayTaskError) as exc:
@@ -341,10 +343,11 @@ class RayTransport:
             if slot is None:
                 raise UserError(f"model worker failed in a step on the actors: {root_cause(exc)}") from None
             restarted = isinstance(getattr(exc, "cause", None), PartsMissing)
-            raise WorkerLost(slot, root_cause(exc), restarted) from None
+            raise WorkerLost(slot, root_cause(exc), restarted, call=call) from None
         finally:
             for ref in refs:
                 self.slot_of.pop(ref, None)
+                self.call_of.pop(ref, None)
 
     def _lost_slot(self, exc, slots: list[int]) -> int | None:
         """Which worker a failure means is gone, or None when it is the model's own error."""
@@ -372,7 +375,7 @@ class RayTransport:
         """A worker owning parts is gone: a replacement starts in its bundle (admitted at a later re-layout)."""
         pool = self.pool
         if pool.live[lost.slot] and not lost.restarted:  # a process Ray restarted is up: it takes parts again
-            pool.replace(lost.slot, pool.actors[lost.slot], lost.reason, "step")
+            pool.replace(lost.slot, pool.actors[lost.slot], lost.reason, lost.call)
 
 
 class RayExecutor:

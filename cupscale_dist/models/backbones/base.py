@@ -46,6 +46,7 @@ class Backbone(ABC):
     @classmethod
     def check_config(cls, config) -> None:
         """One-line UserErrors for knobs this family cannot honour, before any work (none for the UNet families)."""
+        return  # a hook with a default, not an abstract method: a family with nothing to refuse keeps it
 
     @abstractmethod
     def encode_prompts(self, prompts: list[str], max_tokens: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
