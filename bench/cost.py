@@ -124,7 +124,7 @@ def compile_speedup(calls: int) -> dict:
     from cupscale_dist import UpscaleConfig
     from cupscale_dist.execution.worker import ModelWorker
     from cupscale_dist.method.step import StageContext, predict_views
-    from cupscale_dist.models.backbones.sdxl import SDXL
+    from cupscale_dist.models.backbones.sdxl.backbone import SDXL
     from cupscale_dist.models.weights import compile_denoiser
 
     torch.set_num_threads(1)

@@ -40,7 +40,7 @@ def main() -> None:
 
     from cupscale_dist.method.attention import install_regional_processors
     from cupscale_dist.method.step import predict_views
-    from cupscale_dist.models.backbones.sdxl import SDXL
+    from cupscale_dist.models.backbones.sdxl.backbone import SDXL
 
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)

@@ -374,7 +374,7 @@ def predict_views_overhead(args, device, dtype, sync) -> list[dict]:
     """predict_views around a zero-cost UNet: its host-side preparation (embeddings, CFG batch, micro-conditioning,
     masks, host<->device copies) per call, as a fraction of the H100 bare call time of the same batch."""
     from cupscale_dist.method.step import predict_views
-    from cupscale_dist.models.backbones.sdxl import SDXL
+    from cupscale_dist.models.backbones.sdxl.backbone import SDXL
 
     stub, rows = SDXL(StubUNet(device, dtype)), []
     for tiles in args.tiles:
@@ -403,7 +403,7 @@ def predict_views_overhead(args, device, dtype, sync) -> list[dict]:
 def side_by_side_inputs(tiles: int, latent: int, seed: int, device: torch.device, dtype: torch.dtype):
     """What the bare call and ``predict_views`` are compared on: the stage context, ``tiles`` side-by-side view rects,
     their windows, and the bare reference's UNet inputs (a CFG batch [negative; global], prepared on the device)."""
-    from cupscale_dist.models.backbones.sdxl import micro_conditioning
+    from cupscale_dist.models.backbones.sdxl.backbone import micro_conditioning
 
     base = full_context(tiles, latent, seed)
     rects = np.array([[0, i * latent, latent, (i + 1) * latent] for i in range(tiles)])
@@ -483,7 +483,7 @@ def variant_calls(unet, backbone, sync, bare_inputs, windows, contexts, view_ids
 
 
 def full_size(args) -> dict:
-    from cupscale_dist.models.backbones.sdxl import SDXL
+    from cupscale_dist.models.backbones.sdxl.backbone import SDXL
 
     device = torch.device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]

@@ -97,7 +97,7 @@ def load_single_file(path: str, configs: str, family: str, dtype: torch.dtype):
     options = backbone.pipeline_options(index)
     try:
         if family == "flux":  # diffusers' Flux conversion is fixed at FLUX.1's width: ours, any width
-            from .flux_single_file import flux_file_components
+            from .backbones.flux.single_file import flux_file_components
 
             parts = flux_file_components(path, configs, dtype)
             for name in backbone.components:  # what the file lacks: from model_config's directory

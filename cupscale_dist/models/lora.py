@@ -23,7 +23,7 @@ import re
 
 from ..errors import UserError, shown
 from ..files.userfile import named
-from .flux_lora import check_flux_lora, is_flux_lora
+from .backbones.flux.lora import check_flux_lora, is_flux_lora
 from .lora_keys import DOWN_FACTORS, FACTOR, LORA_KEY
 from .weightfiles import check_finite, safetensors_tensors
 
@@ -83,8 +83,8 @@ def check_lora(path: str, spec) -> None:
 def check_float_tensors(path: str, what: str) -> None:
     """One UserError for a LoRA with an integer or boolean tensor (from the header): peft would cast it and apply
     it, where no trained factor or alpha is an integer (check_finite skips such tensors)."""
-    from .flux_header import safetensors_dtypes
-    from .flux_single_file import dtype_problem
+    from .backbones.flux.header import safetensors_dtypes
+    from .backbones.flux.single_file import dtype_problem
 
     problem = dtype_problem(safetensors_dtypes(path))
     if problem:

@@ -18,7 +18,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..files.userfile import read_json_object
 from .demo_dir import demo_model_dir
-from .flux_header import flux_variant, t5_tokenizer_dir
+from .backbones.flux.header import flux_variant, t5_tokenizer_dir
 from .weightfiles import MAX_ENTRIES, load_pickled, unwrap_state_dict
 
 CONFIGS = Path(__file__).resolve().parent / "single_file_configs"  # {family}/model_index.json, unet/, vae/, ...

@@ -18,7 +18,7 @@ from ..errors import UserError, shown
 from ..files.userfile import MAX_JSON_CONFIG_BYTES, check_regular_file, named, read_capped, read_json_object
 from .backbones import FAMILIES, FAMILY_COMPONENTS, backbone_class
 from .demo_dir import demo_model_dir
-from .flux_header import check_flux_file
+from .backbones.flux.header import check_flux_file
 from .hub import is_hub_id, pipeline_components, resolve_model
 from .single_file import (
     checkpoint_family,

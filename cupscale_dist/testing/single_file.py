@@ -171,8 +171,8 @@ def copy_configs(model_dir: str | Path, out_dir: str | Path) -> Path:
 
 def bfl_transformer_state(state: dict) -> dict[str, torch.Tensor]:
     """A diffusers FluxTransformer2DModel state dict in Black Forest Labs' names (the inverse of
-    :func:`cupscale_dist.models.flux_single_file.transformer_state`, through the same layer table)."""
-    from ..models.flux_single_file import layer_table
+    :func:`cupscale_dist.models.backbones.flux.single_file.transformer_state`, through the same layer table)."""
+    from ..models.backbones.flux.single_file import layer_table
 
     def count(prefix: str) -> int:
         return len({key.split(".")[1] for key in state if key.startswith(prefix)})
@@ -200,7 +200,7 @@ def save_flux_single_file(model_dir: str | Path, path: str | Path, layout: str =
     from safetensors.torch import save_file
     from transformers import CLIPTextModel, T5EncoderModel
 
-    from ..models.flux_header import CLIP_PREFIX, COMFY_PREFIX, T5_PREFIX, VAE_PREFIX as FLUX_VAE_PREFIX
+    from ..models.backbones.flux.header import CLIP_PREFIX, COMFY_PREFIX, T5_PREFIX, VAE_PREFIX as FLUX_VAE_PREFIX
 
     transformer = FluxTransformer2DModel.from_pretrained(model_dir, subfolder="transformer")
     prefix = "" if layout == "bfl" else COMFY_PREFIX

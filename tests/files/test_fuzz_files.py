@@ -206,7 +206,7 @@ def safetensors_bytes(draw) -> bytes:
 
 @given(data=safetensors_bytes())
 def test_fuzz_safetensors_headers_through_the_model_and_lora_readers(data):
-    from cupscale_dist.models.flux_header import check_flux_tensors
+    from cupscale_dist.models.backbones.flux.header import check_flux_tensors
     from cupscale_dist.models.lora import read_header
     from cupscale_dist.models.single_file import checkpoint_keys, checkpoint_kind
 

@@ -14,7 +14,7 @@ from test_fidelity import sdxl_context
 from cupscale_dist import upscale
 from cupscale_dist.method import step as step_module
 from cupscale_dist.method.step import predict_views
-from cupscale_dist.models.backbones.sdxl import SDXL
+from cupscale_dist.models.backbones.sdxl.backbone import SDXL
 from cupscale_dist.plan import make_plan
 
 RECTS = np.array([[0, 0, 16, 16], [0, 8, 16, 24]])

@@ -28,8 +28,8 @@ from cupscale_dist.method.step import StageContext, StageSchedule, predict_views
 from cupscale_dist.method.vae import encode_image
 from cupscale_dist.method.views import make_views
 from cupscale_dist.method.wavelets import dwt2, low_band
-from cupscale_dist.models.backbones.sd15 import SD15
-from cupscale_dist.models.backbones.sdxl import micro_conditioning
+from cupscale_dist.models.backbones.sd15.backbone import SD15
+from cupscale_dist.models.backbones.sdxl.backbone import micro_conditioning
 from cupscale_dist.pipeline import encode_negative, encode_prompts, predict_step, stage_generator
 from cupscale_dist.testing.tiny import SCHEDULER_CONFIG
 

@@ -59,7 +59,7 @@ def test_lambda_one_without_masks_is_the_plain_unet(sdxl_model, photo):
     windows = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     ours = predict_views(sdxl_model.backbone, windows, 500, 0.5, context, [0, 1], views)
 
-    from cupscale_dist.models.backbones.sdxl import micro_conditioning
+    from cupscale_dist.models.backbones.sdxl.backbone import micro_conditioning
 
     unet.set_attn_processor(AttnProcessor2_0())
     try:

@@ -22,7 +22,7 @@ from diffusers.models.transformers.transformer_flux import (
 
 from cupscale_dist.execution.executor import LocalExecutor
 from cupscale_dist.execution.worker import ModelWorker
-from cupscale_dist.method.joint_attention import (
+from cupscale_dist.models.backbones.flux.joint_attention import (
     JointRegional,
     JointRegionalProcessor,
     attend,
@@ -40,7 +40,7 @@ from cupscale_dist.method.step import (
 )
 from cupscale_dist.method.views import make_views
 from cupscale_dist.method.wavelets import dwt2, low_band
-from cupscale_dist.models.backbones.flux import (
+from cupscale_dist.models.backbones.flux.backbone import (
     Flux,
     image_ids,
     pack_latents,
@@ -348,7 +348,7 @@ def test_flow_zt_prior_pulls_the_next_latent_toward_the_noised_input(config, lev
 
 def test_rotary_tables_equal_the_transformers_own_position_embedding():
     """The per-axis gathered tables are FluxPosEmbed's on every id, byte for byte (global, half-patch offsets too)."""
-    from cupscale_dist.models.backbones.flux import rotary_tables
+    from cupscale_dist.models.backbones.flux.backbone import rotary_tables
 
     pos_embed = FluxPosEmbed(theta=10000, axes_dim=[16, 56, 56])
     ids = torch.cat([torch.zeros(7, 3), image_ids(np.array([[0, 0, 8, 6], [3, 5, 11, 11], [40, 64, 48, 70]]),

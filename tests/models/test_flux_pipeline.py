@@ -166,7 +166,7 @@ def flux_controlnet(flux_dir, tmp_path_factory):
 def test_flux_controlnet_steers_each_view_with_its_own_crop(flux_dir, flux_controlnet, photo):
     """The ControlNet changes the output; each of its calls gets the packed latents of the batch's own crops."""
     from cupscale_dist.method.vae import encode_pixels
-    from cupscale_dist.models.backbones.flux import pack_latents
+    from cupscale_dist.models.backbones.flux.backbone import pack_latents
 
     plain = upscale(photo, flux_config(flux_dir, mask_mode="off"), progress=False)
     config = flux_config(flux_dir, mask_mode="off", controlnet=flux_controlnet, controlnet_scale=1.0)

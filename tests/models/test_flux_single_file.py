@@ -14,8 +14,8 @@ from helpers import RUN, as_bytes, assert_one_error_line, cli, small_config
 
 from cupscale_dist import UserError, upscale
 from cupscale_dist.execution.worker import ModelWorker
-from cupscale_dist.models.flux_header import flux_layout
-from cupscale_dist.models.flux_single_file import transformer_state
+from cupscale_dist.models.backbones.flux.header import flux_layout
+from cupscale_dist.models.backbones.flux.single_file import transformer_state
 from cupscale_dist.models.single_file import checkpoint_kind, shipped_config
 from cupscale_dist.models.spec import ModelSpec
 from cupscale_dist.testing.single_file import (

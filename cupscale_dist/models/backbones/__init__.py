@@ -1,7 +1,7 @@
 """Backbones: everything specific to one model family behind one calling contract (:class:`base.Backbone`).
 
-A new family is one new module here, registered in :data:`BACKBONES`; the method (``method/``), the pipeline and
-the workers call only the contract.
+A new family is one new folder here (``<family>/``: its backbone and everything else that knows the family),
+registered in :data:`BACKBONES`; the method (``method/``), the pipeline and the workers call only the contract.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ...method.step import StageContext
-from .base import UNetBackbone
+from ....method.step import StageContext
+from ..base import UNetBackbone
 
 
 def micro_conditioning(context: StageContext, rects: np.ndarray) -> torch.Tensor:

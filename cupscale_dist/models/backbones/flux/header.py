@@ -1,17 +1,17 @@
 """What a single-file Flux checkpoint is, from its header alone (no tensors read): layout, variant, the components
 it holds, whether it can load with the given ``model_config``, and where its T5 tokenizer is.
 
-The driver decides all of this before any model loads (:mod:`.spec`, :mod:`.single_file`); the conversion of the
-weights themselves is :mod:`.flux_single_file`, on the workers. This module imports nothing else of ``models``, so
-both sides can take it without a circle.
+The driver decides all of this before any model loads (:mod:`cupscale_dist.models.spec`,
+:mod:`cupscale_dist.models.single_file`); the conversion of the weights themselves is :mod:`.single_file` beside
+it, on the workers. This module imports nothing else of ``models``, so both sides can take it without a circle.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import UserError, shown
-from ..files.userfile import named
+from ....errors import UserError, shown
+from ....files.userfile import named
 
 COMFY_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "vae."
@@ -71,9 +71,9 @@ def check_flux_file(path: str, keys, model_config: str | None, config_dir: str, 
 
 def check_flux_tensors(path: str, keys: dict) -> None:
     """One UserError, from the header, for a Flux file whose weights would not load as they are: its transformer keys
-    (:func:`.flux_single_file.transformer_key_problem`), keys of no component (another family's), and non-float
-    tensors (:func:`.flux_single_file.dtype_problem`)."""
-    from .flux_single_file import dtype_problem, transformer_key_problem
+    (:func:`.single_file.transformer_key_problem`), keys of no component (another family's), and non-float
+    tensors (:func:`.single_file.dtype_problem`)."""
+    from .single_file import dtype_problem, transformer_key_problem
 
     fix = "pass a FLUX.1 file as BFL or ComfyUI saves it"  # short: the message must fit one 300-character line
     if flux_layout(keys) == "bfl":

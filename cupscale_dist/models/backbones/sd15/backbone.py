@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import UNetBackbone
+from ..base import UNetBackbone
 
 
 class SD15(UNetBackbone):

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError, shown
-from .flux_header import COMFY_PREFIX, FILE_COMPONENTS, VAE_PREFIX, components_in_file, flux_layout
+from ....errors import UserError, shown
+from .header import COMFY_PREFIX, FILE_COMPONENTS, VAE_PREFIX, components_in_file, flux_layout
 
 # BFL name -> diffusers names of one transformer layer, and how the tensor maps: "same"; "qkv" (equal thirds, in
 # q, k, v order); "qkv_mlp" (single blocks' linear1: q, k, v of the model width, then the MLP's input); "swap"
@@ -216,7 +216,7 @@ def flux_file_components(path: str, configs: str, dtype: torch.dtype) -> dict:
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextModel, T5EncoderModel
 
-    from .single_file import checkpoint_keys
+    from ...single_file import checkpoint_keys
 
     configs_path = Path(configs)
     keys = checkpoint_keys(path)

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import re
 
-from ..errors import UserError, shown
-from .lora_keys import DOWN_FACTORS, FACTOR
+from ....errors import UserError, shown
+from ...lora_keys import DOWN_FACTORS, FACTOR
 
 FLUX_KEY = re.compile(r"^(transformer\.|lora_unet_(double|single)_blocks_|lora_transformer_|"
                       r"(diffusion_model\.)?(double|single)_blocks\.)")

@@ -3,7 +3,7 @@
 Three differences from the UNet families (method.md "Other backbones"):
 
 * **positions**: each view's image tokens carry RoPE ids of their place in the whole stage latent (the view's
-  offset in packed patches), per view in one batched call (:mod:`cupscale_dist.method.joint_attention`);
+  offset in packed patches), per view in one batched call (:mod:`cupscale_dist.models.backbones.flux.joint_attention`);
 * **regional attention**: the screening mask and the lambda composer act on the image->text block of the joint
   attention; lambda = 1 with nothing screened sends the global prompt alone through the stock attention;
 * **guidance**: FLUX.1-dev takes ``guidance_scale`` as an input embedding (``StageContext.distilled_guidance``), one
@@ -16,16 +16,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ...errors import UserError
-from ...method.attention import RegionalAttention
-from ...method.joint_attention import (
+from ....errors import UserError
+from ....method.attention import RegionalAttention
+from .joint_attention import (
     BoundJointProcessor,
     JointRegional,
     install_joint_processors,
 )
-from ...method.step import StageContext
-from ...method.vae import encode_pixels, tile_to_tensor
-from .base import Backbone, UNetBackbone
+from ....method.step import StageContext
+from ....method.vae import encode_pixels, tile_to_tensor
+from ..base import Backbone, UNetBackbone
 
 PATCH = 2  # Flux packs 2x2 latent pixels into one token
 
