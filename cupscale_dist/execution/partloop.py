@@ -22,7 +22,6 @@ the driver runs the callback; a gather asked for by the callback still reads the
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import logging
@@ -34,10 +33,10 @@ import torch
 
 from ..errors import UserError
 from ..method.parts import StageLayout, join_states, slice_state
+from ..method.prior import GlobalPrior
 from ..method.schedulers import kind_of
 from ..method.step import check_finite_latent
 from ..method.vae import TileGrid
-from ..method.prior import GlobalPrior
 from .partowner import PartJob, PixelStart, part_schedule
 
 log = logging.getLogger(__name__)
@@ -156,11 +155,11 @@ class PartLoop:
                 self.statuses += self.transport.fetch(statuses)
                 finished = True
             except WorkerLost as lost:
-                self._lost(lost)
-            finally:  # done, lost (the survivors free the old generation) or closed early by the sink
-                if self.layout is not None:
-                    with contextlib.suppress(Exception):  # a lost worker's drop fails: that is not the run's failure
-                        self._drop()
+                self._lost(lost)  # the next generation's load replaces what the survivors hold
+            except BaseException:  # closed early by the sink (GeneratorExit), or a failure: free the bands
+                self._drop()
+                raise
+        self._drop()
 
     def _lost(self, lost: WorkerLost) -> None:
         log.warning("worker %d lost (%s) at stage %d; its parts are rebuilt from the snapshot of step %d over the "
@@ -169,7 +168,11 @@ class PartLoop:
         self.transport.lose(lost)
 
     def _drop(self) -> None:
-        self.transport.fetch([self.transport.submit(w, "drop", 1, self.generation)[0] for w in self.layout.workers])
+        """The workers free this generation's bands; not waited for (a worker being replaced takes it whenever it
+        starts, and a drop of a generation it does not hold does nothing)."""
+        if self.layout is not None:
+            for worker in self.layout.workers:
+                self.transport.submit(worker, "drop", 1, self.generation)
 
     # -- one generation of the stage's layout ----------------------------------------------------------------------
     def _layout(self) -> StageLayout:

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from ..method.parts import Contribution, StageLayout, crop_rows, reduce_part
+from ..method.prior import stage_noise, stage_start
 from ..method.schedulers import kind_of
 from ..method.step import StageSchedule, is_finite, prior_and_step
-from ..method.prior import stage_noise, stage_start
 from ..method.vae import TileGrid, decode_float_rows, encode_rows, to_uint8
 
 

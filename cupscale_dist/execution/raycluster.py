@@ -180,8 +180,9 @@ def check_token(address: str) -> None:
         if "InvalidAuthToken" in str(exc):
             raise token_error(f"--address {address}", exc, gcs_token(), needs_mode=True) from None
     except RpcError as exc:
-        raise UserError(f"--address {address}: no Ray GCS answers there ({str(exc).splitlines()[0]}); pass the "
-                        "head's GCS address (port 6379 by default; the dashboard's 8265 is for `cupscale submit`)") from None
+        first_line = str(exc).splitlines()[0]
+        raise UserError(f"--address {address}: no Ray GCS answers there ({first_line}); pass the head's GCS address "
+                        "(port 6379 by default; the dashboard's 8265 is for `cupscale submit`)") from None
 
 
 @contextlib.contextmanager

@@ -75,8 +75,8 @@ def test_killed_actor_mid_call_gives_identical_output(local_ray, sdxl_model, pho
 def test_no_resources_for_the_actors_is_a_clear_error_within_the_start_timeout(local_ray, sdxl_dir):
     config = small_config(sdxl_dir)
     start = time.monotonic()
-    with pytest.raises(UserError, match=r"model workers: 1 x \(1 CPU, 1 GPU, [0-9.]+ GB memory\) could not be placed within 3 s; the "
-                                        r"cluster has \{.*'CPU': .*\} free"):
+    with pytest.raises(UserError, match=r"model workers: 1 x \(1 CPU, 1 GPU, [0-9.]+ GB memory\) could not be placed "
+                                        r"within 3 s; the cluster has \{.*'CPU': .*\} free"):
         WorkerPool(config, ClusterOptions(actors=1, cpus_per_actor=1, gpus_per_actor=1, start_timeout_s=3),
                    ModelSpec.load(sdxl_dir))
     assert time.monotonic() - start < 30

@@ -122,7 +122,8 @@ def test_every_pixel_is_predicted_once_per_view_and_halos_are_what_views_need(wo
     bands it covers; a worker's halo plus its own bands hold every row its views read."""
     views = make_views(256, 192, 32, 16)
     layout = StageLayout.even(list(range(workers)), views, (256, 192), 4, 2, jitter=jitter, seed=3)
-    assert sorted(np.concatenate([np.arange(b.start, b.stop) for b in layout.batches]).tolist()) == list(range(len(views)))
+    dealt = np.concatenate([np.arange(b.start, b.stop) for b in layout.batches])
+    assert sorted(dealt.tolist()) == list(range(len(views)))
     sizes = [len(b) for b in layout.batches]
     views_of = np.bincount(layout.batch_worker, weights=sizes, minlength=workers)
     assert views_of.max() == smallest_largest_run(sizes, workers)  # the least largest run of fixed batches

@@ -17,8 +17,15 @@ from cupscale_dist import upscale
 from cupscale_dist.execution.executor import LocalExecutor
 from cupscale_dist.execution.partowner import PartOwner
 from cupscale_dist.method.prior import stage_noise, stage_start
-from cupscale_dist.method.vae import (TileGrid, decode_float_bands, decode_float_rows, encode_rows, encode_tiled,
-                                      latent_tiles, to_uint8)
+from cupscale_dist.method.vae import (
+    TileGrid,
+    decode_float_bands,
+    decode_float_rows,
+    encode_rows,
+    encode_tiled,
+    latent_tiles,
+    to_uint8,
+)
 
 
 def tile_decoder(calls: list):
@@ -212,3 +219,81 @@ def test_a_cancel_after_the_owners_encoded_their_bands_stops_before_any_step(sdx
         upscale(photo, config, executor=LocalExecutor(sdxl_model, 2, owners=2), callback=cancel_after_load,
                 progress=False)
     assert events[-3:] == ["load", "load", "tick"] and "predict" not in events
+
+
+# --- a worker lost (in process: the transport below plays Ray's part) ----------------------------------------------
+class Lost:
+    """What a lost worker's call returns: fetching it (or anything made from it) raises WorkerLost, as Ray does."""
+
+    def __init__(self, worker: int, method: str):
+        self.worker, self.method = worker, method
+
+
+class LosingTransport:
+    """In-process owners; the ``at``-th ``method`` call to ``victim`` loses it for good (it leaves the pool)."""
+
+    def __init__(self, owners: dict, victim: int, method: str, at: int):
+        from cupscale_dist.execution.partloop import InProcessTransport
+
+        self.inner, self.victim, self.method, self.at, self.calls = InProcessTransport(owners), victim, method, at, 0
+        self.lost = False
+
+    def workers(self) -> list[int]:
+        return self.inner.workers()
+
+    def submit(self, worker: int, method: str, count: int, *args) -> list:
+        failed = next((a for a in args if isinstance(a, Lost)), None)
+        if worker == self.victim and method == self.method and not self.lost:
+            self.calls += 1
+            if self.calls == self.at:
+                self.lost = True
+                del self.inner.owners[worker]
+                failed = Lost(worker, method)
+        if failed is not None or worker not in self.inner.owners:
+            return [failed or Lost(worker, method)] * count
+        return self.inner.submit(worker, method, count, *args)
+
+    def fetch(self, handles: list) -> list:
+        from cupscale_dist.execution.partloop import WorkerLost
+
+        for handle in handles:
+            if isinstance(handle, Lost):
+                raise WorkerLost(handle.worker, "lost by the test", call=handle.method)
+        return self.inner.fetch(handles)
+
+    def lose(self, lost) -> None:
+        pass  # already out of the pool
+
+
+class LosingExecutor(LocalExecutor):
+    def __init__(self, worker, owners: int, *loss):
+        super().__init__(worker, 2, owners=owners)
+        self.loss = loss
+
+    def _denoise_on_owners(self, job):
+        from cupscale_dist.execution.partloop import PartLoop
+
+        worker = self.worker
+        owners = {slot: PartOwner(worker.predict, slot, worker.decode_tile, worker.encode_tile)
+                  for slot in range(self.owners)}
+        self.transport = LosingTransport(owners, *self.loss)
+        return PartLoop(self.transport, job).bands()
+
+
+@pytest.mark.parametrize("victim,method,at", [(1, "decode", 1), (0, "decode", 1), (2, "load", 1), (1, "predict", 2),
+                                              (1, "gather", 1)])
+def test_a_worker_lost_at_any_call_gives_the_reference_bytes(sdxl_model, photo, victim, method, at):
+    """Lost in its decode after the rows above it were handed on (the replay's decode goes on from the first row
+    not yet handed on), before any row was, in its load (the bands encoded again from the stage input), mid-denoise,
+    or in a checkpoint's gather: the output is the reference's, each row once."""
+    config = small_config(sdxl_model.name, view_batch_size=2, vae_tile=64)
+    reference = np.asarray(upscale(photo, config, executor=LocalExecutor(sdxl_model, 2), progress=False))
+    executor = LosingExecutor(sdxl_model, 3, victim, method, at)
+
+    def checkpoint(info):  # a checkpoint's gather after step 1 (only the 'gather' case loses a worker there)
+        if info["gather"] is not None and info["step"] == 1:
+            info["gather"]()
+
+    image = upscale(photo, config, executor=executor, callback=checkpoint, progress=False)
+    assert executor.transport.lost and victim not in executor.transport.workers()
+    assert np.array_equal(np.asarray(image), reference)

@@ -156,7 +156,8 @@ MUTATIONS = [
              '    if True:\n',
              (GATE + "test_defaults_keep_the_input_and_its_detail_and_hide_seams",)),
     Mutation("vae-decode-tiles-unweighted", "cupscale_dist/method/vae.py",
-             "acc[:, rows, cols].addcmul_(pixels, windows[size])", "acc[:, rows, cols].add_(pixels)",
+             "acc[(slice(None), *target)].addcmul_(pixels[:, kept_rows], windows[size][kept_rows])",
+             "acc[(slice(None), *target)].add_(pixels[:, kept_rows])",
              (GATE + "test_defaults_keep_the_input_and_its_detail_and_hide_seams",)),
     # Issue 11: every view the same (top-left) control image instead of its own crop; the scale never applied.
     Mutation("controlnet-same-crop-for-every-view", "cupscale_dist/models/controlnet.py",
@@ -181,6 +182,14 @@ MUTATIONS = [
     Mutation("step-noise-ignores-the-band-offset", "cupscale_dist/method/schedulers.py",
              "+ (row0 + row) * 7_919_113)", "+ row * 7_919_113)",
              ("tests/execution/test_parts.py::test_owned_bands_give_the_reference_latent_for_any_layout[lcm]",)),
+    # Issue 34, the VAE on the owners: a band decoded without the tiles that start above it; a band's rows of the
+    # stage noise taken from the top of the draw instead of its own rows.
+    Mutation("band-decode-drops-the-tiles-above-it", "cupscale_dist/method/vae.py",
+             "if top < hi and bottom > lo:", "if top < hi and top >= lo:",
+             ("tests/execution/test_vae_on_owners.py::test_any_split_of_the_rows_decodes_to_the_whole_decodes_bytes",)),
+    Mutation("band-noise-from-the-top-of-the-draw", "cupscale_dist/method/prior.py",
+             "noise[..., rows[0] : rows[1], :]", "noise[..., : rows[1] - rows[0], :]",
+             ("tests/execution/test_vae_on_owners.py::test_owners_decode_the_reference_bytes_and_the_driver_never_gathers",)),
     # issue 22: Flux.1 as a backbone (tests/models/test_flux.py)
     Mutation("flux-positions-dropped", "cupscale_dist/models/backbones/flux/backbone.py",
              "ids[..., 1] += float(top) / PATCH", "ids[..., 1] += 0 * float(top) / PATCH",
