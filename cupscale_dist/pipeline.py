@@ -222,12 +222,9 @@ def shift_tokens(config: UpscaleConfig, stage: StagePlan) -> int:
 
 
 def guidance_fields(config: UpscaleConfig, spec) -> dict:
-    """How guidance reaches the model: a UNet's CFG scale is ``guidance_scale``; Flux takes ``guidance_scale`` as
-    its guidance embedding (FLUX.1-dev) and runs CFG only with ``true_cfg`` > 1 (its negative prompt)."""
-    if spec.family == "flux":
-        return {"guidance_scale": config.true_cfg, "distilled_guidance": config.guidance_scale,
-                "positions": config.positions}
-    return {"guidance_scale": config.guidance_scale}
+    """How guidance reaches the model: the family decides
+    (:meth:`~cupscale_dist.models.backbones.base.Backbone.guidance_fields`)."""
+    return backbone_class(spec.family).guidance_fields(config)
 
 
 def run_stage(executor, config: UpscaleConfig, stage: StagePlan, image: Image.Image, prompter: Prompter,

@@ -15,17 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import UserError, shown
+from ..errors import UserError
+from .backbones import BACKBONES, backbone_class
+from .backbones.base import UNetBackbone
 from .spec import read_json
 
 log = logging.getLogger(__name__)
-
-# What must agree between a ControlNet and the UNet it steers: its residuals are added to the UNet's skip
-# connections (channels per block) and it reads the same text embeddings (cross-attention width, SDXL's pooled +
-# time-ids embedding).
-MATCHING_KEYS = ("block_out_channels", "cross_attention_dim", "in_channels", "addition_embed_type",
-                 "projection_class_embeddings_input_dim", "addition_time_embed_dim")
-
 
 def resolve_controlnet(name: str) -> str:
     """A local ControlNet directory (``config.json`` + weights) as it is; a hub id -> a local snapshot of its config
@@ -51,49 +46,21 @@ def check_controlnet(folder: str, spec) -> None:
     """Driver-side, from the configs alone: a ControlNet that does not fit the model is one line before any actor
     starts (an SD1.5 tile model on SDXL would fail deep inside the first UNet call on every worker)."""
     config = read_json(folder, "config.json", "--controlnet", "re-save the model")
-    if spec.family == "flux" or config.get("_class_name") == "FluxControlNetModel":
-        check_flux_controlnet(folder, config, spec)
-        return
-    if config.get("_class_name") != "ControlNetModel":
-        raise UserError(f"--controlnet {folder}: a {shown(config.get('_class_name'))}, not a ControlNetModel; use a "
-                        "ControlNet tile model such as xinsir/controlnet-tile-sdxl-1.0 (SDXL) or "
-                        "lllyasviel/control_v11f1e_sd15_tile (SD1.5)")
-    unet = spec.unet_config()  # from the model's config directory (a single-file checkpoint's too)
-    for key in MATCHING_KEYS:
-        if config.get(key) != unet.get(key):
-            raise UserError(f"--controlnet {folder}: made for another model ({key} {shown(config.get(key))} here, "
-                            f"{shown(unet.get(key))} in {spec.name}'s UNet); use a ControlNet of the "
-                            f"{spec.family} family")
+    owner = controlnet_family(config) or backbone_class(spec.family)  # a family's own class is checked by it
+    owner.check_controlnet(folder, config, spec)
 
 
-# What must agree between a Flux ControlNet and the transformer it steers: its block outputs are added to the
-# transformer's hidden states (width = heads x head dim), it reads the same packed latents, text and positions.
-FLUX_MATCHING_KEYS = ("in_channels", "attention_head_dim", "num_attention_heads", "joint_attention_dim",
-                      "pooled_projection_dim", "axes_dims_rope")
-
-
-def check_flux_controlnet(folder: str, config: dict, spec) -> None:
-    """A Flux ControlNet on a UNet model, a UNet ControlNet on Flux, or one of other widths: one line."""
-    if config.get("_class_name") != "FluxControlNetModel" or spec.family != "flux":
-        raise UserError(f"--controlnet {folder}: a {shown(config.get('_class_name'))} and {spec.name} is an "
-                        f"{spec.family} model; use a ControlNet of the model's family (FluxControlNetModel for Flux)")
-    transformer = spec.denoiser_config()
-    for key in FLUX_MATCHING_KEYS:
-        mine, theirs = config.get(key), transformer.get(key)
-        if (list(mine) if isinstance(mine, (list, tuple)) else mine) != (
-                list(theirs) if isinstance(theirs, (list, tuple)) else theirs):
-            raise UserError(f"--controlnet {folder}: made for another model ({key} {shown(mine)} here, "
-                            f"{shown(theirs)} in {spec.name}'s transformer); use a Flux ControlNet for this model")
+def controlnet_family(config: dict):
+    """The family whose own ControlNet class ``config`` names (its Backbone class), or None (a UNet ControlNet)."""
+    return next((backbone for backbone in BACKBONES.values() if backbone.claims_controlnet(config)), None)
 
 
 def load_controlnet(folder: str, device: torch.device, dtype: torch.dtype):
-    """The ControlNet (a UNet family's, or a FluxControlNetModel) on the worker's device and dtype."""
-    from diffusers import ControlNetModel, FluxControlNetModel
-
-    class_name = read_json(folder, "config.json", "--controlnet", "re-save the model").get("_class_name")
-    flux = class_name == "FluxControlNetModel"
+    """The ControlNet (a UNet family's, or a family's own class) on the worker's device and dtype."""
+    config = read_json(folder, "config.json", "--controlnet", "re-save the model")
+    owner = controlnet_family(config) or UNetBackbone
     try:
-        model = (FluxControlNetModel if flux else ControlNetModel).from_pretrained(folder, torch_dtype=dtype)
+        model = owner.controlnet_class().from_pretrained(folder, torch_dtype=dtype)
     except (OSError, ValueError) as exc:
         reason = (str(exc).splitlines() or [""])[0][:120]
         raise UserError(f"--controlnet {folder}: could not be loaded ({reason})") from None

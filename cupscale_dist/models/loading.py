@@ -96,16 +96,8 @@ def load_single_file(path: str, configs: str, family: str, dtype: torch.dtype):
                   for name in backbone.components if name.startswith("tokenizer")}
     options = backbone.pipeline_options(index)
     try:
-        if family == "flux":  # diffusers' Flux conversion is fixed at FLUX.1's width: ours, any width
-            from .backbones.flux.single_file import flux_file_components
-
-            parts = flux_file_components(path, configs, dtype)
-            for name in backbone.components:  # what the file lacks: from model_config's directory
-                if name not in parts and name not in tokenizers:
-                    parts[name] = load_component(configs, name, dtype, None)
-            return backbone.pipeline_class()(**parts, **tokenizers, **options)
-        return backbone.pipeline_class().from_single_file(path, config=configs, local_files_only=True,
-                                                          torch_dtype=dtype, **tokenizers, **options)
+        return backbone.load_single_file(path, configs, dtype, tokenizers, options,
+                                         lambda name: load_component(configs, name, dtype, None))
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"--model {path}: could not be loaded as a single-file {family} checkpoint "

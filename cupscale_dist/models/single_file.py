@@ -7,7 +7,7 @@ package (``single_file_configs/sdxl``, ``/sd15``, ``/flux-dev``, ``/flux-schnell
 values), so loading never touches the network; ``model_config`` names another diffusers config directory for a
 file of other shapes (and, for a transformer-only Flux file, holds its VAE and text encoders). The CLIP tokenizers
 are the demo model's files (CLIP's real 49,408-token vocabulary), used wherever a config directory has no tokenizer
-of its own; T5's comes from the config directory or the hub cache (:func:`.flux_header.t5_tokenizer_dir`).
+of its own; T5's comes from the config directory or the hub cache (:func:`.backbones.flux.header.t5_tokenizer_dir`).
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..files.userfile import read_json_object
+from .backbones import BACKBONES
+from .backbones.base import UnsupportedFile, has_prefix
 from .demo_dir import demo_model_dir
-from .backbones.flux.header import flux_variant, t5_tokenizer_dir
-from .weightfiles import MAX_ENTRIES, load_pickled, unwrap_state_dict
+from .weightfiles import checkpoint_keys
 
 CONFIGS = Path(__file__).resolve().parent / "single_file_configs"  # {family}/model_index.json, unet/, vae/, ...
 SUFFIXES = (".safetensors", ".ckpt")
@@ -32,83 +33,39 @@ def is_single_file(model: str | Path) -> bool:
     return path.suffix.lower() in SUFFIXES and path.is_file()
 
 
-def safetensors_header(path: str | Path) -> dict[str, tuple[int, ...]]:
-    """Key -> shape of a safetensors file, from its header alone (no tensor is read); at most
-    :data:`~cupscale_dist.models.weightfiles.MAX_ENTRIES` keys."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        keys = f.keys()
-        if len(keys) > MAX_ENTRIES:  # a header of tiny entries: bound the walks over its keys
-            raise UserError(f"{path}: holds {len(keys)} tensors, over the {MAX_ENTRIES} a model has; not a model file")
-        return {key: tuple(f.get_slice(key).get_shape()) for key in keys}
-
-
-def checkpoint_keys(path: str | Path) -> dict[str, tuple[int, ...]]:
-    """Key -> shape of a checkpoint without reading its tensors (header only; a .ckpt is memory-mapped, read as
-    tensors and plain containers only, its ``state_dict`` wrappers unwrapped a bounded number of times)."""
-    path = str(path)
-    what = f"--model {path}"
-    try:
-        if path.lower().endswith(".safetensors"):
-            return safetensors_header(path)
-        import torch
-
-        fix = "pass a .safetensors file of an SDXL, SD1.5 or Flux.1 model, or a diffusers directory"
-        state = unwrap_state_dict(load_pickled(path, what, mmap=True, fix=fix), what, fix=fix)
-        return {key: tuple(value.shape) for key, value in state.items()
-                if isinstance(key, str) and isinstance(value, torch.Tensor)}
-    except UserError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file: one line either way
-        raise UserError(f"--model {path}: not a readable checkpoint ({type(exc).__name__}); pass a .safetensors "
-                        "file of an SDXL, SD1.5 or Flux.1 model, or a diffusers directory") from None
-
-
 def checkpoint_family(path: str | Path) -> str:
     """'sdxl', 'sd15' or 'flux' from a single file's keys; any other model is one UserError naming what it is."""
     return checkpoint_kind(path).split("-")[0]
 
 
+# Single files of models this project does not run, by the key prefixes that tell them apart (any of them): what a
+# refusal calls them. The families' own files are told by each family (Backbone.single_file_kind).
+UNSUPPORTED = ((("model.diffusion_model.joint_blocks.", "joint_blocks."), "Stable Diffusion 3"),
+               (("conditioner.embedders.0.model.",), "an SDXL refiner"),
+               (("cond_stage_model.model.",), "Stable Diffusion 2"))
+
+
+def unsupported(path: str | Path, what: str) -> UserError:
+    """The one line for a single file of a model this project does not run (``what``: 'Stable Diffusion 2')."""
+    return UserError(f"--model {path}: is {what if what.startswith('an ') else 'a ' + what} checkpoint; {SUPPORTED}")
+
+
 def checkpoint_kind(path: str | Path) -> str:
-    """The shipped config a single file needs: 'sdxl', 'sd15', 'flux-dev' or 'flux-schnell', from its keys."""
+    """The shipped config a single file needs ('sdxl', 'sd15', 'flux-dev' or 'flux-schnell': its family's
+    :meth:`~cupscale_dist.models.backbones.base.Backbone.single_file_kind`), from its keys."""
     keys = checkpoint_keys(path)
-    unet = "model.diffusion_model."
-
-    def has(prefix: str) -> bool:
-        return any(key.startswith(prefix) for key in keys)
-
-    if has(unet + "joint_blocks.") or has("joint_blocks."):
-        family = "Stable Diffusion 3"
-    elif has(unet + "double_blocks.") or has("double_blocks."):
-        family = "Flux"
-    elif has("conditioner.embedders.1.model."):
-        family = "sdxl"
-    elif has("conditioner.embedders.0.model."):
-        family = "an SDXL refiner"
-    elif has("cond_stage_model.model."):
-        family = "Stable Diffusion 2"
-    elif has("cond_stage_model.transformer.") and has(unet):
-        family = "sd15"
-    else:
-        raise UserError(f"--model {path}: not a Stable Diffusion checkpoint (no model.diffusion_model / text "
-                        f"encoder keys in the original layout); {SUPPORTED}, or pass a diffusers directory")
-    conv_in = keys.get(unet + "input_blocks.0.0.weight", (0, 4, 3, 3))
-    if family in ("sdxl", "sd15") and len(conv_in) != 4:
-        raise UserError(f"--model {path}: its {unet}input_blocks.0.0.weight has shape {tuple(conv_in)!r:.30} "
-                        "(a convolution has 4 dimensions); the file is damaged: pass a sound checkpoint")
-    in_channels = conv_in[1] if len(conv_in) > 1 else 4
-    if family in ("sdxl", "sd15") and in_channels != 4:
-        family = f"{'SDXL' if family == 'sdxl' else 'SD1.5'} inpainting ({in_channels} input channels)"
-    if family == "Flux":
-        if not str(path).lower().endswith(".safetensors"):
-            raise UserError(f"--model {path}: Flux checkpoints are read as .safetensors only; save it as one")
-
-        return f"flux-{flux_variant(keys)}"
-    if family not in ("sdxl", "sd15"):
-        raise UserError(f"--model {path}: is {family if family.startswith('an ') else 'a ' + family} checkpoint; "
-                        f"{SUPPORTED}")
-    return family
+    for prefixes, what in UNSUPPORTED:
+        if any(has_prefix(keys, prefix) for prefix in prefixes):
+            raise unsupported(path, what)
+    for backbone in BACKBONES.values():
+        try:
+            kind = backbone.single_file_kind(keys, str(path))
+        except UnsupportedFile as exc:  # the family's file of a kind this project cannot run (inpainting)
+            raise unsupported(path, exc.what) from None
+        if kind is not None:
+            return kind
+    raise UserError(f"--model {path}: not a Stable Diffusion checkpoint (no model.diffusion_model / text "
+                    f"encoder keys in the original layout); {SUPPORTED}, or pass a diffusers directory")
 
 
 def shipped_config(kind: str) -> str:
@@ -117,7 +74,8 @@ def shipped_config(kind: str) -> str:
 
 
 def tokenizer_dir(config_dir: str | Path, name: str) -> str:
-    """``config_dir/name`` where it holds a tokenizer; else, for T5 (Flux's ``tokenizer_2``), the hub cache's; else
+    """``config_dir/name`` where it holds a tokenizer; else where its family finds it (Flux's T5: the hub cache,
+    :meth:`~cupscale_dist.models.backbones.base.Backbone.tokenizer_elsewhere`); else
     the demo model's (CLIP's real vocabulary and merges; its tokenizer_2 pads with '!' as SDXL's does)."""
     own = Path(config_dir) / name
     if (own / "vocab.json").exists():  # a FIFO or folder there is refused by the loader, not swapped for the demo's
@@ -125,6 +83,8 @@ def tokenizer_dir(config_dir: str | Path, name: str) -> str:
     index = Path(config_dir) / "model_index.json"
     entry = (read_json_object(index, f"--model {config_dir}: model_index.json", "re-save the pipeline").get(name)
              if index.is_file() else None)
-    if isinstance(entry, list) and str(entry[-1]).startswith("T5"):
-        return t5_tokenizer_dir(config_dir)
+    for backbone in BACKBONES.values():  # a family whose tokenizer is found elsewhere (Flux's T5: the hub cache)
+        where = backbone.tokenizer_elsewhere(config_dir, name, entry)
+        if where is not None:
+            return where
     return str(Path(demo_model_dir()) / name)

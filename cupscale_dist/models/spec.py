@@ -18,11 +18,9 @@ from ..errors import UserError, shown
 from ..files.userfile import MAX_JSON_CONFIG_BYTES, check_regular_file, named, read_capped, read_json_object
 from .backbones import FAMILIES, FAMILY_COMPONENTS, backbone_class
 from .demo_dir import demo_model_dir
-from .backbones.flux.header import check_flux_file
 from .hub import is_hub_id, pipeline_components, resolve_model
 from .single_file import (
     checkpoint_family,
-    checkpoint_keys,
     checkpoint_kind,
     is_single_file,
     shipped_config,
@@ -148,8 +146,8 @@ class ModelSpec:
                                 f"{family} config; give a config directory of the checkpoint's family")
         backbone = backbone_class(family)
         denoiser = read_json(configs, f"{backbone.denoiser_name}/config.json")
-        if family == "flux" and is_single_file(model_dir):  # from the header: what loading would need
-            check_flux_file(model_dir, checkpoint_keys(model_dir), model_config, configs, denoiser)
+        if is_single_file(model_dir):  # from the header: what loading would need (the family's own check)
+            backbone.check_single_file(model_dir, model_config, configs, denoiser)
         vae = read_json(configs, "vae/config.json")
         factor, channels = vae_geometry(configs, vae)
         if backbone.native_size is not None:  # a DiT's config has no sample size: the family's training size

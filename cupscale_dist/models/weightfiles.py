@@ -117,3 +117,55 @@ def safetensors_tensors(path: str | Path) -> Iterable[tuple[str, object]]:
     with safe_open(str(path), framework="pt") as handle:
         for name in handle.keys():  # noqa: SIM118 - a safetensors handle: keys() is its only listing
             yield name, handle.get_tensor(name)
+
+
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")  # safetensors' names of what a weight may be
+
+
+def safetensors_dtypes(path: str) -> dict[str, str]:
+    """Key -> dtype name ('F32', 'I64', ...) of a safetensors file, from its header alone."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return {key: handle.get_slice(key).get_dtype() for key in handle.keys()}  # noqa: SIM118
+
+
+def dtype_problem(dtypes: dict[str, str]) -> str | None:
+    """Why a weight file's tensors (key -> safetensors dtype) can't be weights: integers or booleans, or None."""
+    bad = sorted(key for key, dtype in dtypes.items() if dtype not in FLOAT_DTYPES)
+    if bad:
+        return f"holds {len(bad)} non-float tensor(s) (e.g. {shown(bad[0])} of {dtypes[bad[0]]}), which no weight is"
+    return None
+
+
+def safetensors_header(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of a safetensors file, from its header alone (no tensor is read); at most
+    :data:`~cupscale_dist.models.weightfiles.MAX_ENTRIES` keys."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        keys = f.keys()
+        if len(keys) > MAX_ENTRIES:  # a header of tiny entries: bound the walks over its keys
+            raise UserError(f"{path}: holds {len(keys)} tensors, over the {MAX_ENTRIES} a model has; not a model file")
+        return {key: tuple(f.get_slice(key).get_shape()) for key in keys}
+
+
+def checkpoint_keys(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of a checkpoint without reading its tensors (header only; a .ckpt is memory-mapped, read as
+    tensors and plain containers only, its ``state_dict`` wrappers unwrapped a bounded number of times)."""
+    path = str(path)
+    what = f"--model {path}"
+    try:
+        if path.lower().endswith(".safetensors"):
+            return safetensors_header(path)
+        import torch
+
+        fix = "pass a .safetensors file of an SDXL, SD1.5 or Flux.1 model, or a diffusers directory"
+        state = unwrap_state_dict(load_pickled(path, what, mmap=True, fix=fix), what, fix=fix)
+        return {key: tuple(value.shape) for key, value in state.items()
+                if isinstance(key, str) and isinstance(value, torch.Tensor)}
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file: one line either way
+        raise UserError(f"--model {path}: not a readable checkpoint ({type(exc).__name__}); pass a .safetensors "
+                        "file of an SDXL, SD1.5 or Flux.1 model, or a diffusers directory") from None

@@ -62,10 +62,9 @@ def test_a_checkpoint_whose_state_dict_contains_itself_is_refused_at_once(tmp_pa
     # The count bound, at a size a test can afford: the walks over keys are bounded by the file's entry count.
     from safetensors.torch import save_file
 
-    from cupscale_dist.models import single_file, weightfiles
+    from cupscale_dist.models import weightfiles  # the header reader (safetensors_header) and the .ckpt walk
 
     save_file({k: v.contiguous() for k, v in sdxl_keys.items()}, str(tmp_path / "two.safetensors"))
-    monkeypatch.setattr(single_file, "MAX_ENTRIES", 1)
     monkeypatch.setattr(weightfiles, "MAX_ENTRIES", 1)
     for name in ("twice.ckpt", "two.safetensors"):
         with pytest.raises(UserError, match="holds 2 .*over the 1 a model has") as error:

@@ -2,7 +2,10 @@
 wrap each model so the sampler sees one call).
 
 Class level (no weights; the driver and the loader use it): ``family``, the ``model_index.json`` class names it
-accepts, the components it loads, the diffusers pipeline class and its options.
+accepts, the components it loads, the diffusers pipeline class and its options, and every decision that depends on
+the family: how guidance reaches the model, a single file's kind, checks and loading, its LoRA and ControlNet checks
+(the rest of the code asks the family's class from :func:`cupscale_dist.models.backbones.backbone_class`, never
+its name).
 Instance level (a worker, weights loaded): ``encode_prompts`` (method.md step 6), ``denoise`` (the forward pass of
 one CFG batch of views, step 9a, ControlNet included) and ``probe`` (the attention probe's pass, step 7). Every
 tensor crosses the contract in the layouts :class:`cupscale_dist.method.step.StageContext` documents.
@@ -16,10 +19,25 @@ from abc import ABC, abstractmethod
 import numpy as np
 import torch
 
+from ...errors import UserError
 from ...method.attention import RegionalAttention, install_regional_processors
 from ...method.masks import probe_attention_maps
 from ...method.step import StageContext
 from ...method.vae import encode_pixels, tile_to_tensor
+from .unet_addons import check_unet_controlnet, check_unet_lora
+
+
+class UnsupportedFile(Exception):  # noqa: N818 - not an error of ours: the caller words it (a UserError)
+    """A single file of a family this project cannot run (``what``: 'SDXL inpainting (9 input channels)')."""
+
+    def __init__(self, what: str):
+        super().__init__(what)
+        self.what = what
+
+
+def has_prefix(keys, prefix: str) -> bool:
+    """Whether any key of a checkpoint starts with ``prefix``."""
+    return any(key.startswith(prefix) for key in keys)
 
 
 class Backbone(ABC):
@@ -48,6 +66,65 @@ class Backbone(ABC):
         """One-line UserErrors for knobs this family cannot honour, before any work (none for the UNet families)."""
         return  # a hook with a default, not an abstract method: a family with nothing to refuse keeps it
 
+    @classmethod
+    def guidance_fields(cls, config) -> dict:
+        """How guidance reaches the model (:class:`~cupscale_dist.method.step.StageContext` fields): the CFG scale
+        is ``guidance_scale``."""
+        return {"guidance_scale": config.guidance_scale}
+
+    # -- single files (``--model x.safetensors``) --------------------------------------------------------------
+    @classmethod
+    def single_file_kind(cls, keys: dict, path: str) -> str | None:
+        """The shipped config (``single_file_configs/<kind>``) a single file of this family needs, from its keys;
+        None when the keys are not this family's; :class:`UnsupportedFile` for a file of the family this project
+        cannot run, a UserError for a damaged one."""
+        return None
+
+    @classmethod
+    def check_single_file(cls, path: str, model_config: str | None, configs: str, denoiser: dict) -> None:
+        """One line, from a single file's header alone, for what loading it would need and lacks (driver side)."""
+        return  # diffusers' from_single_file reads what the UNet families' files hold
+
+    @classmethod
+    def tokenizer_elsewhere(cls, config_dir: str, name: str, entry) -> str | None:
+        """Where a tokenizer that ``config_dir`` lacks is found for this family (``entry``: its model_index.json
+        entry, [library, class]), or None: the demo model's CLIP tokenizer files serve."""
+        return None
+
+    @classmethod
+    def load_single_file(cls, path: str, configs: str, dtype, tokenizers: dict, options: dict, component):
+        """The family's pipeline from a single-file checkpoint, configured from ``configs`` only (offline);
+        ``component(name)``: a component the file lacks, loaded from ``configs``' directory."""
+        return cls.pipeline_class().from_single_file(path, config=configs, local_files_only=True, torch_dtype=dtype,
+                                                     **tokenizers, **options)
+
+    # -- add-ons -----------------------------------------------------------------------------------------------
+    @classmethod
+    def claims_lora(cls, header: dict) -> bool:
+        """Whether a LoRA file's keys are in this family's own key grammar (what no other family's file has)."""
+        return False
+
+    @classmethod
+    @abstractmethod
+    def check_lora(cls, header: dict, spec, what: str) -> None:
+        """One line for a LoRA (its safetensors ``header``) that does not fit ``spec``'s model: another family's,
+        other layers or sizes, a factor missing."""
+
+    @classmethod
+    def claims_controlnet(cls, config: dict) -> bool:
+        """Whether a ControlNet's config is of this family's own ControlNet class (what no other family uses)."""
+        return False
+
+    @classmethod
+    @abstractmethod
+    def check_controlnet(cls, folder: str, config: dict, spec) -> None:
+        """One line for a ControlNet (its ``config``) that does not fit ``spec``'s model."""
+
+    @staticmethod
+    @abstractmethod
+    def controlnet_class():
+        """The family's diffusers ControlNet class (imported on call)."""
+
     @abstractmethod
     def encode_prompts(self, prompts: list[str], max_tokens: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Step 6: (embeds (U, L, D), pooled (U, Dp) or None), float32. L is the family's text length: the family
@@ -67,6 +144,39 @@ class Backbone(ABC):
 
 class UNetBackbone(Backbone):
     """A Stable Diffusion UNet family: CLIP text encoders, a 4-channel VAE, cross-attention over 77 tokens."""
+
+    single_file_keys: tuple[str, ...] = ()  # key prefixes a single file of the family holds (all of them)
+    single_file_name = ""  # how a refusal of the family's file names it ('SDXL')
+
+    @classmethod
+    def single_file_kind(cls, keys: dict, path: str) -> str | None:
+        """The family's name when the file holds its keys; an inpainting UNet (other input channels) is refused."""
+        if not cls.single_file_keys or not all(has_prefix(keys, prefix) for prefix in cls.single_file_keys):
+            return None
+        unet = "model.diffusion_model."
+        conv_in = keys.get(unet + "input_blocks.0.0.weight", (0, 4, 3, 3))
+        if len(conv_in) != 4:
+            raise UserError(f"--model {path}: its {unet}input_blocks.0.0.weight has shape {tuple(conv_in)!r:.30} "
+                            "(a convolution has 4 dimensions); the file is damaged: pass a sound checkpoint")
+        if conv_in[1] != 4:
+            raise UnsupportedFile(f"{cls.single_file_name} inpainting ({conv_in[1]} input channels)")
+        return cls.family
+
+    @classmethod
+    def check_lora(cls, header: dict, spec, what: str) -> None:
+        """Its cross-attention width and the UNet layers it names (:func:`.unet_addons.check_unet_lora`)."""
+        check_unet_lora(header, spec, what)
+
+    @classmethod
+    def check_controlnet(cls, folder: str, config: dict, spec) -> None:
+        """A ControlNetModel of the UNet's widths (:func:`.unet_addons.check_unet_controlnet`)."""
+        check_unet_controlnet(folder, config, spec)
+
+    @staticmethod
+    def controlnet_class():
+        from diffusers import ControlNetModel
+
+        return ControlNetModel
 
     def __init__(self, unet, *, pipe=None, controlnet=None):
         self.unet, self.pipe, self.controlnet = unet, pipe, controlnet

@@ -18,14 +18,18 @@ import torch
 
 from ....errors import UserError
 from ....method.attention import RegionalAttention
+from ....method.step import StageContext
+from ....method.vae import encode_pixels, tile_to_tensor
+from ...lora_keys import check_factor_pairs
+from ..base import Backbone, UNetBackbone, has_prefix
+from .controlnet import check_flux_controlnet
+from .header import check_flux_file, flux_variant, t5_tokenizer_dir
 from .joint_attention import (
     BoundJointProcessor,
     JointRegional,
     install_joint_processors,
 )
-from ....method.step import StageContext
-from ....method.vae import encode_pixels, tile_to_tensor
-from ..base import Backbone, UNetBackbone
+from .lora import check_flux_lora, is_flux_lora
 
 PATCH = 2  # Flux packs 2x2 latent pixels into one token
 
@@ -125,6 +129,76 @@ class Flux(Backbone):
         if config.timestep_spacing is not None:
             raise UserError(f"config: timestep_spacing={config.timestep_spacing!r}: Flux's sigmas are FluxPipeline's "
                             "shifted linspace and ignore it; set timestep_spacing=none")
+
+    @classmethod
+    def guidance_fields(cls, config) -> dict:
+        """FLUX.1-dev takes ``guidance_scale`` as its guidance embedding; CFG runs only with ``true_cfg`` > 1 (its
+        negative prompt); each view's image tokens sit at ``positions``."""
+        return {"guidance_scale": config.true_cfg, "distilled_guidance": config.guidance_scale,
+                "positions": config.positions}
+
+    # -- single files ------------------------------------------------------------------------------------------
+    @classmethod
+    def single_file_kind(cls, keys: dict, path: str) -> str | None:
+        """'flux-dev' or 'flux-schnell' for a file with Flux's double-stream blocks (BFL or ComfyUI layout)."""
+        if not (has_prefix(keys, "model.diffusion_model.double_blocks.") or has_prefix(keys, "double_blocks.")):
+            return None
+        if not str(path).lower().endswith(".safetensors"):
+            raise UserError(f"--model {path}: Flux checkpoints are read as .safetensors only; save it as one")
+        return f"flux-{flux_variant(keys)}"
+
+    @classmethod
+    def check_single_file(cls, path: str, model_config: str | None, configs: str, denoiser: dict) -> None:
+        """From the header: the components it lacks, its variant against the configs, its tensors (:mod:`.header`)."""
+        from ...weightfiles import checkpoint_keys
+
+        check_flux_file(path, checkpoint_keys(path), model_config, configs, denoiser)
+
+    @classmethod
+    def tokenizer_elsewhere(cls, config_dir: str, name: str, entry) -> str | None:
+        """A T5 tokenizer (``tokenizer_2``) the directory lacks: the hub cache's (:func:`.header.t5_tokenizer_dir`)."""
+        if isinstance(entry, list) and str(entry[-1]).startswith("T5"):
+            return t5_tokenizer_dir(config_dir)
+        return None
+
+    @classmethod
+    def load_single_file(cls, path: str, configs: str, dtype, tokenizers: dict, options: dict, component):
+        """diffusers' Flux conversion is fixed at FLUX.1's width: ours (:mod:`.single_file`), any width; what the
+        file lacks comes from ``configs``' directory (model_config)."""
+        from .single_file import flux_file_components
+
+        parts = flux_file_components(path, configs, dtype)
+        for name in cls.components:  # what the file lacks: from model_config's directory
+            if name not in parts and name not in tokenizers:
+                parts[name] = component(name)
+        return cls.pipeline_class()(**parts, **tokenizers, **options)
+
+    # -- add-ons -----------------------------------------------------------------------------------------------
+    @classmethod
+    def claims_lora(cls, header: dict) -> bool:
+        """Flux LoRAs name transformer blocks (:func:`.lora.is_flux_lora`)."""
+        return is_flux_lora(header)
+
+    @classmethod
+    def check_lora(cls, header: dict, spec, what: str) -> None:
+        """Family both ways, the blocks and layers it names, then its factor pairs (:func:`.lora.check_flux_lora`)."""
+        check_flux_lora(header, spec, what)
+        check_factor_pairs(header, what)
+
+    @classmethod
+    def claims_controlnet(cls, config: dict) -> bool:
+        return config.get("_class_name") == "FluxControlNetModel"
+
+    @classmethod
+    def check_controlnet(cls, folder: str, config: dict, spec) -> None:
+        """Family both ways and the transformer's widths (:func:`.controlnet.check_flux_controlnet`)."""
+        check_flux_controlnet(folder, config, spec)
+
+    @staticmethod
+    def controlnet_class():
+        from diffusers import FluxControlNetModel
+
+        return FluxControlNetModel
 
     def __init__(self, transformer, *, pipe=None, controlnet=None):
         self.transformer, self.pipe, self.controlnet = transformer, pipe, controlnet

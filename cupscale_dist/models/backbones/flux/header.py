@@ -72,8 +72,9 @@ def check_flux_file(path: str, keys, model_config: str | None, config_dir: str, 
 def check_flux_tensors(path: str, keys: dict) -> None:
     """One UserError, from the header, for a Flux file whose weights would not load as they are: its transformer keys
     (:func:`.single_file.transformer_key_problem`), keys of no component (another family's), and non-float
-    tensors (:func:`.single_file.dtype_problem`)."""
-    from .single_file import dtype_problem, transformer_key_problem
+    tensors (:func:`cupscale_dist.models.weightfiles.dtype_problem`)."""
+    from ...weightfiles import dtype_problem, safetensors_dtypes
+    from .single_file import transformer_key_problem
 
     fix = "pass a FLUX.1 file as BFL or ComfyUI saves it"  # short: the message must fit one 300-character line
     if flux_layout(keys) == "bfl":
@@ -87,14 +88,6 @@ def check_flux_tensors(path: str, keys: dict) -> None:
     problem = transformer_key_problem(transformer) or dtype_problem(safetensors_dtypes(path))
     if problem:
         raise UserError(f"{named('--model ' + path)}: {problem}; {fix}")
-
-
-def safetensors_dtypes(path: str) -> dict[str, str]:
-    """Key -> dtype name ('F32', 'I64', ...) of a safetensors file, from its header alone."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        return {key: handle.get_slice(key).get_dtype() for key in handle.keys()}  # noqa: SIM118
 
 
 def t5_tokenizer_dir(config_dir: str | Path) -> str:

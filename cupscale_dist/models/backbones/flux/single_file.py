@@ -86,9 +86,6 @@ def layer_table(num_layers: int, num_single_layers: int) -> list[tuple[str, tupl
     return table
 
 
-FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")  # safetensors' names of what a weight may be
-
-
 def expected_ranks(num_layers: int, num_single_layers: int) -> dict[str, int]:
     """Every key the conversion reads (BFL names) -> the rank its tensor must have: linear weights 2, biases and
     RMSNorm scales 1."""
@@ -130,14 +127,6 @@ def transformer_key_problem(keys: dict[str, tuple[int, ...]]) -> str | None:
             return f"has {key} of {shape[0]} rows, not 3 x its width {width} (img_in.weight)"
         if key.endswith(("linear1.weight", "linear1.bias")) and shape[0] <= 3 * width:
             return f"has {key} of {shape[0]} rows, not more than 3 x its width {width} (img_in.weight)"
-    return None
-
-
-def dtype_problem(dtypes: dict[str, str]) -> str | None:
-    """Why a Flux file's tensors (key -> safetensors dtype) can't be weights: integers or booleans, or None."""
-    bad = sorted(key for key, dtype in dtypes.items() if dtype not in FLOAT_DTYPES)
-    if bad:
-        return f"holds {len(bad)} non-float tensor(s) (e.g. {shown(bad[0])} of {dtypes[bad[0]]}), which no weight is"
     return None
 
 
@@ -216,7 +205,7 @@ def flux_file_components(path: str, configs: str, dtype: torch.dtype) -> dict:
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextModel, T5EncoderModel
 
-    from ...single_file import checkpoint_keys
+    from ...weightfiles import checkpoint_keys
 
     configs_path = Path(configs)
     keys = checkpoint_keys(path)

@@ -12,6 +12,8 @@ class SD15(UNetBackbone):
     family = "sd15"
     pipeline_names = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
     components = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
+    single_file_keys = ("cond_stage_model.transformer.", "model.diffusion_model.")  # CLIP-L and the UNet
+    single_file_name = "SD1.5"
 
     @staticmethod
     def pipeline_class():

@@ -29,6 +29,8 @@ class SDXL(UNetBackbone):
     pipeline_names = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
     components = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler")
     upcast_vae_in_fp16 = True  # SDXL's VAE overflows in fp16; diffusers' SDXL pipelines upcast it, SD1.5's don't
+    single_file_keys = ("conditioner.embedders.1.model.",)  # the OpenCLIP text encoder (a refiner has it as 0)
+    single_file_name = "SDXL"
 
     @staticmethod
     def pipeline_class():
