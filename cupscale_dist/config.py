@@ -154,7 +154,8 @@ class UpscaleConfig:
         "not local: prior_space='pixel' or a non-Haar wavelet)")
     snapshot_every: int = knob(
         0, "steps between snapshots of the owners' parts on the driver (a lost worker replays from the last one); "
-        "0 = at the stage start and at checkpoints only: a gather moves the whole latent, 67 MB at 16K", min=0)
+        "0 = at checkpoints only (before the first, a lost worker's bands are encoded again from the stage input): a "
+        "gather moves the whole latent, 67 MB at 16K", min=0)
 
     # --- 6./7./8. regional priors -------------------------------------------------------------------------
     captioner: Literal["none", "vllm", "transformers"] = knob("none", "'none': regional prompt = global prompt")
