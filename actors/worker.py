@@ -20,8 +20,8 @@ class PipelineWorker:
     def __init__(self, load, index: int):
         """``load``: the driver's :class:`~cupscale_dist.execution.contract.WorkerLoad`; ``index``: this worker's
         slot in the pool."""
-        from cupscale_dist.models.hub import resolve_model
         from cupscale_dist.execution.worker import ModelWorker
+        from cupscale_dist.models.hub import resolve_model
 
         if load.torch_threads:  # same thread count as the reference => same CPU bits (architecture.md)
             torch.set_num_threads(load.torch_threads)

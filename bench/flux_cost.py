@@ -224,10 +224,10 @@ def transformer_rates(device: str = "cuda", dtype=torch.bfloat16, config: dict =
     from diffusers import FluxTransformer2DModel
     from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
-    from cupscale_dist.models.backbones.flux.joint_attention import install_joint_processors
     from cupscale_dist.method.step import StageContext, predict_views
     from cupscale_dist.method.views import make_views
     from cupscale_dist.models.backbones.flux.backbone import Flux, image_ids, pack_latents
+    from cupscale_dist.models.backbones.flux.joint_attention import install_joint_processors
 
     torch.manual_seed(seed)
     default = torch.get_default_dtype()

@@ -33,8 +33,15 @@ from .method.prior import GlobalPrior, stage_generator, stage_noise, stage_start
 from .method.resize import prior_picture, resize_input
 from .method.schedulers import kind_of
 from .method.step import StageContext, StageSchedule, check_finite_latent, is_finite, reduce_and_step
-from .method.vae import (TileGrid, PixelCodec, decode_bands, encode_image, image_to_tensor, latent_tiles,
-                         read_only_tensor)
+from .method.vae import (
+    PixelCodec,
+    TileGrid,
+    decode_bands,
+    encode_image,
+    image_to_tensor,
+    latent_tiles,
+    read_only_tensor,
+)
 from .method.views import step_views, view_batches
 from .method.wavelets import low_band
 from .models.backbones import backbone_class

@@ -24,13 +24,13 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from ..models.addons import Addons, addon_request
 from ..config import UpscaleConfig
 from ..errors import UserError
+from ..models.addons import Addons, addon_request
 from ..models.spec import ModelSpec
-from .contract import Shared, WorkerLoad
-from .actorgroup import HEALTH_POLL_S, ActorGroup, NotPlaced, NotReady
 from ..models.weights import parameters_of, worker_memory_gb
+from .actorgroup import HEALTH_POLL_S, ActorGroup, NotPlaced, NotReady
+from .contract import Shared, WorkerLoad
 from .placement import memory_fraction, model_worker_share, worker_count
 from .raycluster import ClusterOptions, connect, root_cause
 

@@ -19,14 +19,14 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..method.step import StageContext, predict_views
+from ..method.vae import decode_latents, encode_pixels, read_only_tensor, tile_to_tensor
 from ..models.addons import Addons, addon_request
 from ..models.backbones import backbone_class
 from ..models.controlnet import control_tensor
-from ..models.spec import ModelSpec
 from ..models.loading import load_pipeline, resolve_device, resolve_dtype
+from ..models.spec import ModelSpec
 from ..models.weights import apply_weights_mode, check_compile, check_weights_mode, compile_denoiser
-from ..method.step import StageContext, predict_views
-from ..method.vae import decode_latents, encode_pixels, read_only_tensor, tile_to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +40,14 @@ def finite_vae_output(tensor, what: str):
     return tensor
 
 
+NO_ADDONS = Addons()  # frozen: one shared default is safe
+
+
 class ModelWorker:
     """The loaded pipeline on one device, one method per kind of forward pass (numpy in, numpy out)."""
 
     def __init__(self, model_dir: str, device: str = "auto", dtype: str = "auto", variant: str | None = None,
-                 spec: ModelSpec | None = None, addons: Addons = Addons(), model_config: str | None = None,
+                 spec: ModelSpec | None = None, addons: Addons = NO_ADDONS, model_config: str | None = None,
                  weights: str = "full", compile: bool = False):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -78,7 +81,7 @@ class ModelWorker:
 
     @classmethod
     def load(cls, model: str, device: str = "auto", dtype: str = "auto", variant: str | None = None,
-             addons: Addons = Addons(), model_config: str | None = None) -> ModelWorker:
+             addons: Addons = NO_ADDONS, model_config: str | None = None) -> ModelWorker:
         """Resolve ``model`` (demo, a local dir, a single file, a hub id) and load it: the reference's worker."""
         spec = ModelSpec.load(model, variant, model_config)
         return cls(spec.path, device, dtype, variant, spec, addons)

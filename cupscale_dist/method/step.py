@@ -17,9 +17,15 @@ import numpy as np
 import torch
 
 from .attention import RegionalAttention
+from .prior import (
+    GlobalPrior,
+    inject_global_prior,
+    inject_global_prior_flow,
+    inject_global_prior_zt,
+    noise_level,
+    prior_weight,
+)
 from .schedulers import kind_of, step_noise, supplied_noise
-from .prior import (GlobalPrior, inject_global_prior, inject_global_prior_flow, inject_global_prior_zt, noise_level,
-                    prior_weight)
 
 
 @dataclass
@@ -117,7 +123,8 @@ def window_weights(height: int, width: int, blend: str, sigma_fraction: float) -
         return None
     ys = torch.arange(height, dtype=torch.float32) - (height - 1) / 2
     xs = torch.arange(width, dtype=torch.float32) - (width - 1) / 2
-    return torch.exp(-(ys[:, None] ** 2 / (2 * (sigma_fraction * height) ** 2) + xs[None] ** 2 / (2 * (sigma_fraction * width) ** 2)))
+    return torch.exp(-(ys[:, None] ** 2 / (2 * (sigma_fraction * height) ** 2)
+                       + xs[None] ** 2 / (2 * (sigma_fraction * width) ** 2)))
 
 
 def add_view(total: torch.Tensor, weight: torch.Tensor, rect, rows: tuple[int, int], prediction: torch.Tensor,
@@ -155,7 +162,8 @@ class ViewWindows:
 
 
 def reduce_predictions(batches: Iterable[tuple[Sequence[int], torch.Tensor]], views: np.ndarray,
-                       latent_shape: Sequence[int], blend: str = "uniform", sigma_fraction: float = 0.3) -> torch.Tensor:
+                       latent_shape: Sequence[int], blend: str = "uniform",
+                       sigma_fraction: float = 0.3) -> torch.Tensor:
     """MultiDiffusion (method.md 9b): per-pixel weighted sum of view predictions / per-pixel weight.
 
     ``batches`` yields ``(view_ids, predictions)`` in view order; accumulation order is fixed by view index, so
@@ -215,7 +223,8 @@ def check_finite_latent(finite: bool, stage: int, step: int) -> None:
 
 
 def reduce_and_step(latents: torch.Tensor, batches: Iterable[tuple[Sequence[int], torch.Tensor]], views: np.ndarray,
-                    schedule: StageSchedule, step: int, blend: str = "uniform", sigma_fraction: float = 0.3) -> torch.Tensor:
+                    schedule: StageSchedule, step: int, blend: str = "uniform",
+                    sigma_fraction: float = 0.3) -> torch.Tensor:
     """One denoising step of the whole latent from its views' predictions (method.md 9b-9c) -> next latent."""
     eps = reduce_predictions(batches, views, latents.shape, blend, sigma_fraction)
     return prior_and_step(latents, eps, schedule, step)

@@ -22,13 +22,6 @@ from diffusers.models.transformers.transformer_flux import (
 
 from cupscale_dist.execution.executor import LocalExecutor
 from cupscale_dist.execution.worker import ModelWorker
-from cupscale_dist.models.backbones.flux.joint_attention import (
-    JointRegional,
-    JointRegionalProcessor,
-    attend,
-    composed_attention,
-    install_joint_processors,
-)
 from cupscale_dist.method.prior import GlobalPrior
 from cupscale_dist.method.schedulers import make_scheduler
 from cupscale_dist.method.step import (
@@ -45,6 +38,13 @@ from cupscale_dist.models.backbones.flux.backbone import (
     image_ids,
     pack_latents,
     unpack_latents,
+)
+from cupscale_dist.models.backbones.flux.joint_attention import (
+    JointRegional,
+    JointRegionalProcessor,
+    attend,
+    composed_attention,
+    install_joint_processors,
 )
 from cupscale_dist.pipeline import predict_step
 from cupscale_dist.testing.tiny_flux import (

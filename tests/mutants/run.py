@@ -114,8 +114,9 @@ MUTATIONS = [
     Mutation("strength-floored", "cupscale_dist/plan.py",
              "return int(round(config.strength * config.steps))", "return int(config.strength * config.steps)",
              fidelity(f"{START}[0.7-4-ddim]", f"{START}[0.7-4-euler]")),
-    Mutation("add-noise-one-step-late", "cupscale_dist/pipeline.py",
-             "scheduler.timesteps[start : start + 1])", "scheduler.timesteps[start + 1 : start + 2])",
+    Mutation("add-noise-one-step-late", "cupscale_dist/method/prior.py",
+             "scheduler.timesteps[start_index : start_index + 1]",
+             "scheduler.timesteps[start_index + 1 : start_index + 2]",
              fidelity(f"{START}[0.6-5-ddim]", f"{START}[0.7-4-ddim]")),  # Euler reads t_S from its begin index
     Mutation("lambda-reaches-self-attention", "cupscale_dist/method/attention.py",
              "        if encoder_hidden_states is None or regional is None:\n"
