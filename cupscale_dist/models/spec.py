@@ -135,8 +135,6 @@ class ModelSpec:
 
     @classmethod
     def read(cls, model_dir: str, name: str | None = None, model_config: str | None = None) -> ModelSpec:
-        from transformers import CLIPTokenizer
-
         configs = config_dir(model_dir, model_config)
         family = model_family(configs)
         if model_config and is_single_file(model_dir):  # without one, configs are the file's own family's
@@ -165,7 +163,7 @@ class ModelSpec:
             where = tokenizer_dir(configs, backbone.mask_tokenizer)
             mask_tokenizer = load_tokenizer(AutoTokenizer, where, f"tokenizer {where}", T5_TOKENIZER_AGAIN)
         where = tokenizer_dir(configs, "tokenizer")
-        tokenizer = load_tokenizer(CLIPTokenizer, where, f"tokenizer {where}",
+        tokenizer = load_tokenizer(backbone.tokenizer_class(), where, f"tokenizer {where}",
                                    "re-save the tokenizer (save_pretrained) or download it again")
         return cls(name or model_dir, str(model_dir), family, factor, channels, native,
                    read_json(configs, "scheduler/scheduler_config.json"),
@@ -212,6 +210,9 @@ class ModelSpec:
         <start>, before <end>; T5: before </s>, no start token)."""
         import numpy as np
 
+        own = backbone_class(self.family).content_tokens_mask(self.tokenizer, prompt, length)  # a chat template's
+        if own is not None:
+            return own
         if self.mask_tokenizer is None:
             from ..method.masks import content_token_mask
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -99,6 +100,9 @@ def build_qwen_tokenizer(directory: str | os.PathLike):
     tokenizer.add_tokens(["<think>", "</think>"])
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(directory)
+    # Qwen's hub folders also hold the slow files (vocab.json, merges.txt), which the driver looks for
+    Path(directory, "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False, sort_keys=True))
+    Path(directory, "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in model["merges"]))
     return Qwen2Tokenizer.from_pretrained(directory)
 
 
@@ -145,8 +149,10 @@ def build_tiny_zimage(directory: str | os.PathLike, seed: int = 0, axes_lens=AXE
     directory = Path(directory)
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer = build_qwen_tokenizer(Path(scratch) / "tokenizer")
-    pipe = ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(**TURBO_SCHEDULER), vae=_flux_vae(seed),
-                          text_encoder=qwen3_text_encoder(tokenizer, seed), tokenizer=tokenizer,
-                          transformer=zimage_transformer(seed, axes_lens))
-    pipe.save_pretrained(directory, safe_serialization=True)
+        pipe = ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(**TURBO_SCHEDULER), vae=_flux_vae(seed),
+                              text_encoder=qwen3_text_encoder(tokenizer, seed), tokenizer=tokenizer,
+                              transformer=zimage_transformer(seed, axes_lens))
+        pipe.save_pretrained(directory, safe_serialization=True)
+        for name in ("vocab.json", "merges.txt"):  # save_pretrained writes tokenizer.json alone
+            shutil.copyfile(Path(scratch) / "tokenizer" / name, directory / "tokenizer" / name)
     return directory

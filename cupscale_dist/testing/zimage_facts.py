@@ -1,8 +1,8 @@
 """Z-Image's token positions and RoPE, written out as pure functions (issue 36, facts (a) and (b)).
 
 ``tests/models/test_tiny_zimage.py`` checks each function against diffusers' ``ZImageTransformer2DModel`` (0.42.1) so
-that the Z-Image backbone can rely on them; docs/zimage-notes.md has the file/line references. Nothing here imports
-diffusers.
+that the Z-Image backbone can rely on them; docs/zimage-notes.md has the file/line references. The formula and the
+padding live once, in :mod:`cupscale_dist.models.backbones.zimage.positions` (the backbone's); re-exported here.
 
 * **Sequence layout** (``patchify_and_embed``, basic mode): the caption's tokens are padded to a multiple of
   :data:`SEQ_MULTI_OF` (32) and take first-axis positions ``1 .. padded`` (0 on the height and width axes); the image's
@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import torch
 
-SEQ_MULTI_OF = 32  # diffusers' transformer_z_image.SEQ_MULTI_OF: captions and images are padded to multiples of it
+from ..models.backbones.zimage.positions import SEQ_MULTI_OF, padded_length, rope_freqs
 
-
-def padded_length(tokens: int) -> int:
-    """The length a caption (or an image's patch sequence) of ``tokens`` is padded to inside the transformer."""
-    return tokens + (-tokens) % SEQ_MULTI_OF
+__all__ = ["SEQ_MULTI_OF", "padded_length", "rope_freqs", "image_first_position", "caption_position_ids",
+           "image_position_ids", "rope_cos_sin", "FormulaRope"]
 
 
 def image_first_position(caption_tokens: int) -> int:
@@ -49,17 +47,6 @@ def image_position_ids(caption_tokens: int, height: int, width: int, top: int = 
     cols = torch.arange(left, left + width, dtype=torch.int32)[None, :].expand(height, width)
     first = torch.full((height, width), image_first_position(caption_tokens), dtype=torch.int32)
     return torch.stack([first, rows, cols], dim=-1).reshape(height * width, 3)
-
-
-def rope_freqs(ids: torch.Tensor, axes_dims, theta: float) -> torch.Tensor:
-    """(N, sum(axes_dims) / 2) complex64 rotations of positions ``ids`` (N, len(axes_dims)), any values (past a
-    table, or real-valued): RopeEmbedder's formula without its table."""
-    parts = []
-    for axis, dim in enumerate(axes_dims):
-        freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-        angles = torch.outer(ids[:, axis].to(torch.float64).cpu(), freqs).float()
-        parts.append(torch.polar(torch.ones_like(angles), angles).to(torch.complex64))
-    return torch.cat(parts, dim=-1).to(ids.device)
 
 
 def rope_cos_sin(ids: torch.Tensor, axes_dims, theta: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,8 +11,9 @@ from .base import Backbone
 from .flux import Flux
 from .sd15 import SD15
 from .sdxl import SDXL
+from .zimage import ZImage
 
-BACKBONES: dict[str, type[Backbone]] = {b.family: b for b in (SDXL, SD15, Flux)}
+BACKBONES: dict[str, type[Backbone]] = {b.family: b for b in (SDXL, SD15, Flux, ZImage)}
 # model_index.json `_class_name` -> family
 FAMILIES = {name: b.family for b in BACKBONES.values() for name in b.pipeline_names}
 # What each family's method code calls; other components of a repository (SD1.5's safety checker and feature

@@ -72,6 +72,19 @@ class Backbone(ABC):
         is ``guidance_scale``."""
         return {"guidance_scale": config.guidance_scale}
 
+    @staticmethod
+    def tokenizer_class():
+        """The class the driver reads the pipeline's ``tokenizer`` with (token counts for masks and captions)."""
+        from transformers import CLIPTokenizer
+
+        return CLIPTokenizer
+
+    @classmethod
+    def content_tokens_mask(cls, tokenizer, prompt: str, length: int) -> np.ndarray | None:
+        """(length,) bool: where the prompt's words sit in its embeddings, when the family lays them out its own way
+        (a chat template); None: CLIP's or T5's layout (``ModelSpec.content_tokens_mask``)."""
+        return None
+
     # -- single files (``--model x.safetensors``) --------------------------------------------------------------
     @classmethod
     def single_file_kind(cls, keys: dict, path: str) -> str | None:
