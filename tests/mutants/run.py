@@ -61,6 +61,10 @@ def flux(*names: str) -> tuple[str, ...]:
     return tuple("tests/models/test_flux.py::" + name for name in names)
 
 
+def zimage(*names: str) -> tuple[str, ...]:
+    return tuple("tests/models/test_zimage.py::" + name for name in names)
+
+
 X0, ZT = "test_x0_prior_holds_for_the_schedulers_own_x0", "test_zt_prior_pulls_the_next_latent_toward_the_noised_input"
 START = "test_stage_starts_at_round_s_t_with_the_schedulers_add_noise"
 MASKS = "test_masks_and_lambda_reach_cross_attention_only"
@@ -228,6 +232,34 @@ MUTATIONS = [
              ("tests/models/test_flux_single_file.py::test_the_header_tells_layout_and_variant",
               ("tests/models/test_flux_single_file.py::test_a_single_file_loads_the_weights_of_its_diffusers_directory"
                "[schnell-bfl]"))),
+    # issue 36: Z-Image as a backbone (tests/models/test_zimage.py)
+    Mutation("zimage-positions-dropped", "cupscale_dist/models/backbones/zimage/positions.py",
+             "grid[..., 1] += float(top) / PATCH", "grid[..., 1] += 0 * float(top) / PATCH",
+             zimage("test_positional_stand_in_tiled_equals_untiled_with_global_positions",
+                    "test_lambda_one_nothing_screened_is_the_stock_transformer[global]")),
+    Mutation("zimage-caption-length-per-view", "cupscale_dist/models/backbones/zimage/backbone.py",
+             "caption = self.caption_length(context, regional)",
+             'caption = stage_caption_length([lengths["global"], *(lengths["regional"][i] for i in '
+             "context.view_prompt[view_ids])])",
+             zimage("test_every_view_of_a_stage_sits_at_the_same_image_position",)),
+    Mutation("zimage-fed-sigma", "cupscale_dist/models/backbones/zimage/backbone.py",
+             "t = (1000 - t) / 1000", "t = t / 1000",
+             zimage("test_the_step_replays_zimage_pipelines_run_with_its_timestep_convention[3]",)),
+    Mutation("zimage-output-not-negated", "cupscale_dist/models/backbones/zimage/backbone.py",
+             "return -out  #", "return out  #",
+             zimage("test_the_step_replays_zimage_pipelines_run_with_its_timestep_convention[3]",)),
+    Mutation("zimage-rope-from-the-table", "cupscale_dist/models/backbones/zimage/backbone.py",
+             "return rope_freqs(ids.to(self.device), embedder.axes_dims, embedder.theta)",
+             "return embedder(ids.to(self.device).long())",
+             zimage("test_positions_past_axes_lens_are_the_rope_formulas_not_an_index_error",)),
+    Mutation("zimage-screen-dropped", "cupscale_dist/models/backbones/zimage/attention.py",
+             "screen_g = screen if bias_g is None else bias_g + screen", "screen_g = bias_g",
+             zimage("test_screened_global_tokens_get_zero_weight_from_the_views_image_queries[mix-0.4]",
+                    "test_view_masks_and_regional_prompts_reach_every_single_stream_layer")),
+    Mutation("zimage-filler-attended", "cupscale_dist/models/backbones/zimage/backbone.py",
+             "kept = positions < torch.tensor([padded_length(n) for n in lengths], device=device)[:, None]",
+             "kept = positions < caption",
+             zimage("test_a_shorter_caption_is_its_tokens_then_pad_tokens_then_masked_filler",)),
 ]
 
 
