@@ -162,6 +162,44 @@ def test_the_step_replays_zimage_pipelines_run_with_its_timestep_convention(zima
     assert torch.equal(latents, theirs)
 
 
+def test_img2img_from_the_stages_start_point_replays_zimage_img2img(zimage):
+    """strength 0.6 of Turbo's 8 steps: our plan runs round(0.6 * 8) = 5 steps from the stage's start point
+    (stage_start: the scheduler's scale_noise of the stage latent at timesteps[3]); ZImageImg2ImgPipeline, given that
+    start latent, runs the same 5 steps (its int(8 - 4.8) = 3) to the same bytes."""
+    from diffusers import ZImageImg2ImgPipeline
+    from PIL import Image
+
+    from cupscale_dist import UpscaleConfig
+    from cupscale_dist.method.prior import stage_start
+    from cupscale_dist.method.schedulers import kind_of, make_scheduler
+    from cupscale_dist.plan import denoising_steps
+
+    gen = torch.Generator().manual_seed(6)
+    z_low, noise = torch.randn(1, 16, 8, 8, generator=gen), torch.randn(1, 16, 8, 8, generator=gen)
+    steps = denoising_steps(UpscaleConfig(steps=8, strength=0.6))
+    scheduler = make_scheduler("flow_euler", dict(zimage.pipe.scheduler.config))
+    kind_of(scheduler).set_timesteps(scheduler, 8, image_tokens=16)
+    start = 8 - steps
+    scheduler.set_begin_index(start)
+    _, z_start = stage_start(scheduler, start, z_low, z_low, noise, "haar", 1)
+    img2img = ZImageImg2ImgPipeline(**zimage.pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+    calls = []
+    hook = zimage.pipe.transformer.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        theirs = img2img(GLOBAL, image=Image.new("RGB", (64, 64)), strength=0.6, num_inference_steps=8,
+                         guidance_scale=0.0, latents=z_start.clone(), output_type="latent",
+                         max_sequence_length=MAX_SEQUENCE_LENGTH).images
+    finally:
+        hook.remove()
+    context = zimage_context(zimage.backbone, 1, (8, 8))
+    latents = z_start
+    for t in scheduler.timesteps[start:]:
+        velocity = predict_views(zimage.backbone, latents, t, 1.0, context, [0], np.array([[0, 0, 8, 8]]))
+        latents = scheduler.step(velocity, t, latents).prev_sample
+    assert steps == len(calls) == 5 and torch.equal(latents, theirs)
+
+
 def test_cfg_is_diffusers_guidance_plus_one(zimage):
     """Our CFG scale s (uncond + s (cond - uncond)) is ZImagePipeline's guidance g = s - 1 (pos + g (pos - neg))."""
     from cupscale_dist.method.schedulers import kind_of, make_scheduler
