@@ -114,3 +114,31 @@ def test_zimage_ray_actors_give_the_local_bytes(local_ray, zimage_dir, photo):
         pool = WorkerPool(config, ClusterOptions(actors=actors, cpus_per_actor=0.5), spec)
         assert as_bytes(upscale(photo, config, executor=RayExecutor(pool, spec, config.view_batch_size),
                                 progress=False)) == reference
+
+
+def test_vlm_captions_become_zimage_views_prompts_at_one_caption_length(local_ray, zimage_dir, photo, tiny_vlm):
+    """A real (tiny) VLM captions every view's crop in the Ray pool; with Z-Image those captions become the views'
+    Qwen3 captions, each view its own, and every batch of the stage gets the same caption length (here the tiny VLM's
+    captions all pad to 64, so the rule itself is guarded by test_zimage.py's
+    test_every_view_of_a_stage_sits_at_the_same_image_position, not by this run)."""
+    from helpers import RecordingExecutor
+
+    config = zimage_config(zimage_dir, captioner="transformers", captioner_model=tiny_vlm, captioner_dtype="float32",
+                           captioner_gpus=0.0)
+    worker = ModelWorker.load(str(zimage_dir), device="cpu", dtype="float32")
+    lengths = []
+    original = worker.backbone.forward
+
+    def recording(*args, **kwargs):
+        if kwargs.get("probe") is None:  # the denoising calls, not the probe's (the global prompt alone)
+            lengths.append(args[3])
+        return original(*args, **kwargs)
+
+    worker.backbone.forward = recording
+    executor = RecordingExecutor(worker, 4)
+    upscale(photo, config, executor=executor, progress=False)
+    context = executor.contexts[0]
+    assert len(set(context.view_prompt.tolist())) > 1  # different crops, different captions, different embeddings
+    per_view = context.regional_embeds[context.view_prompt]
+    assert not all(per_view[0].equal(per_view[i]) for i in range(1, len(per_view)))
+    assert len(lengths) > 1 and len(set(lengths)) == 1
