@@ -26,7 +26,13 @@ from cupscale_dist.models.backbones.zimage.attention import ZRegional, composed_
 from cupscale_dist.models.backbones.zimage.backbone import ZImage, caption_lengths, patchify, unpatchify
 from cupscale_dist.models.backbones.zimage.positions import view_image_ids
 from cupscale_dist.pipeline import predict_step
-from cupscale_dist.testing.tiny_zimage import AXES_DIMS, MAX_SEQUENCE_LENGTH, SMALL_AXES_LENS, build_tiny_zimage
+from cupscale_dist.testing.tiny_zimage import (
+    AXES_DIMS,
+    IM_START,
+    MAX_SEQUENCE_LENGTH,
+    SMALL_AXES_LENS,
+    build_tiny_zimage,
+)
 
 GLOBAL = "a photo of a cat on the house"
 REGIONAL = "a red roof under a blue sky"
@@ -124,18 +130,23 @@ def test_prompts_are_the_pipelines_hidden_states_one_length_each(zimage):
         assert not embeds[row, lengths[row]:].any()
 
 
-def test_content_tokens_are_the_prompts_own_inside_the_chat_template(zimage):
+@pytest.mark.parametrize("prompt", [GLOBAL, "user"])
+def test_content_tokens_are_the_prompts_own_inside_the_chat_template(zimage, prompt):
+    """The prompt's own tokens, after the template's head and before its tail (a prompt naming the template's roles
+    too); an empty prompt has none."""
     from cupscale_dist.models.spec import ModelSpec
 
     spec = ModelSpec.read(str(zimage.dir))
     tokenizer = zimage.pipe.tokenizer
-    mask = spec.content_tokens_mask(GLOBAL, MAX_SEQUENCE_LENGTH)
-    chat = tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": GLOBAL}], tokenize=False,
+    mask = spec.content_tokens_mask(prompt, MAX_SEQUENCE_LENGTH)
+    chat = tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                    add_generation_prompt=True, enable_thinking=True)).input_ids
-    words = tokenizer(GLOBAL).input_ids
+    words = tokenizer(prompt).input_ids
     start = int(mask.argmax())
     assert mask.sum() == len(words) and chat[start : start + len(words)] == words
     assert not mask[:start].any() and not mask[start + len(words):].any()
+    assert start == len(tokenizer(f"{IM_START}user\n").input_ids)  # the template's head (ChatML) is never content
+    assert not spec.content_tokens_mask("", MAX_SEQUENCE_LENGTH).any()
 
 
 # --- (a) the timestep convention: ZImagePipeline's own run, replayed ----------------------------------------------

@@ -31,6 +31,7 @@ from ..base import Backbone
 from .attention import ZRegional, bound, install_regional_processor
 from .positions import PATCH, caption_ids, padded_length, rope_freqs, stage_caption_length, view_image_ids
 
+PROMPT_MARK = "{prompt}"  # a stand-in prompt that shows where the chat template puts the prompt
 EMBEDDER = f"{PATCH}-1"  # the transformer's x_embedder / final layer key: patch size 2, frame patch 1
 
 
@@ -129,13 +130,16 @@ class ZImage(Backbone):
     def content_tokens_mask(cls, tokenizer, prompt: str, length: int) -> np.ndarray:
         """(length,) bool: the prompt's own tokens inside the chat template's (what the masks may screen); the
         template's tokens before and after it, and the padding, are always allowed."""
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True, enable_thinking=True)
-        start = text.index(prompt) if prompt else len(text)
-        before = len(tokenizer(text[:start]).input_ids)
-        after = len(tokenizer(text[start + len(prompt):]).input_ids)
+        def chat(content: str) -> str:  # ZImagePipeline's text for a prompt
+            return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                 add_generation_prompt=True, enable_thinking=True)
+
+        marked = chat(PROMPT_MARK)  # where the template puts the prompt (the prompt's own words could be "user")
+        start = marked.index(PROMPT_MARK)
+        before = len(tokenizer(marked[:start]).input_ids)
+        after = len(tokenizer(marked[start + len(PROMPT_MARK):]).input_ids)
         mask = np.zeros(length, dtype=bool)
-        mask[before : max(before, len(tokenizer(text).input_ids) - after)] = True
+        mask[before : max(before, len(tokenizer(chat(prompt)).input_ids) - after)] = True
         return mask
 
     # -- add-ons: not built for Z-Image ---------------------------------------------------------------------------
