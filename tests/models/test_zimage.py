@@ -440,3 +440,39 @@ def test_positional_stand_in_tiled_equals_untiled_with_global_positions():
 def test_positional_stand_in_tiled_differs_from_untiled_with_local_positions():
     """The same test fails with positions: local: the tiles restart at 0, so they disagree with the whole image."""
     assert tiled_minus_untiled("local") > 1e-3
+
+
+# --- the global prior under Z-Image's flow convention ---------------------------------------------------------------
+@pytest.mark.parametrize("levels", [1, 2])
+def test_the_flow_prior_is_exact_under_zimage_turbos_schedule(levels):
+    """Z-Image-Turbo's scheduler (fixed shift 3), 8 steps at strength 0.6, the first step with w = 1: x0 of the
+    velocity the scheduler steps with, in its own convention (scale_noise(x0, t, x0 + v) == x_t), has LL = G (the
+    stage input's low band); the high bands are those of the unadjusted velocity's x0."""
+    from cupscale_dist.method.prior import GlobalPrior
+    from cupscale_dist.method.schedulers import kind_of, make_scheduler
+    from cupscale_dist.method.step import StageSchedule, reduce_and_step
+    from cupscale_dist.method.wavelets import dwt2
+    from cupscale_dist.testing.tiny_zimage import TURBO_SCHEDULER
+
+    scheduler = make_scheduler("flow_euler", TURBO_SCHEDULER)
+    kind_of(scheduler).set_timesteps(scheduler, 8, image_tokens=4096)
+    start = 8 - 5
+    scheduler.set_begin_index(start)
+    gen = torch.Generator().manual_seed(0)
+    z_low, noise, z_t, velocity = (torch.randn(1, 16, 16, 24, generator=gen) for _ in range(4))
+    prior = GlobalPrior.from_latent(z_low, noise, "haar", levels)
+    schedule = StageSchedule(scheduler, start, prior, "x0", prior_fraction=1.0, prior_schedule="linear")
+    fresh = type(scheduler).from_config(scheduler.config)
+    kind_of(fresh).set_timesteps(fresh, 8, image_tokens=4096)
+    received = []
+    original = scheduler.step
+    scheduler.step = lambda v, t, z, **kw: received.append(v) or original(v, t, z, **kw)
+    reduce_and_step(z_t, [(range(1), velocity)], np.array([[0, 0, 16, 24]]), schedule, 0)
+    sigma = float(scheduler.sigmas[start])
+    x0 = z_t - sigma * received[0]
+    t = scheduler.timesteps[start].reshape(1)
+    assert (fresh.scale_noise(x0, t, x0 + received[0]) - z_t).abs().max() <= 1e-5  # the scheduler's convention
+    low, highs = dwt2(x0, "haar", levels)
+    low_plain, highs_plain = dwt2(z_t - sigma * velocity, "haar", levels)
+    assert (low - prior.low).abs().max() <= 1e-4 and (low_plain - prior.low).abs().max() > 1e-2
+    assert all((a - b).abs().max() <= 1e-4 for ha, hb in zip(highs, highs_plain) for a, b in zip(ha, hb))
