@@ -25,6 +25,7 @@ from .weightfiles import checkpoint_keys
 CONFIGS = Path(__file__).resolve().parent / "single_file_configs"  # {family}/model_index.json, unet/, vae/, ...
 SUFFIXES = (".safetensors", ".ckpt")
 SUPPORTED = "single files of SDXL, SD1.5 and Flux.1 are supported"
+TOKENIZER_FILES = ("vocab.json", "tokenizer.json")  # either one makes a folder a tokenizer of its own
 
 
 def is_single_file(model: str | Path) -> bool:
@@ -74,11 +75,13 @@ def shipped_config(kind: str) -> str:
 
 
 def tokenizer_dir(config_dir: str | Path, name: str) -> str:
-    """``config_dir/name`` where it holds a tokenizer; else where its family finds it (Flux's T5: the hub cache,
-    :meth:`~cupscale_dist.models.backbones.base.Backbone.tokenizer_elsewhere`); else
+    """``config_dir/name`` where it holds a tokenizer (:data:`TOKENIZER_FILES`); else where its family finds it
+    (Flux's T5: the hub cache, :meth:`~cupscale_dist.models.backbones.base.Backbone.tokenizer_elsewhere`); else
     the demo model's (CLIP's real vocabulary and merges; its tokenizer_2 pads with '!' as SDXL's does)."""
     own = Path(config_dir) / name
-    if (own / "vocab.json").exists():  # a FIFO or folder there is refused by the loader, not swapped for the demo's
+    # vocab.json (CLIP's, Qwen's) or tokenizer.json alone (a fast tokenizer's one file: Qwen's can ship only it); a
+    # FIFO or folder there is refused by the loader, not swapped for the demo's
+    if any((own / file).exists() for file in TOKENIZER_FILES):
         return str(own)
     index = Path(config_dir) / "model_index.json"
     entry = (read_json_object(index, f"--model {config_dir}: model_index.json", "re-save the pipeline").get(name)
