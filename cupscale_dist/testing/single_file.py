@@ -219,3 +219,39 @@ def save_flux_single_file(model_dir: str | Path, path: str | Path, layout: str =
     path = Path(path)
     save_file({k: v.detach().contiguous().clone() for k, v in out.items()}, str(path))
     return path
+
+
+# diffusers -> Tongyi-MAI's original names of the Z-Image transformer (the inverse of diffusers'
+# convert_z_image_transformer_checkpoint_to_diffusers; to_q/to_k/to_v are fused into attention.qkv)
+ZIMAGE_ORIGINAL = {"all_final_layer.2-1.": "final_layer.", "all_x_embedder.2-1.": "x_embedder.",
+                   ".attention.to_out.0.": ".attention.out.", ".attention.norm_k.": ".attention.k_norm.",
+                   ".attention.norm_q.": ".attention.q_norm."}
+
+
+def original_zimage_state(state: dict) -> dict[str, torch.Tensor]:
+    """A diffusers ZImageTransformer2DModel state dict in Tongyi-MAI's original names (``attention.qkv`` fused)."""
+    out = {}
+    for key, tensor in state.items():
+        if ".attention.to_k." in key or ".attention.to_v." in key:
+            continue  # fused into attention.qkv with to_q
+        if ".attention.to_q." in key:
+            parts = [state[key.replace(".to_q.", f".to_{p}.")] for p in "qkv"]
+            out[key.replace(".attention.to_q.", ".attention.qkv.")] = torch.cat(parts, dim=0)
+            continue
+        for ours, theirs in ZIMAGE_ORIGINAL.items():
+            key = key.replace(ours, theirs)
+        out[key] = tensor
+    return out
+
+
+def save_zimage_single_file(model_dir: str | Path, path: str | Path, prefix: str = "") -> Path:
+    """Write the tiny Z-Image's transformer in ``model_dir`` as one ``.safetensors`` file in the original key layout
+    (``z_image_turbo_bf16.safetensors``'s), under ``prefix`` ('' or ComfyUI's ``model.diffusion_model.``)."""
+    from diffusers import ZImageTransformer2DModel
+    from safetensors.torch import save_file
+
+    transformer = ZImageTransformer2DModel.from_pretrained(model_dir, subfolder="transformer")
+    out = {prefix + k: v for k, v in original_zimage_state(transformer.state_dict()).items()}
+    path = Path(path)
+    save_file({k: v.detach().contiguous().clone() for k, v in out.items()}, str(path))
+    return path

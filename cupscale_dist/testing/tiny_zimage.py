@@ -156,3 +156,57 @@ def build_tiny_zimage(directory: str | os.PathLike, seed: int = 0, axes_lens=AXE
         for name in ("vocab.json", "merges.txt"):  # save_pretrained writes tokenizer.json alone
             shutil.copyfile(Path(scratch) / "tokenizer" / name, directory / "tokenizer" / name)
     return directory
+
+
+def build_tiny_zimage_lora(model_dir: str | os.PathLike, path: str | os.PathLike, seed: int = 0, rank: int = 4,
+                           layout: str = "peft") -> Path:
+    """A random LoRA for the tiny Z-Image in ``model_dir``: peft adapters on the attention projections and the
+    feed-forward of every block (lora_B random, so it changes the output), saved with
+    ``ZImagePipeline.save_lora_weights`` as one file (``layout`` 'peft'), or the same factors in kohya's names
+    (``lora_unet_layers_0_attention_to_q.lora_down.weight`` with an alpha of ``rank``: ``layout`` 'kohya')."""
+    from diffusers import ZImagePipeline, ZImageTransformer2DModel
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    path = Path(path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = ZImageTransformer2DModel.from_pretrained(model_dir, subfolder="transformer")
+        transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
+                                           target_modules=["to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3"]))
+        layers = get_peft_model_state_dict(transformer)
+    if layout == "peft":
+        ZImagePipeline.save_lora_weights(path.parent, weight_name=path.name, safe_serialization=True,
+                                         transformer_lora_layers=layers)
+        return path
+    from safetensors.torch import save_file
+
+    kohya = {}
+    for key, tensor in layers.items():  # 'layers.0.attention.to_q.lora_A.weight'
+        module, factor = key.rsplit(".lora_", 1)
+        name = "lora_unet_" + module.replace(".", "_")
+        kohya[f"{name}.lora_{'down' if factor.startswith('A') else 'up'}.weight"] = tensor.contiguous()
+        kohya[f"{name}.alpha"] = torch.tensor(float(rank))
+    save_file(kohya, str(path))
+    return path
+
+
+@torch.random.fork_rng(devices=[])
+def build_tiny_zimage_controlnet(directory: str | os.PathLike, seed: int = 0, refiner: str | None = None,
+                                 control_in_dim: int = LATENT_CHANNELS) -> Path:
+    """A ``ZImageControlNetModel`` for the tiny Z-Image (control samples after both of its layers; ``refiner``:
+    the 2.x models' ``add_control_noise_refiner``, with samples after its one noise-refiner block), saved with
+    ``save_pretrained``. diffusers zero-initialises the samples' projections (a fresh ControlNet changes nothing);
+    here they are random, so the control image visibly steers the output."""
+    from diffusers import ZImageControlNetModel
+
+    torch.manual_seed(seed)
+    controlnet = ZImageControlNetModel(control_layers_places=[0, 1], control_in_dim=control_in_dim,
+                                       control_refiner_layers_places=[0] if refiner else None,
+                                       add_control_noise_refiner=refiner, all_patch_size=(PATCH,),
+                                       all_f_patch_size=(1,), dim=DIM, n_refiner_layers=1, n_heads=HEADS,
+                                       n_kv_heads=HEADS, norm_eps=1e-5, qk_norm=True)
+    for name, module in controlnet.named_modules():
+        if name.endswith(("before_proj", "after_proj")):
+            torch.nn.init.normal_(module.weight, std=0.2)
+    controlnet.save_pretrained(directory, safe_serialization=True)
+    return Path(directory)

@@ -16,7 +16,9 @@ import re
 from ....errors import UserError, shown
 from ...lora_keys import DOWN_FACTORS, FACTOR
 
-FLUX_KEY = re.compile(r"^(transformer\.|lora_unet_(double|single)_blocks_|lora_transformer_|"
+# diffusers/peft keys name FluxTransformer2DModel's modules (a Z-Image LoRA's 'transformer.layers.' are not Flux's)
+FLUX_KEY = re.compile(r"^(transformer\.(transformer_blocks|single_transformer_blocks|x_embedder|context_embedder|"
+                      r"time_text_embed|norm_out|proj_out)\.|lora_unet_(double|single)_blocks_|lora_transformer_|"
                       r"(diffusion_model\.)?(double|single)_blocks\.)")
 BLOCK_INDEX = re.compile(r"^(?:lora_unet_|(?:diffusion_model\.)?)(double|single)_blocks[._](\d+)[._]")  # kohya, BFL
 PEFT_TRANSFORMER_MODULE = re.compile(r"^transformer\.(.+?)\.(?:lora_A|lora_B)(?:\.[^.]+)?\.weight$")
