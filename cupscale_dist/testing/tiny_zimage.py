@@ -163,7 +163,8 @@ def build_tiny_zimage_lora(model_dir: str | os.PathLike, path: str | os.PathLike
     """A random LoRA for the tiny Z-Image in ``model_dir``: peft adapters on the attention projections and the
     feed-forward of every block (lora_B random, so it changes the output), saved with
     ``ZImagePipeline.save_lora_weights`` as one file (``layout`` 'peft'), or the same factors in kohya's names
-    (``lora_unet_layers_0_attention_to_q.lora_down.weight`` with an alpha of ``rank``: ``layout`` 'kohya')."""
+    (``lora_unet_layers_0_attention_to_q.lora_down.weight`` with an alpha of ``rank``: ``layout`` 'kohya') or in
+    ai-toolkit's / ComfyUI's (``diffusion_model.layers.0.attention.to_q.lora_A.weight``, alphas: ``layout`` 'comfy')."""
     from diffusers import ZImagePipeline, ZImageTransformer2DModel
     from peft import LoraConfig, get_peft_model_state_dict
 
@@ -180,13 +181,19 @@ def build_tiny_zimage_lora(model_dir: str | os.PathLike, path: str | os.PathLike
         return path
     from safetensors.torch import save_file
 
-    kohya = {}
+    if layout not in ("kohya", "comfy"):
+        raise ValueError(f"layout={layout!r}: use peft, kohya or comfy")
+    out = {}
     for key, tensor in layers.items():  # 'layers.0.attention.to_q.lora_A.weight'
         module, factor = key.rsplit(".lora_", 1)
-        name = "lora_unet_" + module.replace(".", "_")
-        kohya[f"{name}.lora_{'down' if factor.startswith('A') else 'up'}.weight"] = tensor.contiguous()
-        kohya[f"{name}.alpha"] = torch.tensor(float(rank))
-    save_file(kohya, str(path))
+        if layout == "kohya":
+            name = "lora_unet_" + module.replace(".", "_")
+            out[f"{name}.lora_{'down' if factor.startswith('A') else 'up'}.weight"] = tensor.contiguous()
+        else:
+            name = "diffusion_model." + module
+            out[f"{name}.lora_{factor}"] = tensor.contiguous()
+        out[f"{name}.alpha"] = torch.tensor(float(rank))
+    save_file(out, str(path))
     return path
 
 
