@@ -124,18 +124,19 @@ def compile_speedup(calls: int) -> dict:
     from cupscale_dist import UpscaleConfig
     from cupscale_dist.execution.worker import ModelWorker
     from cupscale_dist.method.step import StageContext, predict_views
-    from cupscale_dist.models.backbones.sdxl.backbone import SDXL
+    from cupscale_dist.models.backbones.sdxl.backbone import SDXL, SDXLStage
     from cupscale_dist.models.weights import compile_denoiser
 
     torch.set_num_threads(1)
     worker = ModelWorker.for_config(UpscaleConfig.load("cpu-demo"))
     embeds, pooled = worker.encode_prompts(["a photo"])
     embeds, pooled = torch.from_numpy(embeds), torch.from_numpy(pooled)
-    latent = 32
-    context = StageContext(embeds, embeds, embeds, np.zeros(4, dtype=np.int64), pooled, pooled, pooled, None, None,
-                           (latent, latent * 4), (latent * 4, latent * 16), 4, 3.0, 0.5, "mix", "global")
+    latent, f, channels = 32, worker.spec.vae_scale_factor, worker.spec.latent_channels  # the demo's: 2, 8
+    sdxl = SDXLStage(pooled, pooled, pooled, "global", (latent * f, latent * 4 * f))
+    context = StageContext(embeds, embeds, embeds, np.zeros(4, dtype=np.int64), None, None, (latent, latent * 4), f,
+                           3.0, 0.5, "mix", family=sdxl)
     rects = np.array([[0, i * latent, latent, (i + 1) * latent] for i in range(4)])
-    windows = torch.randn(4, 4, latent, latent, generator=torch.Generator().manual_seed(0))
+    windows = torch.randn(4, channels, latent, latent, generator=torch.Generator().manual_seed(0))
     compiled = SDXL(copy.deepcopy(worker.pipe.unet))
     start = time.perf_counter()
     compile_denoiser(compiled.unet)

@@ -226,7 +226,7 @@ def transformer_rates(device: str = "cuda", dtype=torch.bfloat16, config: dict =
 
     from cupscale_dist.method.step import StageContext, predict_views
     from cupscale_dist.method.views import make_views
-    from cupscale_dist.models.backbones.flux.backbone import Flux, image_ids, pack_latents
+    from cupscale_dist.models.backbones.flux.backbone import Flux, FluxStage, image_ids, pack_latents
     from cupscale_dist.models.backbones.flux.joint_attention import install_joint_processors
 
     torch.manual_seed(seed)
@@ -247,9 +247,9 @@ def transformer_rates(device: str = "cuda", dtype=torch.bfloat16, config: dict =
     windows = torch.randn(views, channels, view_latent, view_latent, generator=gen)
     allowed = np.ones((views, text_tokens), dtype=bool)
     allowed[:, 1 : text_tokens // 2] = False
-    base = StageContext(embeds[2:3], embeds[0:1], embeds[1:2], np.zeros(views, dtype=np.int64), pooled[2:3],
-                        pooled[0:1], pooled[1:2], None, None, (side, side), (side * 8, side * 8), 8, 1.0, 1.0, "mix",
-                        "global", distilled_guidance=3.5).to(device, dtype)
+    flux = FluxStage(pooled[2:3], pooled[0:1], pooled[1:2], "global", "global", 3.5)
+    base = StageContext(embeds[2:3], embeds[0:1], embeds[1:2], np.zeros(views, dtype=np.int64), None, None,
+                        (side, side), 8, 1.0, 1.0, "mix", family=flux).to(device, dtype)
     cases = {"plain": base, "masks": dataclasses_replace(base, token_allowed=allowed),
              "mix": dataclasses_replace(base, lambda_global=0.5)}
     guidance = torch.full((views,), 3.5, device=device) if config.get("guidance_embeds") else None
@@ -257,7 +257,7 @@ def transformer_rates(device: str = "cuda", dtype=torch.bfloat16, config: dict =
 
     def bare():  # the stock processor is installed around it, outside the timed region
         transformer(hidden_states=packed, timestep=torch.full((views,), 0.7, device=device, dtype=dtype),
-                    guidance=guidance, pooled_projections=base.global_pooled.expand(views, -1),
+                    guidance=guidance, pooled_projections=base.family.global_pooled.expand(views, -1),
                     encoder_hidden_states=base.global_embeds.expand(views, -1, -1),
                     txt_ids=torch.zeros(text_tokens, 3, device=device),
                     img_ids=image_ids(rects[:1], "local")[0].to(device), return_dict=False)

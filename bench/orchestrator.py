@@ -149,6 +149,7 @@ def stage_context(executor, views: np.ndarray, latent_hw, config, seed: int):
     """A StageContext as run_stage builds it: real prompt encodings, distinct regional prompts, view token masks."""
     from cupscale_dist.method.masks import content_token_mask
     from cupscale_dist.method.step import StageContext
+    from cupscale_dist.models.backbones import backbone_class
     from cupscale_dist.pipeline import encode_negative, encode_prompts
 
     spec = executor.spec
@@ -161,10 +162,12 @@ def stage_context(executor, views: np.ndarray, latent_hw, config, seed: int):
     token_allowed = np.ones((len(views), global_embeds.shape[1]), dtype=bool)
     token_allowed[:, content] = rng.random((len(views), int(content.sum()))) < 0.5
     f = spec.vae_scale_factor
-    return StageContext(negative_embeds, global_embeds, regional_embeds, np.arange(len(views)), negative_pooled,
-                        global_pooled, regional_pooled, token_allowed, None, tuple(latent_hw),
-                        (latent_hw[0] * f, latent_hw[1] * f), f, config.guidance_scale, config.lambda_global,
-                        config.composer, config.pooled_prompt)
+    family = backbone_class(spec.family)
+    fields = family.stage_fields(config, (latent_hw[0] * f, latent_hw[1] * f),
+                                 (negative_pooled, global_pooled, regional_pooled))
+    return StageContext(negative_embeds, global_embeds, regional_embeds, np.arange(len(views)), token_allowed, None,
+                        tuple(latent_hw), f, family.cfg_scale(config), config.lambda_global, config.composer,
+                        family=fields)
 
 
 def actors_bench(args) -> dict:

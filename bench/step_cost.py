@@ -306,6 +306,7 @@ def build_sdxl_unet(device: torch.device, dtype: torch.dtype, seed: int):
 def full_context(tiles: int, latent: int, seed: int):
     """A StageContext for ``tiles`` side-by-side views of ``latent``^2, distinct regional prompts, random masks."""
     from cupscale_dist.method.step import StageContext
+    from cupscale_dist.models.backbones.sdxl.backbone import SDXLStage
 
     g = torch.Generator().manual_seed(seed)
     dim = SDXL_UNET_CONFIG["cross_attention_dim"]
@@ -323,10 +324,12 @@ def full_context(tiles: int, latent: int, seed: int):
     return StageContext(
         negative_embeds=torch.zeros(1, TOKENS, dim), global_embeds=torch.randn(1, TOKENS, dim, generator=g),
         regional_embeds=torch.randn(tiles, TOKENS, dim, generator=g), view_prompt=np.arange(tiles),
-        negative_pooled=torch.zeros(1, POOLED_DIM), global_pooled=torch.randn(1, POOLED_DIM, generator=g),
-        regional_pooled=torch.randn(tiles, POOLED_DIM, generator=g), token_allowed=token_allowed, token_maps=maps,
-        latent_hw=(latent, latent * tiles), image_hw=(latent * 8, latent * tiles * 8), vae_scale_factor=8,
-        guidance_scale=7.5, lambda_global=0.5, composer="mix", pooled_prompt="global")
+        token_allowed=token_allowed, token_maps=maps, latent_hw=(latent, latent * tiles), vae_scale_factor=8,
+        guidance_scale=7.5, lambda_global=0.5, composer="mix",
+        family=SDXLStage(negative_pooled=torch.zeros(1, POOLED_DIM),
+                         global_pooled=torch.randn(1, POOLED_DIM, generator=g),
+                         regional_pooled=torch.randn(tiles, POOLED_DIM, generator=g), pooled_prompt="global",
+                         image_hw=(latent * 8, latent * tiles * 8)))
 
 
 def variant_context(base, lambda_global: float, composer: str, view_masks: bool, pixel_masks: bool):
@@ -414,8 +417,8 @@ def side_by_side_inputs(tiles: int, latent: int, seed: int, device: torch.device
         timestep=TIMESTEP,
         encoder_hidden_states=torch.cat([base.negative_embeds.expand(tiles, -1, -1),
                                          base.global_embeds.expand(tiles, -1, -1)]).to(device, dtype),
-        added_cond_kwargs={"text_embeds": torch.cat([base.negative_pooled.expand(tiles, -1),
-                                                     base.global_pooled.expand(tiles, -1)]).to(device, dtype),
+        added_cond_kwargs={"text_embeds": torch.cat([base.family.negative_pooled.expand(tiles, -1),
+                                                     base.family.global_pooled.expand(tiles, -1)]).to(device, dtype),
                            "time_ids": torch.cat([time_ids, time_ids]).to(device, dtype)},
     )
     return base, rects, windows, bare_inputs

@@ -228,12 +228,6 @@ def shift_tokens(config: UpscaleConfig, stage: StagePlan) -> int:
     return int(height // 2) * int(width // 2)
 
 
-def guidance_fields(config: UpscaleConfig, spec) -> dict:
-    """How guidance reaches the model: the family decides
-    (:meth:`~cupscale_dist.models.backbones.base.Backbone.guidance_fields`)."""
-    return backbone_class(spec.family).guidance_fields(config)
-
-
 def run_stage(executor, config: UpscaleConfig, stage: StagePlan, image: Image.Image, prompter: Prompter,
               global_prompt: str, *, callback: StepCallback | None = None, resume: StageState | None = None,
               progress: bool = True, sink: BandSink | None = None):
@@ -292,14 +286,16 @@ def run_stage(executor, config: UpscaleConfig, stage: StagePlan, image: Image.Im
     # ControlNet's control image, cropped per view at every step.
     control = (np.asarray(image) if pixels is None else pixels.image) if config.controlnet else None
     image = None
-    # 8. The composer's inputs travel in the stage context (used inside every cross-attention layer).
+    # 8. The composer's inputs travel in the stage context (used inside every cross-attention layer), with the
+    # family's own fields (pooled embeddings, micro-conditioning, positions, a guidance embedding) as its object.
+    family = backbone_class(spec.family)
+    pooled = (prompts.negative[1], prompts.global_[1], prompts.regional[1])
     context = StageContext(
         negative_embeds=prompts.negative[0], global_embeds=prompts.global_[0], regional_embeds=prompts.regional[0],
-        view_prompt=prompts.view_prompt, negative_pooled=prompts.negative[1], global_pooled=prompts.global_[1],
-        regional_pooled=prompts.regional[1], token_allowed=token_allowed, token_maps=token_maps, latent_hw=latent_hw,
-        image_hw=(stage.size[1], stage.size[0]), vae_scale_factor=f, lambda_global=config.lambda_global,
-        composer=config.composer, pooled_prompt=config.pooled_prompt, micro_conditioning=config.micro_conditioning,
-        controlnet_scale=config.controlnet_scale, **guidance_fields(config, spec))
+        view_prompt=prompts.view_prompt, token_allowed=token_allowed, token_maps=token_maps, latent_hw=latent_hw,
+        vae_scale_factor=f, guidance_scale=family.cfg_scale(config), lambda_global=config.lambda_global,
+        composer=config.composer, controlnet_scale=config.controlnet_scale,
+        family=family.stage_fields(config, image_hw=(stage.size[1], stage.size[0]), pooled=pooled))
     shared = executor.share(context)  # sent once per stage; each call carries only its windows
     # 9. Denoising loop: predict every view, reduce + prior, one scheduler step on the whole latent.
     first = resume.step if resume else 0

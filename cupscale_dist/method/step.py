@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,39 +34,35 @@ class StageContext:
     """Everything the view predictions of one stage need, sent to each actor once per stage.
 
     Embeddings are float32 on CPU; a view's regional prompt is ``regional_embeds[view_prompt[view]]`` (unique
-    prompts are encoded once, so 961 views at 16K do not hold 961 copies).
+    prompts are encoded once, so 961 views at 16K do not hold 961 copies). What only one family reads (SDXL's pooled
+    embeddings and micro-conditioning, FLUX.1's positions and guidance embedding, Z-Image's positions) is that
+    family's own object in ``family``, built by its backbone
+    (:meth:`~cupscale_dist.models.backbones.base.Backbone.stage_fields`).
     """
 
     negative_embeds: torch.Tensor  # (1, 77, D)
     global_embeds: torch.Tensor  # (1, 77, D)
     regional_embeds: torch.Tensor  # (U, 77, D)
     view_prompt: np.ndarray  # (N,) int index into regional_embeds
-    negative_pooled: torch.Tensor | None  # (1, Dp), SDXL only
-    global_pooled: torch.Tensor | None
-    regional_pooled: torch.Tensor | None  # (U, Dp)
     token_allowed: np.ndarray | None  # (N, 77) bool, mask_mode='view'
     token_maps: np.ndarray | None  # (77, h, w) bool at probe resolution, mask_mode='pixel'
     latent_hw: tuple[int, int]
-    image_hw: tuple[int, int]  # SDXL original_size: the stage size in pixels
     vae_scale_factor: int
-    guidance_scale: float
+    guidance_scale: float  # the CFG scale (CFG on above 1: uses_cfg)
     lambda_global: float
     composer: str
-    pooled_prompt: str
-    micro_conditioning: str = "global"  # SDXL time_ids: 'global' one (H, W, 0, 0, H, W), 'per_view' crop offsets
     controlnet_scale: float = 0.0  # ControlNet residual scale (used when the worker holds a ControlNet)
-    # DiT families (Flux): where each view's image tokens sit ('global': the view's offset in the stage latent,
-    # 'local': from 0 in every view), and the guidance a guidance-distilled model (FLUX.1-dev) takes as an input
-    # embedding (None: the model has none; CFG with guidance_scale is then the only guidance).
-    positions: str = "global"
-    distilled_guidance: float | None = None
+    # The family's own stage fields: a small frozen dataclass of its backbone's folder with its own ``to``
+    # (SDXLStage, FluxStage, ZImageStage); None for a family with none (SD1.5).
+    family: Any = None
 
     def to(self, device, dtype) -> StageContext:
-        """The context with its embeddings on the UNet's device and dtype: moved once per stage, not per call."""
+        """The context with its embeddings (the family's too) on the denoiser's device and dtype: moved once per
+        stage, not per call."""
         move = lambda t: None if t is None else t.to(device, dtype)  # noqa: E731
-        names = ("negative_embeds", "global_embeds", "regional_embeds", "negative_pooled", "global_pooled",
-                 "regional_pooled")
-        return dataclasses.replace(self, **{name: move(getattr(self, name)) for name in names})
+        names = ("negative_embeds", "global_embeds", "regional_embeds")
+        moved = {name: move(getattr(self, name)) for name in names}
+        return dataclasses.replace(self, **moved, family=move(self.family))
 
 
 def uses_cfg(guidance_scale: float) -> bool:
@@ -101,7 +98,7 @@ def predict_views(backbone, windows: torch.Tensor, timestep, input_scale: float,
         windows (tensor (B, C, h, w)): the views' windows of the current latent, in the scheduler's space.
         timestep: the scheduler timestep of this step.
         input_scale (float): the scheduler's model-input scaling at this step (1/sqrt(sigma^2+1) for Euler).
-        context (StageContext): the stage's prompts, masks and micro-conditioning inputs.
+        context (StageContext): the stage's prompts, masks and the family's own fields.
         view_ids: indices of these views in the stage's view list; rects (N', 4): their current rectangles.
         control (tensor (B, 3, H, W) in [0, 1]): each view's own crop of the stage input, when the backbone holds
             a ControlNet tile model.

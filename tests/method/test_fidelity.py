@@ -29,7 +29,7 @@ from cupscale_dist.method.vae import encode_image
 from cupscale_dist.method.views import make_views
 from cupscale_dist.method.wavelets import dwt2, low_band
 from cupscale_dist.models.backbones.sd15.backbone import SD15
-from cupscale_dist.models.backbones.sdxl.backbone import micro_conditioning
+from cupscale_dist.models.backbones.sdxl.backbone import SDXLStage, micro_conditioning
 from cupscale_dist.pipeline import encode_negative, encode_prompts, predict_step, stage_generator
 from cupscale_dist.testing.tiny import SCHEDULER_CONFIG
 
@@ -195,8 +195,8 @@ class StandInUNet(torch.nn.Module):
 def stand_in_context(view_count: int, dim: int = 8) -> StageContext:
     """An SD1.5-shaped stage context (no pooled embeddings, nothing screened) for the stand-in UNet."""
     embeds = torch.zeros(1, TOKENS, dim)
-    return StageContext(embeds, embeds, embeds, np.zeros(view_count, dtype=np.int64), None, None, None, None, None,
-                        (37, 53), (296, 424), 8, 7.5, 0.5, "mix", "global")
+    return StageContext(embeds, embeds, embeds, np.zeros(view_count, dtype=np.int64), None, None, (37, 53), 8, 7.5,
+                        0.5, "mix")
 
 
 LATENT_SHAPE, TILE, STRIDE, INPUT_SCALE = (1, 4, 37, 53), 16, 8, 0.5  # 37, 53: not multiples of the stride
@@ -265,17 +265,19 @@ def test_multidiffusion_through_ray_actors(local_ray, view_offset, blend):
 
 
 # --- 8. token masks and lambda reach cross-attention only ---------------------------------------------------------
-def sdxl_context(model, latent_hw: tuple[int, int], view_count: int, **changes) -> StageContext:
+def sdxl_context(model, latent_hw: tuple[int, int], view_count: int, micro_conditioning: str = "global",
+                 **changes) -> StageContext:
     """A stage context for the tiny SDXL: one regional prompt for all views, a negative prompt, nothing screened,
-    lambda = 1."""
+    lambda = 1 (``micro_conditioning``: SDXL's own field)."""
     executor = LocalExecutor(model, 1)
     global_embeds, global_pooled = encode_prompts(executor, ["a photo of a cat on a house"])
     regional_embeds, regional_pooled = encode_prompts(executor, ["a red roof under a blue sky"])
     negative_embeds, negative_pooled = encode_negative(executor, "a dark night")  # not zeros: a mask on CFG rows shows
     f = model.spec.vae_scale_factor
+    sdxl = SDXLStage(negative_pooled, global_pooled, regional_pooled, "global", (latent_hw[0] * f, latent_hw[1] * f),
+                     micro_conditioning)
     context = StageContext(negative_embeds, global_embeds, regional_embeds, np.zeros(view_count, dtype=np.int64),
-                           negative_pooled, global_pooled, regional_pooled, np.ones((view_count, TOKENS), dtype=bool),
-                           None, latent_hw, (latent_hw[0] * f, latent_hw[1] * f), f, 7.5, 1.0, "mix", "global")
+                           np.ones((view_count, TOKENS), dtype=bool), None, latent_hw, f, 7.5, 1.0, "mix", family=sdxl)
     return dataclasses.replace(context, **changes)
 
 
@@ -352,7 +354,7 @@ def expected_time_ids(mode: str, image_hw: tuple[int, int], rects: np.ndarray, f
 @pytest.mark.parametrize("mode", ["global", "per_view"])
 def test_micro_conditioning_values_reach_the_unet(sdxl_model, mode):
     context = sdxl_context(sdxl_model, (12, 24), 2, micro_conditioning=mode)
-    assert context.image_hw == (96, 192)
+    assert context.family.image_hw == (96, 192)
     expected = expected_time_ids(mode, (96, 192), RECTS)
     assert micro_conditioning(context, RECTS).tolist() == expected
     received, handle = record_time_ids(sdxl_model.unet)

@@ -66,8 +66,8 @@ def test_lambda_one_without_masks_is_the_plain_unet(sdxl_model, photo):
         with torch.no_grad():
             states = torch.cat([context.negative_embeds.expand(2, -1, -1), context.global_embeds.expand(2, -1, -1)])
             time_ids = micro_conditioning(context, views)
-            added = {"text_embeds": torch.cat([context.negative_pooled.expand(2, -1),
-                                               context.global_pooled.expand(2, -1)]),
+            added = {"text_embeds": torch.cat([context.family.negative_pooled.expand(2, -1),
+                                               context.family.global_pooled.expand(2, -1)]),
                      "time_ids": torch.cat([time_ids, time_ids])}
             eps = unet(torch.cat([windows * 0.5] * 2), 500, encoder_hidden_states=states,
                        added_cond_kwargs=added).sample

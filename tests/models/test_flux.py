@@ -35,6 +35,7 @@ from cupscale_dist.method.views import make_views
 from cupscale_dist.method.wavelets import dwt2, low_band
 from cupscale_dist.models.backbones.flux.backbone import (
     Flux,
+    FluxStage,
     image_ids,
     pack_latents,
     unpack_latents,
@@ -65,12 +66,12 @@ def flux_pipe(request, tmp_path_factory):
     return SimpleNamespace(variant=request.param, dir=directory, pipe=pipe, backbone=Flux(pipe.transformer, pipe=pipe))
 
 
-def flux_context(backbone, view_count: int, latent_hw, **changes) -> StageContext:
+def flux_context(backbone, view_count: int, latent_hw, positions: str = "global", **changes) -> StageContext:
     embeds, pooled = (torch.from_numpy(a) for a in backbone.encode_prompts(
         ["a photo of a cat on the house", "a red roof under a blue sky", "a dark night"]))
-    context = StageContext(embeds[2:3], embeds[0:1], embeds[1:2], np.zeros(view_count, dtype=np.int64), pooled[2:3],
-                           pooled[0:1], pooled[1:2], None, None, tuple(latent_hw), (latent_hw[0] * 8, latent_hw[1] * 8),
-                           8, 1.0, 1.0, "mix", "global", distilled_guidance=3.5)
+    flux = FluxStage(pooled[2:3], pooled[0:1], pooled[1:2], "global", positions, 3.5)
+    context = StageContext(embeds[2:3], embeds[0:1], embeds[1:2], np.zeros(view_count, dtype=np.int64), None, None,
+                           tuple(latent_hw), 8, 1.0, 1.0, "mix", family=flux)
     return dataclasses.replace(context, **changes)
 
 
@@ -129,11 +130,11 @@ def test_lambda_one_nothing_screened_is_the_stock_transformer(flux_pipe, positio
     guidance = torch.full((2,), 3.5) if flux_pipe.variant == "dev" else None
     for row in range(2):
         expected = stock_call(backbone.transformer, windows, context.global_embeds.expand(2, -1, -1),
-                              context.global_pooled.expand(2, -1), ids[row], torch.full((2,), 0.7), guidance)
+                              context.family.global_pooled.expand(2, -1), ids[row], torch.full((2,), 0.7), guidance)
         assert torch.equal(out[row], expected[row])
     if positions == "global":
         other = stock_call(backbone.transformer, windows, context.global_embeds.expand(2, -1, -1),
-                           context.global_pooled.expand(2, -1), ids[0], torch.full((2,), 0.7), guidance)
+                           context.family.global_pooled.expand(2, -1), ids[0], torch.full((2,), 0.7), guidance)
         assert not torch.allclose(out[1], other[1], atol=1e-4)  # the second view's own positions reached it
 
 
@@ -280,9 +281,8 @@ def tiled_minus_untiled(positions: str) -> float:
 
 def flux_context_stub(view_count: int, latent_hw, positions: str) -> StageContext:
     embeds, pooled = torch.zeros(1, 4, 8), torch.zeros(1, 8)
-    return StageContext(embeds, embeds, embeds, np.zeros(view_count, dtype=np.int64), pooled, pooled, pooled, None,
-                        None, latent_hw, (latent_hw[0] * 8, latent_hw[1] * 8), 8, 1.0, 1.0, "mix", "global",
-                        positions=positions, distilled_guidance=3.5)
+    return StageContext(embeds, embeds, embeds, np.zeros(view_count, dtype=np.int64), None, None, latent_hw, 8, 1.0,
+                        1.0, "mix", family=FluxStage(pooled, pooled, pooled, "global", positions, 3.5))
 
 
 # --- (c) the global prior under flow matching ---------------------------------------------------------------------

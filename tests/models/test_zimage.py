@@ -23,7 +23,7 @@ from cupscale_dist.execution.worker import ModelWorker
 from cupscale_dist.method.step import StageContext, predict_views, reduce_predictions
 from cupscale_dist.method.views import make_views
 from cupscale_dist.models.backbones.zimage.attention import ZRegional, composed_attention
-from cupscale_dist.models.backbones.zimage.backbone import ZImage, caption_lengths, patchify, unpatchify
+from cupscale_dist.models.backbones.zimage.backbone import ZImage, ZImageStage, caption_lengths, patchify, unpatchify
 from cupscale_dist.models.backbones.zimage.positions import view_image_ids
 from cupscale_dist.pipeline import predict_step
 from cupscale_dist.testing.tiny_zimage import (
@@ -61,13 +61,12 @@ def small_table(tmp_path_factory):
 
 
 def zimage_context(backbone, view_count: int, latent_hw, prompts=(GLOBAL, REGIONAL, NEGATIVE), view_prompt=None,
-                   **changes) -> StageContext:
+                   positions: str = "global", **changes) -> StageContext:
     """Prompts: the global one, the regional ones, the negative one last; every view the first regional prompt."""
     embeds = torch.from_numpy(backbone.encode_prompts(list(prompts), MAX_SEQUENCE_LENGTH)[0])
     view_prompt = np.zeros(view_count, dtype=np.int64) if view_prompt is None else np.asarray(view_prompt)
-    context = StageContext(embeds[-1:], embeds[0:1], embeds[1:-1], view_prompt, None, None, None, None, None,
-                           tuple(latent_hw), (latent_hw[0] * 8, latent_hw[1] * 8), 8, 1.0, 1.0, "mix", "global",
-                           positions="global")
+    context = StageContext(embeds[-1:], embeds[0:1], embeds[1:-1], view_prompt, None, None, tuple(latent_hw), 8, 1.0,
+                           1.0, "mix", family=ZImageStage(positions))
     return dataclasses.replace(context, **changes)
 
 
@@ -425,8 +424,7 @@ def tiled_minus_untiled(positions: str) -> float:
     executor = LocalExecutor(worker, batch_size=5)
     embeds = torch.ones(1, 4, 8)
     context = executor.share(StageContext(embeds, embeds, embeds, np.zeros(len(views), dtype=np.int64), None, None,
-                                          None, None, None, (20, 28), (160, 224), 8, 1.0, 1.0, "mix", "global",
-                                          positions=positions))
+                                          (20, 28), 8, 1.0, 1.0, "mix", family=ZImageStage(positions)))
     tiled = reduce_predictions(predict_step(executor, context, z, views, 500, 1.0), views, z.shape)
     whole = np.array([[0, 0, 20, 28]])
     untiled = reduce_predictions(predict_step(executor, context, z, whole, 500, 1.0), whole, z.shape)

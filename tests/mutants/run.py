@@ -104,7 +104,7 @@ MUTATIONS = [
              "(bottom - top) * f, (right - left) * f", "(right - left) * f, (bottom - top) * f",
              fidelity("test_micro_conditioning_values_reach_the_unet[per_view]")),
     Mutation("micro-conditioning-knob-ignored", "cupscale_dist/models/backbones/sdxl/backbone.py",
-             'if context.micro_conditioning == "global":', 'if context.micro_conditioning == "none":',
+             'if sdxl.micro_conditioning == "global":', 'if sdxl.micro_conditioning == "none":',
              fidelity("test_micro_conditioning_values_reach_the_unet[global]",
                       "test_pipeline_sends_the_stage_size_as_global_micro_conditioning")),
     Mutation("stage-size-transposed", "cupscale_dist/pipeline.py",

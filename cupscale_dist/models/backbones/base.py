@@ -13,8 +13,12 @@ tensor crosses the contract in the layouts :class:`cupscale_dist.method.step.Sta
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
 
 import numpy as np
 import torch
@@ -40,6 +44,29 @@ def has_prefix(keys, prefix: str) -> bool:
     return any(key.startswith(prefix) for key in keys)
 
 
+@dataclass(frozen=True)
+class PooledStage:
+    """The pooled prompt embeddings of a stage (SDXL's and FLUX.1's pooled CLIP output), the part of their stage
+    fields (``StageContext.family``) they share: float32 on CPU, on the denoiser's device after :meth:`to`."""
+
+    negative_pooled: torch.Tensor  # (1, Dp)
+    global_pooled: torch.Tensor  # (1, Dp)
+    regional_pooled: torch.Tensor  # (U, Dp)
+    pooled_prompt: str  # 'global': every view the global prompt's; 'regional': its own regional prompt's
+
+    def pooled(self, prompt_ids: torch.Tensor, cfg: bool = True) -> torch.Tensor:
+        """The pooled rows of a CFG batch [negative; the views' prompts] (``cfg``) or of the views alone."""
+        count = len(prompt_ids)
+        pooled = (self.global_pooled.expand(count, -1) if self.pooled_prompt == "global"
+                  else self.regional_pooled[prompt_ids])
+        return torch.cat([self.negative_pooled.expand(count, -1), pooled]) if cfg else pooled
+
+    def to(self, device, dtype):
+        """These fields with the embeddings on ``device`` in ``dtype`` (``StageContext.to``)."""
+        names = ("negative_pooled", "global_pooled", "regional_pooled")
+        return dataclasses.replace(self, **{name: getattr(self, name).to(device, dtype) for name in names})
+
+
 class Backbone(ABC):
     """The calling contract of every model family (a UNet with cross-attention, a DiT with joint attention)."""
 
@@ -50,6 +77,9 @@ class Backbone(ABC):
     native_size: int | None = None  # training size in px when the denoiser's config has no sample_size (a DiT)
     mask_tokenizer = "tokenizer"  # the pipeline tokenizer whose tokens the regional masks screen
     upcast_vae_in_fp16 = False  # a VAE that overflows in fp16 is kept in fp32 (as the family's diffusers pipeline does)
+    # Hub repositories of the family a plan may describe before their files are here (a preset's ``--dry-run``):
+    # repo id -> {"geometry": (VAE factor, latent channels), "parameters": per component, models.weights' names}
+    published: Mapping[str, dict] = MappingProxyType({})
 
     @staticmethod
     @abstractmethod
@@ -67,10 +97,18 @@ class Backbone(ABC):
         return  # a hook with a default, not an abstract method: a family with nothing to refuse keeps it
 
     @classmethod
-    def guidance_fields(cls, config) -> dict:
-        """How guidance reaches the model (:class:`~cupscale_dist.method.step.StageContext` fields): the CFG scale
-        is ``guidance_scale``."""
-        return {"guidance_scale": config.guidance_scale}
+    def cfg_scale(cls, config) -> float:
+        """The CFG scale of the stage context (:attr:`~cupscale_dist.method.step.StageContext.guidance_scale`; CFG
+        runs above 1): ``guidance_scale``."""
+        return config.guidance_scale
+
+    @classmethod
+    def stage_fields(cls, config, image_hw: tuple[int, int], pooled: tuple) -> object | None:
+        """The family's own part of the stage context (``StageContext.family``): a frozen dataclass of its folder
+        with a ``to(device, dtype)``, from the run's ``config``, the stage size ``image_hw`` (H, W) in px and the
+        pooled embeddings (negative (1, Dp), global (1, Dp), regional (U, Dp); Nones for a family with none);
+        None for a family that reads nothing of its own (SD1.5)."""
+        return None
 
     @staticmethod
     def tokenizer_class():
@@ -97,6 +135,12 @@ class Backbone(ABC):
     def check_single_file(cls, path: str, model_config: str | None, configs: str, denoiser: dict) -> None:
         """One line, from a single file's header alone, for what loading it would need and lacks (driver side)."""
         return  # diffusers' from_single_file reads what the UNet families' files hold
+
+    @classmethod
+    def single_file_configs(cls, kind: str) -> str | None:
+        """Where a single file of ``kind`` (:meth:`single_file_kind`) finds its diffusers configs when no
+        ``model_config`` is given, or None: the shipped ``single_file_configs/<kind>``."""
+        return None
 
     @classmethod
     def tokenizer_elsewhere(cls, config_dir: str, name: str, entry) -> str | None:

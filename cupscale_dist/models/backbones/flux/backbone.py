@@ -6,12 +6,14 @@ Three differences from the UNet families (method.md "Other backbones"):
   offset in packed patches), per view in one batched call (:mod:`cupscale_dist.models.backbones.flux.joint_attention`);
 * **regional attention**: the screening mask and the lambda composer act on the image->text block of the joint
   attention; lambda = 1 with nothing screened sends the global prompt alone through the stock attention;
-* **guidance**: FLUX.1-dev takes ``guidance_scale`` as an input embedding (``StageContext.distilled_guidance``), one
+* **guidance**: FLUX.1-dev takes ``guidance_scale`` as an input embedding (:attr:`FluxStage.distilled_guidance`), one
   pass per view; real CFG with a negative prompt (the ``true_cfg`` knob) is the usual CFG batch at twice the cost.
 The model output is the flow-matching velocity ``v = noise - x0``; the driver's scheduler adapter knows it.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -21,7 +23,7 @@ from ....method.attention import RegionalAttention
 from ....method.step import StageContext
 from ....method.vae import encode_pixels, tile_to_tensor
 from ...lora_keys import check_factor_pairs
-from ..base import Backbone, UNetBackbone, has_prefix
+from ..base import Backbone, PooledStage, UNetBackbone, has_prefix
 from .controlnet import check_flux_controlnet
 from .header import check_flux_file, flux_variant, t5_tokenizer_dir
 from .joint_attention import (
@@ -32,6 +34,15 @@ from .joint_attention import (
 from .lora import check_flux_lora, is_flux_lora
 
 PATCH = 2  # Flux packs 2x2 latent pixels into one token
+
+
+@dataclass(frozen=True)
+class FluxStage(PooledStage):
+    """FLUX.1's part of the stage context (``StageContext.family``): the pooled CLIP embeddings
+    (:class:`PooledStage`), where each view's image tokens sit and the guidance embedding's value."""
+
+    positions: str = "global"  # 'global': the view's offset in the stage latent; 'local': from 0 in every view
+    distilled_guidance: float | None = None  # FLUX.1-dev's guidance embedding (None: the model has none)
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -131,11 +142,15 @@ class Flux(Backbone):
                             "shifted linspace and ignore it; set timestep_spacing=none")
 
     @classmethod
-    def guidance_fields(cls, config) -> dict:
-        """FLUX.1-dev takes ``guidance_scale`` as its guidance embedding; CFG runs only with ``true_cfg`` > 1 (its
-        negative prompt); each view's image tokens sit at ``positions``."""
-        return {"guidance_scale": config.true_cfg, "distilled_guidance": config.guidance_scale,
-                "positions": config.positions}
+    def cfg_scale(cls, config) -> float:
+        """CFG runs only with ``true_cfg`` > 1 (its negative prompt); ``guidance_scale`` is the guidance embedding."""
+        return config.true_cfg
+
+    @classmethod
+    def stage_fields(cls, config, image_hw: tuple[int, int], pooled: tuple) -> FluxStage:
+        """The pooled embeddings (``pooled_prompt``), each view's image tokens at ``positions``, and FLUX.1-dev's
+        guidance embedding ``guidance_scale``."""
+        return FluxStage(*pooled, config.pooled_prompt, config.positions, config.guidance_scale)
 
     # -- single files ------------------------------------------------------------------------------------------
     @classmethod
@@ -246,15 +261,12 @@ class Flux(Backbone):
         if regional.token_maps is not None:
             raise ValueError("mask_mode='pixel' is not implemented for Flux; use mask_mode='view'")
         device, dtype = self.device, self.dtype
-        count, (height, width) = len(view_ids), latents.shape[-2:]
+        height, width = latents.shape[-2:]
         prompt_ids = torch.from_numpy(context.view_prompt[view_ids]).to(context.regional_embeds.device)
         bias = regional.global_bias(1, dtype, device)  # (B, 1, 1, G) or None when nothing is screened
         states = UNetBackbone.encoder_states(context, prompt_ids, regional.cfg, regional.reads_regional)
-        pooled = (context.global_pooled.expand(count, -1) if context.pooled_prompt == "global"
-                  else context.regional_pooled[prompt_ids])
-        if regional.cfg:
-            pooled = torch.cat([context.negative_pooled.expand(count, -1), pooled])
-        ids = image_ids(rects, context.positions)
+        pooled = context.family.pooled(prompt_ids, regional.cfg)
+        ids = image_ids(rects, context.family.positions)
         if regional.cfg:
             ids = torch.cat([ids, ids])
         global_tokens = context.global_embeds.shape[1]
@@ -263,7 +275,8 @@ class Flux(Backbone):
         rows = latents.shape[0]
         guidance = None
         if self.transformer.config.guidance_embeds:
-            guidance = torch.full((rows,), float(context.distilled_guidance), device=device, dtype=torch.float32)
+            guidance = torch.full((rows,), float(context.family.distilled_guidance), device=device,
+                                  dtype=torch.float32)
         # Flux's timestep input is sigma = t / 1000 (FluxPipeline passes timestep / 1000)
         sigma = torch.full((rows,), float(timestep) / 1000, device=device, dtype=dtype)
         inputs = {"hidden_states": pack_latents(latents).to(device, dtype), "timestep": sigma, "guidance": guidance,

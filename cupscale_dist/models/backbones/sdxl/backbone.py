@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from ....method.step import StageContext
-from ..base import UNetBackbone
+from ..base import PooledStage, UNetBackbone
+
+
+@dataclass(frozen=True)
+class SDXLStage(PooledStage):
+    """SDXL's part of the stage context (``StageContext.family``): the pooled embeddings (:class:`PooledStage`) and
+    what its micro-conditioning reads."""
+
+    image_hw: tuple[int, int]  # original_size: the stage size in px (H, W)
+    micro_conditioning: str = "global"  # time_ids: 'global' one (H, W, 0, 0, H, W), 'per_view' crop offsets
 
 
 def micro_conditioning(context: StageContext, rects: np.ndarray) -> torch.Tensor:
@@ -15,11 +26,11 @@ def micro_conditioning(context: StageContext, rects: np.ndarray) -> torch.Tensor
     'global': ``(H, W, 0, 0, H, W)`` for every view, (H, W) the stage size (DemoFusion, diffusers' mixture-of-
     diffusers SDXL); 'per_view': original = stage size, crop top-left = view offset, target = view size.
     """
-    f = context.vae_scale_factor
-    if context.micro_conditioning == "global":
-        rows = [[*context.image_hw, 0, 0, *context.image_hw]] * len(rects)
+    f, sdxl = context.vae_scale_factor, context.family
+    if sdxl.micro_conditioning == "global":
+        rows = [[*sdxl.image_hw, 0, 0, *sdxl.image_hw]] * len(rects)
     else:
-        rows = [[*context.image_hw, top * f, left * f, (bottom - top) * f, (right - left) * f]
+        rows = [[*sdxl.image_hw, top * f, left * f, (bottom - top) * f, (right - left) * f]
                 for top, left, bottom, right in rects]
     return torch.tensor(rows, dtype=torch.float32)
 
@@ -43,6 +54,12 @@ class SDXL(UNetBackbone):
         zeros = bool(model_index.get("force_zeros_for_empty_prompt", True))
         return {"force_zeros_for_empty_prompt": zeros, "add_watermarker": False}
 
+    @classmethod
+    def stage_fields(cls, config, image_hw: tuple[int, int], pooled: tuple) -> SDXLStage:
+        """The pooled embeddings (``pooled_prompt``) and the micro-conditioning (``micro_conditioning``, the stage
+        size as original_size)."""
+        return SDXLStage(*pooled, config.pooled_prompt, image_hw, config.micro_conditioning)
+
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], max_tokens: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Both CLIP encoders' 77 tokens (``max_tokens`` does not apply)."""
@@ -52,14 +69,12 @@ class SDXL(UNetBackbone):
 
     def added_conditioning(self, context: StageContext, prompt_ids: torch.Tensor, rects: np.ndarray,
                            cfg: bool = True) -> dict:
-        count, device, dtype = len(prompt_ids), self.device, self.dtype
-        pooled = (context.global_pooled.expand(count, -1) if context.pooled_prompt == "global"
-                  else context.regional_pooled[prompt_ids])
+        device, dtype = self.device, self.dtype
+        pooled = context.family.pooled(prompt_ids, cfg)
         time_ids = micro_conditioning(context, rects).to(device)
         if not cfg:
             return {"text_embeds": pooled.to(device, dtype), "time_ids": time_ids.to(device, dtype)}
-        return {"text_embeds": torch.cat([context.negative_pooled.expand(count, -1), pooled]).to(device, dtype),
-                "time_ids": torch.cat([time_ids, time_ids]).to(device, dtype)}
+        return {"text_embeds": pooled.to(device, dtype), "time_ids": torch.cat([time_ids, time_ids]).to(device, dtype)}
 
     def probe_conditioning(self, pooled: torch.Tensor | None, height: int, width: int) -> dict:
         """Micro-conditioning of the native size, uncropped."""

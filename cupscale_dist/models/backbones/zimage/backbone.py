@@ -20,19 +20,46 @@ What differs from FLUX.1 (docs/zimage.md; the facts in docs/zimage-notes.md, eac
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+
 import numpy as np
 import torch
 
 from ....errors import UserError
+from ....files.userfile import named
 from ....method.attention import RegionalAttention
 from ....method.step import StageContext
 from ....method.vae import encode_pixels, tile_to_tensor
 from ..base import Backbone
 from .attention import ZRegional, bound, install_regional_processor
+from .controlnet import check_zimage_controlnet
+from .lora import check_zimage_lora, is_zimage_lora
 from .positions import PATCH, caption_ids, padded_length, rope_freqs, stage_caption_length, view_image_ids
+from .single_file import (
+    TURBO_REPO,
+    cached_turbo_dir,
+    check_zimage_file,
+    configs_for_file,
+    is_zimage_file,
+    load_transformer,
+)
 
 PROMPT_MARK = "{prompt}"  # a stand-in prompt that shows where the chat template puts the prompt
 EMBEDDER = f"{PATCH}-1"  # the transformer's x_embedder / final layer key: patch size 2, frame patch 1
+
+
+@dataclass(frozen=True)
+class ZImageStage:
+    """Z-Image's part of the stage context (``StageContext.family``): where each view's image patches sit
+    ('global': the view's offset in the stage latent; 'local': from 0 in every view). No pooled prompt."""
+
+    positions: str = "global"
+
+    def to(self, device, dtype) -> ZImageStage:
+        """Nothing to move (``StageContext.to``)."""
+        return self
 
 
 def caption_lengths(embeds: torch.Tensor) -> list[int]:
@@ -73,6 +100,11 @@ class ZImage(Backbone):
     native_size = 1024  # Tongyi-MAI recommend 512-2048 px; the attention probe runs at 1024
     upcast_vae_in_fp16 = True  # FLUX.1's VAE: force_upcast
     max_sequence_length = 512  # ZImagePipeline's caption cap (tokens, chat template included)
+    # Z-Image-Turbo before it is fetched (docs/zimage-notes.md, bench/results/zimage-cost-cpu.json: its published
+    # configs built on the meta device): FLUX.1's VAE (factor 8, 16 channels), the transformer and Qwen3-4B
+    published = MappingProxyType({"Tongyi-MAI/Z-Image-Turbo": {
+        "geometry": (8, 16),
+        "parameters": {"unet": 6_154_908_736, "text_encoder": 4_022_468_096, "text_encoder_2": 0, "vae": 83_819_683}}})
 
     @staticmethod
     def pipeline_class():
@@ -107,18 +139,16 @@ class ZImage(Backbone):
              "pooled_prompt=regional: Z-Image has no pooled prompt; set pooled_prompt=global"),
             (config.micro_conditioning != "global",
              "micro_conditioning=per_view is SDXL's; set micro_conditioning=global"),
-            (bool(config.controlnet), "controlnet: a Z-Image ControlNet is not supported yet; drop controlnet"),
-            (bool(config.lora), "lora: Z-Image LoRAs are not supported yet; drop lora"),
         ]
         for refused, line in refusals:
             if refused:
                 raise UserError(f"config: {line}")
 
     @classmethod
-    def guidance_fields(cls, config) -> dict:
-        """CFG with ``guidance_scale`` (> 1; Turbo runs at 1: one pass per view); each view's image at
-        ``positions``."""
-        return {"guidance_scale": config.guidance_scale, "positions": config.positions}
+    def stage_fields(cls, config, image_hw: tuple[int, int], pooled: tuple) -> ZImageStage:
+        """Each view's image at ``positions`` (CFG is the base's ``guidance_scale``, > 1; Turbo runs at 1: one pass
+        per view)."""
+        return ZImageStage(config.positions)
 
     @staticmethod
     def tokenizer_class():
@@ -142,14 +172,72 @@ class ZImage(Backbone):
         mask[before : max(before, len(tokenizer(chat(prompt)).input_ids) - after)] = True
         return mask
 
-    # -- add-ons: not built for Z-Image ---------------------------------------------------------------------------
+    # -- single files (``--model z_image_turbo_bf16.safetensors``: the transformer alone) ---------------------------
+    @classmethod
+    def single_file_kind(cls, keys: dict, path: str) -> str | None:
+        """'zimage' for a file holding Z-Image's transformer (its pad tokens; bare or ComfyUI's prefix)."""
+        if not is_zimage_file(keys):
+            return None
+        if not str(path).lower().endswith(".safetensors"):
+            raise UserError(f"--model {path}: Z-Image checkpoints are read as .safetensors only; save it as one")
+        return cls.family
+
+    @classmethod
+    def single_file_configs(cls, kind: str) -> str | None:
+        """Without ``model_config``: Z-Image-Turbo's pipeline in the hub cache (its text encoder, tokenizer, VAE)."""
+        return configs_for_file() if kind == cls.family else None
+
+    @classmethod
+    def check_single_file(cls, path: str, model_config: str | None, configs: str, denoiser: dict) -> None:
+        """From the header: its keys and shapes against the configs, and the weights it lacks in them
+        (:func:`.single_file.check_zimage_file`)."""
+        from ...weightfiles import checkpoint_keys
+
+        check_zimage_file(path, checkpoint_keys(path), configs, denoiser)
+
+    @classmethod
+    def tokenizer_elsewhere(cls, config_dir: str, name: str, entry) -> str | None:
+        """A Qwen tokenizer the directory lacks: Z-Image-Turbo's in the hub cache; none is one line (the demo's CLIP
+        tokenizer would read other tokens)."""
+        from ...single_file import TOKENIZER_FILES
+
+        if not (isinstance(entry, list) and str(entry[-1]).startswith("Qwen")):
+            return None
+        cached = cached_turbo_dir()
+        if cached is not None and any((Path(cached) / name / file).exists() for file in TOKENIZER_FILES):
+            return str(Path(cached) / name)
+        raise UserError(f"no Qwen tokenizer in {named(str(Path(config_dir) / name))} and none in the hub cache; "
+                        f"huggingface-cli download {TURBO_REPO} --include 'tokenizer/*', or give model_config with one")
+
+    @classmethod
+    def load_single_file(cls, path: str, configs: str, dtype, tokenizers: dict, options: dict, component):
+        """The transformer through diffusers' own conversion; the text encoder, VAE and scheduler from ``configs``'
+        directory (model_config or the hub cache's)."""
+        parts = {"transformer": load_transformer(path, configs, dtype)}
+        for name in cls.components:
+            if name not in parts and name not in tokenizers:
+                parts[name] = component(name)
+        return cls.pipeline_class()(**parts, **tokenizers, **options)
+
+    # -- add-ons ---------------------------------------------------------------------------------------------------
+    @classmethod
+    def claims_lora(cls, header: dict) -> bool:
+        """Z-Image LoRAs name its transformer's blocks (:func:`.lora.is_zimage_lora`)."""
+        return is_zimage_lora(header)
+
     @classmethod
     def check_lora(cls, header: dict, spec, what: str) -> None:
-        raise UserError(f"{what}: Z-Image LoRAs are not supported yet; drop it")
+        """Family both ways, its factor pairs, the layers and widths it names (:func:`.lora.check_zimage_lora`)."""
+        check_zimage_lora(header, spec, what)
+
+    @classmethod
+    def claims_controlnet(cls, config: dict) -> bool:
+        return config.get("_class_name") == "ZImageControlNetModel"
 
     @classmethod
     def check_controlnet(cls, folder: str, config: dict, spec) -> None:
-        raise UserError(f"controlnet {folder}: a Z-Image ControlNet is not supported yet; drop it")
+        """Family both ways, widths, the layers it names (:func:`.controlnet.check_zimage_controlnet`)."""
+        check_zimage_controlnet(folder, config, spec)
 
     @staticmethod
     def controlnet_class():
@@ -158,9 +246,9 @@ class ZImage(Backbone):
         return ZImageControlNetModel
 
     def __init__(self, transformer, *, pipe=None, controlnet=None):
-        if controlnet is not None:
-            raise ValueError("a Z-Image ControlNet is not supported")
-        self.transformer, self.pipe, self.controlnet = transformer, pipe, None
+        # a ControlNet's own layers and embedder; the embedders and refiners it shares with the transformer
+        # (ZImageControlNetModel.from_transformer) are read from the transformer itself (control_hints)
+        self.transformer, self.pipe, self.controlnet = transformer, pipe, controlnet
         self.processor = install_regional_processor(transformer)  # stock attention unless a call binds regional
         self._lengths: tuple[StageContext, dict] | None = None  # (context, its prompts' token counts)
 
@@ -213,8 +301,9 @@ class ZImage(Backbone):
                 rects: np.ndarray, regional: RegionalAttention, control: torch.Tensor | None = None) -> torch.Tensor:
         """The velocity (the negated model output) of a batch (B, 16, h, w) of view latents, a CFG batch
         [uncond views; cond views] when ``regional.cfg``."""
-        if control is not None:
-            raise ValueError("a Z-Image ControlNet is not supported")
+        if (control is None) != (self.controlnet is None):
+            raise ValueError("a Z-Image ControlNet run needs control crops and a worker holding the ControlNet, or "
+                             "neither")
         if regional.token_maps is not None:
             raise ValueError("mask_mode='pixel' is not implemented for Z-Image; use mask_mode='view'")
         lengths = self.prompt_lengths(context)
@@ -228,18 +317,23 @@ class ZImage(Backbone):
         if regional.cfg:  # uncond rows: the negative prompt in every stream
             streams = [(torch.cat([context.negative_embeds.expand(count, -1, -1), embeds]),
                         [lengths["negative"]] * count + counts) for embeds, counts in streams]
-        ids = view_image_ids(rects, caption, context.positions)
+        ids = view_image_ids(rects, caption, context.family.positions)
         if regional.cfg:
             ids = torch.cat([ids, ids])
         screen = regional.global_bias(1, self.dtype, self.device)  # (B, 1, 1, G) or None
         t = torch.full((latents.shape[0],), float(timestep), dtype=torch.float32, device=self.device)
         t = (1000 - t) / 1000  # ZImagePipeline: the transformer is fed 1 - sigma
-        out = self.forward(latents, t, streams, caption, ids, screen, regional.lambda_global, regional.composer)
+        steer = {}  # no ControlNet: forward's own call (a subclass's forward may take no control)
+        if control is not None:  # each view's own crop, both CFG halves alike
+            cond = self.control_latents(control)
+            steer = {"control": (torch.cat([cond, cond]) if regional.cfg else cond, context.controlnet_scale)}
+        out = self.forward(latents, t, streams, caption, ids, screen, regional.lambda_global, regional.composer,
+                           **steer)
         return -out  # ZImagePipeline negates the output: the velocity noise - x0 the scheduler steps with
 
     def forward(self, latents: torch.Tensor, t: torch.Tensor, streams: list, caption: int, ids: torch.Tensor,
                 screen: torch.Tensor | None = None, lambda_global: float = 1.0, composer: str = "mix",
-                probe: list | None = None) -> torch.Tensor:
+                probe: list | None = None, control: tuple | None = None) -> torch.Tensor:
         """``ZImageTransformer2DModel.forward`` (basic mode) with each row's image at its own positions and up to two
         caption streams of ``caption`` tokens: the same modules and operations, so one stream whose captions pad to
         ``caption``, nothing screened and no probe is the stock forward's computation.
@@ -250,6 +344,8 @@ class ZImage(Backbone):
             streams (list of (embeds (B, L, D), token counts)): the global stream, then the regional one if any.
             caption (int): the stage's caption length (a multiple of 32); ids (B, padded patches, 3): image ids.
             screen (tensor (B, 1, 1, G), *optional*): the screen of the global stream's tokens, image queries only.
+            control ((latents (B, 16, h, w), scale), *optional*): the views' control latents for the ControlNet, whose
+                samples (:meth:`control_hints`) are added after the layers it names.
         """
         tr, device, dtype = self.transformer, self.device, self.dtype
         rows, (height, width) = latents.shape[0], latents.shape[-2:]
@@ -263,6 +359,7 @@ class ZImage(Backbone):
         pad = (torch.arange(image, device=device) >= count)[None, :, None].expand(rows, -1, 1)
         x = torch.where(pad.reshape(-1, 1), tr.x_pad_token, embedded).view(rows, image, -1)
         x_freqs = self.rope(ids.reshape(-1, 3)).view(rows, image, -1)
+        embedded_x = x
         for layer in tr.noise_refiner:
             x = layer(x, None, x_freqs, adaln)
         # captions: each stream through the context refiner on its own
@@ -275,6 +372,7 @@ class ZImage(Backbone):
             sequence.append(feats)
             freqs.append(cap_freqs)
             keep.append(kept)
+        first_stream = (sequence[:2], freqs[:2], keep[:2])  # [image; global caption]: what a ControlNet reads
         unified, unified_freqs, keep = torch.cat(sequence, dim=1), torch.cat(freqs, dim=1), torch.cat(keep, dim=1)
         regional = None
         if len(streams) > 1 or screen is not None or probe is not None or not bool(keep.all()):
@@ -284,11 +382,70 @@ class ZImage(Backbone):
                 key_bias = key_bias[:, None, None, :]
             regional = ZRegional(image, caption, caption if len(streams) > 1 else 0, key_bias,
                                  self.stage_screen(screen, caption), lambda_global, composer, probe)
+        hints = {}
+        if control is not None:  # on [image; global caption], as the ControlNet was trained (one caption)
+            hints = self.control_hints(control[0], control[1], embedded_x, *first_stream, adaln)
+            extra = unified.shape[1] - image - caption  # the regional stream: no sample of its own
+            hints = {i: torch.cat([h, h.new_zeros(rows, extra, h.shape[-1])], dim=1) if extra else h
+                     for i, h in hints.items()}
         with bound(self.processor, regional):
-            for layer in tr.layers:
+            for index, layer in enumerate(tr.layers):
                 unified = layer(unified, None, unified_freqs, adaln)
+                if index in hints:
+                    unified = unified + hints[index]
         unified = tr.all_final_layer[EMBEDDER](unified, c=adaln)
         return unpatchify(unified, height, width)
+
+    def control_latents(self, control: torch.Tensor) -> torch.Tensor:
+        """Z-Image ControlNets read the control image as VAE latents (ZImageControlNetPipeline): [0, 1] crops ->
+        [-1, 1] -> the posterior mean (the pipeline's ``argmax``) -> shifted and scaled."""
+        return encode_pixels(self.pipe.vae, control * 2 - 1).to(self.device, self.dtype)
+
+    def control_hints(self, latents: torch.Tensor, scale: float, embedded_x: torch.Tensor, sequence: list,
+                      freqs: list, keep: list, adaln: torch.Tensor) -> dict[int, torch.Tensor]:
+        """``ZImageControlNetModel.forward`` on the rows' own positions: layer index -> the (B, image + caption, dim)
+        sample added after that transformer layer, times ``scale``.
+
+        Args:
+            latents (tensor (B, 16, h, w)): the control latents (zero channels appended up to ``control_in_dim``).
+            embedded_x (tensor (B, image, dim)): the image tokens before the noise refiner.
+            sequence, freqs, keep (lists of two): the refined image tokens and the global caption stream, their
+                rotations and their kept keys ([image; caption] as the transformer's single-stream layers see it).
+        """
+        net, tr = self.controlnet, self.transformer
+        rows, image = embedded_x.shape[:2]
+        extra = net.config.control_in_dim - latents.shape[1]
+        if extra > 0:  # the 2.x models take 33 channels: the latents, then zeros (ZImageControlNetPipeline)
+            latents = torch.cat([latents, latents.new_zeros(rows, extra, *latents.shape[2:])], dim=1)
+        patches = patchify(latents.to(self.device, self.dtype))
+        count = patches.shape[1]
+        embedded = net.control_all_x_embedder[EMBEDDER](pad_rows(patches, image).reshape(rows * image, -1))
+        pad = (torch.arange(image, device=self.device) >= count)[None, :, None].expand(rows, -1, 1)
+        c = torch.where(pad.reshape(-1, 1), tr.x_pad_token, embedded).view(rows, image, -1)
+        x, x_freqs, x_keep = embedded_x, freqs[0], keep[0]
+        if net.add_control_noise_refiner is not None:  # 2.x: samples for the noise refiner too (its own copy of x)
+            layers = net.control_layers if net.add_control_noise_refiner == "control_layers" else \
+                net.control_noise_refiner
+            for layer in layers:
+                c = layer(c, x, x_keep, x_freqs, adaln)
+            *refiner_hints, c = torch.unbind(c)
+            refiner_hints = dict(zip(net.control_refiner_layers_places, refiner_hints))
+            for index, layer in enumerate(tr.noise_refiner):
+                x = layer(x, x_keep, x_freqs, adaln)
+                if index in refiner_hints:
+                    x = x + refiner_hints[index] * scale
+        else:
+            for layer in tr.noise_refiner:
+                x = layer(x, x_keep, x_freqs, adaln)
+            for layer in net.control_noise_refiner:
+                c = layer(c, x_keep, x_freqs, adaln)
+        caption, cap_keep = sequence[1], keep[1]
+        unified = torch.cat([x, caption], dim=1)
+        unified_keep, unified_freqs = torch.cat([x_keep, cap_keep], dim=1), torch.cat(freqs, dim=1)
+        c = torch.cat([c, caption], dim=1)
+        for layer in net.control_layers:
+            c = layer(c, unified, unified_keep, unified_freqs, adaln)
+        return {place: hint * scale for place, hint in zip(net.control_layers_places, torch.unbind(c)[:-1])}
 
     def rope(self, ids: torch.Tensor) -> torch.Tensor:
         """The transformer's rotations at ``ids`` by the formula (any position: past ``axes_lens`` too)."""
