@@ -210,10 +210,15 @@ def check_family_knobs(config: UpscaleConfig, spec=None) -> None:
 
 
 def model_parameters_of(config: UpscaleConfig) -> dict[str, int]:
-    """Parameters per component of the config's model (the demo's directory, a local one, else SDXL base's)."""
+    """Parameters per component of the config's model (the demo's directory, a local one, a family's published
+    repository's counts, else SDXL base's)."""
+    from .models.spec import published_facts
     from .models.weights import parameters_of
 
     path = config.model
+    published = published_facts(path)
+    if published is not None:
+        return dict(published[1]["parameters"])
     if path == "demo":
         from .models.demo_dir import demo_model_dir
 

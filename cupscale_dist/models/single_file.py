@@ -1,13 +1,15 @@
 """Single-file checkpoints (``--model finetune.safetensors``): A1111/ComfyUI files in the original Stability layout.
 
-The family is read from the file's keys alone (a safetensors header; a ``.ckpt`` is memory-mapped, not read), so
-the driver holds no weights. SDXL base, SD1.5 and Flux.1 (dev, schnell: :mod:`.flux_single_file`) files are
-accepted; an SDXL refiner, SD2, SD3 or anything else is refused in one line. Their diffusers configs ship with the
-package (``single_file_configs/sdxl``, ``/sd15``, ``/flux-dev``, ``/flux-schnell``: the published models' own
-values), so loading never touches the network; ``model_config`` names another diffusers config directory for a
-file of other shapes (and, for a transformer-only Flux file, holds its VAE and text encoders). The CLIP tokenizers
-are the demo model's files (CLIP's real 49,408-token vocabulary), used wherever a config directory has no tokenizer
-of its own; T5's comes from the config directory or the hub cache (:func:`.backbones.flux.header.t5_tokenizer_dir`).
+The family is read from the file's keys alone (a safetensors header; a ``.ckpt`` is memory-mapped, not read), so the
+driver holds no weights. SDXL base, SD1.5 and Flux.1 (dev, schnell: :mod:`.flux_single_file`) files and Z-Image
+transformer files (:mod:`.backbones.zimage.single_file`: their text encoder, tokenizer and VAE from ``model_config``
+or the hub cache) are accepted; an SDXL refiner, SD2, SD3 or anything else is refused in one line. Their diffusers
+configs ship with the package (``single_file_configs/sdxl``, ``/sd15``, ``/flux-dev``, ``/flux-schnell``: the
+published models' own values), so loading never touches the network; ``model_config`` names another diffusers config
+directory for a file of other shapes (and, for a transformer-only Flux file, holds its VAE and text encoders). The
+CLIP tokenizers are the demo model's files (CLIP's real 49,408-token vocabulary), used wherever a config directory
+has no tokenizer of its own; T5's comes from the config directory or the hub cache
+(:func:`.backbones.flux.header.t5_tokenizer_dir`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from .weightfiles import checkpoint_keys
 
 CONFIGS = Path(__file__).resolve().parent / "single_file_configs"  # {family}/model_index.json, unet/, vae/, ...
 SUFFIXES = (".safetensors", ".ckpt")
-SUPPORTED = "single files of SDXL, SD1.5 and Flux.1 are supported"
+SUPPORTED = "single files of SDXL, SD1.5 and Flux.1 are supported, and Z-Image transformer files"
 TOKENIZER_FILES = ("vocab.json", "tokenizer.json")  # either one makes a folder a tokenizer of its own
 
 
@@ -70,7 +72,13 @@ def checkpoint_kind(path: str | Path) -> str:
 
 
 def shipped_config(kind: str) -> str:
-    """The packaged diffusers config directory of ``kind`` (:func:`checkpoint_kind`; no weights)."""
+    """The packaged diffusers config directory of ``kind`` (:func:`checkpoint_kind`; no weights), or where the
+    kind's family finds its configs (Z-Image: the hub cache's pipeline,
+    :meth:`~cupscale_dist.models.backbones.base.Backbone.single_file_configs`)."""
+    for backbone in BACKBONES.values():
+        where = backbone.single_file_configs(kind)
+        if where is not None:
+            return where
     return str(CONFIGS / kind)
 
 

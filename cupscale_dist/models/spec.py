@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import UserError, shown
 from ..files.userfile import MAX_JSON_CONFIG_BYTES, check_regular_file, named, read_capped, read_json_object
-from .backbones import FAMILIES, FAMILY_COMPONENTS, backbone_class
+from .backbones import BACKBONES, FAMILIES, FAMILY_COMPONENTS, backbone_class
 from .demo_dir import demo_model_dir
 from .hub import is_hub_id, pipeline_components, resolve_model
 from .single_file import (
@@ -234,7 +234,8 @@ UNFETCHED_GEOMETRY = (8, 4)
 
 def model_geometry(model: str, model_config: str | None = None) -> tuple[int, int]:
     """(VAE factor, latent channels) of ``model`` from its VAE config, no weights read: the demo model, a local
-    directory, a single file's configs, a hub id already in the local cache; :data:`UNFETCHED_GEOMETRY` otherwise."""
+    directory, a single file's configs, a hub id already in the local cache, a family's published repository
+    (:func:`published_facts`); :data:`UNFETCHED_GEOMETRY` otherwise."""
     if model == "demo":
         model = str(demo_model_dir())
     path = Path(os.path.expanduser(model))
@@ -248,8 +249,17 @@ def model_geometry(model: str, model_config: str | None = None) -> tuple[int, in
         cached = try_to_load_from_cache(model, "vae/config.json") if is_hub_id(model) else None
         vae = Path(cached) if isinstance(cached, str) else path / "vae" / "config.json"
     if not vae.is_file():
-        return UNFETCHED_GEOMETRY
+        published = published_facts(model)
+        return published[1]["geometry"] if published else UNFETCHED_GEOMETRY
     return vae_geometry(vae.parent.parent, read_json(vae.parent.parent, "vae/config.json"))
+
+
+def published_facts(model: str) -> tuple[str, dict] | None:
+    """(family, facts) of a hub repository a family describes (:attr:`~.backbones.base.Backbone.published`: its
+    geometry and parameters, for a plan of a model not fetched yet); None for any other model."""
+    if Path(os.path.expanduser(model)).exists():
+        return None
+    return next(((b.family, b.published[model]) for b in BACKBONES.values() if model in b.published), None)
 
 
 def local_family(model: str, model_config: str | None = None) -> str | None:
@@ -269,7 +279,8 @@ def local_family(model: str, model_config: str | None = None) -> str | None:
 
     cached = try_to_load_from_cache(model, "model_index.json")
     if not isinstance(cached, str):
-        return None
+        published = published_facts(model)  # a family's repository: its knobs are checked before it is fetched
+        return published[0] if published else None
     class_name = read_json(Path(cached).parent, "model_index.json").get("_class_name")
     return FAMILIES.get(class_name) if isinstance(class_name, str) else None
 
