@@ -67,9 +67,8 @@ def check_zimage_lora(header: dict, spec, what: str) -> None:
         raise UserError(f"{what}: is a Z-Image LoRA (it names Z-Image transformer layers) and {spec.name} is an "
                         f"{spec.family} model; use a LoRA trained for this model's family")
     if zimage_model and not zimage_file:
-        raise UserError(f"{what}: names no Z-Image transformer layer (layers, noise_refiner, context_refiner: an "
-                        f"SD/SDXL UNet's or another model's LoRA) and {spec.name} is a Z-Image model; use a LoRA "
-                        "trained for Z-Image")
+        raise UserError(f"{what}: names no Z-Image transformer layer (another family's LoRA) and {spec.name} is a "
+                        "Z-Image model; use a LoRA trained for Z-Image")
     check_factor_pairs(header, what)
     layers = transformer_layers(spec.denoiser_config())
     for key, shape in converted_shapes(header, what).items():
