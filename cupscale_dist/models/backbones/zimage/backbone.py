@@ -32,6 +32,7 @@ from ....files.userfile import named
 from ....method.attention import RegionalAttention
 from ....method.step import StageContext
 from ....method.vae import encode_pixels, tile_to_tensor
+from ...weights import onload_device, onloaded
 from ..base import Backbone
 from .attention import ZRegional, bound, install_regional_processor
 from .controlnet import check_zimage_controlnet
@@ -254,7 +255,8 @@ class ZImage(Backbone):
 
     @property
     def device(self) -> torch.device:
-        return self.transformer.device
+        """Where the transformer computes: under weights=offload its blocks' onload device, not its parameters'."""
+        return onload_device(self.transformer) or self.transformer.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -331,9 +333,15 @@ class ZImage(Backbone):
                            **steer)
         return -out  # ZImagePipeline negates the output: the velocity noise - x0 the scheduler steps with
 
-    def forward(self, latents: torch.Tensor, t: torch.Tensor, streams: list, caption: int, ids: torch.Tensor,
-                screen: torch.Tensor | None = None, lambda_global: float = 1.0, composer: str = "mix",
-                probe: list | None = None, control: tuple | None = None) -> torch.Tensor:
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        """:meth:`run_layers` with the transformer's (and the ControlNet's) own forward hooks around it: under
+        weights=offload they onload what lies outside the blocks (embedders, pad tokens, final layer)."""
+        with onloaded(self.transformer), onloaded(self.controlnet):
+            return self.run_layers(*args, **kwargs)
+
+    def run_layers(self, latents: torch.Tensor, t: torch.Tensor, streams: list, caption: int, ids: torch.Tensor,
+                   screen: torch.Tensor | None = None, lambda_global: float = 1.0, composer: str = "mix",
+                   probe: list | None = None, control: tuple | None = None) -> torch.Tensor:
         """``ZImageTransformer2DModel.forward`` (basic mode) with each row's image at its own positions and up to two
         caption streams of ``caption`` tokens: the same modules and operations, so one stream whose captions pad to
         ``caption``, nothing screened and no probe is the stock forward's computation.

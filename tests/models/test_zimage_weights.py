@@ -1,0 +1,131 @@
+"""Z-Image with ``weights: fp8 | offload`` and ``compile: true`` (issue 36), on the tiny Z-Image, to the tolerances
+the SDXL/FLUX cases use (tests/method/test_cost.py): fp8 within PSNR 25 of full, compiled within 1e-3 of eager.
+
+Offload needs a GPU (it moves blocks between CPU memory and one); on CPU it is one line before any weights load, and
+the part that is Z-Image's own is checked here with diffusers' block-level group offloading onto the CPU: Z-Image's
+forward calls the transformer's parts itself (never ``transformer(...)``), so the hook diffusers puts on the
+transformer's own forward, which onloads what lies outside the blocks (embedders, pad tokens, final layer), must be
+run by the backbone (``models.weights.onloaded``), or on a GPU those would stay in CPU memory.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from helpers import small_config
+
+from cupscale_dist import UserError, upscale
+from cupscale_dist.execution.worker import ModelWorker
+from cupscale_dist.method.step import StageContext, predict_views
+from cupscale_dist.models.backbones.zimage.backbone import ZImage, ZImageStage
+from cupscale_dist.testing.tiny_zimage import MAX_SEQUENCE_LENGTH, build_tiny_zimage
+
+RECTS = np.array([[0, 0, 16, 16], [0, 8, 16, 24]])  # two overlapping views of a 16 x 24 latent
+
+
+@pytest.fixture(scope="module")
+def zimage_dir(tmp_path_factory):
+    return build_tiny_zimage(tmp_path_factory.mktemp("zimage"))
+
+
+@pytest.fixture(scope="module")
+def worker(zimage_dir):
+    return ModelWorker.load(str(zimage_dir), device="cpu", dtype="float32")
+
+
+def zimage_config(model_dir, **changes):
+    return small_config(str(model_dir), **{"steps": 3, "guidance_scale": 1.0, "lambda_global": 0.5,
+                                           "max_sequence_length": MAX_SEQUENCE_LENGTH, **changes})
+
+
+def step_context(backbone) -> StageContext:
+    """CFG (guidance 3), the composer at lambda 0.5 (a regional stream), global positions: every path of the step."""
+    embeds = torch.from_numpy(backbone.encode_prompts(["a cat on a house", "a red roof", "a dark night"],
+                                                      MAX_SEQUENCE_LENGTH)[0])
+    return StageContext(embeds[-1:], embeds[0:1], embeds[1:-1], np.zeros(len(RECTS), dtype=np.int64), None, None,
+                        (16, 24), 8, 3.0, 0.5, "mix", family=ZImageStage("global"))
+
+
+def windows() -> torch.Tensor:
+    return torch.randn(len(RECTS), 16, 16, 16, generator=torch.Generator().manual_seed(5))
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(10 * np.log10(255.0**2 / np.mean((a.astype(np.float64) - b) ** 2)))
+
+
+def test_fp8_stores_the_transformer_and_qwen3_in_fp8_and_keeps_the_picture(zimage_dir, worker, photo):
+    """weights=fp8: the transformer's and Qwen3's matmul weights are float8 in memory, norms and the token embedding
+    stay float32; the picture is close to the full-precision one (PSNR >= 25, as SDXL's) and not the same bytes."""
+    from cupscale_dist.models.weights import FP8
+
+    fp8_worker = ModelWorker(str(zimage_dir), device="cpu", dtype="float32", weights="fp8")
+    transformer, encoder = fp8_worker.pipe.transformer, fp8_worker.pipe.text_encoder
+    assert transformer.layers[0].attention.to_q.weight.dtype == FP8
+    assert transformer.layers[0].feed_forward.w1.weight.dtype == FP8
+    assert encoder.layers[0].mlp.up_proj.weight.dtype == FP8 and encoder.layers[0].self_attn.q_proj.weight.dtype == FP8
+    assert encoder.embed_tokens.weight.dtype == torch.float32 and encoder.norm.weight.dtype == torch.float32
+    fp8 = np.asarray(upscale(photo, zimage_config(zimage_dir, weights="fp8"), model=fp8_worker, progress=False))
+    full = np.asarray(upscale(photo, zimage_config(zimage_dir), model=worker, progress=False))
+    assert not np.array_equal(fp8, full) and psnr(fp8, full) >= 25
+
+
+def test_offload_of_a_zimage_without_a_gpu_is_one_line_before_any_weights_load(zimage_dir, monkeypatch):
+    from cupscale_dist import UpscaleConfig
+
+    with pytest.raises(UserError, match="weights=offload .* device=cpu has none"):
+        UpscaleConfig(model=str(zimage_dir), device="cpu", weights="offload")
+    monkeypatch.setattr("cupscale_dist.execution.worker.load_pipeline",
+                        lambda *a, **k: pytest.fail("weights loaded before the check"))
+    with pytest.raises(UserError, match="weights=offload .* this worker runs on cpu") as caught:
+        ModelWorker(str(zimage_dir), device="auto", dtype="float32", weights="offload")
+    assert "\n" not in str(caught.value)
+
+
+def test_group_offloading_onloads_every_group_of_the_zimage_transformer_and_keeps_the_bytes(worker, monkeypatch):
+    """Block-level group offloading (what weights=offload applies, without the CUDA stream) onto the CPU: every group
+    is onloaded during a step, the transformer's own (embedders, pad tokens, final layer: onloaded by the hook on its
+    forward, which Z-Image's forward runs itself) included, on every call; the predictions are the plain ones bit for
+    bit."""
+    from diffusers.hooks.group_offloading import ModuleGroup
+
+    transformer = copy.deepcopy(worker.pipe.transformer)
+    transformer.enable_group_offload(onload_device=torch.device("cpu"), offload_device="cpu",
+                                     offload_type="block_level", num_blocks_per_group=1, use_stream=False)
+    offloaded = ZImage(transformer, pipe=worker.pipe)
+    context = step_context(worker.backbone)
+    with torch.no_grad():
+        expected = predict_views(worker.backbone, windows(), 500, 0.5, context, [0, 1], RECTS)
+    onloaded = []
+    original = ModuleGroup.onload_
+    monkeypatch.setattr(ModuleGroup, "onload_", lambda group: onloaded.append(group.onload_leader) or original(group))
+    for _ in range(2):
+        onloaded.clear()
+        with torch.no_grad():
+            ours = predict_views(offloaded, windows(), 500, 0.5, context, [0, 1], RECTS)
+        assert any(leader is transformer for leader in onloaded)  # the parameters outside the blocks
+        blocks = [*transformer.noise_refiner, *transformer.context_refiner, *transformer.layers]
+        assert all(any(leader is block for leader in onloaded) for block in blocks)
+        assert torch.equal(ours, expected)
+
+
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="torch's inductor needs a C++ compiler on CPU (compile=true refuses to start without one)")
+def test_a_compiled_zimage_transformer_gives_the_eager_predictions_within_1e_3(worker):
+    """compile=true (regional compilation of the transformer's ZImageTransformerBlocks, inductor on CPU): a step's
+    predictions (CFG, the regional stream, the composer) within 1e-3 of eager; the blocks are compiled for real."""
+    from cupscale_dist.models.weights import compile_denoiser
+
+    transformer = copy.deepcopy(worker.pipe.transformer)
+    compile_denoiser(transformer)
+    compiled = [m for m in transformer.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    assert compiled and all(type(m).__name__ == "ZImageTransformerBlock" for m in compiled)
+    context = step_context(worker.backbone)
+    with torch.no_grad():
+        eager = predict_views(worker.backbone, windows(), 500, 0.5, context, [0, 1], RECTS)
+        ours = predict_views(ZImage(transformer, pipe=worker.pipe), windows(), 500, 0.5, context, [0, 1], RECTS)
+    assert (ours - eager).abs().max() <= 1e-3
