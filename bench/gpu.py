@@ -10,7 +10,11 @@ Sections, each timed and kept in the JSON even when a later one fails or the tim
 3. ``flux``: a FLUX.1-dev-sized transformer (11.9 B parameters, random weights, built on the GPU in bf16): s/view
    for 4 views of 1024 px, bare (stock processor) vs ``predict_views`` plain (per-view global positions), view
    masks and the lambda-mix composer, and the achieved TFLOP/s (``bench/flux_cost.py``'s ``transformer_rates``).
-4. ``upscale``: a real ``upscale()`` 1024 -> 2048 through Ray on that model, ``weights`` full / fp8 / offload and
+4. ``zimage``: a Z-Image-Turbo-sized transformer (ZImageTransformer2DModel, 6.15 B parameters, random weights, built
+   on the GPU in bf16): the same rows as ``flux`` for 4 views of 1024 px with a 128-token caption: s/view bare (the
+   stock forward and processor) vs ``predict_views`` plain / view masks / lambda-mix, the achieved TFLOP/s
+   (``bench/zimage_cost.py``'s count). ``--smoke-cpu`` runs it on the tiny Z-Image's transformer.
+5. ``upscale``: a real ``upscale()`` 1024 -> 2048 through Ray on that model, ``weights`` full / fp8 / offload and
    ``compile`` off / on, 1 actor (a whole GPU) and 2 actors sharing the GPU: seconds, each actor's peak GPU memory,
    and whether 1 and 2 actors gave identical bytes.
 """
@@ -18,6 +22,7 @@ Sections, each timed and kept in the JSON even when a later one fails or the tim
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -63,6 +68,98 @@ def flux_section(seed: int, device: str = "cuda") -> dict:
     config = {k: v for k, v in flux_transformer(seed, True).config.items() if not k.startswith("_")}
     return transformer_rates("cpu", torch.float32, config, views=2, view_latent=16, text_tokens=32, repeats=2,
                              warmup=1, seed=seed)
+
+
+def zimage_section(seed: int, device: str = "cuda") -> dict:
+    """Z-Image rows: the Z-Image-Turbo transformer on the GPU; on CPU (the smoke run) the tiny Z-Image's, figures
+    meaningless."""
+    import torch
+
+    if device == "cuda":
+        from zimage_cost import ZIMAGE_TURBO_TRANSFORMER  # bench/zimage_cost.py: the published config
+
+        return zimage_rates("cuda", torch.bfloat16, ZIMAGE_TURBO_TRANSFORMER, seed=seed)
+    from cupscale_dist.testing.tiny_zimage import zimage_transformer
+
+    config = {k: v for k, v in zimage_transformer(seed).config.items() if not k.startswith("_")}
+    return zimage_rates("cpu", torch.float32, config, views=2, view_latent=16, caption_tokens=32, repeats=2, warmup=1,
+                        seed=seed)
+
+
+def zimage_rates(device: str, dtype, config: dict, views: int = 4, view_latent: int = 128, caption_tokens: int = 128,
+                 repeats: int = 5, warmup: int = 2, seed: int = 0) -> dict:
+    """Seconds per view batch of a Z-Image transformer (random weights, built on ``device`` in ``dtype``), side by
+    side after warm-up, median of ``repeats``, as ``flux_cost.transformer_rates`` does for Flux: ``bare`` (diffusers'
+    forward and stock processor, every view at local positions, one caption of ``caption_tokens``), ``plain``
+    (``predict_views`` with lambda = 1, nothing screened: per-view global positions by the RoPE formula), ``masks``
+    (view masks screening half the caption's tokens), ``mix`` (lambda 0.5: a second caption stream) -> s/view, the
+    ratios to bare and the achieved TFLOP/s (FLOPs counted from the model, ``zimage_cost.flops_per_view``)."""
+    import statistics
+
+    import numpy as np
+    import torch
+    from diffusers import ZImageTransformer2DModel
+
+    from cupscale_dist.method.step import StageContext, predict_views
+    from cupscale_dist.method.views import make_views
+    from cupscale_dist.models.backbones.zimage.attention import install_regional_processor
+    from cupscale_dist.models.backbones.zimage.backbone import ZImage, ZImageStage
+    from zimage_cost import flops_per_view
+
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            transformer = ZImageTransformer2DModel(**config).eval()
+    finally:
+        torch.set_default_dtype(default)
+    channels, dim = config["in_channels"], config["cap_feat_dim"]
+    backbone = ZImage(transformer)  # no pipeline: the captions are given, not encoded
+    stock = type(transformer.noise_refiner[0].attention.processor)  # the refiners keep diffusers' processor
+    gen = torch.Generator().manual_seed(seed)
+    embeds = torch.randn(3, caption_tokens, dim, generator=gen)  # every row non-zero: all tokens real
+    side = view_latent * 2
+    rects = make_views(side, side, view_latent, view_latent // 2)[:views]
+    windows = torch.randn(views, channels, view_latent, view_latent, generator=gen)
+    allowed = np.ones((views, caption_tokens), dtype=bool)
+    allowed[:, 1 : caption_tokens // 2] = False
+    base = StageContext(embeds[2:3], embeds[0:1], embeds[1:2], np.zeros(views, dtype=np.int64), None, None,
+                        (side, side), 8, 1.0, 1.0, "mix", family=ZImageStage("global")).to(device, dtype)
+    cases = {"plain": base, "masks": dataclasses.replace(base, token_allowed=allowed),
+             "mix": dataclasses.replace(base, lambda_global=0.5)}
+    images = list(windows.to(device, dtype).unsqueeze(2).unbind(0))  # diffusers' (C, F=1, h, w) per view
+    captions = [base.global_embeds[0].to(device, dtype)] * views
+    t = torch.full((views,), 0.3, device=device, dtype=dtype)
+
+    def bare():  # the stock processor is installed around it, outside the timed region
+        transformer(images, t, captions, return_dict=False)
+
+    runs = {"bare": bare, **{name: (lambda c=context: predict_views(backbone, windows, 700.0, 1.0, c,
+                                                                    list(range(views)), rects))
+                             for name, context in cases.items()}}
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    with torch.no_grad():
+        for round_ in range(warmup + repeats):
+            for name, run in runs.items():  # round-robin: drift hits every case alike
+                if name == "bare":
+                    for layer in transformer.layers:
+                        layer.attention.set_processor(stock())
+                sync()
+                start = time.perf_counter()
+                run()
+                sync()
+                if round_ >= warmup:
+                    times[name].append(time.perf_counter() - start)
+                if name == "bare":
+                    backbone.processor = install_regional_processor(transformer)
+    per_view = {name: statistics.median(values) / views for name, values in times.items()}
+    flops = flops_per_view(transformer, caption_tokens, (view_latent // 2) ** 2)["tflop_per_view"]
+    return {"device": device, "views_per_call": views, "caption_tokens": caption_tokens,
+            "parameters": sum(p.numel() for p in transformer.parameters()), "s_per_view": per_view,
+            "vs_bare": {name: per_view[name] / per_view["bare"] for name in per_view},
+            "achieved_tflops_bare": flops / per_view["bare"]}
 
 
 def upscale_section(model: Path | str, deadline: float, device: str = "cuda") -> dict:
@@ -151,13 +248,16 @@ def main() -> None:
 
     if args.smoke_cpu:
         section("flux", lambda: flux_section(args.seed, device="cpu"))
+        section("zimage", lambda: zimage_section(args.seed, device="cpu"))
         section("upscale", lambda: upscale_section("demo", deadline, device="cpu"))
     elif not torch.cuda.is_available():
         result["error"] = "no CUDA GPU visible"
     else:
         section("unet", lambda: unet_section(args.seed))
         section("flux", lambda: flux_section(args.seed))
-        torch.cuda.empty_cache()  # the 24 GB transformer goes before the SDXL model is built
+        torch.cuda.empty_cache()  # the 24 GB transformer goes before the next one is built
+        section("zimage", lambda: zimage_section(args.seed))
+        torch.cuda.empty_cache()  # and the 12 GB one before the SDXL model
         with tempfile.TemporaryDirectory() as tmp:
             from cupscale_dist.testing.fullsize import build_full_size
 
