@@ -1,8 +1,8 @@
 """Z-Image through everything around the method (issue 36), as tests/services/test_flux_services.py and
 tests/models/test_flux_pipeline.py do for FLUX.1: 3 Ray actors, one of them SIGKILLed mid-denoise, a checkpoint
 resumed on another owner count, Ray Data batch (a worker per image and tile-parallel) and the HTTP service; each
-gives the in-process reference's (or the CLI's) bytes. Ray Jobs: the FLUX tests run none on a real head; `cupscale
-submit` ships the same CLI argv whatever the family (tests/services/test_jobs.py)."""
+gives the in-process reference's (or the CLI's) bytes. Ray Jobs are not run here, as for FLUX (no FLUX test submits
+to a real head; tests/services/test_jobs.py does it with SDXL)."""
 
 from __future__ import annotations
 
@@ -121,7 +121,8 @@ def test_the_service_upscales_with_zimage_and_gives_the_clis_bytes(local_ray, zi
     from cupscale_dist.services.serve import ServiceOptions, deploy
 
     source, out = tmp_path / "in.png", tmp_path / "cli.png"
-    source.write_bytes(png_bytes())
+    picture = png_bytes(size=(128, 96))  # several views at several offsets (64x48 is one view at the origin)
+    source.write_bytes(picture)
     assert main(cli_argv(zimage_dir, source, out)) == 0
     config = UpscaleConfig(model=zimage_dir, device="cpu", dtype="float32", scale=2, torch_threads=1,
                            max_sequence_length=MAX_SEQUENCE_LENGTH)
@@ -132,7 +133,7 @@ def test_the_service_upscales_with_zimage_and_gives_the_clis_bytes(local_ray, zi
     deploy(options, "127.0.0.1", port)
     try:
         client = ServiceClient.over_http(f"http://127.0.0.1:{port}", token)
-        answer = client.submit(png_bytes(), seed="3", source=str(source), tile="16", stride="8", steps="2")
+        answer = client.submit(picture, seed="3", source=str(source), tile="16", stride="8", steps="2")
         assert answer.status_code == 202, answer.text
         record = client.wait(answer.json()["id"])
         assert record["status"] == "succeeded", record
