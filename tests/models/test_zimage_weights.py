@@ -6,11 +6,14 @@ the part that is Z-Image's own is checked here with diffusers' block-level group
 forward calls the transformer's parts itself (never ``transformer(...)``), so the hook diffusers puts on the
 transformer's own forward, which onloads what lies outside the blocks (embedders, pad tokens, final layer), must be
 run by the backbone (``models.weights.onloaded``), or on a GPU those would stay in CPU memory.
+
+Also ``cupscale caption --tiles`` with a Z-Image model and the tiny VLM (the views of Z-Image's plan, each captioned).
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 
 import numpy as np
@@ -129,3 +132,32 @@ def test_a_compiled_zimage_transformer_gives_the_eager_predictions_within_1e_3(w
         eager = predict_views(worker.backbone, windows(), 500, 0.5, context, [0, 1], RECTS)
         ours = predict_views(ZImage(transformer, pipe=worker.pipe), windows(), 500, 0.5, context, [0, 1], RECTS)
     assert (ours - eager).abs().max() <= 1e-3
+
+
+def test_caption_tiles_with_a_zimage_model_gives_the_zimage_plans_views_each_with_its_vlm_caption(
+        local_ray, zimage_dir, photo, tiny_vlm, tmp_path, capsys):
+    """``cupscale caption --tiles --model <Z-Image>``: the views of the plan Z-Image's upscale makes (its geometry:
+    factor 8, the same boxes ``check_inputs`` plans), every one with the tiny VLM's caption of its own crop, in the
+    format ``--regional-prompts`` reads (a Z-Image upscale with the file runs)."""
+    from cupscale_dist.cli.main import main
+    from cupscale_dist.plan import check_inputs
+
+    image = tmp_path / "in.png"
+    photo.save(image)
+    vlm = ["--set", "captioner=transformers", "--set", f"captioner_model={tiny_vlm}", "--set",
+           "captioner_dtype=float32", "--set", "captioner_gpus=0"]
+    common = ["--model", str(zimage_dir), "--scale", "2", "--tile", "16", "--stride", "8", "--prompt", "a cat"]
+    assert main(["caption", str(image), "--tiles", *common, *vlm]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    plan = check_inputs(photo.size, zimage_config(zimage_dir))
+    assert [s["size"] for s in printed["stages"]] == [list(s.size) for s in plan.stages]
+    views = printed["stages"][0]["views"]
+    assert plan.vae_scale_factor == 8  # FLUX.1's VAE
+    assert [v["box"] for v in views] == [[int(left) * 8, int(top) * 8, int(right) * 8, int(bottom) * 8]
+                                         for top, left, bottom, right in plan.stages[0].views]  # PIL's crop order
+    captions = [v["prompt"] for v in views]
+    assert all(isinstance(c, str) and c.strip() for c in captions) and len(set(captions)) > 1
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(printed))
+    out = upscale(photo, zimage_config(zimage_dir, prompt="a cat", regional_prompts=str(prompts)), progress=False)
+    assert out.size == (photo.width * 2, photo.height * 2)
