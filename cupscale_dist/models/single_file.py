@@ -20,14 +20,13 @@ from pathlib import Path
 from ..errors import UserError
 from ..files.userfile import read_json_object
 from .backbones import BACKBONES
-from .backbones.base import UnsupportedFile, has_prefix
+from .backbones.base import TOKENIZER_FILES, UnsupportedFile, has_prefix
 from .demo_dir import demo_model_dir
 from .weightfiles import checkpoint_keys
 
 CONFIGS = Path(__file__).resolve().parent / "single_file_configs"  # {family}/model_index.json, unet/, vae/, ...
 SUFFIXES = (".safetensors", ".ckpt")
 SUPPORTED = "single files of SDXL, SD1.5 and Flux.1 are supported, and Z-Image transformer files"
-TOKENIZER_FILES = ("vocab.json", "tokenizer.json")  # either one makes a folder a tokenizer of its own
 
 
 def is_single_file(model: str | Path) -> bool:

@@ -5,7 +5,7 @@ Offload needs a GPU (it moves blocks between CPU memory and one); on CPU it is o
 the part that is Z-Image's own is checked here with diffusers' block-level group offloading onto the CPU: Z-Image's
 forward calls the transformer's parts itself (never ``transformer(...)``), so the hook diffusers puts on the
 transformer's own forward, which onloads what lies outside the blocks (embedders, pad tokens, final layer), must be
-run by the backbone (``models.weights.onloaded``), or on a GPU those would stay in CPU memory.
+run by the backbone (``models.offload_hooks.onloaded``), or on a GPU those would stay in CPU memory.
 
 Also ``cupscale caption --tiles`` with a Z-Image model and the tiny VLM (the views of Z-Image's plan, each captioned).
 """

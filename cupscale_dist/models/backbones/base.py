@@ -30,6 +30,8 @@ from ...method.step import StageContext
 from ...method.vae import encode_pixels, tile_to_tensor
 from .unet_addons import check_unet_controlnet, check_unet_lora
 
+TOKENIZER_FILES = ("vocab.json", "tokenizer.json")  # either one makes a folder a tokenizer of its own
+
 
 class UnsupportedFile(Exception):  # noqa: N818 - not an error of ours: the caller words it (a UserError)
     """A single file of a family this project cannot run (``what``: 'SDXL inpainting (9 input channels)')."""

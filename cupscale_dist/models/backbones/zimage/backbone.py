@@ -32,8 +32,8 @@ from ....files.userfile import named
 from ....method.attention import RegionalAttention
 from ....method.step import StageContext
 from ....method.vae import encode_pixels, tile_to_tensor
-from ...weights import onload_device, onloaded
-from ..base import Backbone
+from ...offload_hooks import onload_device, onloaded
+from ..base import TOKENIZER_FILES, Backbone
 from .attention import ZRegional, bound, install_regional_processor
 from .controlnet import check_zimage_controlnet
 from .lora import check_zimage_lora, is_zimage_lora
@@ -200,7 +200,6 @@ class ZImage(Backbone):
     def tokenizer_elsewhere(cls, config_dir: str, name: str, entry) -> str | None:
         """A Qwen tokenizer the directory lacks: Z-Image-Turbo's in the hub cache; none is one line (the demo's CLIP
         tokenizer would read other tokens)."""
-        from ...single_file import TOKENIZER_FILES
 
         if not (isinstance(entry, list) and str(entry[-1]).startswith("Qwen")):
             return None
