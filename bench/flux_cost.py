@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np
 import torch
 
-from common import load_average, rounded
+from common import load_average, random_model, regional_rates, rounded
 
 # black-forest-labs/FLUX.1-dev transformer/config.json
 FLUX_DEV_TRANSFORMER = {"patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38,
@@ -224,19 +224,12 @@ def transformer_rates(device: str = "cuda", dtype=torch.bfloat16, config: dict =
     from diffusers import FluxTransformer2DModel
     from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
-    from cupscale_dist.method.step import StageContext, predict_views
+    from cupscale_dist.method.step import StageContext
     from cupscale_dist.method.views import make_views
     from cupscale_dist.models.backbones.flux.backbone import Flux, FluxStage, image_ids, pack_latents
     from cupscale_dist.models.backbones.flux.joint_attention import install_joint_processors
 
-    torch.manual_seed(seed)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            transformer = FluxTransformer2DModel(**config).eval()
-    finally:
-        torch.set_default_dtype(default)
+    transformer = random_model(FluxTransformer2DModel, config, device, dtype, seed)
     channels, dim = config["in_channels"] // 4, config["joint_attention_dim"]
     backbone = Flux(transformer, pipe=SimpleNamespace(tokenizer_2=SimpleNamespace(model_max_length=text_tokens)))
     gen = torch.Generator().manual_seed(seed)
@@ -250,8 +243,6 @@ def transformer_rates(device: str = "cuda", dtype=torch.bfloat16, config: dict =
     flux = FluxStage(pooled[2:3], pooled[0:1], pooled[1:2], "global", "global", 3.5)
     base = StageContext(embeds[2:3], embeds[0:1], embeds[1:2], np.zeros(views, dtype=np.int64), None, None,
                         (side, side), 8, 1.0, 1.0, "mix", family=flux).to(device, dtype)
-    cases = {"plain": base, "masks": dataclasses_replace(base, token_allowed=allowed),
-             "mix": dataclasses_replace(base, lambda_global=0.5)}
     guidance = torch.full((views,), 3.5, device=device) if config.get("guidance_embeds") else None
     packed = pack_latents(windows).to(device, dtype)
 
@@ -262,32 +253,12 @@ def transformer_rates(device: str = "cuda", dtype=torch.bfloat16, config: dict =
                     txt_ids=torch.zeros(text_tokens, 3, device=device),
                     img_ids=image_ids(rects[:1], "local")[0].to(device), return_dict=False)
 
-    runs = {"bare": bare, **{name: (lambda c=context: predict_views(backbone, windows, 700.0, 1.0, c,
-                                                                    list(range(views)), rects))
-                             for name, context in cases.items()}}
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    with torch.no_grad():
-        for round_ in range(warmup + repeats):
-            for name, run in runs.items():  # round-robin: drift hits every case alike
-                if name == "bare":
-                    transformer.set_attn_processor(FluxAttnProcessor())
-                sync()
-                start = time.perf_counter()
-                run()
-                sync()
-                if round_ >= warmup:
-                    times[name].append(time.perf_counter() - start)
-                if name == "bare":
-                    install_joint_processors(transformer)
-    per_view = {name: statistics.median(values) / views for name, values in times.items()}
+    def use_stock():
+        transformer.set_attn_processor(FluxAttnProcessor())
+
+    per_view = regional_rates(backbone, windows, rects, base, allowed, bare, use_stock,
+                              lambda: install_joint_processors(transformer), device, warmup, repeats)
     flops = flops_per_view(config, (view_latent // 2) ** 2, text_tokens)["tflop_per_view"]
     return {"device": device, "views_per_call": views, "s_per_view": per_view,
             "vs_bare": {name: per_view[name] / per_view["bare"] for name in per_view},
             "achieved_tflops_bare": flops / per_view["bare"]}
-
-
-def dataclasses_replace(context, **changes):
-    import dataclasses
-
-    return dataclasses.replace(context, **changes)

@@ -22,7 +22,6 @@ Sections, each timed and kept in the JSON even when a later one fails or the tim
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -33,7 +32,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import log, rounded  # noqa: E402
+from common import log, random_model, regional_rates, rounded  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET_S = 450  # the issue's 8 minutes, less the interpreter's and the wheels' start
@@ -94,26 +93,18 @@ def zimage_rates(device: str, dtype, config: dict, views: int = 4, view_latent: 
     (``predict_views`` with lambda = 1, nothing screened: per-view global positions by the RoPE formula), ``masks``
     (view masks screening half the caption's tokens), ``mix`` (lambda 0.5: a second caption stream) -> s/view, the
     ratios to bare and the achieved TFLOP/s (FLOPs counted from the model, ``zimage_cost.flops_per_view``)."""
-    import statistics
 
     import numpy as np
     import torch
     from diffusers import ZImageTransformer2DModel
 
-    from cupscale_dist.method.step import StageContext, predict_views
+    from cupscale_dist.method.step import StageContext
     from cupscale_dist.method.views import make_views
     from cupscale_dist.models.backbones.zimage.attention import install_regional_processor
     from cupscale_dist.models.backbones.zimage.backbone import ZImage, ZImageStage
     from zimage_cost import flops_per_view
 
-    torch.manual_seed(seed)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            transformer = ZImageTransformer2DModel(**config).eval()
-    finally:
-        torch.set_default_dtype(default)
+    transformer = random_model(ZImageTransformer2DModel, config, device, dtype, seed)
     channels, dim = config["in_channels"], config["cap_feat_dim"]
     backbone = ZImage(transformer)  # no pipeline: the captions are given, not encoded
     stock = type(transformer.noise_refiner[0].attention.processor)  # the refiners keep diffusers' processor
@@ -126,8 +117,6 @@ def zimage_rates(device: str, dtype, config: dict, views: int = 4, view_latent: 
     allowed[:, 1 : caption_tokens // 2] = False
     base = StageContext(embeds[2:3], embeds[0:1], embeds[1:2], np.zeros(views, dtype=np.int64), None, None,
                         (side, side), 8, 1.0, 1.0, "mix", family=ZImageStage("global")).to(device, dtype)
-    cases = {"plain": base, "masks": dataclasses.replace(base, token_allowed=allowed),
-             "mix": dataclasses.replace(base, lambda_global=0.5)}
     images = list(windows.to(device, dtype).unsqueeze(2).unbind(0))  # diffusers' (C, F=1, h, w) per view
     captions = [base.global_embeds[0].to(device, dtype)] * views
     t = torch.full((views,), 0.3, device=device, dtype=dtype)
@@ -135,26 +124,15 @@ def zimage_rates(device: str, dtype, config: dict, views: int = 4, view_latent: 
     def bare():  # the stock processor is installed around it, outside the timed region
         transformer(images, t, captions, return_dict=False)
 
-    runs = {"bare": bare, **{name: (lambda c=context: predict_views(backbone, windows, 700.0, 1.0, c,
-                                                                    list(range(views)), rects))
-                             for name, context in cases.items()}}
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    with torch.no_grad():
-        for round_ in range(warmup + repeats):
-            for name, run in runs.items():  # round-robin: drift hits every case alike
-                if name == "bare":
-                    for layer in transformer.layers:
-                        layer.attention.set_processor(stock())
-                sync()
-                start = time.perf_counter()
-                run()
-                sync()
-                if round_ >= warmup:
-                    times[name].append(time.perf_counter() - start)
-                if name == "bare":
-                    backbone.processor = install_regional_processor(transformer)
-    per_view = {name: statistics.median(values) / views for name, values in times.items()}
+    def use_stock():
+        for layer in transformer.layers:
+            layer.attention.set_processor(stock())
+
+    def use_regional():
+        backbone.processor = install_regional_processor(transformer)
+
+    per_view = regional_rates(backbone, windows, rects, base, allowed, bare, use_stock, use_regional, device,
+                              warmup, repeats)
     flops = flops_per_view(transformer, caption_tokens, (view_latent // 2) ** 2)["tflop_per_view"]
     return {"device": device, "views_per_call": views, "caption_tokens": caption_tokens,
             "parameters": sum(p.numel() for p in transformer.parameters()), "s_per_view": per_view,
