@@ -37,3 +37,32 @@ def check_factor_pairs(header: dict, what: str) -> None:
             raise UserError(f"{what}: the factors of layer {shown(layer)} do not fit together (down {shown(down, 30)}, "
                             f"up {shown(up, 30)}); "
                             "the file is damaged: export the LoRA again")
+
+
+def linear_layers(model_class, config: dict) -> dict[str, tuple[int, int] | None]:
+    """Module path -> (in, out) features of every layer of the ``model_class`` that ``config`` describes (built on
+    the meta device: no weights); None for a module that is not a Linear."""
+    import torch
+
+    with torch.device("meta"):
+        model = model_class.from_config(config)
+    return {name: ((module.in_features, module.out_features) if isinstance(module, torch.nn.Linear) else None)
+            for name, module in model.named_modules() if name}
+
+
+def check_layer_widths(factors, layers: dict, spec, what: str, kind: str) -> None:
+    """One line for a LoRA factor (``factors``: (module path, factor name, shape) in diffusers' naming) of a layer
+    the model lacks (``layers``: :func:`linear_layers`), or whose width is not the layer's (``kind``: the family's
+    name in the refusal, 'Flux')."""
+    for module, factor, shape in factors:
+        if module not in layers:
+            raise UserError(f"{what}: names a transformer layer {spec.name} does not have ({shown(module)}); "
+                            "use a LoRA trained for this model")
+        widths = layers[module]
+        if widths is None or len(shape) < 2:
+            continue
+        down = factor in DOWN_FACTORS
+        have, want = (shape[1], widths[0]) if down else (shape[0], widths[1])
+        if have != want:
+            raise UserError(f"{what}: its layer {shown(module)} has {have} {'inputs' if down else 'outputs'}, "
+                            f"{spec.name}'s has {want}; the LoRA was trained for a {kind} model of other sizes")

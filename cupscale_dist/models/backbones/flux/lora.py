@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import re
 
-from ....errors import UserError, shown
-from ...lora_keys import DOWN_FACTORS, FACTOR
+from ....errors import UserError
+from ...lora_keys import FACTOR, check_layer_widths, linear_layers
 
 # diffusers/peft keys name FluxTransformer2DModel's modules (a Z-Image LoRA's 'transformer.layers.' are not Flux's)
 FLUX_KEY = re.compile(r"^(transformer\.(transformer_blocks|single_transformer_blocks|x_embedder|context_embedder|"
@@ -33,13 +33,9 @@ def is_flux_lora(header: dict) -> bool:
 
 def transformer_layers(config: dict) -> dict[str, tuple[int, int] | None]:
     """Module path -> (in, out) features of every layer of the Flux transformer ``config`` describes."""
-    import torch
     from diffusers import FluxTransformer2DModel
 
-    with torch.device("meta"):
-        model = FluxTransformer2DModel.from_config(config)
-    return {name: ((module.in_features, module.out_features) if isinstance(module, torch.nn.Linear) else None)
-            for name, module in model.named_modules() if name}
+    return linear_layers(FluxTransformer2DModel, config)
 
 
 def check_flux_lora(header: dict, spec, what: str) -> None:
@@ -59,18 +55,7 @@ def check_flux_lora(header: dict, spec, what: str) -> None:
             raise UserError(f"{what}: names {found[1]}_blocks {found[2][:12]}, and {spec.name} has {count} of them; "
                             "use a LoRA trained for this model")
     layers = transformer_layers(config)
-    for key, shape in header.items():
-        found, factor = PEFT_TRANSFORMER_MODULE.match(key), FACTOR.search(key)
-        if not found or not factor:
-            continue  # kohya/BFL names: diffusers converts them while loading
-        if found[1] not in layers:
-            raise UserError(f"{what}: names a transformer layer {spec.name} does not have ({shown(found[1])}); "
-                            "use a LoRA trained for this model")
-        widths = layers[found[1]]
-        if widths is None or len(shape) < 2:
-            continue
-        down = factor[1] in DOWN_FACTORS
-        have, want = (shape[1], widths[0]) if down else (shape[0], widths[1])
-        if have != want:
-            raise UserError(f"{what}: its layer {shown(found[1])} has {have} {'inputs' if down else 'outputs'}, "
-                            f"{spec.name}'s has {want}; the LoRA was trained for a Flux model of other sizes")
+    # kohya/BFL names (no peft module path): diffusers converts them while loading
+    factors = ((found[1], factor[1], shape) for key, shape in header.items()
+               if (found := PEFT_TRANSFORMER_MODULE.match(key)) and (factor := FACTOR.search(key)))
+    check_layer_widths(factors, layers, spec, what, "Flux")

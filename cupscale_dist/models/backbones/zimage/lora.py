@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 
 from ....errors import UserError, shown
-from ...lora_keys import DOWN_FACTORS, check_factor_pairs
+from ...lora_keys import check_factor_pairs, check_layer_widths, linear_layers
 
 # A Z-Image block in any of the key layouts above (the transformer's own module names, any separator)
 ZIMAGE_KEY = re.compile(r"^(transformer\.|diffusion_model\.|lora_unet_)"
@@ -33,13 +33,9 @@ def is_zimage_lora(header: dict) -> bool:
 
 def transformer_layers(config: dict) -> dict[str, tuple[int, int] | None]:
     """Module path -> (in, out) features of every layer of the Z-Image transformer ``config`` describes."""
-    import torch
     from diffusers import ZImageTransformer2DModel
 
-    with torch.device("meta"):
-        model = ZImageTransformer2DModel.from_config(config)
-    return {name: ((module.in_features, module.out_features) if isinstance(module, torch.nn.Linear) else None)
-            for name, module in model.named_modules() if name}
+    return linear_layers(ZImageTransformer2DModel, config)
 
 
 def converted_shapes(header: dict, what: str) -> dict[str, tuple[int, ...]]:
@@ -71,19 +67,7 @@ def check_zimage_lora(header: dict, spec, what: str) -> None:
                         "Z-Image model; use a LoRA trained for Z-Image")
     check_factor_pairs(header, what)
     layers = transformer_layers(spec.denoiser_config())
-    for key, shape in converted_shapes(header, what).items():
-        found = PEFT_MODULE.match(key)
-        if not found:
-            continue
-        if found[1] not in layers:
-            raise UserError(f"{what}: names a transformer layer {spec.name} does not have ({shown(found[1])}); use a "
-                            "LoRA trained for this model")
-        widths = layers[found[1]]
-        if widths is None or len(shape) < 2:
-            continue
-        down = found[2] in DOWN_FACTORS
-        have, want = (shape[1], widths[0]) if down else (shape[0], widths[1])
-        if have != want:
-            raise UserError(f"{what}: its layer {shown(found[1])} has {have} {'inputs' if down else 'outputs'}, "
-                            f"{spec.name}'s has {want}; the LoRA was trained for a Z-Image model of other sizes")
+    factors = ((found[1], found[2], shape) for key, shape in converted_shapes(header, what).items()
+               if (found := PEFT_MODULE.match(key)))
+    check_layer_widths(factors, layers, spec, what, "Z-Image")
 
