@@ -80,7 +80,7 @@ def test_sound_flux_files_still_pass_the_header_checks(tiny_flux, tmp_path):
         assert ModelSpec.read(str(path), model_config=tiny_flux["dir"]).family == "flux"
 
 
-def test_flux_loras_with_integer_weights_or_blocks_the_model_lacks_are_refused(tiny_flux, tmp_path):
+def test_flux_loras_with_integer_weights_blocks_layers_or_widths_the_model_lacks_are_refused(tiny_flux, tmp_path):
     from safetensors.torch import save_file
 
     from cupscale_dist.models.lora import check_lora
@@ -94,6 +94,12 @@ def test_flux_loras_with_integer_weights_or_blocks_the_model_lacks_are_refused(t
         "block-5": ({**lora, f"{kohya}.lora_down.weight": torch.zeros(4, 32),
                      f"{kohya}.lora_up.weight": torch.zeros(96, 4)},
                     "names double_blocks 5, and"),
+        # peft names: a layer the transformer lacks, and a layer of other widths (its down factor's inputs)
+        "layer": ({**lora, "transformer.single_transformer_blocks.0.attn.to_z.lora_A.weight": torch.zeros(4, 32),
+                   "transformer.single_transformer_blocks.0.attn.to_z.lora_B.weight": torch.zeros(32, 4)},
+                  "names a transformer layer"),
+        "width": ({**lora, "transformer.single_transformer_blocks.0.attn.to_k.lora_A.weight": torch.zeros(4, 48)},
+                  "has 48 inputs"),
     }
     for name, (state, words) in cases.items():
         save_file(state, str(tmp_path / f"{name}.safetensors"))
