@@ -40,6 +40,14 @@ def sd15_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def zimage_dir(tmp_path_factory) -> str:
+    """The tiny seeded Z-Image-Turbo (cupscale_dist.testing.tiny_zimage), built once per test process."""
+    from cupscale_dist.testing.tiny_zimage import build_tiny_zimage
+
+    return str(build_tiny_zimage(tmp_path_factory.mktemp("tiny-zimage")))
+
+
+@pytest.fixture(scope="session")
 def tiny_vlm(tmp_path_factory) -> str:
     """The tiny seeded Idefics3 captioner (cupscale_dist.testing.vlm), built once per test process."""
     from cupscale_dist.testing.vlm import build_tiny_vlm

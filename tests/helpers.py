@@ -70,6 +70,15 @@ RUN = ["--tile", "16", "--stride", "8", "--steps", "4", "--device", "cpu", "--dt
        "--set", "torch_threads=1", "--actors", "0"]
 
 
+def zimage_config(model_dir, **changes):
+    """The tiny Z-Image's fast config: Turbo's one pass per view (guidance 1), the composer on (lambda 0.5), view
+    masks from the probe."""
+    from cupscale_dist.testing.tiny_zimage import MAX_SEQUENCE_LENGTH
+
+    return small_config(str(model_dir), **{"steps": 3, "guidance_scale": 1.0, "lambda_global": 0.5,
+                                           "max_sequence_length": MAX_SEQUENCE_LENGTH, **changes})
+
+
 def cli(capsys, *argv: str) -> tuple[int, str, str]:
     """Run ``main(argv)`` like the console script does: (exit code, stdout, stderr)."""
     from cupscale_dist.cli.main import main

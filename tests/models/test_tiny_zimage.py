@@ -39,11 +39,6 @@ LONG_PROMPT = ("a high resolution photo of a mountain landscape with snow and tr
 
 
 @pytest.fixture(scope="module")
-def zimage_dir(tmp_path_factory) -> Path:
-    return build_tiny_zimage(tmp_path_factory.mktemp("tiny-zimage"))
-
-
-@pytest.fixture(scope="module")
 def pipe(zimage_dir):
     from diffusers import ZImagePipeline
 
@@ -71,10 +66,10 @@ def test_the_build_is_seeded_deterministic_and_loads_offline(zimage_dir, tmp_pat
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
     from transformers import Qwen2Tokenizer, Qwen3Model
 
-    assert digests(build_tiny_zimage(tmp_path / "again")) == digests(zimage_dir)  # same seed, same bytes
+    assert digests(build_tiny_zimage(tmp_path / "again")) == digests(Path(zimage_dir))  # same seed, same bytes
     other = digests(build_tiny_zimage(tmp_path / "seed1", seed=1))
     assert other["transformer/diffusion_pytorch_model.safetensors"] != \
-        digests(zimage_dir)["transformer/diffusion_pytorch_model.safetensors"]
+        digests(Path(zimage_dir))["transformer/diffusion_pytorch_model.safetensors"]
     assert isinstance(pipe.transformer, ZImageTransformer2DModel) and isinstance(pipe.text_encoder, Qwen3Model)
     assert isinstance(pipe.tokenizer, Qwen2Tokenizer) and isinstance(pipe.vae, AutoencoderKL)
     assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)

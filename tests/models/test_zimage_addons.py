@@ -9,12 +9,7 @@ from helpers import as_bytes, refused_line, small_config
 from cupscale_dist import UserError, upscale
 from cupscale_dist.models.lora import check_lora
 from cupscale_dist.models.spec import ModelSpec
-from cupscale_dist.testing.tiny_zimage import MAX_SEQUENCE_LENGTH, build_tiny_zimage, build_tiny_zimage_lora
-
-
-@pytest.fixture(scope="module")
-def zimage_dir(tmp_path_factory):
-    return build_tiny_zimage(tmp_path_factory.mktemp("zimage"))
+from cupscale_dist.testing.tiny_zimage import MAX_SEQUENCE_LENGTH, build_tiny_zimage_lora
 
 
 @pytest.fixture(scope="module")

@@ -8,28 +8,16 @@ import json
 
 import numpy as np
 import pytest
-from helpers import as_bytes, small_config
+from helpers import as_bytes, zimage_config
 
 from cupscale_dist import UserError, upscale
 from cupscale_dist.execution.worker import ModelWorker
 from cupscale_dist.models.spec import ModelSpec
-from cupscale_dist.testing.tiny_zimage import MAX_SEQUENCE_LENGTH, build_tiny_zimage
-
-
-@pytest.fixture(scope="module")
-def zimage_dir(tmp_path_factory):
-    return build_tiny_zimage(tmp_path_factory.mktemp("zimage"))
 
 
 @pytest.fixture(scope="module")
 def worker(zimage_dir):
     return ModelWorker.load(str(zimage_dir), device="cpu", dtype="float32")
-
-
-def zimage_config(model_dir, **changes):
-    """Turbo's one pass per view (guidance 1), the composer on (lambda 0.5), view masks from the probe."""
-    return small_config(str(model_dir), **{"steps": 3, "guidance_scale": 1.0, "lambda_global": 0.5,
-                                           "max_sequence_length": MAX_SEQUENCE_LENGTH, **changes})
 
 
 def test_zimage_spec_reads_the_transformer_qwen_tokenizer_and_the_fixed_shift(zimage_dir):

@@ -19,30 +19,20 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import small_config
+from helpers import zimage_config
 
 from cupscale_dist import UserError, upscale
 from cupscale_dist.execution.worker import ModelWorker
 from cupscale_dist.method.step import StageContext, predict_views
 from cupscale_dist.models.backbones.zimage.backbone import ZImage, ZImageStage
-from cupscale_dist.testing.tiny_zimage import MAX_SEQUENCE_LENGTH, build_tiny_zimage
+from cupscale_dist.testing.tiny_zimage import MAX_SEQUENCE_LENGTH
 
 RECTS = np.array([[0, 0, 16, 16], [0, 8, 16, 24]])  # two overlapping views of a 16 x 24 latent
 
 
 @pytest.fixture(scope="module")
-def zimage_dir(tmp_path_factory):
-    return build_tiny_zimage(tmp_path_factory.mktemp("zimage"))
-
-
-@pytest.fixture(scope="module")
 def worker(zimage_dir):
     return ModelWorker.load(str(zimage_dir), device="cpu", dtype="float32")
-
-
-def zimage_config(model_dir, **changes):
-    return small_config(str(model_dir), **{"steps": 3, "guidance_scale": 1.0, "lambda_global": 0.5,
-                                           "max_sequence_length": MAX_SEQUENCE_LENGTH, **changes})
 
 
 def step_context(backbone) -> StageContext:

@@ -17,17 +17,12 @@ from PIL import Image
 from cupscale_dist import upscale
 from cupscale_dist.cli.main import main
 from cupscale_dist.execution.raycluster import ClusterOptions
-from cupscale_dist.testing.tiny_zimage import MAX_SEQUENCE_LENGTH, build_tiny_zimage
+from cupscale_dist.testing.tiny_zimage import MAX_SEQUENCE_LENGTH
 
 ray = pytest.importorskip("ray")
 
 # Turbo's one pass per view (guidance 1), the composer on (lambda 0.5), view masks from the probe
 FAST = dict(steps=3, guidance_scale=1.0, lambda_global=0.5, max_sequence_length=MAX_SEQUENCE_LENGTH)
-
-
-@pytest.fixture(scope="module")
-def zimage_dir(tmp_path_factory):
-    return str(build_tiny_zimage(tmp_path_factory.mktemp("zimage")))
 
 
 def zimage_config(model_dir, **changes):
