@@ -114,10 +114,14 @@ class Plan:
 
     def weights_estimate(self) -> dict:
         """GB of weights each model worker holds on its device, in the chosen mode and the others."""
+        from .models.backbones import backbone_class
+        from .models.spec import local_family
         from .models.weights import weights_gb
 
         parameters = model_parameters_of(self.config)  # headers read here only: a batch's per-item checks skip it
-        modes = {mode: weights_gb(parameters, mode, self.config.dtype) for mode in ("full", "fp8", "offload")}
+        family = local_family(self.config.model, self.config.model_config)  # None: not here (SDXL's rule)
+        backbone = backbone_class(family) if family is not None else None
+        modes = {mode: weights_gb(parameters, mode, self.config.dtype, backbone) for mode in ("full", "fp8", "offload")}
         return {"weights": self.config.weights, "est_weights_gb_per_actor": modes[self.config.weights],
                 "est_weights_gb_per_actor_by_mode": modes}
 

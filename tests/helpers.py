@@ -584,3 +584,45 @@ class Interrupted(Exception):
 # -- service limits --------------------------------------------------------------------------------------------------
 MAX_BODY = 2**20
 INFLIGHT = MAX_BODY + MAX_BODY // 2  # one largest body and small ones fit; two largest do not
+
+
+# -- weights=offload: what diffusers' group offloading keeps on the GPU (models.weights.weights_gb) ----------------
+def parameter_count(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def block_groups(model) -> tuple[list[int], int]:
+    """Parameters of each group diffusers' block-level offloading (one block per group) makes of ``model``, in the
+    model's order: each block of its ModuleList / Sequential children; and of the rest, one group onloaded for the
+    model's whole forward (``offload_group_sizes`` checks this against diffusers' own hooks)."""
+    import torch
+
+    lists = [child for child in model.children() if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential))]
+    blocks = [parameter_count(block) for child in lists for block in child]
+    return blocks, parameter_count(model) - sum(blocks)
+
+
+def resident_share(model) -> float:
+    """The share of ``model``'s parameters block-level offloading with a stream keeps on the GPU at most: the largest
+    two consecutive groups (one computing, the next prefetched) and the rest."""
+    blocks, rest = block_groups(model)
+    return (max(a + b for a, b in zip(blocks, blocks[1:])) + rest) / parameter_count(model)
+
+
+def largest_leaf(model) -> int:
+    """Parameters of ``model``'s largest leaf module: what leaf-level offloading keeps on the GPU at most."""
+    return max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules() if not any(m.children()))
+
+
+def offload_group_sizes(model) -> list[int]:
+    """Parameters of each group diffusers' group-offloading hooks on ``model`` (applied) onload, sorted."""
+    from cupscale_dist.models.offload_hooks import offload_hooks
+
+    groups = {id(hook.group): hook.group for module in model.modules() for hook in offload_hooks(module)
+              if getattr(hook, "group", None) is not None}
+    sizes = []
+    for group in groups.values():
+        parameters = {id(p): p for module in group.modules for p in module.parameters()}
+        parameters.update({id(p): p for p in group.parameters or ()})
+        sizes.append(sum(p.numel() for p in parameters.values()))
+    return sorted(sizes)

@@ -27,6 +27,7 @@ import torch
 from ..config import UpscaleConfig
 from ..errors import UserError
 from ..models.addons import Addons, addon_request
+from ..models.backbones import backbone_class
 from ..models.spec import ModelSpec
 from ..models.weights import parameters_of, worker_memory_gb
 from .actorgroup import HEALTH_POLL_S, ActorGroup, NotPlaced, NotReady
@@ -67,7 +68,8 @@ class WorkerPool:
         fraction = memory_fraction(self.num_gpus) if device == "cuda" else None
         # Each weights mode's footprint: the GPU share must hold the device part (checked on the actor, which knows
         # its GPU's size), the node's memory the host part (a Ray `memory` reservation).
-        device_gb, host_gb = worker_memory_gb(parameters_of(spec.path), config.weights, config.dtype, device)
+        device_gb, host_gb = worker_memory_gb(parameters_of(spec.path), config.weights, config.dtype, device,
+                                              backbone_class(spec.family))
         self.load = WorkerLoad(model_dir=spec.path, model=spec.name, device=device, dtype=config.dtype,
                                variant=config.variant, torch_threads=threads, memory_fraction=fraction, addons=addons,
                                model_config=spec.model_config, weights=config.weights, compile=config.compile,

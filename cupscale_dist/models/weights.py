@@ -94,9 +94,6 @@ def compile_denoiser(unet) -> None:
 # not on this machine yet (a hub id not fetched).
 SDXL_PARAMETERS = {"unet": 2_567_463_684, "text_encoder": 123_060_480, "text_encoder_2": 694_659_841,
                    "vae": 83_653_863}
-# Group offloading keeps one UNet block group on the GPU (plus the next one prefetched on the stream): SDXL's largest
-# up block holds about a fifth of the UNet, so two of them bound what is resident; the VAE stays whole.
-OFFLOAD_RESIDENT_UNET = 0.4
 STORED_BYTES = {"float32": 4, "fp32": 4}  # else 2 (bf16/fp16: what 'auto' picks on a GPU)
 
 
@@ -138,15 +135,17 @@ def file_parameters(path: Path) -> int:
         return path.stat().st_size // 2
 
 
-def worker_memory_gb(parameters: dict[str, int], mode: str, dtype: str, device_type: str) -> tuple[float, float]:
+def worker_memory_gb(parameters: dict[str, int], mode: str, dtype: str, device_type: str,
+                     backbone=None) -> tuple[float, float]:
     """(device GB, host GB) of one worker's weights: what its GPU share must hold, and what placement reserves of
-    its node's memory (Ray's ``memory`` resource): all of it on CPU, the offloaded blocks with ``offload``."""
+    its node's memory (Ray's ``memory`` resource): all of it on CPU, the offloaded blocks with ``offload``.
+    ``backbone``: the model's family class (:func:`weights_gb`)."""
     if dtype == "auto":  # what models.loading.resolve_dtype picks
         dtype = "bfloat16" if device_type == "cuda" else "float32"
-    held = weights_gb(parameters, mode, dtype)
+    held = weights_gb(parameters, mode, dtype, backbone)
     if device_type != "cuda":
         return 0.0, held
-    return held, weights_gb(parameters, "full", dtype) if mode == "offload" else 0.0
+    return held, weights_gb(parameters, "full", dtype, backbone) if mode == "offload" else 0.0
 
 
 def check_fits_share(device_gb: float, fraction: float | None, total_bytes: int, mode: str) -> None:
@@ -158,14 +157,20 @@ def check_fits_share(device_gb: float, fraction: float | None, total_bytes: int,
                         f"GB; use {smaller}, a larger --gpus-per-actor, or a smaller captioner_gpus")
 
 
-def weights_gb(parameters: dict[str, int], mode: str, dtype: str) -> float:
-    """GB of weights one worker holds on its device in ``mode`` (activations come on top, per view batch)."""
+def weights_gb(parameters: dict[str, int], mode: str, dtype: str, backbone=None) -> float:
+    """GB of weights one worker holds on its device in ``mode`` (activations come on top, per view batch);
+    ``backbone``: the model's family class, whose ``offload_resident`` says what weights=offload keeps on the GPU
+    (None: the base class's, SDXL's rule, for a model whose family is not known here)."""
+    if backbone is None:
+        from .backbones.base import Backbone
+
+        backbone = Backbone
     width = STORED_BYTES.get(dtype, 2)
     unet, encoders = parameters["unet"], parameters["text_encoder"] + parameters["text_encoder_2"]
     if mode == "fp8":  # one byte per stored weight
         held = unet + encoders
-    elif mode == "offload":  # resident block groups; leaf level: one encoder layer at a time (of ~32)
-        held = (unet * OFFLOAD_RESIDENT_UNET + parameters["text_encoder_2"] / 8) * width
+    elif mode == "offload":  # resident block groups and the largest encoder leaf
+        held = sum(parameters[name] * share for name, share in backbone.offload_resident.items()) * width
     else:
         held = (unet + encoders) * width
     return round((held + parameters["vae"] * width) / 1e9, 2)

@@ -1,7 +1,8 @@
 """Single-file Flux checkpoints (issue 22): BFL's transformer file, ComfyUI's diffusion-model and all-in-one files.
 Each loads every weight of the diffusers directory it was written from; Ray actors give the in-process bytes; our
 transformer conversion equals diffusers' own at FLUX.1's width; every file that cannot load is refused in one line
-from its header, before any model loads."""
+from its header, before any model loads. Also the weights each mode is estimated to hold for FLUX.1-dev
+(``models.weights.weights_gb``), from its shipped configs."""
 
 from __future__ import annotations
 
@@ -10,20 +11,33 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import RUN, as_bytes, assert_one_error_line, cli, small_config
+from helpers import (
+    RUN,
+    as_bytes,
+    assert_one_error_line,
+    block_groups,
+    cli,
+    largest_leaf,
+    offload_group_sizes,
+    parameter_count,
+    resident_share,
+    small_config,
+)
 
 from cupscale_dist import UserError, upscale
 from cupscale_dist.execution.worker import ModelWorker
+from cupscale_dist.models.backbones.flux.backbone import Flux
 from cupscale_dist.models.backbones.flux.header import flux_layout
 from cupscale_dist.models.backbones.flux.single_file import transformer_state
 from cupscale_dist.models.single_file import checkpoint_kind, shipped_config
 from cupscale_dist.models.spec import ModelSpec
+from cupscale_dist.models.weights import weights_gb
 from cupscale_dist.testing.single_file import (
     bfl_transformer_state,
     copy_configs,
     save_flux_single_file,
 )
-from cupscale_dist.testing.tiny_flux import build_tiny_flux
+from cupscale_dist.testing.tiny_flux import build_tiny_flux, flux_transformer
 
 LAYOUTS = ("bfl", "comfy", "comfy-all-in-one")
 
@@ -149,6 +163,81 @@ def test_shipped_flux_configs_are_the_published_models():
             model = FluxTransformer2DModel.from_config(config)
         guidance_embedder = 256 * 3072 + 3072 * 3072 + 2 * 3072  # schnell has none
         assert sum(p.numel() for p in model.parameters()) == 11_901_408_320 - (0 if guidance else guidance_embedder)
+
+
+# -- the weights estimate of each mode (models.weights.weights_gb: --dry-run, a worker's GPU share check) -------------
+# FLUX.1-dev's published parameter counts, in models.weights' names (its shipped configs built on the meta device)
+FLUX_DEV = {"unet": 11_901_408_320, "text_encoder": 123_060_480, "text_encoder_2": 4_762_310_656, "vae": 83_819_683}
+
+
+def test_flux_weights_estimates_follow_its_published_parameter_counts():
+    """FLUX.1-dev in bf16 (dtype auto on a GPU): full, every parameter at 2 bytes; fp8, the transformer's and both
+    encoders' at one; offload, two of the transformer's 340 M double-stream blocks and the 64 M outside its block
+    lists, T5's 132 M token embedding (leaf level; CLIP's leaves are smaller) and the VAE: 1.92 GB, not SDXL's rule
+    (40 % of the denoiser and an eighth of T5: 10.88 GB)."""
+    transformer, clip, t5, vae = FLUX_DEV.values()
+    estimate = {mode: weights_gb(FLUX_DEV, mode, "bfloat16", Flux) for mode in ("full", "fp8", "offload")}
+    assert estimate["full"] == round((transformer + clip + t5 + vae) * 2 / 1e9, 2) == 33.74
+    assert estimate["fp8"] == round((transformer + clip + t5 + vae * 2) / 1e9, 2) == 16.95
+    assert estimate["offload"] == round((2 * 339_831_296 + 64_124_992 + 131_596_288 + vae) * 2 / 1e9, 2) == 1.92
+    assert estimate["offload"] < estimate["fp8"] < estimate["full"]
+    assert weights_gb(FLUX_DEV, "offload", "bfloat16") == 10.88  # the rule of a model whose family is not known
+
+
+def test_flux_offload_shares_are_what_group_offloading_keeps_of_the_published_models():
+    """``Flux.offload_resident`` from FLUX.1-dev's shipped configs built on the meta device: the transformer's largest
+    two consecutive block groups and the rest (block level, a stream), T5's largest leaf (leaf level, the encoders
+    one after the other: T5's is the larger). Checked against diffusers' own hooks on the same classes, tiny."""
+    from diffusers import FluxTransformer2DModel
+    from diffusers.hooks import apply_group_offloading
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    configs = shipped_config("flux-dev")
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel.from_config(FluxTransformer2DModel.load_config(configs,
+                                                                                            subfolder="transformer"))
+        clip = CLIPTextModel(CLIPTextConfig.from_pretrained(configs, subfolder="text_encoder"))
+        t5 = T5EncoderModel(T5Config.from_pretrained(configs, subfolder="text_encoder_2"))
+    assert [parameter_count(m) for m in (transformer, clip, t5)] == [FLUX_DEV[name] for name in
+                                                                     ("unet", "text_encoder", "text_encoder_2")]
+    assert largest_leaf(t5) > largest_leaf(clip)
+    shares = {"unet": resident_share(transformer), "text_encoder_2": largest_leaf(t5) / FLUX_DEV["text_encoder_2"]}
+    assert dict(Flux.offload_resident) == pytest.approx(shares, rel=1e-12)
+    tiny = flux_transformer(0, guidance_embeds=True, num_layers=2, num_single_layers=2)
+    blocks, rest = block_groups(tiny)
+    tiny.enable_group_offload(onload_device=torch.device("cpu"), offload_device="cpu", offload_type="block_level",
+                              num_blocks_per_group=1, use_stream=False)
+    assert offload_group_sizes(tiny) == sorted([*blocks, rest])
+    tiny_t5 = T5EncoderModel(T5Config(vocab_size=96, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_heads=2))
+    apply_group_offloading(tiny_t5, onload_device=torch.device("cpu"), offload_type="leaf_level")
+    assert offload_group_sizes(tiny_t5)[-1] == largest_leaf(tiny_t5) == 96 * 16  # the token embedding
+
+
+def test_the_dry_run_estimates_a_flux_directory_by_the_flux_rule(tmp_path, capsys):
+    """``--dry-run`` of a FLUX.1-dev directory (its configs, weight files of the published counts: headers only, all
+    a plan reads) estimates each mode as FLUX.1's, from the family its model_index.json names."""
+    import json
+    import struct
+
+    from PIL import Image
+
+    from cupscale_dist.cli.main import main
+
+    model = tmp_path / "FLUX.1-dev"
+    shutil.copytree(shipped_config("flux-dev"), model)
+    files = {"unet": "transformer/diffusion_pytorch_model", "text_encoder": "text_encoder/model",
+             "text_encoder_2": "text_encoder_2/model", "vae": "vae/diffusion_pytorch_model"}
+    for name, stem in files.items():
+        header = json.dumps({"weight": {"dtype": "BF16", "shape": [FLUX_DEV[name]],
+                                        "data_offsets": [0, 2 * FLUX_DEV[name]]}}).encode()
+        (model / f"{stem}.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    Image.new("RGB", (1024, 1024), (120, 80, 40)).save(tmp_path / "in.png")
+    assert main(["upscale", str(tmp_path / "in.png"), "-o", str(tmp_path / "out.png"), "--config", "flux-4k",
+                 "--model", str(model), "--dry-run"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["est_weights_gb_per_actor_by_mode"] == {mode: weights_gb(FLUX_DEV, mode, "bfloat16", Flux)
+                                                        for mode in ("full", "fp8", "offload")}
+    assert plan["est_weights_gb_per_actor_by_mode"]["offload"] == 1.92
 
 
 @pytest.fixture

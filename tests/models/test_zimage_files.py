@@ -65,6 +65,8 @@ def test_zimage_presets_load_pass_the_family_check_and_plan_as_z_image(preset, s
     # Z-Image-Turbo: 6.15 B transformer + 4.02 B Qwen3-4B + 84 M VAE parameters, in bf16 (dtype auto on a GPU)
     assert plan["est_weights_gb_per_actor_by_mode"]["full"] == pytest.approx(20.52, abs=0.01)
     assert plan["est_weights_gb_per_actor_by_mode"]["fp8"] == pytest.approx(10.35, abs=0.01)
+    # offload: Z-Image's resident groups (ZImage.offload_resident), not SDXL's rule (5.09)
+    assert plan["est_weights_gb_per_actor_by_mode"]["offload"] == pytest.approx(1.67, abs=0.01)
 
 
 def test_the_dry_run_checks_z_image_knobs_before_the_model_is_fetched(hub_cache):

@@ -7,7 +7,8 @@ forward calls the transformer's parts itself (never ``transformer(...)``), so th
 transformer's own forward, which onloads what lies outside the blocks (embedders, pad tokens, final layer), must be
 run by the backbone (``models.offload_hooks.onloaded``), or on a GPU those would stay in CPU memory.
 
-Also ``cupscale caption --tiles`` with a Z-Image model and the tiny VLM (the views of Z-Image's plan, each captioned).
+Also ``cupscale caption --tiles`` with a Z-Image model and the tiny VLM (the views of Z-Image's plan, each captioned),
+and the weights each mode is estimated to hold (``models.weights.weights_gb``) for Z-Image-Turbo's published counts.
 """
 
 from __future__ import annotations
@@ -19,13 +20,21 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import zimage_config
+from helpers import (
+    block_groups,
+    largest_leaf,
+    offload_group_sizes,
+    parameter_count,
+    resident_share,
+    zimage_config,
+)
 
 from cupscale_dist import UserError, upscale
 from cupscale_dist.execution.worker import ModelWorker
 from cupscale_dist.method.step import StageContext, predict_views
 from cupscale_dist.models.backbones.zimage.backbone import ZImage, ZImageStage
-from cupscale_dist.testing.tiny_zimage import MAX_SEQUENCE_LENGTH
+from cupscale_dist.models.weights import weights_gb
+from cupscale_dist.testing.tiny_zimage import MAX_SEQUENCE_LENGTH, zimage_transformer
 
 RECTS = np.array([[0, 0, 16, 16], [0, 8, 16, 24]])  # two overlapping views of a 16 x 24 latent
 
@@ -151,3 +160,61 @@ def test_caption_tiles_with_a_zimage_model_gives_the_zimage_plans_views_each_wit
     prompts.write_text(json.dumps(printed))
     out = upscale(photo, zimage_config(zimage_dir, prompt="a cat", regional_prompts=str(prompts)), progress=False)
     assert out.size == (photo.width * 2, photo.height * 2)
+
+
+# -- the weights estimate of each mode (models.weights.weights_gb: --dry-run, a worker's GPU share check) -------------
+TURBO = "Tongyi-MAI/Z-Image-Turbo"
+# Turbo's published transformer/config.json and text_encoder/config.json (Qwen3-4B, loaded as Qwen3Model: no LM head),
+# as bench/zimage_cost.py builds them on the meta device (docs/zimage-notes.md: sources)
+TURBO_TRANSFORMER = {"all_patch_size": [2], "all_f_patch_size": [1], "in_channels": 16, "dim": 3840, "n_layers": 30,
+                     "n_refiner_layers": 2, "n_heads": 30, "n_kv_heads": 30, "norm_eps": 1e-5, "qk_norm": True,
+                     "cap_feat_dim": 2560, "rope_theta": 256.0, "t_scale": 1000.0, "axes_dims": [32, 48, 48],
+                     "axes_lens": [1536, 512, 512]}
+QWEN3_4B = {"vocab_size": 151936, "hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36,
+            "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "tie_word_embeddings": True}
+
+
+def test_zimage_weights_estimates_follow_its_published_parameter_counts():
+    """Turbo in bf16 (dtype auto on a GPU): full, every parameter at 2 bytes; fp8, the transformer's and Qwen3's at
+    one; offload, two of the transformer's 181 M layers and the 2 M outside its block lists, Qwen3's 389 M token
+    embedding (leaf level) and the VAE: 1.67 GB, not SDXL's rule (40 % of the denoiser: 5.09 GB)."""
+    counts = ZImage.published[TURBO]["parameters"]
+    transformer, qwen3, vae = counts["unet"], counts["text_encoder"], counts["vae"]
+    estimate = {mode: weights_gb(counts, mode, "bfloat16", ZImage) for mode in ("full", "fp8", "offload")}
+    assert estimate["full"] == round((transformer + qwen3 + vae) * 2 / 1e9, 2) == 20.52
+    assert estimate["fp8"] == round((transformer + qwen3 + vae * 2) / 1e9, 2) == 10.35
+    assert estimate["offload"] == round((2 * 180_910_336 + 2_015_552 + 388_956_160 + vae) * 2 / 1e9, 2) == 1.67
+    assert estimate["offload"] < estimate["fp8"] < estimate["full"]
+    assert weights_gb(counts, "offload", "bfloat16") == 5.09  # the rule of a model whose family is not known
+
+
+def test_zimage_offload_shares_are_what_group_offloading_keeps_of_the_published_models():
+    """``ZImage.offload_resident`` from Turbo's published configs built on the meta device: the transformer's largest
+    two consecutive block groups and the rest (block level, a stream), Qwen3's largest leaf (leaf level)."""
+    from diffusers import ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    with torch.device("meta"):
+        transformer, qwen3 = ZImageTransformer2DModel(**TURBO_TRANSFORMER), Qwen3Model(Qwen3Config(**QWEN3_4B))
+    counts = ZImage.published[TURBO]["parameters"]
+    assert (parameter_count(transformer), parameter_count(qwen3)) == (counts["unet"], counts["text_encoder"])
+    shares = {"unet": resident_share(transformer), "text_encoder": largest_leaf(qwen3) / counts["text_encoder"]}
+    assert dict(ZImage.offload_resident) == pytest.approx(shares, rel=1e-12)
+
+
+def test_the_groups_counted_are_the_ones_diffusers_group_offloading_makes_of_zimage():
+    """What the shares count (helpers.block_groups, largest_leaf) against diffusers' own hooks on the same classes,
+    tiny: block level (weights=offload's transformer), one group per block of its lists and one for the rest; leaf
+    level (its text encoder), one per leaf."""
+    from diffusers.hooks import apply_group_offloading
+    from transformers import Qwen3Config, Qwen3Model
+
+    transformer = zimage_transformer(0)
+    blocks, rest = block_groups(transformer)
+    transformer.enable_group_offload(onload_device=torch.device("cpu"), offload_device="cpu",
+                                     offload_type="block_level", num_blocks_per_group=1, use_stream=False)
+    assert offload_group_sizes(transformer) == sorted([*blocks, rest])
+    qwen3 = Qwen3Model(Qwen3Config(vocab_size=96, hidden_size=16, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8))
+    apply_group_offloading(qwen3, onload_device=torch.device("cpu"), offload_type="leaf_level")
+    assert offload_group_sizes(qwen3)[-1] == largest_leaf(qwen3) == 96 * 16  # the token embedding

@@ -82,6 +82,13 @@ class Backbone(ABC):
     # Hub repositories of the family a plan may describe before their files are here (a preset's ``--dry-run``):
     # repo id -> {"geometry": (VAE factor, latent channels), "parameters": per component, models.weights' names}
     published: Mapping[str, dict] = MappingProxyType({})
+    # What a worker keeps on its GPU under weights=offload (models.weights.weights_gb): the resident fraction of each
+    # component's parameters, in models.weights' names ('unet': the denoiser, a DiT's transformer too; the VAE is
+    # never offloaded). The denoiser is offloaded at block level: one block group computing, the next prefetched on
+    # the stream, and what lies outside its block lists; the text encoders at leaf level, one after the other: the
+    # largest leaf of either. SDXL's, the default: its largest up block holds about a fifth of the UNet, so two of
+    # them bound it; of text_encoder_2 (OpenCLIP bigG) an eighth, above its largest leaf (the token embedding, 9 %).
+    offload_resident: Mapping[str, float] = MappingProxyType({"unet": 0.4, "text_encoder_2": 1 / 8})
 
     @staticmethod
     @abstractmethod

@@ -106,6 +106,11 @@ class ZImage(Backbone):
     published = MappingProxyType({"Tongyi-MAI/Z-Image-Turbo": {
         "geometry": (8, 16),
         "parameters": {"unet": 6_154_908_736, "text_encoder": 4_022_468_096, "text_encoder_2": 0, "vae": 83_819_683}}})
+    # weights=offload (Backbone.offload_resident), on Turbo's published configs: of the transformer's 6.15 B
+    # parameters, two 181 M layers (the 30 layers and 2 + 2 refiners are its block lists; the caption embedder, a
+    # Sequential, gives two small ones) and the 2 M outside them; Qwen3 at leaf level: its 389 M token embedding
+    offload_resident = MappingProxyType({"unet": (2 * 180_910_336 + 2_015_552) / 6_154_908_736,
+                                         "text_encoder": 388_956_160 / 4_022_468_096})
 
     @staticmethod
     def pipeline_class():
