@@ -12,14 +12,18 @@ import io
 import json
 import os
 import resource
+import secrets
+import shutil
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import types
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -557,6 +561,64 @@ def refused_run(capsys, ws: Path, tmp_path: Path, *extra: str) -> str:
     assert len(line) < 300, f"{len(line)}-character error line: {line[:200]}..."
     assert took < QUICK_S, f"refused after {took:.1f} s"
     return line
+
+
+# -- a real Ray head (`cupscale submit` / `cupscale jobs`) -----------------------------------------------------------
+def base_env(**changes: str) -> dict[str, str]:
+    """This interpreter's bin first on PATH (the `ray` CLI), no inherited cluster address or auth settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_API_SERVER", "RAY_AUTH"))}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", HF_HUB_OFFLINE="1",
+               RAY_DISABLE_USAGE_STATS="1", PYTHONUNBUFFERED="1")
+    env.update(changes)
+    return env
+
+
+def run_cupscale(*args, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
+    """``python -m cupscale_dist.cli ARGS`` to its end, its output captured as text."""
+    return subprocess.run([sys.executable, "-m", "cupscale_dist.cli", *map(str, args)], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@dataclass
+class Head:
+    address: str  # the job server (dashboard)
+    env: dict[str, str]  # a client environment holding the right token
+    gcs: str  # what `--address` of upscale/batch takes
+    temp_dir: Path
+    token_file: Path
+
+
+@contextlib.contextmanager
+def local_head():
+    """A real head: `ray start --head` on 127.0.0.1 (token auth, its own temp dir, dashboard = job server), stopped
+    on exit (a module fixture's body: tests/services/test_jobs.py, test_zimage_services.py)."""
+    # short: Ray's socket paths must fit 107 bytes (a pytest-xdist worker's tmp path is longer than plain pytest's)
+    root = Path(tempfile.mkdtemp(prefix="cupscale-head-", dir="/tmp"))
+    token_file = root / "token"
+    token_file.write_text(secrets.token_hex(16))
+    token_file.chmod(0o644)  # as a plain `echo > file` leaves it: the script must take the others' access away
+    env = base_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))  # never touches ~/.ray
+    dashboard, gcs_port = free_port(), free_port()
+    temp_dir = root / "ray"
+    started = subprocess.run(["bash", str(START_HEAD), str(temp_dir)], capture_output=True, text=True, timeout=180,
+                             env={**env, "RAY_PORT": str(gcs_port), "DASHBOARD_PORT": str(dashboard),
+                                  "NUM_CPUS": "2"})
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        address = f"http://127.0.0.1:{dashboard}"
+        deadline = time.time() + 60  # the job agent registers a moment after `ray start` returns
+        while run_cupscale("jobs", "list", "--address", address, env=env).returncode != 0 and time.time() < deadline:
+            time.sleep(1)
+        yield Head(address, env, f"127.0.0.1:{gcs_port}", temp_dir, token_file)
+    finally:  # only this head's process group: `ray stop` would end every Ray cluster on the machine
+        stopped = subprocess.run(["bash", str(START_HEAD), "--stop", str(temp_dir)], capture_output=True, text=True,
+                                 timeout=60, env=env)
+        assert stopped.returncode == 0, stopped.stderr
+        deadline = time.time() + 15
+        while (left := subprocess.run(["pgrep", "-f", str(temp_dir)], capture_output=True, text=True).stdout.split()):
+            assert time.time() < deadline, f"head processes left: {left}"
+            time.sleep(0.5)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 # -- pictures and stand-ins ------------------------------------------------------------------------------------------

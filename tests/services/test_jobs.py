@@ -5,74 +5,19 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
-import shutil
 import stat
-import subprocess
-import sys
-import tempfile
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
-from helpers import REPO, START_HEAD, free_port
+from helpers import REPO, base_env, free_port, local_head, run_cupscale
 from PIL import Image
 
 
-def base_env(**changes: str) -> dict[str, str]:
-    """This interpreter's bin first on PATH (the `ray` CLI), no inherited cluster address or auth settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_API_SERVER", "RAY_AUTH"))}
-    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", HF_HUB_OFFLINE="1",
-               RAY_DISABLE_USAGE_STATS="1", PYTHONUNBUFFERED="1")
-    env.update(changes)
-    return env
-
-
-def cupscale(*args, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cupscale_dist.cli", *map(str, args)], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-@dataclass
-class Head:
-    address: str  # the job server (dashboard)
-    env: dict[str, str]  # a client environment holding the right token
-    gcs: str  # what `--address` of upscale/batch takes
-    temp_dir: Path
-    token_file: Path
-
-
 @pytest.fixture(scope="module")
-def head(tmp_path_factory):
+def head():
     """A real head: `ray start --head` on 127.0.0.1 (token auth, its own temp dir, dashboard = job server)."""
-    # short: Ray's socket paths must fit 107 bytes (a pytest-xdist worker's tmp path is longer than plain pytest's)
-    root = Path(tempfile.mkdtemp(prefix="cupscale-head-", dir="/tmp"))
-    token_file = root / "token"
-    token_file.write_text(secrets.token_hex(16))
-    token_file.chmod(0o644)  # as a plain `echo > file` leaves it: the script must take the others' access away
-    env = base_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))  # never touches ~/.ray
-    dashboard, gcs_port = free_port(), free_port()
-    temp_dir = root / "ray"
-    started = subprocess.run(["bash", str(START_HEAD), str(temp_dir)], capture_output=True, text=True, timeout=180,
-                             env={**env, "RAY_PORT": str(gcs_port), "DASHBOARD_PORT": str(dashboard),
-                                  "NUM_CPUS": "2"})
-    try:
-        assert started.returncode == 0, started.stdout + started.stderr
-        address = f"http://127.0.0.1:{dashboard}"
-        deadline = time.time() + 60  # the job agent registers a moment after `ray start` returns
-        while cupscale("jobs", "list", "--address", address, env=env).returncode != 0 and time.time() < deadline:
-            time.sleep(1)
-        yield Head(address, env, f"127.0.0.1:{gcs_port}", temp_dir, token_file)
-    finally:  # only this head's process group: `ray stop` would end every Ray cluster on the machine
-        stopped = subprocess.run(["bash", str(START_HEAD), "--stop", str(temp_dir)], capture_output=True, text=True,
-                                 timeout=60, env=env)
-        assert stopped.returncode == 0, stopped.stderr
-        deadline = time.time() + 15
-        while (left := subprocess.run(["pgrep", "-f", str(temp_dir)], capture_output=True, text=True).stdout.split()):
-            assert time.time() < deadline, f"head processes left: {left}"
-            time.sleep(0.5)
-        shutil.rmtree(root, ignore_errors=True)
+    with local_head() as started:
+        yield started
 
 
 def submitted_id(stdout: str) -> str:
@@ -83,24 +28,24 @@ def test_submit_wait_upscales_on_a_real_head_then_jobs_commands(head, sdxl_dir, 
     address, env = head.address, head.env
     photo.save(tmp_path / "in.png")
     out = tmp_path / "out.png"
-    done = cupscale("submit", "--address", address, "--wait", "--working-dir", REPO, "--env", "HF_HUB_OFFLINE=1",
-                    "--entrypoint-num-cpus", "0.5", "--",
-                    "upscale", tmp_path / "in.png", "-o", out, "--model", sdxl_dir, "--device", "cpu", "--dtype",
-                    "float32", "--scale", "2", "--tile", "16", "--stride", "8", "--steps", "5", "--set",
-                    "torch_threads=1", "--cpus-per-actor", "0.5", "-q", env=env, timeout=240)
+    done = run_cupscale("submit", "--address", address, "--wait", "--working-dir", REPO, "--env", "HF_HUB_OFFLINE=1",
+                        "--entrypoint-num-cpus", "0.5", "--",
+                        "upscale", tmp_path / "in.png", "-o", out, "--model", sdxl_dir, "--device", "cpu", "--dtype",
+                        "float32", "--scale", "2", "--tile", "16", "--stride", "8", "--steps", "5", "--set",
+                        "torch_threads=1", "--cpus-per-actor", "0.5", "-q", env=env, timeout=240)
     assert done.returncode == 0, done.stdout + done.stderr
     job_id = submitted_id(done.stdout)
     assert f"wrote {out} (256x192)" in done.stdout and f"job {job_id} SUCCEEDED" in done.stdout  # its log, echoed
     with Image.open(out) as image:
         assert image.size == (256, 192)
 
-    listed = cupscale("jobs", "list", "--address", address, env=env)
+    listed = run_cupscale("jobs", "list", "--address", address, env=env)
     assert listed.returncode == 0 and job_id in listed.stdout and "SUCCEEDED" in listed.stdout
-    status = cupscale("jobs", "status", job_id, "--address", address, env=env)
+    status = run_cupscale("jobs", "status", job_id, "--address", address, env=env)
     assert status.returncode == 0 and status.stdout.startswith(f"{job_id} SUCCEEDED")
-    logs = cupscale("jobs", "logs", job_id, "--address", address, env=env)
+    logs = run_cupscale("jobs", "logs", job_id, "--address", address, env=env)
     assert logs.returncode == 0 and f"wrote {out}" in logs.stdout
-    unknown = cupscale("jobs", "status", "raysubmit_nosuchjob", "--address", address, env=env)
+    unknown = run_cupscale("jobs", "status", "raysubmit_nosuchjob", "--address", address, env=env)
     assert unknown.returncode == 2 and "no such job" in unknown.stderr
 
 
@@ -114,12 +59,12 @@ def test_a_flux_job_gives_the_bytes_of_a_local_run(head, photo, tmp_path):
     photo.save(tmp_path / "in.png")
     run = ["--model", flux_dir, "--device", "cpu", "--dtype", "float32", "--scale", "2", "--tile", "16", "--stride",
            "8", "--steps", "2", "--set", "torch_threads=1", "-q"]
-    local = cupscale("upscale", tmp_path / "in.png", "-o", tmp_path / "local.png", *run, "--actors", "0",
-                     env=head.env, timeout=240)
+    local = run_cupscale("upscale", tmp_path / "in.png", "-o", tmp_path / "local.png", *run, "--actors", "0",
+                         env=head.env, timeout=240)
     assert local.returncode == 0, local.stderr
-    done = cupscale("submit", "--address", head.address, "--wait", "--working-dir", REPO, "--env", "HF_HUB_OFFLINE=1",
-                    "--entrypoint-num-cpus", "0.5", "--", "upscale", tmp_path / "in.png", "-o", tmp_path / "job.png",
-                    *run, "--cpus-per-actor", "0.5", env=head.env, timeout=240)
+    done = run_cupscale("submit", "--address", head.address, "--wait", "--working-dir", REPO, "--env",
+                        "HF_HUB_OFFLINE=1", "--entrypoint-num-cpus", "0.5", "--", "upscale", tmp_path / "in.png",
+                        "-o", tmp_path / "job.png", *run, "--cpus-per-actor", "0.5", env=head.env, timeout=240)
     assert done.returncode == 0, done.stdout + done.stderr
     with Image.open(tmp_path / "local.png") as a, Image.open(tmp_path / "job.png") as b:
         assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
@@ -128,15 +73,15 @@ def test_a_flux_job_gives_the_bytes_of_a_local_run(head, photo, tmp_path):
 def test_stop_a_running_job(head, sdxl_dir, photo, tmp_path):
     address, env = head.address, head.env
     photo.save(tmp_path / "in.png")
-    sent = cupscale("submit", "--address", address, "--", "upscale", tmp_path / "in.png", "-o", tmp_path / "o.png",
-                    "--model", sdxl_dir, "--device", "cpu", "--scale", "2", "--tile", "16", "--stride", "8",
-                    "--steps", "1000", "--strength", "1.0", "--cpus-per-actor", "0.5", "-q", env=env)
+    sent = run_cupscale("submit", "--address", address, "--", "upscale", tmp_path / "in.png", "-o", tmp_path / "o.png",
+                        "--model", sdxl_dir, "--device", "cpu", "--scale", "2", "--tile", "16", "--stride", "8",
+                        "--steps", "1000", "--strength", "1.0", "--cpus-per-actor", "0.5", "-q", env=env)
     assert sent.returncode == 0, sent.stderr
     job_id = submitted_id(sent.stdout)
-    stopped = cupscale("jobs", "stop", job_id, "--address", address, env=env)
+    stopped = run_cupscale("jobs", "stop", job_id, "--address", address, env=env)
     assert stopped.returncode == 0 and f"stop requested for {job_id}" in stopped.stdout, stopped.stderr
     deadline = time.time() + 60
-    while "STOPPED" not in (s := cupscale("jobs", "status", job_id, "--address", address, env=env)).stdout:
+    while "STOPPED" not in (s := run_cupscale("jobs", "status", job_id, "--address", address, env=env)).stdout:
         assert time.time() < deadline, s.stdout + s.stderr
         time.sleep(1)
     assert not (tmp_path / "o.png").exists()
@@ -144,7 +89,7 @@ def test_stop_a_running_job(head, sdxl_dir, photo, tmp_path):
 
 def test_a_wrong_token_is_one_clear_line(head):
     address, env = head.address, head.env
-    wrong = cupscale("jobs", "list", "--address", address, env={**env, "RAY_AUTH_TOKEN": "0" * 32})
+    wrong = run_cupscale("jobs", "list", "--address", address, env={**env, "RAY_AUTH_TOKEN": "0" * 32})
     assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1
     assert wrong.stderr.startswith(f"cupscale: error: --address {address}: the token was rejected")
 
@@ -152,7 +97,7 @@ def test_a_wrong_token_is_one_clear_line(head):
 def test_no_token_is_one_clear_line(head, tmp_path):
     address, env = head.address, head.env
     env = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
-    missing = cupscale("jobs", "list", "--address", address, env={**env, "HOME": str(tmp_path)})
+    missing = run_cupscale("jobs", "list", "--address", address, env={**env, "HOME": str(tmp_path)})
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1
     assert "requires a token and none was found" in missing.stderr and "~/.ray/auth_token" in missing.stderr
 
@@ -188,7 +133,7 @@ def test_address_with_a_wrong_or_missing_token_is_one_line_naming_the_token(auth
     env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 32} if auth == "wrong" else {"HOME": str(tmp_path)})
     for command in (["upscale", tmp_path / "in.png", "-o", tmp_path / "out.png"],
                     ["batch", "--input", tmp_path / "in.png", "--output", tmp_path / "out"]):
-        done = cupscale(*command, "--config", "cpu-demo", "--address", head.gcs, env=env, timeout=120)
+        done = run_cupscale(*command, "--config", "cpu-demo", "--address", head.gcs, env=env, timeout=120)
         assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
         assert "token" in done.stderr and done.stderr.startswith(f"cupscale: error: --address {head.gcs}: ")
         assert ("the token was rejected" if auth == "wrong" else "without RAY_AUTH_MODE=token") in done.stderr
@@ -198,15 +143,16 @@ def test_address_with_a_wrong_or_missing_token_is_one_line_naming_the_token(auth
 # --- without a cluster --------------------------------------------------------------------------------------------
 def test_unreachable_address_fails_fast_in_one_line():
     start = time.time()
-    result = cupscale("jobs", "list", "--address", f"127.0.0.1:{free_port()}", env=base_env())
+    result = run_cupscale("jobs", "list", "--address", f"127.0.0.1:{free_port()}", env=base_env())
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "no Ray job server answers there" in result.stderr and time.time() - start < 20
 
 
 def test_submit_dry_run_shows_runtime_env_and_entrypoint_resources(tmp_path):
-    result = cupscale("submit", "--dry-run", "--address", "http://head:8265", "--working-dir", REPO,
-                      "--pip", "pywavelets", "--env", "HF_HUB_OFFLINE=1", "--entrypoint-num-gpus", "1", "--",
-                      "batch", "--input", "/data/in", "--output", "/data/out", "--config", "sdxl-4k", env=base_env())
+    result = run_cupscale("submit", "--dry-run", "--address", "http://head:8265", "--working-dir", REPO,
+                          "--pip", "pywavelets", "--env", "HF_HUB_OFFLINE=1", "--entrypoint-num-gpus", "1", "--",
+                          "batch", "--input", "/data/in", "--output", "/data/out", "--config", "sdxl-4k",
+                          env=base_env())
     assert result.returncode == 0, result.stderr
     request = json.loads(result.stdout)
     assert request["address"] == "http://head:8265"
@@ -222,7 +168,7 @@ def test_submit_dry_run_shows_runtime_env_and_entrypoint_resources(tmp_path):
     (["upscale", "x.png"], "the following arguments are required: -o/--output"),
 ])
 def test_submit_checks_the_job_before_sending(job, message):
-    result = cupscale("submit", "--address", "http://127.0.0.1:1", "--", *job, env=base_env())
+    result = run_cupscale("submit", "--address", "http://127.0.0.1:1", "--", *job, env=base_env())
     assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1
 
 
@@ -235,7 +181,7 @@ def test_submit_checks_the_job_before_sending(job, message):
 ])
 def test_submit_reserves_a_gpu_only_for_a_driver_that_runs_models(job, gpus):
     flags = job[-2:] if job[-2] == "--entrypoint-num-gpus" else []
-    result = cupscale("submit", "--dry-run", "--address", "http://head:8265", *flags, "--",
-                      *(job[:-2] if flags else job), env=base_env())
+    result = run_cupscale("submit", "--dry-run", "--address", "http://head:8265", *flags, "--",
+                          *(job[:-2] if flags else job), env=base_env())
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout).get("entrypoint_num_gpus") == gpus

@@ -1,8 +1,8 @@
 """Z-Image through everything around the method (issue 36), as tests/services/test_flux_services.py and
 tests/models/test_flux_pipeline.py do for FLUX.1: 3 Ray actors, one of them SIGKILLed mid-denoise, a checkpoint
-resumed on another owner count, Ray Data batch (a worker per image and tile-parallel) and the HTTP service; each
-gives the in-process reference's (or the CLI's) bytes. Ray Jobs are not run here, as for FLUX (no FLUX test submits
-to a real head; tests/services/test_jobs.py does it with SDXL)."""
+resumed on another owner count, Ray Data batch (a worker per image and tile-parallel), the HTTP service and a Ray
+Jobs submission to a real head (as tests/services/test_jobs.py for SDXL and FLUX.1); each gives the in-process
+reference's (or the CLI's) bytes."""
 
 from __future__ import annotations
 
@@ -138,3 +138,19 @@ def test_the_service_upscales_with_zimage_and_gives_the_clis_bytes(local_ray, zi
             assert json.loads(served.text["cupscale:config"])["model"] == zimage_dir
     finally:
         serve.shutdown()
+
+
+def test_a_zimage_ray_job_gives_the_png_bytes_of_the_local_cli_run(zimage_dir, photo, tmp_path):
+    """`cupscale submit --wait` to a real head (`ray start --head`, token auth: helpers.local_head) of the CLI run's
+    argv on one Ray actor of the head: the job's file is the in-process CLI run's, byte for byte. One submission,
+    the fast config; the head is this test's own (no other test here submits)."""
+    from helpers import REPO, local_head, run_cupscale
+
+    photo.save(tmp_path / "in.png")
+    assert main(cli_argv(zimage_dir, tmp_path / "in.png", tmp_path / "local.png")) == 0
+    job = [*cli_argv(zimage_dir, tmp_path / "in.png", tmp_path / "job.png"), "--actors", "1", "--cpus-per-actor", "0.5"]
+    with local_head() as head:
+        done = run_cupscale("submit", "--address", head.address, "--wait", "--working-dir", REPO, "--env",
+                            "HF_HUB_OFFLINE=1", "--entrypoint-num-cpus", "0.5", "--", *job, env=head.env, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "job.png").read_bytes() == (tmp_path / "local.png").read_bytes()
