@@ -8,6 +8,8 @@ Usage, from the repository root::
     python tests/mutants/run.py --jobs 1        # one at a time (default: two, one per core of the CI machine)
     python tests/mutants/run.py --no-fork       # each mutant's pytest a fresh interpreter (slower; see below)
     python tests/mutants/run.py --passed-in report.xml  # the baseline trusts a JUnit report of the suite (CI)
+    python tests/mutants/run.py --passed-in report.xml --wait-for-report 3600  # beside the suite's pytest (CI):
+                                                # verdicts first, the baseline once that pytest wrote its report
 
 Each mutation is applied to a temporary copy of ``cupscale_dist/``, ``actors/`` and ``configs/`` that goes first on
 PYTHONPATH (and is the working directory) of a pytest subprocess running only the named tests; the working tree
@@ -339,11 +341,15 @@ for line in sys.stdin:
 class Zygote:
     """A process that imported the heavy libraries once; each mutant's pytest is forked from it."""
 
+    started: list[Zygote] = []  # for SIGTERM, which may come while one is still importing
+
     def __init__(self):
         self.lock = threading.Lock()
+        self.running: set[int] = set()  # forks (each its own process group) not yet reaped by run()
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
         self.proc = subprocess.Popen([sys.executable, "-P", "-c", ZYGOTE], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, cwd=tempfile.gettempdir(), env=env)
+        Zygote.started.append(self)
         if self.proc.stdout.readline().strip() != "ready":
             raise RuntimeError("the mutant zygote did not start")
 
@@ -356,11 +362,13 @@ class Zygote:
             self.proc.stdin.write(json.dumps(job) + "\n")
             self.proc.stdin.flush()
             pid = int(self.proc.stdout.readline())
+            self.running.add(pid)
         deadline = time.monotonic() + timeout
         while not done.exists() and time.monotonic() < deadline:
             time.sleep(0.2)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)  # what it left running (it ended), or all of it (timed out)
+        self.running.discard(pid)
         output = log.read_text(errors="replace") if log.exists() else ""
         if not done.exists():
             return None, output + f"\ntimed out after {timeout} s"
@@ -373,8 +381,15 @@ class Zygote:
         self.proc.stdin.close()
         self.proc.wait(timeout=60)
 
+    def kill_all(self):
+        for pid in list(self.running):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+        self.proc.kill()
+
 
 ZYGOTE_PROCESS: Zygote | None = None
+TREES: str | None = None  # the folder of the mutants' copies (removed on SIGTERM too)
 
 
 def run_pytest(tree: Path, tests: tuple[str, ...], stop_at_first: bool = False) -> dict:
@@ -514,6 +529,26 @@ def baseline(mutations: list[Mutation], base: Path, jobs: int = 2, passed: Path 
             "tail": "" if ok else result["tail"]}
 
 
+def wait_for_report(report: Path, timeout: float) -> None:
+    """Until the pytest beside this run has written its JUnit report (pytest writes it once, at its end)."""
+    deadline = time.monotonic() + timeout
+    while not report.exists():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"no JUnit report at {report} after {timeout:g} s: did the suite's pytest run with "
+                             f"--junitxml={report}?")
+        time.sleep(1.0)
+    time.sleep(1.0)  # pytest writes the file in one go; let it close
+
+
+def stop_on_sigterm(signum, frame) -> None:
+    """SIGTERM: the mutants running now (their own process groups) and the zygote go too, then exit 143."""
+    for zygote in Zygote.started:
+        zygote.kill_all()
+    if TREES is not None:
+        shutil.rmtree(TREES, ignore_errors=True)
+    os._exit(128 + signum)
+
+
 TABLE_HEADER = f"{'mutation':34} {'status':16} {'failed/ran':>10} {'s':>6}\n" + "-" * 70
 
 
@@ -523,7 +558,7 @@ def table_row(row: dict) -> str:
 
 
 def main() -> int:
-    global RUN_TIMEOUT_S, ZYGOTE_PROCESS
+    global RUN_TIMEOUT_S, ZYGOTE_PROCESS, TREES
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these mutations")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
@@ -534,6 +569,10 @@ def main() -> int:
     parser.add_argument("--passed-in", type=Path, metavar="JUNIT",
                         help="a JUnit report of the suite on this tree (CI's pytest phase): the baseline skips the "
                              "named tests it shows passing")
+    parser.add_argument("--wait-for-report", type=float, default=0.0, metavar="S",
+                        help="with --passed-in: the report is still being written by a pytest run beside this one "
+                             "(CI runs the two at once: the suite mostly waits on process starts, not the CPU); run "
+                             "the verdicts first, then wait up to S seconds for the report, then the baseline")
     parser.add_argument("--no-fork", action="store_true",
                         help="each mutant's pytest in a fresh interpreter (default: forked from one that imported "
                              "the heavy libraries once)")
@@ -545,16 +584,28 @@ def main() -> int:
     mutations = [m for m in MUTATIONS if not args.only or m.name in args.only]
     started = time.monotonic()
     print(TABLE_HEADER, file=sys.stderr, flush=True)
+    if args.wait_for_report and args.passed_in is None:
+        parser.error("--wait-for-report needs --passed-in (the report to wait for)")
+    signal.signal(signal.SIGTERM, stop_on_sigterm)  # CI stops it when the pytest beside it failed
     ZYGOTE_PROCESS = None if args.no_fork else Zygote()
     try:
         with tempfile.TemporaryDirectory(prefix="cupscale-mutants-") as base:
-            rows = [baseline(mutations, Path(base), args.jobs, args.passed_in)]
-            print(table_row(rows[0]), file=sys.stderr, flush=True)
-            if rows[0]["status"] == "passes":
+            TREES, verdicts = base, []
+
+            def run_verdicts() -> None:
                 with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
                     for row in pool.map(lambda mutation: verdict(mutation, Path(base)), mutations):
-                        rows.append(row)
+                        verdicts.append(row)
                         print(table_row(row), file=sys.stderr, flush=True)
+
+            if args.wait_for_report:  # verdicts while the suite runs; they count only if the baseline then passes
+                run_verdicts()
+                wait_for_report(args.passed_in, args.wait_for_report)
+            rows = [baseline(mutations, Path(base), args.jobs, args.passed_in)]
+            print(table_row(rows[0]), file=sys.stderr, flush=True)
+            if rows[0]["status"] == "passes" and not args.wait_for_report:
+                run_verdicts()
+            rows += verdicts
     finally:
         if ZYGOTE_PROCESS is not None:
             ZYGOTE_PROCESS.close()
