@@ -251,6 +251,81 @@ def hub_cache(tmp_path, monkeypatch):
     return cache
 
 
+# -- the presets' dry run before the model is fetched (Flux.published) ------------------------------------------------
+DEV, SCHNELL = "black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.1-schnell"
+
+
+def test_flux_published_facts_are_the_shipped_configs_built_on_the_meta_device():
+    """``Flux.published``: each component's parameters and the VAE's geometry of FLUX.1-dev and -schnell are those of
+    their shipped configs (the published ones) built on the meta device, nothing fetched; schnell's transformer lacks
+    dev's guidance embedder (10,229,760 parameters), the rest is the same."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from cupscale_dist.models.spec import read_json, vae_geometry
+
+    assert set(Flux.published) == {DEV, SCHNELL}
+    assert Flux.published[DEV]["parameters"] == FLUX_DEV
+    for repo, kind in ((DEV, "flux-dev"), (SCHNELL, "flux-schnell")):
+        configs = shipped_config(kind)
+        with torch.device("meta"):
+            models = {"unet": FluxTransformer2DModel.from_config(FluxTransformer2DModel.load_config(
+                          configs, subfolder="transformer")),
+                      "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(configs, subfolder="text_encoder")),
+                      "text_encoder_2": T5EncoderModel(T5Config.from_pretrained(configs, subfolder="text_encoder_2")),
+                      "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(configs, subfolder="vae"))}
+        assert Flux.published[repo]["parameters"] == {name: parameter_count(m) for name, m in models.items()}
+        vae = vae_geometry(configs, read_json(configs, "vae/config.json"))
+        assert Flux.published[repo]["geometry"] == vae == (8, 16)
+    guidance_embedder = 256 * 3072 + 3072 * 3072 + 2 * 3072
+    assert Flux.published[SCHNELL]["parameters"] == {**FLUX_DEV, "unet": 11_901_408_320 - guidance_embedder}
+
+
+@pytest.mark.parametrize("preset,repo,scale,full,fp8", [
+    ("flux-2k", DEV, 2, 33.74, 16.95), ("flux-4k", DEV, 4, 33.74, 16.95), ("flux-8k", DEV, 8, 33.74, 16.95),
+    ("flux-16k", DEV, 16, 33.74, 16.95), ("flux-schnell-4k", SCHNELL, 4, 33.72, 16.94)])
+def test_the_flux_presets_dry_run_as_flux_before_the_model_is_fetched(preset, repo, scale, full, fp8, hub_cache,
+                                                                       monkeypatch, capsys, tmp_path):
+    """The dry run of a 1K input with a flux preset, offline with an empty hub cache: the latent of FLUX.1's VAE (a
+    factor 8, 16 channels: the host memory of 16, not SDXL's 4) and the weights of its published counts in each mode
+    (offload by Flux's rule), not SDXL base's guesses (full 6.94, fp8 3.55, offload 2.39 GB)."""
+    import json
+
+    import huggingface_hub.constants
+    from PIL import Image
+
+    from cupscale_dist import UpscaleConfig
+    from cupscale_dist.cli.main import main
+    from cupscale_dist.plan import make_plan
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    config = UpscaleConfig.load(preset)
+    assert config.model == repo and config.scale == scale
+    Image.new("RGB", (1024, 1024), (120, 80, 40)).save(tmp_path / "in.png")
+    assert main(["upscale", str(tmp_path / "in.png"), "-o", str(tmp_path / "out.png"), "--config", preset,
+                 "--dry-run"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["stages"][-1]["latent"] == [1024 * scale // 8] * 2
+    assert plan["stages"] == make_plan((1024, 1024), config, (8, 16)).describe()["stages"]
+    assert plan["stages"] != make_plan((1024, 1024), config, (8, 4)).describe()["stages"]
+    counts = Flux.published[repo]["parameters"]
+    assert plan["est_weights_gb_per_actor_by_mode"] == {mode: weights_gb(counts, mode, "bfloat16", Flux)
+                                                        for mode in ("full", "fp8", "offload")}
+    assert plan["est_weights_gb_per_actor_by_mode"] == {"full": full, "fp8": fp8, "offload": 1.92}
+
+
+def test_a_flux_presets_knobs_are_checked_before_the_model_is_fetched(hub_cache):
+    """The preset's model is known to be FLUX.1 before it is fetched (Flux.published): a knob Flux refuses is one
+    line at the plan, not after a 34 GB download."""
+    from cupscale_dist import UpscaleConfig
+    from cupscale_dist.plan import check_inputs
+
+    for preset in ("flux-4k", "flux-schnell-4k"):
+        with pytest.raises(UserError, match="mask_mode=pixel is not implemented for Flux"):
+            check_inputs((1024, 1024), UpscaleConfig.load(preset, mask_mode="pixel"))
+
+
 def test_no_t5_tokenizer_is_refused_then_found_in_the_hub_cache(flux, photo_module, hub_cache, tmp_path):
     model = flux["dev"]
     configs = tmp_path / "configs"

@@ -112,6 +112,15 @@ class Flux(Backbone):
     probe_guidance = 3.5
     # T5 tokens per prompt when a call gives none (config.max_sequence_length does): FLUX.1-dev's 512
     max_sequence_length = 512
+    # FLUX.1-dev and -schnell before they are fetched (the shipped configs, models/single_file_configs/flux-*, are
+    # theirs: built on the meta device, tests/models/test_flux_single_file.py): the VAE's factor 8 and 16 latent
+    # channels (vae_geometry of a local directory: the 2x2 packing is the transformer's), CLIP-L, T5-XXL's encoder and
+    # the transformer, schnell's without the 10.2 M guidance embedder
+    published = MappingProxyType({
+        "black-forest-labs/FLUX.1-dev": {"geometry": (8, 16), "parameters": {
+            "unet": 11_901_408_320, "text_encoder": 123_060_480, "text_encoder_2": 4_762_310_656, "vae": 83_819_683}},
+        "black-forest-labs/FLUX.1-schnell": {"geometry": (8, 16), "parameters": {
+            "unet": 11_891_178_560, "text_encoder": 123_060_480, "text_encoder_2": 4_762_310_656, "vae": 83_819_683}}})
     # weights=offload (Backbone.offload_resident), on FLUX.1-dev's published configs: of the transformer's 11.9 B
     # parameters, two 340 M double-stream blocks (its block lists: 19 of those, 38 single-stream ones of 142 M) and
     # the 64 M outside them; the encoders at leaf level: T5's largest leaf, its 132 M token embedding (CLIP's: 38 M)
