@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..method.parts import Contribution, StageLayout, crop_rows, reduce_part
+from ..method.parts import BlendWeights, Contribution, StageLayout, crop_rows, reduce_part
 from ..method.prior import stage_noise, stage_start
 from ..method.schedulers import kind_of
 from ..method.step import StageSchedule, is_finite, prior_and_step
@@ -41,6 +41,7 @@ class Part:
     rows: tuple[int, int]
     latents: torch.Tensor  # (1, C, hi - lo, W) float32
     schedule: StageSchedule  # this band's own scheduler (and its multistep memory) and its rows of the prior
+    weights: BlendWeights = dataclasses.field(default_factory=BlendWeights)  # its blend weights while its views stay
 
 
 @dataclass(frozen=True)
@@ -193,22 +194,25 @@ class PartOwner:
                     top, bottom = int(batch_rects[k, 0]), int(batch_rects[k, 2])
                     for index in layout.parts_in(top, bottom):
                         lo, hi = layout.rows(index)
-                        piece = crop_rows(int(view), batch_rects[k], predictions[k], max(lo, top), min(hi, bottom))
-                        owner = layout.owners[index]
+                        owner = layout.owners[index]  # a piece for another worker is a copy, its own a view
+                        piece = crop_rows(int(view), batch_rects[k], predictions[k], max(lo, top), min(hi, bottom),
+                                          contiguous=owner != self.slot)
                         (self.local[index] if owner == self.slot else outgoing[owner][index]).append(piece)
         readers = sorted(owner for source, owner in layout.contributions(step) if source == self.slot)
         messages = [dict(outgoing.get(owner, {})) for owner in readers]
         return messages + [self._status(step, "predict", views, time.perf_counter() - started)]
 
     def reduce_step(self, generation, step: int, *shares: dict) -> list:
-        """9b-9c for this worker's bands: every prediction covering them summed in global view order, the prior,
-        one scheduler step; returns the halo rows the others read at the next step."""
+        """9b-9c for this worker's bands: every prediction covering them summed in global view order (over the band's
+        blend weights, summed again only when its views change), the prior, one scheduler step; returns the halo
+        rows the others read at the next step."""
         self._check(generation)
         started, job = time.perf_counter(), self.job
         finite = True
         for index, part in self.parts.items():
             contributions = self.local.get(index, []) + [c for share in shares for c in share.get(index, [])]
-            eps = reduce_part(contributions, part.rows, tuple(part.latents.shape), job.blend, job.sigma_fraction)
+            eps = reduce_part(contributions, part.rows, tuple(part.latents.shape), job.blend, job.sigma_fraction,
+                              part.weights)
             part.latents = prior_and_step(part.latents, eps, part.schedule, step, row0=part.rows[0])
             finite = finite and is_finite(part.latents)
         self.local = {}

@@ -231,25 +231,56 @@ def smallest_largest_run(sizes: list[int], runs: int) -> int:
 Contribution = tuple[int, np.ndarray, int, int, np.ndarray]  # (view id, rect (4,), row lo, row hi, prediction rows)
 
 
-def crop_rows(view: int, rect: np.ndarray, prediction: np.ndarray, lo: int, hi: int) -> Contribution:
-    """The rows ``[lo, hi)`` (global) of one view's prediction ``(C, h, w)``, as a contribution to a part."""
+def crop_rows(view: int, rect: np.ndarray, prediction: np.ndarray, lo: int, hi: int,
+              contiguous: bool = True) -> Contribution:
+    """The rows ``[lo, hi)`` (global) of one view's prediction ``(C, h, w)``, as a contribution to a part: a copy of
+    its own when it is sent to another worker (``contiguous``), else a view of the prediction (the owner's own)."""
     top = int(rect[0])
-    return view, np.asarray(rect), lo, hi, np.ascontiguousarray(prediction[:, lo - top : hi - top])
+    rows = prediction[:, lo - top : hi - top]
+    return view, np.asarray(rect), lo, hi, np.ascontiguousarray(rows) if contiguous else rows
+
+
+class BlendWeights:
+    """One part's MultiDiffusion weights (method.md 9b), summed once while the views that cover it stay.
+
+    A pixel's weight is its views' window values summed in global view order (:func:`add_view`), the same every
+    step of a stage without jitter: the cached map is the bytes of summing them again. It is keyed by all it is made
+    of (the part's rows and width, the blend and its sigma, each contribution's view, rect and rows), so another
+    layout, jittered rects or a missing view make a new one (and its check that every pixel got a view)."""
+
+    def __init__(self):
+        self.key: tuple | None = None
+        self.weight: torch.Tensor | None = None
+
+    def __call__(self, ordered: list[Contribution], rows: tuple[int, int], width: int,
+                 windows: ViewWindows) -> torch.Tensor:
+        """The weights of rows ``rows`` for ``ordered`` (the contributions in global view order)."""
+        key = (rows, width, windows.blend, windows.sigma_fraction,
+               tuple((view, a, b, *(int(v) for v in rect)) for view, rect, a, b, _ in ordered))
+        if key != self.key:
+            lo, hi = rows
+            weight = torch.zeros((hi - lo, width), dtype=torch.float32)
+            for _view, rect, a, b, _prediction in ordered:
+                add_view(None, weight, rect, (a, b), None, windows(rect), row0=lo)
+            if not torch.all(weight > 0):
+                raise ValueError(f"rows {lo}..{hi}: some pixels got no view's prediction")
+            self.key, self.weight = key, weight
+        return self.weight
 
 
 def reduce_part(contributions: list[Contribution], rows: tuple[int, int], shape: tuple[int, ...], blend: str,
-                sigma_fraction: float) -> torch.Tensor:
+                sigma_fraction: float, weights: BlendWeights | None = None) -> torch.Tensor:
     """MultiDiffusion for one part (method.md 9b): the contributions summed in global view order -> ``eps`` of
-    rows ``[lo, hi)``, bit for bit the whole latent's ``reduce_predictions`` there."""
+    rows ``[lo, hi)``, bit for bit the whole latent's ``reduce_predictions`` there. ``weights``: the part's cached
+    weight map (kept by its owner from step to step), else summed for this call."""
     lo, hi = rows
-    total = torch.zeros((*shape[:-2], hi - lo, shape[-1]), dtype=torch.float32)
-    weight = torch.zeros((hi - lo, shape[-1]), dtype=torch.float32)
     windows = ViewWindows(blend, sigma_fraction)
-    for _view, rect, a, b, prediction in sorted(contributions, key=lambda c: c[0]):
-        add_view(total, weight, rect, (a, b), torch.from_numpy(np.asarray(prediction)), windows(rect), row0=lo)
-    if not torch.all(weight > 0):
-        raise ValueError(f"rows {lo}..{hi}: some pixels got no view's prediction")
-    return total / weight
+    ordered = sorted(contributions, key=lambda c: c[0])
+    weight = (weights if weights is not None else BlendWeights())(ordered, rows, shape[-1], windows)
+    total = torch.zeros((*shape[:-2], hi - lo, shape[-1]), dtype=torch.float32)
+    for _view, rect, a, b, prediction in ordered:
+        add_view(total, None, rect, (a, b), torch.from_numpy(np.asarray(prediction)), windows(rect), row0=lo)
+    return total.div_(weight)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -70,14 +70,53 @@ def prior_weight(step: int, num_steps: int, fraction: float, schedule: str) -> f
     return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def haar_low_band_change(x: torch.Tensor, target_low: torch.Tensor, weight: float, levels: int) -> torch.Tensor:
-    """What Haar's ``IDWT(w * target + (1 - w) * LL(x), HF(x)) - x`` adds: ``w (target - LL(x)) / 2^J`` per block.
+def block_mean(x: torch.Tensor, f: int) -> torch.Tensor:
+    """The mean of each ``f x f`` block of the last two axes, ``F.avg_pool2d(x, f)``'s bytes in less time on a CPU.
+
+    Its kernel adds a block's pixels to 0 one by one in row order, divides by f² and adds that to a 0 output; here
+    the same additions in the same order, one strided pass per pixel of the block. Only the zeros' signs could tell
+    the two apart (0 + -0.0 is +0.0): the one ``+ 0.0`` at the end makes them alike (bench/reduce_step.py checks)."""
+    total = x[..., 0::f, 0::f].clone()
+    for dy in range(f):
+        for dx in range(f):
+            if dy or dx:
+                total += x[..., dy::f, dx::f]
+    return total.div_(f * f).add_(0.0)
+
+
+def haar_block_change(x: torch.Tensor, target_low: torch.Tensor, weight: float, levels: int) -> torch.Tensor:
+    """What Haar's ``IDWT(w * target + (1 - w) * LL(x), HF(x)) - x`` adds to each pixel of a ``2^J`` block: one value
+    per block, ``w (target - LL(x)) / 2^J`` (in place on one block-sized buffer).
 
     ``LL_J`` is ``2^J`` times the mean of each ``2^J`` block, so no high band is ever materialised.
     """
     f = 2**levels
-    change = weight * (target_low - F.avg_pool2d(x, f) * f) / f
-    return F.interpolate(change, scale_factor=f, mode="nearest")
+    low = block_mean(x, f).mul_(f)
+    return torch.sub(target_low, low, out=low).mul_(weight).div_(f)
+
+
+def haar_low_band_change(x: torch.Tensor, target_low: torch.Tensor, weight: float, levels: int) -> torch.Tensor:
+    """:func:`haar_block_change` on every pixel (each block's value repeated over it)."""
+    return F.interpolate(haar_block_change(x, target_low, weight, levels), scale_factor=2**levels, mode="nearest")
+
+
+def minus_blocks(x: torch.Tensor, blocks: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``x - blocks`` with each value of ``blocks`` repeated over its ``f x f`` block of ``x`` (nearest upsampling),
+    written into ``out`` (shaped as ``x``): the blocks are repeated along the rows only, the f rows of a block read
+    that one row (no full-size upsampled copy)."""
+    bh, f = blocks.shape[-2], x.shape[-2] // blocks.shape[-2]
+    split = (*x.shape[:-2], bh, f, x.shape[-1])
+    if not out.is_contiguous():
+        out = torch.empty(x.shape, dtype=out.dtype, device=out.device)
+    rows = blocks.repeat_interleave(f, dim=-1)
+    torch.sub(x.reshape(split), rows.unsqueeze(-2), out=out.view(split))
+    return out
+
+
+def predicted_x0(z_t: torch.Tensor, eps: torch.Tensor, alpha: float, sigma: float) -> torch.Tensor:
+    """``x0 = (z_t - sigma * eps) / alpha`` (method.md 9c), the same three operations in one new buffer."""
+    x0 = torch.mul(eps, sigma)
+    return torch.sub(z_t, x0, out=x0).div_(alpha)
 
 
 def blend_low_band(x: torch.Tensor, target_low: torch.Tensor, weight: float, wavelet: str, levels: int) -> torch.Tensor:
@@ -100,9 +139,10 @@ def inject_global_prior(eps: torch.Tensor, z_t: torch.Tensor, prior: GlobalPrior
     With a ``codec`` (prior_space='pixel') the swap happens on decoded pixels, then x0' is encoded back.
     """
     if codec is None and prior.wavelet == "haar":
-        # eps' = eps - (alpha / sigma) (x0' - x0): three full-size passes, no x0 or x0' kept (16K latents).
-        x0 = (z_t - sigma * eps) / alpha
-        return eps - (alpha / sigma) * haar_low_band_change(x0, prior.low, weight, prior.levels)
+        # eps' = eps - (alpha / sigma) (x0' - x0), x0' - x0 one value per 2^J block: x0's buffer, once read, takes
+        # eps'; nothing else full-size is made (16K latents).
+        x0 = predicted_x0(z_t, eps, alpha, sigma)
+        return minus_blocks(eps, (alpha / sigma) * haar_block_change(x0, prior.low, weight, prior.levels), out=x0)
     x0 = (z_t - sigma * eps) / alpha
     if codec is None:
         x0 = blend_low_band(x0, prior.low, weight, prior.wavelet, prior.levels)
@@ -120,7 +160,7 @@ def inject_global_prior_flow(velocity: torch.Tensor, z_t: torch.Tensor, prior: G
     """
     x0 = z_t - sigma * velocity
     if codec is None and prior.wavelet == "haar":  # v' = v - (x0' - x0) / sigma, no x0' kept
-        return velocity - haar_low_band_change(x0, prior.low, weight, prior.levels) / sigma
+        return minus_blocks(velocity, haar_block_change(x0, prior.low, weight, prior.levels) / sigma, out=x0)
     if codec is None:
         x0 = blend_low_band(x0, prior.low, weight, prior.wavelet, prior.levels)
     else:

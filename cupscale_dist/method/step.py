@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -114,8 +115,10 @@ def predict_views(backbone, windows: torch.Tensor, timestep, input_scale: float,
     return (eps_uncond + context.guidance_scale * (eps_cond - eps_uncond)).cpu()
 
 
+@functools.lru_cache(maxsize=32)
 def window_weights(height: int, width: int, blend: str, sigma_fraction: float) -> torch.Tensor | None:
-    """Per-pixel weight of a view (method.md 9b): None = uniform; 'gaussian' = centred Gaussian window."""
+    """Per-pixel weight of a view (method.md 9b): None = uniform; 'gaussian' = centred Gaussian window. Made once per
+    size and knobs (every step and part asks again); read only, never written."""
     if blend == "uniform":
         return None
     ys = torch.arange(height, dtype=torch.float32) - (height - 1) / 2
@@ -124,25 +127,25 @@ def window_weights(height: int, width: int, blend: str, sigma_fraction: float) -
                        + xs[None] ** 2 / (2 * (sigma_fraction * width) ** 2)))
 
 
-def add_view(total: torch.Tensor, weight: torch.Tensor, rect, rows: tuple[int, int], prediction: torch.Tensor,
-             window: torch.Tensor | None, row0: int = 0) -> None:
+def add_view(total: torch.Tensor | None, weight: torch.Tensor | None, rect, rows: tuple[int, int],
+             prediction: torch.Tensor | None, window: torch.Tensor | None, row0: int = 0) -> None:
     """Adds one view's prediction over latent rows ``rows`` (global, within the view) into ``total`` / ``weight``,
     whose first row is global row ``row0`` (method.md 9b).
 
     The one accumulation of MultiDiffusion, for the whole latent (``row0`` 0, the whole view) and for a worker's row
     band (the rows of the view inside it): each pixel gets the same elementwise operations in the same order (its
-    views in global view order), so a part holds the whole latent's bytes for its rows (method/parts.py).
+    views in global view order), so a part holds the whole latent's bytes for its rows (method/parts.py). Either sum
+    may be None: a part sums its weights once while its views stay (:class:`~cupscale_dist.method.parts.BlendWeights`)
+    and only the predictions every step. In place (``+=`` on a slice would also copy the slice onto itself).
     """
     top, left, bottom, right = (int(v) for v in rect)
     lo, hi = rows
     target = (slice(lo - row0, hi - row0), slice(left, right))
-    if window is None:
-        total[(..., *target)] += prediction
-        weight[target] += 1.0
-    else:
-        w = window[lo - top : hi - top]
-        total[(..., *target)] += prediction * w
-        weight[target] += w
+    w = None if window is None else window[lo - top : hi - top]
+    if total is not None:
+        total[(..., *target)].add_(prediction if w is None else prediction * w)
+    if weight is not None:
+        weight[target].add_(1.0 if w is None else w)
 
 
 class ViewWindows:

@@ -176,3 +176,45 @@ def test_memory_per_worker_is_its_bands_plus_its_halo():
     band = 4 * 2048 * 4 * 128  # 128 rows of a 16K latent, float32
     assert all(m["part_bytes"] == band for m in memory.values())
     assert max(m["halo_rows"] for m in memory.values()) <= 128 + 64  # at most a view and a stride beyond its band
+
+
+@pytest.mark.parametrize("blend", ["uniform", "gaussian"])
+def test_a_parts_cached_blend_weights_give_the_summed_bytes_and_are_remade_when_its_views_change(blend):
+    """An owner keeps each part's blend weights from step to step (``BlendWeights``): a cached map gives the bytes of
+    summing them afresh (and of the whole latent's ``reduce_predictions`` there), and a new one is made when what
+    it was summed from changes: other rows (a new layout), jittered rects, another sigma, a view missing (which is
+    still refused)."""
+    from cupscale_dist.method.parts import BlendWeights, crop_rows, reduce_part
+    from cupscale_dist.method.step import reduce_predictions
+    from cupscale_dist.method.views import step_views
+
+    views, shape = make_views(24, 32, 16, 8), (1, 4, 24, 32)
+    rng = np.random.default_rng(5)
+    predictions = rng.normal(size=(len(views), 4, 16, 16)).astype(np.float32)
+
+    def pieces(rects, lo, hi):
+        return [crop_rows(v, rect, predictions[v], max(lo, int(rect[0])), min(hi, int(rect[2])), contiguous=v % 2)
+                for v, rect in enumerate(rects) if rect[0] < hi and lo < rect[2]][::-1]  # any arrival order
+
+    def whole(rects, sigma):
+        return reduce_predictions([(range(len(rects)), torch.from_numpy(predictions))], rects, shape, blend, sigma)
+
+    weights = BlendWeights()
+    for rows in [(0, 8), (0, 8), (8, 24), (6, 20)]:
+        eps = reduce_part(pieces(views, *rows), rows, shape, blend, 0.3, weights)
+        assert weights.weight.shape == (rows[1] - rows[0], 32)
+        assert torch.equal(eps, reduce_part(pieces(views, *rows), rows, shape, blend, 0.3))
+        assert torch.equal(eps, whole(views, 0.3)[..., rows[0] : rows[1], :])
+    cached = weights.weight
+    reduce_part(pieces(views, 6, 20), (6, 20), shape, blend, 0.3, weights)
+    assert weights.weight is cached  # the same views: not summed again
+    jittered = step_views(views, 24, 32, 3, 0, 0, 1)
+    eps = reduce_part(pieces(jittered, 6, 20), (6, 20), shape, blend, 0.3, weights)
+    assert weights.weight is not cached and torch.equal(eps, whole(jittered, 0.3)[..., 6:20, :])
+    if blend == "gaussian":
+        cached = weights.weight
+        eps = reduce_part(pieces(jittered, 6, 20), (6, 20), shape, blend, 0.2, weights)
+        assert weights.weight is not cached and torch.equal(eps, whole(jittered, 0.2)[..., 6:20, :])
+    missing = [piece for piece in pieces(views, 0, 8) if piece[0] != 0]  # view 0 alone covers the corner
+    with pytest.raises(ValueError, match="got no view's prediction"):
+        reduce_part(missing, (0, 8), shape, blend, 0.3, weights)

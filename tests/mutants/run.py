@@ -84,8 +84,8 @@ MUTATIONS = [
              "return 1.0, float(scheduler.sigmas[step_index])", "return 1.0, float(scheduler.sigmas[step_index + 1])",
              fidelity(f"{X0}[euler-J1-full]", f"{ZT}[euler-J2-partial]")),
     Mutation("x0-formula-sign", "cupscale_dist/method/prior.py",
-             "x0 = (z_t - sigma * eps) / alpha\n        return eps",
-             "x0 = (z_t + sigma * eps) / alpha\n        return eps",
+             "return torch.sub(z_t, x0, out=x0).div_(alpha)",
+             "return torch.add(z_t, x0, out=x0).div_(alpha)",
              fidelity(f"{X0}[euler-J1-partial]", f"{X0}[ddim-J2-partial]")),
     Mutation("ddim-clips-x0", "cupscale_dist/method/schedulers.py",
              "options = {**adapter.defaults, **given_options(scheduler_config)}",
@@ -180,12 +180,14 @@ MUTATIONS = [
              ("tests/method/test_user_knobs.py::test_prior_scale_scales_the_injected_prior",)),
     # issue 23: each view overwriting the overlap instead of the average (a pointwise denoiser cannot tell)
     Mutation("last-view-wins", "cupscale_dist/method/step.py",
-             "total[(..., *target)] += prediction\n        weight[target] += 1.0",
-             "total[(..., *target)] = prediction\n        weight[target] = 1.0",
+             "total[(..., *target)].add_(prediction if w is None else prediction * w)\n"
+             "    if weight is not None:\n        weight[target].add_(1.0 if w is None else w)",
+             "total[(..., *target)].copy_(prediction) if w is None else total[(..., *target)].add_(prediction * w)\n"
+             "    if weight is not None:\n        weight[target].fill_(1.0) if w is None else weight[target].add_(w)",
              ("tests/method/test_invariants.py::test_overlapping_views_that_disagree_are_averaged_not_overwritten[uniform]",)),
     # issue 34: the step on the actors must keep the reference's bytes for any layout
     Mutation("parts-summed-out-of-view-order", "cupscale_dist/method/parts.py",
-             "in sorted(contributions, key=lambda c: c[0]):", "in contributions[::-1]:",
+             "ordered = sorted(contributions, key=lambda c: c[0])", "ordered = contributions[::-1]",
              ("tests/execution/test_parts.py::test_owned_bands_give_the_reference_latent_for_any_layout[jitter-gaussian]",)),
     Mutation("step-noise-ignores-the-band-offset", "cupscale_dist/method/schedulers.py",
              "+ (row0 + row) * 7_919_113)", "+ row * 7_919_113)",
