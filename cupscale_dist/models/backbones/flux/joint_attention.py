@@ -24,10 +24,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_dispatch import dispatch_attention_fn
-from diffusers.models.transformers.transformer_flux import (
-    FluxAttnProcessor,
-    _get_qkv_projections,
-)
+
+# diffusers' transformer_flux is imported where a Flux model is used, not here: importing it loads all of
+# diffusers.models.transformers (and peft through its hooks), ~2.6 CPU s that every SDXL worker and CLI process paid.
 
 
 @dataclass
@@ -129,7 +128,9 @@ class JointRegionalProcessor:
     """
 
     def __init__(self) -> None:
-        self.stock = FluxAttnProcessor()
+        from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
+
+        self.stock, self.projections = FluxAttnProcessor(), _get_qkv_projections
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, image_rotary_emb=None,
@@ -138,7 +139,7 @@ class JointRegionalProcessor:
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         if attention_mask is not None:
             raise ValueError("JointRegionalProcessor takes no attention_mask: screening is the regional bias")
-        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
+        query, key, value, encoder_query, encoder_key, encoder_value = self.projections(
             attn, hidden_states, encoder_hidden_states)
         query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
         key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))

@@ -23,7 +23,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor
 
 from ..flux.joint_attention import attend
 
@@ -116,6 +115,8 @@ class ZImageRegionalProcessor:
     module; only the attention between the projections and the output changes). Unbound: the stock processor."""
 
     def __init__(self) -> None:
+        from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor  # where used (flux's)
+
         self.stock = ZSingleStreamAttnProcessor()
         self.bound: ZRegional | None = None
 
