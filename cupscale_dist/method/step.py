@@ -149,16 +149,13 @@ def add_view(total: torch.Tensor | None, weight: torch.Tensor | None, rect, rows
 
 
 class ViewWindows:
-    """Each view size's blend window, made once (:func:`window_weights`): one per size, not per view."""
+    """A view's blend window by its rect: one per size, not per view (:func:`window_weights` makes each once)."""
 
     def __init__(self, blend: str, sigma_fraction: float):
-        self.blend, self.sigma_fraction, self.cache = blend, sigma_fraction, {}
+        self.blend, self.sigma_fraction = blend, sigma_fraction
 
     def __call__(self, rect) -> torch.Tensor | None:
-        size = (int(rect[2] - rect[0]), int(rect[3] - rect[1]))
-        if size not in self.cache:
-            self.cache[size] = window_weights(*size, self.blend, self.sigma_fraction)
-        return self.cache[size]
+        return window_weights(int(rect[2] - rect[0]), int(rect[3] - rect[1]), self.blend, self.sigma_fraction)
 
 
 def reduce_predictions(batches: Iterable[tuple[Sequence[int], torch.Tensor]], views: np.ndarray,
