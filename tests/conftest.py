@@ -20,6 +20,10 @@ from PIL import Image
 pytest.register_assert_rewrite("helpers")  # its asserts explain themselves like the tests' own (imported after this)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download at test time
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray starts its workers at nice 15 by default; beside the other xdist worker's nice-0 torch they then get ~3% of a
+# core, and the multi-node runs missed their 120 s bounds in CI (2026-12-07). A Ray worker here stands in for a GPU:
+# it runs at the test's own priority (relative, so the mutant runner's nice-19 runs stay at 19).
+os.environ.setdefault("RAY_worker_niceness", "0")
 torch.set_num_threads(1)  # CPU matmul bits depend on the thread count: pin it everywhere we compare bytes
 # tests/helpers.py for the processes the tests start (Ray workers run code that uses it: test_fidelity's stand-in actor)
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(Path(__file__).parent)]))

@@ -94,8 +94,9 @@ def remove_stale() -> None:
 
 def clean_env(pythonpath: str, python: str = sys.executable) -> dict[str, str]:
     """This environment without any Ray setting (address, auth, the single-host switch), offline, ``pythonpath``
-    first: for the nodes, their drivers, and a reference run outside the cluster."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    first: for the nodes, their drivers, and a reference run outside the cluster. The workers' niceness is kept: the
+    tests set it (tests/conftest.py) so that a stand-in GPU is not starved by the other test processes."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") or k == "RAY_worker_niceness"}
     env.update(PYTHONPATH=pythonpath, RAY_DISABLE_USAGE_STATS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
                PATH=f"{Path(python).parent}{os.pathsep}{env.get('PATH', '')}")
     return env
