@@ -205,3 +205,46 @@ try:
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 except ImportError:  # hypothesis is in the dev extra; without it the fuzz tests skip (pytest.importorskip)
     pass
+
+
+# CPU per test (issue 37: where CI's time goes), on request: CUPSCALE_TEST_CPU=DIR makes each test process append a
+# line per test to DIR/<worker>.jsonl: its wall seconds and the CPU seconds of this process's whole tree over it
+# (setup, call, teardown): its Ray cluster's daemons and workers, CLI subprocesses, the multi-node namespaces'
+# nodes, children that ended and were reaped (their parents' cutime). `python tests/durations.py --cpu DIR` sums
+# them per file. A daemon that detached from the tree (reparented to init) is not counted.
+CPU_REPORT = os.environ.get("CUPSCALE_TEST_CPU")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """utime + stime + cutime + cstime of ``root`` and every live descendant, in seconds (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    ticks: dict[int, int] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:  # ended while we looked
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+        ticks[int(entry.name)] = sum(int(v) for v in fields[11:15])
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        total += ticks.get(pid, 0)
+        todo.extend(children.get(pid, ()))
+    return total / CLOCK_TICKS
+
+
+if CPU_REPORT:
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_protocol(item, nextitem):
+        wall, cpu = time.monotonic(), tree_cpu_seconds(os.getpid())
+        yield
+        row = {"test": item.nodeid, "wall_s": round(time.monotonic() - wall, 2),
+               "cpu_s": round(tree_cpu_seconds(os.getpid()) - cpu, 2)}
+        Path(CPU_REPORT).mkdir(parents=True, exist_ok=True)
+        with open(Path(CPU_REPORT, os.environ.get("PYTEST_XDIST_WORKER", "main") + ".jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
