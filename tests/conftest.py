@@ -239,12 +239,17 @@ def tree_cpu_seconds(root: int) -> float:
 
 
 if CPU_REPORT:
+    CPU_ROWS: list[dict] = []  # written once the session ends: a test that audits its file writes sees none of ours
+
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_protocol(item, nextitem):
         wall, cpu = time.monotonic(), tree_cpu_seconds(os.getpid())
         yield
-        row = {"test": item.nodeid, "wall_s": round(time.monotonic() - wall, 2),
-               "cpu_s": round(tree_cpu_seconds(os.getpid()) - cpu, 2)}
-        Path(CPU_REPORT).mkdir(parents=True, exist_ok=True)
-        with open(Path(CPU_REPORT, os.environ.get("PYTEST_XDIST_WORKER", "main") + ".jsonl"), "a") as f:
-            f.write(json.dumps(row) + "\n")
+        CPU_ROWS.append({"test": item.nodeid, "wall_s": round(time.monotonic() - wall, 2),
+                         "cpu_s": round(tree_cpu_seconds(os.getpid()) - cpu, 2)})
+
+    def pytest_sessionfinish(session):
+        if CPU_ROWS:
+            Path(CPU_REPORT).mkdir(parents=True, exist_ok=True)
+            with open(Path(CPU_REPORT, os.environ.get("PYTEST_XDIST_WORKER", "main") + ".jsonl"), "a") as f:
+                f.writelines(json.dumps(row) + "\n" for row in CPU_ROWS)
