@@ -207,11 +207,12 @@ except ImportError:  # hypothesis is in the dev extra; without it the fuzz tests
     pass
 
 
-# CPU per test (issue 37: where CI's time goes), on request: CUPSCALE_TEST_CPU=DIR makes each test process append a
-# line per test to DIR/<worker>.jsonl: its wall seconds and the CPU seconds of this process's whole tree over it
-# (setup, call, teardown): its Ray cluster's daemons and workers, CLI subprocesses, the multi-node namespaces'
-# nodes, children that ended and were reaped (their parents' cutime). `python tests/durations.py --cpu DIR` sums
-# them per file. A daemon that detached from the tree (reparented to init) is not counted.
+# CPU per test (issue 37: where CI's time goes), on request: CUPSCALE_TEST_CPU=DIR makes each test process write,
+# when its session ends, a line per test to DIR/<worker>.jsonl: its wall seconds and the CPU seconds of this
+# process's whole tree over it (setup, call, teardown): its Ray cluster's daemons and workers, CLI subprocesses,
+# children that ended and were reaped (their parents' cutime). `python tests/durations.py --cpu DIR` sums them per
+# file. It reads low: a daemon that left the tree (`ray start` daemonizes) and an actor that ended unreaped by its
+# raylet are not counted (docs/layout.md#tests).
 CPU_REPORT = os.environ.get("CUPSCALE_TEST_CPU")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 

@@ -30,14 +30,14 @@ MIN_SEAM_RISE_NO_OVERLAP = 0.8  # stride = tile must show its seams, or the seam
 class RepeatsPureCalls:
     """The worker, with the forward passes that depend only on their input and the weights (step 1's SR network,
     the VAE's encode: its posterior mean) answered from memory when the same input comes again. The evaluations
-    here differ in knobs that act after them (prior_fraction, stride), so they share step 1 and the encodes (~80 of
-    the ~175 CPU s of one evaluation) and compute again only what a knob changes; an input that differs (e.g. the
-    prior taken from another picture) is a new key and runs."""
+    here differ in knobs that act after them (prior_fraction, stride), so they share step 1 and the encodes and
+    compute again only what a knob changes (measured: 274.5 -> 175.8 CPU s for the three, same figures); an input
+    that differs (e.g. the prior taken from another picture) is a new key and runs."""
 
     PURE = ("upscale_tile", "encode_tile")
 
     def __init__(self, worker: ModelWorker):
-        self.worker, self.answers, self.repeats = worker, {}, 0
+        self.worker, self.answers = worker, {}
 
     def __getattr__(self, name: str):
         method = getattr(self.worker, name)
@@ -47,9 +47,7 @@ class RepeatsPureCalls:
         def answered(pixels: np.ndarray) -> np.ndarray:
             data = np.ascontiguousarray(pixels)
             key = (name, data.shape, data.dtype.str, hashlib.sha256(data).digest())
-            if key in self.answers:
-                self.repeats += 1
-            else:
+            if key not in self.answers:
                 self.answers[key] = method(pixels)
             return self.answers[key].copy()  # a caller may write into what it gets
 
